@@ -1,0 +1,41 @@
+"""Time, injectable: services take a ``Clock`` so tests move time instead of sleeping."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, second precision dropped to microseconds: what the database columns hold."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Clock:
+    def now(self) -> dt.datetime:
+        return utcnow()
+
+    def timestamp(self) -> float:
+        return self.now().replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+class FakeClock(Clock):
+    """A clock that only moves when told to (thread-safe: DB work reads it from worker threads)."""
+
+    def __init__(self, start: dt.datetime | None = None) -> None:
+        self._now = start or utcnow()
+        self._lock = threading.Lock()
+
+    def now(self) -> dt.datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += dt.timedelta(seconds=seconds)
+
+
+def isoformat(moment: dt.datetime | None) -> str | None:
+    """The contract's time format: ISO 8601 UTC with a Z, whole seconds."""
+    if moment is None:
+        return None
+    return moment.replace(microsecond=0).isoformat() + "Z"

@@ -1,0 +1,78 @@
+"""Domain errors. Plain Python: the web layer (handlers.py) maps each ``code`` to an HTTP status."""
+from __future__ import annotations
+
+
+class DemoError(Exception):
+    """An error the client caused or can act on. ``code`` is the contract's snake_case error code."""
+
+    code = "error"
+    message = "Request failed."
+
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.field = field
+
+
+class InvalidJson(DemoError):
+    code, message = "invalid_json", "The body is not a JSON object."
+
+
+class InvalidField(DemoError):
+    code, message = "invalid_field", "A field is missing, of the wrong type, or out of range."
+
+
+class InvalidPhone(DemoError):
+    code, message = "invalid_phone", "Not a valid mobile number."
+
+
+class WeakPassword(DemoError):
+    code, message = "weak_password", "Choose a password of 8 to 128 characters that is not a common one."
+
+
+class InvalidCode(DemoError):
+    code, message = "invalid_code", "The code is wrong, expired or already used."
+
+
+class PhoneTaken(DemoError):
+    code, message = "phone_taken", "This phone number already has an account."
+
+
+class InvalidCredentials(DemoError):
+    code, message = "invalid_credentials", "Wrong phone number or password."
+
+
+class Unauthorized(DemoError):
+    code, message = "unauthorized", "Sign in again: the token is missing, expired or revoked."
+
+
+class NotFound(DemoError):
+    code, message = "not_found", "Not found."
+
+
+class TooLarge(DemoError):
+    code, message = "too_large", "The upload is too large."
+
+
+class UnsupportedMediaType(DemoError):
+    code, message = "unsupported_media_type", "Only JPEG, PNG, GIF and WebP images are accepted."
+
+
+class InvalidImage(DemoError):
+    code, message = "invalid_image", "The image is corrupt, truncated or too large in pixels."
+
+
+class QuotaExceeded(DemoError):
+    code, message = "quota_exceeded", "Your image quota is used up."
+
+
+class RateLimited(DemoError):
+    code, message = "rate_limited", "Too many requests; retry later."
+
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+
+class Unavailable(DemoError):
+    code, message = "unavailable", "The service is temporarily unavailable; retry later."

@@ -1,0 +1,180 @@
+"""Tornado base handlers: the one place where domain errors become HTTP errors.
+
+Every handler method declares who may call it with ``@public`` or ``@authenticated``; the router
+refuses to start the app when a method has neither (see routing.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tornado.web import HTTPError, RequestHandler
+
+from demo.common.accounts import Principal
+from demo.common.errors import DemoError, InvalidField, InvalidJson, TooLarge, Unauthorized
+
+log = logging.getLogger("demo.web")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The contract's error table: code -> status. Anything raised as a DemoError is answered from here.
+ERROR_STATUS: dict[str, int] = {
+    "invalid_json": 400, "invalid_field": 422, "invalid_phone": 422, "weak_password": 422,
+    "invalid_code": 400, "phone_taken": 409, "invalid_credentials": 401, "unauthorized": 401,
+    "not_found": 404, "method_not_allowed": 405, "too_large": 413, "unsupported_media_type": 415,
+    "invalid_image": 422, "quota_exceeded": 403, "rate_limited": 429, "unavailable": 503,
+}
+# Errors Tornado raises by itself (HTTPError) get a code from their status.
+STATUS_CODE: dict[int, str] = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 503: "unavailable",
+}
+MAX_JSON_BYTES = 64 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+PUBLIC, BEARER = "public", "bearer"
+
+
+def public(method: F) -> F:
+    """Anyone may call this method."""
+    method.auth = PUBLIC  # type: ignore[attr-defined]
+    return method
+
+
+def authenticated(method: F) -> F:
+    """Callers must send ``Authorization: Bearer <token>``; checked in ``prepare`` before the body."""
+    method.auth = BEARER  # type: ignore[attr-defined]
+    return method
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+class BaseHandler(RequestHandler):
+    """Request id, security headers, services and auth; subclasses choose JSON or HTML errors."""
+
+    principal: Principal | None = None
+
+    @property
+    def services(self):  # demo.common.services.Services
+        return self.application.services
+
+    @property
+    def request_id(self) -> str:
+        # Kept on the request: set_default_headers runs again whenever the response is cleared.
+        rid = getattr(self.request, "demo_request_id", None)
+        if rid is None:
+            incoming = self.request.headers.get("X-Request-Id", "")
+            rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+            self.request.demo_request_id = rid  # type: ignore[attr-defined]
+        return rid
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Request-Id", self.request_id)
+
+    def auth_rule(self) -> str | None:
+        method = getattr(self, self.request.method.lower(), None)
+        return getattr(method, "auth", None)
+
+    async def prepare(self) -> None:
+        if self.auth_rule() == BEARER:
+            self.principal = await self.services.accounts.authenticate(self.bearer_token())
+
+    def bearer_token(self) -> str:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized()
+        return token.strip()
+
+    def get_current_user(self) -> Principal | None:
+        return self.principal
+
+    def describe_error(self, exc_info: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, JSON error body, extra headers) for whatever ended the request."""
+        error = exc_info[1] if exc_info else None
+        if isinstance(error, DemoError):
+            headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else {}
+            return ERROR_STATUS[error.code], error_body(error.code, error.message, error.field), headers
+        status = self.get_status()
+        if isinstance(error, HTTPError):
+            status = error.status_code
+            message = error.log_message if error.log_message and status < 500 else self._reason
+            return status, error_body(STATUS_CODE.get(status, "error"), message), {}
+        if status < 500:
+            return status, error_body(STATUS_CODE.get(status, "error"), self._reason), {}
+        return 500, error_body("internal_error", f"Internal error (request {self.request_id})."), {}
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, DemoError):
+            return  # an expected answer; the request log already records the status
+        if isinstance(value, HTTPError) and value.status_code < 500:
+            return  # a 4xx Tornado raised (404, 405, ...): the request log has it
+        log.error("unhandled error in %s %s (request %s)", self.request.method, self.request.path,
+                  self.request_id, exc_info=(typ, value, tb))
+
+
+class ApiHandler(BaseHandler):
+    """JSON in, JSON out; every error in the contract's shape."""
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def compute_etag(self) -> None:
+        return None  # API answers are per-user and no-store; hashing them is wasted work
+
+    def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object, or InvalidJson (400) / TooLarge (413)."""
+        if len(self.request.body) > MAX_JSON_BYTES:
+            raise TooLarge("JSON bodies are limited to 64 KiB.")
+        try:
+            body = json.loads(self.request.body or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidJson() from None
+        if not isinstance(body, dict):
+            raise InvalidJson()
+        return body
+
+    def write_json(self, payload: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        status, body, headers = self.describe_error(kwargs.get("exc_info"))
+        self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name, value)
+        self.finish(json.dumps(body, ensure_ascii=False))
+
+
+def text_field(body: dict[str, Any], name: str, *, required: bool = True, default: str | None = None,
+               max_length: int = 1024) -> str:
+    """A string field of a JSON body; a missing or non-string value is a 422 naming the field."""
+    value = body.get(name, default)
+    if value is None and not required:
+        return default  # type: ignore[return-value]
+    if not isinstance(value, str):
+        raise InvalidField(f"'{name}' must be a string." if name in body else f"'{name}' is required.", field=name)
+    if len(value) > max_length:
+        raise InvalidField(f"'{name}' is too long.", field=name)
+    return value
+
+
+class NotFoundHandler(ApiHandler):
+    """Last route: any unknown path is a JSON 404 (any method)."""
+
+    @public
+    def get(self, *_: Any) -> None:
+        """Unknown route."""
+        raise HTTPError(404, "No such resource.")
+
+    post = put = patch = delete = head = options = get

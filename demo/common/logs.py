@@ -1,0 +1,60 @@
+"""Logging: a rotating file in demo/log/ plus stderr, and the one-line request log.
+
+The request log never prints secrets: the query string is logged with the values of sensitive
+parameters replaced, and bodies and headers are never logged.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+SENSITIVE_PARAMS = {"token", "code", "ticket", "password", "access_token", "_xsrf"}
+FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+access_log = logging.getLogger("demo.access")
+
+
+def setup_logging(log_dir: str, level: str = "info") -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(FORMAT)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(formatter)
+    root.addHandler(stderr)
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            os.path.join(log_dir, "demo.log"), maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8"
+        )
+        rotating.setFormatter(formatter)
+        root.addHandler(rotating)
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)  # ours replaces it
+
+
+def scrub_query(query: str) -> str:
+    if not query:
+        return ""
+    pairs = [(k, "***" if k.lower() in SENSITIVE_PARAMS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+    return "?" + urlencode(pairs, safe="*")
+
+
+def log_request(handler: Any) -> None:
+    """Tornado's ``log_function``: status, method, path, ms, user, IP, request id."""
+    status = handler.get_status()
+    request = handler.request
+    principal = getattr(handler, "principal", None)
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return
+    access_log.log(
+        level, "%d %s %s%s %.1fms user=%s ip=%s rid=%s",
+        status, request.method, request.path, scrub_query(request.query), 1000.0 * request.request_time(),
+        principal.user_id if principal else "-", request.remote_ip,
+        getattr(request, "demo_request_id", "-"),
+    )

@@ -1,0 +1,30 @@
+"""Phone numbers: parsed and normalised to E.164 with ``phonenumbers``; only mobile numbers pass."""
+from __future__ import annotations
+
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+from demo.common.errors import InvalidPhone
+
+_MOBILE_TYPES = {PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE}
+
+
+def normalize_phone(raw: str, default_region: str) -> str:
+    """``18866668888`` or ``+8618866668888`` -> ``+8618866668888``; anything else -> InvalidPhone."""
+    if not isinstance(raw, str) or not 3 <= len(raw) <= 32:
+        raise InvalidPhone(field="phone")
+    try:
+        number = phonenumbers.parse(raw, default_region.upper())
+    except phonenumbers.NumberParseException:
+        raise InvalidPhone(field="phone") from None
+    if not phonenumbers.is_valid_number(number) or phonenumbers.number_type(number) not in _MOBILE_TYPES:
+        raise InvalidPhone(field="phone")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def mask_phone(e164: str) -> str:
+    """``+8618866668888`` -> ``188****8888``: the national number with its middle hidden."""
+    national = str(phonenumbers.parse(e164).national_number)
+    if len(national) <= 7:
+        return national[:2] + "*" * (len(national) - 4) + national[-2:]
+    return national[:3] + "*" * (len(national) - 7) + national[-4:]

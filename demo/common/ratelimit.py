@@ -1,0 +1,77 @@
+"""Fixed-window counters in the database, so limits hold across processes and restarts.
+
+Call these inside a unit of work: ``hit`` increments and raises ``RateLimited`` when the limit is
+passed (the unit of work then rolls back, so a refused request does not use up the quota).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.orm import Session
+
+from demo.common.errors import RateLimited
+from demo.models import RateCounter
+
+
+@dataclass(frozen=True)
+class Window:
+    key: str
+    limit: int
+    seconds: int
+
+    def start(self, now: dt.datetime) -> int:
+        epoch = int(now.replace(tzinfo=dt.timezone.utc).timestamp())
+        return epoch - epoch % self.seconds
+
+    def retry_after(self, now: dt.datetime) -> int:
+        epoch = now.replace(tzinfo=dt.timezone.utc).timestamp()
+        return int(self.start(now) + self.seconds - epoch) + 1
+
+
+def hit(session: Session, window: Window, now: dt.datetime, *, enforce: bool = True) -> int:
+    """Count one event; raise RateLimited once the window holds more than ``limit`` (if ``enforce``)."""
+    start = window.start(now)
+    values = dict(
+        key=window.key,
+        window_start=start,
+        count=1,
+        expires_at=dt.datetime.fromtimestamp(start + window.seconds, dt.timezone.utc).replace(tzinfo=None),
+    )
+    dialect = session.get_bind().dialect.name
+    if dialect in ("mysql", "mariadb"):
+        stmt = mysql.insert(RateCounter).values(**values)
+        stmt = stmt.on_duplicate_key_update(count=stmt.inserted.count + RateCounter.count)
+    else:
+        stmt = sqlite.insert(RateCounter).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["key", "window_start"], set_={"count": RateCounter.count + 1}
+        )
+    session.execute(stmt)  # the upsert also locks the row until commit: concurrent hits serialise
+    count = _count(session, window.key, start)
+    if enforce and count > window.limit:
+        raise RateLimited(window.retry_after(now))
+    return count
+
+
+def check(session: Session, window: Window, now: dt.datetime) -> None:
+    """Raise RateLimited if the window is already full, without counting anything."""
+    if _count(session, window.key, window.start(now)) >= window.limit:
+        raise RateLimited(window.retry_after(now))
+
+
+def forget(session: Session, key: str) -> None:
+    """Reset every window of ``key`` (e.g. a phone's login failures after a good login)."""
+    session.execute(delete(RateCounter).where(RateCounter.key == key))
+
+
+def sweep(session: Session, now: dt.datetime) -> int:
+    """Drop counters whose window has closed."""
+    return session.execute(delete(RateCounter).where(RateCounter.expires_at < now)).rowcount
+
+
+def _count(session: Session, key: str, start: int) -> int:
+    stmt = select(RateCounter.count).where(RateCounter.key == key, RateCounter.window_start == start)
+    return session.execute(stmt).scalar() or 0

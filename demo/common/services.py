@@ -1,0 +1,87 @@
+"""Builds the long-lived objects of one process from the settings (and closes them)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+
+from demo.common.accounts import AccountRules, Accounts
+from demo.common.clock import Clock
+from demo.common.db import Database, make_engine
+from demo.common.offload import Offloader
+from demo.common.passwords import Passwords
+from demo.common.sms import SmsBackend, make_backend, parse_test_numbers
+from demo.conf.settings import Settings
+
+log = logging.getLogger("demo")
+MIN_SECRET_LENGTH = 32
+
+
+class ConfigError(RuntimeError):
+    """The settings are unsafe or inconsistent; the server refuses to start."""
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    offloader: Offloader
+    db: Database
+    passwords: Passwords
+    sms: SmsBackend
+    accounts: Accounts
+    cookie_secret: str
+
+    def close(self) -> None:
+        self.offloader.shutdown()
+        self.db.dispose()
+
+
+def resolve_cookie_secret(settings: Settings, *, warn: bool = True) -> str:
+    """The configured secret; in debug mode only, a throw-away one when none is set."""
+    secret = settings.cookie_secret
+    if secret:
+        if len(secret) < MIN_SECRET_LENGTH and not settings.debug:
+            raise ConfigError(f"DEMO_COOKIE_SECRET must be at least {MIN_SECRET_LENGTH} characters")
+        return secret
+    if not settings.debug:
+        raise ConfigError(
+            "DEMO_COOKIE_SECRET is not set. Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+    if warn:
+        log.warning("debug mode: using a throw-away cookie secret (cookies and codes die with this process)")
+    return secrets.token_urlsafe(48)
+
+
+def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    cookie_secret = resolve_cookie_secret(settings)
+    clock = clock or Clock()
+    offloader = Offloader(db_threads=settings.db_pool_size, cpu_threads=settings.cpu_workers)
+    engine = make_engine(
+        settings.database_url, pool_size=settings.db_pool_size,
+        connect_timeout=settings.db_connect_timeout, pool_recycle=settings.db_pool_recycle,
+    )
+    db = Database(engine, offloader)
+    passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
+    try:
+        sms = make_backend(
+            settings.sms_backend, offloader, gateway_url=settings.sms_gateway_url,
+            gateway_body=settings.sms_gateway_body, gateway_headers=settings.sms_gateway_headers,
+            gateway_timeout=settings.sms_gateway_timeout,
+        )
+        test_numbers = parse_test_numbers(settings.sms_test_numbers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    rules = AccountRules(
+        default_region=settings.default_region, token_ttl=settings.token_ttl, code_ttl=settings.sms_code_ttl,
+        resend_after=settings.sms_resend_after, max_attempts=settings.sms_max_attempts,
+        phone_daily=settings.sms_phone_daily, ip_hourly=settings.sms_ip_hourly,
+        login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
+        login_window=settings.login_window,
+    )
+    # SMS codes are HMACed with a key derived from the cookie secret, never with the secret itself.
+    code_key = hmac.new(cookie_secret.encode(), b"demo sms codes", hashlib.sha256).digest()
+    accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock)
+    return Services(settings, clock, offloader, db, passwords, sms, accounts, cookie_secret)

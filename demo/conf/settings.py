@@ -1,0 +1,161 @@
+"""Every setting of the server, declared once with its default and help text.
+
+Precedence: command line > ``DEMO_<NAME>`` environment > ``--config`` file > default.
+The config file is a Python file of ``name = value`` lines (tornado's format); see
+``demo/conf/demo.conf.example``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tornado.options import Error as OptionsError
+from tornado.options import OptionParser
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = PACKAGE_DIR / "data"  # git-ignored; holds the embedded SQLite file and media
+ENV_PREFIX = "DEMO_"
+
+MIB = 1024 * 1024
+
+
+def declare(parser: OptionParser) -> None:
+    """Declare every option on ``parser`` (one parser per configuration, never the global one)."""
+    d = parser.define
+    # -- process ---------------------------------------------------------------------------
+    d("port", default=8000, type=int, help="TCP port to listen on", group="server")
+    d("address", default="127.0.0.1", type=str, group="server",
+      help="address to bind; loopback by default because forwarded headers are trusted (run behind nginx)")
+    d("processes", default=1, type=int, group="server", help="worker processes (0 = one per core)")
+    d("config", default="", type=str, group="server", help="path to a config file (python syntax)")
+    d("debug", default=False, type=bool, group="server",
+      help="development mode: autoreload, tracebacks in logs, a throw-away cookie secret")
+    d("public_url", default="", type=str, group="server",
+      help="absolute base URL clients use (https://api.example.com); empty = from the request")
+    d("shutdown_grace", default=10.0, type=float, group="server",
+      help="seconds in-flight requests get to finish after SIGTERM")
+    d("cookie_secret", default="", type=str, group="server",
+      help="secret for signed cookies and code hashing; required outside debug mode")
+    # -- logging ---------------------------------------------------------------------------
+    d("log_dir", default=str(PACKAGE_DIR / "log"), type=str, group="logging",
+      help="folder for the rotating log file; empty = stderr only")
+    d("log_level", default="info", type=str, group="logging", help="debug, info, warning or error")
+    # -- database --------------------------------------------------------------------------
+    d("database_url", default=f"sqlite:///{DATA_DIR / 'demo.sqlite3'}", type=str, group="database",
+      help="SQLAlchemy URL, e.g. mysql+mysqldb://user:pw@127.0.0.1/demo (default: embedded SQLite)")
+    d("db_pool_size", default=8, type=int, group="database",
+      help="connections kept in the pool; the DB thread pool has the same size")
+    d("db_connect_timeout", default=2, type=int, group="database",
+      help="seconds to wait for a new MySQL connection before answering 503")
+    d("db_pool_recycle", default=1800, type=int, group="database",
+      help="seconds after which a connection is replaced (keep below MySQL wait_timeout)")
+    d("cpu_workers", default=0, type=int, group="database",
+      help="threads for password hashing and image work (0 = one per core)")
+    # -- accounts --------------------------------------------------------------------------
+    d("default_region", default="CN", type=str, group="accounts",
+      help="region used to read national phone numbers (ISO 3166 code)")
+    d("token_ttl", default=30 * 24 * 3600, type=int, group="accounts", help="seconds an app token lives")
+    d("argon2_time_cost", default=2, type=int, group="accounts", help="argon2id iterations (>= 2)")
+    d("argon2_memory_kib", default=19456, type=int, group="accounts", help="argon2id memory in KiB (>= 19456)")
+    d("argon2_parallelism", default=1, type=int, group="accounts", help="argon2id lanes")
+    d("login_phone_failures", default=10, type=int, group="accounts",
+      help="failed logins allowed per phone per login_window")
+    d("login_ip_failures", default=100, type=int, group="accounts",
+      help="failed logins allowed per client IP per login_window")
+    d("login_window", default=900, type=int, group="accounts", help="seconds of the login failure window")
+    # -- SMS -------------------------------------------------------------------------------
+    d("sms_backend", default="console", type=str, group="sms",
+      help="console | file:<path> | http (gateway, see sms_gateway_*)")
+    d("sms_test_numbers", default="", type=str, group="sms",
+      help="comma list of phone:code pairs that get a fixed code and no text")
+    d("sms_code_ttl", default=300, type=int, group="sms", help="seconds an SMS code is valid")
+    d("sms_resend_after", default=60, type=int, group="sms", help="seconds between two texts to one phone")
+    d("sms_max_attempts", default=5, type=int, group="sms", help="wrong tries before a code is dead")
+    d("sms_phone_daily", default=10, type=int, group="sms", help="texts per phone per UTC day")
+    d("sms_ip_hourly", default=20, type=int, group="sms", help="texts requested per client IP per hour")
+    d("sms_gateway_url", default="", type=str, group="sms", help="HTTP gateway URL (sms_backend=http)")
+    d("sms_gateway_body", default='{"to": $phone, "text": $text}', type=str, group="sms",
+      help="request body template; $phone, $text and $code are substituted JSON-encoded")
+    d("sms_gateway_headers", default="Content-Type: application/json", type=str, group="sms",
+      help="extra request headers, 'Name: value' separated by ';'")
+    d("sms_gateway_timeout", default=5.0, type=float, group="sms", help="seconds before the gateway is given up")
+    # -- images (scenario 2) -----------------------------------------------------------------
+    d("media_root", default=str(DATA_DIR / "media"), type=str, group="images", help="folder for stored images")
+    d("max_upload_bytes", default=10 * MIB, type=int, group="images", help="largest accepted upload body")
+    d("max_image_pixels", default=40_000_000, type=int, group="images", help="largest accepted image (pixels)")
+
+
+class Settings(Mapping[str, Any]):
+    """Resolved, read-only settings. Attribute and mapping access: ``s.port``, ``s["port"]``."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        unknown = set(changes) - set(self._values)
+        if unknown:
+            raise KeyError(f"unknown settings: {sorted(unknown)}")
+        return Settings({**self._values, **changes})
+
+
+def _parse_args(parser: OptionParser, args: Sequence[str]) -> None:
+    parser.parse_command_line(["demo", *args], final=False)
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve settings from defaults, config file, environment and command line (in rising priority)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    parser = OptionParser()
+    declare(parser)
+    names = [name for name in parser.as_dict() if name != "help"]
+
+    # Find --config first (command line, then environment), then layer the sources in rising order.
+    probe = OptionParser()
+    declare(probe)
+    _parse_args(probe, argv)
+    config_path = probe.config or environ.get(ENV_PREFIX + "CONFIG", "")
+    if config_path:
+        parser.parse_config_file(config_path, final=False)
+    env_args = [
+        f"--{name}={environ[ENV_PREFIX + name.upper()]}" for name in names if ENV_PREFIX + name.upper() in environ
+    ]
+    _parse_args(parser, env_args)
+    _parse_args(parser, argv)
+    return Settings({name: getattr(parser, name) for name in names})
+
+
+def defaults(**overrides: Any) -> Settings:
+    """Default settings with ``overrides`` applied (what tests and embedders use)."""
+    return load(argv=[], environ={}).replace(**overrides)
+
+
+def help_text() -> str:
+    parser = OptionParser()
+    declare(parser)
+    from io import StringIO
+
+    out = StringIO()
+    parser.print_help(out)
+    return out.getvalue()
+
+
+__all__ = ["Settings", "load", "defaults", "help_text", "OptionsError", "DATA_DIR", "PACKAGE_DIR"]

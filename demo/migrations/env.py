@@ -1,0 +1,23 @@
+"""Alembic environment: the engine comes from the server (config.attributes) or from the settings."""
+from __future__ import annotations
+
+from alembic import context
+
+from demo.common.db import make_engine
+from demo.conf import settings as demo_settings
+from demo.models import Base
+
+config = context.config
+engine = config.attributes.get("engine")
+if engine is None:  # the alembic CLI: same resolution as the server (env, defaults)
+    engine = make_engine(demo_settings.load(argv=[]).database_url)
+
+with engine.connect() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite can only ALTER via table copies
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,43 @@
+"""Operations handlers: liveness, readiness, the OpenAPI document."""
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+from demo.common.errors import Unavailable
+from demo.common.handlers import ApiHandler, error_body, public
+
+READY_TIMEOUT = 2.0  # seconds: a readiness probe must answer before the prober gives up
+
+
+class HealthHandler(ApiHandler):
+    @public
+    def get(self) -> None:
+        """Liveness: the process runs and its event loop answers."""
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(ApiHandler):
+    @public
+    async def get(self) -> None:
+        """Readiness: the database answers a trivial query in time."""
+        try:
+            await asyncio.wait_for(self.services.db.ping(), READY_TIMEOUT)
+        except (Unavailable, asyncio.TimeoutError):
+            body = error_body("unavailable", "database: unreachable")
+            self.write_json({"status": "unavailable", "checks": {"database": "unreachable"}, **body}, status=503)
+            return
+        self.write_json({"status": "ok", "checks": {"database": "ok"}})
+
+
+class OpenApiHandler(ApiHandler):
+    _document: bytes | None = None
+
+    @public
+    def get(self) -> None:
+        """The contract, machine-readable."""
+        if OpenApiHandler._document is None:
+            OpenApiHandler._document = resources.files("demo").joinpath("static/openapi.yaml").read_bytes()
+        self.set_header("Content-Type", "application/yaml; charset=utf-8")
+        self.set_header("Cache-Control", "public, max-age=300")
+        self.finish(OpenApiHandler._document)

@@ -1,0 +1,78 @@
+"""Accounts handlers: read the JSON fields, call demo.common.accounts, write the contract's JSON."""
+from __future__ import annotations
+
+from typing import Any
+
+from demo.common.accounts import Grant
+from demo.common.handlers import ApiHandler, authenticated, public, text_field
+
+
+class AccountsHandler(ApiHandler):
+    @property
+    def accounts(self):
+        return self.services.accounts
+
+    def session_body(self, grant: Grant) -> dict[str, Any]:
+        return {"user": grant.user, "token": grant.token, "token_type": "Bearer", "expires_in": grant.expires_in}
+
+
+class CodeHandler(AccountsHandler):
+    @public
+    async def post(self) -> None:
+        """Send an SMS code for registration or password reset."""
+        body = self.json_body()
+        phone = text_field(body, "phone", max_length=32)
+        purpose = text_field(body, "purpose", required=False, default="regist", max_length=16)
+        self.write_json(await self.accounts.request_code(phone, purpose, self.request.remote_ip))
+
+
+class RegistHandler(AccountsHandler):
+    @public
+    async def post(self) -> None:
+        """Create an account from phone, password and SMS code; answer with a session."""
+        body = self.json_body()
+        phone = text_field(body, "phone", max_length=32)
+        password = text_field(body, "password", max_length=4096)
+        code = text_field(body, "code", max_length=16)
+        grant = await self.accounts.register(phone, password, code)
+        self.write_json(self.session_body(grant), status=201)
+
+
+class LoginHandler(AccountsHandler):
+    @public
+    async def post(self) -> None:
+        """Exchange phone and password for a bearer token."""
+        body = self.json_body()
+        phone = text_field(body, "phone", max_length=32)
+        password = text_field(body, "password", max_length=4096)
+        grant = await self.accounts.login(phone, password, self.request.remote_ip)
+        self.write_json(self.session_body(grant))
+
+
+class LogoutHandler(AccountsHandler):
+    @authenticated
+    async def post(self) -> None:
+        """Revoke the calling token."""
+        await self.accounts.logout(self.principal)
+        self.set_status(204)
+        self.finish()
+
+
+class PasswordResetHandler(AccountsHandler):
+    @public
+    async def post(self) -> None:
+        """Set a new password with a reset code; every session of the user ends."""
+        body = self.json_body()
+        phone = text_field(body, "phone", max_length=32)
+        code = text_field(body, "code", max_length=16)
+        password = text_field(body, "password", max_length=4096)
+        await self.accounts.reset_password(phone, code, password)
+        self.set_status(204)
+        self.finish()
+
+
+class MeHandler(AccountsHandler):
+    @authenticated
+    async def get(self) -> None:
+        """The calling user's profile."""
+        self.write_json({"user": await self.accounts.profile(self.principal)})
