@@ -110,7 +110,11 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = config.load(argv)
+    try:
+        settings = config.load(argv)
+    except config.OptionsError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_dir, settings.log_level)
     try:
         resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything

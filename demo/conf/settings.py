@@ -117,7 +117,10 @@ class Settings(Mapping[str, Any]):
 
 
 def _parse_args(parser: OptionParser, args: Sequence[str]) -> None:
-    parser.parse_command_line(["demo", *args], final=False)
+    try:
+        parser.parse_command_line(["demo", *args], final=False)
+    except ValueError as error:  # tornado lets int("eighty") escape as a bare ValueError
+        raise OptionsError(f"bad option value: {error}") from None
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

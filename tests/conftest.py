@@ -1,0 +1,238 @@
+"""Fixtures: the app on SQLite and MariaDB, an HTTP client, the SMS outbox, a clock, a logged-in user.
+
+Every test that uses ``app`` runs once per database. MariaDB (127.0.0.1:3306, root, no password)
+is skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1 makes that a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from demo.common import migrate
+from demo.common.clock import FakeClock
+from demo.common.db import make_engine
+from demo.conf import settings as config
+from demo.main import make_app, make_server
+from demo.models import Base
+
+MYSQL_SERVER = os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306")
+REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
+COOKIE_SECRET = "test-secret-" + "x" * 40
+
+
+def _mysql_unreachable_reason() -> str | None:
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError:
+        return "mysqlclient is not installed"
+    try:
+        engine = create_engine(MYSQL_SERVER + "/", connect_args={"connect_timeout": 2})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return f"MariaDB unreachable at {MYSQL_SERVER}: {error.__class__.__name__}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> str:
+    reason = _mysql_unreachable_reason()
+    if reason:
+        if REQUIRE_MYSQL:
+            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
+        pytest.skip(reason)
+    return MYSQL_SERVER
+
+
+@pytest.fixture(scope="session")
+def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.sqlite3'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def mysql_database(mysql_server_url: str):
+    name = f"demo_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(mysql_server_url + "/")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    url = f"{mysql_server_url}/{name}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A migrated, empty database: SQLite, then MariaDB."""
+    url = request.getfixturevalue(f"{request.param}_database")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+class Outbox:
+    """The SMS file backend's output: one JSON object per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def messages(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def last(self, phone: str) -> dict[str, Any]:
+        sent = [m for m in self.messages() if m["phone"] == phone]
+        assert sent, f"no SMS to {phone}"
+        return sent[-1]
+
+    def code(self, phone: str) -> str:
+        code = self.last(phone)["code"]
+        assert code, "the last text carried no code"
+        return code
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(tmp_path / "outbox.jsonl")
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, database_url: str, outbox: Outbox, tmp_path: Path) -> config.Settings:
+    """Test settings; a test changes some with ``@pytest.mark.settings(name=value, ...)``."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    return config.defaults(
+        database_url=database_url,
+        cookie_secret=COOKIE_SECRET,
+        sms_backend=f"file:{outbox.path}",
+        media_root=str(tmp_path / "media"),
+        log_dir="",
+        db_pool_size=4,
+    ).replace(**overrides)
+
+
+@pytest.fixture
+def app(settings: config.Settings, clock: FakeClock):
+    application = make_app(settings, clock=clock)
+    yield application
+    application.services.close()
+
+
+@dataclass
+class Response:
+    code: int
+    headers: Any
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        return self.json["error"]["code"]
+
+
+class Api:
+    """A thin HTTP client for the tests: never raises on 4xx/5xx, returns ``Response``."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=64)
+
+    async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
+                      token: str | None = None, headers: dict[str, str] | None = None,
+                      follow_redirects: bool = False) -> Response:
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if json_body is not None:
+            body = json.dumps(json_body)
+            headers.setdefault("Content-Type", "application/json")
+        if body is None and method in ("POST", "PUT", "PATCH"):
+            body = b""
+        response: HTTPResponse = await self.client.fetch(
+            self.base_url + path, method=method, body=body, headers=headers, raise_error=False,
+            follow_redirects=follow_redirects, request_timeout=60,
+        )
+        return Response(response.code, response.headers, response.body or b"")
+
+    async def get(self, path: str, **kw: Any) -> Response:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, json_body: Any = None, **kw: Any) -> Response:
+        return await self.request("POST", path, json_body=json_body, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Response:
+        return await self.request("DELETE", path, **kw)
+
+    async def register(self, outbox: Outbox, phone: str = "18866668888", password: str = "demo123456") -> Response:
+        sent = await self.post("/users/code", {"phone": phone})
+        assert sent.code == 200, sent.body
+        e164 = sent_phone(phone)
+        return await self.post("/users/regist", {"phone": phone, "password": password, "code": outbox.code(e164)})
+
+
+def sent_phone(phone: str) -> str:
+    return phone if phone.startswith("+") else "+86" + phone
+
+
+@pytest.fixture
+def http_server(app, io_loop, _unused_port):
+    """The app behind demo's own HTTPServer settings (xheaders, body limits), on a free port."""
+    server = make_server(app)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections)
+
+
+@pytest.fixture
+def api(http_server, base_url: str) -> Api:
+    client = Api(base_url)
+    yield client
+    client.client.close()
+
+
+@dataclass
+class LoggedInUser:
+    phone: str
+    password: str
+    token: str
+    id: int
+    body: dict[str, Any]
+
+
+@pytest.fixture
+def user(api: Api, outbox: Outbox, io_loop) -> LoggedInUser:
+    """A registered user holding a fresh token (the seed's phone and password)."""
+    response = io_loop.run_sync(lambda: api.register(outbox))
+    assert response.code == 201, response.body
+    body = response.json
+    return LoggedInUser("+8618866668888", "demo123456", body["token"], body["user"]["id"], body)

@@ -1,0 +1,64 @@
+"""Settings (conf/settings.py): one declaration per setting, and the precedence of the sources."""
+from __future__ import annotations
+
+import pytest
+
+from demo.common.services import ConfigError, resolve_cookie_secret
+from demo.conf import settings as config
+
+
+def test_every_setting_has_help_text():
+    text = config.help_text()
+    for name in config.defaults():
+        assert f"--{name.replace('_', '-')}" in text  # tornado prints dashes, accepts both
+    parser = config.OptionParser()
+    config.declare(parser)
+    assert all(option.help for option in parser._options.values() if option.name != "help")
+
+
+def test_precedence_command_line_over_env_over_file_over_default(tmp_path):
+    conf = tmp_path / "demo.conf"
+    conf.write_text('port = 7001\naddress = "10.0.0.1"\ndefault_region = "US"\nsms_backend = "file:/tmp/x"\n')
+    env = {"DEMO_PORT": "7002", "DEMO_ADDRESS": "10.0.0.2", "DEMO_CONFIG": str(conf)}
+    s = config.load(["--port=7003"], env)
+    assert s.port == 7003  # command line
+    assert s.address == "10.0.0.2"  # environment beats the file
+    assert s.default_region == "US"  # file beats the default
+    assert s.max_upload_bytes == 10 * 1024 * 1024  # default
+    assert s.sms_backend == "file:/tmp/x"
+
+
+def test_config_file_named_on_the_command_line(tmp_path):
+    conf = tmp_path / "demo.conf"
+    conf.write_text("port = 7010\n")
+    assert config.load([f"--config={conf}"], {}).port == 7010
+
+
+def test_typed_values_from_the_environment():
+    s = config.load([], {"DEMO_DEBUG": "true", "DEMO_MAX_UPLOAD_BYTES": "123", "DEMO_SHUTDOWN_GRACE": "2.5"})
+    assert s.debug is True and s.max_upload_bytes == 123 and s.shutdown_grace == 2.5
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(config.OptionsError):
+        config.load(["--port=eighty"], {})
+
+
+def test_production_refuses_to_run_without_a_cookie_secret():
+    with pytest.raises(ConfigError, match="DEMO_COOKIE_SECRET"):
+        resolve_cookie_secret(config.defaults(debug=False, cookie_secret=""))
+    with pytest.raises(ConfigError, match="at least"):
+        resolve_cookie_secret(config.defaults(debug=False, cookie_secret="short"))
+    assert resolve_cookie_secret(config.defaults(debug=False, cookie_secret="s" * 40)) == "s" * 40
+    # Debug mode gets a throw-away secret, different every time: nothing to leak from the repo.
+    debug = config.defaults(debug=True, cookie_secret="")
+    assert resolve_cookie_secret(debug, warn=False) != resolve_cookie_secret(debug, warn=False)
+
+
+def test_argon2_parameters_below_owasp_are_refused():
+    from demo.common.passwords import Passwords
+
+    with pytest.raises(ValueError):
+        Passwords(time_cost=1)
+    with pytest.raises(ValueError):
+        Passwords(memory_kib=8192)

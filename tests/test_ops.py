@@ -1,0 +1,73 @@
+"""Operations (views/ops_*): health, readiness, database outages, unexpected errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from demo.main import make_app
+
+gen_test = pytest.mark.gen_test(timeout=30)
+
+
+@gen_test
+async def test_healthz_and_readyz(api):
+    health = await api.get("/healthz")
+    assert health.code == 200 and health.json == {"status": "ok"}
+    ready = await api.get("/readyz")
+    assert ready.code == 200 and ready.json == {"status": "ok", "checks": {"database": "ok"}}
+
+
+@gen_test
+async def test_openapi_document_is_served(api):
+    response = await api.get("/openapi.yaml")
+    assert response.code == 200 and response.headers["Content-Type"].startswith("application/yaml")
+    assert response.body.startswith(b"openapi:")
+
+
+@pytest.fixture
+def unreachable_db_app(settings, clock):
+    pytest.importorskip("MySQLdb")
+    # Port 9 (discard) on loopback: connection refused at once, like a stopped MariaDB.
+    application = make_app(settings.replace(database_url="mysql+mysqldb://root@127.0.0.1:9/demo"), clock=clock)
+    yield application
+    application.services.close()
+
+
+@pytest.fixture
+def app(request, settings, clock):
+    if "unreachable_db_app" in request.fixturenames:
+        yield request.getfixturevalue("unreachable_db_app")
+        return
+    application = make_app(settings, clock=clock)
+    yield application
+    application.services.close()
+
+
+@gen_test
+async def test_database_down_is_a_fast_503(api, unreachable_db_app):
+    started = time.monotonic()
+    login = await api.post("/users/login", {"phone": "18866668888", "password": "demo123456"})
+    assert login.code == 503 and login.error == "unavailable"
+    me = await api.get("/users/me", token="A" * 43)
+    assert me.code == 503
+    ready = await api.get("/readyz")
+    assert ready.code == 503
+    assert ready.json["checks"] == {"database": "unreachable"} and ready.json["error"]["code"] == "unavailable"
+    assert time.monotonic() - started < 5  # not a 30 s pool timeout
+    assert (await api.get("/healthz")).code == 200  # the process itself is alive
+
+
+@gen_test
+async def test_unexpected_errors_are_json_500_without_internals(api, app, user, caplog, monkeypatch):
+    async def explode(principal):
+        raise RuntimeError("secret internals: password=hunter2")
+
+    monkeypatch.setattr(app.services.accounts, "profile", explode)
+    response = await api.get("/users/me", token=user.token)
+    assert response.code == 500 and response.error == "internal_error"
+    assert b"secret" not in response.body and b"Traceback" not in response.body
+    request_id = response.headers["X-Request-Id"]
+    assert request_id in response.json["error"]["message"]
+    logged = [r for r in caplog.records if r.name == "demo.web"]
+    assert logged and request_id in logged[0].getMessage() and logged[0].exc_info
