@@ -77,9 +77,11 @@ def migrate_database(settings: Settings) -> None:
 
 async def serve(settings: Settings, sockets: list[Any]) -> None:
     app = make_app(settings)
+    services = app.services
+    swept = await services.offloader.db(services.images.sweep)  # before serving: nothing is in flight
+    log.info("start-up sweep: %s", swept)
     server = make_server(app)
     server.add_sockets(sockets)
-    services = app.services
 
     async def sweep() -> None:
         try:

@@ -73,3 +73,30 @@ class RateCounter(Base):
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     count: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
+
+
+class ImageBlob(Base):
+    """Stored bytes, by content. ``refs`` counts the images rows using it; at 0 the file may go."""
+
+    __tablename__ = "image_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    refs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+
+class Image(Base):
+    """One upload: an opaque public id, its owner and the blob it points at."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_owner_pk", "owner_id", "pk"),)
+
+    pk: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)  # order and cursors
+    id: Mapped[str] = mapped_column(String(32), unique=True)  # 128 random bits, URL-safe
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("image_blobs.sha256"), index=True)
+    format: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)

@@ -239,8 +239,8 @@ async def test_login_gives_a_working_token(api, user):
     me = await api.get("/users/me", token=token)
     assert me.code == 200
     profile = me.json["user"]
-    assert set(profile) == {"id", "phone", "created_at", "last_login_at"}
-    assert profile["id"] == user.id and profile["phone"] == E164
+    assert set(profile) == {"id", "phone", "created_at", "last_login_at", "image_count"}
+    assert profile["id"] == user.id and profile["phone"] == E164 and profile["image_count"] == 0
 
 
 @gen_test

@@ -26,7 +26,7 @@ from demo.common.passwords import Passwords, check_password_policy
 from demo.common.phones import normalize_phone
 from demo.common.ratelimit import Window
 from demo.common.sms import SmsBackend, SmsFailed, SmsMessage
-from demo.models import AuthSession, SmsCode, User
+from demo.models import AuthSession, Image, SmsCode, User
 
 PURPOSES = ("regist", "reset")
 
@@ -272,7 +272,8 @@ class Accounts:
     async def profile(self, principal: Principal) -> dict[str, Any]:
         def lookup(s: Session) -> dict[str, Any]:
             user = s.get(User, principal.user_id)
-            return {**public_user(user), "last_login_at": isoformat(user.last_login_at)}
+            image_count = s.scalar(select(func.count(Image.pk)).where(Image.owner_id == user.id))
+            return {**public_user(user), "last_login_at": isoformat(user.last_login_at), "image_count": image_count}
 
         return await self.db.run(lookup)
 

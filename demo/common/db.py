@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc, text
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,6 +79,19 @@ def is_unreachable(error: BaseException) -> bool:
     return isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)) or (
         isinstance(error, exc.DBAPIError) and error.connection_invalidated
     )
+
+
+def upsert_add(session: Session, model: Any, values: dict[str, Any], key: list[str], column: str) -> None:
+    """INSERT ``values``, or add ``values[column]`` to the existing row: atomic, and the row stays
+    locked until commit, so concurrent callers on one key are serialised (MySQL and SQLite alike)."""
+    current = getattr(model, column)
+    if session.get_bind().dialect.name in ("mysql", "mariadb"):
+        stmt = mysql.insert(model).values(**values)
+        stmt = stmt.on_duplicate_key_update({column: current + stmt.inserted[column]})
+    else:
+        stmt = sqlite.insert(model).values(**values)
+        stmt = stmt.on_conflict_do_update(index_elements=key, set_={column: current + values[column]})
+    session.execute(stmt)
 
 
 class Database:

@@ -13,6 +13,10 @@ class DemoError(Exception):
         self.message = message or self.message
         self.field = field
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the client needs to act on this error."""
+        return {}
+
 
 class InvalidJson(DemoError):
     code, message = "invalid_json", "The body is not a JSON object."
@@ -72,6 +76,20 @@ class RateLimited(DemoError):
     def __init__(self, retry_after: int, message: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = max(1, int(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RangeNotSatisfiable(DemoError):
+    code, message = "range_not_satisfiable", "The requested range lies outside the file."
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class Unavailable(DemoError):

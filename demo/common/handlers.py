@@ -26,6 +26,7 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_code": 400, "phone_taken": 409, "invalid_credentials": 401, "unauthorized": 401,
     "not_found": 404, "method_not_allowed": 405, "too_large": 413, "unsupported_media_type": 415,
     "invalid_image": 422, "quota_exceeded": 403, "rate_limited": 429, "unavailable": 503,
+    "range_not_satisfiable": 416,
 }
 # Errors Tornado raises by itself (HTTPError) get a code from their status.
 STATUS_CODE: dict[int, str] = {
@@ -97,12 +98,18 @@ class BaseHandler(RequestHandler):
     def get_current_user(self) -> Principal | None:
         return self.principal
 
+    def absolute_url(self, path: str) -> str:
+        """``DEMO_PUBLIC_URL`` + path, or the scheme and host the client used (through the proxy)."""
+        base = self.services.settings.public_url.rstrip("/")
+        if not base:
+            base = f"{self.request.protocol}://{self.request.host}"
+        return base + path
+
     def describe_error(self, exc_info: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(status, JSON error body, extra headers) for whatever ended the request."""
         error = exc_info[1] if exc_info else None
         if isinstance(error, DemoError):
-            headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else {}
-            return ERROR_STATUS[error.code], error_body(error.code, error.message, error.field), headers
+            return ERROR_STATUS[error.code], error_body(error.code, error.message, error.field), error.headers()
         status = self.get_status()
         if isinstance(error, HTTPError):
             status = error.status_code

@@ -1,7 +1,8 @@
 """The one way blocking work leaves the event loop.
 
-Two thread pools: ``db`` sized to the connection pool (a thread never waits for a connection) and
-``cpu`` for password hashing and image work, so a burst of logins cannot starve database calls.
+Three thread pools: ``db`` sized to the connection pool (a thread never waits for a connection),
+``cpu`` for password hashing and image decoding (one per core: more would only queue in the kernel),
+and ``io`` for file reads and writes, so a burst of logins can starve neither queries nor downloads.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ T = TypeVar("T")
 
 
 class Offloader:
-    def __init__(self, db_threads: int, cpu_threads: int = 0) -> None:
+    def __init__(self, db_threads: int, cpu_threads: int = 0, io_threads: int = 4) -> None:
         cpu_threads = cpu_threads or (os.cpu_count() or 1)
         self.db_pool = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="demo-db")
         self.cpu_pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="demo-cpu")
+        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="demo-io")
+        self.pools = (self.db_pool, self.cpu_pool, self.io_pool)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the database pool (it may block on I/O)."""
@@ -29,15 +32,19 @@ class Offloader:
         """Run ``fn`` on the CPU pool (hashing, image decoding, large file I/O)."""
         return await self._run(self.cpu_pool, fn, args, kwargs)
 
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the file I/O pool (upload chunks, image reads)."""
+        return await self._run(self.io_pool, fn, args, kwargs)
+
     @staticmethod
     async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     def queue_depth(self) -> int:
-        """Tasks waiting for a thread, both pools (private attribute, read only for metrics)."""
-        return self.db_pool._work_queue.qsize() + self.cpu_pool._work_queue.qsize()
+        """Tasks waiting for a thread in any pool (private attribute, read only for metrics)."""
+        return sum(pool._work_queue.qsize() for pool in self.pools)
 
     def shutdown(self) -> None:
-        self.db_pool.shutdown(wait=True, cancel_futures=True)
-        self.cpu_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)

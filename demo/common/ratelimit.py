@@ -9,9 +9,9 @@ import datetime as dt
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.orm import Session
 
+from demo.common.db import upsert_add
 from demo.common.errors import RateLimited
 from demo.models import RateCounter
 
@@ -40,16 +40,7 @@ def hit(session: Session, window: Window, now: dt.datetime, *, enforce: bool = T
         count=1,
         expires_at=dt.datetime.fromtimestamp(start + window.seconds, dt.timezone.utc).replace(tzinfo=None),
     )
-    dialect = session.get_bind().dialect.name
-    if dialect in ("mysql", "mariadb"):
-        stmt = mysql.insert(RateCounter).values(**values)
-        stmt = stmt.on_duplicate_key_update(count=stmt.inserted.count + RateCounter.count)
-    else:
-        stmt = sqlite.insert(RateCounter).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["key", "window_start"], set_={"count": RateCounter.count + 1}
-        )
-    session.execute(stmt)  # the upsert also locks the row until commit: concurrent hits serialise
+    upsert_add(session, RateCounter, values, ["key", "window_start"], "count")  # locks the row: hits serialise
     count = _count(session, window.key, start)
     if enforce and count > window.limit:
         raise RateLimited(window.retry_after(now))

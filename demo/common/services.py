@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from demo.common.accounts import AccountRules, Accounts
 from demo.common.clock import Clock
 from demo.common.db import Database, make_engine
+from demo.common import imaging
+from demo.common.images import ImageRules, Images
 from demo.common.offload import Offloader
 from demo.common.passwords import Passwords
 from demo.common.sms import SmsBackend, make_backend, parse_test_numbers
+from demo.common.storage import ImageStore, make_store
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")
@@ -32,6 +35,8 @@ class Services:
     passwords: Passwords
     sms: SmsBackend
     accounts: Accounts
+    store: ImageStore
+    images: Images
     cookie_secret: str
 
     def close(self) -> None:
@@ -84,4 +89,11 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     # SMS codes are HMACed with a key derived from the cookie secret, never with the secret itself.
     code_key = hmac.new(cookie_secret.encode(), b"demo sms codes", hashlib.sha256).digest()
     accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock)
-    return Services(settings, clock, offloader, db, passwords, sms, accounts, cookie_secret)
+    store = make_store(settings.media_root)
+    image_rules = ImageRules(
+        max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+        quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
+    )
+    images = Images(db, store, image_rules, clock)
+    imaging.set_pixel_limit(settings.max_image_pixels)
+    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, cookie_secret)

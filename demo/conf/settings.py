@@ -86,6 +86,8 @@ def declare(parser: OptionParser) -> None:
     d("media_root", default=str(DATA_DIR / "media"), type=str, group="images", help="folder for stored images")
     d("max_upload_bytes", default=10 * MIB, type=int, group="images", help="largest accepted upload body")
     d("max_image_pixels", default=40_000_000, type=int, group="images", help="largest accepted image (pixels)")
+    d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
+    d("image_quota_bytes", default=1024**3, type=int, group="images", help="bytes of images one user may keep")
 
 
 class Settings(Mapping[str, Any]):

@@ -1,0 +1,218 @@
+"""Scenario 2 rules: store uploads, list, delete, find, thumbnails; keep rows and blobs consistent.
+
+Consistency, with the blob row ``image_blobs.refs`` as the lock for one content hash:
+- store: lock the blob row (refs + 1), make sure the file is in place, insert the image row, commit.
+  A crash before commit leaves at most a file without a row, which the start-up sweep removes.
+- delete: remove the image row and decrement refs, commit; then, holding the blob row lock again,
+  remove the file only if refs is still 0. A concurrent upload of the same bytes waits for that lock
+  and then puts the file back, so no committed row ever points at a missing file.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from demo.common import imaging
+from demo.common.clock import Clock, isoformat
+from demo.common.db import Database, upsert_add
+from demo.common.errors import InvalidField, NotFound, QuotaExceeded
+from demo.common.storage import STRAY_AGE, ImageStore
+from demo.models import Image, ImageBlob, User
+
+log = logging.getLogger("demo.images")
+THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    quota_count: int = 1000
+    quota_bytes: int = 1024**3
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """What delivery needs to know about an image id."""
+
+    sha256: str
+    format: str
+    width: int
+
+
+class Images:
+    def __init__(self, db: Database, store: ImageStore, rules: ImageRules = ImageRules(),
+                 clock: Clock | None = None) -> None:
+        self.db = db
+        self.store = store
+        self.rules = rules
+        self.clock = clock or Clock()
+
+    # -- upload --------------------------------------------------------------------------------
+
+    async def check_room(self, user_id: int) -> None:
+        """Before reading an upload: refuse at once when the count quota is already used up."""
+        count, _ = await self.db.run(self._usage, user_id)
+        if count >= self.rules.quota_count:
+            raise QuotaExceeded()
+
+    async def create(self, user_id: int, upload_path: str) -> dict[str, Any]:
+        """Check, re-encode and store the uploaded file; returns the image record."""
+        processed = await self.db.offloader.cpu(
+            imaging.process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
+        )
+        try:
+            return await self.db.run(self._store, user_id, processed, self.clock.now())
+        finally:
+            await self.db.offloader.io(_remove, processed.path)  # gone already unless storing failed
+
+    def _store(self, s: Session, user_id: int, image: imaging.ProcessedImage, now: dt.datetime) -> dict[str, Any]:
+        # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
+        s.execute(select(User.id).where(User.id == user_id).with_for_update())
+        count, used = self._usage(s, user_id)
+        if count + 1 > self.rules.quota_count or used + image.bytes > self.rules.quota_bytes:
+            raise QuotaExceeded()
+        upsert_add(s, ImageBlob, {"sha256": image.sha256, "refs": 1, "created_at": now}, ["sha256"], "refs")
+        self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
+        row = Image(id=new_image_id(), owner_id=user_id, sha256=image.sha256, format=image.format,
+                    width=image.width, height=image.height, bytes=image.bytes, created_at=now)
+        s.add(row)
+        s.flush()
+        return record(row)
+
+    @staticmethod
+    def _usage(s: Session, user_id: int) -> tuple[int, int]:
+        count, used = s.execute(
+            select(func.count(Image.pk), func.coalesce(func.sum(Image.bytes), 0)).where(Image.owner_id == user_id)
+        ).one()
+        return int(count), int(used)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def list(self, user_id: int, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """Own images, newest first; ``cursor`` continues where the last page ended."""
+        before = decode_cursor(cursor) if cursor else None
+
+        def page(s: Session) -> list[Image]:
+            query = select(Image).where(Image.owner_id == user_id)
+            if before is not None:
+                query = query.where(Image.pk < before)
+            return list(s.scalars(query.order_by(Image.pk.desc()).limit(limit + 1)))
+
+        rows = await self.db.run(page)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [record(r) for r in rows], (encode_cursor(rows[-1].pk) if more else None)
+
+    async def count(self, user_id: int) -> int:
+        return (await self.db.run(self._usage, user_id))[0]
+
+    async def find(self, image_id: str) -> StoredImage:
+        if not looks_like_image_id(image_id):
+            raise NotFound()
+        row = await self.db.run(
+            lambda s: s.execute(select(Image.sha256, Image.format, Image.width).where(Image.id == image_id)).first()
+        )
+        if row is None:
+            raise NotFound()
+        return StoredImage(row.sha256, row.format, row.width)
+
+    async def file_for(self, image: StoredImage, width: int | None) -> str:
+        """Path of the bytes to serve: the blob, or its thumbnail (made once, never upscaled)."""
+        if width is None or width >= image.width:
+            return self.store.local_path(image.sha256)
+        if width not in THUMBNAIL_WIDTHS:
+            raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
+        return await self.db.offloader.cpu(
+            self.store.make_variant, image.sha256, width,
+            lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
+        )
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    async def delete(self, user_id: int, image_id: str) -> None:
+        """Delete an own image (NotFound for anyone else's); the blob goes with its last image."""
+        if not looks_like_image_id(image_id):
+            raise NotFound()
+
+        def unlink_row(s: Session) -> str | None:
+            row = s.scalars(select(Image).where(Image.id == image_id, Image.owner_id == user_id)).first()
+            if row is None:
+                return None
+            s.delete(row)
+            s.execute(update(ImageBlob).where(ImageBlob.sha256 == row.sha256).values(refs=ImageBlob.refs - 1))
+            return row.sha256
+
+        sha256 = await self.db.run(unlink_row)
+        if sha256 is None:
+            raise NotFound()
+        await self.db.run(self._drop_blob_if_unused, sha256)
+
+    def _drop_blob_if_unused(self, s: Session, sha256: str) -> bool:
+        blob = s.scalars(select(ImageBlob).where(ImageBlob.sha256 == sha256).with_for_update()).first()
+        if blob is None or blob.refs > 0:
+            return False
+        self.store.delete(sha256)  # while holding the lock: an upload of these bytes waits, then re-puts
+        s.delete(blob)
+        return True
+
+    # -- start-up sweep ------------------------------------------------------------------------
+
+    def sweep(self) -> dict[str, int]:
+        """Remove stray temp files, blob rows nobody uses, and files no blob row claims."""
+        temp = self.store.sweep_temp()
+        unused = self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs <= 0))))
+        dropped = sum(self.db.run_sync(self._drop_blob_if_unused, sha) for sha in unused)
+        known = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256)))))
+        now = self.clock.timestamp()
+        orphans = 0
+        for sha256, mtime in self.store.blobs():
+            # Young files may belong to an upload that has not committed yet (another process).
+            if sha256 not in known and now - mtime > STRAY_AGE:
+                self.store.delete(sha256)
+                orphans += 1
+        return {"temp_files": temp, "unused_blobs": dropped, "orphan_files": orphans}
+
+
+def record(row: Image) -> dict[str, Any]:
+    return {"id": row.id, "width": row.width, "height": row.height, "format": row.format, "bytes": row.bytes,
+            "sha256": row.sha256, "created_at": isoformat(row.created_at)}
+
+
+def new_image_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 bits, 22 URL-safe characters
+
+
+def looks_like_image_id(value: str) -> bool:
+    return 16 <= len(value) <= 32 and all(c.isalnum() or c in "-_" for c in value)
+
+
+def encode_cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{pk}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, _, pk = raw.partition(":")
+        if version == "v1" and pk.isdigit():
+            return int(pk)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidField("cursor is not one this server gave out.", field="cursor")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

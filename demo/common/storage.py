@@ -1,0 +1,175 @@
+"""Where image bytes live. Handlers and rules see only ``ImageStore``; the backend comes from config.
+
+Blobs are addressed by the SHA-256 of their bytes, so identical images are stored once. Every write
+goes to a temp file, is fsynced, then renamed into place: a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import abc
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
+STRAY_AGE = 3600  # seconds: an unreferenced blob younger than this may belong to an upload in flight
+
+
+class ImageStore(abc.ABC):
+    """A content-addressed blob store with derived variants (thumbnails)."""
+
+    @abc.abstractmethod
+    def temp_dir(self) -> str:
+        """A local folder for uploads in progress (same filesystem as the blobs, so renames are atomic)."""
+
+    @abc.abstractmethod
+    def put(self, sha256: str, src: str) -> None:
+        """Move the finished file ``src`` into place as blob ``sha256`` (kept as is if already there)."""
+
+    @abc.abstractmethod
+    def exists(self, sha256: str) -> bool: ...
+
+    @abc.abstractmethod
+    def open(self, sha256: str, width: int | None = None) -> BinaryIO:
+        """The blob (or its ``width`` variant) for reading; FileNotFoundError when absent."""
+
+    @abc.abstractmethod
+    def delete(self, sha256: str) -> None:
+        """Remove the blob and all of its variants (absent is fine)."""
+
+    @abc.abstractmethod
+    def local_path(self, sha256: str, width: int | None = None) -> str:
+        """A filesystem path, for Pillow and for the proxy's X-Accel-Redirect."""
+
+    @abc.abstractmethod
+    def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
+        """Path of the ``width`` variant, calling ``build(src, dst)`` once if it does not exist yet."""
+
+    @abc.abstractmethod
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob as (sha256, mtime), for the start-up sweep."""
+
+    @abc.abstractmethod
+    def sweep_temp(self) -> int:
+        """Remove temp files left by processes that are gone; returns how many."""
+
+
+class LocalImageStore(ImageStore):
+    """Blobs under ``root/blobs/ab/cd/<sha256>``, variants under ``root/thumbs/ab/cd/<sha256>-w<width>``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        for sub in ("blobs", "thumbs", "tmp", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def temp_dir(self) -> str:
+        return str(self.root / "tmp")
+
+    def local_path(self, sha256: str, width: int | None = None) -> str:
+        _check_sha(sha256)
+        if width is None:
+            return str(self.root / "blobs" / sha256[:2] / sha256[2:4] / sha256)
+        return str(self.root / "thumbs" / sha256[:2] / sha256[2:4] / f"{sha256}-w{int(width)}")
+
+    def put(self, sha256: str, src: str) -> None:
+        dst = Path(self.local_path(sha256))
+        if dst.exists():
+            os.unlink(src)
+            return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        _fsync_dir(dst.parent)  # the rename itself must survive a crash
+
+    def exists(self, sha256: str) -> bool:
+        return os.path.exists(self.local_path(sha256))
+
+    def open(self, sha256: str, width: int | None = None) -> BinaryIO:
+        return open(self.local_path(sha256, width), "rb")
+
+    def delete(self, sha256: str) -> None:
+        paths = [Path(self.local_path(sha256))]
+        thumbs = Path(self.local_path(sha256, 1)).parent
+        if thumbs.exists():
+            paths += list(thumbs.glob(f"{sha256}-w*"))
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
+        dst = Path(self.local_path(sha256, width))
+        if dst.exists():
+            return str(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # One builder at a time per variant, across threads and processes; the rest wait, then reuse.
+        with _file_lock(self.root / "locks" / f"{sha256}-w{int(width)}.lock"):
+            if not dst.exists():
+                build(self.local_path(sha256), str(dst))
+        return str(dst)
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        for path in (self.root / "blobs").glob("??/??/*"):
+            if len(path.name) == 64:
+                yield path.name, path.stat().st_mtime
+
+    def sweep_temp(self) -> int:
+        removed = 0
+        for path in (self.root / "tmp").iterdir():
+            pid = _writer_pid(path.name)
+            if pid is not None and _alive(pid) and time.time() - path.stat().st_mtime < STRAY_AGE:
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        for path in (self.root / "locks").iterdir():
+            if time.time() - path.stat().st_mtime > STRAY_AGE:
+                path.unlink(missing_ok=True)
+        return removed
+
+
+def make_store(spec: str) -> ImageStore:
+    """``media_root`` is a folder today; a ``s3://`` (or similar) scheme would pick another backend here."""
+    return LocalImageStore(spec)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_sha(sha256: str) -> None:
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError("not a sha256 hex digest")
+
+
+def _writer_pid(name: str) -> int | None:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,127 @@
+"""Turn a streamed request body into the bytes of one uploaded file, chunk by chunk.
+
+Two shapes: ``multipart/form-data`` with the file in field ``image`` (parsed with python-multipart's
+streaming parser), or the raw image bytes with an ``image/*`` Content-Type. Memory stays flat: each
+``feed`` returns only the file bytes found in that chunk, for the caller to write to disk.
+Client file names are never used for anything.
+"""
+from __future__ import annotations
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from demo.common.errors import InvalidField, TooLarge, UnsupportedMediaType
+
+FIELD = "image"
+MULTIPART_SLACK = 16 * 1024  # boundaries and part headers on top of the file itself
+
+
+class UploadSink:
+    def __init__(self, content_type: str, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.file_bytes = 0
+        self.body_bytes = 0
+        mime, params = parse_options_header(content_type or "")
+        mime = mime.decode("latin-1").lower()
+        if mime == "multipart/form-data":
+            boundary = params.get(b"boundary")
+            if not boundary:
+                raise InvalidField("multipart body without a boundary.", field=FIELD)
+            self.multipart = _ImagePart(boundary)
+            self.body_limit = max_bytes + MULTIPART_SLACK
+        elif mime.startswith("image/"):
+            self.multipart = None  # raw body: the bytes are the file; what they are is checked later
+            self.body_limit = max_bytes
+        else:
+            raise UnsupportedMediaType("Send multipart/form-data (field 'image') or the raw image bytes.")
+
+    def declared_length_ok(self, content_length: str | None) -> None:
+        """Refuse up front when Content-Length already says too much."""
+        if content_length and content_length.isdigit() and int(content_length) > self.body_limit:
+            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The file bytes contained in ``chunk``; TooLarge as soon as a limit is passed."""
+        self.body_bytes += len(chunk)
+        if self.body_bytes > self.body_limit:
+            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+        data = chunk if self.multipart is None else self.multipart.feed(chunk)
+        self.file_bytes += len(data)
+        if self.file_bytes > self.max_bytes:
+            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+        return data
+
+    def finish(self) -> None:
+        """The body is complete: it must have carried a file."""
+        if self.multipart is not None:
+            self.multipart.finish()
+
+
+class _ImagePart:
+    """Callbacks for python-multipart that keep the data of the first part named ``image``."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._out: list[bytes] = []
+        self._header_field = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._in_image = False
+        self.found = False
+        self.ended = False
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
+            "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        })
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            self._parser.write(chunk)
+        except Exception as error:  # python-multipart raises its own errors for malformed bodies
+            raise InvalidField(f"Malformed multipart body: {error.__class__.__name__}.", field=FIELD) from None
+        data, self._out = b"".join(self._out), []
+        return data
+
+    def finish(self) -> None:
+        try:
+            self._parser.finalize()
+        except Exception:
+            raise InvalidField("Malformed multipart body.", field=FIELD) from None
+        if not self.found:
+            raise InvalidField("Put the file in the multipart field 'image'.", field=FIELD)
+        if not self.ended:
+            raise InvalidField("The multipart body ended early.", field=FIELD)
+
+    # -- parser callbacks --
+    def _append(self, attr: str, data: bytes) -> None:
+        setattr(self, attr, getattr(self, attr) + data)
+        if len(getattr(self, attr)) > 4096:
+            raise ValueError("part header too long")
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+
+    def _header_end(self) -> None:
+        if self._header_field.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._disposition)
+        self._in_image = params.get(b"name") == FIELD.encode() and not self.found
+        if self._in_image:
+            self.found = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_image:
+            self._out.append(data[start:end])
+
+    def _part_end(self) -> None:
+        self._in_image = False
+
+    def _end(self) -> None:
+        self.ended = True

@@ -1,0 +1,210 @@
+"""Images handlers: a streamed upload, the list, delete, and byte delivery (ETag, 304, Range)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from typing import Any, BinaryIO
+
+from tornado.web import stream_request_body
+
+from demo.common import imaging
+from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
+from demo.common.handlers import ApiHandler, authenticated, public
+from demo.common.images import THUMBNAIL_WIDTHS
+from demo.common.uploads import UploadSink
+
+log = logging.getLogger("demo.images")
+CHUNK = 256 * 1024
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class ImageApiHandler(ApiHandler):
+    @property
+    def images(self):
+        return self.services.images
+
+    def image_json(self, record: dict[str, Any]) -> dict[str, Any]:
+        path = f"/images/{record['id']}.{imaging.EXTENSIONS[record['format']]}"
+        return {
+            **record,
+            "url": self.absolute_url(path),
+            "thumbnails": {str(w): self.absolute_url(f"{path}?w={w}") for w in THUMBNAIL_WIDTHS},
+        }
+
+
+@stream_request_body
+class ImagesHandler(ImageApiHandler):
+    """POST streams the body into a temp file (memory does not grow with the upload); GET lists."""
+
+    sink: UploadSink | None = None
+    upload: BinaryIO | None = None
+    failed = False
+
+    async def prepare(self) -> None:
+        await super().prepare()  # the bearer token is checked before a byte of the body is read
+        if self.request.method != "POST":
+            return
+        sink = UploadSink(self.request.headers.get("Content-Type", ""), self.images.rules.max_upload_bytes)
+        sink.declared_length_ok(self.request.headers.get("Content-Length"))
+        await self.images.check_room(self.principal.user_id)
+        self.upload = await self.services.offloader.io(
+            tempfile.NamedTemporaryFile, prefix=f"up-{os.getpid()}-", dir=self.images.store.temp_dir(), delete=False
+        )
+        self.sink = sink
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.sink is None or self.failed:
+            return
+        try:
+            data = self.sink.feed(chunk)
+            if data:
+                await self.services.offloader.io(self.upload.write, data)
+        except Exception:  # noqa: BLE001
+            # An exception escaping data_received would only drop the connection: answer here
+            # instead; Tornado then stops reading the body and closes after the response.
+            self.failed = True
+            self.send_error(500, exc_info=sys.exc_info())  # status comes from the error (413, 422, ...)
+
+    @authenticated
+    async def post(self) -> None:
+        """Upload one image (multipart field ``image`` or raw bytes)."""
+        self.sink.finish()
+        await self.services.offloader.io(self.upload.close)
+        record = await self.images.create(self.principal.user_id, self.upload.name)
+        body = self.image_json(record)
+        self.set_header("Location", body["url"])
+        self.write_json({"image": body}, status=201)
+
+    @authenticated
+    async def get(self) -> None:
+        """List own images, newest first, with cursor pagination."""
+        limit = self.get_query_argument("limit", "20")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise InvalidField("limit must be an integer from 1 to 100.", field="limit")
+        cursor = self.get_query_argument("cursor", None) or None
+        records, next_cursor = await self.images.list(self.principal.user_id, int(limit), cursor)
+        self.write_json({"images": [self.image_json(r) for r in records], "next_cursor": next_cursor})
+
+    def on_finish(self) -> None:
+        self._discard_upload()
+
+    def on_connection_close(self) -> None:
+        self._discard_upload()
+
+    def _discard_upload(self) -> None:
+        upload, self.upload = self.upload, None
+        if upload is not None:
+            # Small and local (close + unlink of our own temp file); the stored copy was re-encoded.
+            upload.close()
+            try:
+                os.unlink(upload.name)
+            except FileNotFoundError:
+                pass
+
+
+class ImageHandler(ImageApiHandler):
+    @authenticated
+    async def delete(self, image_id: str) -> None:
+        """Delete an own image."""
+        await self.images.delete(self.principal.user_id, image_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ImageFileHandler(ImageApiHandler):
+    """The image bytes: immutable, strong ETag, 304 and single-range 206; read off the loop."""
+
+    @public
+    async def get(self, image_id: str, ext: str) -> None:
+        """Image (or thumbnail) bytes."""
+        await self._serve(image_id, ext, body=True)
+
+    @public
+    async def head(self, image_id: str, ext: str) -> None:
+        """Headers of the image."""
+        await self._serve(image_id, ext, body=False)
+
+    async def _serve(self, image_id: str, ext: str, *, body: bool) -> None:
+        width = self._width()
+        image = await self.images.find(image_id)
+        if imaging.EXTENSIONS[image.format] != ext:
+            raise NotFound()
+        path = await self.images.file_for(image, width)
+        thumb = width is not None and width < image.width
+        etag = f'"{image.sha256}-w{width}"' if thumb else f'"{image.sha256}"'
+        self.set_header("Content-Type", imaging.MIME_TYPES[image.format])
+        self.set_header("Cache-Control", IMMUTABLE)
+        self.set_header("ETag", etag)
+        self.set_header("Content-Security-Policy", "sandbox")
+        self.set_header("Accept-Ranges", "bytes")
+        if etag in _etags(self.request.headers.get("If-None-Match", "")):
+            self.set_status(304)
+            self.finish()
+            return
+        size = await self.services.offloader.io(os.path.getsize, path)
+        start, end = 0, size
+        requested = parse_range(self.request.headers.get("Range"), size)
+        if requested == "unsatisfiable":
+            raise RangeNotSatisfiable(size)
+        if requested is not None:
+            start, end = requested
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.set_header("Content-Length", str(end - start))
+        if body:
+            await self._send_file(path, start, end)
+        self.finish()
+
+    def _width(self) -> int | None:
+        raw = self.get_query_argument("w", None)
+        if raw is None:
+            return None
+        if not raw.isdigit() or int(raw) not in THUMBNAIL_WIDTHS:
+            raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
+        return int(raw)
+
+    async def _send_file(self, path: str, start: int, end: int) -> None:
+        io = self.services.offloader.io
+        handle = await io(open, path, "rb")
+        try:
+            await io(handle.seek, start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = await io(handle.read, min(CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                self.write(chunk)
+                await self.flush()  # back-pressure: a slow client holds one chunk, not the file
+        finally:
+            await io(handle.close)
+
+    def compute_etag(self) -> None:
+        return None
+
+
+def _etags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=`` range as (start, end_exclusive); None to send everything; "unsatisfiable"."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None  # absent, another unit, or several ranges: a full 200 is a valid answer
+    first, _, last = header[6:].strip().partition("-")
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                return "unsatisfiable"
+            return max(0, size - length), size
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return None
+    if start >= size or end <= start:
+        return "unsatisfiable"
+    return start, min(end, size)
+
