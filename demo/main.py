@@ -46,6 +46,8 @@ class DemoApplication(tornado.web.Application):
             static_path=str(PACKAGE_DIR / "static"),
             template_path=str(PACKAGE_DIR / "templates"),
             log_function=log_request,
+            xsrf_cookies=True,  # H5 form posts; Bearer API handlers opt out (ApiHandler.check_xsrf_cookie)
+            xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax"},
             serve_traceback=False,  # errors never show internals, even in debug
         )
 

@@ -33,6 +33,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    h5_visit_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    h5_last_visit_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class AuthSession(Base):
@@ -100,3 +102,30 @@ class Image(Base):
     height: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+
+
+class H5Ticket(Base):
+    """A one-time pass from an app session to an H5 page (single use, short-lived, stored hashed)."""
+
+    __tablename__ = "h5_tickets"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    ticket_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    auth_session_id: Mapped[int] = mapped_column(ForeignKey("auth_sessions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
+    used_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class H5Session(Base):
+    """A WebView's cookie session, born from one ticket exchange; dies with its app session."""
+
+    __tablename__ = "h5_sessions"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    cookie_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    auth_session_id: Mapped[int] = mapped_column(ForeignKey("auth_sessions.id", ondelete="CASCADE"), index=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("h5_tickets.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)

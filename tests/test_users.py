@@ -36,7 +36,7 @@ async def test_seed_example_registers_with_the_code_from_the_outbox(api, outbox,
     response = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": message["code"]})
     assert response.code == 201, response.body
     body = response.json
-    assert set(body) == {"user", "token", "token_type", "expires_in"}
+    assert set(body) == {"user", "token", "token_type", "expires_in", "h5_url"}
     assert body["user"]["phone"] == E164 and isinstance(body["user"]["id"], int)
     assert body["user"]["created_at"].endswith("Z")
     assert body["token_type"] == "Bearer" and body["expires_in"] == 30 * 24 * 3600

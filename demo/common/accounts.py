@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session
 from demo.common import ratelimit, tokens
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database
+from demo.common.h5 import create_ticket
+from demo.common.principal import Principal
 from demo.common.errors import (
     InvalidCode, InvalidCredentials, InvalidField, PhoneTaken, RateLimited, Unauthorized, Unavailable,
 )
@@ -46,15 +48,6 @@ class AccountRules:
 
 
 @dataclass(frozen=True)
-class Principal:
-    """Who is calling: the user and the app session (token) they called with."""
-
-    user_id: int
-    session_id: int
-    phone: str
-
-
-@dataclass(frozen=True)
 class Grant:
     """A new app session: what the session body of the contract is made from."""
 
@@ -62,6 +55,7 @@ class Grant:
     token: str
     expires_in: int
     session_id: int
+    h5_ticket: str
 
 
 class Accounts:
@@ -75,7 +69,9 @@ class Accounts:
         rules: AccountRules = AccountRules(),
         test_numbers: dict[str, str] | None = None,
         clock: Clock | None = None,
+        ticket_ttl: int = 120,
     ) -> None:
+        self.ticket_ttl = ticket_ttl
         self.db = db
         self.passwords = passwords
         self.sms = sms
@@ -284,7 +280,8 @@ class Accounts:
                           expires_at=now + dt.timedelta(seconds=ttl))
         s.add(row)
         s.flush()
-        return Grant(user=public_user(user), token=token, expires_in=ttl, session_id=row.id)
+        ticket = create_ticket(s, row.id, now, self.ticket_ttl)
+        return Grant(user=public_user(user), token=token, expires_in=ttl, session_id=row.id, h5_ticket=ticket)
 
 
 def public_user(user: User) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from tornado.web import HTTPError, RequestHandler
 
-from demo.common.accounts import Principal
+from demo.common.principal import Principal
 from demo.common.errors import DemoError, InvalidField, InvalidJson, TooLarge, Unauthorized
 
 log = logging.getLogger("demo.web")
@@ -36,7 +36,8 @@ STATUS_CODE: dict[int, str] = {
 MAX_JSON_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
-PUBLIC, BEARER = "public", "bearer"
+PUBLIC, BEARER, H5 = "public", "bearer", "h5"
+H5_COOKIE = "demo_h5"
 
 
 def public(method: F) -> F:
@@ -48,6 +49,12 @@ def public(method: F) -> F:
 def authenticated(method: F) -> F:
     """Callers must send ``Authorization: Bearer <token>``; checked in ``prepare`` before the body."""
     method.auth = BEARER  # type: ignore[attr-defined]
+    return method
+
+
+def h5_session(method: F) -> F:
+    """Callers must hold the H5 session cookie (WebView pages); form posts also need the XSRF token."""
+    method.auth = H5  # type: ignore[attr-defined]
     return method
 
 
@@ -86,8 +93,15 @@ class BaseHandler(RequestHandler):
         return getattr(method, "auth", None)
 
     async def prepare(self) -> None:
-        if self.auth_rule() == BEARER:
+        rule = self.auth_rule()
+        if rule == BEARER:
             self.principal = await self.services.accounts.authenticate(self.bearer_token())
+        elif rule == H5 and not self.skips_cookie_check():
+            self.principal = await self.services.h5.authenticate(self.get_cookie(H5_COOKIE))
+
+    def skips_cookie_check(self) -> bool:
+        """True where a handler authenticates the visitor itself (the ticket exchange)."""
+        return False
 
     def bearer_token(self) -> str:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -104,6 +118,9 @@ class BaseHandler(RequestHandler):
         if not base:
             base = f"{self.request.protocol}://{self.request.host}"
         return base + path
+
+    def h5_url(self, ticket: str) -> str:
+        return self.absolute_url(f"/h5/home?ticket={ticket}")
 
     def describe_error(self, exc_info: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(status, JSON error body, extra headers) for whatever ended the request."""
@@ -130,6 +147,9 @@ class BaseHandler(RequestHandler):
 
 class ApiHandler(BaseHandler):
     """JSON in, JSON out; every error in the contract's shape."""
+
+    def check_xsrf_cookie(self) -> None:
+        """Bearer API calls are exempt: browsers never attach an Authorization header by themselves."""
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -185,3 +205,54 @@ class NotFoundHandler(ApiHandler):
         raise HTTPError(404, "No such resource.")
 
     post = put = patch = delete = head = options = get
+
+
+class H5PageHandler(BaseHandler):
+    """WebView pages: HTML in and out, errors rendered from templates, a strict CSP, XSRF on posts."""
+
+    ERROR_TITLES = {
+        401: ("Open this page from the app", "Your session has ended or the link was already used. "
+                                             "Go back to the app and open the page again."),
+        404: ("Page not found", "There is nothing at this address."),
+        500: ("Something went wrong", "Please try again in a moment."),
+    }
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")  # personal pages: never cached by the WebView
+        self.set_header("Referrer-Policy", "no-referrer")  # a ticket in the URL never leaks onwards
+        self.set_header("Content-Security-Policy", self.content_security_policy())
+
+    def check_xsrf_cookie(self) -> None:
+        # Explicit, so H5 handlers that also inherit an API handler (the page upload) keep the check.
+        RequestHandler.check_xsrf_cookie(self)
+
+    def content_security_policy(self) -> str:
+        images = "'self'"
+        public_url = self.services.settings.public_url.rstrip("/")
+        if public_url:
+            images += f" {public_url}"
+        return (f"default-src 'self'; img-src {images}; style-src 'self'; script-src 'self'; "
+                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        status, body, headers = self.describe_error(kwargs.get("exc_info"))
+        self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name, value)
+        title, text = self.ERROR_TITLES.get(status, (None, None))
+        if title is None:
+            title, text = "Request refused", body["error"]["message"]
+        self.render("h5/error.html", status=status, title=title, text=text, code=body["error"]["code"])
+
+
+class H5NotFoundHandler(H5PageHandler):
+    """Unknown paths under /h5/: the HTML 404 page."""
+
+    @public
+    def get(self, *_: Any) -> None:
+        """Unknown H5 page."""
+        raise HTTPError(404)
+
+    post = get

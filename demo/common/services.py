@@ -11,6 +11,7 @@ from demo.common.accounts import AccountRules, Accounts
 from demo.common.clock import Clock
 from demo.common.db import Database, make_engine
 from demo.common import imaging
+from demo.common.h5 import H5, H5Rules
 from demo.common.images import ImageRules, Images
 from demo.common.offload import Offloader
 from demo.common.passwords import Passwords
@@ -37,6 +38,7 @@ class Services:
     accounts: Accounts
     store: ImageStore
     images: Images
+    h5: H5
     cookie_secret: str
 
     def close(self) -> None:
@@ -88,7 +90,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
     # SMS codes are HMACed with a key derived from the cookie secret, never with the secret itself.
     code_key = hmac.new(cookie_secret.encode(), b"demo sms codes", hashlib.sha256).digest()
-    accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock)
+    accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,
+                        ticket_ttl=settings.h5_ticket_ttl)
+    h5 = H5(db, H5Rules(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl), clock)
     store = make_store(settings.media_root)
     image_rules = ImageRules(
         max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
@@ -96,4 +100,4 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
     images = Images(db, store, image_rules, clock)
     imaging.set_pixel_limit(settings.max_image_pixels)
-    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, cookie_secret)
+    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, h5, cookie_secret)

@@ -66,6 +66,10 @@ def declare(parser: OptionParser) -> None:
     d("login_ip_failures", default=100, type=int, group="accounts",
       help="failed logins allowed per client IP per login_window")
     d("login_window", default=900, type=int, group="accounts", help="seconds of the login failure window")
+    d("h5_ticket_ttl", default=120, type=int, group="accounts",
+      help="seconds an H5 ticket (h5_url) stays valid; at most 120")
+    d("h5_session_ttl", default=24 * 3600, type=int, group="accounts",
+      help="seconds an H5 cookie session lives (it also ends with its app session)")
     # -- SMS -------------------------------------------------------------------------------
     d("sms_backend", default="console", type=str, group="sms",
       help="console | file:<path> | http (gateway, see sms_gateway_*)")

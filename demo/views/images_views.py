@@ -65,14 +65,23 @@ class ImagesHandler(ImageApiHandler):
             # An exception escaping data_received would only drop the connection: answer here
             # instead; Tornado then stops reading the body and closes after the response.
             self.failed = True
+            self.log_exception(*sys.exc_info())  # quiet for domain errors, logged for anything else
             self.send_error(500, exc_info=sys.exc_info())  # status comes from the error (413, 422, ...)
 
     @authenticated
     async def post(self) -> None:
         """Upload one image (multipart field ``image`` or raw bytes)."""
-        self.sink.finish()
-        await self.services.offloader.io(self.upload.close)
-        record = await self.images.create(self.principal.user_id, self.upload.name)
+        if self._finished:  # data_received already answered (413, bad multipart); Tornado calls us anyway
+            return
+        # From here on this method owns the temp file: a client that hangs up now must not pull it
+        # away from under the image processing (on_connection_close only cleans up earlier phases).
+        upload, self.upload = self.upload, None
+        try:
+            self.sink.finish()
+            await self.services.offloader.io(upload.close)
+            record = await self.images.create(self.principal.user_id, upload.name)
+        finally:
+            await self.services.offloader.io(_close_and_remove, upload)
         body = self.image_json(record)
         self.set_header("Location", body["url"])
         self.write_json({"image": body}, status=201)
@@ -92,16 +101,20 @@ class ImagesHandler(ImageApiHandler):
 
     def on_connection_close(self) -> None:
         self._discard_upload()
+        super().on_connection_close()  # fails the body future, so the handler's _execute ends too
 
     def _discard_upload(self) -> None:
         upload, self.upload = self.upload, None
         if upload is not None:
-            # Small and local (close + unlink of our own temp file); the stored copy was re-encoded.
-            upload.close()
-            try:
-                os.unlink(upload.name)
-            except FileNotFoundError:
-                pass
+            _close_and_remove(upload)  # small and local: close + unlink of our own temp file
+
+
+def _close_and_remove(upload: BinaryIO) -> None:
+    upload.close()
+    try:
+        os.unlink(upload.name)
+    except FileNotFoundError:
+        pass
 
 
 class ImageHandler(ImageApiHandler):

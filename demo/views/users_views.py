@@ -13,7 +13,8 @@ class AccountsHandler(ApiHandler):
         return self.services.accounts
 
     def session_body(self, grant: Grant) -> dict[str, Any]:
-        return {"user": grant.user, "token": grant.token, "token_type": "Bearer", "expires_in": grant.expires_in}
+        return {"user": grant.user, "token": grant.token, "token_type": "Bearer", "expires_in": grant.expires_in,
+                "h5_url": self.h5_url(grant.h5_ticket)}
 
 
 class CodeHandler(AccountsHandler):

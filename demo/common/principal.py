@@ -1,0 +1,12 @@
+"""Who is calling: shared by the accounts, H5 and image rules and by the handlers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int
+    session_id: int  # the app session (bearer token) this call rides on, directly or through H5
+    phone: str
+    h5_session_id: int | None = None  # set when the call came with the H5 cookie

@@ -1,0 +1,75 @@
+// The home page's upload: XHR (for progress), XSRF token in a header, the new image shown at once.
+(function () {
+  "use strict";
+  var form = document.getElementById("upload");
+  if (!form) return;
+  var input = document.getElementById("file");
+  var button = document.getElementById("send");
+  var progress = document.getElementById("progress");
+  var status = document.getElementById("status");
+  var grid = document.getElementById("grid");
+  var count = document.getElementById("count");
+  var empty = document.getElementById("empty");
+  var messages = {
+    401: "Your session has ended. Open this page from the app again.",
+    403: "Your image quota is used up.",
+    413: "That file is too large.",
+    415: "Only JPEG, PNG, GIF and WebP images can be uploaded.",
+    422: "That image could not be read."
+  };
+
+  function say(text, isError) {
+    status.textContent = text;
+    status.className = isError ? "status error" : "status";
+  }
+
+  function show(image) {
+    var item = document.createElement("li");
+    var link = document.createElement("a");
+    var img = document.createElement("img");
+    link.href = image.url;
+    img.src = image.thumbnails["320"];
+    img.alt = "Uploaded image";
+    img.decoding = "async";
+    link.appendChild(img);
+    item.appendChild(link);
+    grid.insertBefore(item, grid.firstChild);
+    count.textContent = String(Number(count.textContent) + 1);
+    empty.hidden = true;
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var file = input.files && input.files[0];
+    if (!file) { say("Choose an image first.", true); return; }
+    var data = new FormData();
+    data.append("image", file);
+    var xhr = new XMLHttpRequest();
+    xhr.open("POST", form.action);
+    xhr.setRequestHeader("X-XSRFToken", form.elements["_xsrf"].value);
+    xhr.upload.onprogress = function (e) {
+      if (e.lengthComputable) progress.value = Math.round((e.loaded / e.total) * 100);
+    };
+    xhr.onload = function () {
+      button.disabled = false;
+      progress.hidden = true;
+      if (xhr.status === 201) {
+        show(JSON.parse(xhr.responseText).image);
+        form.reset();
+        say("Uploaded.", false);
+      } else {
+        say(messages[xhr.status] || "Upload failed (" + xhr.status + ").", true);
+      }
+    };
+    xhr.onerror = function () {
+      button.disabled = false;
+      progress.hidden = true;
+      say("Network error. Try again.", true);
+    };
+    button.disabled = true;
+    progress.value = 0;
+    progress.hidden = false;
+    say("Uploading…", false);
+    xhr.send(data);
+  });
+})();

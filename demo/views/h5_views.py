@@ -1,0 +1,59 @@
+"""H5 handlers: tickets for the app, the ticket exchange, the home page, its upload and logout."""
+from __future__ import annotations
+
+from tornado.web import RequestHandler
+
+from demo.common import imaging
+from demo.common.handlers import H5_COOKIE, ApiHandler, H5PageHandler, authenticated, h5_session
+from demo.views.images_views import ImagesHandler
+
+
+class TicketHandler(ApiHandler):
+    @authenticated
+    async def post(self) -> None:
+        """A fresh one-time H5 URL for the calling app session."""
+        ticket = await self.services.h5.issue_ticket(self.principal)
+        self.write_json({"h5_url": self.h5_url(ticket), "expires_in": self.services.h5.rules.ticket_ttl})
+
+
+class HomeHandler(H5PageHandler):
+    def skips_cookie_check(self) -> bool:
+        return self.get_query_argument("ticket", None) is not None
+
+    @h5_session
+    async def get(self) -> None:
+        """With ?ticket=: exchange it for the cookie and redirect; otherwise render the home page."""
+        ticket = self.get_query_argument("ticket", None)
+        if ticket is not None:
+            cookie = await self.services.h5.exchange(ticket)
+            self.set_cookie(H5_COOKIE, cookie, path="/h5", httponly=True, samesite="Lax",
+                            secure=self.request.protocol == "https")
+            self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
+            return
+        page = await self.services.h5.visit_home(self.principal)
+        images = []
+        for image in page["images"]:
+            path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
+            images.append({**image, "url": self.absolute_url(path), "thumb": self.absolute_url(f"{path}?w=320")})
+        self.render("h5/home.html", page=page, images=images)
+
+
+class PageUploadHandler(H5PageHandler, ImagesHandler):
+    """The home page's upload form (XHR, X-XSRFToken header): the /images upload, cookie-authenticated."""
+
+    get = RequestHandler.get  # the page renders the list itself; no listing here (405)
+
+    @h5_session
+    async def post(self) -> None:
+        """Upload one image from the H5 page; answers the image object as JSON."""
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        await ImagesHandler.post(self)
+
+
+class LogoutHandler(H5PageHandler):
+    @h5_session
+    async def post(self) -> None:
+        """End the H5 session (XSRF-protected form post)."""
+        await self.services.h5.logout(self.principal)
+        self.clear_cookie(H5_COOKIE, path="/h5")
+        self.redirect("/h5/home")
