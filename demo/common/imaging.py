@@ -78,7 +78,7 @@ def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
     try:
         with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
             _check_budget(im, max_pixels)
-            frames = _decoded_frames(im)
+            frames = _decoded_frames(im, fmt)
             out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp))
     except (InvalidImage, UnsupportedMediaType):
         raise
@@ -103,7 +103,8 @@ def make_thumbnail(src: str, fmt: str, width: int, dst: str) -> None:
         else:
             if fmt == "jpeg":
                 im.draft(im.mode, size)  # decode at a reduced scale: far less memory and time
-            small = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            source = im.convert("RGBA") if "transparency" in im.info else im  # resize alpha, not colour keys
+            small = source.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
             out = _write_temp(os.path.dirname(dst), lambda fp: _save_still(small, fmt, fp, im.info.get("icc_profile")))
     os.replace(out, dst)
 
@@ -128,12 +129,17 @@ def _check_budget(im: Image.Image, max_pixels: int) -> None:
         raise InvalidImage("The animation has too many frames.", field="image")
 
 
-def _decoded_frames(im: Image.Image) -> list[tuple[Image.Image, int]] | None:
-    """Decode everything (a truncated file fails here); for animations, the frames and durations."""
-    if getattr(im, "n_frames", 1) == 1:
+def _decoded_frames(im: Image.Image, fmt: str) -> list[tuple[Image.Image, int]] | None:
+    """Decode everything (a truncated file fails here); for animations, the frames and durations.
+
+    A JPEG is never an animation: a multi-picture JPEG (MPO, as phone cameras write) is stored as its
+    first, main picture. Frames with a transparent colour become RGBA, so the encoder keeps it.
+    """
+    if getattr(im, "n_frames", 1) == 1 or fmt == "jpeg":
         im.load()
         return None
-    return [(frame.copy(), frame.info.get("duration", 100)) for frame in ImageSequence.Iterator(im)]
+    return [(frame.convert("RGBA") if "transparency" in frame.info else frame.copy(),
+             frame.info.get("duration", 100)) for frame in ImageSequence.Iterator(im)]
 
 
 def _encode(im: Image.Image, frames: list[tuple[Image.Image, int]] | None, fmt: str, fp) -> None:
@@ -147,8 +153,11 @@ def _encode(im: Image.Image, frames: list[tuple[Image.Image, int]] | None, fmt: 
 
 def _save_still(im: Image.Image, fmt: str, fp, icc: bytes | None) -> None:
     # Only what we pass here is written: EXIF, XMP, comments and text chunks stay behind.
+    transparency = im.info.get("transparency")  # a transparent palette entry or colour key is pixels
     im.info = {}
     options: dict = {"icc_profile": icc} if icc else {}
+    if transparency is not None and fmt in ("png", "gif"):
+        options["transparency"] = transparency
     if fmt == "jpeg":
         if im.mode not in ("RGB", "L"):
             # CMYK/YCCK JPEGs render badly in many app decoders; its ICC profile describes CMYK, so drop it.
@@ -174,8 +183,12 @@ def _save_animation(frames: list[tuple[Image.Image, int]], fmt: str, fp, info: d
     }
     if fmt == "gif":
         images[0].save(fp, "GIF", disposal=2, **options)
-    else:
+    elif fmt == "png":
+        images[0].save(fp, "PNG", compress_level=6, **options)  # APNG
+    elif fmt == "webp":
         images[0].save(fp, "WEBP", quality=JPEG_QUALITY, method=4, **options)
+    else:
+        raise ValueError(f"no animated {fmt}")  # never write one format's bytes under another's name
 
 
 def _write_temp(work_dir: str, write) -> str:

