@@ -1,14 +1,19 @@
 """Entry point: ``python -m demo.main`` (or ``python demo/main.py``) with tornado-style options.
 
-main() resolves the settings, migrates the database, binds, then serves until SIGTERM/SIGINT.
-make_app() builds the Tornado application; the tests use it directly.
+main() resolves the settings, migrates the database (once, under a lock), binds, then serves in
+this process or in ``--processes`` forked workers sharing the socket. SIGTERM/SIGINT: stop
+accepting, let in-flight requests finish within ``shutdown_grace``, close the pools, exit 0.
+SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +25,10 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from demo.common import housekeeping, migrate
+from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
-from demo.common.logs import log_request, setup_logging
+from demo.common.logs import log_request, reopen_logs, setup_logging
 from demo.common.routing import collect_routes
 from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
 from demo.conf import settings as config
@@ -31,13 +36,17 @@ from demo.conf.settings import PACKAGE_DIR, Settings
 
 log = logging.getLogger("demo")
 HOUSEKEEPING_EVERY_MS = 10 * 60 * 1000
+GAUGES_EVERY_MS = 1000
+RESTART_BACKOFF = 1.0  # seconds between restarts of a worker that keeps dying
 
 
 class DemoApplication(tornado.web.Application):
-    """Owns the route list, the Tornado settings and the process's services."""
+    """Owns the route list, the Tornado settings, the process's services and its in-flight count."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.in_flight = 0
+        self.stopping = False
         settings = services.settings
         super().__init__(
             collect_routes(),
@@ -45,11 +54,24 @@ class DemoApplication(tornado.web.Application):
             cookie_secret=services.cookie_secret,
             static_path=str(PACKAGE_DIR / "static"),
             template_path=str(PACKAGE_DIR / "templates"),
-            log_function=log_request,
             xsrf_cookies=True,  # H5 form posts; Bearer API handlers opt out (ApiHandler.check_xsrf_cookie)
             xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax"},
             serve_traceback=False,  # errors never show internals, even in debug
         )
+
+    def log_request(self, handler: tornado.web.RequestHandler) -> None:
+        log_request(handler)
+        route = type(handler).__name__
+        self.services.metrics.observe_request(route, handler.request.method, handler.get_status(),
+                                              handler.request.request_time())
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.services.metrics.in_flight.inc()
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        self.services.metrics.in_flight.dec()
 
 
 def make_app(settings: Settings | None = None, *, clock: Clock | None = None,
@@ -70,7 +92,7 @@ def make_server(app: DemoApplication) -> HTTPServer:
 
 
 def migrate_database(settings: Settings) -> None:
-    engine = make_engine(settings.database_url, pool_size=1, connect_timeout=settings.db_connect_timeout)
+    engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
     try:
         migrate.upgrade(engine)
     finally:
@@ -78,6 +100,7 @@ def migrate_database(settings: Settings) -> None:
 
 
 async def serve(settings: Settings, sockets: list[Any]) -> None:
+    """One worker: serve on ``sockets`` until SIGTERM/SIGINT, then stop gracefully."""
     app = make_app(settings)
     services = app.services
     swept = await services.offloader.db(services.images.sweep)  # before serving: nothing is in flight
@@ -92,25 +115,92 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
         except Exception:  # never let clean-up take the process down
             log.exception("housekeeping failed")
 
-    sweeper = PeriodicCallback(sweep, HOUSEKEEPING_EVERY_MS)
-    sweeper.start()
+    def sample_gauges() -> None:
+        services.metrics.db_pool_in_use.set(services.db.engine.pool.checkedout())
+        services.metrics.executor_queue.set(services.offloader.queue_depth())
+
+    timers = [PeriodicCallback(sweep, HOUSEKEEPING_EVERY_MS), PeriodicCallback(sample_gauges, GAUGES_EVERY_MS)]
+    for timer in timers:
+        timer.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reopen_logs)
     log.info("demo listening on http://%s:%d (database: %s)", settings.address, settings.port,
              services.db.engine.url.render_as_string(hide_password=True))
     await stopping.wait()
 
-    log.info("stopping: no new connections; in-flight requests get %.0fs", settings.shutdown_grace)
-    sweeper.stop()
+    log.info("stopping: no new connections; %d in flight get %.0fs", app.in_flight, settings.shutdown_grace)
+    app.stopping = True  # answers from now on say "Connection: close"
     server.stop()
+    deadline = loop.time() + settings.shutdown_grace
+    while app.in_flight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if app.in_flight:
+        log.warning("grace period over with %d requests in flight; closing them", app.in_flight)
     try:
-        await asyncio.wait_for(server.close_all_connections(), settings.shutdown_grace)
+        await asyncio.wait_for(server.close_all_connections(), 1.0)  # idle keep-alive connections
     except asyncio.TimeoutError:
-        log.warning("grace period over; closing remaining connections")
+        pass
+    for timer in timers:
+        timer.stop()
     services.close()
     log.info("stopped")
+
+
+def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
+    """Fork ``workers`` serving processes; restart any that dies; forward SIGTERM/SIGINT/SIGHUP."""
+    metrics.enable_multiprocess(tempfile.mkdtemp(prefix="demo-metrics-"))
+    children: dict[int, int] = {}  # pid -> slot
+    state = {"stopping": False}
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 0
+            try:
+                asyncio.run(serve(settings, sockets))
+            except BaseException:  # noqa: BLE001 - report, then leave without running the parent's code
+                log.exception("worker crashed")
+                code = 1
+            logging.shutdown()
+            os._exit(code)
+        children[pid] = slot
+        log.info("worker %d started (slot %d)", pid, slot)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            state["stopping"] = True
+        if signum == signal.SIGHUP:
+            reopen_logs()
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for slot in range(workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        if slot is None:
+            continue
+        metrics.mark_worker_dead(pid)
+        if not state["stopping"]:
+            log.error("worker %d exited (status %d); starting a new one", pid, status)
+            time.sleep(RESTART_BACKOFF)
+            spawn(slot)
+    log.info("all workers stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,16 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     except config.OptionsError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_dir, settings.log_level)
+    workers = settings.processes if settings.processes > 0 else (os.cpu_count() or 1)
+    setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
         resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything
-        migrate_database(settings)
+        if settings.debug and workers > 1:
+            raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
+        migrate_database(settings)  # once, before any worker exists
     except ConfigError as error:
         log.error("refusing to start: %s", error)
         return 2
     sockets = bind_sockets(settings.port, settings.address)
-    asyncio.run(serve(settings, sockets))
-    return 0
+    if workers == 1:
+        asyncio.run(serve(settings, sockets))
+        return 0
+    return supervise(settings, sockets, workers)
 
 
 if __name__ == "__main__":

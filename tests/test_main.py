@@ -1,8 +1,10 @@
 """The real process (main.py): migrates before it listens, serves, stops cleanly on SIGTERM."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +45,16 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 20) -> dict:
         except OSError:
             time.sleep(0.1)
     raise AssertionError("server did not come up")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    """Wait for the process to exit; on a hang, kill its group and show what it printed."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
+        proc.kill()
+        raise AssertionError("process did not stop:\n" + proc.communicate()[0])
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
@@ -79,3 +92,101 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
         proc.send_signal(signum)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
+    port = free_port()
+    log_dir = tmp_path / "log"
+    proc = start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={log_dir}", env={
+        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        for _ in range(30):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        # Every worker's requests, whichever worker answered the scrape.
+        counted = [line for line in scrape.splitlines() if line.startswith('demo_requests_total{method="GET",route="HealthHandler"')]
+        assert counted and float(counted[0].split()[-1]) >= 31
+        pids = set(re.findall(r"\[(\d+)\] demo\.access", (log_dir / "demo.log").read_text()))
+        assert len(pids) >= 1 and str(proc.pid) not in pids  # workers, not the supervisor, answer
+
+        # SIGHUP: logrotate moved the file; the workers reopen it and write to a new one.
+        (log_dir / "demo.log").rename(log_dir / "demo.log.1")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not (log_dir / "demo.log").exists() and time.monotonic() < deadline:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+            time.sleep(0.05)
+        assert "GET /healthz" in (log_dir / "demo.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = finish(proc)
+    assert proc.returncode == 0, out
+    assert "all workers stopped" in out
+
+
+def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
+    """A request still sending its body when SIGTERM arrives completes (201), then the process exits 0."""
+    port = free_port()
+    db = tmp_path / "db.sqlite3"
+    outbox = tmp_path / "outbox.jsonl"
+    proc = start(tmp_path, f"--port={port}", "--log_dir=", env={
+        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_SMS_BACKEND": f"file:{outbox}",
+        "DEMO_SHUTDOWN_GRACE": "20"})
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        token = register(port, outbox)
+        image = io.BytesIO()
+        Image.new("RGB", (300, 200), (10, 200, 90)).save(image, "PNG")
+        body = image.getvalue()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall((f"POST /images HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                          f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:100])
+            time.sleep(0.3)  # the request is in flight: headers and part of the body are in
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            conn.sendall(body[100:])
+            answer = conn.recv(65536).decode()
+    finally:
+        out, _ = proc.communicate(timeout=30)
+    assert answer.startswith("HTTP/1.1 201"), answer
+    assert "Connection: close" in answer
+    assert proc.returncode == 0, out
+
+
+def register(port: int, outbox: Path) -> str:
+    def post(path: str, payload: dict) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    post("/users/code", {"phone": "18866668888"})
+    code = json.loads(outbox.read_text().splitlines()[-1])["code"]
+    return post("/users/regist", {"phone": "18866668888", "password": "demo123456", "code": code})["token"]
+
+
+def test_processes_starting_together_migrate_once(tmp_path):
+    db = tmp_path / "shared.sqlite3"
+    ports = [free_port(), free_port()]
+    env = {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
+           "DEMO_MEDIA_ROOT": str(tmp_path / "media")}
+    procs = [start(tmp_path, f"--port={port}", "--log_dir=", env=env) for port in ports]
+    try:
+        for port, proc in zip(ports, procs):
+            assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["status"] == "ok"
+    finally:
+        outs = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            outs.append(proc.communicate(timeout=30)[0])
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(out.count("Running upgrade  -> 0001") for out in outs) == 1
+
+
+def test_debug_with_several_processes_is_refused(tmp_path):
+    proc = start(tmp_path, f"--port={free_port()}", "--log_dir=", "--debug", "--processes=2")
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "--debug" in out

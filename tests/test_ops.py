@@ -71,3 +71,19 @@ async def test_unexpected_errors_are_json_500_without_internals(api, app, user, 
     assert request_id in response.json["error"]["message"]
     logged = [r for r in caplog.records if r.name == "demo.web"]
     assert logged and request_id in logged[0].getMessage() and logged[0].exc_info
+
+
+@gen_test
+async def test_metrics_count_requests_uploads_and_texts(api, user, outbox):
+    await api.get("/healthz")
+    await api.post("/images", body=b"not an image", token=user.token, headers={"Content-Type": "image/png"})
+    response = await api.get("/metrics")
+    assert response.code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    text = response.body.decode()
+    assert 'demo_requests_total{method="GET",route="HealthHandler",status="200"} 1.0' in text
+    assert 'demo_requests_total{method="POST",route="RegistHandler",status="201"} 1.0' in text
+    assert 'demo_request_duration_seconds_bucket{le="0.005",method="GET",route="HealthHandler"}' in text
+    assert "demo_sms_sent_total 1.0" in text and "demo_sms_failed_total 0.0" in text
+    assert "demo_upload_bytes_total 12.0" in text
+    for gauge in ("demo_requests_in_flight", "demo_db_pool_in_use", "demo_executor_queue_depth"):
+        assert f"# TYPE {gauge} gauge" in text

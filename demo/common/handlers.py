@@ -69,6 +69,24 @@ class BaseHandler(RequestHandler):
     """Request id, security headers, services and auth; subclasses choose JSON or HTML errors."""
 
     principal: Principal | None = None
+    _counted = False
+
+    def initialize(self) -> None:
+        # Counted so a graceful stop can wait for in-flight requests (see main.serve).
+        self._counted = True
+        self.application.request_started()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.application.request_ended()
+
+    def on_finish(self) -> None:
+        self._uncount()
+
+    def on_connection_close(self) -> None:
+        self._uncount()
+        super().on_connection_close()
 
     @property
     def services(self):  # demo.common.services.Services
@@ -87,6 +105,11 @@ class BaseHandler(RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("X-Request-Id", self.request_id)
+
+    def finish(self, chunk: Any = None) -> Any:
+        if self.application.stopping and not self._headers_written:
+            self.set_header("Connection", "close")  # shutting down: keep-alive clients move elsewhere
+        return super().finish(chunk)
 
     def auth_rule(self) -> str | None:
         method = getattr(self, self.request.method.lower(), None)

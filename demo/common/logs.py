@@ -18,7 +18,9 @@ FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 access_log = logging.getLogger("demo.access")
 
 
-def setup_logging(log_dir: str, level: str = "info") -> None:
+def setup_logging(log_dir: str, level: str = "info", *, self_rotating: bool = True) -> None:
+    """stderr plus ``log_dir/demo.log``. One process rotates its own file; several share it and
+    leave rotation to logrotate, reopening the file on SIGHUP (see ``reopen_logs``)."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     for handler in list(root.handlers):
@@ -29,12 +31,26 @@ def setup_logging(log_dir: str, level: str = "info") -> None:
     root.addHandler(stderr)
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        rotating = logging.handlers.RotatingFileHandler(
-            os.path.join(log_dir, "demo.log"), maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8"
-        )
-        rotating.setFormatter(formatter)
-        root.addHandler(rotating)
+        path = os.path.join(log_dir, "demo.log")
+        if self_rotating:
+            to_file: logging.FileHandler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8")
+        else:
+            to_file = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        to_file.setFormatter(formatter)
+        root.addHandler(to_file)
     logging.getLogger("tornado.access").setLevel(logging.WARNING)  # ours replaces it
+
+
+def reopen_logs() -> None:
+    """SIGHUP: close the log files; the next line written opens them again (after logrotate moved them)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.close()
+            finally:
+                handler.release()
 
 
 def scrub_query(query: str) -> str:

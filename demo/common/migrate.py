@@ -1,13 +1,25 @@
-"""Alembic, driven from code: the server upgrades the schema to head before it listens."""
+"""Alembic, driven from code: the server upgrades the schema to head before it listens.
+
+Several processes may start at once (systemd instances, hosts sharing one MySQL): a lock makes
+sure only one migrates while the others wait and then find nothing left to do.
+"""
 from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from demo.conf.settings import PACKAGE_DIR
 
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
+LOCK_NAME = "demo_migrations"
+LOCK_TIMEOUT = 300  # seconds a starting process waits for another one's migration
 
 
 def alembic_config(engine: Engine | None = None) -> Config:
@@ -19,4 +31,28 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    command.upgrade(alembic_config(engine), revision)
+    """Bring the schema to ``revision``; the engine needs a pool of 2 (one connection holds the lock)."""
+    with migration_lock(engine):
+        command.upgrade(alembic_config(engine), revision)
+
+
+@contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name in ("mysql", "mariadb"):
+        with engine.connect() as conn:  # GET_LOCK belongs to this connection until released
+            if conn.execute(text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}).scalar() != 1:
+                raise RuntimeError("another process has held the migration lock for too long")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        lock_path = Path(f"{engine.url.database}.migrate-lock")
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield

@@ -13,14 +13,31 @@ from demo.common.db import Database, make_engine
 from demo.common import imaging
 from demo.common.h5 import H5, H5Rules
 from demo.common.images import ImageRules, Images
+from demo.common.metrics import Metrics
 from demo.common.offload import Offloader
 from demo.common.passwords import Passwords
-from demo.common.sms import SmsBackend, make_backend, parse_test_numbers
+from demo.common.sms import SmsBackend, SmsFailed, SmsMessage, make_backend, parse_test_numbers
 from demo.common.storage import ImageStore, make_store
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")
 MIN_SECRET_LENGTH = 32
+
+
+class CountedSms:
+    """Any SMS backend, with sent/failed counted in the metrics."""
+
+    def __init__(self, backend: SmsBackend, metrics: Metrics) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def send(self, message: SmsMessage) -> None:
+        try:
+            await self.backend.send(message)
+        except SmsFailed:
+            self.metrics.sms_failed.inc()
+            raise
+        self.metrics.sms_sent.inc()
 
 
 class ConfigError(RuntimeError):
@@ -39,6 +56,7 @@ class Services:
     store: ImageStore
     images: Images
     h5: H5
+    metrics: Metrics
     cookie_secret: str
 
     def close(self) -> None:
@@ -65,6 +83,7 @@ def resolve_cookie_secret(settings: Settings, *, warn: bool = True) -> str:
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     cookie_secret = resolve_cookie_secret(settings)
     clock = clock or Clock()
+    app_metrics = Metrics()
     offloader = Offloader(db_threads=settings.db_pool_size, cpu_threads=settings.cpu_workers)
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size,
@@ -73,11 +92,12 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = Database(engine, offloader)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:
-        sms = make_backend(
+        backend = make_backend(
             settings.sms_backend, offloader, gateway_url=settings.sms_gateway_url,
             gateway_body=settings.sms_gateway_body, gateway_headers=settings.sms_gateway_headers,
             gateway_timeout=settings.sms_gateway_timeout,
         )
+        sms = CountedSms(backend, app_metrics)
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
     except ValueError as error:
         raise ConfigError(str(error)) from error
@@ -100,4 +120,5 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
     images = Images(db, store, image_rules, clock)
     imaging.set_pixel_limit(settings.max_image_pixels)
-    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, h5, cookie_secret)
+    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, h5, app_metrics,
+                    cookie_secret)

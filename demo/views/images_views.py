@@ -57,6 +57,7 @@ class ImagesHandler(ImageApiHandler):
     async def data_received(self, chunk: bytes) -> None:
         if self.sink is None or self.failed:
             return
+        self.services.metrics.upload_bytes.inc(len(chunk))
         try:
             data = self.sink.feed(chunk)
             if data:
@@ -98,6 +99,7 @@ class ImagesHandler(ImageApiHandler):
 
     def on_finish(self) -> None:
         self._discard_upload()
+        super().on_finish()
 
     def on_connection_close(self) -> None:
         self._discard_upload()

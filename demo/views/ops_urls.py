@@ -5,4 +5,5 @@ urls = [
     (r"/healthz", v.HealthHandler),
     (r"/readyz", v.ReadyHandler),
     (r"/openapi.yaml", v.OpenApiHandler),
+    (r"/metrics", v.MetricsHandler),
 ]

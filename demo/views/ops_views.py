@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 from importlib import resources
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from demo.common.errors import Unavailable
 from demo.common.handlers import ApiHandler, error_body, public
 
@@ -41,3 +43,11 @@ class OpenApiHandler(ApiHandler):
         self.set_header("Content-Type", "application/yaml; charset=utf-8")
         self.set_header("Cache-Control", "public, max-age=300")
         self.finish(OpenApiHandler._document)
+
+
+class MetricsHandler(ApiHandler):
+    @public
+    def get(self) -> None:
+        """Prometheus text format (nginx keeps this path off the public server)."""
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.services.metrics.exposition())

@@ -1,0 +1,57 @@
+"""Prometheus metrics (prometheus-client), correct across worker processes.
+
+With several workers (``--processes``) main.py points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
+before the workers start; every worker then writes its samples there and ``/metrics`` on any worker
+aggregates all of them. A single process keeps its metrics in memory.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def enable_multiprocess(folder: str) -> None:
+    """Switch prometheus-client to file-backed values; call before any metric is created."""
+    os.environ[MULTIPROC_ENV] = folder
+    values.ValueClass = values.get_value_class()
+
+
+def mark_worker_dead(pid: int) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class Metrics:
+    """One set of metrics per application (a private registry, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("demo_requests", "HTTP requests answered", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("demo_request_duration_seconds", "Time to answer a request", ["route", "method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("demo_requests_in_flight", "Requests being handled",
+                               multiprocess_mode="livesum", registry=r)
+        self.db_pool_in_use = Gauge("demo_db_pool_in_use", "Database connections checked out",
+                                    multiprocess_mode="livesum", registry=r)
+        self.executor_queue = Gauge("demo_executor_queue_depth", "Tasks waiting for a worker thread",
+                                    multiprocess_mode="livesum", registry=r)
+        self.upload_bytes = Counter("demo_upload_bytes", "Bytes of image uploads received", registry=r)
+        self.sms_sent = Counter("demo_sms_sent", "Texts handed to the SMS backend", registry=r)
+        self.sms_failed = Counter("demo_sms_failed", "Texts the SMS backend refused or lost", registry=r)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The text format for a scrape: all workers' samples in multi-process mode."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
