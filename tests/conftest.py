@@ -30,7 +30,7 @@ COOKIE_SECRET = "test-secret-" + "x" * 40
 
 def _mysql_unreachable_reason() -> str | None:
     try:
-        import MySQLdb  # noqa: F401
+        import MySQLdb  # noqa: F401  (is the driver installed at all?)
     except ImportError:
         return "mysqlclient is not installed"
     try:

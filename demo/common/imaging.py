@@ -10,7 +10,6 @@ import hashlib
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, ImageSequence
@@ -203,7 +202,3 @@ def _write_temp(work_dir: str, write) -> str:
         os.unlink(path)
         raise
     return path
-
-
-def iter_frames(im: Image.Image) -> Iterator[Image.Image]:
-    return ImageSequence.Iterator(im)

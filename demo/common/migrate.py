@@ -5,16 +5,15 @@ sure only one migrates while the others wait and then find nothing left to do.
 """
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from demo.common.locks import file_lock
 from demo.conf.settings import PACKAGE_DIR
 
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
@@ -47,12 +46,7 @@ def migration_lock(engine: Engine) -> Iterator[None]:
             finally:
                 conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
     elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        lock_path = Path(f"{engine.url.database}.migrate-lock")
-        with open(lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(f"{engine.url.database}.migrate-lock"):
+            yield
     else:
         yield

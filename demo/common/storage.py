@@ -6,13 +6,13 @@ goes to a temp file, is fsynced, then renamed into place: a reader never sees ha
 from __future__ import annotations
 
 import abc
-import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from demo.common.locks import file_lock
 
 TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
 STRAY_AGE = 3600  # seconds: an unreferenced blob younger than this may belong to an upload in flight
@@ -106,7 +106,7 @@ class LocalImageStore(ImageStore):
             return str(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
         # One builder at a time per variant, across threads and processes; the rest wait, then reuse.
-        with _file_lock(self.root / "locks" / f"{sha256}-w{int(width)}.lock"):
+        with file_lock(self.root / "locks" / f"{sha256}-w{int(width)}.lock"):
             if not dst.exists():
                 build(self.local_path(sha256), str(dst))
         return str(dst)
@@ -133,16 +133,6 @@ class LocalImageStore(ImageStore):
 def make_store(spec: str) -> ImageStore:
     """``media_root`` is a folder today; a ``s3://`` (or similar) scheme would pick another backend here."""
     return LocalImageStore(spec)
-
-
-@contextmanager
-def _file_lock(path: Path):
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fsync_dir(path: Path) -> None:
