@@ -104,21 +104,27 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
         for _ in range(30):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        # Every worker's requests, whichever worker answered the scrape.
-        counted = [line for line in scrape.splitlines() if line.startswith('demo_requests_total{method="GET",route="HealthHandler"')]
-        assert counted and float(counted[0].split()[-1]) >= 31
+        # Every worker's requests, whichever worker answers the scrape. A request is counted just
+        # after its answer is sent, so the last one may land a moment after the client moved on.
+        deadline, seen = time.monotonic() + 10, 0.0
+        while seen < 31 and time.monotonic() < deadline:
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            counted = [line for line in scrape.splitlines()
+                       if line.startswith('demo_requests_total{method="GET",route="HealthHandler"')]
+            seen = float(counted[0].split()[-1]) if counted else 0.0
+        assert seen == 31
         pids = set(re.findall(r"\[(\d+)\] demo\.access", (log_dir / "demo.log").read_text()))
         assert len(pids) >= 1 and str(proc.pid) not in pids  # workers, not the supervisor, answer
 
         # SIGHUP: logrotate moved the file; the workers reopen it and write to a new one.
         (log_dir / "demo.log").rename(log_dir / "demo.log.1")
         proc.send_signal(signal.SIGHUP)
+        new_log = log_dir / "demo.log"
         deadline = time.monotonic() + 10
-        while not (log_dir / "demo.log").exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (new_log.exists() and "GET /healthz" in new_log.read_text()):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
             time.sleep(0.05)
-        assert "GET /healthz" in (log_dir / "demo.log").read_text()
+        assert "GET /healthz" in new_log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         out = finish(proc)
