@@ -87,7 +87,9 @@ def make_server(app: DemoApplication) -> HTTPServer:
         app,
         xheaders=True,  # behind nginx: client IP and scheme come from X-Real-IP / X-Forwarded-*
         max_body_size=settings.max_upload_bytes + 64 * 1024,  # multipart framing on top of the file
-        idle_connection_timeout=60,
+        # Slow or idle clients cost a socket each, never a thread; these bound how long they may hold one.
+        idle_connection_timeout=settings.idle_timeout,  # Tornado also uses it as the header timeout
+        body_timeout=settings.body_timeout,
     )
 
 

@@ -26,6 +26,7 @@ from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
 from sqlalchemy import func, select
 
 from demo.common import imaging
+from demo.common.db import upsert_add
 from demo.models import Image, ImageBlob
 from demo.views import images_views
 
@@ -1148,7 +1149,11 @@ async def test_startup_sweep(api, user, app):
 
     orphan_old = blob_file(1)
     os.utime(orphan_old, (two_hours_ago, two_hours_ago))
-    orphan_young = blob_file(2)  # may belong to an upload that has not committed yet: stays
+    # Young too: an upload in flight would hold its blob row lock, which the sweep takes (see below).
+    orphan_young = blob_file(2)
+    orphan_thumb = Path(store.local_path(hashlib.sha256(b"4").hexdigest(), 320))  # its blob is long gone
+    orphan_thumb.parent.mkdir(parents=True, exist_ok=True)
+    orphan_thumb.write_bytes(b"a thumbnail finished after its image was deleted")
 
     unused_sha = hashlib.sha256(b"3").hexdigest()  # a row left at refs 0 (crash between delete steps)
     unused = blob_file(3)
@@ -1158,11 +1163,40 @@ async def test_startup_sweep(api, user, app):
     swept = app.services.images.sweep()
 
     assert not stray.exists() and in_flight.exists()
-    assert not orphan_old.exists() and orphan_young.exists()
+    assert not orphan_old.exists() and not orphan_young.exists() and not orphan_thumb.exists()
     assert not unused.exists() and blob_refs(app, unused_sha) is None
+    for seed in (b"1", b"2"):
+        assert blob_refs(app, hashlib.sha256(seed).hexdigest()) is None  # the claim leaves no row behind
     assert kept_path.exists() and blob_refs(app, kept["sha256"]) == 1
     assert (await fetch(api, kept["url"])).code == 200
-    assert swept == {"temp_files": 1, "unused_blobs": 1, "orphan_files": 1}
+    assert swept == {"temp_files": 1, "unused_blobs": 3, "orphan_thumbnails": 1}
+
+
+@gen_test
+async def test_sweep_waits_for_an_upload_holding_the_blob_lock(api, user, app):
+    """An orphan-looking file whose upload has not committed yet is not swept from under it."""
+    store, db = app.services.store, app.services.db
+    data = jpeg((30, 20))
+    first = await uploaded(api, user.token, data)  # learn the stored sha of these bytes
+    await api.delete(f"/images/{first['id']}", token=user.token)
+    sha = first["sha256"]
+    assert not Path(store.local_path(sha)).exists()
+    # Simulate the upload's transaction between "file in place" and "commit": hold the row lock.
+    session = db._sessions()
+    try:
+        upsert_add(session, ImageBlob, {"sha256": sha, "refs": 1, "created_at": app.services.clock.now()},
+                   ["sha256"], "refs")
+        path = Path(store.local_path(sha))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the upload's bytes")
+        sweeper = asyncio.ensure_future(app.services.offloader.db(app.services.images.sweep))
+        await asyncio.sleep(0.3)
+        assert not sweeper.done()  # blocked on the lock
+        session.commit()  # the upload commits: refs 1
+    finally:
+        session.close()
+    await sweeper
+    assert path.exists() and blob_refs(app, sha) == 1
 
 
 # -- what phones and editors really send: multi-picture JPEG, APNG, palette transparency -------------

@@ -23,7 +23,8 @@ T = TypeVar("T")
 log = logging.getLogger("demo.db")
 
 
-def make_engine(url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800) -> Engine:
+def make_engine(url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800,
+                io_timeout: int = 30) -> Engine:
     """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -39,7 +40,8 @@ def make_engine(url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_
             pool_pre_ping=True,  # a dead connection is replaced before use, not surfaced as a 500
             pool_recycle=pool_recycle,  # below MySQL's wait_timeout (8 h by default)
             isolation_level="READ COMMITTED",  # fewer gap locks; every rule here is a single-row check
-            connect_args={"connect_timeout": connect_timeout},
+            # A frozen server must not pin a worker thread for ever: reads and writes give up too.
+            connect_args={"connect_timeout": connect_timeout, "read_timeout": io_timeout, "write_timeout": io_timeout},
         )
     return create_engine(parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
 

@@ -92,5 +92,9 @@ class RangeNotSatisfiable(DemoError):
         return {"Content-Range": f"bytes */{self.size}"}
 
 
+class InsufficientStorage(DemoError):
+    code, message = "insufficient_storage", "The server is out of storage space; retry later."
+
+
 class Unavailable(DemoError):
     code, message = "unavailable", "The service is temporarily unavailable; retry later."

@@ -5,6 +5,7 @@ refuses to start the app when a method has neither (see routing.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from tornado.web import HTTPError, RequestHandler
 
 from demo.common.principal import Principal
-from demo.common.errors import DemoError, InvalidField, InvalidJson, TooLarge, Unauthorized
+from demo.common.errors import DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized
 
 log = logging.getLogger("demo.web")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,8 +27,9 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_code": 400, "phone_taken": 409, "invalid_credentials": 401, "unauthorized": 401,
     "not_found": 404, "method_not_allowed": 405, "too_large": 413, "unsupported_media_type": 415,
     "invalid_image": 422, "quota_exceeded": 403, "rate_limited": 429, "unavailable": 503,
-    "range_not_satisfiable": 416,
+    "range_not_satisfiable": 416, "insufficient_storage": 507,
 }
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Errors Tornado raises by itself (HTTPError) get a code from their status.
 STATUS_CODE: dict[int, str] = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -148,20 +150,33 @@ class BaseHandler(RequestHandler):
     def describe_error(self, exc_info: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(status, JSON error body, extra headers) for whatever ended the request."""
         error = exc_info[1] if exc_info else None
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            error = InsufficientStorage()  # the disk (or quota) is full: retry later, nothing was kept
         if isinstance(error, DemoError):
             return ERROR_STATUS[error.code], error_body(error.code, error.message, error.field), error.headers()
         status = self.get_status()
         if isinstance(error, HTTPError):
             status = error.status_code
             message = error.log_message if error.log_message and status < 500 else self._reason
-            return status, error_body(STATUS_CODE.get(status, "error"), message), {}
+            # RFC 9110 15.5.6: a 405 must say which methods the resource does support.
+            extra = {"Allow": ", ".join(self.allowed_methods())} if status == 405 else {}
+            return status, error_body(STATUS_CODE.get(status, "error"), message), extra
         if status < 500:
             return status, error_body(STATUS_CODE.get(status, "error"), self._reason), {}
         return 500, error_body("internal_error", f"Internal error (request {self.request_id})."), {}
 
+    def allowed_methods(self) -> list[str]:
+        """The HTTP methods this handler implements (the others are Tornado's 405)."""
+        return [m for m in self.SUPPORTED_METHODS
+                if getattr(type(self), m.lower(), None) is not getattr(RequestHandler, m.lower(), None)]
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, DemoError):
             return  # an expected answer; the request log already records the status
+        if isinstance(value, OSError) and value.errno in DISK_FULL:
+            log.error("disk full while handling %s %s (request %s): %s", self.request.method, self.request.path,
+                      self.request_id, value)
+            return
         if isinstance(value, HTTPError) and value.status_code < 500:
             return  # a 4xx Tornado raised (404, 405, ...): the request log has it
         log.error("unhandled error in %s %s (request %s)", self.request.method, self.request.path,

@@ -25,7 +25,7 @@ from demo.common import imaging
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database, upsert_add
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
-from demo.common.storage import STRAY_AGE, ImageStore
+from demo.common.storage import ImageStore
 from demo.models import Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
@@ -168,19 +168,23 @@ class Images:
     # -- start-up sweep ------------------------------------------------------------------------
 
     def sweep(self) -> dict[str, int]:
-        """Remove stray temp files, blob rows nobody uses, and files no blob row claims."""
+        """Remove stray temp files, and every blob (file, thumbnails, row) that no image uses.
+
+        Safe while other processes serve: each candidate is checked under its blob row lock, the
+        lock an upload of the same bytes holds from before its file lands until it commits.
+        """
         temp = self.store.sweep_temp()
-        unused = self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs <= 0))))
-        dropped = sum(self.db.run_sync(self._drop_blob_if_unused, sha) for sha in unused)
-        known = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256)))))
-        now = self.clock.timestamp()
-        orphans = 0
-        for sha256, mtime in self.store.blobs():
-            # Young files may belong to an upload that has not committed yet (another process).
-            if sha256 not in known and now - mtime > STRAY_AGE:
-                self.store.delete(sha256)
-                orphans += 1
-        return {"temp_files": temp, "unused_blobs": dropped, "orphan_files": orphans}
+        used = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs > 0)))))
+        candidates = {sha for sha, _ in self.store.blobs()} | set(self.db.run_sync(
+            lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs <= 0)))))
+        now = self.clock.now()
+        dropped = sum(self.db.run_sync(self._claim_and_drop, sha, now) for sha in candidates - used)
+        return {"temp_files": temp, "unused_blobs": dropped, "orphan_thumbnails": self.store.sweep_variants()}
+
+    def _claim_and_drop(self, s: Session, sha256: str, now: dt.datetime) -> bool:
+        # Adding 0 creates or locks the row: an upload of these bytes in flight finishes first.
+        upsert_add(s, ImageBlob, {"sha256": sha256, "refs": 0, "created_at": now}, ["sha256"], "refs")
+        return self._drop_blob_if_unused(s, sha256)
 
 
 def record(row: Image) -> dict[str, Any]:

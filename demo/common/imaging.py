@@ -6,6 +6,7 @@ ICC colour profile kept, animation kept.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -81,6 +82,10 @@ def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
             out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp))
     except (InvalidImage, UnsupportedMediaType):
         raise
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the disk is full, the image may be fine: not the client's fault (507)
+        raise InvalidImage(field="image") from None
     except Image.UnidentifiedImageError:
         raise InvalidImage("The file claims to be an image but cannot be read.", field="image") from None
     except DECODE_ERRORS:

@@ -88,6 +88,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size,
         connect_timeout=settings.db_connect_timeout, pool_recycle=settings.db_pool_recycle,
+        io_timeout=settings.db_io_timeout,
     )
     db = Database(engine, offloader)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)

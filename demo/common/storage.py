@@ -56,6 +56,10 @@ class ImageStore(abc.ABC):
     def sweep_temp(self) -> int:
         """Remove temp files left by processes that are gone; returns how many."""
 
+    @abc.abstractmethod
+    def sweep_variants(self) -> int:
+        """Remove variants whose blob is gone (a thumbnail finished after its image was deleted)."""
+
 
 class LocalImageStore(ImageStore):
     """Blobs under ``root/blobs/ab/cd/<sha256>``, variants under ``root/thumbs/ab/cd/<sha256>-w<width>``."""
@@ -124,9 +128,19 @@ class LocalImageStore(ImageStore):
                 continue
             path.unlink(missing_ok=True)
             removed += 1
-        for path in (self.root / "locks").iterdir():
+        for path in (self.root / "locks").iterdir():  # lock files are reusable; old ones are clutter
             if time.time() - path.stat().st_mtime > STRAY_AGE:
                 path.unlink(missing_ok=True)
+        return removed
+
+
+    def sweep_variants(self) -> int:
+        removed = 0
+        for path in (self.root / "thumbs").glob("??/??/*-w*"):
+            sha256 = path.name.split("-w")[0]
+            if len(sha256) == 64 and not self.exists(sha256):
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
 

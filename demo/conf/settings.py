@@ -37,6 +37,11 @@ def declare(parser: OptionParser) -> None:
       help="absolute base URL clients use (https://api.example.com); empty = from the request")
     d("shutdown_grace", default=10.0, type=float, group="server",
       help="seconds in-flight requests get to finish after SIGTERM")
+    d("idle_timeout", default=75, type=int, group="server",
+      help="seconds a client may take to send request headers, and an idle keep-alive connection stays "
+           "open (keep it above nginx's upstream keepalive_timeout, 60 s, so nginx closes first)")
+    d("body_timeout", default=120, type=int, group="server",
+      help="seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)")
     d("cookie_secret", default="", type=str, group="server",
       help="secret for signed cookies and code hashing; required outside debug mode")
     # -- logging ---------------------------------------------------------------------------
@@ -50,6 +55,8 @@ def declare(parser: OptionParser) -> None:
       help="connections kept in the pool; the DB thread pool has the same size")
     d("db_connect_timeout", default=2, type=int, group="database",
       help="seconds to wait for a new MySQL connection before answering 503")
+    d("db_io_timeout", default=30, type=int, group="database",
+      help="seconds a MySQL read or write may hang (a frozen server) before the request answers 503")
     d("db_pool_recycle", default=1800, type=int, group="database",
       help="seconds after which a connection is replaced (keep below MySQL wait_timeout)")
     d("cpu_workers", default=0, type=int, group="database",
