@@ -16,50 +16,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
-    environ.update(env or {})
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "demo" / "main.py"), *args], cwd=tmp_path, env=environ,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return json.load(response)
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("server did not come up")
-
-
-def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
-    """Wait for the process to exit; on a hang, kill its group and show what it printed."""
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
-        proc.kill()
-        raise AssertionError("process did not stop:\n" + proc.communicate()[0])
+from servers import finish, free_port, output_of, start, wait_for
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
     proc = start(tmp_path, f"--port={free_port()}", "--log_dir=")
-    out, _ = proc.communicate(timeout=20)
+    out = finish(proc, 20)
     assert proc.returncode == 2 and "DEMO_COOKIE_SECRET" in out
 
 
@@ -74,7 +36,7 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
         assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok"}
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out = finish(proc)
     assert proc.returncode == 0, out
     assert "stopped" in out
     log_text = (tmp_path / "log" / "demo.log").read_text()
@@ -90,7 +52,7 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
     finally:
         proc.send_signal(signum)
-        out, _ = proc.communicate(timeout=30)
+        out = finish(proc)
     assert proc.returncode == 0, out
 
 
@@ -156,7 +118,7 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
             conn.sendall(body[100:])
             answer = conn.recv(65536).decode()
     finally:
-        out, _ = proc.communicate(timeout=30)
+        out = finish(proc)
     assert answer.startswith("HTTP/1.1 201"), answer
     assert "Connection: close" in answer
     assert proc.returncode == 0, out
@@ -187,12 +149,12 @@ def test_processes_starting_together_migrate_once(tmp_path):
         outs = []
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
-            outs.append(proc.communicate(timeout=30)[0])
+            outs.append(finish(proc))
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(out.count("Running upgrade  -> 0001") for out in outs) == 1
 
 
 def test_debug_with_several_processes_is_refused(tmp_path):
     proc = start(tmp_path, f"--port={free_port()}", "--log_dir=", "--debug", "--processes=2")
-    out, _ = proc.communicate(timeout=20)
+    out = finish(proc, 20)
     assert proc.returncode == 2 and "--debug" in out
