@@ -143,7 +143,7 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
         log.warning("grace period over with %d requests in flight; closing them", app.in_flight)
     try:
         await asyncio.wait_for(server.close_all_connections(), 1.0)  # idle keep-alive connections
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     for timer in timers:
         timer.stop()

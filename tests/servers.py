@@ -63,7 +63,7 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
         subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
         proc.kill()
         proc.wait()
-        raise AssertionError("process did not stop:\n" + output_of(proc))
+        raise AssertionError("process did not stop:\n" + output_of(proc)) from None
     finally:
         if proc.returncode is not None:
             proc.output_file.close()  # type: ignore[attr-defined]

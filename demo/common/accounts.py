@@ -19,13 +19,19 @@ from sqlalchemy.orm import Session
 from demo.common import ratelimit, tokens
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database
-from demo.common.h5 import create_ticket
-from demo.common.principal import Principal
 from demo.common.errors import (
-    InvalidCode, InvalidCredentials, InvalidField, PhoneTaken, RateLimited, Unauthorized, Unavailable,
+    InvalidCode,
+    InvalidCredentials,
+    InvalidField,
+    PhoneTaken,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
 )
+from demo.common.h5 import create_ticket
 from demo.common.passwords import Passwords, check_password_policy
 from demo.common.phones import normalize_phone
+from demo.common.principal import Principal
 from demo.common.ratelimit import Window
 from demo.common.sms import SmsBackend, SmsFailed, SmsMessage
 from demo.models import AuthSession, Image, SmsCode, User

@@ -7,7 +7,7 @@ import threading
 
 def utcnow() -> dt.datetime:
     """Naive UTC, second precision dropped to microseconds: what the database columns hold."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 class Clock:
@@ -15,7 +15,7 @@ class Clock:
         return utcnow()
 
     def timestamp(self) -> float:
-        return self.now().replace(tzinfo=dt.timezone.utc).timestamp()
+        return self.now().replace(tzinfo=dt.UTC).timestamp()
 
 
 class FakeClock(Clock):

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from tornado.web import HTTPError, RequestHandler
 
-from demo.common.principal import Principal
 from demo.common.errors import DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized
+from demo.common.principal import Principal
 
 log = logging.getLogger("demo.web")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -39,7 +39,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def migration_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name in ("mysql", "mariadb"):
         with engine.connect() as conn:  # GET_LOCK belongs to this connection until released
-            if conn.execute(text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}).scalar() != 1:
+            acquired = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
+                                    {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}).scalar()
+            if acquired != 1:
                 raise RuntimeError("another process has held the migration lock for too long")
             try:
                 yield

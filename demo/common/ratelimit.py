@@ -23,11 +23,11 @@ class Window:
     seconds: int
 
     def start(self, now: dt.datetime) -> int:
-        epoch = int(now.replace(tzinfo=dt.timezone.utc).timestamp())
+        epoch = int(now.replace(tzinfo=dt.UTC).timestamp())
         return epoch - epoch % self.seconds
 
     def retry_after(self, now: dt.datetime) -> int:
-        epoch = now.replace(tzinfo=dt.timezone.utc).timestamp()
+        epoch = now.replace(tzinfo=dt.UTC).timestamp()
         return int(self.start(now) + self.seconds - epoch) + 1
 
 
@@ -38,7 +38,7 @@ def hit(session: Session, window: Window, now: dt.datetime, *, enforce: bool = T
         key=window.key,
         window_start=start,
         count=1,
-        expires_at=dt.datetime.fromtimestamp(start + window.seconds, dt.timezone.utc).replace(tzinfo=None),
+        expires_at=dt.datetime.fromtimestamp(start + window.seconds, dt.UTC).replace(tzinfo=None),
     )
     upsert_add(session, RateCounter, values, ["key", "window_start"], "count")  # locks the row: hits serialise
     count = _count(session, window.key, start)

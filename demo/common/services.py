@@ -7,10 +7,10 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+from demo.common import imaging
 from demo.common.accounts import AccountRules, Accounts
 from demo.common.clock import Clock
 from demo.common.db import Database, make_engine
-from demo.common import imaging
 from demo.common.h5 import H5, H5Rules
 from demo.common.images import ImageRules, Images
 from demo.common.metrics import Metrics
@@ -73,7 +73,8 @@ def resolve_cookie_secret(settings: Settings, *, warn: bool = True) -> str:
         return secret
     if not settings.debug:
         raise ConfigError(
-            "DEMO_COOKIE_SECRET is not set. Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            "DEMO_COOKIE_SECRET is not set. Generate one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
     if warn:
         log.warning("debug mode: using a throw-away cookie secret (cookies and codes die with this process)")

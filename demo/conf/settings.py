@@ -122,7 +122,7 @@ class Settings(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         unknown = set(changes) - set(self._values)
         if unknown:
             raise KeyError(f"unknown settings: {sorted(unknown)}")

@@ -25,7 +25,7 @@ class ReadyHandler(ApiHandler):
         """Readiness: the database answers a trivial query in time."""
         try:
             await asyncio.wait_for(self.services.db.ping(), READY_TIMEOUT)
-        except (Unavailable, asyncio.TimeoutError):
+        except (TimeoutError, Unavailable):
             body = error_body("unavailable", "database: unreachable")
             self.write_json({"status": "unavailable", "checks": {"database": "unreachable"}, **body}, status=503)
             return
