@@ -270,7 +270,7 @@ async def test_h5_errors_are_html_pages(api, app, user, monkeypatch):
     assert is_html_page(missing, 404) and b"Page not found" in missing.body
     cookie = await open_h5(api, user.body["h5_url"])
 
-    async def explode(principal):
+    async def explode(cookie):
         raise RuntimeError("internal detail that must not leak")
 
     monkeypatch.setattr(app.services.h5, "visit_home", explode)

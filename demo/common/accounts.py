@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,14 @@ from demo.common.sms import SmsBackend, SmsFailed, SmsMessage
 from demo.models import AuthSession, Image, SmsCode, User
 
 PURPOSES = ("regist", "reset")
+_sessions, _users = AuthSession.__table__, User.__table__
+# Every authenticated call runs this: built once as a Core statement (no per-call building, no ORM layer).
+TOKEN_QUERY = (
+    select(_sessions.c.id, _sessions.c.user_id, _users.c.phone)
+    .select_from(_sessions.join(_users, _users.c.id == _sessions.c.user_id))
+    .where(_sessions.c.token_hash == bindparam("token_hash"), _sessions.c.revoked_at.is_(None),
+           _sessions.c.expires_at > bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -258,15 +266,8 @@ class Accounts:
             raise Unauthorized()
         token_hash, now = tokens.digest(token), self.clock.now()
 
-        def lookup(s: Session):
-            return s.execute(
-                select(AuthSession.id, AuthSession.user_id, User.phone)
-                .join(User, User.id == AuthSession.user_id)
-                .where(AuthSession.token_hash == token_hash, AuthSession.revoked_at.is_(None),
-                       AuthSession.expires_at > now)
-            ).first()
-
-        row = await self.db.run(lookup)
+        row = await self.db.run(
+            lambda s: s.connection().execute(TOKEN_QUERY, {"token_hash": token_hash, "now": now}).first())
         if row is None:
             raise Unauthorized()
         return Principal(user_id=row.user_id, session_id=row.id, phone=row.phone)

@@ -25,6 +25,7 @@ from demo.common import imaging
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database, upsert_add
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
+from demo.common.memo import BytesCache, TtlCache
 from demo.common.storage import ImageStore
 from demo.models import Image, ImageBlob, User
 
@@ -38,6 +39,12 @@ class ImageRules:
     max_pixels: int = 40_000_000
     quota_count: int = 1000
     quota_bytes: int = 1024**3
+    # Delivery caches: an id is looked up again after lookup_ttl seconds (so another process's delete
+    # shows within that time, like nginx's micro-cache); small files' bytes stay in memory (they never
+    # change: a blob is named by its hash).
+    lookup_ttl: float = 60.0
+    memory_cache_bytes: int = 64 * 1024 * 1024
+    memory_cache_item: int = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class Images:
         self.store = store
         self.rules = rules
         self.clock = clock or Clock()
+        self._found = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
+        self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
+        self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -119,12 +129,16 @@ class Images:
     async def find(self, image_id: str) -> StoredImage:
         if not looks_like_image_id(image_id):
             raise NotFound()
-        row = await self.db.run(
-            lambda s: s.execute(select(Image.sha256, Image.format, Image.width).where(Image.id == image_id)).first()
-        )
-        if row is None:
-            raise NotFound()
-        return StoredImage(row.sha256, row.format, row.width)
+        found = self._found.get(image_id)
+        if found is None:
+            row = await self.db.run(
+                lambda s: s.execute(select(Image.sha256, Image.format, Image.width).where(Image.id == image_id)).first()
+            )
+            if row is None:
+                raise NotFound()
+            found = StoredImage(row.sha256, row.format, row.width)
+            self._found.put(image_id, found)
+        return found
 
     async def file_for(self, image: StoredImage, width: int | None) -> str:
         """Path of the bytes to serve: the blob, or its thumbnail (made once, never upscaled)."""
@@ -132,10 +146,25 @@ class Images:
             return self.store.local_path(image.sha256)
         if width not in THUMBNAIL_WIDTHS:
             raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
-        return await self.db.offloader.cpu(
-            self.store.make_variant, image.sha256, width,
-            lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
-        )
+        path = self._variants.get((image.sha256, width))
+        if path is None:
+            path = await self.db.offloader.cpu(
+                self.store.make_variant, image.sha256, width,
+                lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
+            )
+            self._variants.put((image.sha256, width), path)
+        return path
+
+    async def contents(self, path: str) -> tuple[int, bytes | None]:
+        """(size, bytes) of a stored file: small ones from memory after the first read (they never
+        change), large ones as (size, None) for the caller to stream."""
+        data = self._bytes.get(path)
+        if data is None:
+            size, data = await self.db.offloader.io(_read_if_small, path, self.rules.memory_cache_item)
+            if data is None:
+                return size, None
+            self._bytes.put(path, data)
+        return len(data), data
 
     # -- deleting ------------------------------------------------------------------------------
 
@@ -155,7 +184,12 @@ class Images:
         sha256 = await self.db.run(unlink_row)
         if sha256 is None:
             raise NotFound()
-        await self.db.run(self._drop_blob_if_unused, sha256)
+        self._found.pop(image_id)  # gone at once here; other processes notice within lookup_ttl
+        if await self.db.run(self._drop_blob_if_unused, sha256):
+            self._bytes.pop_prefix(self.store.local_path(sha256))
+            for width in THUMBNAIL_WIDTHS:
+                self._variants.pop((sha256, width))
+                self._bytes.pop_prefix(self.store.local_path(sha256, width))
 
     def _drop_blob_if_unused(self, s: Session, sha256: str) -> bool:
         blob = s.scalars(select(ImageBlob).where(ImageBlob.sha256 == sha256).with_for_update()).first()
@@ -213,6 +247,12 @@ def decode_cursor(cursor: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise InvalidField("cursor is not one this server gave out.", field="cursor")
+
+
+def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return size, (f.read() if size <= limit else None)
 
 
 def _remove(path: str) -> None:

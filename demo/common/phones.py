@@ -1,6 +1,8 @@
 """Phone numbers: parsed and normalised to E.164 with ``phonenumbers``; only mobile numbers pass."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 from phonenumbers import PhoneNumberType
 
@@ -22,6 +24,7 @@ def normalize_phone(raw: str, default_region: str) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+@lru_cache(maxsize=4096)
 def mask_phone(e164: str) -> str:
     """``+8618866668888`` -> ``188****8888``: the national number with its middle hidden."""
     national = str(phonenumbers.parse(e164).national_number)

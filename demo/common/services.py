@@ -119,6 +119,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     image_rules = ImageRules(
         max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
         quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
+        lookup_ttl=settings.image_lookup_ttl, memory_cache_bytes=settings.image_memory_cache,
     )
     images = Images(db, store, image_rules, clock)
     imaging.set_pixel_limit(settings.max_image_pixels)

@@ -97,6 +97,10 @@ def declare(parser: OptionParser) -> None:
     d("media_root", default=str(DATA_DIR / "media"), type=str, group="images", help="folder for stored images")
     d("max_upload_bytes", default=10 * MIB, type=int, group="images", help="largest accepted upload body")
     d("max_image_pixels", default=40_000_000, type=int, group="images", help="largest accepted image (pixels)")
+    d("image_lookup_ttl", default=60.0, type=float, group="images",
+      help="seconds an image id stays in a process's lookup cache (another process's delete shows within it)")
+    d("image_memory_cache", default=64 * MIB, type=int, group="images",
+      help="bytes of small image files kept in memory per process (they never change: named by hash)")
     d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
     d("image_quota_bytes", default=1024**3, type=int, group="images", help="bytes of images one user may keep")
 
