@@ -39,10 +39,10 @@ class ImageRules:
     max_pixels: int = 40_000_000
     quota_count: int = 1000
     quota_bytes: int = 1024**3
-    # Delivery caches: an id is looked up again after lookup_ttl seconds (so another process's delete
-    # shows within that time, like nginx's micro-cache); small files' bytes stay in memory (they never
-    # change: a blob is named by its hash).
-    lookup_ttl: float = 60.0
+    # Delivery caches: an id is looked up again after lookup_ttl seconds, so another process's delete
+    # shows within that time (plus nginx's 30 s micro-cache in front: 60 s in all); small files' bytes
+    # stay in memory (they never change: a blob is named by its hash).
+    lookup_ttl: float = 30.0
     memory_cache_bytes: int = 64 * 1024 * 1024
     memory_cache_item: int = 512 * 1024
 

@@ -39,7 +39,7 @@ def declare(parser: OptionParser) -> None:
       help="seconds in-flight requests get to finish after SIGTERM")
     d("idle_timeout", default=75, type=int, group="server",
       help="seconds a client may take to send request headers, and an idle keep-alive connection stays "
-           "open (keep it above nginx's upstream keepalive_timeout, 60 s, so nginx closes first)")
+           "open (keep it above nginx's upstream keepalive_timeout, 50 s in the sample, so nginx closes first)")
     d("body_timeout", default=120, type=int, group="server",
       help="seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)")
     d("cookie_secret", default="", type=str, group="server",
@@ -97,8 +97,9 @@ def declare(parser: OptionParser) -> None:
     d("media_root", default=str(DATA_DIR / "media"), type=str, group="images", help="folder for stored images")
     d("max_upload_bytes", default=10 * MIB, type=int, group="images", help="largest accepted upload body")
     d("max_image_pixels", default=40_000_000, type=int, group="images", help="largest accepted image (pixels)")
-    d("image_lookup_ttl", default=60.0, type=float, group="images",
-      help="seconds an image id stays in a process's lookup cache (another process's delete shows within it)")
+    d("image_lookup_ttl", default=30.0, type=float, group="images",
+      help="seconds an image id stays in a process's lookup cache (another process's delete shows within "
+           "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s")
     d("image_memory_cache", default=64 * MIB, type=int, group="images",
       help="bytes of small image files kept in memory per process (they never change: named by hash)")
     d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
