@@ -167,8 +167,9 @@ class BaseHandler(RequestHandler):
 
     def allowed_methods(self) -> list[str]:
         """The HTTP methods this handler implements (the others are Tornado's 405)."""
+        own = type(self)
         return [m for m in self.SUPPORTED_METHODS
-                if getattr(type(self), m.lower(), None) is not getattr(RequestHandler, m.lower(), None)]
+                if getattr(own, m.lower(), None) is not getattr(RequestHandler, m.lower(), None)]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, DemoError):
@@ -223,12 +224,17 @@ class ApiHandler(BaseHandler):
 
 def text_field(body: dict[str, Any], name: str, *, required: bool = True, default: str | None = None,
                max_length: int = 1024) -> str:
-    """A string field of a JSON body; a missing or non-string value is a 422 naming the field."""
-    value = body.get(name, default)
-    if value is None and not required:
-        return default  # type: ignore[return-value]
+    """A string field of a JSON body; a missing or non-string value is a 422 naming the field.
+
+    An optional field that is absent gets ``default``; sent as ``null`` it is of the wrong type (422).
+    """
+    if name not in body:
+        if not required:
+            return default  # type: ignore[return-value]
+        raise InvalidField(f"'{name}' is required.", field=name)
+    value = body[name]
     if not isinstance(value, str):
-        raise InvalidField(f"'{name}' must be a string." if name in body else f"'{name}' is required.", field=name)
+        raise InvalidField(f"'{name}' must be a string.", field=name)
     if len(value) > max_length:
         raise InvalidField(f"'{name}' is too long.", field=name)
     return value
