@@ -1334,3 +1334,21 @@ async def test_expect_100_continue_is_answered_only_when_the_upload_will_be_read
     extra = "Expect: 100-continue\r\n"
     status, _, body = await raw_http(http_port, request_head(user.token, "text/html", length=100, extra=extra))
     assert status == 415 and json_error(body) == "unsupported_media_type"
+
+
+@gen_test
+async def test_decoding_shares_a_pixel_budget(app):
+    """Concurrent uploads never decode more pixels at once than the budget (one oversize share runs alone)."""
+    from demo.common.memo import Budget
+
+    budget, peak, order = Budget(100), [0], []
+
+    async def job(name: str, pixels: int) -> None:
+        async with budget.reserve(pixels):
+            peak[0] = max(peak[0], budget.in_use)
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(job("a", 60), job("b", 60), job("huge", 500), job("c", 30))
+    assert peak[0] <= 100 and sorted(order) == ["a", "b", "c", "huge"]
+    assert budget.in_use == 0

@@ -25,7 +25,7 @@ from demo.common import imaging
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database, upsert_add
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
-from demo.common.memo import BytesCache, TtlCache
+from demo.common.memo import Budget, BytesCache, TtlCache
 from demo.common.storage import ImageStore
 from demo.models import Image, ImageBlob, User
 
@@ -45,6 +45,7 @@ class ImageRules:
     lookup_ttl: float = 30.0
     memory_cache_bytes: int = 64 * 1024 * 1024
     memory_cache_item: int = 512 * 1024
+    decode_budget: int = 16_000_000  # pixels decoding at once in one process (about 48-64 MB)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Images:
         self._found = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
         self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
         self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
+        self._decoding = Budget(rules.decode_budget)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -77,9 +79,13 @@ class Images:
 
     async def create(self, user_id: int, upload_path: str) -> dict[str, Any]:
         """Check, re-encode and store the uploaded file; returns the image record."""
-        processed = await self.db.offloader.cpu(
-            imaging.process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
-        )
+        # Decoding holds 3-4 bytes per pixel: the budget keeps concurrent uploads from decoding more
+        # than decode_budget pixels at once, so memory stays flat however many arrive together.
+        pixels = await self.db.offloader.io(imaging.decoded_pixels, upload_path)
+        async with self._decoding.reserve(pixels):
+            processed = await self.db.offloader.cpu(
+                imaging.process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
+            )
         try:
             return await self.db.run(self._store, user_id, processed, self.clock.now())
         finally:

@@ -1,10 +1,12 @@
-"""Small in-process caches for the delivery hot path (thread-safe, bounded)."""
+"""Small in-process caches for the delivery hot path (thread-safe, bounded), and a memory budget."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import asynccontextmanager
 from typing import Any
 
 
@@ -73,3 +75,26 @@ class BytesCache:
         with self._lock:
             for key in [k for k in self._items if k.startswith(prefix)]:
                 self._size -= len(self._items.pop(key))
+
+
+class Budget:
+    """Shares ``capacity`` units (e.g. decoded pixels) among coroutines of one event loop: a caller
+    waits until its share fits. A share larger than the whole budget waits for an empty budget."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, amount: int) -> AsyncIterator[None]:
+        amount = min(max(amount, 0), self.capacity)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_use + amount <= self.capacity)
+            self.in_use += amount
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_use -= amount
+                self._changed.notify_all()

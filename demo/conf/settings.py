@@ -102,6 +102,8 @@ def declare(parser: OptionParser) -> None:
            "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s")
     d("image_memory_cache", default=64 * MIB, type=int, group="images",
       help="bytes of small image files kept in memory per process (they never change: named by hash)")
+    d("image_decode_budget", default=16_000_000, type=int, group="images",
+      help="pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts")
     d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
     d("image_quota_bytes", default=1024**3, type=int, group="images", help="bytes of images one user may keep")
 
