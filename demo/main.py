@@ -28,7 +28,7 @@ from tornado.netutil import bind_sockets
 from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
-from demo.common.logs import log_request, reopen_logs, setup_logging
+from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.routing import collect_routes
 from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
 from demo.conf import settings as config
@@ -168,6 +168,7 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
             except BaseException:  # noqa: BLE001 - report, then leave without running the parent's code
                 log.exception("worker crashed")
                 code = 1
+            stop_writer()  # os._exit skips atexit: write out the queued lines first
             logging.shutdown()
             os._exit(code)
         children[pid] = slot

@@ -5,9 +5,11 @@ parameters replaced, and bodies and headers are never logged.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.handlers
 import os
+import queue
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,17 +20,21 @@ FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 access_log = logging.getLogger("demo.access")
 
 
+_outputs: list[logging.Handler] = []  # where lines end up: stderr and the file
+_writer: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(log_dir: str, level: str = "info", *, self_rotating: bool = True) -> None:
     """stderr plus ``log_dir/demo.log``. One process rotates its own file; several share it and
-    leave rotation to logrotate, reopening the file on SIGHUP (see ``reopen_logs``)."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    leave rotation to logrotate, reopening the file on SIGHUP (see ``reopen_logs``).
+
+    Writing happens on a thread of its own: the event loop only queues a line, so a slow disk or a
+    blocked stderr pipe never stalls requests."""
+    logging.getLogger().setLevel(level.upper())
     formatter = logging.Formatter(FORMAT)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(formatter)
-    root.addHandler(stderr)
+    outputs: list[logging.Handler] = [stderr]
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         path = os.path.join(log_dir, "demo.log")
@@ -38,13 +44,43 @@ def setup_logging(log_dir: str, level: str = "info", *, self_rotating: bool = Tr
         else:
             to_file = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         to_file.setFormatter(formatter)
-        root.addHandler(to_file)
+        outputs.append(to_file)
+    _outputs[:] = outputs
+    _start_writer()
     logging.getLogger("tornado.access").setLevel(logging.WARNING)  # ours replaces it
+
+
+def _start_writer() -> None:
+    global _writer
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(lines))
+    _writer = logging.handlers.QueueListener(lines, *_outputs, respect_handler_level=True)
+    _writer.start()
+
+
+def stop_writer() -> None:
+    """Write out what is queued (at exit, and before a worker leaves with os._exit)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+def _after_fork_in_child() -> None:
+    if _outputs:  # a forked worker has no writer thread: threads do not survive fork
+        _start_writer()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(stop_writer)
 
 
 def reopen_logs() -> None:
     """SIGHUP: close the log files; the next line written opens them again (after logrotate moved them)."""
-    for handler in logging.getLogger().handlers:
+    for handler in _outputs:
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
             try:
