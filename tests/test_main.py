@@ -28,7 +28,7 @@ def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
 def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
     port = free_port()
     db = tmp_path / "fresh.sqlite3"
-    proc = start(tmp_path, f"--port={port}", f"--log_dir={tmp_path / 'log'}", env={
+    proc = start(tmp_path, f"--port={port}", f"--log_dir={tmp_path / 'log'}", "--log_level=debug", env={
         "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
         "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
     })
@@ -59,7 +59,7 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
 def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
     port = free_port()
     log_dir = tmp_path / "log"
-    proc = start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={log_dir}", env={
+    proc = start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={log_dir}", "--log_level=debug", env={
         "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
         "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
     try:

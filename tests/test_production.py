@@ -291,7 +291,7 @@ class Worker:
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "demo" / "main.py"), f"--port={self.port}", "--address=127.0.0.1",
-                 f"--log_dir={self.log_dir}"],
+                 f"--log_dir={self.log_dir}", "--log_level=debug"],  # the tests read 2xx access lines
                 cwd=self.stack.tmp, env=self.stack.env, stdout=out, stderr=subprocess.STDOUT,
             )
 

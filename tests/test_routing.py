@@ -1,6 +1,8 @@
 """The router (common/routing.py): URL tables collected, auth decided for every method, JSON 404/405."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from demo.common.handlers import ApiHandler, public
@@ -46,4 +48,6 @@ async def test_request_id_is_echoed_when_sane_and_made_otherwise(api):
     echoed = await api.get("/healthz", headers={"X-Request-Id": "nginx-req-12345678"})
     assert echoed.headers["X-Request-Id"] == "nginx-req-12345678"
     replaced = await api.get("/healthz", headers={"X-Request-Id": "<script>"})
-    assert replaced.headers["X-Request-Id"] != "<script>" and len(replaced.headers["X-Request-Id"]) == 32
+    made = [(await api.get("/healthz")).headers["X-Request-Id"] for _ in range(3)]
+    assert replaced.headers["X-Request-Id"] != "<script>" and len(set(made + [replaced.headers["X-Request-Id"]])) == 4
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made)

@@ -43,7 +43,9 @@ class ImagesHandler(ImageApiHandler):
     failed = False
 
     async def prepare(self) -> None:
-        await super().prepare()  # the bearer token is checked before a byte of the body is read
+        pending = super().prepare()  # the credential is checked before a byte of the body is read
+        if pending is not None:
+            await pending
         if self.request.method != "POST":
             return
         sink = UploadSink(self.request.headers.get("Content-Type", ""), self.images.rules.max_upload_bytes)
