@@ -27,3 +27,18 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo/data .pytest_cache
+
+# Benchmarks, not part of `make test` (bench/README.md): `make bench` takes a few minutes and prints
+# the table (ARGS=--check fails on a missed target); `make bench-smoke` checks the harness in seconds.
+.PHONY: bench bench-smoke
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(ARGS)
+
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run.py --smoke $(ARGS)
+
+# 10 minutes of the benchmark workload, mixed: zero 5xx, RSS and open fds flat after warm-up.
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)

@@ -1,0 +1,1059 @@
+#!/usr/bin/env python3
+"""The benchmark harness: ``make bench`` (full) or ``make bench-smoke`` (seconds). See bench/README.md.
+
+One run measures the ceilings of this machine (Tornado hello world, nginx serving a static file,
+one argon2 hash, one Pillow decode + re-encode) and then demo on MariaDB - one process directly,
+two processes behind the shipped nginx config - with wrk on loopback, and compares each scenario
+with its ceiling measured in the same run. Prints one markdown table, writes every raw number as
+JSON. Exit status: 2 when the harness itself breaks (a server does not start, wrk is missing);
+with ``--check``, 1 when a target is missed; otherwise 0 (the table is the product).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+if str(ROOT) not in sys.path:  # `python bench/run.py`: make `bench` and `demo` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import images as bench_images
+from bench import wrk
+from bench.stack import (
+    BenchDatabase,
+    CpuMeter,
+    DemoServer,
+    HarnessError,
+    HelloServer,
+    Nginx,
+    Server,
+    proc_status_kib,
+    reset_peak_rss,
+    wait_idle,
+    wait_until,
+)
+
+MIB = 1024 * 1024
+CORES = os.cpu_count() or 1
+PASSWORD = "bench-password-8472"
+SMS_CODE = "246810"
+HUGE = str(10**12)
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+# name -> (label, ceiling it is compared with)
+MEASURES: dict[str, tuple[str, str | None]] = {
+    "healthz": ("GET /healthz, 1 process", "hello"),
+    "image_direct": ("GET /images/{id}.jpg direct, 1 process", "hello"),
+    "thumbnail": ("GET /images/{id}.jpg?w=320 (thumbnail) direct, 1 process", "hello"),
+    "h5_home": ("GET /h5/home (cookie), 1 process", "hello"),
+    "login": ("POST /users/login, 1 process", "argon2"),
+    "upload": ("POST /images 1 MiB JPEG, 1 process", "pillow"),
+    "loop_health": ("/healthz p99 while logins + uploads saturate, 1 process", None),
+    "memory": ("RSS growth, {n} concurrent 8 MiB uploads, 1 process", None),
+    "image_nginx": ("GET /images/{id}.jpg through nginx (warm), 2 processes", "nginx_static"),
+    "h5_home_nginx": ("GET /h5/home through nginx, 2 processes", "hello"),
+    "login_nginx": ("POST /users/login through nginx, 2 processes", "argon2"),
+}
+CEILINGS = {
+    "hello": "Tornado hello world (framework)",
+    "nginx_static": "nginx static file (HTTP)",
+    "argon2": "argon2 hash (login)",
+    "pillow": "Pillow decode + re-encode (upload)",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    measure: str
+    kind: str  # ratio | p99_ms | growth_mib
+    bound: float
+    text: str
+
+    def met(self, value: float | None) -> bool | None:
+        if value is None:
+            return None
+        return value >= self.bound if self.kind == "ratio" else value < self.bound
+
+
+TARGETS = [
+    Target("h5_home", "ratio", 0.25, ">= 25% of hello-world"),
+    Target("image_nginx", "ratio", 0.30, ">= 30% of nginx static"),
+    Target("image_direct", "ratio", 0.50, ">= 50% of hello-world"),
+    Target("login", "ratio", 0.90, ">= 90% of argon2 ceiling"),
+    Target("upload", "ratio", 0.70, ">= 70% of Pillow ceiling"),
+    Target("loop_health", "p99_ms", 25.0, "p99 < 25 ms"),
+    Target("memory", "growth_mib", 64.0, "< 64 MiB"),
+]
+TARGET_OF = {t.measure: t for t in TARGETS}
+
+
+# -- small HTTP client for set-up and probes ---------------------------------------------------------
+
+class Http:
+    """One base URL (http://127.0.0.1:port or https://localhost:port); a new connection per call."""
+
+    def __init__(self, base: str, tls: ssl.SSLContext | None = None, timeout: float = 60) -> None:
+        self.base = base.rstrip("/")
+        parts = urlsplit(self.base)
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.tls = tls
+        self.timeout = timeout
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def call(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        headers = dict(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        if path.startswith(("http://", "https://")):
+            parts = urlsplit(path)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            answer = conn.getresponse()
+            return answer.status, answer.headers, answer.read()
+        finally:
+            conn.close()
+
+    def expect(self, status: int, method: str, path: str, **kw: Any) -> tuple[http.client.HTTPMessage, bytes]:
+        got, headers, body = self.call(method, path, **kw)
+        if got != status:
+            raise HarnessError(f"{method} {self.base}{path.split('?')[0]}: expected {status}, got {got}: "
+                               f"{body[:500]!r}")
+        return headers, body
+
+
+@dataclass
+class User:
+    phone: str
+    token: str
+    cookie: str = ""  # "demo_h5=<value>", once the H5 ticket was exchanged
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, int(-(-pct * len(ordered) // 100)) - 1))  # nearest rank
+    return ordered[index]
+
+
+def parallel_rate(fn, threads: int, seconds: float) -> float:
+    """Calls per second of ``fn`` on ``threads`` threads at once (what the app's CPU pool can do when
+    nothing else runs: shows GIL-held parts and memory-bandwidth contention that the one-call time hides)."""
+    stop_at = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            fn()
+            counts[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm: first call allocates, imports, fills caches
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.smoke = args.smoke
+        self.duration = args.duration
+        self.connections = args.connections
+        self.users_per_group = 4 if self.smoke else 16
+        self.memory_uploads = args.memory_uploads or (4 if self.smoke else 16)
+        self.only = set(args.only.split(",")) if args.only else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="demo-bench-"))
+        self.servers: list[Server] = []
+        self.nginx: Nginx | None = None
+        self.db: BenchDatabase | None = None
+        self.results: dict[str, Any] = {"ceilings": {}, "measures": {}, "notes": []}
+        self.files: dict[str, Path] = {}
+        self.home_users: list[User] = []
+        self.upload_users: list[User] = []
+        self.image_id = ""
+        self.image_bytes = b""
+        self.spinners: list[subprocess.Popen] = []
+        self.started = time.monotonic()
+
+    # -- selection ---------------------------------------------------------------------------------
+    def wanted(self, name: str) -> bool:
+        if self.only is None or name in self.only:
+            return True
+        if name in CEILINGS:  # a ceiling is measured when a selected measure is compared with it
+            return any(MEASURES[m][1] == name for m in self.only if m in MEASURES)
+        return False
+
+    def any_wanted(self, *names: str) -> bool:
+        return any(self.wanted(n) for n in names)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    # -- environment -------------------------------------------------------------------------------
+    def environment(self) -> dict[str, Any]:
+        def version(dist: str) -> str | None:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                return None
+
+        def first_line(cmd: list[str]) -> str | None:
+            try:
+                done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10)
+                return (done.stdout or done.stderr).strip().splitlines()[0]
+            except (OSError, IndexError, subprocess.TimeoutExpired):
+                return None
+
+        cpu_model = next((line.split(":", 1)[1].strip() for line in
+                          Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), None)
+        commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "demo"],
+                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+        return {
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "cores": CORES,
+            "cpu": cpu_model,
+            "load_average_at_start": os.getloadavg(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "tornado": version("tornado"),
+            "pillow": version("pillow"),
+            "argon2_cffi": version("argon2-cffi"),
+            "sqlalchemy": version("SQLAlchemy"),
+            "mysqlclient": version("mysqlclient"),
+            "nginx": Nginx.version() if os.access("/usr/sbin/nginx", os.X_OK) else None,
+            "wrk": first_line([wrk.wrk_path(), "-v"]),
+            "openssl": first_line(["openssl", "version"]),
+            "git_commit": commit,
+            "demo_tree_modified": bool(dirty),
+        }
+
+    def server_env(self) -> dict[str, str]:
+        """What every demo process gets: the bench database, a temp media folder, test numbers with a
+        fixed code for the bench users, and quotas and limits nobody reaches in a benchmark."""
+        numbers = ",".join(f"{phone}:{SMS_CODE}" for phone in self.phones("home") + self.phones("upload"))
+        assert self.db is not None
+        overrides = {f"DEMO_{name.upper()}": value for name, value in self.args.set}
+        return {
+            **overrides,
+            "DEMO_COOKIE_SECRET": "bench-" + "k" * 42,  # 48 characters
+            "DEMO_DATABASE_URL": self.db.url,
+            "DEMO_MEDIA_ROOT": str(self.tmp / "media"),
+            "DEMO_SMS_TEST_NUMBERS": numbers,
+            "DEMO_IMAGE_QUOTA_COUNT": HUGE,
+            "DEMO_IMAGE_QUOTA_BYTES": HUGE,
+            "DEMO_LOGIN_PHONE_FAILURES": HUGE,
+            "DEMO_LOGIN_IP_FAILURES": HUGE,
+            "DEMO_SMS_PHONE_DAILY": HUGE,
+            "DEMO_SMS_IP_HOURLY": HUGE,
+        } | {k: v for k, v in overrides.items() if k not in ("DEMO_DATABASE_URL", "DEMO_MEDIA_ROOT")}
+
+    def phones(self, group: str) -> list[str]:
+        base = {"home": 1000, "upload": 2000}[group]
+        return [f"+861880000{base + i:04d}" for i in range(self.users_per_group)]  # CN mobile, 11 digits
+
+    # -- orchestration -------------------------------------------------------------------------------
+    def run(self) -> None:
+        wrk.wrk_path()  # fails early when wrk is missing
+        self.results["environment"] = self.environment()
+        self.results["config"] = {
+            "smoke": self.smoke, "duration_s": self.duration, "connections": self.connections, "wrk_threads": 2,
+            "warmup_s": self.warmup_seconds(), "users_per_group": self.users_per_group,
+            "quiet_wait_s": self.args.quiet_wait, "settings_overrides": dict(self.args.set),
+            "busy_cpus": self.args.busy_cpus,
+            "memory_uploads": self.memory_uploads, "only": sorted(self.only) if self.only else None,
+        }
+        with CpuMeter({}) as idle:
+            time.sleep(1.0)
+        self.results["environment"]["busy_before_start"] = idle.result
+        if idle.result["foreign_cores"] > 0.25:
+            self.log(f"WARNING: other processes keep {idle.result['foreign_cores']:.1f} of {CORES} cores busy: "
+                     "numbers will be low and ratios unreliable (see 'foreign CPU' below the table)")
+        self.make_images()
+        if self.args.busy_cpus:
+            self.start_spinners()
+        if self.any_wanted("argon2", "pillow"):
+            self.wait_quiet("argon2/Pillow ceilings")
+        if self.wanted("argon2"):
+            self.ceiling_argon2()
+        if self.wanted("pillow"):
+            self.ceiling_pillow()
+        if self.wanted("hello"):
+            self.ceiling_hello()
+        if not self.any_wanted(*MEASURES, "nginx_static"):
+            return
+        self.db = BenchDatabase().create()
+        self.results["environment"]["mariadb"] = self.db.version()
+        self.results["config"]["demo_settings"] = self.demo_settings()
+        self.phase_one_process()
+        if self.wanted("memory"):
+            self.phase_memory()
+        if self.any_wanted("nginx_static", "image_nginx", "h5_home_nginx", "login_nginx"):
+            self.phase_nginx()
+
+    def demo_settings(self) -> dict[str, Any]:
+        from demo.conf import settings as config
+        s = config.load([], environ=self.server_env())  # every setting the demo processes run with
+        return {k: v for k, v in s.items() if k not in ("cookie_secret", "sms_test_numbers", "config")}
+
+    def warmup_seconds(self) -> int:
+        return 0 if self.smoke else 2
+
+    def make_images(self) -> None:
+        info = {}
+        for name, spec in bench_images.SPECS.items():
+            data, noise = bench_images.generate(spec)
+            path = self.tmp / f"{name}.jpg"
+            path.write_bytes(data)
+            self.files[name] = path
+            info[name] = {"width": spec.width, "height": spec.height, "quality": spec.quality, "noise": noise,
+                          "bytes": len(data), "decoded_mib": round(spec.width * spec.height * 3 / MIB, 1)}
+        self.results["images"] = info
+        self.log("images: " + ", ".join(f"{k} {v['width']}x{v['height']} {v['bytes'] / 1024:.0f} KiB"
+                                        for k, v in info.items()))
+
+    # -- ceilings ----------------------------------------------------------------------------------
+    def ceiling_argon2(self) -> None:
+        from demo.common.passwords import Passwords
+        from demo.conf import settings as config
+        s = config.load([], environ={f"DEMO_{name.upper()}": value for name, value in self.args.set})
+        passwords = Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)
+        seconds, times = median_time(lambda: passwords.hash(PASSWORD), 3 if self.smoke else 9)
+        parallel = parallel_rate(lambda: passwords.hash(PASSWORD), CORES, 0.5 if self.smoke else 3)
+        self.results["ceilings"]["argon2"] = {
+            "label": CEILINGS["argon2"], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
+            "parallel_rps": parallel,
+            "how": f"cores ({CORES}) / median hash time (time_cost={s.argon2_time_cost}, "
+                   f"memory={s.argon2_memory_kib} KiB, parallelism={s.argon2_parallelism})",
+        }
+        self.log(f"argon2: {seconds * 1000:.1f} ms per hash -> ceiling {CORES / seconds:.1f} logins/s "
+                 f"({parallel:.1f}/s measured on {CORES} threads)")
+
+    def ceiling_pillow(self) -> None:
+        from demo.common import imaging
+        work = self.tmp / "pillow"
+        work.mkdir()
+        src = str(self.files["upload"])
+
+        def once() -> None:
+            os.unlink(imaging.process_upload(src, str(work), 40_000_000).path)
+
+        seconds, times = median_time(once, 3 if self.smoke else 7)
+        parallel = parallel_rate(once, CORES, 0.5 if self.smoke else 3)
+        spec = bench_images.SPECS["upload"]
+        self.results["ceilings"]["pillow"] = {
+            "label": CEILINGS["pillow"], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
+            "parallel_rps": parallel,
+            "how": f"cores ({CORES}) / median demo.common.imaging.process_upload time on the "
+                   f"{spec.width}x{spec.height} {self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG",
+        }
+        self.log(f"pillow: {seconds * 1000:.1f} ms per upload -> ceiling {CORES / seconds:.1f} uploads/s "
+                 f"({parallel:.1f}/s measured on {CORES} threads)")
+
+    def ceiling_hello(self) -> None:
+        hello = self.start(HelloServer("hello", self.tmp))
+        try:
+            result = self.wrk_measure("hello", hello.url + "/", [hello])
+        finally:
+            self.stop(hello)
+        self.results["ceilings"]["hello"] = {"label": CEILINGS["hello"], "how": "wrk, one Tornado process",
+                                             **result.as_dict()}
+        self.log(f"hello: {result.rps:.0f} req/s")
+
+    # -- servers -----------------------------------------------------------------------------------
+    def start(self, *servers: Server) -> Server:
+        for server in servers:
+            self.servers.append(server)
+            server.start()
+        for server in servers:
+            server.wait_ready()
+        return servers[0]
+
+    def stop(self, *servers: Server) -> None:
+        for server in servers:
+            server.stop()
+            if server in self.servers:
+                self.servers.remove(server)
+
+    def demo(self, name: str, port: int | None = None) -> DemoServer:
+        return DemoServer(name, self.tmp, self.server_env(), port)
+
+    # -- set-up through the API ------------------------------------------------------------------
+    def register(self, client: Http, phone: str) -> tuple[User, str]:
+        client.expect(200, "POST", "/users/code", json_body={"phone": phone})
+        _, body = client.expect(201, "POST", "/users/regist",
+                                json_body={"phone": phone, "password": PASSWORD, "code": SMS_CODE})
+        session = json.loads(body)
+        return User(phone, session["token"]), session["h5_url"]
+
+    def open_h5(self, client: Http, h5_url: str) -> str:
+        """Follow the ticket exchange once; the ``demo_h5`` cookie it sets."""
+        headers, _ = client.expect(302, "GET", h5_url)
+        jar = SimpleCookie()
+        for line in headers.get_all("Set-Cookie") or []:
+            jar.load(line)
+        if "demo_h5" not in jar:
+            raise HarnessError(f"the H5 ticket exchange set no demo_h5 cookie: {headers}")
+        return f"demo_h5={jar['demo_h5'].value}"
+
+    def upload(self, client: Http, user: User, path: Path) -> dict[str, Any]:
+        _, body = client.expect(201, "POST", "/images", body=path.read_bytes(),
+                                headers={"Authorization": f"Bearer {user.token}", "Content-Type": "image/jpeg"})
+        return json.loads(body)["image"]
+
+    def set_up_users(self, client: Http) -> None:
+        """Two groups of users: "home" users (H5 page and login; each owns 3 small images, so every
+        home page is the same size) and "upload" users (the upload measures; their image count grows).
+        Requests rotate over several users as real traffic does: one user would measure the lock on
+        one users row, not the server."""
+        for phone in self.phones("home"):
+            user, h5_url = self.register(client, phone)
+            user.cookie = self.open_h5(client, h5_url)
+            for _ in range(3):
+                image = self.upload(client, user, self.files["small"])
+                self.image_id = self.image_id or image["id"]
+            self.home_users.append(user)
+        for phone in self.phones("upload"):
+            self.upload_users.append(self.register(client, phone)[0])
+        _, self.image_bytes = client.expect(200, "GET", f"/images/{self.image_id}.jpg")
+        client.expect(200, "GET", f"/images/{self.image_id}.jpg?w=320")  # the thumbnail exists from now on
+        for user in self.home_users:  # every cookie opens the page
+            client.expect(200, "GET", "/h5/home", headers={"Cookie": user.cookie})
+        self.results["delivery_image"] = {"id": self.image_id, "stored_bytes": len(self.image_bytes)}
+        self.log(f"set-up: {len(self.home_users)} home users, {len(self.upload_users)} upload users, "
+                 f"image {self.image_id} ({len(self.image_bytes) / 1024:.1f} KiB stored)")
+
+    # -- wrk -----------------------------------------------------------------------------------------
+    def lua_env(self, script: str | None) -> dict[str, str]:
+        if script == "cookie.lua":
+            return {"BENCH_COOKIES": ",".join(u.cookie for u in self.home_users)}
+        if script == "login.lua":
+            return {"BENCH_PHONES": ",".join(u.phone for u in self.home_users), "BENCH_PASSWORD": PASSWORD}
+        if script == "upload.lua":
+            return {"BENCH_TOKENS": ",".join(u.token for u in self.upload_users),
+                    "BENCH_BODY_FILE": str(self.files["upload"])}
+        return {}
+
+    def wrk_measure(self, name: str, url: str, servers: list[Server], script: str | None = None,
+                    connections: int | None = None) -> wrk.WrkResult:
+        """Settle, warm up, then one timed wrk run (with py-spy alongside when --profile is set)."""
+        connections = connections or self.connections
+        pids = [s.pid for s in servers]
+        kw = {"connections": connections, "script": script, "env": self.lua_env(script), "timeout_s": 30}
+        wait_idle(pids)
+        self.wait_quiet(name)
+        if self.warmup_seconds():
+            wrk.run(url, duration=self.warmup_seconds(), **kw)
+            wait_idle(pids)
+        profiler = self.start_profiler(name, servers)
+        with self.cpu_meter(servers) as meter:
+            result = wrk.run(url, duration=self.duration, **kw)
+        self.finish_profiler(profiler)
+        result.cpu = meter.result
+        return result
+
+    def wait_quiet(self, name: str) -> None:
+        """With --quiet-wait: wait (bounded) until other processes leave the CPUs alone."""
+        if not self.args.quiet_wait:
+            return
+        deadline = time.monotonic() + self.args.quiet_wait
+        while True:
+            with CpuMeter(self.spinner_group()) as meter:
+                time.sleep(0.5)
+            if meter.result["foreign_cores"] < 0.1 or time.monotonic() > deadline:
+                break
+            self.log(f"{name}: waiting for a quiet machine (others use {meter.result['foreign_cores']:.1f} cores)")
+            time.sleep(1.0)
+
+    def spinner_group(self) -> dict[str, list[int]]:
+        return {"spinners": [p.pid for p in self.spinners]} if self.spinners else {}
+
+    def start_spinners(self) -> None:
+        """--busy-cpus: one lowest-priority busy loop per CPU, so that no CPU ever goes idle. On a VM an
+        idle vCPU halts, and waking it (every thread hand-off: event loop -> pool thread -> MariaDB ->
+        back) costs far more than on bare metal; with the spinners that cost disappears from every
+        measure alike, so comparing a run with and without shows how much of a result is wake-ups."""
+        code = "import os\nos.nice(19)\nwhile True:\n    pass\n"
+        for _ in range(CORES):
+            self.spinners.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL))
+        self.log(f"--busy-cpus: {CORES} nice-19 busy loops keep every CPU awake")
+
+    def cpu_meter(self, servers: list[Server]) -> CpuMeter:
+        groups = {"servers": [s.pid for s in servers], **self.spinner_group()}
+        if self.nginx is not None and self.nginx.proc is not None and self.nginx.proc.poll() is None:
+            groups["nginx"] = [self.nginx.proc.pid, *self.nginx.worker_pids()]
+        return CpuMeter(groups)
+
+    def record(self, name: str, result: wrk.WrkResult, **extra: Any) -> None:
+        label, ceiling = MEASURES[name]
+        self.results["measures"][name] = {"label": label, "ceiling": ceiling, **result.as_dict(), **extra}
+        self.log(f"{name}: {result.rps:.1f} req/s, p50 {fmt_ms(result.p50_ms)}, p99 {fmt_ms(result.p99_ms)}, "
+                 f"errors {result.errors}")
+
+    # -- profiling (optional) ------------------------------------------------------------------------
+    def start_profiler(self, name: str, servers: list[Server]) -> list[subprocess.Popen]:
+        if not self.args.profile:
+            return []
+        folder = Path(self.args.profile)
+        folder.mkdir(parents=True, exist_ok=True)
+        procs = []
+        for server in servers:
+            if not isinstance(server, DemoServer):
+                continue
+            # Two samplers: every thread (a thread waiting for MariaDB inside the driver counts as busy
+            # there: where requests wait), and only the thread holding the GIL (where Python CPU goes:
+            # the event loop competes for it with every pool thread running Python code).
+            for suffix, extra in (("threads", []), ("gil", ["--gil"])):
+                out = folder / f"{name}-{server.name}.{suffix}.txt"
+                procs.append(subprocess.Popen(
+                    [str(PY_SPY), "record", "--pid", str(server.pid), "--duration", str(self.duration),
+                     "--rate", "200", "--format", "raw", "--threads", "--nonblocking", *extra,
+                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return procs
+
+    def finish_profiler(self, procs: list[subprocess.Popen]) -> None:
+        from bench.stacks import summarise
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            out = Path(proc.args[proc.args.index("--output") + 1])
+            if out.exists():
+                out.with_suffix(".summary.txt").write_text(summarise(out) + "\n")
+
+    # -- phase 1: one demo process, direct -------------------------------------------------------
+    def phase_one_process(self) -> None:
+        server = self.start(self.demo("demo-1"))
+        self.log(f"demo (1 process) on {server.url}, database {self.db.name}")
+        try:
+            client = Http(server.url)
+            self.set_up_users(client)
+            one = [server]
+            plan = [
+                ("healthz", "/healthz", None),
+                ("image_direct", f"/images/{self.image_id}.jpg", None),
+                ("thumbnail", f"/images/{self.image_id}.jpg?w=320", None),
+                ("h5_home", "/h5/home", "cookie.lua"),
+                ("login", "/users/login", "login.lua"),
+                ("upload", "/images", "upload.lua"),
+            ]
+            for name, path, script in plan:
+                if self.wanted(name):
+                    self.record(name, self.wrk_measure(name, server.url + path, one, script))
+            if self.wanted("loop_health"):
+                self.measure_loop_health(server)
+        finally:
+            self.stop(server)
+
+    def measure_loop_health(self, server: DemoServer) -> None:
+        """Logins and uploads saturate the process (two wrk runs, half the connections each) while a
+        probe sends GET /healthz every 10 ms, one at a time, on a keep-alive connection."""
+        wait_idle([server.pid])
+        self.wait_quiet("loop_health")
+        half = max(1, self.connections // 2)
+        duration = max(self.duration, 2)
+        ramp = min(1.0, duration / 4)
+        profiler = self.start_profiler("loop_health", [server])
+        runs = [wrk.start(server.url + path, duration=duration, connections=half, script=script,
+                          env=self.lua_env(script), timeout_s=30)
+                for path, script in (("/users/login", "login.lua"), ("/images", "upload.lua"))]
+        time.sleep(ramp)
+        probe = Probe("127.0.0.1", server.port, "/healthz")
+        with self.cpu_meter([server]) as meter:
+            probe.run(duration - 2 * ramp)
+        login, upload = (wrk.finish(run) for run in runs)
+        self.finish_profiler(profiler)
+        target = TARGET_OF["loop_health"]
+        p99 = percentile(probe.latencies, 99)
+        self.results["measures"]["loop_health"] = {
+            "label": MEASURES["loop_health"][0], "ceiling": None,
+            "probe_requests": len(probe.latencies), "probe_interval_ms": probe.interval * 1000,
+            "rps": len(probe.latencies) / probe.elapsed if probe.elapsed else 0.0,
+            "p50_ms": percentile(probe.latencies, 50), "p99_ms": p99, "max_ms": max(probe.latencies, default=None),
+            "probe_errors": probe.errors, "cpu": meter.result,
+            "errors": probe.errors + login.errors + upload.errors,
+            "load": {"login": login.as_dict(), "upload": upload.as_dict()},
+            "value": p99, "met": target.met(p99),
+        }
+        self.log(f"loop_health: /healthz p50 {fmt_ms(percentile(probe.latencies, 50))}, p99 {fmt_ms(p99)} "
+                 f"({len(probe.latencies)} probes) under {login.rps:.1f} logins/s + {upload.rps:.1f} uploads/s")
+
+    # -- phase 2: memory -----------------------------------------------------------------------------
+    def phase_memory(self) -> None:
+        """A fresh process (warmed by one small upload): RSS before, peak RSS (VmHWM, reset first)
+        during N concurrent raw uploads of the 8 MiB JPEG by N different users."""
+        server = self.start(self.demo("demo-mem"))
+        try:
+            client = Http(server.url, timeout=300)
+            users = (self.upload_users * self.memory_uploads)[:self.memory_uploads]
+            self.upload(client, users[0], self.files["small"])  # imports, thread pools, DB connections
+            client.expect(200, "GET", "/healthz")
+            wait_idle([server.pid])
+            rss_before = proc_status_kib(server.pid, "VmRSS")
+            reset_peak_rss(server.pid)
+            hwm_reset = proc_status_kib(server.pid, "VmHWM")
+            body = self.files["large"].read_bytes()
+            statuses: list[int | str] = []
+            latencies: list[float] = []
+            gate = threading.Barrier(len(users))
+            lock = threading.Lock()
+
+            def one(user: User) -> None:
+                gate.wait(timeout=30)
+                started = time.perf_counter()
+                try:
+                    status, _, _ = client.call("POST", "/images", body=body, headers={
+                        "Authorization": f"Bearer {user.token}", "Content-Type": "image/jpeg"})
+                except OSError as error:
+                    status = f"{type(error).__name__}"
+                with lock:
+                    statuses.append(status)
+                    latencies.append(time.perf_counter() - started)
+
+            samples: list[int] = []
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.is_set():
+                    try:
+                        samples.append(proc_status_kib(server.pid, "VmRSS"))
+                    except (OSError, HarnessError):
+                        return
+                    done.wait(0.02)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in users]
+            started = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            elapsed = time.perf_counter() - started
+            done.set()
+            sampler.join(timeout=5)
+            if any(t.is_alive() for t in threads):
+                raise HarnessError("memory test: uploads still running after 300 s")
+            hwm = proc_status_kib(server.pid, "VmHWM")
+            wait_idle([server.pid])
+            rss_after = proc_status_kib(server.pid, "VmRSS")
+        finally:
+            self.stop(server)
+        growth = (hwm - rss_before) / 1024
+        errors = sum(1 for s in statuses if s != 201)
+        target = TARGET_OF["memory"]
+        label = MEASURES["memory"][0].format(n=len(users))
+        self.results["measures"]["memory"] = {
+            "label": label, "ceiling": None, "uploads": len(users), "upload_bytes": len(body),
+            "statuses": dict(Counter(map(str, statuses))), "errors": errors,
+            "rss_before_mib": rss_before / 1024, "hwm_after_reset_mib": hwm_reset / 1024,
+            "peak_rss_mib": hwm / 1024, "peak_rss_sampled_mib": max(samples, default=0) / 1024,
+            "rss_after_mib": rss_after / 1024, "growth_mib": growth, "seconds": elapsed,
+            "rps": len(users) / elapsed, "p50_ms": percentile([x * 1000 for x in latencies], 50),
+            "p99_ms": percentile([x * 1000 for x in latencies], 99),
+            "value": growth, "met": target.met(growth),
+        }
+        self.log(f"memory: RSS {rss_before / 1024:.1f} MiB -> peak {hwm / 1024:.1f} MiB (+{growth:.1f} MiB), "
+                 f"{len(users)} x {len(body) / MIB:.1f} MiB uploads in {elapsed:.1f}s, statuses {Counter(statuses)}")
+
+    # -- phase 3: two processes behind the shipped nginx config -----------------------------------
+    def phase_nginx(self) -> None:
+        a, b = self.demo("demo-a"), self.demo("demo-b")
+        static = self.tmp / "static"
+        shutil.copytree(ROOT / "demo" / "static", static)
+        (static / "bench.jpg").write_bytes(self.image_bytes)  # byte for byte the image nginx caches
+        self.start(a, b)
+        self.nginx = Nginx(self.tmp, [a.port, b.port], static).start()
+        tls = ssl.create_default_context(cafile=str(self.nginx.tls / "cert.pem"))
+        client = Http(self.nginx.base_url, tls)
+
+        def nginx_up() -> bool:
+            if self.nginx.proc.poll() is not None:
+                raise HarnessError(f"nginx exited:\n{self.nginx.logs()}")
+            try:
+                return client.call("GET", "/healthz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(nginx_up, "nginx to answer", timeout=30, every=0.1)
+        self.log(f"nginx {self.nginx.base_url} -> demo :{a.port}, :{b.port}")
+        try:
+            image_path = f"/images/{self.image_id}.jpg"
+            client.expect(200, "GET", image_path)  # prime the micro-cache
+            headers, cached = client.expect(200, "GET", image_path)
+            _, static_body = client.expect(200, "GET", "/static/bench.jpg")
+            if cached != static_body:
+                raise HarnessError("the static ceiling file differs from the image served through nginx")
+            cache_status = headers.get("X-Cache-Status")
+            if cache_status is not None and cache_status != "HIT":
+                raise HarnessError(f"second request for the image was not a cache HIT: {cache_status}")
+            both = [a, b]
+            if self.wanted("nginx_static"):
+                result = self.wrk_measure("nginx_static", self.nginx.base_url + "/static/bench.jpg", both)
+                self.results["ceilings"]["nginx_static"] = {
+                    "label": CEILINGS["nginx_static"], **result.as_dict(),
+                    "how": "wrk over TLS to the rendered shipped config, /static/ location, a file byte-identical "
+                           "to the cached image"}
+                self.log(f"nginx_static: {result.rps:.0f} req/s")
+            if self.wanted("image_nginx"):
+                before = self.cache_log_counts(image_path)
+                result = self.wrk_measure("image_nginx", self.nginx.base_url + image_path, both)
+                after = self.cache_log_counts(image_path)
+                statuses = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                self.record("image_nginx", result, x_cache_status=cache_status, cache_statuses=statuses)
+            for name, path, script in (("h5_home_nginx", "/h5/home", "cookie.lua"),
+                                       ("login_nginx", "/users/login", "login.lua")):
+                if self.wanted(name):
+                    self.record(name, self.wrk_measure(name, self.nginx.base_url + path, both, script))
+        finally:
+            self.nginx.stop()
+            self.stop(a, b)
+
+    def cache_log_counts(self, path: str) -> dict[str, int]:
+        """cache=HIT/MISS/... counts for ``path`` in nginx's access log (the shipped log format)."""
+        counts: Counter[str] = Counter()
+        log = self.nginx.dir / "logs" / "demo.access.log"
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if f" {path} " in line and " cache=" in line:
+                    counts[line.split(" cache=", 1)[1].split(" ", 1)[0]] += 1
+        return dict(counts)
+
+    # -- teardown ------------------------------------------------------------------------------------
+    def teardown(self, failed: bool) -> None:
+        if failed:
+            for server in self.servers:
+                print(server.logs(), file=sys.stderr)
+            if self.nginx is not None:
+                print(self.nginx.logs(), file=sys.stderr)
+        if self.nginx is not None:
+            try:
+                self.nginx.stop()
+            except Exception:  # noqa: BLE001 - keep tearing down
+                traceback.print_exc()
+        for server in list(self.servers):
+            try:
+                self.stop(server)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        if self.db is not None:
+            try:
+                self.db.drop()
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        for spinner in self.spinners:
+            spinner.kill()
+            spinner.wait(timeout=10)
+        self.spinners.clear()
+        if self.args.keep:
+            print(f"kept {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Probe:
+    """Sequential GET requests every ``interval`` on one keep-alive connection; latencies in ms."""
+
+    def __init__(self, host: str, port: int, path: str, interval: float = 0.010) -> None:
+        self.host, self.port, self.path, self.interval = host, port, path, interval
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.elapsed = 0.0
+
+    def run(self, seconds: float) -> None:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        started = time.perf_counter()
+        next_send = started
+        try:
+            while time.perf_counter() - started < seconds:
+                sent = time.perf_counter()
+                try:
+                    conn.request("GET", self.path)
+                    answer = conn.getresponse()
+                    answer.read()
+                    if answer.status != 200:
+                        self.errors += 1
+                except (OSError, http.client.HTTPException):
+                    self.errors += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                self.latencies.append((time.perf_counter() - sent) * 1000)
+                next_send = max(next_send + self.interval, time.perf_counter())
+                time.sleep(max(0.0, next_send - time.perf_counter()))
+        finally:
+            conn.close()
+            self.elapsed = time.perf_counter() - started
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def fmt_rps(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def evaluate(results: dict[str, Any]) -> list[str]:
+    """Fill ratio/target/met into each measure; the list of missed targets."""
+    ceilings = results["ceilings"]
+    missed = []
+    total_errors = 0
+    for name, m in [*results["ceilings"].items(), *results["measures"].items()]:
+        cpu, done = m.get("cpu"), m.get("requests") or m.get("probe_requests")
+        if cpu and done:  # CPU milliseconds per completed request, by process group
+            skip = ("foreign_cores", "machine_busy_cores", "steal_cores", "spinners_cores")
+            m["cpu_ms_per_request"] = {k.removesuffix("_cores"): v * cpu["wall_s"] * 1000 / done
+                                       for k, v in cpu.items() if k.endswith("_cores") and k not in skip}
+    for name, m in results["measures"].items():
+        total_errors += m.get("errors", 0)
+        ceiling = ceilings.get(m.get("ceiling") or "")
+        if ceiling and ceiling.get("rps"):
+            m["ceiling_rps"] = ceiling["rps"]
+            m["ratio"] = m["rps"] / ceiling["rps"]
+            m["value"] = m["ratio"]
+        target = TARGET_OF.get(name)
+        if target:
+            m["target"] = target.text
+            m["met"] = target.met(m.get("value"))
+            if m["met"] is False:
+                missed.append(f"{m['label']}: {describe_value(target, m.get('value'))}, target {target.text}")
+    results["total_errors"] = total_errors
+    if total_errors:
+        missed.append(f"errors: {total_errors} (non-2xx where 2xx was expected, socket errors), target 0")
+    results["missed"] = missed
+    return missed
+
+
+def describe_value(target: Target, value: float | None) -> str:
+    if value is None:
+        return "—"
+    if target.kind == "ratio":
+        return f"{value:.0%}"
+    if target.kind == "p99_ms":
+        return f"p99 {fmt_ms(value)}"
+    return f"+{value:.1f} MiB"
+
+
+def table(results: dict[str, Any]) -> str:
+    ceilings = results["ceilings"]
+    lines = ["| measure | req/s | p50 | p99 | errors | ceiling | ratio | target | met? |",
+             "|---|---:|---:|---:|---:|---|---:|---|---|"]
+    for name in MEASURES:
+        m = results["measures"].get(name)
+        if m is None:
+            continue
+        target = TARGET_OF.get(name)
+        ceiling = ceilings.get(m.get("ceiling") or "")
+        ceiling_text = f"{ceiling['label'].split(' (')[0]}: {fmt_rps(ceiling['rps'])}/s" if ceiling else "—"
+        if target and target.kind != "ratio":
+            ratio = describe_value(target, m.get("value"))
+        else:
+            ratio = f"{m['ratio']:.0%}" if m.get("ratio") is not None else "—"
+        met = {True: "yes", False: "**no**", None: ""}[m.get("met")] if target else ""
+        lines.append(f"| {m['label']} | {fmt_rps(m.get('rps'))} | {fmt_ms(m.get('p50_ms'))} | "
+                     f"{fmt_ms(m.get('p99_ms'))} | {m.get('errors', 0)} | {ceiling_text} | {ratio} | "
+                     f"{target.text if target else '—'} | {met} |")
+    total = results.get("total_errors", 0)
+    lines.append(f"| errors, all measures | | | | {total} | | | = 0 | {'yes' if total == 0 else '**no**'} |")
+    return "\n".join(lines)
+
+
+def ceilings_table(results: dict[str, Any]) -> str:
+    lines = ["| ceiling | req/s | p50 | p99 | errors | how |", "|---|---:|---:|---:|---:|---|"]
+    for name in CEILINGS:
+        c = results["ceilings"].get(name)
+        if c is None:
+            continue
+        if "seconds_median" in c:
+            lines.append(f"| {c['label']} | {fmt_rps(c['rps'])} | {c['seconds_median'] * 1000:.1f} ms (median) | | | "
+                         f"{c['how']}; {fmt_rps(c['parallel_rps'])}/s when {CORES} threads run it at once |")
+        else:
+            lines.append(f"| {c['label']} | {fmt_rps(c['rps'])} | {fmt_ms(c.get('p50_ms'))} | "
+                         f"{fmt_ms(c.get('p99_ms'))} | {c.get('errors', 0)} | {c['how']} |")
+    return "\n".join(lines)
+
+
+def cpu_table(results: dict[str, Any]) -> str:
+    """CPU per request by process group, and the machine's load from others during each run."""
+    lines = [("| run | demo/hello ms CPU/req | MariaDB ms/req | nginx ms/req | wrk+bench ms/req | "
+              "interrupts ms/req | foreign cores |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in [*results["ceilings"].values(), *results["measures"].values()]:
+        per, cpu = m.get("cpu_ms_per_request"), m.get("cpu")
+        if not per or m.get("probe_requests"):
+            continue
+        cells = [f"{per[key]:.3f}" if key in per else "—" for key in
+                 ("servers", "mariadb", "nginx", "wrk+bench", "interrupts")]
+        lines.append(f"| {m['label']} | {' | '.join(cells)} | {cpu['foreign_cores']:.2f} |")
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any]) -> str:
+    env, cfg = results.get("environment", {}), results.get("config", {})
+    head = (f"demo benchmark, {env.get('date')}, {env.get('cores')} cores ({env.get('cpu')}), "
+            f"Python {env.get('python')}, Tornado {env.get('tornado')}, {env.get('nginx')}, "
+            f"MariaDB {env.get('mariadb', '—')}, wrk -t2 -c{cfg.get('connections')} -d{cfg.get('duration_s')}s"
+            f"{', --busy-cpus' if cfg.get('busy_cpus') else ''}"
+            f"{', settings ' + str(cfg['settings_overrides']) if cfg.get('settings_overrides') else ''}"
+            f"{' (SMOKE: targets not enforced)' if cfg.get('smoke') else ''}")
+    out = [head, "", table(results), "", ceilings_table(results), "", cpu_table(results)]
+    loop = results["measures"].get("loop_health")
+    if loop:
+        load = loop["load"]
+        out += ["", (f"Event-loop probe: {loop['probe_requests']} sequential GET /healthz (one every "
+                     f"{loop['probe_interval_ms']:.0f} ms), max {fmt_ms(loop['max_ms'])}, while "
+                     f"{fmt_rps(load['login']['rps'])} logins/s and {fmt_rps(load['upload']['rps'])} uploads/s "
+                     f"(wrk -c{load['login']['connections']} each) ran.")]
+    busy = [(c["label"], c["cpu"]["foreign_cores"]) for c in results["ceilings"].values() if c.get("cpu")]
+    busy += [(m["label"], m["cpu"]["foreign_cores"]) for m in results["measures"].values() if m.get("cpu")]
+    noisy = [f"{label} ({cores:.2f})" for label, cores in busy if cores > 0.2]
+    if noisy:
+        out += ["", (f"WARNING: foreign CPU (cores used by processes outside this benchmark) during: "
+                    f"{'; '.join(noisy)}. Those numbers are low; rerun on a quiet machine.")]
+    mem = results["measures"].get("memory")
+    if mem:
+        out += [(f"Memory: VmRSS {mem['rss_before_mib']:.1f} MiB before, VmHWM {mem['peak_rss_mib']:.1f} MiB "
+                 f"during {mem['uploads']} concurrent {mem['upload_bytes'] / MIB:.1f} MiB uploads, "
+                 f"{mem['rss_after_mib']:.1f} MiB after; statuses {mem['statuses']}.")]
+    return "\n".join(out)
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+
+def setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, not minutes: 1 s per measure, 4 connections, 4 memory uploads; "
+                             "targets are reported, not enforced (errors still fail)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk measure (default 10; smoke 1)")
+    parser.add_argument("--connections", type=int, help="wrk connections (default 50; smoke 4)")
+    parser.add_argument("--json", dest="json_path", help="where to write the raw results "
+                        "(default bench/results.json; smoke bench/results-smoke.json)")
+    parser.add_argument("--only", help=f"comma list of measures/ceilings to run: {', '.join([*CEILINGS, *MEASURES])}")
+    parser.add_argument("--memory-uploads", type=int, help="concurrent 8 MiB uploads in the memory test (16)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run py-spy (raw collapsed stacks, per thread) on the demo process(es) during "
+                             "each measure; files go to DIR (numbers are then perturbed)")
+    parser.add_argument("--quiet-wait", type=float, metavar="SECONDS",
+                        help="before each measure, wait up to SECONDS (default 30; smoke 0) for other processes "
+                             "to leave the CPUs alone; the report flags measures that had company anyway")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=setting,
+                        help="a demo setting for the demo processes (DEMO_<NAME>), e.g. --set cpu_workers=1 "
+                             "--set db_pool_size=4: compare variants, each run against its own ceilings")
+    parser.add_argument("--busy-cpus", action="store_true",
+                        help="keep every CPU busy with a nice-19 loop during the run (no idle vCPU to wake up: "
+                             "see 'Idle CPUs' in bench/README.md)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, media, nginx files)")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(MEASURES) - set(CEILINGS) if args.only else set()
+    if unknown:
+        parser.error(f"--only: unknown name(s) {', '.join(sorted(unknown))}")
+    args.duration = args.duration or (1 if args.smoke else 10)
+    args.connections = args.connections or (4 if args.smoke else 50)
+    args.quiet_wait = (0 if args.smoke else 30) if args.quiet_wait is None else args.quiet_wait
+    default_json = "results-smoke.json" if args.smoke else "results.json"
+    args.json_path = Path(args.json_path) if args.json_path else BENCH / default_json
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench = Bench(args)
+    failed = True
+    try:
+        bench.run()
+        failed = False
+    except (TimeoutError, HarnessError, wrk.WrkError, subprocess.CalledProcessError) as error:
+        print(f"\nbench: the harness failed: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - a bug or an unexpected answer: still a broken harness (exit 2)
+        traceback.print_exc()
+        print("\nbench: the harness failed (see the traceback above)", file=sys.stderr)
+    finally:
+        bench.teardown(failed)
+    results = bench.results
+    results["seconds"] = round(time.monotonic() - bench.started, 1)
+    results.setdefault("environment", {})["load_average_at_end"] = os.getloadavg()
+    if failed:
+        return 2
+    missed = evaluate(results)
+    args.json_path.parent.mkdir(parents=True, exist_ok=True)
+    args.json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(report(results))
+    print(f"\nraw results: {args.json_path} ({results['seconds']:.0f} s)")
+    if args.smoke:
+        broken = [n for n, m in results["measures"].items() if m.get("errors") or not m.get("rps")]
+        if broken:
+            print(f"smoke: errors or no completed requests in {', '.join(broken)}", file=sys.stderr)
+            return 1
+        print("smoke: the harness works (targets not enforced)")
+        return 0
+    if missed:
+        print("\nmissed targets:\n" + "\n".join(f"- {m}" for m in missed))
+    return 1 if (missed and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

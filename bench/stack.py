@@ -1,0 +1,458 @@
+"""The processes a benchmark run starts: the bench database, demo servers, hello world, nginx.
+
+Every process writes to a file (never to a pipe nobody reads), every wait is bounded, and every
+``stop`` ends only the process (or, for nginx, the process group) this module started.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MAIN = ROOT / "demo" / "main.py"
+HELLO = Path(__file__).resolve().parent / "hello.py"
+NGINX_CONF = ROOT / "demo" / "conf" / "nginx" / "demo.conf"
+NGINX = "/usr/sbin/nginx"
+MYSQL_SERVER = os.environ.get("BENCH_MYSQL_URL", os.environ.get("DEMO_TEST_MYSQL_URL",
+                                                                "mysql+mysqldb://root@127.0.0.1:3306"))
+START_TIMEOUT = 60  # seconds for a server to answer (a fresh database is migrated first)
+STOP_TIMEOUT = 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class HarnessError(RuntimeError):
+    """The harness itself failed (a server did not start, a tool is missing): exit non-zero."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+# -- /proc -----------------------------------------------------------------------------------------
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise HarnessError(f"{key} not in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/<pid>/clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15 of stat)
+
+
+def wait_idle(pids: list[int], timeout: float = 20.0, below: float = 0.05) -> float:
+    """Wait until ``pids`` together use less than ``below`` of a core over 0.25 s (leftover work
+    of the previous measure, e.g. uploads wrk abandoned when its time was up, must not count
+    against the next one); returns the seconds waited (== timeout when they never calmed down)."""
+    started = time.monotonic()
+    quiet = 0
+    previous = sum(cpu_seconds(pid) for pid in pids)
+    while time.monotonic() - started < timeout:
+        time.sleep(0.25)
+        now = sum(cpu_seconds(pid) for pid in pids)
+        quiet = quiet + 1 if (now - previous) / 0.25 < below else 0
+        previous = now
+        if quiet >= 2:
+            break
+    return time.monotonic() - started
+
+
+def _machine_jiffies() -> tuple[int, int, int]:
+    """(process time, interrupt time, steal) jiffies of all CPUs since boot, from /proc/stat.
+    Interrupt time is mostly loopback networking (softirq), charged to no process."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system, irq + softirq, steal
+
+
+def find_pids(comm: str) -> list[int]:
+    """Processes named ``comm`` (read-only use: CPU accounting of the shared MariaDB server)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == comm:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+class CpuMeter:
+    """Where the machine's CPU went during one measure, in cores (CPU seconds / wall seconds):
+    the servers under test, nginx, MariaDB (shared: other users' queries count here too), wrk and
+    this harness - and everything else ("foreign"), which makes a number low and a ratio unreliable.
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = {name: list(pids) for name, pids in groups.items()}
+        self.groups.setdefault("mariadb", find_pids("mariadbd"))
+
+    @staticmethod
+    def _cpu(pids: list[int]) -> float:
+        total = 0.0
+        for pid in pids:
+            try:
+                total += cpu_seconds(pid)
+            except (OSError, IndexError):
+                pass  # gone (a worker that exited): its last share is lost, not double-counted
+        return total
+
+    @staticmethod
+    def _children_and_self() -> float:
+        import resource
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime  # wrk (once reaped) and us
+
+    def __enter__(self) -> Self:
+        self.wall = time.monotonic()
+        self.machine = _machine_jiffies()
+        self.before = {name: self._cpu(pids) for name, pids in self.groups.items()}
+        self.local = self._children_and_self()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall = time.monotonic() - self.wall
+        processes, interrupts, steal = (b - a for a, b in zip(self.machine, _machine_jiffies()))
+        used = {name: self._cpu(pids) - self.before[name] for name, pids in self.groups.items()}
+        used["wrk+bench"] = self._children_and_self() - self.local
+        ours = sum(used.values())
+        self.result = {
+            "wall_s": wall,
+            "machine_busy_cores": (processes + interrupts + steal) / CLK_TCK / wall,
+            **{f"{name}_cores": seconds / wall for name, seconds in used.items()},
+            "interrupts_cores": interrupts / CLK_TCK / wall,
+            "steal_cores": steal / CLK_TCK / wall,
+            "foreign_cores": max(0.0, processes / CLK_TCK - ours) / wall,
+        }
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+class Server:
+    """One server process on 127.0.0.1:<port>, output to ``<tmp>/<name>.out``."""
+
+    ready_path = "/healthz"
+
+    def __init__(self, name: str, tmp: Path, port: int | None = None) -> None:
+        self.name = name
+        self.tmp = tmp
+        self.port = port or free_port()
+        self.output = tmp / f"{name}.out"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "PROMETHEUS_"))}
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        with open(self.output, "ab") as out:
+            self.proc = subprocess.Popen(self.command(), cwd=self.tmp, env=self.environment(), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Server:
+        def ready() -> bool:
+            if not self.running():
+                raise HarnessError(f"{self.name} exited early (status {self.proc.returncode}):\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as answer:
+                    return answer.status == 200
+            except OSError:
+                return False
+        wait_until(ready, f"{self.name} on port {self.port} to answer", timeout, every=0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def logs(self, chars: int = 4000) -> str:
+        return f"--- {self.output} ---\n{tail(self.output, chars)}"
+
+
+class HelloServer(Server):
+    def command(self) -> list[str]:
+        return [sys.executable, str(HELLO), str(self.port)]
+
+    ready_path = "/"
+
+
+class DemoServer(Server):
+    """``demo/main.py`` as demo@<port>.service runs it: one process, loopback, its own log folder."""
+
+    def __init__(self, name: str, tmp: Path, env: dict[str, str], port: int | None = None) -> None:
+        super().__init__(name, tmp, port)
+        self.env = env
+        self.log_dir = tmp / "log" / name
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(DEMO_MAIN), f"--port={self.port}", "--address=127.0.0.1",
+                f"--log_dir={self.log_dir}"]
+
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), **self.env}
+
+    def logs(self, chars: int = 4000) -> str:
+        text = super().logs(chars)
+        log = self.log_dir / "demo.log"
+        if log.exists():
+            text += f"\n--- {log} ---\n{tail(log, chars)}"
+        return text
+
+
+# -- the database ----------------------------------------------------------------------------------
+
+class BenchDatabase:
+    """A fresh ``demo_bench_<random>`` database on the MariaDB server; dropped by ``drop``."""
+
+    def __init__(self, server_url: str = MYSQL_SERVER) -> None:
+        self.server_url = server_url
+        self.name = f"demo_bench_{uuid.uuid4().hex[:10]}"
+        self.url = f"{server_url}/{self.name}"
+        self._admin = None
+
+    def create(self) -> BenchDatabase:
+        try:
+            import MySQLdb  # noqa: F401
+        except ImportError as error:
+            raise HarnessError("mysqlclient is not installed (make installs it when libmariadb-dev is present)") \
+                from error
+        try:
+            self._admin = create_engine(self.server_url + "/", connect_args={"connect_timeout": 5})
+            with self._admin.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+        except Exception as error:
+            raise HarnessError(f"MariaDB unreachable at {self.server_url}: {error}") from error
+        return self
+
+    def version(self) -> str:
+        with self._admin.connect() as conn:
+            return str(conn.execute(text("SELECT VERSION()")).scalar())
+
+    def scalar(self, sql: str) -> Any:
+        with self._admin.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+
+    def drop(self) -> None:
+        if self._admin is None:
+            return
+        try:
+            with self._admin.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {self.name}"))
+        finally:
+            self._admin.dispose()
+            self._admin = None
+
+
+# -- nginx with the shipped site file --------------------------------------------------------------
+
+def replace_all(source: str, replacements: list[tuple[str, str]], name: str) -> str:
+    for old, new in replacements:
+        if old not in source:
+            raise HarnessError(f"{old!r} is no longer in {name}: update the rendering in bench/stack.py "
+                               "(and tests/test_production.py)")
+        source = source.replace(old, new)
+    return source
+
+
+class Nginx:
+    """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered like
+    tests/test_production.py renders it (same replacements), for temporary ports and folders and a
+    self-signed certificate for ``localhost``. ``static_dir`` replaces the app's static folder: the
+    harness puts the HTTP-ceiling file there, so it is served by the very same TLS server block."""
+
+    def __init__(self, tmp: Path, upstream_ports: list[int], static_dir: Path) -> None:
+        self.dir = tmp / "nginx"
+        self.tls = tmp / "tls"
+        self.static_dir = static_dir
+        self.upstream_ports = upstream_ports
+        self.https_port = free_port()
+        self.http_port = free_port()
+        self.base_url = f"https://localhost:{self.https_port}"
+        self.proc: subprocess.Popen | None = None
+        self.conf: Path | None = None
+
+    @staticmethod
+    def version() -> str:
+        done = subprocess.run([NGINX, "-v"], check=False, capture_output=True, text=True, timeout=10)
+        return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+    def make_certificate(self) -> None:
+        self.tls.mkdir(parents=True)
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise HarnessError("openssl is not installed")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost", "-days", "1",
+                        "-keyout", str(self.tls / "key.pem"), "-out", str(self.tls / "cert.pem")],
+                       check=True, capture_output=True, timeout=60)
+        subprocess.run([openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
+                        "-out", str(self.tls / "dhparam.pem")], check=True, capture_output=True, timeout=60)
+
+    def render(self) -> Path:
+        """The shipped site file with bench ports and folders, inside a main file like Debian's.
+        (A copy of tests/test_production.py's render_nginx, replacement for replacement, except the
+        static folder, which is the bench's, and the cache time, which stays as shipped.)"""
+        d = self.dir
+        for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        tls = self.tls
+        a, b = self.upstream_ports
+        site = replace_all(NGINX_CONF.read_text(), [
+            ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
+            ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
+            ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
+            ("api.example.com", "localhost"),
+            ("listen 80", f"listen 127.0.0.1:{self.http_port}"),
+            ("listen 443", f"listen 127.0.0.1:{self.https_port}"),
+            ("return 301 https://$host$request_uri;",
+             f"return 301 https://$host:{self.https_port}$request_uri;"),
+            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
+            ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
+            ("/var/cache/nginx/demo", str(d / "cache")),
+            ("/var/log/nginx/", f"{d / 'logs'}/"),
+            ("/var/www/letsencrypt", str(d / "acme")),
+            ("/opt/demo/demo/static/", f"{self.static_dir}/"),
+            # The test also shortens `proxy_cache_valid 200 <shipped>s;`; the benchmark keeps the
+            # shipped cache time: the periodic refresh is part of what "warm" costs in production.
+        ], NGINX_CONF.name)
+        ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
+        if len(ipv6) != 4:
+            raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
+        site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
+        (d / "demo.conf").write_text(site)
+        temp = d / "temp"
+        # What Debian's /etc/nginx/nginx.conf sets at http level, minus its paths (as in the test).
+        main = f"""
+            {"user root root;" if os.geteuid() == 0 else ""}
+            worker_processes 2;
+            events {{ worker_connections 256; }}
+            http {{
+                sendfile on;
+                tcp_nopush on;
+                types_hash_max_size 2048;
+                include /etc/nginx/mime.types;
+                default_type application/octet-stream;
+                ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+                ssl_prefer_server_ciphers on;
+                access_log {d / 'logs' / 'access.log'};
+                gzip on;
+                client_body_temp_path {temp / 'body'};
+                proxy_temp_path {temp / 'proxy'};
+                fastcgi_temp_path {temp / 'fastcgi'};
+                uwsgi_temp_path {temp / 'uwsgi'};
+                scgi_temp_path {temp / 'scgi'};
+                include {d / 'demo.conf'};
+            }}
+        """
+        (d / "nginx.conf").write_text(main)
+        return d / "nginx.conf"
+
+    def command(self, *extra: str) -> list[str]:
+        d = self.dir
+        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
+                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
+
+    def start(self) -> Nginx:
+        if not os.access(NGINX, os.X_OK):
+            raise HarnessError(f"{NGINX} is not installed (apt-get install nginx-light)")
+        self.make_certificate()
+        self.conf = self.render()
+        checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
+        with open(self.dir / "nginx.out", "ab") as out:
+            # Its own process group, so that even a master that died uncleanly takes its workers along.
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by an unclean exit
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def logs(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {p} ---\n{tail(p, chars)}" for p in
+                         [*sorted((self.dir / "logs").glob("*error.log")), self.dir / "nginx.out"] if p.exists())
