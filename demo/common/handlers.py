@@ -6,6 +6,7 @@ refuses to start the app when a method has neither (see routing.py).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -296,12 +297,10 @@ class H5PageHandler(BaseHandler):
         RequestHandler.check_xsrf_cookie(self)
 
     def content_security_policy(self) -> str:
-        images = "'self'"
-        public_url = self.services.settings.public_url.rstrip("/")
-        if public_url:
-            images += f" {public_url}"
-        return (f"default-src 'self'; img-src {images}; style-src 'self'; script-src 'self'; "
-                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+        return _content_security_policy(self.services.settings.public_url.rstrip("/"))
+
+    def compute_etag(self) -> None:
+        return None  # personal, no-store pages: hashing each one for an ETag is wasted work
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         status, body, headers = self.describe_error(kwargs.get("exc_info"))
@@ -312,6 +311,13 @@ class H5PageHandler(BaseHandler):
         if title is None:
             title, text = "Request refused", body["error"]["message"]
         self.render("h5/error.html", status=status, title=title, text=text, code=body["error"]["code"])
+
+
+@functools.lru_cache(maxsize=4)
+def _content_security_policy(public_url: str) -> str:
+    images = f"'self' {public_url}" if public_url else "'self'"
+    return (f"default-src 'self'; img-src {images}; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 
 
 class H5NotFoundHandler(H5PageHandler):
