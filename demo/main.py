@@ -202,7 +202,7 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
         metrics.mark_worker_dead(pid)
         if not state["stopping"]:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
-            time.sleep(RESTART_BACKOFF)
+            time.sleep(RESTART_BACKOFF)  # the supervisor runs no event loop: a crash loop must not spin
             spawn(slot)
     log.info("all workers stopped")
     return 0
