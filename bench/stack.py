@@ -318,6 +318,66 @@ def replace_all(source: str, replacements: list[tuple[str, str]], name: str) -> 
     return source
 
 
+def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: int, upstream_ports: list[int],
+                         static_dir: Path, extra: list[tuple[str, str]] | None = None) -> Path:
+    """demo/conf/nginx/demo.conf with local ports, a test certificate in ``tls`` and folders under
+    ``folder``, inside a main file like Debian's /etc/nginx/nginx.conf; returns that main file.
+    Shared by the benchmark and tests/test_production.py, so both run the file operators get."""
+    d = folder
+    for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    a, b = upstream_ports
+    site = replace_all(NGINX_CONF.read_text(), [
+        ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
+        ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
+        ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
+        ("api.example.com", "localhost"),
+        ("listen 80", f"listen 127.0.0.1:{http_port}"),
+        ("listen 443", f"listen 127.0.0.1:{https_port}"),
+        # On port 443 the redirect needs no port; on a test port it does.
+        ("return 301 https://$host$request_uri;", f"return 301 https://$host:{https_port}$request_uri;"),
+        ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
+        ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
+        ("/var/cache/nginx/demo", str(d / "cache")),
+        ("/var/log/nginx/", f"{d / 'logs'}/"),
+        ("/var/www/letsencrypt", str(d / "acme")),
+        ("/opt/demo/demo/static/", f"{static_dir}/"),
+        *(extra or []),
+    ], NGINX_CONF.name)
+    ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
+    if len(ipv6) != 4:
+        raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
+    site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
+    (d / "demo.conf").write_text(site)
+    temp = d / "temp"
+    # What Debian's /etc/nginx/nginx.conf sets at http level - including the settings the site file
+    # must override per server (ssl_protocols with TLS 1.0, gzip) - minus its paths.
+    main = f"""
+        {"user root root;" if os.geteuid() == 0 else ""}
+        worker_processes 2;
+        events {{ worker_connections 256; }}
+        http {{
+            sendfile on;
+            tcp_nopush on;
+            types_hash_max_size 2048;
+            include /etc/nginx/mime.types;
+            default_type application/octet-stream;
+            ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+            ssl_prefer_server_ciphers on;
+            access_log {d / 'logs' / 'access.log'};
+            gzip on;
+            client_body_temp_path {temp / 'body'};
+            proxy_temp_path {temp / 'proxy'};
+            fastcgi_temp_path {temp / 'fastcgi'};
+            uwsgi_temp_path {temp / 'uwsgi'};
+            scgi_temp_path {temp / 'scgi'};
+            include {d / 'demo.conf'};
+        }}
+    """
+    (d / "nginx.conf").write_text(main)
+    return d / "nginx.conf"
+
+
 class Nginx:
     """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered like
     tests/test_production.py renders it (same replacements), for temporary ports and folders and a
@@ -353,63 +413,10 @@ class Nginx:
                         "-out", str(self.tls / "dhparam.pem")], check=True, capture_output=True, timeout=60)
 
     def render(self) -> Path:
-        """The shipped site file with bench ports and folders, inside a main file like Debian's.
-        (A copy of tests/test_production.py's render_nginx, replacement for replacement, except the
-        static folder, which is the bench's, and the cache time, which stays as shipped.)"""
-        d = self.dir
-        for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        tls = self.tls
-        a, b = self.upstream_ports
-        site = replace_all(NGINX_CONF.read_text(), [
-            ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
-            ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
-            ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
-            ("api.example.com", "localhost"),
-            ("listen 80", f"listen 127.0.0.1:{self.http_port}"),
-            ("listen 443", f"listen 127.0.0.1:{self.https_port}"),
-            ("return 301 https://$host$request_uri;",
-             f"return 301 https://$host:{self.https_port}$request_uri;"),
-            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
-            ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
-            ("/var/cache/nginx/demo", str(d / "cache")),
-            ("/var/log/nginx/", f"{d / 'logs'}/"),
-            ("/var/www/letsencrypt", str(d / "acme")),
-            ("/opt/demo/demo/static/", f"{self.static_dir}/"),
-            # The test also shortens `proxy_cache_valid 200 <shipped>s;`; the benchmark keeps the
-            # shipped cache time: the periodic refresh is part of what "warm" costs in production.
-        ], NGINX_CONF.name)
-        ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
-        if len(ipv6) != 4:
-            raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
-        site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
-        (d / "demo.conf").write_text(site)
-        temp = d / "temp"
-        # What Debian's /etc/nginx/nginx.conf sets at http level, minus its paths (as in the test).
-        main = f"""
-            {"user root root;" if os.geteuid() == 0 else ""}
-            worker_processes 2;
-            events {{ worker_connections 256; }}
-            http {{
-                sendfile on;
-                tcp_nopush on;
-                types_hash_max_size 2048;
-                include /etc/nginx/mime.types;
-                default_type application/octet-stream;
-                ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
-                ssl_prefer_server_ciphers on;
-                access_log {d / 'logs' / 'access.log'};
-                gzip on;
-                client_body_temp_path {temp / 'body'};
-                proxy_temp_path {temp / 'proxy'};
-                fastcgi_temp_path {temp / 'fastcgi'};
-                uwsgi_temp_path {temp / 'uwsgi'};
-                scgi_temp_path {temp / 'scgi'};
-                include {d / 'demo.conf'};
-            }}
-        """
-        (d / "nginx.conf").write_text(main)
-        return d / "nginx.conf"
+        """The shipped config for the bench's ports and folders (cache time as shipped: the periodic
+        refresh is part of what "warm" costs in production)."""
+        return render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
+                                    self.static_dir)
 
     def command(self, *extra: str) -> list[str]:
         d = self.dir

@@ -39,6 +39,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from bench.stack import render_shipped_nginx
 from demo.conf import settings as config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,62 +364,13 @@ class Stack:
                         "-out", str(folder / "dhparam.pem")], check=True, capture_output=True, timeout=WAIT)
 
     def render_nginx(self) -> Path:
-        """The shipped site file with test ports and folders, inside a main file like Debian's."""
-        d = self.nginx_dir
-        for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        tls = self.cert.parent
-        a, b = self.workers
-        site = replace_all(NGINX_CONF.read_text(), [
-            ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
-            ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
-            ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
-            ("api.example.com", "localhost"),
-            ("listen 80", f"listen 127.0.0.1:{self.http_port}"),
-            ("listen 443", f"listen 127.0.0.1:{self.https_port}"),
-            # On port 443 the redirect needs no port; on a test port it does.
-            ("return 301 https://$host$request_uri;",
-             f"return 301 https://$host:{self.https_port}$request_uri;"),
-            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a.port} "),
-            ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b.port} "),
-            ("/var/cache/nginx/demo", str(d / "cache")),
-            ("/var/log/nginx/", f"{d / 'logs'}/"),
-            ("/var/www/letsencrypt", str(d / "acme")),
-            ("/opt/demo/demo/static/", f"{ROOT / 'demo' / 'static'}/"),
-            ("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
-        ], NGINX_CONF.name)
-        ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
-        assert len(ipv6) == 4, "expected an IPv6 listen next to each IPv4 one"
-        site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
-        (d / "demo.conf").write_text(site)
-        temp = d / "temp"
-        # What Debian's /etc/nginx/nginx.conf sets at http level - including the settings the site
-        # file must override per server (ssl_protocols with TLS 1.0, gzip) - minus its paths.
-        # As root, nginx's workers would run as `nobody`, who cannot enter pytest's private folders.
-        main = f"""
-            {"user root root;" if os.geteuid() == 0 else ""}
-            worker_processes 2;
-            events {{ worker_connections 256; }}
-            http {{
-                sendfile on;
-                tcp_nopush on;
-                types_hash_max_size 2048;
-                include /etc/nginx/mime.types;
-                default_type application/octet-stream;
-                ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
-                ssl_prefer_server_ciphers on;
-                access_log {d / 'logs' / 'access.log'};
-                gzip on;
-                client_body_temp_path {temp / 'body'};
-                proxy_temp_path {temp / 'proxy'};
-                fastcgi_temp_path {temp / 'fastcgi'};
-                uwsgi_temp_path {temp / 'uwsgi'};
-                scgi_temp_path {temp / 'scgi'};
-                include {d / 'demo.conf'};
-            }}
-        """
-        (d / "nginx.conf").write_text(main)
-        return d / "nginx.conf"
+        """The shipped config with test ports and folders (bench/stack.py renders it for both), the
+        app's own static folder, and a short image cache so expiry can be watched."""
+        return render_shipped_nginx(
+            self.nginx_dir, self.cert.parent, self.http_port, self.https_port, [w.port for w in self.workers],
+            ROOT / "demo" / "static",
+            extra=[("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;")],
+        )
 
     def nginx_command(self, conf: Path, *extra: str) -> list[str]:
         d = self.nginx_dir
