@@ -171,7 +171,7 @@ CONTRACT_REJECTS_VALID_DATA = [
     # cursor: opaque, only one the server gave out is accepted -> 422 invalid_field.
     (["listImages"], ["422"]),
     # Range: any string; a range past the end of the file is 416 (RFC 9110, documented).
-    (["getImageFile"], ["416"]),
+    (["getImageFile", "headImageFile"], ["416"]),
 ]
 
 
