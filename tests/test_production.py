@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from servers import free_port
 from sqlalchemy import create_engine, text
 
 from bench.stack import render_shipped_nginx
@@ -63,12 +64,6 @@ _phones = itertools.count(1000)
 def new_phone() -> str:
     """A fresh national number per call, so SMS resend limits never meet between tests."""
     return f"1886666{next(_phones):04d}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT, every: float = 0.05) -> Any:
