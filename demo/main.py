@@ -29,7 +29,6 @@ from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
 from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
-from demo.common.memory import return_large_buffers_to_the_os
 from demo.common.routing import collect_routes
 from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
 from demo.conf import settings as config
@@ -104,7 +103,6 @@ def migrate_database(settings: Settings) -> None:
 
 async def serve(settings: Settings, sockets: list[Any]) -> None:
     """One worker: serve on ``sockets`` until SIGTERM/SIGINT, then stop gracefully."""
-    return_large_buffers_to_the_os()
     app = make_app(settings)
     services = app.services
     swept = await services.offloader.db(services.images.sweep)  # before serving: nothing is in flight

@@ -26,11 +26,19 @@ from demo.common.clock import Clock, isoformat
 from demo.common.db import Database, upsert_add
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.memo import Budget, BytesCache, TtlCache
+from demo.common.memory import trims_after
 from demo.common.storage import ImageStore
 from demo.models import Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
+# Decoding an image allocates and frees tens of MB: hand those pages back once it is done.
+_process_upload = trims_after(imaging.process_upload)
+
+
+@trims_after
+def _make_variant(store: ImageStore, *args: Any) -> str:
+    return store.make_variant(*args)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class Images:
         pixels = await self.db.offloader.io(imaging.decoded_pixels, upload_path)
         async with self._decoding.reserve(pixels):
             processed = await self.db.offloader.cpu(
-                imaging.process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
+                _process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
             )
         try:
             return await self.db.run(self._store, user_id, processed, self.clock.now())
@@ -155,7 +163,7 @@ class Images:
         path = self._variants.get((image.sha256, width))
         if path is None:
             path = await self.db.offloader.cpu(
-                self.store.make_variant, image.sha256, width,
+                _make_variant, self.store, image.sha256, width,
                 lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
             )
             self._variants.put((image.sha256, width), path)
