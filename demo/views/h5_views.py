@@ -35,7 +35,7 @@ class HomeHandler(H5PageHandler):
         for image in page["images"]:
             path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
             images.append({**image, "url": self.absolute_url(path), "thumb": self.absolute_url(f"{path}?w=320")})
-        self.render("h5/home.html", page=page, images=images)
+        self.render_page("h5/home.html", page=page, images=images)
 
 
 class PageUploadHandler(H5PageHandler, ImagesHandler):
