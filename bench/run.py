@@ -155,7 +155,17 @@ class Http:
 class User:
     phone: str
     token: str
-    cookie: str = ""  # "demo_h5=<value>", once the H5 ticket was exchanged
+    cookie: str = ""  # "demo_h5=<value>; _xsrf=<value>", once the H5 page was opened
+
+
+def set_cookie(headers: http.client.HTTPMessage, name: str, what: str) -> str:
+    """The value of the cookie ``name`` that a response sets."""
+    jar: SimpleCookie = SimpleCookie()
+    for line in headers.get_all("Set-Cookie") or []:
+        jar.load(line)
+    if name not in jar:
+        raise HarnessError(f"{what} set no {name} cookie: {headers}")
+    return jar[name].value
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -432,14 +442,13 @@ class Bench:
         return User(phone, session["token"]), session["h5_url"]
 
     def open_h5(self, client: Http, h5_url: str) -> str:
-        """Follow the ticket exchange once; the ``demo_h5`` cookie it sets."""
+        """Follow the ticket exchange once, then open the page once, as a WebView does; the cookies
+        its jar then holds: ``demo_h5`` (the session) and ``_xsrf`` (set by the first page, for its
+        forms; sent back on every later view, so the server does not mint a new one each time)."""
         headers, _ = client.expect(302, "GET", h5_url)
-        jar = SimpleCookie()
-        for line in headers.get_all("Set-Cookie") or []:
-            jar.load(line)
-        if "demo_h5" not in jar:
-            raise HarnessError(f"the H5 ticket exchange set no demo_h5 cookie: {headers}")
-        return f"demo_h5={jar['demo_h5'].value}"
+        cookie = f"demo_h5={set_cookie(headers, 'demo_h5', 'the H5 ticket exchange')}"
+        headers, _ = client.expect(200, "GET", "/h5/home", headers={"Cookie": cookie})
+        return f"{cookie}; _xsrf={set_cookie(headers, '_xsrf', 'the first home page')}"
 
     def upload(self, client: Http, user: User, path: Path) -> dict[str, Any]:
         _, body = client.expect(201, "POST", "/images", body=path.read_bytes(),
