@@ -12,13 +12,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import String, bindparam, delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from demo.common import ratelimit, tokens
 from demo.common.clock import Clock, isoformat
-from demo.common.db import Database
+from demo.common.db import Cursor, Database, Prepared, session_cursor
 from demo.common.errors import (
     InvalidCode,
     InvalidCredentials,
@@ -34,17 +34,34 @@ from demo.common.phones import normalize_phone
 from demo.common.principal import Principal
 from demo.common.ratelimit import Window
 from demo.common.sms import SmsBackend, SmsFailed, SmsMessage
-from demo.models import AuthSession, Image, SmsCode, User
+from demo.models import AuthSession, Image, RateCounter, SmsCode, User
 
 PURPOSES = ("regist", "reset")
-_sessions, _users = AuthSession.__table__, User.__table__
-# Every authenticated call runs this: built once as a Core statement (no per-call building, no ORM layer).
-TOKEN_QUERY = (
+# The statements of every login and every authenticated call, prepared (see db.Prepared).
+_sessions, _users, _counters = AuthSession.__table__, User.__table__, RateCounter.__table__
+TOKEN_QUERY = Prepared(
     select(_sessions.c.id, _sessions.c.user_id, _users.c.phone)
     .select_from(_sessions.join(_users, _users.c.id == _sessions.c.user_id))
     .where(_sessions.c.token_hash == bindparam("token_hash"), _sessions.c.revoked_at.is_(None),
            _sessions.c.expires_at > bindparam("now"))
 )
+# The user by phone (NULLs when there is none: the one-row table makes the row) with both failure counts.
+_one_row = select(literal_column("1").label("one")).subquery("one_row")
+LOGIN_LOOKUP = Prepared(
+    select(_users.c.id, _users.c.phone, _users.c.password_hash, _users.c.created_at,
+           ratelimit.count_of("phone_key", "phone_start").label("phone_failures"),
+           ratelimit.count_of("ip_key", "ip_start").label("ip_failures"))
+    .select_from(_one_row.outerjoin(_users, _users.c.phone == bindparam("phone")))
+)
+RECORD_LOGIN = Prepared(
+    update(_users).where(_users.c.id == bindparam("user_id"))
+    .values(last_login_at=bindparam("now"),
+            password_hash=func.coalesce(bindparam("new_hash", type_=String), _users.c.password_hash))
+)
+FORGET_FAILURES = Prepared(delete(_counters).where(_counters.c.key == bindparam("key")))
+NEW_SESSION = Prepared(insert(_sessions).values(
+    user_id=bindparam("user_id"), token_hash=bindparam("token_hash"), created_at=bindparam("now"),
+    expires_at=bindparam("expires_at")))
 
 
 @dataclass(frozen=True)
@@ -183,7 +200,7 @@ class Accounts:
             user = User(phone=phone, password_hash=password_hash, created_at=now, last_login_at=now)
             s.add(user)
             s.flush()  # IntegrityError here when another request registered the phone first
-            return self._grant(s, user, now)
+            return self._grant(session_cursor(s), user, now)
 
         try:
             grant = await self.db.run(work)
@@ -196,36 +213,31 @@ class Accounts:
     async def login(self, raw_phone: Any, password: str, client_ip: str) -> Grant:
         phone = self.phone(raw_phone)
         r = self.rules
-        windows = (
-            Window(f"login:phone:{phone}", r.login_phone_failures, r.login_window),
-            Window(f"login:ip:{client_ip}", r.login_ip_failures, r.login_window),
-        )
+        by_phone = Window(f"login:phone:{phone}", r.login_phone_failures, r.login_window)
+        by_ip = Window(f"login:ip:{client_ip}", r.login_ip_failures, r.login_window)
         now = self.clock.now()
-
-        def lookup(s: Session) -> User | None:
-            for window in windows:
-                ratelimit.check(s, window, now)
-            return s.scalars(select(User).where(User.phone == phone)).first()
-
-        user = await self.db.run(lookup)
+        # One statement: the user (or NULLs) and both failure counts.
+        found = await self.db.run_direct(lambda c: c.first(LOGIN_LOOKUP, {
+            "phone": phone, "phone_key": by_phone.key, "phone_start": by_phone.start(now),
+            "ip_key": by_ip.key, "ip_start": by_ip.start(now)}))
+        ratelimit.refuse_if_full(by_phone, found.phone_failures, now)
+        ratelimit.refuse_if_full(by_ip, found.ip_failures, now)
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
-        ok = await self.db.offloader.cpu(self.passwords.verify, user.password_hash if user else None, password)
-        if not ok or user is None:
-            await self.db.run(lambda s: [ratelimit.hit(s, w, now, enforce=False) for w in windows])
+        ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
+        if not ok or found.id is None:
+            await self.db.run(lambda s: [ratelimit.hit(s, w, now, enforce=False) for w in (by_phone, by_ip)])
             raise InvalidCredentials()
         new_hash = None
-        if self.passwords.needs_rehash(user.password_hash):
+        if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
 
-        def work(s: Session) -> Grant:
-            values: dict[str, Any] = {"last_login_at": now}
-            if new_hash:
-                values["password_hash"] = new_hash
-            s.execute(update(User).where(User.id == user.id).values(**values))
-            ratelimit.forget(s, windows[0].key)  # a success clears this phone's failures
-            return self._grant(s, user, now)
+        def work(c: Cursor) -> Grant:
+            c.execute(RECORD_LOGIN, {"user_id": found.id, "now": now, "new_hash": new_hash})
+            if found.phone_failures:
+                c.execute(FORGET_FAILURES, {"key": by_phone.key})  # a success clears this phone's failures
+            return self._grant(c, found, now)
 
-        return await self.db.run(work)
+        return await self.db.run_direct(work)
 
     async def logout(self, principal: Principal) -> None:
         now = self.clock.now()
@@ -266,8 +278,7 @@ class Accounts:
             raise Unauthorized()
         token_hash, now = tokens.digest(token), self.clock.now()
 
-        row = await self.db.run(
-            lambda s: s.connection().execute(TOKEN_QUERY, {"token_hash": token_hash, "now": now}).first())
+        row = await self.db.run_direct(lambda c: c.first(TOKEN_QUERY, {"token_hash": token_hash, "now": now}))
         if row is None:
             raise Unauthorized()
         return Principal(user_id=row.user_id, session_id=row.id, phone=row.phone)
@@ -280,16 +291,15 @@ class Accounts:
 
         return await self.db.run(lookup)
 
-    def _grant(self, s: Session, user: User, now: dt.datetime) -> Grant:
+    def _grant(self, c: Cursor, user: Any, now: dt.datetime) -> Grant:
+        """A new app session and its first H5 ticket for ``user`` (anything with id, phone, created_at)."""
         token, token_hash = tokens.new_secret()
         ttl = self.rules.token_ttl
-        row = AuthSession(user_id=user.id, token_hash=token_hash, created_at=now,
-                          expires_at=now + dt.timedelta(seconds=ttl))
-        s.add(row)
-        s.flush()
-        ticket = create_ticket(s, row.id, now, self.ticket_ttl)
-        return Grant(user=public_user(user), token=token, expires_in=ttl, session_id=row.id, h5_ticket=ticket)
+        session_id = c.insert(NEW_SESSION, {"user_id": user.id, "token_hash": token_hash, "now": now,
+                                            "expires_at": now + dt.timedelta(seconds=ttl)})
+        ticket = create_ticket(c, session_id, now, self.ticket_ttl)
+        return Grant(user=public_user(user), token=token, expires_in=ttl, session_id=session_id, h5_ticket=ticket)
 
 
-def public_user(user: User) -> dict[str, Any]:
+def public_user(user: Any) -> dict[str, Any]:
     return {"id": user.id, "phone": user.phone, "created_at": isoformat(user.created_at)}

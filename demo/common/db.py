@@ -212,6 +212,12 @@ class Cursor:
         self._cursor.execute(compiled.sql, compiled.arguments(values))
 
 
+def session_cursor(session: Session) -> Cursor:
+    """A ``Cursor`` inside an ORM unit of work: same connection, same transaction."""
+    connection = session.connection()
+    return Cursor(connection.connection.driver_connection.cursor(), connection.dialect)
+
+
 class Database:
     def __init__(self, engine: Engine, offloader: Offloader) -> None:
         self.engine = engine

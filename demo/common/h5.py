@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from demo.common import tokens
@@ -25,11 +25,11 @@ MAX_TICKET_TTL = 120
 HOME_IMAGES = 60  # newest images shown on the home page
 
 
-def create_ticket(s: Session, auth_session_id: int, now: dt.datetime, ttl: int = MAX_TICKET_TTL) -> str:
+def create_ticket(c: Cursor, auth_session_id: int, now: dt.datetime, ttl: int = MAX_TICKET_TTL) -> str:
     """A new ticket for ``auth_session_id`` inside the caller's unit of work; returns the secret."""
     ticket, ticket_hash = tokens.new_secret()
-    s.add(H5Ticket(ticket_hash=ticket_hash, auth_session_id=auth_session_id, created_at=now,
-                   expires_at=now + dt.timedelta(seconds=min(ttl, MAX_TICKET_TTL))))
+    c.insert(NEW_TICKET, {"ticket_hash": ticket_hash, "auth_session_id": auth_session_id, "now": now,
+                          "expires_at": now + dt.timedelta(seconds=min(ttl, MAX_TICKET_TTL))})
     return ticket
 
 
@@ -51,7 +51,7 @@ class H5:
 
     async def issue_ticket(self, principal: Principal) -> str:
         now = self.clock.now()
-        return await self.db.run(lambda s: create_ticket(s, principal.session_id, now, self.rules.ticket_ttl))
+        return await self.db.run_direct(lambda c: create_ticket(c, principal.session_id, now, self.rules.ticket_ttl))
 
     async def exchange(self, ticket: str) -> str:
         """Spend a ticket; returns the new cookie secret, or Unauthorized (unknown, used, expired)."""
@@ -131,6 +131,10 @@ def _cookie_hash(cookie: str | None) -> str:
 
 # The page every WebView opens runs these on each view (see db.Prepared for why they are prepared).
 _h5, _app, _users, _images = (H5Session.__table__, AuthSession.__table__, User.__table__, Image.__table__)
+_tickets = H5Ticket.__table__
+NEW_TICKET = Prepared(insert(_tickets).values(
+    ticket_hash=bindparam("ticket_hash"), auth_session_id=bindparam("auth_session_id"), created_at=bindparam("now"),
+    expires_at=bindparam("expires_at")))
 _VISITOR = (_h5.c.id, _app.c.id.label("auth_session_id"), _users.c.id.label("user_id"), _users.c.phone,
             _users.c.created_at, _users.c.last_login_at, _users.c.h5_visit_count)
 _LIVE = _h5.join(_app, _app.c.id == _h5.c.auth_session_id).join(_users, _users.c.id == _app.c.user_id)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.sql.selectable import ScalarSelect
 from sqlalchemy.orm import Session
 
 from demo.common.db import upsert_add
 from demo.common.errors import RateLimited
 from demo.models import RateCounter
+
+_counters = RateCounter.__table__
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,21 @@ def hit(session: Session, window: Window, now: dt.datetime, *, enforce: bool = T
 
 def check(session: Session, window: Window, now: dt.datetime) -> None:
     """Raise RateLimited if the window is already full, without counting anything."""
-    if _count(session, window.key, window.start(now)) >= window.limit:
+    refuse_if_full(window, _count(session, window.key, window.start(now)), now)
+
+
+def refuse_if_full(window: Window, count: int | None, now: dt.datetime) -> None:
+    """Raise RateLimited if ``count`` (the window's current count, read by the caller) fills it."""
+    if (count or 0) >= window.limit:
         raise RateLimited(window.retry_after(now))
+
+
+def count_of(key: str, start: str) -> ScalarSelect:
+    """The count of the window named by the bind parameters ``key`` and ``start`` (NULL: none yet),
+    to read inside a larger statement."""
+    return (select(_counters.c.count)
+            .where(_counters.c.key == bindparam(key), _counters.c.window_start == bindparam(start))
+            .scalar_subquery())
 
 
 def forget(session: Session, key: str) -> None:
