@@ -124,29 +124,34 @@ def is_unreachable(error: BaseException) -> bool:
 def upsert_add(session: Session, model: Any, values: dict[str, Any], key: list[str], column: str) -> None:
     """INSERT ``values``, or add ``values[column]`` to the existing row: atomic, and the row stays
     locked until commit, so concurrent callers on one key are serialised (MySQL and SQLite alike)."""
+    session.execute(upsert_add_statement(session.get_bind().dialect.name, model, values, key, column))
+
+
+def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any], key: list[str], column: str) -> Any:
+    """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s)."""
     current = getattr(model, column)
-    if session.get_bind().dialect.name in ("mysql", "mariadb"):
+    if dialect in ("mysql", "mariadb"):
         stmt = mysql.insert(model).values(**values)
-        stmt = stmt.on_duplicate_key_update({column: current + stmt.inserted[column]})
-    else:
-        stmt = sqlite.insert(model).values(**values)
-        stmt = stmt.on_conflict_do_update(index_elements=key, set_={column: current + values[column]})
-    session.execute(stmt)
+        return stmt.on_duplicate_key_update({column: current + stmt.inserted[column]})
+    stmt = sqlite.insert(model).values(**values)
+    return stmt.on_conflict_do_update(index_elements=key, set_={column: current + values[column]})
 
 
 class Prepared:
     """A Core statement compiled once per dialect, for ``Cursor``: positional SQL, the order of its
     parameters with their type conversions, and the result columns' conversions. Parameters are
-    ``bindparam(name)``s given by name at each call; literals in the statement are fixed."""
+    ``bindparam(name)``s given by name at each call; literals in the statement are fixed.
+    ``statement`` may also be a function of the dialect's name, for statements that differ by backend."""
 
-    def __init__(self, statement: ClauseElement) -> None:
+    def __init__(self, statement: ClauseElement | Callable[[str], ClauseElement]) -> None:
         self.statement = statement
         self._by_dialect: dict[str, _Compiled] = {}
 
     def compiled(self, dialect: Dialect) -> _Compiled:
         compiled = self._by_dialect.get(dialect.name)
         if compiled is None:
-            compiled = self._by_dialect[dialect.name] = _Compiled(self.statement, dialect)
+            statement = self.statement if isinstance(self.statement, ClauseElement) else self.statement(dialect.name)
+            compiled = self._by_dialect[dialect.name] = _Compiled(statement, dialect)
         return compiled
 
 
@@ -212,6 +217,12 @@ class Cursor:
         self._cursor.execute(compiled.sql, compiled.arguments(values))
 
 
+def _as_sqlalchemy_error(error: Exception, dialect: Dialect, invalidated: bool = False) -> exc.DBAPIError:
+    """A DBAPI error as the SQLAlchemy error a Session would have raised (IntegrityError, ...)."""
+    return exc.DBAPIError.instance(None, None, error, dialect.loaded_dbapi.Error,
+                                   connection_invalidated=invalidated, dialect=dialect)
+
+
 def session_cursor(session: Session) -> Cursor:
     """A ``Cursor`` inside an ORM unit of work: same connection, same transaction."""
     connection = session.connection()
@@ -245,7 +256,10 @@ class Database:
         """``run_sync`` for units of ``Prepared`` statements: ``work(cursor, *args)`` in one transaction.
         DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from ``run_sync``."""
         dialect = self.engine.dialect
-        connection = self.engine.raw_connection()
+        try:
+            connection = self.engine.raw_connection()
+        except dialect.loaded_dbapi.Error as error:  # cannot connect (Engine.connect wraps this itself)
+            raise _as_sqlalchemy_error(error, dialect) from error
         cursor = connection.cursor()
         try:
             if dialect.name == "sqlite":
@@ -264,8 +278,7 @@ class Database:
                 except dialect.loaded_dbapi.Error:
                     connection.invalidate()
             if isinstance(error, dialect.loaded_dbapi.Error):
-                raise exc.DBAPIError.instance(None, None, error, dialect.loaded_dbapi.Error,
-                                              connection_invalidated=invalidated, dialect=dialect) from error
+                raise _as_sqlalchemy_error(error, dialect, invalidated) from error
             raise
         finally:
             try:

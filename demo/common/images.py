@@ -18,19 +18,30 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from demo.common import imaging
 from demo.common.clock import Clock, isoformat
-from demo.common.db import Database, upsert_add
+from demo.common.db import Cursor, Database, Prepared, upsert_add, upsert_add_statement
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.memo import Budget, BytesCache, TtlCache
 from demo.common.memory import trims_after
 from demo.common.storage import ImageStore
+from demo.common.uploads import UploadSpool
 from demo.models import Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
+# The statements of every upload, prepared (see db.Prepared).
+_users, _images = User.__table__, Image.__table__
+LOCK_OWNER = Prepared(select(_users.c.id).where(_users.c.id == bindparam("user_id")).with_for_update())
+USAGE = Prepared(select(func.count(_images.c.pk).label("count"), func.coalesce(func.sum(_images.c.bytes), 0).label("used"))
+                 .where(_images.c.owner_id == bindparam("user_id")))
+ADD_BLOB_REF = Prepared(lambda dialect: upsert_add_statement(
+    dialect, ImageBlob, {"sha256": bindparam("sha256"), "refs": 1, "created_at": bindparam("now")}, ["sha256"], "refs"))
+NEW_IMAGE = Prepared(insert(_images).values(
+    id=bindparam("id"), owner_id=bindparam("owner_id"), sha256=bindparam("sha256"), format=bindparam("format"),
+    width=bindparam("width"), height=bindparam("height"), bytes=bindparam("bytes"), created_at=bindparam("now")))
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 # Decoding an image allocates and frees tens of MB: hand those pages back once it is done.
 _process_upload = trims_after(imaging.process_upload)
@@ -81,44 +92,38 @@ class Images:
 
     async def check_room(self, user_id: int) -> None:
         """Before reading an upload: refuse at once when the count quota is already used up."""
-        count, _ = await self.db.run(self._usage, user_id)
-        if count >= self.rules.quota_count:
+        usage = await self.db.run_direct(lambda c: c.first(USAGE, {"user_id": user_id}))
+        if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
-    async def create(self, user_id: int, upload_path: str) -> dict[str, Any]:
-        """Check, re-encode and store the uploaded file; returns the image record."""
-        # Decoding holds 3-4 bytes per pixel: the budget keeps concurrent uploads from decoding more
-        # than decode_budget pixels at once, so memory stays flat however many arrive together.
-        pixels = await self.db.offloader.io(imaging.decoded_pixels, upload_path)
-        async with self._decoding.reserve(pixels):
-            processed = await self.db.offloader.cpu(
-                _process_upload, upload_path, self.store.temp_dir(), self.rules.max_pixels
-            )
+    async def create(self, user_id: int, upload: UploadSpool) -> dict[str, Any]:
+        """Check, re-encode and store the uploaded file; returns the image record. The upload's temp
+        file is discarded in any case."""
+        io, processed = self.db.offloader.io, None
         try:
-            return await self.db.run(self._store, user_id, processed, self.clock.now())
+            path, pixels = await io(_close_and_measure, upload, upload.take())
+            # Decoding holds 3-4 bytes per pixel: the budget keeps concurrent uploads from decoding
+            # more than decode_budget pixels at once, so memory stays flat however many arrive together.
+            async with self._decoding.reserve(pixels):
+                processed = await self.db.offloader.cpu(_process_upload, path, self.store.temp_dir(),
+                                                        self.rules.max_pixels)
+            return await self.db.run_direct(self._store, user_id, processed, self.clock.now())
         finally:
-            await self.db.offloader.io(_remove, processed.path)  # gone already unless storing failed
+            # The re-encoded file is gone already (moved into the store) unless storing failed.
+            await io(_clean_up, upload, processed.path if processed else None)
 
-    def _store(self, s: Session, user_id: int, image: imaging.ProcessedImage, now: dt.datetime) -> dict[str, Any]:
+    def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, now: dt.datetime) -> dict[str, Any]:
         # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
-        s.execute(select(User.id).where(User.id == user_id).with_for_update())
-        count, used = self._usage(s, user_id)
-        if count + 1 > self.rules.quota_count or used + image.bytes > self.rules.quota_bytes:
+        c.execute(LOCK_OWNER, {"user_id": user_id})
+        usage = c.first(USAGE, {"user_id": user_id})
+        if usage.count + 1 > self.rules.quota_count or usage.used + image.bytes > self.rules.quota_bytes:
             raise QuotaExceeded()
-        upsert_add(s, ImageBlob, {"sha256": image.sha256, "refs": 1, "created_at": now}, ["sha256"], "refs")
+        c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
         self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
-        row = Image(id=new_image_id(), owner_id=user_id, sha256=image.sha256, format=image.format,
-                    width=image.width, height=image.height, bytes=image.bytes, created_at=now)
-        s.add(row)
-        s.flush()
-        return record(row)
-
-    @staticmethod
-    def _usage(s: Session, user_id: int) -> tuple[int, int]:
-        count, used = s.execute(
-            select(func.count(Image.pk), func.coalesce(func.sum(Image.bytes), 0)).where(Image.owner_id == user_id)
-        ).one()
-        return int(count), int(used)
+        values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
+                  "bytes": image.bytes, "sha256": image.sha256}
+        c.execute(NEW_IMAGE, {**values, "owner_id": user_id, "now": now})
+        return {**values, "created_at": isoformat(now)}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -138,7 +143,7 @@ class Images:
         return [record(r) for r in rows], (encode_cursor(rows[-1].pk) if more else None)
 
     async def count(self, user_id: int) -> int:
-        return (await self.db.run(self._usage, user_id))[0]
+        return (await self.db.run_direct(lambda c: c.first(USAGE, {"user_id": user_id}))).count
 
     async def find(self, image_id: str) -> StoredImage:
         if not looks_like_image_id(image_id):
@@ -267,6 +272,17 @@ def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         return size, (f.read() if size <= limit else None)
+
+
+def _close_and_measure(upload: UploadSpool, chunks: list[bytes]) -> tuple[str, int]:
+    path = upload.close(chunks)
+    return path, imaging.decoded_pixels(path)
+
+
+def _clean_up(upload: UploadSpool, processed_path: str | None) -> None:
+    upload.discard()
+    if processed_path is not None:
+        _remove(processed_path)
 
 
 def _remove(path: str) -> None:

@@ -90,6 +90,8 @@ def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
             _check_budget(im, max_pixels)
             frames = _decoded_frames(im, fmt)
             out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp))
+            # What was written: orientation applied (in place), so no need to reopen the output.
+            width, height = frames[0][0].size if frames else im.size
     except (InvalidImage, UnsupportedMediaType):
         raise
     except OSError as error:
@@ -100,8 +102,6 @@ def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
         raise InvalidImage("The file claims to be an image but cannot be read.", field="image") from None
     except DECODE_ERRORS:
         raise InvalidImage(field="image") from None
-    with Image.open(out) as stored:
-        width, height = stored.size
     return ProcessedImage(out, file_sha256(out), fmt, width, height, os.path.getsize(out))
 
 

@@ -7,6 +7,10 @@ Client file names are never used for anything.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from typing import BinaryIO
+
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from demo.common.errors import InvalidField, TooLarge, UnsupportedMediaType
@@ -125,3 +129,58 @@ class _ImagePart:
 
     def _end(self) -> None:
         self.ended = True
+
+
+SPOOL_WRITE_BYTES = 256 * 1024
+
+
+class UploadSpool:
+    """The uploaded file on its way to a temp file in ``folder``.
+
+    Network chunks (up to 64 KiB each) are gathered in memory and written ``SPOOL_WRITE_BYTES`` at a
+    time: each write is a hand-off to the I/O pool, which cost ~0.1 ms of CPU on the benchmark VM,
+    and there were 16 per MiB. The methods that touch the disk (``write``, ``close``, ``discard``)
+    block: callers run them on the I/O pool. The file is created by the first write.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.path: str | None = None
+        self._file: BinaryIO | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.discarded = False
+
+    def add(self, data: bytes) -> list[bytes] | None:
+        """Keep ``data``; once enough is gathered, the chunks to ``write`` now (else None)."""
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        return self.take() if self._pending_bytes >= SPOOL_WRITE_BYTES else None
+
+    def take(self) -> list[bytes]:
+        """The chunks gathered and not yet written (to pass to ``close``)."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        return pending
+
+    def write(self, chunks: list[bytes]) -> None:
+        if self._file is None:
+            fd, self.path = tempfile.mkstemp(prefix=f"up-{os.getpid()}-", suffix=".tmp", dir=self.folder)
+            self._file = os.fdopen(fd, "wb", buffering=0)
+        self._file.write(b"".join(chunks))
+
+    def close(self, chunks: list[bytes]) -> str:
+        """Write the last ``chunks`` and close; the file's path (an empty file for an empty upload)."""
+        self.write(chunks)
+        self._file.close()
+        return self.path
+
+    def discard(self) -> None:
+        """Close and remove the temp file, whatever state it is in (idempotent)."""
+        self.discarded = True
+        if self._file is not None:
+            self._file.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

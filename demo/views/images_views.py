@@ -4,8 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-from typing import Any, BinaryIO
+from typing import Any
 
 from tornado.web import stream_request_body
 
@@ -13,7 +12,7 @@ from demo.common import imaging
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
 from demo.common.handlers import ApiHandler, authenticated, public
 from demo.common.images import THUMBNAIL_WIDTHS
-from demo.common.uploads import UploadSink
+from demo.common.uploads import UploadSink, UploadSpool
 
 log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024
@@ -39,7 +38,7 @@ class ImagesHandler(ImageApiHandler):
     """POST streams the body into a temp file (memory does not grow with the upload); GET lists."""
 
     sink: UploadSink | None = None
-    upload: BinaryIO | None = None
+    upload: UploadSpool | None = None
     failed = False
 
     async def prepare(self) -> None:
@@ -51,9 +50,7 @@ class ImagesHandler(ImageApiHandler):
         sink = UploadSink(self.request.headers.get("Content-Type", ""), self.images.rules.max_upload_bytes)
         sink.declared_length_ok(self.request.headers.get("Content-Length"))
         await self.images.check_room(self.principal.user_id)
-        self.upload = await self.services.offloader.io(
-            tempfile.NamedTemporaryFile, prefix=f"up-{os.getpid()}-", dir=self.images.store.temp_dir(), delete=False
-        )
+        self.upload = UploadSpool(self.images.store.temp_dir())
         self.sink = sink
 
     async def data_received(self, chunk: bytes) -> None:
@@ -62,8 +59,9 @@ class ImagesHandler(ImageApiHandler):
         self.services.metrics.upload_bytes.inc(len(chunk))
         try:
             data = self.sink.feed(chunk)
-            if data:
-                await self.services.offloader.io(self.upload.write, data)
+            ready = self.upload.add(data) if data else None
+            if ready:
+                await self.services.offloader.io(self.upload.write, ready)
         except Exception:  # noqa: BLE001
             # An exception escaping data_received would only drop the connection: answer here
             # instead; Tornado then stops reading the body and closes after the response.
@@ -81,10 +79,10 @@ class ImagesHandler(ImageApiHandler):
         upload, self.upload = self.upload, None
         try:
             self.sink.finish()
-            await self.services.offloader.io(upload.close)
-            record = await self.images.create(self.principal.user_id, upload.name)
-        finally:
-            await self.services.offloader.io(_close_and_remove, upload)
+        except BaseException:
+            await self.services.offloader.io(upload.discard)
+            raise
+        record = await self.images.create(self.principal.user_id, upload)  # and discards it
         body = self.image_json(record)
         self.set_header("Location", body["url"])
         self.write_json({"image": body}, status=201)
@@ -110,15 +108,7 @@ class ImagesHandler(ImageApiHandler):
     def _discard_upload(self) -> None:
         upload, self.upload = self.upload, None
         if upload is not None:
-            _close_and_remove(upload)  # small and local: close + unlink of our own temp file
-
-
-def _close_and_remove(upload: BinaryIO) -> None:
-    upload.close()
-    try:
-        os.unlink(upload.name)
-    except FileNotFoundError:
-        pass
+            upload.discard()  # small and local: close + unlink of our own temp file, if it exists yet
 
 
 class ImageHandler(ImageApiHandler):
