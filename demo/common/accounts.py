@@ -34,11 +34,11 @@ from demo.common.phones import normalize_phone
 from demo.common.principal import Principal
 from demo.common.ratelimit import Window
 from demo.common.sms import SmsBackend, SmsFailed, SmsMessage
-from demo.models import AuthSession, Image, RateCounter, SmsCode, User
+from demo.models import AuthSession, Image, SmsCode, User
 
 PURPOSES = ("regist", "reset")
 # The statements of every login and every authenticated call, prepared (see db.Prepared).
-_sessions, _users, _counters = AuthSession.__table__, User.__table__, RateCounter.__table__
+_sessions, _users = AuthSession.__table__, User.__table__
 TOKEN_QUERY = Prepared(
     select(_sessions.c.id, _sessions.c.user_id, _users.c.phone)
     .select_from(_sessions.join(_users, _users.c.id == _sessions.c.user_id))
@@ -58,7 +58,6 @@ RECORD_LOGIN = Prepared(
     .values(last_login_at=bindparam("now"),
             password_hash=func.coalesce(bindparam("new_hash", type_=String), _users.c.password_hash))
 )
-FORGET_FAILURES = Prepared(delete(_counters).where(_counters.c.key == bindparam("key")))
 NEW_SESSION = Prepared(insert(_sessions).values(
     user_id=bindparam("user_id"), token_hash=bindparam("token_hash"), created_at=bindparam("now"),
     expires_at=bindparam("expires_at")))
@@ -234,7 +233,7 @@ class Accounts:
         def work(c: Cursor) -> Grant:
             c.execute(RECORD_LOGIN, {"user_id": found.id, "now": now, "new_hash": new_hash})
             if found.phone_failures:
-                c.execute(FORGET_FAILURES, {"key": by_phone.key})  # a success clears this phone's failures
+                c.execute(ratelimit.FORGET, {"key": by_phone.key})  # a success clears this phone's failures
             return self._grant(c, found, now)
 
         return await self.db.run_direct(work)

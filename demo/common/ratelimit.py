@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, delete, select
 from sqlalchemy.sql.selectable import ScalarSelect
 from sqlalchemy.orm import Session
 
-from demo.common.db import upsert_add
+from demo.common.db import Prepared, upsert_add
 from demo.common.errors import RateLimited
 from demo.models import RateCounter
 
@@ -50,11 +50,6 @@ def hit(session: Session, window: Window, now: dt.datetime, *, enforce: bool = T
     return count
 
 
-def check(session: Session, window: Window, now: dt.datetime) -> None:
-    """Raise RateLimited if the window is already full, without counting anything."""
-    refuse_if_full(window, _count(session, window.key, window.start(now)), now)
-
-
 def refuse_if_full(window: Window, count: int | None, now: dt.datetime) -> None:
     """Raise RateLimited if ``count`` (the window's current count, read by the caller) fills it."""
     if (count or 0) >= window.limit:
@@ -69,9 +64,8 @@ def count_of(key: str, start: str) -> ScalarSelect:
             .scalar_subquery())
 
 
-def forget(session: Session, key: str) -> None:
-    """Reset every window of ``key`` (e.g. a phone's login failures after a good login)."""
-    session.execute(delete(RateCounter).where(RateCounter.key == key))
+# Reset every window of a key (e.g. a phone's login failures after a good login), in a direct unit.
+FORGET = Prepared(delete(_counters).where(_counters.c.key == bindparam("key")))
 
 
 def sweep(session: Session, now: dt.datetime) -> int:
