@@ -1348,3 +1348,19 @@ async def test_decoding_shares_a_pixel_budget(app):
     await asyncio.gather(job("a", 60), job("b", 60), job("huge", 500), job("c", 30))
     assert peak[0] <= 100 and sorted(order) == ["a", "b", "c", "huge"]
     assert budget.in_use == 0
+
+
+def test_decoding_reuses_image_memory_up_to_the_decode_budget(app, tmp_path):
+    """Pillow keeps freed image blocks for the next decode (no fresh calloc, zeroing and page faults
+    under the GIL), and keeps no more than decoding the budget's pixels at once needs."""
+    core = PILImage.core
+    budget_bytes = app.services.images.rules.decode_budget * 4
+    assert budget_bytes <= core.get_blocks_max() * core.get_block_size() < budget_bytes + core.get_block_size()
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(jpeg((1024, 768)))
+    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000).path)
+    before = core.get_stats()
+    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000).path)
+    after = core.get_stats()
+    assert after["reused_blocks"] > before["reused_blocks"]
+    assert after["allocated_blocks"] == before["allocated_blocks"]

@@ -123,6 +123,6 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         decode_budget=settings.image_decode_budget,
     )
     images = Images(db, store, image_rules, clock)
-    imaging.set_pixel_limit(settings.max_image_pixels)
+    imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
     return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, h5, app_metrics,
                     cookie_secret)
