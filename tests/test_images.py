@@ -1346,8 +1346,33 @@ async def test_decoding_shares_a_pixel_budget(app):
             await asyncio.sleep(0.01)
 
     await asyncio.gather(job("a", 60), job("b", 60), job("huge", 500), job("c", 30))
-    assert peak[0] <= 100 and sorted(order) == ["a", "b", "c", "huge"]
+    assert peak[0] <= 100 and order == ["a", "b", "huge", "c"]  # first come, first served: no starving
     assert budget.in_use == 0
+
+
+@gen_test
+async def test_a_cancelled_wait_for_the_pixel_budget_lets_the_next_in():
+    from demo.common.memo import Budget
+
+    budget, entered = Budget(100), []
+
+    async def job(name: str, pixels: int, hold: asyncio.Event) -> None:
+        async with budget.reserve(pixels):
+            entered.append(name)
+            await hold.wait()
+
+    release = asyncio.Event()
+    first = asyncio.ensure_future(job("first", 80, release))
+    blocked = asyncio.ensure_future(job("blocked", 50, release))  # waits: 80 + 50 > 100
+    small = asyncio.ensure_future(job("small", 10, release))  # waits behind it, though 10 would fit
+    await asyncio.sleep(0.01)
+    assert entered == ["first"] and budget.in_use == 80
+    blocked.cancel()
+    await asyncio.sleep(0.01)
+    assert entered == ["first", "small"] and budget.in_use == 90
+    release.set()
+    await asyncio.gather(first, small)
+    assert blocked.cancelled() and budget.in_use == 0
 
 
 def test_decoding_reuses_image_memory_up_to_the_decode_budget(app, tmp_path):
@@ -1364,3 +1389,22 @@ def test_decoding_reuses_image_memory_up_to_the_decode_budget(app, tmp_path):
     after = core.get_stats()
     assert after["reused_blocks"] > before["reused_blocks"]
     assert after["allocated_blocks"] == before["allocated_blocks"]
+
+
+def test_the_store_makes_a_kept_blob_durable_and_skips_a_duplicate(tmp_path, monkeypatch):
+    """The re-encoded file is not fsynced by the codec thread: put() fsyncs it before renaming it into
+    place, then the folder; a blob already there costs no fsync at all."""
+    from demo.common.storage import LocalImageStore
+
+    store = LocalImageStore(str(tmp_path / "media"))
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    sha = hashlib.sha256(b"pixels").hexdigest()
+    for attempt in range(2):
+        src = Path(store.temp_dir()) / f"enc-{attempt}.tmp"
+        src.write_bytes(b"pixels")
+        store.put(sha, str(src))
+        assert not src.exists()
+    blob = Path(store.local_path(sha))
+    assert blob.read_bytes() == b"pixels"
+    assert synced == [str(Path(store.temp_dir()) / "enc-0.tmp"), str(blob.parent)]

@@ -104,7 +104,9 @@ def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
         with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
             _check_budget(im, max_pixels)
             frames = _decoded_frames(im, fmt)
-            out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp))
+            # Not fsynced here: the store does that if it keeps the file (a duplicate never is), and
+            # this thread moves on to the next decode instead of waiting for the disk.
+            out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp), durable=False)
             # What was written: orientation applied (in place), so no need to reopen the output.
             width, height = frames[0][0].size if frames else im.size
     except (InvalidImage, UnsupportedMediaType):
@@ -223,14 +225,16 @@ def _save_animation(frames: list[tuple[Image.Image, int]], fmt: str, fp, info: d
         raise ValueError(f"no animated {fmt}")  # never write one format's bytes under another's name
 
 
-def _write_temp(work_dir: str, write) -> str:
-    """Run ``write(fileobj)`` into a new temp file in ``work_dir``; fsync it; remove it on failure."""
+def _write_temp(work_dir: str, write, *, durable: bool = True) -> str:
+    """Run ``write(fileobj)`` into a new temp file in ``work_dir`` (fsynced if ``durable``); remove it
+    on failure."""
     fd, path = tempfile.mkstemp(prefix=f"enc-{os.getpid()}-", suffix=".tmp", dir=work_dir)
     try:
         with os.fdopen(fd, "wb") as fp:
             write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
+            if durable:
+                fp.flush()
+                os.fsync(fp.fileno())
     except BaseException:
         os.unlink(path)
         raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -79,22 +79,48 @@ class BytesCache:
 
 class Budget:
     """Shares ``capacity`` units (e.g. decoded pixels) among coroutines of one event loop: a caller
-    waits until its share fits. A share larger than the whole budget waits for an empty budget."""
+    waits until its share fits. A share larger than the whole budget waits for an empty budget.
+
+    First come, first served: a big share at the head is not starved by small ones behind it. A
+    release wakes only the waiters it lets in (an ``asyncio.Condition`` woke every waiter to re-check:
+    50 queued uploads meant ~2,500 wake-ups a second on the event loop).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
-        self._changed = asyncio.Condition()
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @asynccontextmanager
     async def reserve(self, amount: int) -> AsyncIterator[None]:
         amount = min(max(amount, 0), self.capacity)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_use + amount <= self.capacity)
+        if self._waiting or self.in_use + amount > self.capacity:
+            turn = (amount, asyncio.get_running_loop().create_future())
+            self._waiting.append(turn)
+            try:
+                await turn[1]  # set once in_use counts our share
+            except BaseException:  # cancelled while waiting
+                if turn[1].cancelled():
+                    if turn in self._waiting:
+                        self._waiting.remove(turn)
+                    self._let_in()  # we may have been the head that held others back
+                else:
+                    self._release(amount)  # let in and cancelled in the same tick
+                raise
+        else:
             self.in_use += amount
         try:
             yield
         finally:
-            async with self._changed:
-                self.in_use -= amount
-                self._changed.notify_all()
+            self._release(amount)
+
+    def _release(self, amount: int) -> None:
+        self.in_use -= amount
+        self._let_in()
+
+    def _let_in(self) -> None:
+        while self._waiting and self.in_use + self._waiting[0][0] <= self.capacity:
+            amount, turn = self._waiting.popleft()
+            if not turn.cancelled():  # its owner has not run its clean-up yet
+                self.in_use += amount
+                turn.set_result(None)

@@ -27,7 +27,8 @@ class ImageStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, sha256: str, src: str) -> None:
-        """Move the finished file ``src`` into place as blob ``sha256`` (kept as is if already there)."""
+        """Move the finished file ``src`` into place as blob ``sha256``, durably (kept as is if already
+        there). ``src`` need not be fsynced yet: that is done here, only when it is kept."""
 
     @abc.abstractmethod
     def exists(self, sha256: str) -> bool: ...
@@ -83,9 +84,10 @@ class LocalImageStore(ImageStore):
         if dst.exists():
             os.unlink(src)
             return
+        _fsync(src, os.O_RDWR)  # the bytes are on disk before the name points at them
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
-        _fsync_dir(dst.parent)  # the rename itself must survive a crash
+        _fsync(dst.parent, os.O_RDONLY)  # the rename itself must survive a crash
 
     def exists(self, sha256: str) -> bool:
         return os.path.exists(self.local_path(sha256))
@@ -149,8 +151,8 @@ def make_store(spec: str) -> ImageStore:
     return LocalImageStore(spec)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
