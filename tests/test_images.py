@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from demo.common import imaging
 from demo.common.db import upsert_add
-from demo.common.uploads import SPOOL_WRITE_BYTES
+from demo.common.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
 from demo.models import Image, ImageBlob
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -609,7 +609,8 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
     sent = jpeg()[:500] + bytes(SPOOL_WRITE_BYTES)  # enough for the spool to start its temp file
     try:
         await loop.sock_connect(sock, ("127.0.0.1", http_port))
-        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=4 * len(sent)) + sent)
+        # Declared too long to be held in memory: the body goes to a temp file.
+        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=IN_MEMORY_MAX + 1) + sent)
         for _ in range(200):
             if files(media(app) / "tmp"):
                 break
@@ -618,6 +619,60 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
     finally:
         sock.close()
     await assert_handlers_end()
+    assert_nothing_stored(app)
+
+
+@pytest.fixture
+def disk_writes(monkeypatch) -> list[int]:
+    """Bytes of each write of an upload body to its temp file."""
+    writes, real_write = [], UploadSpool.write
+    monkeypatch.setattr(UploadSpool, "write", lambda spool, chunks: (writes.append(sum(map(len, chunks))),
+                                                                      real_write(spool, chunks))[1])
+    return writes
+
+
+@gen_test
+async def test_a_small_upload_never_touches_the_disk_before_it_is_stored(api, user, app, disk_writes):
+    image = await uploaded(api, user.token, jpeg((200, 150)))
+    assert disk_writes == [] and app.services.images._body_memory.in_use == 0
+    assert (await fetch(api, image["url"])).code == 200
+
+
+@pytest.mark.settings(upload_memory=100_000)
+@gen_test
+async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, user, app, disk_writes):
+    data = encode(noise((200, 200)), "PNG")  # ~120 KB: more than upload_memory allows
+    assert len(data) > 100_000
+    await uploaded(api, user.token, data, raw=True, content_type="image/png")
+    assert sum(disk_writes) == len(data)
+    held = app.services.images._body_memory
+    assert held.take(99_000)  # another upload holds most of it now
+    disk_writes.clear()
+    small = jpeg((64, 48))
+    await uploaded(api, user.token, small, raw=True)
+    assert sum(disk_writes) == len(small) and held.in_use == 99_000
+    held.give_back(99_000)
+    assert_no_temp_files(app)
+
+
+@gen_test
+async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, user, http_port, disk_writes):
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    held = app.services.images._body_memory
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=100_000) + jpeg()[:500])
+        for _ in range(200):
+            if held.in_use:
+                break
+            await asyncio.sleep(0.05)
+        assert held.in_use == 100_000  # the upload in progress
+    finally:
+        sock.close()
+    await assert_handlers_end()
+    assert held.in_use == 0 and disk_writes == []
     assert_nothing_stored(app)
 
 

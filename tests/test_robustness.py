@@ -125,11 +125,10 @@ def image_rows(app) -> int:
     return app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(Image)))
 
 
-@gen_test
-async def test_disk_full_mid_upload_is_507_and_leaves_nothing(api, user, app, tiny_disk):
+async def assert_disk_full_upload_is_507_and_leaves_nothing(api, user, app, tiny_disk, leave_kib: int) -> None:
     filler = tiny_disk / "filler"
     free = shutil.disk_usage(tiny_disk).free
-    filler.write_bytes(b"\0" * (free - 200 * 1024))  # leave 200 KiB
+    filler.write_bytes(b"\0" * (free - leave_kib * 1024))
     response = await api.post("/images", body=noise_png((250, 250), seed=1), token=user.token,
                               headers={"Content-Type": "image/png"})  # ~190 KiB body, re-encode needs as much again
     assert response.code == 507 and response.error == "insufficient_storage"
@@ -138,6 +137,19 @@ async def test_disk_full_mid_upload_is_507_and_leaves_nothing(api, user, app, ti
     retry = await api.post("/images", body=noise_png((250, 250), seed=1), token=user.token,
                            headers={"Content-Type": "image/png"})
     assert retry.code == 201
+
+
+@gen_test
+async def test_disk_full_while_re_encoding_is_507_and_leaves_nothing(api, user, app, tiny_disk):
+    # The small body stays in memory; the re-encoded file does not fit in what is left.
+    await assert_disk_full_upload_is_507_and_leaves_nothing(api, user, app, tiny_disk, leave_kib=100)
+
+
+@pytest.mark.settings(upload_memory=0)
+@gen_test
+async def test_disk_full_mid_upload_is_507_and_leaves_nothing(api, user, app, tiny_disk):
+    # The body goes to a temp file (no upload memory): it fits, its re-encoded copy does not.
+    await assert_disk_full_upload_is_507_and_leaves_nothing(api, user, app, tiny_disk, leave_kib=200)
 
 
 @gen_test

@@ -28,7 +28,7 @@ from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.memo import Budget, BytesCache, TtlCache
 from demo.common.memory import trims_after
 from demo.common.storage import ImageStore
-from demo.common.uploads import UploadSpool
+from demo.common.uploads import BodyMemory, UploadSpool
 from demo.models import Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
@@ -43,8 +43,14 @@ NEW_IMAGE = Prepared(insert(_images).values(
     id=bindparam("id"), owner_id=bindparam("owner_id"), sha256=bindparam("sha256"), format=bindparam("format"),
     width=bindparam("width"), height=bindparam("height"), bytes=bindparam("bytes"), created_at=bindparam("now")))
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
-# Decoding an image allocates and frees tens of MB: hand those pages back once it is done.
-_process_upload = trims_after(imaging.process_upload)
+
+
+@trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
+def _process_upload(upload: UploadSpool, src: str | bytes, work_dir: str, max_pixels: int) -> imaging.ProcessedImage:
+    try:
+        return imaging.process_upload(src, work_dir, max_pixels)
+    finally:
+        upload.discard()  # read: the temp file (or the memory) goes now, on this thread, in any case
 
 
 @trims_after
@@ -65,6 +71,7 @@ class ImageRules:
     memory_cache_bytes: int = 64 * 1024 * 1024
     memory_cache_item: int = 512 * 1024
     decode_budget: int = 16_000_000  # pixels decoding at once in one process (about 48-64 MB)
+    upload_memory: int = 32 * 1024 * 1024  # upload bodies held in memory at once (see UploadSpool)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Images:
         self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
         self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
         self._decoding = Budget(rules.decode_budget)
+        self._body_memory = BodyMemory(rules.upload_memory)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -96,21 +104,31 @@ class Images:
         if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
+    def new_upload(self, declared_length: int | None) -> UploadSpool:
+        """Where an upload's body goes while it arrives: memory if it is small and there is room."""
+        return UploadSpool(self.store.temp_dir(), self._body_memory, declared_length)
+
     async def create(self, user_id: int, upload: UploadSpool) -> dict[str, Any]:
-        """Check, re-encode and store the uploaded file; returns the image record. The upload's temp
-        file is discarded in any case."""
-        io, processed = self.db.offloader.io, None
+        """Check, re-encode and store the uploaded file; returns the image record. The upload is
+        discarded in any case."""
+        processed = await self._process(upload)
         try:
-            path, pixels = await io(_close_and_measure, upload, upload.take())
+            return await self.db.run_direct(self._store, user_id, processed, self.clock.now())
+        except BaseException:
+            await self.db.offloader.io(_remove, processed.path)  # stored, it would have been moved
+            raise
+
+    async def _process(self, upload: UploadSpool) -> imaging.ProcessedImage:
+        offloader = self.db.offloader
+        try:
+            src, pixels = await offloader.io(_finish_and_measure, upload, upload.take())
             # Decoding holds 3-4 bytes per pixel: the budget keeps concurrent uploads from decoding
             # more than decode_budget pixels at once, so memory stays flat however many arrive together.
             async with self._decoding.reserve(pixels):
-                processed = await self.db.offloader.cpu(_process_upload, path, self.store.temp_dir(),
-                                                        self.rules.max_pixels)
-            return await self.db.run_direct(self._store, user_id, processed, self.clock.now())
+                return await offloader.cpu(_process_upload, upload, src, self.store.temp_dir(), self.rules.max_pixels)
         finally:
-            # The re-encoded file is gone already (moved into the store) unless storing failed.
-            await io(_clean_up, upload, processed.path if processed else None)
+            if not upload.discarded:  # failed before the processing
+                await offloader.io(upload.discard)
 
     def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, now: dt.datetime) -> dict[str, Any]:
         # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
@@ -274,15 +292,9 @@ def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
         return size, (f.read() if size <= limit else None)
 
 
-def _close_and_measure(upload: UploadSpool, chunks: list[bytes]) -> tuple[str, int]:
-    path = upload.close(chunks)
-    return path, imaging.decoded_pixels(path)
-
-
-def _clean_up(upload: UploadSpool, processed_path: str | None) -> None:
-    upload.discard()
-    if processed_path is not None:
-        _remove(processed_path)
+def _finish_and_measure(upload: UploadSpool, chunks: list[bytes]) -> tuple[str | bytes, int]:
+    src = upload.finish(chunks)
+    return src, imaging.decoded_pixels(src)
 
 
 def _remove(path: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import math
 import os
 import tempfile
@@ -67,11 +68,12 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decoded_pixels(path: str) -> int:
-    """How many pixels decoding ``path`` will hold (all frames), from its header only; 0 if unreadable
-    (process_upload then says why). Cheap: nothing is decoded."""
+def decoded_pixels(src: str | bytes) -> int:
+    """How many pixels decoding ``src`` (a path, or the file's bytes) will hold (all frames), from its
+    header only; 0 if unreadable (process_upload then says why). Nothing is decoded, but an animation's
+    frames are counted by walking the file: not for the event loop."""
     try:
-        with Image.open(path) as im:
+        with Image.open(_readable(src)) as im:
             return im.width * im.height * getattr(im, "n_frames", 1)
     except Exception:  # noqa: BLE001 - any failure is reported properly by process_upload
         return 0
@@ -91,17 +93,21 @@ def configure(max_pixels: int, decode_budget: int) -> None:
     Image.core.set_blocks_max(math.ceil(decode_budget * 4 / Image.core.get_block_size()))
 
 
-def process_upload(src: str, work_dir: str, max_pixels: int) -> ProcessedImage:
-    """Check ``src`` and write its re-encoded form to a new file in ``work_dir``."""
-    with open(src, "rb") as f:
-        head = f.read(16)
+def process_upload(src: str | bytes, work_dir: str, max_pixels: int) -> ProcessedImage:
+    """Check ``src`` (a path, or the file's bytes) and write its re-encoded form to a new file in
+    ``work_dir``."""
+    if isinstance(src, bytes):
+        head = src[:16]
+    else:
+        with open(src, "rb") as f:
+            head = f.read(16)
     if not head:
         raise InvalidImage("The upload is empty.", field="image")
     fmt = sniff_format(head)
     if fmt is None:
         raise UnsupportedMediaType(field="image")
     try:
-        with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
+        with Image.open(_readable(src), formats=[PILLOW_NAMES[fmt]]) as im:
             _check_budget(im, max_pixels)
             frames = _decoded_frames(im, fmt)
             # Not fsynced here: the store does that if it keeps the file (a duplicate never is), and
@@ -149,6 +155,10 @@ def file_sha256(path: str) -> str:
 
 
 # -- internals ---------------------------------------------------------------------------------------
+
+
+def _readable(src: str | bytes) -> str | io.BytesIO:
+    return io.BytesIO(src) if isinstance(src, bytes) else src  # BytesIO shares the bytes, no copy
 
 
 def _check_budget(im: Image.Image, max_pixels: int) -> None:

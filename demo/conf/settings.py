@@ -104,6 +104,9 @@ def declare(parser: OptionParser) -> None:
       help="bytes of small image files kept in memory per process (they never change: named by hash)")
     d("image_decode_budget", default=16_000_000, type=int, group="images",
       help="pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts")
+    d("upload_memory", default=32 * MIB, type=int, group="images",
+      help="bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
+           "long stays in memory while this allows (no temp file); others stream to a temp file")
     d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
     d("image_quota_bytes", default=1024**3, type=int, group="images", help="bytes of images one user may keep")
 

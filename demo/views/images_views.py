@@ -35,7 +35,8 @@ class ImageApiHandler(ApiHandler):
 
 @stream_request_body
 class ImagesHandler(ImageApiHandler):
-    """POST streams the body into a temp file (memory does not grow with the upload); GET lists."""
+    """POST keeps a small body in memory (within ``upload_memory``) and streams any other into a temp
+    file, so memory does not grow with the upload; GET lists."""
 
     sink: UploadSink | None = None
     upload: UploadSpool | None = None
@@ -50,7 +51,8 @@ class ImagesHandler(ImageApiHandler):
         sink = UploadSink(self.request.headers.get("Content-Type", ""), self.images.rules.max_upload_bytes)
         sink.declared_length_ok(self.request.headers.get("Content-Length"))
         await self.images.check_room(self.principal.user_id)
-        self.upload = UploadSpool(self.images.store.temp_dir())
+        declared = self.request.headers.get("Content-Length", "")
+        self.upload = self.images.new_upload(int(declared) if declared.isdigit() else None)
         self.sink = sink
 
     async def data_received(self, chunk: bytes) -> None:
