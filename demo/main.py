@@ -160,8 +160,11 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
+            # Until serve() installs its own: SIGHUP's default action would kill a starting worker
+            # (logrotate's postrotate, forwarded by the supervisor, can come at any moment).
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: reopen_logs())
             code = 0
             try:
                 asyncio.run(serve(settings, sockets))
@@ -201,7 +204,8 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
         if not state["stopping"]:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
             time.sleep(RESTART_BACKOFF)  # the supervisor runs no event loop: a crash loop must not spin
-            spawn(slot)
+            if not state["stopping"]:  # a SIGTERM during the pause: the replacement would run for ever
+                spawn(slot)
     log.info("all workers stopped")
     return 0
 

@@ -56,6 +56,56 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
     assert proc.returncode == 0, out
 
 
+def start_workers(tmp_path: Path, port: int) -> subprocess.Popen:
+    return start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={tmp_path / 'log'}", env={
+        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
+
+
+def worker_pids(tmp_path: Path, count: int, timeout: float = 20) -> list[int]:
+    """The first ``count`` workers the supervisor reports started (in its log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = tmp_path / "log" / "demo.log"
+        pids = [int(pid) for pid in re.findall(r"worker (\d+) started", log.read_text())] if log.exists() else []
+        if len(pids) >= count:
+            return pids[:count]
+        time.sleep(0.01)
+    raise AssertionError("workers did not start")
+
+
+def test_a_sighup_while_workers_start_does_not_kill_them(tmp_path):
+    """logrotate may signal at any moment, also while a worker is still starting."""
+    port = free_port()
+    proc = start_workers(tmp_path, port)
+    try:
+        worker_pids(tmp_path, 2)
+        for _ in range(30):  # across the workers' start-up, before their event loops handle it
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = finish(proc)
+    assert proc.returncode == 0, out
+    assert "exited" not in (tmp_path / "log" / "demo.log").read_text()
+
+
+def test_a_stop_during_a_restart_pause_starts_no_new_worker(tmp_path):
+    port = free_port()
+    proc = start_workers(tmp_path, port)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        os.kill(worker_pids(tmp_path, 2)[1], signal.SIGKILL)  # the supervisor waits, then replaces it
+        time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # during that wait
+        out = finish(proc, 15)
+    assert proc.returncode == 0, out
+    log = (tmp_path / "log" / "demo.log").read_text()
+    assert "starting a new one" in log and len(re.findall(r"worker \d+ started", log)) == 2
+
+
 def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
     port = free_port()
     log_dir = tmp_path / "log"
