@@ -376,17 +376,9 @@ class Bench:
         from demo.conf import settings as config
         s = config.load([], environ={f"DEMO_{name.upper()}": value for name, value in self.args.set})
         passwords = Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)
-        self.ceiling_timers["argon2"] = lambda: CORES / self.quick_median(lambda: passwords.hash(PASSWORD))
-        seconds, times = median_time(lambda: passwords.hash(PASSWORD), 3 if self.smoke else 9)
-        parallel = parallel_rate(lambda: passwords.hash(PASSWORD), CORES, 0.5 if self.smoke else 3)
-        self.results["ceilings"]["argon2"] = {
-            "label": CEILINGS["argon2"], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
-            "parallel_rps": parallel,
-            "how": f"cores ({CORES}) / median hash time (time_cost={s.argon2_time_cost}, "
-                   f"memory={s.argon2_memory_kib} KiB, parallelism={s.argon2_parallelism})",
-        }
-        self.log(f"argon2: {seconds * 1000:.1f} ms per hash -> ceiling {CORES / seconds:.1f} logins/s "
-                 f"({parallel:.1f}/s measured on {CORES} threads)")
+        self.cpu_ceiling("argon2", lambda: passwords.hash(PASSWORD), 9, "hash", "logins",
+                         f"median hash time (time_cost={s.argon2_time_cost}, memory={s.argon2_memory_kib} KiB, "
+                         f"parallelism={s.argon2_parallelism})")
 
     def ceiling_pillow(self) -> None:
         from demo.common import imaging
@@ -397,17 +389,22 @@ class Bench:
         def once() -> None:
             os.unlink(imaging.process_upload(src, str(work), 40_000_000).path)
 
-        self.ceiling_timers["pillow"] = lambda: CORES / self.quick_median(once)
-        seconds, times = median_time(once, 3 if self.smoke else 7)
-        parallel = parallel_rate(once, CORES, 0.5 if self.smoke else 3)
         spec = bench_images.SPECS["upload"]
-        self.results["ceilings"]["pillow"] = {
-            "label": CEILINGS["pillow"], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
-            "parallel_rps": parallel,
-            "how": f"cores ({CORES}) / median demo.common.imaging.process_upload time on the "
-                   f"{spec.width}x{spec.height} {self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG",
+        self.cpu_ceiling("pillow", once, 7, "upload", "uploads",
+                         f"median demo.common.imaging.process_upload time on the {spec.width}x{spec.height} "
+                         f"{self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG")
+
+    def cpu_ceiling(self, name: str, call: Callable[[], Any], repeats: int, unit: str, per: str, how: str) -> None:
+        """A CPU-bound ceiling: cores / the median time of one ``call``; also timed again beside its
+        measures (``ceiling_timers``) and, for reference, on one thread per core at once."""
+        self.ceiling_timers[name] = lambda: CORES / self.quick_median(call)
+        seconds, times = median_time(call, 3 if self.smoke else repeats)
+        parallel = parallel_rate(call, CORES, 0.5 if self.smoke else 3)
+        self.results["ceilings"][name] = {
+            "label": CEILINGS[name], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
+            "parallel_rps": parallel, "how": f"cores ({CORES}) / {how}",
         }
-        self.log(f"pillow: {seconds * 1000:.1f} ms per upload -> ceiling {CORES / seconds:.1f} uploads/s "
+        self.log(f"{name}: {seconds * 1000:.1f} ms per {unit} -> ceiling {CORES / seconds:.1f} {per}/s "
                  f"({parallel:.1f}/s measured on {CORES} threads)")
 
     def ceiling_hello(self) -> None:
