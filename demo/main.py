@@ -54,8 +54,9 @@ class DemoApplication(tornado.web.Application):
             cookie_secret=services.cookie_secret,
             static_path=str(PACKAGE_DIR / "static"),
             template_path=str(PACKAGE_DIR / "templates"),
-            xsrf_cookies=True,  # H5 form posts; Bearer API handlers opt out (ApiHandler.check_xsrf_cookie)
-            xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax"},
+            # H5 form posts (tokens bound to the H5 session, no _xsrf cookie: H5PageHandler);
+            # Bearer API handlers opt out (ApiHandler.check_xsrf_cookie).
+            xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
 

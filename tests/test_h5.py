@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import re
 from http.cookies import SimpleCookie
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 from PIL import Image as PILImage
@@ -39,14 +39,18 @@ async def open_h5(api, h5_url: str, headers: dict | None = None) -> str:
     return cookies_of(exchanged)["demo_h5"]["demo_h5"].value
 
 
-async def home(api, cookie: str, extra: str = ""):
-    return await api.get("/h5/home", headers={"Cookie": f"demo_h5={cookie}{extra}"})
+async def home(api, cookie: str, headers: dict | None = None):
+    return await api.get("/h5/home", headers={"Cookie": f"demo_h5={cookie}", **(headers or {})})
 
 
-def xsrf_from(page) -> tuple[str, str]:
-    """(form token, _xsrf cookie) from a rendered page."""
-    token = re.search(rb'name="_xsrf" value="([^"]+)"', page.body).group(1).decode()
-    return token, cookies_of(page)["_xsrf"]["_xsrf"].value
+def xsrf_from(page) -> str:
+    """The form token of a rendered page."""
+    return re.search(rb'name="_xsrf" value="([^"]+)"', page.body).group(1).decode()
+
+
+def set_by(page) -> str:
+    """The cookies a page set, as a browser sends them back after ``demo_h5`` ("; name=value"...)."""
+    return "".join(f"; {name}={morsel.value}" for jar in cookies_of(page).values() for name, morsel in jar.items())
 
 
 def is_html_page(response, status: int) -> bool:
@@ -86,7 +90,7 @@ async def test_ticket_endpoint_issues_a_fresh_url(api, user):
 async def test_exchange_sets_the_cookie_and_hides_the_ticket(api, user, app):
     response = await api.get(path_of(user.body["h5_url"]))
     assert response.code == 302 and response.headers["Location"] == "/h5/home"
-    assert response.headers["Referrer-Policy"] == "no-referrer"
+    assert response.headers["Referrer-Policy"] == "same-origin"  # never to another site
     morsel = cookies_of(response)["demo_h5"]["demo_h5"]
     assert morsel["httponly"] and morsel["samesite"] == "Lax" and morsel["path"] == "/h5"
     assert not morsel["secure"]  # plain HTTP here
@@ -226,47 +230,228 @@ async def test_h5_session_expires(api, user, clock):
 
 # -- forms and XSRF ----------------------------------------------------------------------------------
 
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+# What an attacker who can plant cookies (a sibling subdomain, a plain-HTTP response) sends along:
+# a well-formed Tornado token as both the _xsrf cookie and the form field.
+PLANTED = "2|deadbeef|" + "ab" * 16 + "|1700000000"
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (64, 64), (250, 200, 0)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def jpeg_form() -> tuple[bytes, dict[str, str]]:
+    """A multipart body holding a small JPEG, as the page's upload form sends it, and its headers."""
+    boundary = "demo-boundary-1"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+async def logout(api, cookie: str, token: str | None, headers: dict | None = None, cookies: str = ""):
+    body = f"_xsrf={quote(token)}" if token is not None else ""
+    return await api.post("/h5/logout", body=body,
+                          headers={**FORM, "Cookie": f"demo_h5={cookie}{cookies}", **(headers or {})})
+
 
 @gen_test
 async def test_logout_needs_the_xsrf_token(api, user):
     cookie = await open_h5(api, user.body["h5_url"])
     page = await home(api, cookie)
-    token, xsrf_cookie = xsrf_from(page)
-    refused = await api.post("/h5/logout", body="", headers={"Cookie": f"demo_h5={cookie}"})
-    assert is_html_page(refused, 403)
-    forged = await api.post("/h5/logout", body="_xsrf=forged", headers={
-        "Cookie": f"demo_h5={cookie}; _xsrf={xsrf_cookie}", "Content-Type": "application/x-www-form-urlencoded"})
-    assert is_html_page(forged, 403)
+    token, jar = xsrf_from(page), set_by(page)
+    assert is_html_page(await logout(api, cookie, None, cookies=jar), 403)
+    assert is_html_page(await logout(api, cookie, "forged", cookies=jar), 403)
     assert (await home(api, cookie)).code == 200  # still signed in
-    done = await api.post("/h5/logout", body=f"_xsrf={token}", headers={
-        "Cookie": f"demo_h5={cookie}; _xsrf={xsrf_cookie}", "Content-Type": "application/x-www-form-urlencoded"})
+    done = await logout(api, cookie, token, cookies=jar)
     assert done.code == 302 and done.headers["Location"] == "/h5/home"
     assert is_html_page(await home(api, cookie), 401)
     assert (await api.get("/users/me", token=user.token)).code == 200  # the app session lives on
 
 
 @gen_test
+async def test_the_form_token_is_bound_to_the_session_and_no_xsrf_cookie_is_set(api, user):
+    cookie = await open_h5(api, user.body["h5_url"])
+    first, second = await home(api, cookie), await home(api, cookie)
+    assert "_xsrf" not in cookies_of(first)  # nothing to plant a twin of
+    tokens = {xsrf_from(first), xsrf_from(second)}
+    assert len(tokens) == 2  # masked afresh on every page (BREACH), yet both are this session's
+    for token in tokens:
+        assert (await api.post("/h5/images", body=b"", headers={"Cookie": f"demo_h5={cookie}",
+                                                               "X-XSRFToken": token})).code != 403
+
+
+@gen_test
+async def test_a_planted_xsrf_cookie_and_field_neither_log_out_nor_upload(api, user):
+    cookie = await open_h5(api, user.body["h5_url"])
+    planted = await logout(api, cookie, PLANTED, cookies=f"; _xsrf={PLANTED}")
+    assert is_html_page(planted, 403)
+    body, form = jpeg_form()
+    upload = await api.post("/h5/images", body=body, headers={
+        **form, "Cookie": f"demo_h5={cookie}; _xsrf={PLANTED}", "X-XSRFToken": PLANTED})
+    assert is_html_page(upload, 403)
+    assert (await home(api, cookie)).code == 200  # still signed in
+    assert (await api.get("/images", token=user.token)).json["images"] == []  # nothing uploaded
+
+
+@gen_test
+async def test_a_token_of_another_session_is_refused(api, user):
+    victim = await open_h5(api, user.body["h5_url"])
+    attacker = await open_h5(api, (await api.post("/h5/ticket", token=user.token)).json["h5_url"])
+    page = await home(api, attacker)
+    # With whatever cookie the page set too: a double-submit check would take the pair.
+    assert is_html_page(await logout(api, victim, xsrf_from(page), cookies=set_by(page)), 403)
+    assert (await home(api, victim)).code == 200
+    assert (await logout(api, attacker, xsrf_from(page), cookies=set_by(page))).code == 302  # good in its own
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "http://localhost.evil.example", "Sec-Fetch-Site": "same-site"},
+])
+@gen_test
+async def test_cross_site_posts_are_refused_even_with_a_good_token(api, user, headers):
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    token, jar = xsrf_from(page), set_by(page)
+    assert is_html_page(await logout(api, cookie, token, headers, cookies=jar), 403)
+    body, form = jpeg_form()
+    upload = await api.post("/h5/images", body=body, headers={
+        **form, **headers, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token})
+    assert is_html_page(upload, 403)
+    assert (await home(api, cookie)).code == 200
+    assert (await logout(api, cookie, token, cookies=jar)).code == 302  # the same post from our own page passes
+
+
+@pytest.mark.settings(public_url="https://app.example.com")
+@pytest.mark.parametrize("origin", ["own", "https://app.example.com"])
+@gen_test
+async def test_same_origin_posts_pass(api, user, base_url, origin):
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    headers = {"Origin": base_url if origin == "own" else origin, "Sec-Fetch-Site": "same-origin"}
+    assert (await logout(api, cookie, xsrf_from(page), headers, cookies=set_by(page))).code == 302
+
+
+@gen_test
 async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api, user):
     cookie = await open_h5(api, user.body["h5_url"])
-    token, xsrf_cookie = xsrf_from(await home(api, cookie))
-    buffer = io.BytesIO()
-    PILImage.new("RGB", (64, 64), (250, 200, 0)).save(buffer, "JPEG")
-    boundary = "demo-boundary-1"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-    form = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    no_xsrf = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}; _xsrf={xsrf_cookie}"})
+    page = await home(api, cookie)
+    token, jar = xsrf_from(page), set_by(page)
+    body, form = jpeg_form()
+    no_xsrf = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}"})
     assert is_html_page(no_xsrf, 403)
-    no_cookie = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"_xsrf={xsrf_cookie}",
-                                                               "X-XSRFToken": token})
+    no_cookie = await api.post("/h5/images", body=body, headers={**form, "Cookie": jar[2:], "X-XSRFToken": token})
     assert is_html_page(no_cookie, 401)
-    ok = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}; _xsrf={xsrf_cookie}",
+    ok = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}",
                                                         "X-XSRFToken": token})
     assert ok.code == 201 and ok.json["image"]["format"] == "jpeg"
-    assert (await api.post("/images", body=buffer.getvalue(), token=user.token,
+    assert (await api.post("/images", body=jpeg_bytes(), token=user.token,
                            headers={"Content-Type": "image/jpeg"})).code == 201  # no XSRF for Bearer calls
     listing = await api.get("/h5/images", headers={"Cookie": f"demo_h5={cookie}"})
     assert listing.code == 405
+
+
+@gen_test
+async def test_no_cookie_lacks_secure_when_the_client_came_over_https(api, user, outbox):
+    https = {"X-Scheme": "https"}
+    exchanged = await api.get(path_of(user.body["h5_url"]), headers=https)
+    cookie = cookies_of(exchanged)["demo_h5"]["demo_h5"].value
+    other = await api.register(outbox, phone="18866669999")
+    answers = [exchanged, await home(api, cookie, headers=https),
+               await api.get(path_of(other.json["h5_url"]), headers={**https, "Cookie": f"demo_h5={cookie}"})]
+    offer = answers[-1]
+    switched = await api.post("/h5/switch", body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
+                              headers={**FORM, **https, "Cookie": f"demo_h5={cookie}"})
+    assert switched.code == 302
+    new_cookie = cookies_of(switched)["demo_h5"]["demo_h5"].value
+    page = await home(api, new_cookie, headers=https)
+    answers += [switched, page, await logout(api, new_cookie, xsrf_from(page), https)]
+    assert [a.code for a in answers] == [302, 200, 200, 302, 200, 302]
+    set_cookies = [header for a in answers for header in a.headers.get_list("Set-Cookie")]
+    assert len(set_cookies) == 3  # exchange, switch, logout's clearing
+    assert all(morsel["secure"] for header in set_cookies for morsel in SimpleCookie(header).values())
+
+
+# -- another user's link -----------------------------------------------------------------------------
+
+
+def offer_ticket(page) -> str:
+    return re.search(rb'name="ticket" value="([^"]+)"', page.body).group(1).decode()
+
+
+async def two_users(api, user, outbox) -> tuple[str, str]:
+    """(the victim's live H5 cookie, an h5_url of another user: the attacker's link)."""
+    victim = await open_h5(api, user.body["h5_url"])
+    attacker = await api.register(outbox, phone="18866669999")
+    assert attacker.code == 201
+    return victim, attacker.json["h5_url"]
+
+
+@gen_test
+async def test_another_users_link_does_not_replace_a_live_session(api, user, outbox):
+    victim, link = await two_users(api, user, outbox)
+    offer = await api.get(path_of(link), headers={"Cookie": f"demo_h5={victim}"})
+    assert is_html_page(offer, 200) and "demo_h5" not in cookies_of(offer)
+    assert b'id="link-phone">188****9999<' in offer.body and b'id="current-phone">188****8888<' in offer.body
+    assert b"you stay" in offer.body and b'action="/h5/switch"' in offer.body
+    page = await home(api, victim)
+    assert b'id="phone">188****8888<' in page.body  # still the victim's own session
+    # The link is spent: nobody can use it later, with or without a cookie.
+    assert is_html_page(await api.get(path_of(link)), 401)
+    body, form = jpeg_form()
+    assert (await api.post("/h5/images", body=body, headers={
+        **form, "Cookie": f"demo_h5={victim}", "X-XSRFToken": xsrf_from(page)})).code == 201
+    assert len((await api.get("/images", token=user.token)).json["images"]) == 1  # the upload is the victim's
+
+
+@gen_test
+async def test_switching_takes_the_choice_pages_xsrf_protected_form(api, user, outbox):
+    victim, link = await two_users(api, user, outbox)
+    offer = await api.get(path_of(link), headers={"Cookie": f"demo_h5={victim}"})
+    ticket, token = offer_ticket(offer), xsrf_from(offer)
+
+    async def switch(fields: str, cookie: str = victim):
+        return await api.post("/h5/switch", body=fields, headers={**FORM, "Cookie": f"demo_h5={cookie}"})
+
+    assert is_html_page(await switch(f"ticket={ticket}"), 403)  # a forged post: no token
+    switched = await switch(f"_xsrf={quote(token)}&ticket={ticket}")
+    assert switched.code == 302 and switched.headers["Location"] == "/h5/home"
+    now = cookies_of(switched)["demo_h5"]["demo_h5"].value
+    assert b'id="phone">188****9999<' in (await home(api, now)).body
+    assert is_html_page(await home(api, victim), 401)  # the session left behind has ended
+    assert is_html_page(await switch(f"_xsrf={quote(xsrf_from(await home(api, now)))}&ticket={ticket}", now), 401)
+
+
+@gen_test
+async def test_a_choice_page_whose_offer_expired_keeps_the_session(api, user, outbox, clock):
+    victim, link = await two_users(api, user, outbox)
+    offer = await api.get(path_of(link), headers={"Cookie": f"demo_h5={victim}"})
+    clock.advance(121)
+    late = await api.post("/h5/switch", body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
+                          headers={**FORM, "Cookie": f"demo_h5={victim}"})
+    assert is_html_page(late, 401) and "demo_h5" not in cookies_of(late)
+    assert (await home(api, victim)).code == 200
+
+
+@gen_test
+async def test_the_same_users_link_replaces_the_session(api, user):
+    first = await open_h5(api, user.body["h5_url"])
+    link = (await api.post("/h5/ticket", token=user.token)).json["h5_url"]
+    replaced = await api.get(path_of(link), headers={"Cookie": f"demo_h5={first}"})
+    assert replaced.code == 302 and replaced.headers["Location"] == "/h5/home"
+    second = cookies_of(replaced)["demo_h5"]["demo_h5"].value
+    assert second != first and (await home(api, second)).code == 200
+    assert is_html_page(await home(api, first), 401)  # the browser no longer holds it: it ends
+
+
+@gen_test
+async def test_a_dead_session_does_not_stand_in_the_way_of_a_link(api, user, outbox):
+    victim, link = await two_users(api, user, outbox)
+    assert (await logout(api, victim, xsrf_from(await home(api, victim)))).code == 302
+    opened = await api.get(path_of(link), headers={"Cookie": f"demo_h5={victim}"})
+    assert opened.code == 302 and "demo_h5" in cookies_of(opened)
 
 
 # -- errors are HTML under /h5/ ------------------------------------------------------------------------

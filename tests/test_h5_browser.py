@@ -1,7 +1,8 @@
 """H5 in a real browser: Debian's headless Chromium driven by Playwright, at a 390x844 phone viewport.
 
 Open the h5_url of a real login, see the masked phone and the images, upload through the page's
-form, log out and land on the 401 page. Screenshots of each step go to test-artefacts/h5/<db>/.
+form, open another user's link (stay, then switch), log out and land on the 401 page. Screenshots
+of each step go to test-artefacts/h5/<db>/.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def png(color: tuple[int, int, int], size=(600, 400)) -> bytes:
 
 
 @pytest.mark.gen_test(timeout=120)
-async def test_the_h5_journey_in_chromium(api, user, database_url, tmp_path):
+async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_path):
     folder = ARTEFACTS / ("mysql" if database_url.startswith("mysql") else "sqlite")
     folder.mkdir(parents=True, exist_ok=True)
     for color in ((220, 40, 40), (40, 160, 60)):
@@ -52,6 +53,11 @@ async def test_the_h5_journey_in_chromium(api, user, database_url, tmp_path):
         assert uploaded.code == 201
     login = await api.post("/users/login", {"phone": "18866668888", "password": "demo123456"})
     assert login.code == 200
+    other = await api.register(outbox, phone="18866669999")
+    assert other.code == 201
+
+    async def other_link() -> str:
+        return (await api.post("/h5/ticket", token=other.json["token"])).json["h5_url"]
     new_image = tmp_path / "from-the-phone.png"
     new_image.write_bytes(png((30, 90, 220)))
 
@@ -88,11 +94,25 @@ async def test_the_h5_journey_in_chromium(api, user, database_url, tmp_path):
             await page.screenshot(path=str(folder / "4-home-dark.png"), full_page=True)
             await page.emulate_media(color_scheme="light")
 
-            # 3. Log out: the form post (with its XSRF token) ends the session; the 401 page follows.
+            # 3. Another user's link: the page asks, and staying keeps this session.
+            await page.goto(await other_link())
+            assert await page.text_content("#link-phone") == "188****9999"
+            assert await page.text_content("#current-phone") == "188****8888"
+            await page.screenshot(path=str(folder / "5-another-account.png"), full_page=True)
+            await page.click("#stay")
+            await page.wait_for_url("**/h5/home")
+            assert await page.text_content("#phone") == "188****8888"
+            # ...and switching is the form post (its XSRF token, Chromium's Origin header) that says so.
+            await page.goto(await other_link())
+            await page.click("#switch")
+            await page.wait_for_url("**/h5/home")
+            assert await page.text_content("#phone") == "188****9999"
+
+            # 4. Log out: the form post (with its XSRF token) ends the session; the 401 page follows.
             await page.click("#logout")
             await page.wait_for_url("**/h5/home")
             assert await page.text_content("h1") == "Open this page from the app"
-            await page.screenshot(path=str(folder / "5-logged-out.png"), full_page=True)
+            await page.screenshot(path=str(folder / "6-logged-out.png"), full_page=True)
             response = await page.reload()
             assert response.status == 401
         finally:

@@ -1,4 +1,4 @@
--- GET with a WebView's cookies: BENCH_COOKIES="demo_h5=<v1>; _xsrf=<x1>,..." (one per user, rotated).
+-- GET with a WebView's cookies: BENCH_COOKIES="demo_h5=<v1>,demo_h5=<v2>,..." (one per user, rotated).
 package.path = debug.getinfo(1, "S").source:match("^@(.*/)") .. "?.lua;" .. package.path
 local common = require("common")
 setup = common.setup

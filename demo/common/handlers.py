@@ -15,6 +15,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from tornado.template import Loader
 from tornado.web import HTTPError, RequestHandler
@@ -290,12 +291,46 @@ class H5PageHandler(BaseHandler):
         super().set_default_headers()
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")  # personal pages: never cached by the WebView
-        self.set_header("Referrer-Policy", "no-referrer")  # a ticket in the URL never leaks onwards
+        # A ticket in the URL never leaks to another site. Not no-referrer: under it browsers send
+        # "Origin: null" with our own form posts, and the cross-site check must refuse that value.
+        self.set_header("Referrer-Policy", "same-origin")
         self.set_header("Content-Security-Policy", self.content_security_policy())
 
+    @property
+    def xsrf_token(self) -> bytes:
+        """The forms' token, bound to the visitor's H5 session (``H5.xsrf_token``). Not Tornado's:
+        its token only has to match an ``_xsrf`` cookie, and a cookie can be planted."""
+        token = getattr(self, "_session_xsrf_token", None)
+        if token is None:
+            token = self._session_xsrf_token = self.services.h5.xsrf_token(self.get_cookie(H5_COOKIE)).encode()
+        return token
+
     def check_xsrf_cookie(self) -> None:
-        # Explicit, so H5 handlers that also inherit an API handler (the page upload) keep the check.
-        RequestHandler.check_xsrf_cookie(self)
+        """Every state-changing request (Tornado calls this before ``prepare``): not made by a browser
+        for another site, and carrying the token of the H5 session its cookie names. Defined here, so
+        H5 handlers that also inherit an API handler (the page upload) keep the check."""
+        if is_cross_site(self.request.headers, self.own_origins()):
+            raise HTTPError(403, "Cross-site requests are refused.")
+        token = self.get_argument("_xsrf", None) or self.request.headers.get("X-XSRFToken")
+        if not token:
+            raise HTTPError(403, "'_xsrf' argument missing from POST")
+        if not self.services.h5.xsrf_matches(self.get_cookie(H5_COOKIE), token):
+            raise HTTPError(403, "The form token does not belong to this session.")
+
+    def own_origins(self) -> frozenset[str]:
+        """The origins our own pages post from: the one the client reached, and DEMO_PUBLIC_URL's."""
+        reached = f"{self.request.protocol}://{self.request.host}".lower()
+        public = _origin_of(self.services.settings.public_url)
+        return frozenset((reached, public) if public else (reached,))
+
+    def set_session_cookie(self, cookie: str) -> None:
+        self.set_cookie(H5_COOKIE, cookie, **self._session_cookie_options())
+
+    def clear_session_cookie(self) -> None:
+        self.clear_cookie(H5_COOKIE, **self._session_cookie_options())
+
+    def _session_cookie_options(self) -> dict[str, Any]:
+        return {"path": "/h5", "httponly": True, "samesite": "Lax", "secure": self.request.protocol == "https"}
 
     def content_security_policy(self) -> str:
         return _content_security_policy(self.services.settings.public_url.rstrip("/"))
@@ -330,6 +365,20 @@ class H5PageHandler(BaseHandler):
         if title is None:
             title, text = "Request refused", body["error"]["message"]
         self.render_page("h5/error.html", status=status, title=title, text=text, code=body["error"]["code"])
+
+
+def is_cross_site(headers: Any, own_origins: frozenset[str]) -> bool:
+    """Whether a browser sent this request for another site: ``Sec-Fetch-Site: cross-site``, or an
+    ``Origin`` that is not one of ours (``null`` included)."""
+    if headers.get("Sec-Fetch-Site") == "cross-site":
+        return True
+    origin = headers.get("Origin")
+    return origin is not None and origin.lower() not in own_origins
+
+
+def _origin_of(url: str) -> str | None:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else None
 
 
 _loaders: dict[str, Loader] = {}

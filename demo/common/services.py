@@ -81,6 +81,11 @@ def resolve_cookie_secret(settings: Settings, *, warn: bool = True) -> str:
     return secrets.token_urlsafe(48)
 
 
+def derived_key(cookie_secret: str, purpose: bytes) -> bytes:
+    """A key of its own per use (SMS codes, H5 form tokens): HMACs are never keyed with the secret itself."""
+    return hmac.new(cookie_secret.encode(), purpose, hashlib.sha256).digest()
+
+
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     cookie_secret = resolve_cookie_secret(settings)
     clock = clock or Clock()
@@ -110,11 +115,11 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
         login_window=settings.login_window,
     )
-    # SMS codes are HMACed with a key derived from the cookie secret, never with the secret itself.
-    code_key = hmac.new(cookie_secret.encode(), b"demo sms codes", hashlib.sha256).digest()
+    code_key = derived_key(cookie_secret, b"demo sms codes")
     accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,
                         ticket_ttl=settings.h5_ticket_ttl)
-    h5 = H5(db, H5Rules(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl), clock)
+    h5 = H5(db, H5Rules(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl), clock,
+            xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings.media_root)
     image_rules = ImageRules(
         max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,

@@ -6,6 +6,7 @@ urls = [
     (r"/h5/ticket", v.TicketHandler),
     (r"/h5/home", v.HomeHandler),
     (r"/h5/images", v.PageUploadHandler),
+    (r"/h5/switch", v.SwitchHandler),
     (r"/h5/logout", v.LogoutHandler),
     (r"/h5/.*", H5NotFoundHandler),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from tornado.web import RequestHandler
 
 from demo.common import imaging
+from demo.common.h5 import SwitchOffer
 from demo.common.handlers import H5_COOKIE, ApiHandler, H5PageHandler, authenticated, h5_session
 from demo.views.images_views import ImagesHandler
 
@@ -22,13 +23,11 @@ class HomeHandler(H5PageHandler):
 
     @h5_session
     async def get(self) -> None:
-        """With ?ticket=: exchange it for the cookie and redirect; otherwise render the home page."""
+        """With ?ticket=: exchange it for the cookie and redirect (or ask first, see ``exchange``);
+        otherwise render the home page."""
         ticket = self.get_query_argument("ticket", None)
         if ticket is not None:
-            cookie = await self.services.h5.exchange(ticket)
-            self.set_cookie(H5_COOKIE, cookie, path="/h5", httponly=True, samesite="Lax",
-                            secure=self.request.protocol == "https")
-            self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
+            await self.exchange(ticket)
             return
         self.principal, page = await self.services.h5.visit_home(self.get_cookie(H5_COOKIE))
         images = []
@@ -36,6 +35,15 @@ class HomeHandler(H5PageHandler):
             path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
             images.append({**image, "url": self.absolute_url(path), "thumb": self.absolute_url(f"{path}?w=320")})
         self.render_page("h5/home.html", page=page, images=images)
+
+    async def exchange(self, ticket: str) -> None:
+        """Spend the ticket: sign in and redirect, or, signed in as someone else, ask first."""
+        granted = await self.services.h5.exchange(ticket, self.get_cookie(H5_COOKIE))
+        if isinstance(granted, SwitchOffer):
+            self.render_page("h5/switch.html", offer=granted)
+            return
+        self.set_session_cookie(granted)
+        self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
 
 
 class PageUploadHandler(H5PageHandler, ImagesHandler):
@@ -50,10 +58,20 @@ class PageUploadHandler(H5PageHandler, ImagesHandler):
         await ImagesHandler.post(self)
 
 
+class SwitchHandler(H5PageHandler):
+    @h5_session
+    async def post(self) -> None:
+        """Switch to the account of a link opened while signed in as another (the choice page's
+        XSRF-protected form): the current H5 session ends, the link's account's begins."""
+        cookie = await self.services.h5.switch(self.get_body_argument("ticket"), self.principal)
+        self.set_session_cookie(cookie)
+        self.redirect("/h5/home")
+
+
 class LogoutHandler(H5PageHandler):
     @h5_session
     async def post(self) -> None:
         """End the H5 session (XSRF-protected form post)."""
         await self.services.h5.logout(self.principal)
-        self.clear_cookie(H5_COOKIE, path="/h5")
+        self.clear_session_cookie()
         self.redirect("/h5/home")
