@@ -7,6 +7,8 @@ from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaDat
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from demo.common.tokens import new_public_id
+
 # Stable constraint names so Alembic migrations can refer to them on every backend.
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -19,6 +21,8 @@ NAMING = {
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
 Id = BigInteger().with_variant(sqlite.INTEGER(), "sqlite")
+# Random public ids, compared byte for byte (MySQL's default collation ignores letter case).
+PublicId = String(22).with_variant(mysql.VARCHAR(22, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
 
 
 class Base(DeclarativeBase):
@@ -28,7 +32,9 @@ class Base(DeclarativeBase):
 class User(Base):
     __tablename__ = "users"
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)  # internal: foreign keys only
+    # The id clients see: a sequential one would tell anyone the number of users.
+    public_id: Mapped[str] = mapped_column(PublicId, unique=True, default=new_public_id)
     phone: Mapped[str] = mapped_column(String(16), unique=True)  # E.164, at most 15 digits and '+'
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)

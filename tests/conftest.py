@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,20 +64,38 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def mysql_database(mysql_server_url: str):
+@contextmanager
+def new_mysql_database(server_url: str) -> Iterator[str]:
+    """The URL of a new, empty MariaDB database (as an operator creates it), dropped afterwards."""
     name = f"demo_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(mysql_server_url + "/")
+    admin = create_engine(server_url + "/")
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    url = f"{mysql_server_url}/{name}"
-    engine = make_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-    admin.dispose()
+    try:
+        yield f"{server_url}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def mysql_database(mysql_server_url: str):
+    with new_mysql_database(mysql_server_url) as url:
+        engine = make_engine(url)
+        migrate.upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new database without any table (for migration tests): SQLite, then MariaDB."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+        return
+    with new_mysql_database(request.getfixturevalue("mysql_server_url")) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
@@ -225,7 +245,7 @@ class LoggedInUser:
     phone: str
     password: str
     token: str
-    id: int
+    id: str  # the public id: opaque, random
     body: dict[str, Any]
 
 

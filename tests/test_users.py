@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from sqlalchemy import func, select
@@ -37,7 +38,7 @@ async def test_seed_example_registers_with_the_code_from_the_outbox(api, outbox,
     assert response.code == 201, response.body
     body = response.json
     assert set(body) == {"user", "token", "token_type", "expires_in", "h5_url"}
-    assert body["user"]["phone"] == E164 and isinstance(body["user"]["id"], int)
+    assert body["user"]["phone"] == E164 and re.fullmatch(r"[A-Za-z0-9_-]{22}", body["user"]["id"])
     assert body["user"]["created_at"].endswith("Z")
     assert body["token_type"] == "Bearer" and body["expires_in"] == 30 * 24 * 3600
     assert len(body["token"]) >= 22  # >= 128 bits, URL-safe base64
@@ -241,6 +242,18 @@ async def test_login_gives_a_working_token(api, user):
     profile = me.json["user"]
     assert set(profile) == {"id", "phone", "created_at", "last_login_at", "image_count"}
     assert profile["id"] == user.id and profile["phone"] == E164 and profile["image_count"] == 0
+
+
+@gen_test
+async def test_user_ids_are_opaque_and_the_same_in_every_body(api, user, outbox, app):
+    """Random public ids: a sequential one would tell any user how many users there are."""
+    second = (await api.register(outbox, phone="18866669999")).json["user"]["id"]
+    internal = app.services.db.run_sync(lambda s: s.scalars(select(User.id).order_by(User.id)).all())
+    assert user.id != second and {user.id, second}.isdisjoint({str(i) for i in internal})
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in (user.id, second))
+    login = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})
+    assert login.json["user"]["id"] == user.id
+    assert (await api.get("/users/me", token=user.token)).json["user"]["id"] == user.id
 
 
 @gen_test

@@ -48,7 +48,7 @@ TOKEN_QUERY = Prepared(
 # The user by phone (NULLs when there is none: the one-row table makes the row) with both failure counts.
 _one_row = select(literal_column("1").label("one")).subquery("one_row")
 LOGIN_LOOKUP = Prepared(
-    select(_users.c.id, _users.c.phone, _users.c.password_hash, _users.c.created_at,
+    select(_users.c.id, _users.c.public_id, _users.c.phone, _users.c.password_hash, _users.c.created_at,
            ratelimit.count_of("phone_key", "phone_start").label("phone_failures"),
            ratelimit.count_of("ip_key", "ip_start").label("ip_failures"))
     .select_from(_one_row.outerjoin(_users, _users.c.phone == bindparam("phone")))
@@ -291,7 +291,7 @@ class Accounts:
         return await self.db.run(lookup)
 
     def _grant(self, c: Cursor, user: Any, now: dt.datetime) -> Grant:
-        """A new app session and its first H5 ticket for ``user`` (anything with id, phone, created_at)."""
+        """A new app session and its first H5 ticket for ``user`` (with id, public_id, phone, created_at)."""
         token, token_hash = tokens.new_secret()
         ttl = self.rules.token_ttl
         session_id = c.insert(NEW_SESSION, {"user_id": user.id, "token_hash": token_hash, "now": now,
@@ -301,4 +301,5 @@ class Accounts:
 
 
 def public_user(user: Any) -> dict[str, Any]:
-    return {"id": user.id, "phone": user.phone, "created_at": isoformat(user.created_at)}
+    """The user as the contract shows it: the random public id, never the internal sequential one."""
+    return {"id": user.public_id, "phone": user.phone, "created_at": isoformat(user.created_at)}

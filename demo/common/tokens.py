@@ -1,4 +1,5 @@
-"""Opaque secrets handed to clients (bearer tokens, H5 tickets): random, only their digest stored."""
+"""Opaque values handed to clients: secrets (bearer tokens, H5 tickets; random, only their digest
+stored) and public ids (random, so they tell nothing: not how many there are, nor in which order)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,11 @@ def new_secret() -> tuple[str, str]:
     """A fresh secret and its SHA-256 (hex); store the digest, hand out the secret."""
     secret = secrets.token_urlsafe(TOKEN_BYTES)
     return secret, digest(secret)
+
+
+def new_public_id() -> str:
+    """128 random bits, 22 URL-safe characters: a user's id as clients see it."""
+    return secrets.token_urlsafe(16)
 
 
 def digest(secret: str) -> str:
