@@ -108,7 +108,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         resend_after=settings.sms_resend_after, max_attempts=settings.sms_max_attempts,
         phone_daily=settings.sms_phone_daily, ip_hourly=settings.sms_ip_hourly,
         login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
-        login_window=settings.login_window,
+        login_window=settings.login_window, login_slowdown_after=settings.login_slowdown_after,
+        login_slowdown=settings.login_slowdown, code_checks_ip_hourly=settings.code_checks_ip_hourly,
     )
     # SMS codes are HMACed with a key derived from the cookie secret, never with the secret itself.
     code_key = hmac.new(cookie_secret.encode(), b"demo sms codes", hashlib.sha256).digest()
