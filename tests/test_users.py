@@ -279,7 +279,7 @@ async def reset_code(api, outbox, clock) -> str:
 
 
 @gen_test
-async def test_a_wrong_code_never_reaches_the_hasher(api, outbox, app, clock, monkeypatch):
+async def test_a_wrong_code_never_reaches_the_hasher(api, outbox, app, monkeypatch):
     await api.post("/users/code", {"phone": "18866669999"})
     hashed = count_calls(monkeypatch, app.services.passwords, "hash")
     wrong = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": "000000x"})
