@@ -302,6 +302,8 @@ class Bench:
             "DEMO_IMAGE_QUOTA_BYTES": HUGE,
             "DEMO_LOGIN_PHONE_FAILURES": HUGE,
             "DEMO_LOGIN_IP_FAILURES": HUGE,
+            "DEMO_LOGIN_SLOWDOWN_AFTER": HUGE,
+            "DEMO_CODE_CHECKS_IP_HOURLY": HUGE,
             "DEMO_SMS_PHONE_DAILY": HUGE,
             "DEMO_SMS_IP_HOURLY": HUGE,
         } | {k: v for k, v in overrides.items() if k not in ("DEMO_DATABASE_URL", "DEMO_MEDIA_ROOT")}

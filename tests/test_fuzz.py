@@ -124,6 +124,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
         "DEMO_SMS_PHONE_DAILY": "100000",
         "DEMO_LOGIN_IP_FAILURES": "100000",
         "DEMO_LOGIN_PHONE_FAILURES": "100000",
+        "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
+        "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
     })
     log_path = tmp / "server.log"  # a file, not a pipe: thousands of request log lines would fill a pipe
     log_file = log_path.open("w")

@@ -22,6 +22,33 @@ def count_users(app) -> int:
     return app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(User)))
 
 
+def count_calls(monkeypatch, obj, name: str) -> list[tuple]:
+    """Record every call of ``obj.name`` (which still runs): e.g. how many passwords were hashed."""
+    calls: list[tuple] = []
+    original = getattr(obj, name)
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(obj, name, counting)
+    return calls
+
+
+def statuses(responses) -> dict[int, int]:
+    return {code: [r.code for r in responses].count(code) for code in sorted({r.code for r in responses})}
+
+
+def to_window_start(clock, seconds: int) -> None:
+    """Move the clock to the start of the next window of ``seconds``, so a test knows its windows."""
+    clock.advance(seconds - clock.timestamp() % seconds)
+
+
+def from_client(address: str) -> dict[str, str]:
+    """Headers that make the request come from ``address`` (the test server trusts loopback proxies)."""
+    return {"X-Real-IP": address}
+
+
 # -- the seed's flow -------------------------------------------------------------------------------
 
 
@@ -189,6 +216,20 @@ async def test_hourly_quota_per_ip(api, clock):
     assert other.code == 200
 
 
+@pytest.mark.settings(sms_ip_hourly=1)
+@gen_test
+async def test_an_ipv6_client_is_its_64_for_per_ip_limits(api):
+    first = await api.post("/users/code", {"phone": "18866660001"}, headers=from_client("2001:db8:1:2::1"))
+    assert first.code == 200
+    # Another address of the same /64 is the same client: its quota is used up.
+    same = await api.post("/users/code", {"phone": "18866660002"},
+                          headers=from_client("2001:db8:1:2:ffff::9"))
+    assert same.code == 429 and same.error == "rate_limited"
+    # The next /64 is another client.
+    other = await api.post("/users/code", {"phone": "18866660002"}, headers=from_client("2001:db8:1:3::1"))
+    assert other.code == 200
+
+
 @gen_test
 async def test_regist_code_for_registered_phone_answers_alike_and_texts_a_notice(api, outbox, user, clock):
     clock.advance(61)
@@ -226,6 +267,72 @@ async def test_twenty_concurrent_registrations_make_one_account(api, outbox, app
     assert statuses.count(201) == 1, statuses
     assert all(s in (400, 409) for s in statuses if s != 201), statuses
     assert count_users(app) == 1
+
+
+# -- codes are checked before passwords are hashed ----------------------------------------------------
+
+
+async def reset_code(api, outbox, clock) -> str:
+    """A reset code for the seed user (registered by the ``user`` fixture a moment ago)."""
+    clock.advance(61)
+    assert (await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})).code == 200
+    return outbox.code(E164)
+
+
+@gen_test
+async def test_a_wrong_code_never_reaches_the_hasher(api, outbox, app, monkeypatch):
+    await api.post("/users/code", {"phone": "18866669999"})
+    hashed = count_calls(monkeypatch, app.services.passwords, "hash")
+    wrong = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": "000000x"})
+    unknown = await api.post("/users/password/reset", {"phone": "18866660000", "code": "123456",
+                                                      "password": "a brand new secret"})
+    assert (wrong.code, wrong.error) == (unknown.code, unknown.error) == (400, "invalid_code")
+    assert hashed == []
+    good = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD,
+                                            "code": outbox.code("+8618866669999")})
+    assert good.code == 201 and len(hashed) == 1
+
+
+@pytest.mark.parametrize("path", ["/users/regist", "/users/password/reset"])
+@gen_test
+async def test_parallel_requests_with_one_good_code_cost_one_hash(api, outbox, app, clock, user, monkeypatch,
+                                                                   path):
+    if path == "/users/regist":
+        phone = "18866669999"
+        await api.post("/users/code", {"phone": phone})
+        code = outbox.code("+86" + phone)
+    else:
+        phone, code = PHONE, await reset_code(api, outbox, clock)
+    hashed = count_calls(monkeypatch, app.services.passwords, "hash")
+    responses = await asyncio.gather(*[
+        api.post(path, {"phone": phone, "password": "a brand new secret", "code": code}) for _ in range(12)])
+    assert statuses(responses) == {400: 11, 201 if path == "/users/regist" else 204: 1}
+    assert len(hashed) == 1
+
+
+@pytest.mark.settings(code_checks_ip_hourly=4)
+@gen_test
+async def test_code_checks_are_limited_per_client_in_parallel(api, outbox, clock, user):
+    # Good checks are not counted against the client.
+    for n in range(5):
+        registered = await api.register(outbox, phone=f"1886667{n:04d}")
+        assert registered.code == 201, registered.body
+    code = await reset_code(api, outbox, clock)
+    # Registrations and resets from one client share a budget; parallel tries do not slip past it.
+    tries = [api.post("/users/regist", {"phone": f"1886666{n:04d}", "password": PASSWORD, "code": "000000"})
+             for n in range(6)]
+    tries += [api.post("/users/password/reset", {"phone": PHONE, "password": PASSWORD, "code": "999999x"})
+              for _ in range(6)]
+    responses = await asyncio.gather(*tries)
+    assert statuses(responses) == {400: 4, 429: 8}
+    refused = next(r for r in responses if r.code == 429)
+    assert refused.error == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 3600
+    assert (await api.post("/users/password/reset", {"phone": PHONE, "password": "a brand new secret",
+                                                     "code": code})).code == 429
+    # Refused requests counted nowhere: the code's tries are left, and another client may use it.
+    elsewhere = await api.post("/users/password/reset", {"phone": PHONE, "password": "a brand new secret",
+                                                         "code": code}, headers=from_client("198.51.100.4"))
+    assert elsewhere.code == 204
 
 
 # -- login, logout, profile ----------------------------------------------------------------------------
@@ -286,6 +393,71 @@ async def test_login_failures_are_limited_per_ip(api, user):
     elsewhere = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD},
                                headers={"X-Forwarded-For": "198.51.100.4"})
     assert elsewhere.code == 200
+
+
+WRONG = {"phone": PHONE, "password": "wrong password"}
+
+
+@pytest.mark.settings(login_phone_failures=5)
+@gen_test
+async def test_parallel_wrong_passwords_for_one_phone_stop_at_the_limit(api, user, app, monkeypatch):
+    verified = count_calls(monkeypatch, app.services.passwords, "verify")
+    responses = await asyncio.gather(*[api.post("/users/login", WRONG) for _ in range(30)])
+    assert statuses(responses) == {401: 5, 429: 25}
+    assert len(verified) == 5
+
+
+@pytest.mark.settings(login_ip_failures=5)
+@gen_test
+async def test_parallel_wrong_passwords_from_one_ip_stop_at_the_limit(api, app, monkeypatch):
+    verified = count_calls(monkeypatch, app.services.passwords, "verify")
+    responses = await asyncio.gather(*[
+        api.post("/users/login", {"phone": f"1886666{n:04d}", "password": "wrong password"})
+        for n in range(30)])
+    assert statuses(responses) == {401: 5, 429: 25}
+    assert len(verified) == 5
+
+
+@gen_test
+async def test_a_strangers_failures_slow_the_owner_down_but_do_not_lock_them_out(api, user, clock):
+    to_window_start(clock, 900)
+    stranger = from_client("198.51.100.7")
+    for _ in range(10):
+        assert (await api.post("/users/login", WRONG, headers=stranger)).code == 401
+    assert (await api.post("/users/login", WRONG, headers=stranger)).code == 429  # that client is done
+    owner = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})
+    assert owner.code == 429 and 0 < int(owner.headers["Retry-After"]) <= 60  # the slow-down, not a lock
+    clock.advance(int(owner.headers["Retry-After"]))
+    assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).code == 200
+    assert (await api.post("/users/login", WRONG, headers=stranger)).code == 429  # still done
+
+
+@gen_test(timeout=180)
+async def test_guesses_per_phone_stay_bounded_across_many_clients(api, user, clock):
+    to_window_start(clock, 900)
+    responses = []
+    for step in range(90):  # one login window, three new clients (IPv6 /64s) every 10 s
+        responses += await asyncio.gather(*[
+            api.post("/users/login", WRONG, headers=from_client(f"2001:db8:{step:x}:{n:x}::1"))
+            for n in range(3)])
+        clock.advance(10)
+    # login_slowdown_after (10) at once, then one turn per login_slowdown (60 s) for the rest of the window.
+    assert statuses(responses) == {401: 10 + 14, 429: 270 - 24}
+
+
+@gen_test
+async def test_a_password_reset_clears_the_phones_login_counters(api, user, outbox, clock):
+    code = await reset_code(api, outbox, clock)
+    to_window_start(clock, 60)
+    for stranger in ("198.51.100.7", "198.51.100.8"):
+        for _ in range(6):
+            await api.post("/users/login", WRONG, headers=from_client(stranger))
+    assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).code == 429  # slowed down
+    reset = await api.post("/users/password/reset",
+                           {"phone": PHONE, "code": code, "password": "a brand new secret"})
+    assert reset.code == 204
+    assert (await api.post("/users/login", {"phone": PHONE, "password": "a brand new secret"})).code == 200
+    assert (await api.post("/users/login", WRONG, headers=from_client("198.51.100.7"))).code == 401
 
 
 @gen_test

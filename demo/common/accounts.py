@@ -10,7 +10,7 @@ import hmac
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import String, bindparam, delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
@@ -45,12 +45,26 @@ TOKEN_QUERY = Prepared(
     .where(_sessions.c.token_hash == bindparam("token_hash"), _sessions.c.revoked_at.is_(None),
            _sessions.c.expires_at > bindparam("now"))
 )
-# The user by phone (NULLs when there is none: the one-row table makes the row) with both failure counts.
+
+
+class LoginWindows(NamedTuple):
+    """Where a login attempt counts (Accounts.login_windows), in key order (ratelimit.reserve_statement)."""
+
+    by_client: Window  # one client, every phone
+    by_phone: Window  # every client, one phone: past its limit, the phone is slowed down to ``pace``
+    by_phone_client: Window  # one client, one phone
+    pace: Window  # every client, one phone: one attempt per window once ``by_phone`` is past its limit
+
+
+# A login attempt is counted in its windows before the password is checked (Accounts.login).
+LOGIN_RESERVE = ratelimit.reserve_statement(len(LoginWindows._fields))
+LOGIN_REFUND = ratelimit.refund_statement(len(LoginWindows._fields))
+# The user by phone (NULLs when there is none: the one-row table makes the row), then the counts of the
+# login's windows, this attempt included.
 _one_row = select(literal_column("1").label("one")).subquery("one_row")
 LOGIN_LOOKUP = Prepared(
     select(_users.c.id, _users.c.public_id, _users.c.phone, _users.c.password_hash, _users.c.created_at,
-           ratelimit.count_of("phone_key", "phone_start").label("phone_failures"),
-           ratelimit.count_of("ip_key", "ip_start").label("ip_failures"))
+           *(ratelimit.count_of(i).label(f"{name}_count") for i, name in enumerate(LoginWindows._fields)))
     .select_from(_one_row.outerjoin(_users, _users.c.phone == bindparam("phone")))
 )
 RECORD_LOGIN = Prepared(
@@ -75,6 +89,9 @@ class AccountRules:
     login_phone_failures: int = 10
     login_ip_failures: int = 100
     login_window: int = 900
+    login_slowdown_after: int = 10
+    login_slowdown: int = 60
+    code_checks_ip_hourly: int = 30
 
 
 @dataclass(frozen=True)
@@ -139,7 +156,7 @@ class Accounts:
         last_sent = s.scalar(select(func.max(SmsCode.created_at)).where(SmsCode.phone == phone))
         if last_sent is not None and (wait := (last_sent - now).total_seconds() + r.resend_after) > 0:
             raise RateLimited(math.ceil(wait), "Wait before asking for another code.")
-        ratelimit.hit(s, Window(f"sms:ip:{ip}", r.ip_hourly, 3600), now)
+        ratelimit.hit(s, Window(f"sms:ip:{ratelimit.client_key(ip)}", r.ip_hourly, 3600), now)
 
         registered = s.scalar(select(User.id).where(User.phone == phone)) is not None
         code: str | None = self.test_numbers.get(phone) or f"{secrets.randbelow(10**6):06d}"
@@ -187,53 +204,89 @@ class Accounts:
 
     # -- registration, login, logout, reset ------------------------------------------------------
 
-    async def register(self, raw_phone: Any, password: str, code: str) -> Grant:
+    def _code_checks(self, client_ip: str) -> Window:
+        """Registrations and resets share one budget per client: both are "check a code, then hash"."""
+        return Window(f"code:ip:{ratelimit.client_key(client_ip)}", self.rules.code_checks_ip_hourly, 3600)
+
+    async def _claim_code(self, phone: str, purpose: str, code: str, checks: Window,
+                          now: dt.datetime) -> None:
+        """Spend ``code`` before any password is hashed: a wrong code costs no hash, and of parallel
+        requests carrying one good code only the first gets past here. Raises InvalidCode (the wrong
+        guess is counted against the code) or RateLimited (the client's checks are used up)."""
+
+        def work(s: Session) -> bool:
+            ratelimit.hit(s, checks, now)  # first, and refused without a trace: the code keeps its tries
+            return self._consume_code(s, phone, purpose, code, now)
+
+        if not await self.db.run(work):
+            raise InvalidCode(field="code")
+
+    async def register(self, raw_phone: Any, password: str, code: str, client_ip: str) -> Grant:
         phone = self.phone(raw_phone)
         check_password_policy(password)
+        checks, now = self._code_checks(client_ip), self.clock.now()
+        await self._claim_code(phone, "regist", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        now = self.clock.now()
 
-        def work(s: Session) -> Grant | None:
-            if not self._consume_code(s, phone, "regist", code, now):
-                return None  # commit: the wrong guess is counted
+        def work(s: Session) -> Grant:
+            ratelimit.refund(s, checks, now)  # only failed checks count against the client
             user = User(phone=phone, password_hash=password_hash, created_at=now, last_login_at=now)
             s.add(user)
             s.flush()  # IntegrityError here when another request registered the phone first
             return self._grant(session_cursor(s), user, now)
 
         try:
-            grant = await self.db.run(work)
+            return await self.db.run(work)
         except IntegrityError:
             raise PhoneTaken(field="phone") from None
-        if grant is None:
-            raise InvalidCode(field="code")
-        return grant
+
+    def login_windows(self, phone: str, client_ip: str) -> LoginWindows:
+        """Where a login attempt counts.
+
+        Guessing is bounded without letting strangers lock the owner out: one client (an address, an
+        IPv6 /64) gets ``login_phone_failures`` tries per phone and ``login_ip_failures`` over all phones
+        per window, then waits for the window's end. All clients together get ``login_slowdown_after``
+        tries per phone per window, then the phone is slowed down, not locked: one attempt per
+        ``login_slowdown`` seconds, whoever makes it. So guesses per phone stay under
+        ``login_slowdown_after + login_window / login_slowdown`` per window, and the owner, from any
+        other client, waits at most ``login_slowdown`` seconds for a turn (strangers holding every turn
+        need many clients, and each one's failures are capped). A password reset clears the phone."""
+        r, client = self.rules, ratelimit.client_key(client_ip)
+        return LoginWindows(
+            by_client=Window(f"login:ip:{client}", r.login_ip_failures, r.login_window),
+            by_phone=Window(_login_phone_key(phone), r.login_slowdown_after, r.login_window),
+            by_phone_client=Window(f"{_login_phone_key(phone)}:from:{client}", r.login_phone_failures,
+                                   r.login_window),
+            pace=Window(f"{_login_phone_key(phone)}:pace", 1, r.login_slowdown),
+        )
 
     async def login(self, raw_phone: Any, password: str, client_ip: str) -> Grant:
         phone = self.phone(raw_phone)
-        r = self.rules
-        by_phone = Window(f"login:phone:{phone}", r.login_phone_failures, r.login_window)
-        by_ip = Window(f"login:ip:{client_ip}", r.login_ip_failures, r.login_window)
-        now = self.clock.now()
-        # One statement: the user (or NULLs) and both failure counts.
-        found = await self.db.run_direct(lambda c: c.first(LOGIN_LOOKUP, {
-            "phone": phone, "phone_key": by_phone.key, "phone_start": by_phone.start(now),
-            "ip_key": by_ip.key, "ip_start": by_ip.start(now)}))
-        ratelimit.refuse_if_full(by_phone, found.phone_failures, now)
-        ratelimit.refuse_if_full(by_ip, found.ip_failures, now)
+        windows, now = self.login_windows(phone, client_ip), self.clock.now()
+        counted = ratelimit.window_params(windows, now)
+
+        def reserve(c: Cursor) -> Any:
+            # The attempt is counted before the password is checked, and the counters' rows stay locked
+            # to the commit: parallel attempts queue here, each sees the others, none slips past a limit.
+            c.execute(LOGIN_RESERVE, counted)
+            found = c.first(LOGIN_LOOKUP, {"phone": phone, **counted})  # the user (or NULLs) and the counts
+            _admit_login(windows, found, now)  # raises: the unit rolls back, a refused attempt counts nowhere
+            return found
+
+        found = await self.db.run_direct(reserve)
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
         if not ok or found.id is None:
-            await self.db.run(lambda s: [ratelimit.hit(s, w, now, enforce=False) for w in (by_phone, by_ip)])
-            raise InvalidCredentials()
+            raise InvalidCredentials()  # already counted
         new_hash = None
         if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
 
         def work(c: Cursor) -> Grant:
             c.execute(RECORD_LOGIN, {"user_id": found.id, "now": now, "new_hash": new_hash})
-            if found.phone_failures:
-                c.execute(ratelimit.FORGET, {"key": by_phone.key})  # a success clears this phone's failures
+            c.execute(LOGIN_REFUND, counted)  # a good login is not a failure
+            if found.by_phone_client_count > 1:  # and it clears this client's earlier failures for the phone
+                c.execute(ratelimit.FORGET, {"key": windows.by_phone_client.key})
             return self._grant(c, found, now)
 
         return await self.db.run_direct(work)
@@ -246,24 +299,26 @@ class Accounts:
             )
         )
 
-    async def reset_password(self, raw_phone: Any, code: str, password: str) -> None:
+    async def reset_password(self, raw_phone: Any, code: str, password: str, client_ip: str) -> None:
         phone = self.phone(raw_phone)
         check_password_policy(password)
+        checks, now = self._code_checks(client_ip), self.clock.now()
+        await self._claim_code(phone, "reset", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        now = self.clock.now()
 
         def work(s: Session) -> bool:
-            if not self._consume_code(s, phone, "reset", code, now):
-                return False
             user_id = s.scalar(select(User.id).where(User.phone == phone))
             if user_id is None:
-                return False
+                return False  # deleted since the code was sent
+            ratelimit.refund(s, checks, now)
             s.execute(update(User).where(User.id == user_id).values(password_hash=password_hash))
             s.execute(
                 update(AuthSession)
                 .where(AuthSession.user_id == user_id, AuthSession.revoked_at.is_(None))
                 .values(revoked_at=now)
             )
+            # The owner proved who they are: failures of strangers no longer slow their logins down.
+            ratelimit.forget_family(s, _login_phone_key(phone))
             return True
 
         if not await self.db.run(work):
@@ -298,6 +353,18 @@ class Accounts:
                                             "expires_at": now + dt.timedelta(seconds=ttl)})
         ticket = create_ticket(c, session_id, now, self.ticket_ttl)
         return Grant(user=public_user(user), token=token, expires_in=ttl, session_id=session_id, h5_ticket=ticket)
+
+
+def _login_phone_key(phone: str) -> str:
+    return f"login:phone:{phone}"
+
+
+def _admit_login(windows: LoginWindows, found: Any, now: dt.datetime) -> None:
+    """Refuse an attempt that one of ``windows`` does not allow (``found``: LOGIN_LOOKUP's row)."""
+    ratelimit.refuse_if_over(windows.by_client, found.by_client_count, now)
+    ratelimit.refuse_if_over(windows.by_phone_client, found.by_phone_client_count, now)
+    if found.by_phone_count > windows.by_phone.limit:  # the phone is slowed down, not locked
+        ratelimit.refuse_if_over(windows.pace, found.pace_count, now)
 
 
 def public_user(user: Any) -> dict[str, Any]:

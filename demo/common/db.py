@@ -127,14 +127,16 @@ def upsert_add(session: Session, model: Any, values: dict[str, Any], key: list[s
     session.execute(upsert_add_statement(session.get_bind().dialect.name, model, values, key, column))
 
 
-def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any], key: list[str], column: str) -> Any:
-    """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s)."""
+def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any] | list[dict[str, Any]],
+                         key: list[str], column: str) -> Any:
+    """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s, and a list of rows:
+    they are inserted, and so locked, in the list's order)."""
     current = getattr(model, column)
     if dialect in ("mysql", "mariadb"):
-        stmt = mysql.insert(model).values(**values)
+        stmt = mysql.insert(model).values(values)
         return stmt.on_duplicate_key_update({column: current + stmt.inserted[column]})
-    stmt = sqlite.insert(model).values(**values)
-    return stmt.on_conflict_do_update(index_elements=key, set_={column: current + values[column]})
+    stmt = sqlite.insert(model).values(values)
+    return stmt.on_conflict_do_update(index_elements=key, set_={column: current + stmt.excluded[column]})
 
 
 class Prepared:

@@ -113,7 +113,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         resend_after=settings.sms_resend_after, max_attempts=settings.sms_max_attempts,
         phone_daily=settings.sms_phone_daily, ip_hourly=settings.sms_ip_hourly,
         login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
-        login_window=settings.login_window,
+        login_window=settings.login_window, login_slowdown_after=settings.login_slowdown_after,
+        login_slowdown=settings.login_slowdown, code_checks_ip_hourly=settings.code_checks_ip_hourly,
     )
     code_key = derived_key(cookie_secret, b"demo sms codes")
     accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,

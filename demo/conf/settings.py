@@ -68,11 +68,22 @@ def declare(parser: OptionParser) -> None:
     d("argon2_time_cost", default=2, type=int, group="accounts", help="argon2id iterations (>= 2)")
     d("argon2_memory_kib", default=19456, type=int, group="accounts", help="argon2id memory in KiB (>= 19456)")
     d("argon2_parallelism", default=1, type=int, group="accounts", help="argon2id lanes")
+    # Per-client limits count an IPv4 client by its address and an IPv6 client by its /64.
     d("login_phone_failures", default=10, type=int, group="accounts",
-      help="failed logins allowed per phone per login_window")
+      help="failed logins allowed per phone from one client per login_window; then that client waits "
+           "for the window's end (other clients do not: a stranger cannot lock the owner out)")
     d("login_ip_failures", default=100, type=int, group="accounts",
-      help="failed logins allowed per client IP per login_window")
+      help="failed logins allowed per client over all phones per login_window")
     d("login_window", default=900, type=int, group="accounts", help="seconds of the login failure window")
+    d("login_slowdown_after", default=10, type=int, group="accounts",
+      help="failed logins per phone from all clients together per login_window before the phone is slowed "
+           "down (not locked) to one attempt per login_slowdown seconds: guesses per phone stay below "
+           "login_slowdown_after + login_window / login_slowdown per window, the owner waits for a turn")
+    d("login_slowdown", default=60, type=int, group="accounts",
+      help="seconds between two login attempts on a slowed-down phone (see login_slowdown_after)")
+    d("code_checks_ip_hourly", default=30, type=int, group="accounts",
+      help="registrations and password resets with a wrong or spent SMS code allowed per client per hour, "
+           "both together (one budget: alternating must not double it); good ones are not counted")
     d("h5_ticket_ttl", default=120, type=int, group="accounts",
       help="seconds an H5 ticket (h5_url) stays valid; at most 120")
     d("h5_session_ttl", default=24 * 3600, type=int, group="accounts",
@@ -86,7 +97,8 @@ def declare(parser: OptionParser) -> None:
     d("sms_resend_after", default=60, type=int, group="sms", help="seconds between two texts to one phone")
     d("sms_max_attempts", default=5, type=int, group="sms", help="wrong tries before a code is dead")
     d("sms_phone_daily", default=10, type=int, group="sms", help="texts per phone per UTC day")
-    d("sms_ip_hourly", default=20, type=int, group="sms", help="texts requested per client IP per hour")
+    d("sms_ip_hourly", default=20, type=int, group="sms",
+      help="texts requested per client per hour (an IPv4 address, an IPv6 /64)")
     d("sms_gateway_url", default="", type=str, group="sms", help="HTTP gateway URL (sms_backend=http)")
     d("sms_gateway_body", default='{"to": $phone, "text": $text}', type=str, group="sms",
       help="request body template; $phone, $text and $code are substituted JSON-encoded")

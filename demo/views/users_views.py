@@ -35,7 +35,7 @@ class RegistHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
         code = text_field(body, "code", max_length=16)
-        grant = await self.accounts.register(phone, password, code)
+        grant = await self.accounts.register(phone, password, code, self.request.remote_ip)
         self.write_json(self.session_body(grant), status=201)
 
 
@@ -67,7 +67,7 @@ class PasswordResetHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         code = text_field(body, "code", max_length=16)
         password = text_field(body, "password", max_length=4096)
-        await self.accounts.reset_password(phone, code, password)
+        await self.accounts.reset_password(phone, code, password, self.request.remote_ip)
         self.set_status(204)
         self.finish()
 
