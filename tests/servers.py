@@ -104,3 +104,11 @@ def register(port: int, phone: str, code: str, password: str = "demo123456") -> 
     status, body = call(port, "POST", "/users/regist", {"phone": phone, "password": password, "code": code})
     assert status == 201, body
     return body["token"]
+
+
+def peak_memory(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes: what Pillow holds in C counts too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
