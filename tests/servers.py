@@ -106,9 +106,15 @@ def register(port: int, phone: str, code: str, password: str = "demo123456") -> 
     return body["token"]
 
 
-def peak_memory(pid: int) -> int:
-    """The process's peak resident memory so far (VmHWM), in bytes: what Pillow holds in C counts too."""
+
+def memory(pid: int, key: str) -> int:
+    """A process's ``VmRSS`` (resident now) or ``VmHWM`` (its peak) in bytes: C memory (Pillow's) too."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for process {pid}")
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Make VmHWM the current RSS again (Linux >= 4.0), so a later peak is not hidden by an earlier one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
