@@ -143,7 +143,7 @@ class Images:
             raise
 
     async def _process(self, upload: UploadSpool, src: str | bytes, cost: int) -> imaging.ProcessedImage:
-        # Decoding holds 3-4 bytes per pixel (an animation: what imaging.upload_cost says): the budget
+        # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
         # keeps concurrent decodes from holding more than decode_budget pixels at once, so memory stays
         # flat however many arrive together.
         async with self._decoding.reserve(cost):

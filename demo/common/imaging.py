@@ -5,7 +5,7 @@ fully decoded within a pixel budget, and re-encoded: orientation applied, EXIF/G
 a real ICC colour profile kept (see _Colour), animation kept.
 
 An animation is decoded one frame at a time and handed to Pillow's writer as it comes (see _Frames);
-what the writer itself keeps until the file is written is counted by ``upload_cost``/``thumbnail_cost``,
+what the writer itself keeps until the file is written is counted by ``measure_upload``/``thumbnail_cost``,
 which the caller reserves from its decode budget before calling in.
 """
 from __future__ import annotations
@@ -94,8 +94,10 @@ def measure_upload(src: str | bytes, max_pixels: int, max_animation_pixels: int)
     when the image is over a limit; 0 if unreadable (process_upload then says why). Nothing is decoded,
     but a GIF's frames are counted by walking the file: not for the event loop."""
     fmt = sniff_format(_head(src))
+    if fmt is None:
+        return 0
     try:
-        with Image.open(_readable(src), formats=[PILLOW_NAMES[fmt]] if fmt else None) as im:
+        with Image.open(_readable(src), formats=[PILLOW_NAMES[fmt]]) as im:
             frames = _check_limits(im, fmt, max_pixels, max_animation_pixels)
             streamed = fmt in STREAMED and not _Colour(im.info.get("icc_profile")).converts
             return _cost(im.width * im.height, im.width * im.height, frames, streamed)
