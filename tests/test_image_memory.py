@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -223,11 +224,13 @@ def rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float,
 DISPLAY_P3 = ((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841))
 
 
-def junk_profile() -> bytes:
-    """HTML and a ZIP where the profile should be."""
+def junk_profile(fmt: str) -> bytes:
+    """HTML and a ZIP where the profile should be: 2 MiB in a JPEG; less in a PNG, where Pillow itself
+    refuses (422) a profile that inflates to over 1 MiB."""
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("payload.html", "<script>alert(1)</script>" * 1000)
+        z.writestr("payload.bin", random.Random(1).randbytes(2 * MIB if fmt == "JPEG" else MIB // 2))
     return b"<html><body><script>alert(document.cookie)</script></body></html>" + archive.getvalue()
 
 
@@ -244,7 +247,7 @@ async def served_profiles(api, image: dict) -> list[bytes | None]:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @gen_test
 async def test_a_profile_that_is_not_icc_is_dropped(api, user, fmt):
-    image = await uploaded(api, user.token, with_profile(fmt, junk_profile()), content_type=f"image/{fmt.lower()}")
+    image = await uploaded(api, user.token, with_profile(fmt, junk_profile(fmt)), content_type=f"image/{fmt.lower()}")
     assert await served_profiles(api, image) == [None, None]
 
 
@@ -259,26 +262,29 @@ async def test_a_real_small_profile_is_kept_byte_for_byte(api, user, fmt, kind):
     assert await served_profiles(api, image) == [profile, profile]
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @gen_test
-async def test_a_real_but_oversized_profile_is_applied_to_the_pixels_and_dropped(api, user):
+async def test_a_real_but_oversized_profile_is_applied_to_the_pixels_and_dropped(api, user, fmt):
     # Display P3 primaries with a linear curve: far from sRGB, so the conversion shows in the pixels.
     profile = rgb_profile(DISPLAY_P3, 1.0, padding=imaging.MAX_ICC_BYTES)
     assert len(profile) > imaging.MAX_ICC_BYTES
     original = PILImage.new("RGB", (400, 200), (120, 60, 30))
     expected = ImageCms.profileToProfile(original, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
                                          ImageCms.createProfile("sRGB")).getpixel((0, 0))
-    image = await uploaded(api, user.token, encode(original, "PNG", icc_profile=profile), content_type="image/png")
+    image = await uploaded(api, user.token, encode(original, fmt, icc_profile=profile),
+                           content_type=f"image/{fmt.lower()}")
     assert await served_profiles(api, image) == [None, None]
     served = open_image((await fetch(api, image["url"])).body).convert("RGB").getpixel((0, 0))
     assert served != (120, 60, 30)
-    assert all(abs(a - b) <= 2 for a, b in zip(served, expected)), (served, expected)
+    assert all(abs(a - b) <= 3 for a, b in zip(served, expected)), (served, expected)  # JPEG: +-1 or 2
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 @gen_test
-async def test_an_animation_keeps_a_real_profile_and_drops_junk(api, user):
+async def test_an_animation_keeps_a_real_profile_and_drops_junk(api, user, fmt):
     frames = [gradient((200, 100)).rotate(angle) for angle in (0, 180)]
     profile = rgb_profile(DISPLAY_P3, 2.2)
-    for icc, kept in ((profile, profile), (junk_profile(), None)):
-        data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=50, icc_profile=icc)
-        image = await uploaded(api, user.token, data, content_type="image/png")
+    for icc, kept in ((profile, profile), (junk_profile(fmt), None)):
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, icc_profile=icc)
+        image = await uploaded(api, user.token, data, content_type=MIME[fmt])
         assert await served_profiles(api, image) == [kept, kept]
