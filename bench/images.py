@@ -1,4 +1,5 @@
-"""Deterministic, photo-like JPEGs for the benchmark, generated with Pillow (no files in git).
+"""Deterministic, photo-like JPEGs (and one animated GIF) for the benchmark, generated with Pillow
+(no files in git).
 
 Photo-like means what a JPEG encoder finds in a photo: smooth colour gradients, a few soft shapes,
 and per-pixel sensor-like noise. A flat colour would compress to almost nothing and decode
@@ -81,3 +82,27 @@ def generate(spec: Spec) -> tuple[bytes, int]:
             break
         data = encode(spec, noise)
     return data, noise
+
+
+# The memory test's animated case: a GIF of the shape chat apps send (480x270, 5 s at 24 frames a
+# second: 15.6 M pixels decoded, just inside the default max_animation_pixels), every frame different.
+ANIMATION = {"width": 480, "height": 270, "frames": 120, "duration_ms": 42}
+
+
+def animation() -> bytes:
+    """A photo panning sideways, 2 pixels a frame, as a looping GIF."""
+    width, height, frames = ANIMATION["width"], ANIMATION["height"], ANIMATION["frames"]
+    scene = photo(width + 2 * frames, height, seed=4, noise=2).quantize(64)  # one palette for all frames
+    pictures = [scene.crop((2 * n, 0, 2 * n + width, height)) for n in range(frames)]
+    out = io.BytesIO()
+    pictures[0].save(out, "GIF", save_all=True, append_images=pictures[1:], duration=ANIMATION["duration_ms"], loop=0)
+    return out.getvalue()
+
+
+def with_comment(gif: bytes, text: str) -> bytes:
+    """The same GIF with a comment block after its colour table: other bytes (so never a known
+    upload, which would not be decoded), the same pixels."""
+    flags = gif[10]
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    note = text.encode()[:255]
+    return gif[:at] + b"\x21\xfe" + bytes([len(note)]) + note + b"\x00" + gif[at:]

@@ -72,6 +72,7 @@ MEASURES: dict[str, tuple[str, str | None]] = {
     "upload": ("POST /images 1 MiB JPEG, 1 process", "pillow"),
     "loop_health": ("/healthz p99 while logins + uploads saturate, 1 process", None),
     "memory": ("RSS growth, {n} concurrent 8 MiB uploads, 1 process", None),
+    "memory_animated": ("RSS growth, {n} concurrent animated GIF uploads, then their thumbnails, 1 process", None),
     "image_nginx": ("GET /images/{id}.jpg through nginx (warm), 2 processes", "nginx_static"),
     "h5_home_nginx": ("GET /h5/home through nginx, 2 processes", "hello"),
     "login_nginx": ("POST /users/login through nginx, 2 processes", "argon2"),
@@ -105,6 +106,7 @@ TARGETS = [
     Target("upload", "ratio", 0.70, ">= 70% of Pillow ceiling"),
     Target("loop_health", "p99_ms", 25.0, "p99 < 25 ms"),
     Target("memory", "growth_mib", 64.0, "< 64 MiB"),
+    Target("memory_animated", "growth_mib", 96.0, "< 96 MiB"),
 ]
 TARGET_OF = {t.measure: t for t in TARGETS}
 
@@ -346,7 +348,7 @@ class Bench:
         self.results["environment"]["mariadb"] = self.db.version()
         self.results["config"]["demo_settings"] = self.demo_settings()
         self.phase_one_process()
-        if self.wanted("memory"):
+        if self.any_wanted("memory", "memory_animated"):
             self.phase_memory()
         if self.any_wanted("nginx_static", "image_nginx", "h5_home_nginx", "login_nginx"):
             self.phase_nginx()
@@ -663,81 +665,114 @@ class Bench:
 
     # -- phase 2: memory -----------------------------------------------------------------------------
     def phase_memory(self) -> None:
-        """A fresh process (warmed by one small upload): RSS before, peak RSS (VmHWM, reset first)
-        during N concurrent raw uploads of the 8 MiB JPEG by N different users."""
-        server = self.start(self.demo("demo-mem"))
-        try:
-            client = Http(server.url, timeout=300)
-            users = (self.upload_users * self.memory_uploads)[:self.memory_uploads]
-            self.upload(client, users[0], self.files["small"])  # imports, thread pools, DB connections
-            client.expect(200, "GET", "/healthz")
-            wait_idle([server.pid])
-            rss_before = proc_status_kib(server.pid, "VmRSS")
-            reset_peak_rss(server.pid)
-            hwm_reset = proc_status_kib(server.pid, "VmHWM")
-            body = self.files["large"].read_bytes()
-            statuses: list[int | str] = []
-            latencies: list[float] = []
-            gate = threading.Barrier(len(users))
-            lock = threading.Lock()
+        """For each case a fresh process (warmed by one small upload): RSS before, peak RSS (VmHWM,
+        reset first) during its bursts. "memory": N concurrent raw uploads of the 8 MiB JPEG by N
+        different users. "memory_animated": N concurrent uploads of an animated GIF (each with other
+        bytes), then N concurrent requests for their 160-wide thumbnails (made then)."""
+        for name in ("memory", "memory_animated"):
+            if not self.wanted(name):
+                continue
+            server = self.start(self.demo(f"demo-{name}"))
+            try:
+                client = Http(server.url, timeout=300)
+                users = (self.upload_users * self.memory_uploads)[:self.memory_uploads]
+                self.upload(client, users[0], self.files["small"])  # imports, thread pools, DB connections
+                client.expect(200, "GET", "/healthz")
+                if name == "memory":
+                    body = self.files["large"].read_bytes()
+                    self.memory_case(server, name, [[self.uploader(client, u, body, "image/jpeg") for u in users]],
+                                     f"{len(users)} x {len(body) / MIB:.1f} MiB uploads", upload_bytes=len(body))
+                    continue
+                gif = bench_images.animation()
+                ids: list[str] = []
+                uploads = [self.uploader(client, u, bench_images.with_comment(gif, f"upload {n}"), "image/gif", ids)
+                           for n, u in enumerate(users)]
+                thumbnails = [lambda n=n: client.call("GET", f"/images/{ids[n]}.gif?w=160")[0] if n < len(ids)
+                              else "no image" for n in range(len(users))]
+                self.memory_case(server, name, [uploads, thumbnails],
+                                 f"{len(users)} x {len(gif) / MIB:.1f} MiB animated GIF uploads + thumbnails",
+                                 upload_bytes=len(gif), animation=bench_images.ANIMATION)
+            finally:
+                self.stop(server)
 
-            def one(user: User) -> None:
-                gate.wait(timeout=30)
-                started = time.perf_counter()
+    @staticmethod
+    def uploader(client: Http, user: User, body: bytes, content_type: str,
+                 ids: list[str] | None = None) -> Callable[[], int]:
+        """One raw upload by ``user`` as a call returning its status (the new id appended to ``ids``)."""
+        def one() -> int:
+            status, _, answer = client.call("POST", "/images", body=body, headers={
+                "Authorization": f"Bearer {user.token}", "Content-Type": content_type})
+            if ids is not None and status == 201:
+                ids.append(json.loads(answer)["image"]["id"])
+            return status
+        return one
+
+    def memory_case(self, server: Server, name: str, bursts: list[list[Callable[[], int]]], what: str,
+                    **extra: Any) -> None:
+        """Run each burst's calls at once (one thread each, released together), bursts one after the
+        other; record RSS before, the peak (VmHWM, reset first, and sampled) and after."""
+        wait_idle([server.pid])
+        rss_before = proc_status_kib(server.pid, "VmRSS")
+        reset_peak_rss(server.pid)
+        hwm_reset = proc_status_kib(server.pid, "VmHWM")
+        statuses: list[int | str] = []
+        latencies: list[float] = []
+        lock = threading.Lock()
+        samples: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
                 try:
-                    status, _, _ = client.call("POST", "/images", body=body, headers={
-                        "Authorization": f"Bearer {user.token}", "Content-Type": "image/jpeg"})
-                except OSError as error:
-                    status = f"{type(error).__name__}"
-                with lock:
-                    statuses.append(status)
-                    latencies.append(time.perf_counter() - started)
+                    samples.append(proc_status_kib(server.pid, "VmRSS"))
+                except (OSError, HarnessError):
+                    return
+                done.wait(0.02)
 
-            samples: list[int] = []
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    try:
-                        samples.append(proc_status_kib(server.pid, "VmRSS"))
-                    except (OSError, HarnessError):
-                        return
-                    done.wait(0.02)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in users]
+        def run(call: Callable[[], int], gate: threading.Barrier) -> None:
+            gate.wait(timeout=30)
             started = time.perf_counter()
+            try:
+                status: int | str = call()
+            except OSError as error:
+                status = f"{type(error).__name__}"
+            with lock:
+                statuses.append(status)
+                latencies.append(time.perf_counter() - started)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        for calls in bursts:
+            gate = threading.Barrier(len(calls))
+            threads = [threading.Thread(target=run, args=(c, gate), daemon=True) for c in calls]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(timeout=300)
-            elapsed = time.perf_counter() - started
-            done.set()
-            sampler.join(timeout=5)
             if any(t.is_alive() for t in threads):
-                raise HarnessError("memory test: uploads still running after 300 s")
-            hwm = proc_status_kib(server.pid, "VmHWM")
-            wait_idle([server.pid])
-            rss_after = proc_status_kib(server.pid, "VmRSS")
-        finally:
-            self.stop(server)
+                raise HarnessError(f"{name}: calls still running after 300 s")
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join(timeout=5)
+        hwm = proc_status_kib(server.pid, "VmHWM")
+        wait_idle([server.pid])
+        rss_after = proc_status_kib(server.pid, "VmRSS")
         growth = (hwm - rss_before) / 1024
-        errors = sum(1 for s in statuses if s != 201)
-        target = TARGET_OF["memory"]
-        label = MEASURES["memory"][0].format(n=len(users))
-        self.results["measures"]["memory"] = {
-            "label": label, "ceiling": None, "uploads": len(users), "upload_bytes": len(body),
-            "statuses": dict(Counter(map(str, statuses))), "errors": errors,
+        calls = len(statuses)
+        self.results["measures"][name] = {
+            "label": MEASURES[name][0].format(n=len(bursts[0])), "ceiling": None, "uploads": len(bursts[0]),
+            **extra, "statuses": dict(Counter(map(str, statuses))),
+            "errors": sum(1 for s in statuses if s not in (200, 201)),
             "rss_before_mib": rss_before / 1024, "hwm_after_reset_mib": hwm_reset / 1024,
             "peak_rss_mib": hwm / 1024, "peak_rss_sampled_mib": max(samples, default=0) / 1024,
             "rss_after_mib": rss_after / 1024, "growth_mib": growth, "seconds": elapsed,
-            "rps": len(users) / elapsed, "p50_ms": percentile([x * 1000 for x in latencies], 50),
+            "rps": calls / elapsed, "p50_ms": percentile([x * 1000 for x in latencies], 50),
             "p99_ms": percentile([x * 1000 for x in latencies], 99),
-            "value": growth, "met": target.met(growth),
+            "value": growth, "met": TARGET_OF[name].met(growth),
         }
-        self.log(f"memory: RSS {rss_before / 1024:.1f} MiB -> peak {hwm / 1024:.1f} MiB (+{growth:.1f} MiB), "
-                 f"{len(users)} x {len(body) / MIB:.1f} MiB uploads in {elapsed:.1f}s, statuses {Counter(statuses)}")
+        self.log(f"{name}: RSS {rss_before / 1024:.1f} MiB -> peak {hwm / 1024:.1f} MiB (+{growth:.1f} MiB), "
+                 f"{what} in {elapsed:.1f}s, statuses {Counter(statuses)}")
 
     # -- phase 3: two processes behind the shipped nginx config -----------------------------------
     def phase_nginx(self) -> None:
@@ -1009,11 +1044,13 @@ def report(results: dict[str, Any]) -> str:
     if noisy:
         out += ["", (f"WARNING: foreign CPU (cores used by processes outside this benchmark) during: "
                     f"{'; '.join(noisy)}. Those numbers are low; rerun on a quiet machine.")]
-    mem = results["measures"].get("memory")
-    if mem:
-        out += [(f"Memory: VmRSS {mem['rss_before_mib']:.1f} MiB before, VmHWM {mem['peak_rss_mib']:.1f} MiB "
-                 f"during {mem['uploads']} concurrent {mem['upload_bytes'] / MIB:.1f} MiB uploads, "
-                 f"{mem['rss_after_mib']:.1f} MiB after; statuses {mem['statuses']}.")]
+    for name, what in (("memory", "uploads"), ("memory_animated", "animated GIF uploads, then their thumbnails")):
+        mem = results["measures"].get(name)
+        if mem:
+            out += [(f"Memory ({name}): VmRSS {mem['rss_before_mib']:.1f} MiB before, VmHWM "
+                     f"{mem['peak_rss_mib']:.1f} MiB during {mem['uploads']} concurrent "
+                     f"{mem['upload_bytes'] / MIB:.1f} MiB {what}, {mem['rss_after_mib']:.1f} MiB after; "
+                     f"statuses {mem['statuses']}.")]
     return "\n".join(out)
 
 

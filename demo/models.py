@@ -84,13 +84,22 @@ class RateCounter(Base):
 
 
 class ImageBlob(Base):
-    """Stored bytes, by content. ``refs`` counts the images rows using it; at 0 the file may go."""
+    """Stored bytes, by content. ``refs`` counts the images rows using it; at 0 the file may go.
+
+    ``source_sha256`` is the hash of the uploaded bytes this blob was made from (with what the decode
+    found out), so that the same upload again is stored without decoding it again; NULL for blobs
+    stored before it was kept."""
 
     __tablename__ = "image_blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     refs: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    format: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Image(Base):

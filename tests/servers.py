@@ -104,3 +104,17 @@ def register(port: int, phone: str, code: str, password: str = "demo123456") -> 
     status, body = call(port, "POST", "/users/regist", {"phone": phone, "password": password, "code": code})
     assert status == 201, body
     return body["token"]
+
+
+
+def memory(pid: int, key: str) -> int:
+    """A process's ``VmRSS`` (resident now) or ``VmHWM`` (its peak) in bytes: C memory (Pillow's) too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Make VmHWM the current RSS again (Linux >= 4.0), so a later peak is not hidden by an earlier one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

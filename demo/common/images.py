@@ -9,9 +9,11 @@ Consistency, with the blob row ``image_blobs.refs`` as the lock for one content 
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import logging
 import os
 import secrets
@@ -39,6 +41,13 @@ USAGE = Prepared(select(func.count(_images.c.pk).label("count"), func.coalesce(f
                  .where(_images.c.owner_id == bindparam("user_id")))
 ADD_BLOB_REF = Prepared(lambda dialect: upsert_add_statement(
     dialect, ImageBlob, {"sha256": bindparam("sha256"), "refs": 1, "created_at": bindparam("now")}, ["sha256"], "refs"))
+# A known upload: the blob these exact bytes were made into before, and what their decode found.
+KNOWN_UPLOAD = Prepared(select(ImageBlob.sha256, ImageBlob.format, ImageBlob.width, ImageBlob.height, ImageBlob.bytes)
+                        .where(ImageBlob.source_sha256 == bindparam("source"), ImageBlob.format.is_not(None))
+                        .limit(1))
+REMEMBER_UPLOAD = Prepared(update(ImageBlob).where(ImageBlob.sha256 == bindparam("sha256")).values(
+    source_sha256=bindparam("source"), format=bindparam("format"), width=bindparam("width"),
+    height=bindparam("height"), bytes=bindparam("bytes")))
 NEW_IMAGE = Prepared(insert(_images).values(
     id=bindparam("id"), owner_id=bindparam("owner_id"), sha256=bindparam("sha256"), format=bindparam("format"),
     width=bindparam("width"), height=bindparam("height"), bytes=bindparam("bytes"), created_at=bindparam("now")))
@@ -46,9 +55,9 @@ THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
-def _process_upload(upload: UploadSpool, src: str | bytes, work_dir: str, max_pixels: int) -> imaging.ProcessedImage:
+def _process_upload(upload: UploadSpool, src: str | bytes, work_dir: str, rules: ImageRules) -> imaging.ProcessedImage:
     try:
-        return imaging.process_upload(src, work_dir, max_pixels)
+        return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
     finally:
         upload.discard()  # read: the temp file (or the memory) goes now, on this thread, in any case
 
@@ -71,6 +80,7 @@ class ImageRules:
     memory_cache_bytes: int = 64 * 1024 * 1024
     memory_cache_item: int = 512 * 1024
     decode_budget: int = 16_000_000  # pixels decoding at once in one process (about 48-64 MB)
+    max_animation_pixels: int = imaging.MAX_ANIMATION_PIXELS  # all frames of one animation, decoded
     upload_memory: int = 32 * 1024 * 1024  # upload bodies held in memory at once (see UploadSpool)
 
 
@@ -94,6 +104,7 @@ class Images:
         self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
         self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
         self._decoding = Budget(rules.decode_budget)
+        self._building: dict[tuple[str, int], asyncio.Future[str]] = {}  # thumbnails being made here
         self._body_memory = BodyMemory(rules.upload_memory)
 
     # -- upload --------------------------------------------------------------------------------
@@ -110,34 +121,51 @@ class Images:
 
     async def create(self, user_id: int, upload: UploadSpool) -> dict[str, Any]:
         """Check, re-encode and store the uploaded file; returns the image record. The upload is
-        discarded in any case."""
-        processed = await self._process(upload)
-        try:
-            return await self.db.run_direct(self._store, user_id, processed, self.clock.now())
-        except BaseException:
-            await self.db.offloader.io(_remove, processed.path)  # stored, it would have been moved
-            raise
-
-    async def _process(self, upload: UploadSpool) -> imaging.ProcessedImage:
+        discarded in any case. Bytes uploaded before are not decoded again while their blob exists."""
         offloader = self.db.offloader
         try:
-            src, pixels = await offloader.io(_finish_and_measure, upload, upload.take())
-            # Decoding holds 3-4 bytes per pixel: the budget keeps concurrent uploads from decoding
-            # more than decode_budget pixels at once, so memory stays flat however many arrive together.
-            async with self._decoding.reserve(pixels):
-                return await offloader.cpu(_process_upload, upload, src, self.store.temp_dir(), self.rules.max_pixels)
+            src, source, cost = await offloader.io(_finish_and_measure, upload, upload.take(), self.rules)
+            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, {"source": source}))
+            if known is not None:
+                image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
+                try:
+                    return await self.db.run_direct(self._store, user_id, image, source, self.clock.now())
+                except _BlobGone:
+                    pass  # deleted since it was looked up: decode after all
+            processed = await self._process(upload, src, cost)
         finally:
-            if not upload.discarded:  # failed before the processing
+            if not upload.discarded:  # failed before the processing, or not needed
                 await offloader.io(upload.discard)
+        try:
+            return await self.db.run_direct(self._store, user_id, processed, source, self.clock.now())
+        except BaseException:
+            await offloader.io(_remove, processed.path)  # stored, it would have been moved
+            raise
 
-    def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, now: dt.datetime) -> dict[str, Any]:
+    async def _process(self, upload: UploadSpool, src: str | bytes, cost: int) -> imaging.ProcessedImage:
+        # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
+        # keeps concurrent decodes from holding more than decode_budget pixels at once, so memory stays
+        # flat however many arrive together.
+        async with self._decoding.reserve(cost):
+            return await self.db.offloader.cpu(_process_upload, upload, src, self.store.temp_dir(), self.rules)
+
+    def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, source: str,
+               now: dt.datetime) -> dict[str, Any]:
+        """Store ``image``: a new file (``path``), or a blob already stored (no ``path``: _BlobGone if it
+        is not there any more, checked under its row lock as put() does)."""
         # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
         c.execute(LOCK_OWNER, {"user_id": user_id})
         usage = c.first(USAGE, {"user_id": user_id})
         if usage.count + 1 > self.rules.quota_count or usage.used + image.bytes > self.rules.quota_bytes:
             raise QuotaExceeded()
         c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
-        self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
+        if image.path is None:
+            if not self.store.exists(image.sha256):
+                raise _BlobGone()  # rolls back the reference just added
+        else:
+            self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
+            c.execute(REMEMBER_UPLOAD, {"sha256": image.sha256, "source": source, "format": image.format,
+                                        "width": image.width, "height": image.height, "bytes": image.bytes})
         values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
                   "bytes": image.bytes, "sha256": image.sha256}
         c.execute(NEW_IMAGE, {**values, "owner_id": user_id, "now": now})
@@ -183,14 +211,30 @@ class Images:
             return self.store.local_path(image.sha256)
         if width not in THUMBNAIL_WIDTHS:
             raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
-        path = self._variants.get((image.sha256, width))
+        key = (image.sha256, width)
+        path = self._variants.get(key)
         if path is None:
-            path = await self.db.offloader.cpu(
+            # One build per variant in this process: concurrent requests wait for it (across processes,
+            # the store's lock file does the same).
+            building = self._building.get(key)
+            if building is None:
+                building = self._building[key] = asyncio.ensure_future(self._make_variant(image, width))
+                building.add_done_callback(lambda _: self._building.pop(key, None))
+            path = await asyncio.shield(building)  # a client going away does not cancel the others' build
+            self._variants.put(key, path)
+        return path
+
+    async def _make_variant(self, image: StoredImage, width: int) -> str:
+        """The thumbnail file, made (within the decode budget) unless it is there already."""
+        offloader = self.db.offloader
+        path, cost = await offloader.io(_variant_or_cost, self.store, image, width)
+        if path is not None:
+            return path
+        async with self._decoding.reserve(cost):
+            return await offloader.cpu(
                 _make_variant, self.store, image.sha256, width,
                 lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
             )
-            self._variants.put((image.sha256, width), path)
-        return path
 
     async def contents(self, path: str) -> tuple[int, bytes | None]:
         """(size, bytes) of a stored file: small ones from memory after the first read (they never
@@ -292,9 +336,24 @@ def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
         return size, (f.read() if size <= limit else None)
 
 
-def _finish_and_measure(upload: UploadSpool, chunks: list[bytes]) -> tuple[str | bytes, int]:
+def _finish_and_measure(upload: UploadSpool, chunks: list[bytes], rules: ImageRules) -> tuple[str | bytes, str, int]:
+    """The upload's bytes (or file), their hash, and the decode budget they need (InvalidImage if over
+    a limit: refused before waiting for the budget)."""
     src = upload.finish(chunks)
-    return src, imaging.decoded_pixels(src)
+    source = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else imaging.file_sha256(src)
+    return src, source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
+
+
+def _variant_or_cost(store: ImageStore, image: StoredImage, width: int) -> tuple[str | None, int]:
+    """(path, 0) if the variant exists, else (None, the decode budget making it needs)."""
+    path = store.local_path(image.sha256, width)
+    if os.path.exists(path):
+        return path, 0
+    return None, imaging.thumbnail_cost(store.local_path(image.sha256), image.format, width)
+
+
+class _BlobGone(Exception):
+    """A known upload's blob was deleted since it was looked up."""
 
 
 def _remove(path: str) -> None:

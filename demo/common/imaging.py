@@ -2,7 +2,11 @@
 
 An upload is trusted only after it has been identified by its bytes (not its name or Content-Type),
 fully decoded within a pixel budget, and re-encoded: orientation applied, EXIF/GPS/XMP/comments gone,
-ICC colour profile kept, animation kept.
+a real ICC colour profile kept (see _Colour), animation kept.
+
+An animation is decoded one frame at a time and handed to Pillow's writer as it comes (see _Frames);
+what the writer itself keeps until the file is written is counted by ``measure_upload``/``thumbnail_cost``,
+which the caller reserves from its decode budget before calling in.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps, ImageSequence
+from PIL import Image, ImageCms, ImageFile, ImageOps, ImageSequence
 
 from demo.common.errors import InvalidImage, UnsupportedMediaType
 
@@ -30,7 +35,23 @@ EXTENSIONS = {fmt: ext for fmt, ext, _ in FORMATS.values()}
 MIME_TYPES = {fmt: mime for fmt, _, mime in FORMATS.values()}
 PILLOW_NAMES = {fmt: name for name, (fmt, _, _) in FORMATS.items()}
 MAX_FRAMES = 1000
-ANIMATION_PIXEL_FACTOR = 4  # all frames together may hold this many times the still-image budget
+MAX_ANIMATION_PIXELS = 16_000_000  # all frames together, decoded (the setting max_animation_pixels)
+# What Pillow's writers keep of every frame until the whole file is written (a frame identical to the
+# one before it is merged; we count the worst case, every frame different), in bytes per pixel. Its APNG
+# writer keeps each frame in the output mode (RGBA at most); its GIF writer each as a palette image, but
+# quantizing each frame leaves holes in the heap between them: measured, 616 MB for 160 M pixels. Its
+# WebP writer makes a list of the frames it is given, but encodes a multi-frame source image one frame
+# at a time: an upload's WebP is handed over as it is (STREAMED); a thumbnail's resized frames are not.
+HELD_BYTES = 4
+STREAMED = {"webp"}
+# Beside them, at source size: the decoder's frame and the one before it (disposal), a converted copy,
+# and the writer's working frame (the difference with the previous one, or libwebp's canvases).
+WORKING_FRAMES = 4
+# A profile's bytes are kept only if it parses as ICC and is at most this long. Real camera and display
+# profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup tables can reach a
+# few hundred KB, which no screen needs: those are applied (the pixels converted to sRGB) and not kept.
+# Every byte kept is served with every copy of the image and its thumbnails.
+MAX_ICC_BYTES = 64 * 1024
 JPEG_QUALITY = 85
 # Pillow feeds its codecs 64 KiB at a time and takes the GIL back between blocks: 16 times per MiB
 # decoded, ~10 per re-encode. Each time it may wait up to the switch interval (5 ms) for a thread
@@ -47,7 +68,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErro
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    path: str  # the re-encoded file, a temp file in the caller's folder
+    path: str | None  # the re-encoded file, a temp file in the caller's folder (None: a blob stored before)
     sha256: str
     format: str  # jpeg | png | gif | webp
     width: int
@@ -68,15 +89,32 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decoded_pixels(src: str | bytes) -> int:
-    """How many pixels decoding ``src`` (a path, or the file's bytes) will hold (all frames), from its
-    header only; 0 if unreadable (process_upload then says why). Nothing is decoded, but an animation's
-    frames are counted by walking the file: not for the event loop."""
+def measure_upload(src: str | bytes, max_pixels: int, max_animation_pixels: int) -> int:
+    """The decode budget ``process_upload(src)`` needs (see ``_cost``), from the header only; InvalidImage
+    when the image is over a limit; 0 if unreadable (process_upload then says why). Nothing is decoded,
+    but a GIF's frames are counted by walking the file: not for the event loop."""
+    fmt = sniff_format(_head(src))
+    if fmt is None:
+        return 0
     try:
-        with Image.open(_readable(src)) as im:
-            return im.width * im.height * getattr(im, "n_frames", 1)
+        with Image.open(_readable(src), formats=[PILLOW_NAMES[fmt]]) as im:
+            frames = _check_limits(im, fmt, max_pixels, max_animation_pixels)
+            streamed = fmt in STREAMED and not _Colour(im.info.get("icc_profile")).converts
+            return _cost(im.width * im.height, im.width * im.height, frames, streamed)
+    except InvalidImage:
+        raise
     except Exception:  # noqa: BLE001 - any failure is reported properly by process_upload
         return 0
+
+
+def thumbnail_cost(src: str, fmt: str, width: int) -> int:
+    """The decode budget ``make_thumbnail(src, fmt, width, ...)`` needs, from the header only."""
+    with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
+        frames = _frame_count(im, fmt)
+        size = _thumbnail_size(im.size, width)
+        if frames == 1 and fmt == "jpeg":
+            im.draft(im.mode, size)  # what make_thumbnail decodes
+        return _cost(im.width * im.height, size[0] * size[1], frames, streamed=False)
 
 
 def configure(max_pixels: int, decode_budget: int) -> None:
@@ -93,14 +131,11 @@ def configure(max_pixels: int, decode_budget: int) -> None:
     Image.core.set_blocks_max(math.ceil(decode_budget * 4 / Image.core.get_block_size()))
 
 
-def process_upload(src: str | bytes, work_dir: str, max_pixels: int) -> ProcessedImage:
+def process_upload(src: str | bytes, work_dir: str, max_pixels: int,
+                   max_animation_pixels: int = MAX_ANIMATION_PIXELS) -> ProcessedImage:
     """Check ``src`` (a path, or the file's bytes) and write its re-encoded form to a new file in
-    ``work_dir``."""
-    if isinstance(src, bytes):
-        head = src[:16]
-    else:
-        with open(src, "rb") as f:
-            head = f.read(16)
+    ``work_dir``. Every frame is decoded (a truncated file fails), one at a time."""
+    head = _head(src)
     if not head:
         raise InvalidImage("The upload is empty.", field="image")
     fmt = sniff_format(head)
@@ -108,13 +143,12 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int) -> Processe
         raise UnsupportedMediaType(field="image")
     try:
         with Image.open(_readable(src), formats=[PILLOW_NAMES[fmt]]) as im:
-            _check_budget(im, max_pixels)
-            frames = _decoded_frames(im, fmt)
+            frames = _check_limits(im, fmt, max_pixels, max_animation_pixels)
             # Not fsynced here: the store does that if it keeps the file (a duplicate never is), and
             # this thread moves on to the next decode instead of waiting for the disk.
             out = _write_temp(work_dir, lambda fp: _encode(im, frames, fmt, fp), durable=False)
             # What was written: orientation applied (in place), so no need to reopen the output.
-            width, height = frames[0][0].size if frames else im.size
+            width, height = im.size
     except (InvalidImage, UnsupportedMediaType):
         raise
     except OSError as error:
@@ -131,18 +165,16 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int) -> Processe
 def make_thumbnail(src: str, fmt: str, width: int, dst: str) -> None:
     """Write a ``width``-wide copy of the stored image ``src`` to ``dst`` (atomically, same format)."""
     with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
-        scale = width / im.width
-        size = (width, max(1, round(im.height * scale)))
-        if getattr(im, "n_frames", 1) > 1:
-            frames = [(frame.convert("RGBA").resize(size, Image.Resampling.LANCZOS), frame.info.get("duration", 100))
-                      for frame in ImageSequence.Iterator(im)]
-            out = _write_temp(os.path.dirname(dst), lambda fp: _save_animation(frames, fmt, fp, im.info))
+        size = _thumbnail_size(im.size, width)
+        colour = _Colour(im.info.get("icc_profile"))
+        if _frame_count(im, fmt) > 1:
+            out = _write_temp(os.path.dirname(dst), lambda fp: _save_animation(im, fmt, fp, colour, size))
         else:
             if fmt == "jpeg":
                 im.draft(im.mode, size)  # decode at a reduced scale: far less memory and time
             source = im.convert("RGBA") if "transparency" in im.info else im  # resize alpha, not colour keys
             small = source.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            out = _write_temp(os.path.dirname(dst), lambda fp: _save_still(small, fmt, fp, im.info.get("icc_profile")))
+            out = _write_temp(os.path.dirname(dst), lambda fp: _save_still(small, fmt, fp, colour))
     os.replace(out, dst)
 
 
@@ -161,43 +193,142 @@ def _readable(src: str | bytes) -> str | io.BytesIO:
     return io.BytesIO(src) if isinstance(src, bytes) else src  # BytesIO shares the bytes, no copy
 
 
-def _check_budget(im: Image.Image, max_pixels: int) -> None:
+def _head(src: str | bytes) -> bytes:
+    if isinstance(src, bytes):
+        return src[:16]
+    with open(src, "rb") as f:
+        return f.read(16)
+
+
+def _frame_count(im: Image.Image, fmt: str | None) -> int:
+    """A JPEG is never an animation: a multi-picture JPEG (MPO, as phone cameras write) is stored as
+    its first, main picture."""
+    return 1 if fmt == "jpeg" else getattr(im, "n_frames", 1)
+
+
+def _check_limits(im: Image.Image, fmt: str | None, max_pixels: int, max_animation_pixels: int) -> int:
+    """The number of frames, once the image is known to fit the limits."""
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InvalidImage(f"The image is larger than {max_pixels} pixels.", field="image")
-    frames = getattr(im, "n_frames", 1)
-    if frames > MAX_FRAMES or frames * width * height > ANIMATION_PIXEL_FACTOR * max_pixels:
+    frames = _frame_count(im, fmt)
+    if frames > MAX_FRAMES:
         raise InvalidImage("The animation has too many frames.", field="image")
+    if frames > 1 and frames * width * height > max_animation_pixels:
+        raise InvalidImage(f"The animation is larger than {max_animation_pixels} pixels in all its frames.",
+                           field="image")
+    return frames
 
 
-def _decoded_frames(im: Image.Image, fmt: str) -> list[tuple[Image.Image, int]] | None:
-    """Decode everything (a truncated file fails here); for animations, the frames and durations.
-
-    A JPEG is never an animation: a multi-picture JPEG (MPO, as phone cameras write) is stored as its
-    first, main picture. Frames with a transparent colour become RGBA, so the encoder keeps it.
-    """
-    if getattr(im, "n_frames", 1) == 1 or fmt == "jpeg":
-        im.load()
-        return None
-    return [(frame.convert("RGBA") if "transparency" in frame.info else frame.copy(),
-             frame.info.get("duration", 100)) for frame in ImageSequence.Iterator(im)]
+def _cost(source: int, out: int, frames: int, streamed: bool) -> int:
+    """Pixels of 4 bytes held at the peak while ``frames`` frames of ``source`` pixels are decoded and
+    written as frames of ``out`` pixels: a still is its own size; an animation what the writer keeps
+    (HELD_BYTES per pixel of every frame, none when STREAMED) and the frames at work (WORKING_FRAMES)."""
+    if frames == 1:
+        return source
+    held = 0 if streamed else HELD_BYTES * out * frames // 4
+    return held + WORKING_FRAMES * source
 
 
-def _encode(im: Image.Image, frames: list[tuple[Image.Image, int]] | None, fmt: str, fp) -> None:
-    if frames is not None:
-        _save_animation(frames, fmt, fp, im.info)
+def _thumbnail_size(size: tuple[int, int], width: int) -> tuple[int, int]:
+    return width, max(1, round(size[1] * width / size[0]))
+
+
+class _Colour:
+    """What becomes of an image's ICC profile. Kept, if it parses as ICC and is at most MAX_ICC_BYTES.
+    Applied, if it parses but is bigger: the pixels are converted to sRGB and the profile dropped.
+    Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP): the pixels are
+    then taken as sRGB, as for an image without a profile."""
+
+    SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+    def __init__(self, icc: bytes | None) -> None:
+        self.keep: bytes | None = None
+        self._source: ImageCms.ImageCmsProfile | None = None
+        self._transforms: dict[tuple[str, str], ImageCms.ImageCmsTransform] = {}  # per mode: frames share
+        if not icc:
+            return
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+            return
+        if len(icc) <= MAX_ICC_BYTES:
+            self.keep = icc
+        else:
+            self._source = profile
+
+    @property
+    def converts(self) -> bool:
+        return self._source is not None
+
+    @property
+    def options(self) -> dict:
+        """The writer's options for the profile."""
+        return {"icc_profile": self.keep} if self.keep else {}
+
+    def apply(self, im: Image.Image) -> Image.Image:
+        if self._source is None:
+            return im
+        mode = "RGBA" if im.has_transparency_data else "RGB"
+        if im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+            im = im.convert(mode)
+        try:
+            transform = self._transforms.get((im.mode, mode))
+            if transform is None:
+                transform = self._transforms[(im.mode, mode)] = ImageCms.buildTransform(
+                    self._source, self.SRGB, im.mode, mode)
+            out = ImageCms.applyTransform(im, transform)
+        except ImageCms.PyCMSError:
+            return im  # the profile does not describe these pixels (say, grey for colour): taken as sRGB
+        out.info = {}
+        return out
+
+
+class _Frames:
+    """An animation's frames for Pillow's writer, decoded and converted one at a time as it asks for
+    them, never all at once: ``first()``, then the rest by iterating (``append_images``). Iterable more
+    than once: Pillow's APNG writer reads the frames twice (their modes, then their pixels).
+
+    Frames with a transparent colour become RGBA, so the writer keeps it; resized frames (``size``)
+    are RGBA too. A frame carries only its duration (the writers take it from there): no metadata."""
+
+    def __init__(self, im: Image.Image, colour: _Colour, size: tuple[int, int] | None = None) -> None:
+        self.im, self.colour, self.size = im, colour, size
+
+    def first(self) -> Image.Image:
+        return self._frame(0)
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        for index in range(1, self.im.n_frames):
+            yield self._frame(index)
+
+    def _frame(self, index: int) -> Image.Image:
+        self.im.seek(index)
+        source = self.im
+        frame = source.convert("RGBA") if self.size or "transparency" in source.info else source.copy()
+        if self.size:
+            frame = frame.resize(self.size, Image.Resampling.LANCZOS)
+        frame = self.colour.apply(frame)
+        frame.info = {"duration": source.info.get("duration", 100)}
+        return frame
+
+
+def _encode(im: Image.Image, frames: int, fmt: str, fp) -> None:
+    colour = _Colour(im.info.get("icc_profile"))
+    if frames > 1:
+        _save_animation(im, fmt, fp, colour)
         return
-    icc = im.info.get("icc_profile")
     # In place: without it Pillow copies the whole decoded image even when nothing needs turning.
     ImageOps.exif_transpose(im, in_place=True)
-    _save_still(im, fmt, fp, icc)
+    _save_still(im, fmt, fp, colour)
 
 
-def _save_still(im: Image.Image, fmt: str, fp, icc: bytes | None) -> None:
+def _save_still(im: Image.Image, fmt: str, fp, colour: _Colour) -> None:
     # Only what we pass here is written: EXIF, XMP, comments and text chunks stay behind.
+    im = colour.apply(im)
     transparency = im.info.get("transparency")  # a transparent palette entry or colour key is pixels
     im.info = {}
-    options: dict = {"icc_profile": icc} if icc else {}
+    options: dict = dict(colour.options)
     if transparency is not None and fmt in ("png", "gif"):
         options["transparency"] = transparency
     if fmt == "jpeg":
@@ -217,22 +348,32 @@ def _save_still(im: Image.Image, fmt: str, fp, icc: bytes | None) -> None:
         im.save(fp, "WEBP", quality=JPEG_QUALITY, method=4, **options)
 
 
-def _save_animation(frames: list[tuple[Image.Image, int]], fmt: str, fp, info: dict) -> None:
-    images = [frame for frame, _ in frames]
-    for image in images:
-        image.info = {}
-    options = {
-        "save_all": True, "append_images": images[1:], "duration": [d for _, d in frames],
-        "loop": info.get("loop", 0),
-    }
+def _save_animation(im: Image.Image, fmt: str, fp, colour: _Colour, size: tuple[int, int] | None = None) -> None:
+    """Write the animation ``im`` (resized to ``size``) frame by frame; see HELD_BYTES for what the
+    writer keeps meanwhile."""
+    options = {"save_all": True, "loop": im.info.get("loop", 0), **colour.options}
+    if fmt in STREAMED and size is None and not colour.converts:
+        # The source itself: the writer decodes and encodes one frame at a time. It wants the
+        # durations first, which a WebP frame only tells once decoded: one more pass, one frame held.
+        durations = [frame.info.get("duration", 100) for frame in _decoded(im)]
+        im.save(fp, "WEBP", quality=JPEG_QUALITY, method=4, duration=durations, **options)
+        return
+    frames = _Frames(im, colour, size)
+    first = frames.first()
     if fmt == "gif":
-        images[0].save(fp, "GIF", disposal=2, **options)
+        first.save(fp, "GIF", disposal=2, append_images=frames, **options)
     elif fmt == "png":
-        images[0].save(fp, "PNG", compress_level=6, **options)  # APNG
+        first.save(fp, "PNG", compress_level=6, append_images=frames, **options)  # APNG
     elif fmt == "webp":
-        images[0].save(fp, "WEBP", quality=JPEG_QUALITY, method=4, **options)
+        first.save(fp, "WEBP", quality=JPEG_QUALITY, method=4, append_images=frames, **options)
     else:
         raise ValueError(f"no animated {fmt}")  # never write one format's bytes under another's name
+
+
+def _decoded(im: Image.Image) -> Iterator[Image.Image]:
+    for frame in ImageSequence.Iterator(im):
+        frame.load()
+        yield frame
 
 
 def _write_temp(work_dir: str, write, *, durable: bool = True) -> str:

@@ -127,6 +127,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
         lookup_ttl=settings.image_lookup_ttl, memory_cache_bytes=settings.image_memory_cache,
         decode_budget=settings.image_decode_budget, upload_memory=settings.upload_memory,
+        max_animation_pixels=settings.max_animation_pixels,
     )
     images = Images(db, store, image_rules, clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)

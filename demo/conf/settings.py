@@ -116,6 +116,11 @@ def declare(parser: OptionParser) -> None:
       help="bytes of small image files kept in memory per process (they never change: named by hash)")
     d("image_decode_budget", default=16_000_000, type=int, group="images",
       help="pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts")
+    d("max_animation_pixels", default=16_000_000, type=int, group="images",
+      help="largest accepted animation: pixels of all its frames together, decoded. Pillow's GIF and APNG "
+           "writers keep every frame (about 4 bytes a pixel) until the file is written, so this should fit "
+           "image_decode_budget; 16 M admits a 512x512 sticker of 60 frames or a 480x270 GIF of 120 (4-5 s), "
+           "and refuses a 1,000-frame 400x400 bomb (160 M pixels, 600+ MB to re-encode) however small its file")
     d("upload_memory", default=32 * MIB, type=int, group="images",
       help="bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
            "long stays in memory while this allows (no temp file); others stream to a temp file")
