@@ -20,6 +20,7 @@ import sys
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
@@ -988,6 +989,19 @@ async def test_limit_bounds_are_accepted(api, user, limit):
 async def test_bad_cursor_is_422(api, user, cursor):
     response = await api.get(f"/images?cursor={cursor}", token=user.token)
     assert_error(response, 422, "invalid_field", "cursor")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("cursor", "\x01" * 257), ("cursor", " \t\r\n\x0b\x0c"), ("cursor", "djE6NQ\x00"), ("cursor", "\x1fdjE6NQ"),
+    ("cursor", "dj E6NQ"), ("cursor", "djE6MDU"), ("limit", "\x01" * 257), ("limit", "20\x0b"), ("limit", " 20"),
+    ("limit", "\u00b2"), ("limit", "\u0663"),
+])
+@gen_test
+async def test_control_characters_and_lookalikes_in_query_arguments_are_422(api, user, name, value):
+    """Checked as sent: not stripped to an empty (absent) value, and no other spelling of a valid one."""
+    await uploaded(api, user.token, jpeg())
+    response = await api.get(f"/images?{urlencode({name: value})}", token=user.token)
+    assert_error(response, 422, "invalid_field", name)
 
 
 # -- deleting --------------------------------------------------------------------------------------

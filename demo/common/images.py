@@ -10,10 +10,10 @@ Consistency, with the blob row ``image_blobs.refs`` as the lock for one content 
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -271,18 +271,22 @@ def looks_like_image_id(value: str) -> bool:
     return 16 <= len(value) <= 32 and all(c.isalnum() or c in "-_" for c in value)
 
 
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{4,40}")
+_PK = re.compile(r"[1-9][0-9]{0,18}")
+
+
 def encode_cursor(pk: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{pk}".encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    """The pk of a cursor exactly as ``encode_cursor`` spells it; anything else is refused (base64
+    decoding alone skips characters outside its alphabet)."""
+    if _CURSOR.fullmatch(cursor) and len(cursor) % 4 != 1:  # 4n+1 characters cannot be base64
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii", "replace")
         version, _, pk = raw.partition(":")
-        if version == "v1" and pk.isdigit():
+        if version == "v1" and _PK.fullmatch(pk) and encode_cursor(int(pk)) == cursor:
             return int(pk)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
     raise InvalidField("cursor is not one this server gave out.", field="cursor")
 
 
