@@ -77,12 +77,30 @@ class RateCounter(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
 
 
+class Deployment(Base):
+    """This deployment's identity, one row: its media store carries the same id, so a store can never
+    serve (and sweep) for two databases (see images.bind_store)."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    deployment_id: Mapped[str] = mapped_column(String(32))  # 128 random bits, hex
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    # Set once the store carries the id too: from then on a store without it is another store.
+    store_bound_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
 class ImageBlob(Base):
-    """Stored bytes, by content. ``refs`` counts the images rows using it; at 0 the file may go."""
+    """Stored bytes, by content, written by this deployment. The row is the lock for its file: the
+    file may go once no ``images`` row points at it (read there: images also go by cascade, when a
+    user is deleted, which no counter here would see)."""
 
     __tablename__ = "image_blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The previous release's use count: still kept up by uploads and deletes because processes of that
+    # release run beside this one during a rolling upgrade and decide by it. Read by nothing here (it
+    # misses images deleted by SQL); the next release drops it.
     refs: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
 
