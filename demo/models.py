@@ -17,6 +17,8 @@ NAMING = {
 
 # MySQL DATETIME defaults to whole seconds; keep microseconds so ordering and expiry are exact.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Image ids are case-sensitive secrets: MySQL's default collation would match them in any letter case.
+ImageId = String(32).with_variant(mysql.VARCHAR(32, collation="utf8mb4_bin"), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
 Id = BigInteger().with_variant(sqlite.INTEGER(), "sqlite")
 
@@ -112,7 +114,7 @@ class Image(Base):
     __table_args__ = (Index("ix_images_owner_pk", "owner_id", "pk"),)
 
     pk: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)  # order and cursors
-    id: Mapped[str] = mapped_column(String(32), unique=True)  # 128 random bits, URL-safe
+    id: Mapped[str] = mapped_column(ImageId, unique=True)  # 128 random bits, URL-safe
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     sha256: Mapped[str] = mapped_column(String(64), ForeignKey("image_blobs.sha256"), index=True)
     format: Mapped[str] = mapped_column(String(8))

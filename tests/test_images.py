@@ -777,6 +777,18 @@ async def test_unknown_ids_and_wrong_extensions_are_404(api, user):
         assert_error(response, 404, "not_found")
 
 
+@gen_test
+async def test_an_image_id_in_another_letter_case_is_404(api, user, app):
+    """Ids are case-sensitive on both databases (MariaDB's default collation matched any case)."""
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    swapped = image["id"].swapcase()
+    assert swapped != image["id"]
+    for url in (image["url"].replace(image["id"], swapped), image["thumbnails"]["160"].replace(image["id"], swapped)):
+        assert_error(await fetch(api, url), 404, "not_found")
+    assert_error(await api.delete(f"/images/{swapped}", token=user.token), 404, "not_found")
+    assert (await fetch(api, image["url"])).code == 200 and count(app, Image) == 1
+
+
 # -- thumbnails ------------------------------------------------------------------------------------
 
 

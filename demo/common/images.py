@@ -372,8 +372,11 @@ def new_image_id() -> str:
     return secrets.token_urlsafe(16)  # 128 bits, 22 URL-safe characters
 
 
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{16,32}")
+
+
 def looks_like_image_id(value: str) -> bool:
-    return 16 <= len(value) <= 32 and all(c.isalnum() or c in "-_" for c in value)
+    return _IMAGE_ID.fullmatch(value) is not None
 
 
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{4,40}")

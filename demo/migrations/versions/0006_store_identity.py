@@ -1,4 +1,4 @@
-"""store identity: a one-row deployment table
+"""store identity: a one-row deployment table; case-sensitive image ids
 
 Revision ID: 0006
 Revises: 0003
@@ -27,7 +27,13 @@ def upgrade() -> None:
         sa.Column("store_bound_at", Timestamp, nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deployment")),
     )
+    if op.get_bind().dialect.name in ("mysql", "mariadb"):
+        op.alter_column("images", "id", existing_type=sa.String(32), existing_nullable=False,
+                        type_=mysql.VARCHAR(32, collation="utf8mb4_bin"))
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name in ("mysql", "mariadb"):
+        op.alter_column("images", "id", existing_type=mysql.VARCHAR(32, collation="utf8mb4_bin"),
+                        existing_nullable=False, type_=sa.String(32))
     op.drop_table("deployment")
