@@ -6,10 +6,11 @@ rows as the only record of who uses it (no counter that images going another way
   transaction lock it, make sure the file is in place, insert the image row, commit. A crash before
   that commit leaves a blob row no image uses, which the sweeps collect.
 - delete: remove the image row, commit; then, holding the blob row lock, remove the file and the row
-  only if no image row points at the blob (``refs`` is only kept up for the previous release). A concurrent upload of the same bytes waits for that lock
-  and then puts the file back, so no committed row ever points at a missing file. Images that go any
-  other way (a user deleted, by the API or by SQL, cascades to its images) leave a blob row nobody
-  uses: the housekeeping and start-up sweeps collect it the same way.
+  only if no image row points at the blob (``refs`` is only kept up for the previous release). A
+  concurrent upload of the same bytes waits for that lock and then puts the file back, so no
+  committed row ever points at a missing file. Images that go any other way (a user deleted, by the
+  API or by SQL, cascades to its images) leave a blob row nobody uses: the housekeeping and start-up
+  sweeps collect it the same way.
 - The sweeps delete only what this deployment provably wrote: the store must carry this database's
   deployment id (``bind_store``) and the blob must have a row here. A file without a row (bytes of
   another deployment) is counted and logged, never deleted.
@@ -139,7 +140,8 @@ class Images:
         try:
             now = self.clock.now()
             # Committed before the file lands: a crash after that leaves a row the sweeps can collect.
-            await self.db.run_direct(lambda c: c.execute(CLAIM_BLOB, {"sha256": processed.sha256, "now": now}))
+            claim = {"sha256": processed.sha256, "now": now}
+            await self.db.run_direct(lambda c: c.execute(CLAIM_BLOB, claim))
             return await self.db.run_direct(self._store, user_id, processed, now)
         except BaseException:
             await self.db.offloader.io(_remove, processed.path)  # stored, it would have been moved
@@ -172,7 +174,8 @@ class Images:
         usage = c.first(USAGE, {"user_id": user_id})
         if usage.count + 1 > self.rules.quota_count or usage.used + image.bytes > self.rules.quota_bytes:
             raise QuotaExceeded()
-        c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})  # locks it (a sweep may have taken it since)
+        # Locks the blob row (and makes it again if a sweep took it since the claim).
+        c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
         self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
         values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
                   "bytes": image.bytes, "sha256": image.sha256}
