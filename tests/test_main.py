@@ -47,7 +47,7 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
 def test_sigint_also_stops_cleanly(tmp_path, signum):
     port = free_port()
     proc = start(tmp_path, f"--port={port}", "--log_dir=", "--debug",
-                 f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}")
+                 f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}", f"--media_root={tmp_path / 'media'}")
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
     finally:

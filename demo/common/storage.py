@@ -98,6 +98,7 @@ class LocalImageStore(ImageStore):
         fd, temp = tempfile.mkstemp(dir=self.temp_dir(), prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         try:
             with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o644)  # not a secret: backups and operators may read it
                 f.write(f"{identity}\n")
                 f.flush()
                 os.fsync(f.fileno())
