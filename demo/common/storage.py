@@ -20,7 +20,7 @@ from demo.common.locks import file_lock
 
 TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
 IDENTITY_FILE = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to
-STRAY_AGE = 3600  # seconds: an unreferenced blob younger than this may belong to an upload in flight
+STRAY_AGE = 3600  # seconds: a live writer's younger temp files are in use; older lock files are clutter
 
 
 class ImageStore(abc.ABC):
