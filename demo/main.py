@@ -1,8 +1,9 @@
 """Entry point: ``python -m demo.main`` (or ``python demo/main.py``) with tornado-style options.
 
-main() resolves the settings, migrates the database (once, under a lock), binds, then serves in
-this process or in ``--processes`` forked workers sharing the socket. SIGTERM/SIGINT: stop
-accepting, let in-flight requests finish within ``shutdown_grace``, close the pools, exit 0.
+main() resolves the settings, migrates the database (once, under a lock), checks that the media
+store belongs to that database (exit 2 if not), binds, then serves in this process or in
+``--processes`` forked workers sharing the socket. SIGTERM/SIGINT: stop accepting, let in-flight
+requests finish within ``shutdown_grace``, close the pools, exit 0.
 SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
 from __future__ import annotations
@@ -28,9 +29,11 @@ from tornado.netutil import bind_sockets
 from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
+from demo.common.images import StoreMismatch, bind_store
 from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.routing import collect_routes
 from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
+from demo.common.storage import make_store
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 
@@ -94,10 +97,14 @@ def make_server(app: DemoApplication) -> HTTPServer:
     )
 
 
-def migrate_database(settings: Settings) -> None:
+def prepare_database(settings: Settings) -> None:
+    """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
     engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
     try:
         migrate.upgrade(engine)
+        bind_store(engine, make_store(settings.media_root), Clock().now())
+    except StoreMismatch as error:
+        raise ConfigError(str(error)) from error
     finally:
         engine.dispose()
 
@@ -113,7 +120,7 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
 
     async def sweep() -> None:
         try:
-            counts = await services.db.run(housekeeping.sweep, services.clock.now())
+            counts = await housekeeping.run(services.db, services.images, services.clock.now())
             log.debug("housekeeping: %s", counts)
         except Exception:  # never let clean-up take the process down
             log.exception("housekeeping failed")
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything
         if settings.debug and workers > 1:
             raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
-        migrate_database(settings)  # once, before any worker exists
+        prepare_database(settings)  # once, before any worker exists (and any sweep)
     except ConfigError as error:
         log.error("refusing to start: %s", error)
         return 2

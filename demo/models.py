@@ -19,6 +19,8 @@ NAMING = {
 
 # MySQL DATETIME defaults to whole seconds; keep microseconds so ordering and expiry are exact.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Image ids are case-sensitive secrets: MySQL's default collation would match them in any letter case.
+ImageId = String(32).with_variant(mysql.VARCHAR(32, collation="utf8mb4_bin"), "mysql", "mariadb")
 # SQLite only auto-increments INTEGER PRIMARY KEY, not BIGINT.
 Id = BigInteger().with_variant(sqlite.INTEGER(), "sqlite")
 # Random public ids, compared byte for byte (MySQL's default collation ignores letter case).
@@ -83,8 +85,23 @@ class RateCounter(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
 
 
+class Deployment(Base):
+    """This deployment's identity, one row: its media store carries the same id, so a store can never
+    serve (and sweep) for two databases (see images.bind_store)."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    deployment_id: Mapped[str] = mapped_column(String(32))  # 128 random bits, hex
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    # Set once the store carries the id too: from then on a store without it is another store.
+    store_bound_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
 class ImageBlob(Base):
-    """Stored bytes, by content. ``refs`` counts the images rows using it; at 0 the file may go.
+    """Stored bytes, by content, written by this deployment. The row is the lock for its file: the
+    file may go once no ``images`` row points at it (read there: images also go by cascade, when a
+    user is deleted, which no counter here would see).
 
     ``source_sha256`` is the hash of the uploaded bytes this blob was made from (with what the decode
     found out), so that the same upload again is stored without decoding it again; NULL for blobs
@@ -93,6 +110,9 @@ class ImageBlob(Base):
     __tablename__ = "image_blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The previous release's use count: still kept up by uploads and deletes because processes of that
+    # release run beside this one during a rolling upgrade and decide by it. Read by nothing here (it
+    # misses images deleted by SQL); the next release drops it.
     refs: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     source_sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
@@ -109,7 +129,7 @@ class Image(Base):
     __table_args__ = (Index("ix_images_owner_pk", "owner_id", "pk"),)
 
     pk: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)  # order and cursors
-    id: Mapped[str] = mapped_column(String(32), unique=True)  # 128 random bits, URL-safe
+    id: Mapped[str] = mapped_column(ImageId, unique=True)  # 128 random bits, URL-safe
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     sha256: Mapped[str] = mapped_column(String(64), ForeignKey("image_blobs.sha256"), index=True)
     format: Mapped[str] = mapped_column(String(8))

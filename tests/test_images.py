@@ -20,15 +20,18 @@ import sys
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, text
 
-from demo.common import imaging
-from demo.common.db import upsert_add
+from demo.common import housekeeping, imaging, migrate
+from demo.common.db import Database, make_engine
+from demo.common.images import Images, StoreMismatch, bind_store, claim_blob_statement
+from demo.common.storage import LocalImageStore
 from demo.common.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
-from demo.models import Image, ImageBlob
+from demo.models import Deployment, Image, ImageBlob
 
 gen_test = pytest.mark.gen_test(timeout=60)
 OTHER_PHONE = "18866669999"
@@ -219,8 +222,12 @@ def count(app, model) -> int:
 
 
 def blob_refs(app, sha256: str) -> int | None:
-    query = select(ImageBlob.refs).where(ImageBlob.sha256 == sha256)
-    return app.services.db.run_sync(lambda s: s.scalar(query))
+    """How many images use the blob; None when it has no row."""
+    def refs(s) -> int | None:
+        if s.get(ImageBlob, sha256) is None:
+            return None
+        return s.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256))
+    return app.services.db.run_sync(refs)
 
 
 def assert_nothing_stored(app) -> None:
@@ -770,6 +777,18 @@ async def test_unknown_ids_and_wrong_extensions_are_404(api, user):
         assert_error(response, 404, "not_found")
 
 
+@gen_test
+async def test_an_image_id_in_another_letter_case_is_404(api, user, app):
+    """Ids are case-sensitive on both databases (MariaDB's default collation matched any case)."""
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    swapped = image["id"].swapcase()
+    assert swapped != image["id"]
+    for url in (image["url"], image["thumbnails"]["160"]):
+        assert_error(await fetch(api, url.replace(image["id"], swapped)), 404, "not_found")
+    assert_error(await api.delete(f"/images/{swapped}", token=user.token), 404, "not_found")
+    assert (await fetch(api, image["url"])).code == 200 and count(app, Image) == 1
+
+
 # -- thumbnails ------------------------------------------------------------------------------------
 
 
@@ -990,6 +1009,19 @@ async def test_bad_cursor_is_422(api, user, cursor):
     assert_error(response, 422, "invalid_field", "cursor")
 
 
+@pytest.mark.parametrize("name, value", [
+    ("cursor", "\x01" * 257), ("cursor", " \t\r\n\x0b\x0c"), ("cursor", "djE6NQ\x00"),
+    ("cursor", "\x1fdjE6NQ"), ("cursor", "dj E6NQ"), ("cursor", "djE6MDU"),
+    ("limit", "\x01" * 257), ("limit", "20\x0b"), ("limit", " 20"), ("limit", "\u00b2"), ("limit", "\u0663"),
+])
+@gen_test
+async def test_control_characters_and_lookalikes_in_query_arguments_are_422(api, user, name, value):
+    """Checked as sent: not stripped to an empty (absent) value, and no other spelling of a valid one."""
+    await uploaded(api, user.token, jpeg())
+    response = await api.get(f"/images?{urlencode({name: value})}", token=user.token)
+    assert_error(response, 422, "invalid_field", name)
+
+
 # -- deleting --------------------------------------------------------------------------------------
 
 
@@ -1178,7 +1210,7 @@ def dead_pid() -> int:
 
 
 @gen_test
-async def test_startup_sweep(api, user, app):
+async def test_startup_sweep(api, user, app, caplog):
     store = app.services.store
     kept = await uploaded(api, user.token, jpeg((40, 30)))
     kept_path = Path(store.local_path(kept["sha256"]))
@@ -1198,56 +1230,139 @@ async def test_startup_sweep(api, user, app):
         path.write_bytes(b"bytes nobody points at")
         return path
 
-    orphan_old = blob_file(1)
-    os.utime(orphan_old, (two_hours_ago, two_hours_ago))
-    # Young too: an upload in flight would hold its blob row lock, which the sweep takes (see below).
-    orphan_young = blob_file(2)
+    # Files without a blob row: this deployment cannot prove it wrote them, so they stay, old or young.
+    unclaimed_old = blob_file(1)
+    os.utime(unclaimed_old, (two_hours_ago, two_hours_ago))
+    unclaimed_young = blob_file(2)
     orphan_thumb = Path(store.local_path(hashlib.sha256(b"4").hexdigest(), 320))  # its blob is long gone
     orphan_thumb.parent.mkdir(parents=True, exist_ok=True)
     orphan_thumb.write_bytes(b"a thumbnail finished after its image was deleted")
 
-    unused_sha = hashlib.sha256(b"3").hexdigest()  # a row left at refs 0 (crash between delete steps)
+    unused_sha = hashlib.sha256(b"3").hexdigest()  # a row no image uses (a crash before the upload's commit)
     unused = blob_file(3)
-    app.services.db.run_sync(lambda s: s.add(ImageBlob(sha256=unused_sha, refs=0,
-                                                       created_at=app.services.clock.now())))
+    now = app.services.clock.now()
+    app.services.db.run_sync(lambda s: s.add(ImageBlob(sha256=unused_sha, created_at=now)))
 
     swept = app.services.images.sweep()
 
     assert not stray.exists() and in_flight.exists()
-    assert not orphan_old.exists() and not orphan_young.exists() and not orphan_thumb.exists()
+    assert unclaimed_old.exists() and unclaimed_young.exists() and not orphan_thumb.exists()
+    assert "2 files in the media store" in caplog.text
     assert not unused.exists() and blob_refs(app, unused_sha) is None
-    for seed in (b"1", b"2"):
-        assert blob_refs(app, hashlib.sha256(seed).hexdigest()) is None  # the claim leaves no row behind
     assert kept_path.exists() and blob_refs(app, kept["sha256"]) == 1
     assert (await fetch(api, kept["url"])).code == 200
-    assert swept == {"temp_files": 1, "unused_blobs": 3, "orphan_thumbnails": 1}
+    assert swept == {"temp_files": 1, "unused_blobs": 1, "unclaimed_files": 2, "orphan_thumbnails": 1}
 
 
 @gen_test
 async def test_sweep_waits_for_an_upload_holding_the_blob_lock(api, user, app):
-    """An orphan-looking file whose upload has not committed yet is not swept from under it."""
+    """A blob no image uses yet, whose upload has not committed, is not swept from under it."""
     store, db = app.services.store, app.services.db
     data = jpeg((30, 20))
-    first = await uploaded(api, user.token, data)  # learn the stored sha of these bytes
-    await api.delete(f"/images/{first['id']}", token=user.token)
+    first = await uploaded(api, user.token, data)
     sha = first["sha256"]
-    assert not Path(store.local_path(sha)).exists()
-    # Simulate the upload's transaction between "file in place" and "commit": hold the row lock.
+    db.run_sync(lambda s: s.execute(delete(Image)))  # gone without the API: the blob row stays, unused
+    path = Path(store.local_path(sha))
+    assert path.exists() and blob_refs(app, sha) == 0
+    # Simulate an upload of the same bytes between "file in place" and "commit": it holds the row lock.
     session = db._sessions()
     try:
-        upsert_add(session, ImageBlob, {"sha256": sha, "refs": 1, "created_at": app.services.clock.now()},
-                   ["sha256"], "refs")
-        path = Path(store.local_path(sha))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"the upload's bytes")
+        session.execute(claim_blob_statement(db.dialect), {"sha256": sha, "now": app.services.clock.now()})
+        session.add(Image(id=secrets.token_urlsafe(16), owner_id=user.id, sha256=sha, format="jpeg", width=30,
+                          height=20, bytes=first["bytes"], created_at=app.services.clock.now()))
+        session.flush()
         sweeper = asyncio.ensure_future(app.services.offloader.db(app.services.images.sweep))
         await asyncio.sleep(0.3)
         assert not sweeper.done()  # blocked on the lock
-        session.commit()  # the upload commits: refs 1
+        session.commit()  # the upload commits: one image uses the blob
     finally:
         session.close()
-    await sweeper
+    assert (await sweeper)["unused_blobs"] == 0
     assert path.exists() and blob_refs(app, sha) == 1
+
+
+# -- the store belongs to one deployment; blobs go with their last image, by any path -------------
+
+
+def other_database(tmp_path: Path, offloader) -> Database:
+    engine = make_engine(f"sqlite:///{tmp_path / 'other.sqlite3'}")
+    migrate.upgrade(engine)
+    return Database(engine, offloader)
+
+
+@gen_test
+async def test_a_store_bound_to_another_database_refuses_and_its_files_stay(api, user, app, tmp_path):
+    image = await uploaded(api, user.token, jpeg())
+    app.services.images.bind()
+    blob = Path(app.services.store.local_path(image["sha256"]))
+    other = other_database(tmp_path, app.services.offloader)
+    try:
+        with pytest.raises(StoreMismatch, match="belongs to deployment"):
+            Images(other, app.services.store).sweep()
+    finally:
+        other.dispose()
+    assert blob.exists() and (await fetch(api, image["url"])).code == 200
+
+
+def test_a_database_bound_to_another_store_refuses(app, tmp_path):
+    app.services.images.bind()
+    with pytest.raises(StoreMismatch, match="carries no deployment id"):
+        elsewhere = LocalImageStore(str(tmp_path / "elsewhere"))
+        bind_store(app.services.db.engine, elsewhere, app.services.clock.now())
+
+
+def test_an_existing_store_and_database_without_identity_are_adopted_on_first_use(app):
+    """The upgrade: a store with blobs but no identity file, a database without a deployment row."""
+    store = app.services.store
+    assert store.identity() is None and count(app, Deployment) == 0
+    deployment_id = app.services.images.bind()
+    assert store.identity() == deployment_id and app.services.images.bind() == deployment_id
+    assert (media(app) / "DEPLOYMENT").read_text().strip() == deployment_id
+    assert app.services.db.run_sync(lambda s: s.get(Deployment, 1)).store_bound_at is not None
+
+
+@gen_test
+async def test_the_sweeps_keep_a_file_they_cannot_prove_this_deployment_wrote(api, user, app):
+    foreign = Path(app.services.store.local_path(hashlib.sha256(b"another deployment's").hexdigest()))
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.write_bytes(b"bytes this database has no row for")
+    assert app.services.images.sweep()["unclaimed_files"] == 1
+    counts = await housekeeping.run(app.services.db, app.services.images, app.services.clock.now())
+    assert counts["unused_blobs"] == 0
+    assert foreign.exists()
+
+
+@gen_test
+async def test_a_missing_blob_is_a_json_404_and_logs_an_error(api, user, app, caplog):
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    Path(app.services.store.local_path(image["sha256"])).unlink()
+    for url in (image["url"], image["thumbnails"]["160"]):
+        assert_error(await fetch(api, url), 404, "not_found")
+    missing = [r for r in caplog.records
+               if r.levelname == "ERROR" and "missing from the media store" in r.getMessage()]
+    assert len(missing) == 2
+
+
+@gen_test
+async def test_users_deleted_by_sql_leave_only_the_blobs_others_use_after_housekeeping(
+        api, user, app, outbox):
+    shared, own = jpeg((400, 300)), png((300, 200))
+    mine = [await uploaded(api, user.token, data) for data in (shared, own)]
+    other_token = await second_user(api, outbox)
+    theirs = await uploaded(api, other_token, shared)
+    assert (await fetch(api, mine[1]["thumbnails"]["160"])).code == 200
+    app.services.db.run_sync(lambda s: s.execute(text("DELETE FROM users WHERE id = :id"), {"id": user.id}))
+    assert count(app, Image) == 1  # the images went by cascade, without the API
+
+    counts = await housekeeping.run(app.services.db, app.services.images, app.services.clock.now())
+
+    assert counts["unused_blobs"] == 1
+    assert blob_refs(app, mine[1]["sha256"]) is None and blob_refs(app, shared_sha := theirs["sha256"]) == 1
+    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(shared_sha))]
+    assert files(media(app) / "thumbs") == []
+    for url in (theirs["url"], theirs["thumbnails"]["160"]):
+        assert (await fetch(api, url)).code == 200
+    assert_error(await fetch(api, mine[1]["url"]), 404, "not_found")
 
 
 # -- what phones and editors really send: multi-picture JPEG, APNG, palette transparency -------------

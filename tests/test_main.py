@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from servers import finish, free_port, output_of, start, wait_for
+from servers import call, finish, free_port, output_of, start, stop, wait_for
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
@@ -47,7 +47,7 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
 def test_sigint_also_stops_cleanly(tmp_path, signum):
     port = free_port()
     proc = start(tmp_path, f"--port={port}", "--log_dir=", "--debug",
-                 f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}")
+                 f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}", f"--media_root={tmp_path / 'media'}")
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
     finally:
@@ -208,3 +208,36 @@ def test_debug_with_several_processes_is_refused(tmp_path):
     proc = start(tmp_path, f"--port={free_port()}", "--log_dir=", "--debug", "--processes=2")
     out = finish(proc, 20)
     assert proc.returncode == 2 and "--debug" in out
+
+
+def test_a_second_server_with_another_database_and_the_same_media_folder_refuses_and_deletes_nothing(
+        tmp_path, database_url):
+    """A new operator starts a second instance on its own database but the default media folder."""
+    media = tmp_path / "media"
+    first_port = free_port()
+    env = {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": database_url, "DEMO_MEDIA_ROOT": str(media),
+           "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}"}
+    first = start(tmp_path, f"--port={first_port}", "--log_dir=", env=env)
+    try:
+        wait_for(f"http://127.0.0.1:{first_port}/readyz", first)
+        token = register(first_port, tmp_path / "outbox.jsonl")
+        picture = io.BytesIO()
+        Image.new("RGB", (400, 300), (200, 40, 90)).save(picture, "PNG")
+        status, body = call(first_port, "POST", "/images", body=picture.getvalue(), token=token,
+                            headers={"Content-Type": "image/png"})
+        assert status == 201, body
+        path = f"/images/{body['image']['id']}.png"
+        assert call(first_port, "GET", f"{path}?w=160")[0] == 200
+        stored = sorted(p for p in media.rglob("*") if p.is_file() and "tmp" not in p.parts)
+
+        second = start(tmp_path, f"--port={free_port()}", "--log_dir=", env={
+            **env, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'second.sqlite3'}"})
+        out = finish(second, 30)
+        assert second.returncode == 2, out
+        assert "refusing to start" in out and "belongs to deployment" in out
+
+        assert sorted(p for p in media.rglob("*") if p.is_file() and "tmp" not in p.parts) == stored
+        assert call(first_port, "GET", path)[0] == 200 and call(first_port, "GET", f"{path}?w=160")[0] == 200
+    finally:
+        stop(first)
+    assert first.returncode == 0

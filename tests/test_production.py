@@ -714,6 +714,34 @@ def test_images_come_from_nginx_with_the_contract_headers(live):
     live.logged(rf"GET {re.escape(path)}\?w=160 ", 2)
 
 
+def test_the_image_cache_keeps_one_entry_per_path_and_width(live):
+    """Other parameters and spellings of an image URL use the entry of the plain URL, and the app is
+    asked for exactly what the key names: no spelling stores one answer under another's key."""
+    phone = live.client("127.0.0.43")
+    session = phone.register()
+    image = phone.upload(session["token"], png(400, 300)).json["image"]
+    path = f"/images/{image['id']}.png"
+    plain = phone.get(path)
+    assert plain.status == 200 and plain.header("X-Cache-Status") == "MISS"
+    for spelling in (f"{path}?junk=1", f"{path}?junk=2&x=%01", path.replace(".png", "%2Epng")):
+        again = phone.get(spelling)
+        assert again.header("X-Cache-Status") == "HIT" and again.body == plain.body, spelling
+    thumb = phone.get(f"{path}?w=160")
+    assert thumb.header("X-Cache-Status") == "MISS" and thumb.body != plain.body
+    for spelling in (f"{path}?junk=1&w=160", f"{path}?w=160&w=320"):
+        again = phone.get(spelling)
+        assert again.header("X-Cache-Status") == "HIT" and again.body == thumb.body, spelling
+    live.logged(rf"GET {re.escape(path)} ", 1)
+    live.logged(rf"GET {re.escape(path)}\?w=160 ", 1)
+
+    # A first request spelled "W=320" (nginx's $arg_w ignores letter case; Tornado does not) fills
+    # the entry of w=320 with the 320 thumbnail, not with the full image.
+    first = phone.get(f"{path}?W=320")
+    assert first.header("X-Cache-Status") == "MISS"
+    expected = live.direct(live.workers[0], f"{path}?w=320").body
+    assert first.body == expected and phone.get(f"{path}?w=320").body == expected
+
+
 def test_a_deleted_image_is_gone_once_both_caches_expired(live):
     phone = live.client("127.0.0.51")
     session = phone.register()

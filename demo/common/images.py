@@ -1,37 +1,48 @@
 """Scenario 2 rules: store uploads, list, delete, find, thumbnails; keep rows and blobs consistent.
 
-Consistency, with the blob row ``image_blobs.refs`` as the lock for one content hash:
-- store: lock the blob row (refs + 1), make sure the file is in place, insert the image row, commit.
-  A crash before commit leaves at most a file without a row, which the start-up sweep removes.
-- delete: remove the image row and decrement refs, commit; then, holding the blob row lock again,
-  remove the file only if refs is still 0. A concurrent upload of the same bytes waits for that lock
-  and then puts the file back, so no committed row ever points at a missing file.
+Consistency, with the blob row (``image_blobs``) as the lock for one content hash and the ``images``
+rows as the only record of who uses it (no counter that images going another way could leave wrong):
+- store: commit the blob row first (the record that this deployment writes that file), then in one
+  transaction lock it, make sure the file is in place, insert the image row, commit. A crash before
+  that commit leaves a blob row no image uses, which the sweeps collect.
+- delete: remove the image row, commit; then, holding the blob row lock, remove the file and the row
+  only if no image row points at the blob (``refs`` is only kept up for the previous release). A
+  concurrent upload of the same bytes waits for that lock and then puts the file back, so no
+  committed row ever points at a missing file. Images that go any other way (a user deleted, by the
+  API or by SQL, cascades to its images) leave a blob row nobody uses: the housekeeping and start-up
+  sweeps collect it the same way.
+- The sweeps delete only what this deployment provably wrote: the store must carry this database's
+  deployment id (``bind_store``) and the blob must have a row here. A file without a row (bytes of
+  another deployment) is counted and logged, never deleted.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from demo.common import imaging
 from demo.common.clock import Clock, isoformat
-from demo.common.db import Cursor, Database, Prepared, upsert_add, upsert_add_statement
+from demo.common.db import Cursor, Database, Prepared, upsert_add_statement
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.memo import Budget, BytesCache, TtlCache
 from demo.common.memory import trims_after
-from demo.common.storage import ImageStore
+from demo.common.storage import IDENTITY_FILE, ImageStore
 from demo.common.uploads import BodyMemory, UploadSpool
-from demo.models import Image, ImageBlob, User
+from demo.models import Deployment, Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
 # The statements of every upload, prepared (see db.Prepared).
@@ -48,6 +59,20 @@ KNOWN_UPLOAD = Prepared(select(ImageBlob.sha256, ImageBlob.format, ImageBlob.wid
 REMEMBER_UPLOAD = Prepared(update(ImageBlob).where(ImageBlob.sha256 == bindparam("sha256")).values(
     source_sha256=bindparam("source"), format=bindparam("format"), width=bindparam("width"),
     height=bindparam("height"), bytes=bindparam("bytes")))
+
+
+def claim_blob_statement(dialect: str) -> Any:
+    """INSERT the blob row unless it is there (locked until commit, either way)."""
+    values = {"sha256": bindparam("sha256"), "refs": 0, "created_at": bindparam("now")}
+    if dialect in ("mysql", "mariadb"):
+        stmt = mysql.insert(ImageBlob).values(**values)
+        return stmt.on_duplicate_key_update(sha256=stmt.inserted.sha256)  # an update: takes the row lock
+    # SQLite: every write transaction (BEGIN IMMEDIATE) holds the database's one write lock anyway.
+    return sqlite.insert(ImageBlob).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
+
+
+CLAIM_BLOB = Prepared(claim_blob_statement)
+UNUSED = ~exists().where(Image.sha256 == ImageBlob.sha256)
 NEW_IMAGE = Prepared(insert(_images).values(
     id=bindparam("id"), owner_id=bindparam("owner_id"), sha256=bindparam("sha256"), format=bindparam("format"),
     width=bindparam("width"), height=bindparam("height"), bytes=bindparam("bytes"), created_at=bindparam("now")))
@@ -137,10 +162,23 @@ class Images:
             if not upload.discarded:  # failed before the processing, or not needed
                 await offloader.io(upload.discard)
         try:
-            return await self.db.run_direct(self._store, user_id, processed, source, self.clock.now())
+            now = self.clock.now()
+            # Committed before the file lands: a crash after that leaves a row the sweeps can collect.
+            claim = {"sha256": processed.sha256, "now": now}
+            await self.db.run_direct(lambda c: c.execute(CLAIM_BLOB, claim))
+            return await self.db.run_direct(self._store, user_id, processed, source, now)
         except BaseException:
             await offloader.io(_remove, processed.path)  # stored, it would have been moved
+            await self._drop_claim(processed.sha256)
             raise
+
+    async def _drop_claim(self, sha256: str) -> None:
+        """After a failed store: the blob row (and a file that landed) go unless an image uses them."""
+        try:
+            if await self.db.run(self._drop_blob_if_unused, sha256):
+                self._forget_blob(sha256)
+        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+            log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
 
     async def _process(self, upload: UploadSpool, src: str | bytes, cost: int) -> imaging.ProcessedImage:
         # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
@@ -158,6 +196,7 @@ class Images:
         usage = c.first(USAGE, {"user_id": user_id})
         if usage.count + 1 > self.rules.quota_count or usage.used + image.bytes > self.rules.quota_bytes:
             raise QuotaExceeded()
+        # Locks the blob row (and makes it again if a sweep took it since the claim).
         c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
         if image.path is None:
             if not self.store.exists(image.sha256):
@@ -220,7 +259,10 @@ class Images:
             if building is None:
                 building = self._building[key] = asyncio.ensure_future(self._make_variant(image, width))
                 building.add_done_callback(lambda _: self._building.pop(key, None))
-            path = await asyncio.shield(building)  # a client going away does not cancel the others' build
+            try:
+                path = await asyncio.shield(building)  # a client going away does not cancel the others' build
+            except FileNotFoundError:
+                raise _missing(self.store.local_path(image.sha256)) from None
             self._variants.put(key, path)
         return path
 
@@ -241,7 +283,10 @@ class Images:
         change), large ones as (size, None) for the caller to stream."""
         data = self._bytes.get(path)
         if data is None:
-            size, data = await self.db.offloader.io(_read_if_small, path, self.rules.memory_cache_item)
+            try:
+                size, data = await self.db.offloader.io(_read_if_small, path, self.rules.memory_cache_item)
+            except FileNotFoundError:
+                raise _missing(path) from None
             if data is None:
                 return size, None
             self._bytes.put(path, data)
@@ -267,39 +312,102 @@ class Images:
             raise NotFound()
         self._found.pop(image_id)  # gone at once here; other processes notice within lookup_ttl
         if await self.db.run(self._drop_blob_if_unused, sha256):
-            self._bytes.pop_prefix(self.store.local_path(sha256))
-            for width in THUMBNAIL_WIDTHS:
-                self._variants.pop((sha256, width))
-                self._bytes.pop_prefix(self.store.local_path(sha256, width))
+            self._forget_blob(sha256)
 
     def _drop_blob_if_unused(self, s: Session, sha256: str) -> bool:
-        blob = s.scalars(select(ImageBlob).where(ImageBlob.sha256 == sha256).with_for_update()).first()
-        if blob is None or blob.refs > 0:
+        locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
+        # Read after the lock (READ COMMITTED on MySQL): an upload that held it has committed its image.
+        if locked is None or s.scalar(select(Image.pk).where(Image.sha256 == sha256).limit(1)) is not None:
             return False
         self.store.delete(sha256)  # while holding the lock: an upload of these bytes waits, then re-puts
-        s.delete(blob)
+        s.execute(delete(ImageBlob).where(ImageBlob.sha256 == sha256))
         return True
 
-    # -- start-up sweep ------------------------------------------------------------------------
+    def _forget_blob(self, sha256: str) -> None:
+        """Drop this process's cached bytes and thumbnail paths of a removed blob."""
+        self._bytes.pop_prefix(self.store.local_path(sha256))
+        for width in THUMBNAIL_WIDTHS:
+            self._variants.pop((sha256, width))
+            self._bytes.pop_prefix(self.store.local_path(sha256, width))
+
+    # -- sweeps --------------------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Bind the store to this database, or check that it is (StoreMismatch otherwise)."""
+        return bind_store(self.db.engine, self.store, self.clock.now())
+
+    def collect_unused(self) -> int:
+        """Remove every blob (file, thumbnails, row) of this deployment that no image uses; how many.
+
+        Safe while other processes serve: each candidate is checked again under its blob row lock,
+        the lock an upload of the same bytes holds from before its file lands until it commits.
+        """
+        self.bind()  # never delete from a store that belongs to another database
+        unused = self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(UNUSED))))
+        dropped = [sha for sha in unused if self.db.run_sync(self._drop_blob_if_unused, sha)]
+        for sha256 in dropped:
+            self._forget_blob(sha256)
+        return len(dropped)
 
     def sweep(self) -> dict[str, int]:
-        """Remove stray temp files, and every blob (file, thumbnails, row) that no image uses.
-
-        Safe while other processes serve: each candidate is checked under its blob row lock, the
-        lock an upload of the same bytes holds from before its file lands until it commits.
-        """
+        """At start-up: remove stray temp files, unused blobs and orphan thumbnails; count (and keep)
+        the files this deployment has no row for."""
+        unused = self.collect_unused()  # binds first: nothing is removed from another deployment's store
         temp = self.store.sweep_temp()
-        used = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs > 0)))))
-        candidates = {sha for sha, _ in self.store.blobs()} | set(self.db.run_sync(
-            lambda s: list(s.scalars(select(ImageBlob.sha256).where(ImageBlob.refs <= 0)))))
-        now = self.clock.now()
-        dropped = sum(self.db.run_sync(self._claim_and_drop, sha, now) for sha in candidates - used)
-        return {"temp_files": temp, "unused_blobs": dropped, "orphan_thumbnails": self.store.sweep_variants()}
+        known = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256)))))
+        unclaimed = sum(1 for sha256 in self.store.blobs() if sha256 not in known)
+        if unclaimed:
+            log.warning("%d files in the media store %s have no blob row in this database: kept, as this "
+                        "deployment cannot prove it wrote them", unclaimed, self.store)
+        return {"temp_files": temp, "unused_blobs": unused, "unclaimed_files": unclaimed,
+                "orphan_thumbnails": self.store.sweep_variants(known)}
 
-    def _claim_and_drop(self, s: Session, sha256: str, now: dt.datetime) -> bool:
-        # Adding 0 creates or locks the row: an upload of these bytes in flight finishes first.
-        upsert_add(s, ImageBlob, {"sha256": sha256, "refs": 0, "created_at": now}, ["sha256"], "refs")
-        return self._drop_blob_if_unused(s, sha256)
+
+class StoreMismatch(Exception):
+    """The media store and the database belong to different deployments."""
+
+
+def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
+    """The deployment id shared by the database and the store; written on first use, checked after.
+
+    The database's id is created first (one row), then claimed by an unbound store, then the row is
+    marked bound. An existing store without an id and a database without one (an upgrade) are
+    adopted as they are. A crash between the steps is finished on the next start; a store bound to
+    another database, or a bound database with a store that carries no id, raise StoreMismatch.
+    """
+    row = _deployment(engine, now)
+    found = store.identity()
+    if found is None and row.store_bound_at is None:
+        found = store.claim_identity(row.deployment_id)
+    if found is None:
+        raise StoreMismatch(
+            f"the media store {store} carries no deployment id, but this database's images are in the store "
+            f"of deployment {row.deployment_id}: point media_root at that store (if its files were moved "
+            f"here, copy its {IDENTITY_FILE} file too)")
+    if found != row.deployment_id:
+        raise StoreMismatch(
+            f"the media store {store} belongs to deployment {found}, not to this database's "
+            f"({row.deployment_id}): give each database a media_root of its own, or point database_url "
+            f"at the database of that store")
+    if row.store_bound_at is None:
+        with sessionmaker(engine).begin() as s:
+            s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))
+    return row.deployment_id
+
+
+def _deployment(engine: Engine, now: dt.datetime) -> Deployment:
+    """The database's one deployment row, created with a fresh random id if there is none yet."""
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    try:
+        with sessions.begin() as s:
+            row = s.get(Deployment, 1)
+            if row is None:
+                row = Deployment(id=1, deployment_id=secrets.token_hex(16), created_at=now)
+                s.add(row)
+            return row
+    except IntegrityError:  # another process created it at the same moment: use theirs
+        with sessions.begin() as s:
+            return s.get_one(Deployment, 1)
 
 
 def record(row: Image) -> dict[str, Any]:
@@ -311,8 +419,15 @@ def new_image_id() -> str:
     return secrets.token_urlsafe(16)  # 128 bits, 22 URL-safe characters
 
 
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{16,32}")
+
+
 def looks_like_image_id(value: str) -> bool:
-    return 16 <= len(value) <= 32 and all(c.isalnum() or c in "-_" for c in value)
+    return _IMAGE_ID.fullmatch(value) is not None
+
+
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{4,40}")
+_PK = re.compile(r"[1-9][0-9]{0,18}")
 
 
 def encode_cursor(pk: int) -> str:
@@ -320,14 +435,20 @@ def encode_cursor(pk: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    """The pk of a cursor exactly as ``encode_cursor`` spells it; anything else is refused (base64
+    decoding alone skips characters outside its alphabet)."""
+    if _CURSOR.fullmatch(cursor) and len(cursor) % 4 != 1:  # 4n+1 characters cannot be base64
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii", "replace")
         version, _, pk = raw.partition(":")
-        if version == "v1" and pk.isdigit():
+        if version == "v1" and _PK.fullmatch(pk) and encode_cursor(int(pk)) == cursor:
             return int(pk)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
     raise InvalidField("cursor is not one this server gave out.", field="cursor")
+
+
+def _missing(path: str) -> NotFound:
+    """A row points at a file the store has lost: the client gets a 404; the operator, an error."""
+    log.error("image file missing from the media store: %s", path)
+    return NotFound()
 
 
 def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:

@@ -2,11 +2,15 @@
 
 Blobs are addressed by the SHA-256 of their bytes, so identical images are stored once. Every write
 goes to a temp file, is fsynced, then renamed into place: a reader never sees half a file.
+
+A store carries the id of the one deployment (database) it belongs to, written once and never
+changed (see images.bind_store): a second database pointed at the same folder is refused.
 """
 from __future__ import annotations
 
 import abc
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,11 +19,21 @@ from typing import BinaryIO
 from demo.common.locks import file_lock
 
 TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
-STRAY_AGE = 3600  # seconds: an unreferenced blob younger than this may belong to an upload in flight
+IDENTITY_FILE = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to
+STRAY_AGE = 3600  # seconds: a live writer's younger temp files are in use; older lock files are clutter
 
 
 class ImageStore(abc.ABC):
     """A content-addressed blob store with derived variants (thumbnails)."""
+
+    @abc.abstractmethod
+    def identity(self) -> str | None:
+        """The id of the deployment this store belongs to; None while it belongs to none."""
+
+    @abc.abstractmethod
+    def claim_identity(self, identity: str) -> str:
+        """Write ``identity`` durably unless the store carries one already (atomic: of two claimers,
+        one wins); returns the store's identity."""
 
     @abc.abstractmethod
     def temp_dir(self) -> str:
@@ -50,16 +64,17 @@ class ImageStore(abc.ABC):
         """Path of the ``width`` variant, calling ``build(src, dst)`` once if it does not exist yet."""
 
     @abc.abstractmethod
-    def blobs(self) -> Iterator[tuple[str, float]]:
-        """Every stored blob as (sha256, mtime), for the start-up sweep."""
+    def blobs(self) -> Iterator[str]:
+        """The sha256 of every stored blob, for the start-up sweep."""
 
     @abc.abstractmethod
     def sweep_temp(self) -> int:
         """Remove temp files left by processes that are gone; returns how many."""
 
     @abc.abstractmethod
-    def sweep_variants(self) -> int:
-        """Remove variants whose blob is gone (a thumbnail finished after its image was deleted)."""
+    def sweep_variants(self, known: set[str]) -> int:
+        """Remove variants whose blob file is gone and not in ``known`` (a thumbnail finished after its
+        image was deleted); a variant of a known blob whose file is missing stays."""
 
 
 class LocalImageStore(ImageStore):
@@ -69,6 +84,32 @@ class LocalImageStore(ImageStore):
         self.root = Path(root)
         for sub in ("blobs", "thumbs", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def identity(self) -> str | None:
+        try:
+            return (self.root / IDENTITY_FILE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def claim_identity(self, identity: str) -> str:
+        fd, temp = tempfile.mkstemp(dir=self.temp_dir(), prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o644)  # not a secret: backups and operators may read it
+                f.write(f"{identity}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temp, self.root / IDENTITY_FILE)  # unlike a rename, never replaces one that is there
+                _fsync(self.root, os.O_RDONLY)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(temp)
+        return self.identity() or ""
 
     def temp_dir(self) -> str:
         return str(self.root / "tmp")
@@ -117,10 +158,10 @@ class LocalImageStore(ImageStore):
                 build(self.local_path(sha256), str(dst))
         return str(dst)
 
-    def blobs(self) -> Iterator[tuple[str, float]]:
+    def blobs(self) -> Iterator[str]:
         for path in (self.root / "blobs").glob("??/??/*"):
             if len(path.name) == 64:
-                yield path.name, path.stat().st_mtime
+                yield path.name
 
     def sweep_temp(self) -> int:
         removed = 0
@@ -135,12 +176,11 @@ class LocalImageStore(ImageStore):
                 path.unlink(missing_ok=True)
         return removed
 
-
-    def sweep_variants(self) -> int:
+    def sweep_variants(self, known: set[str]) -> int:
         removed = 0
         for path in (self.root / "thumbs").glob("??/??/*-w*"):
             sha256 = path.name.split("-w")[0]
-            if len(sha256) == 64 and not self.exists(sha256):
+            if len(sha256) == 64 and sha256 not in known and not self.exists(sha256):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

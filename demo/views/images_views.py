@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from demo.common.uploads import UploadSink, UploadSpool
 log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
+DECIMAL = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit also takes "²" and "٣")
 
 
 class ImageApiHandler(ApiHandler):
@@ -92,10 +94,11 @@ class ImagesHandler(ImageApiHandler):
     @authenticated
     async def get(self) -> None:
         """List own images, newest first, with cursor pagination."""
-        limit = self.get_query_argument("limit", "20")
-        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        # Never stripped: a value is checked exactly as it came (strip would make "\x01" an empty cursor).
+        limit = self.get_query_argument("limit", "20", strip=False)
+        if not DECIMAL.fullmatch(limit) or not 1 <= int(limit) <= 100:
             raise InvalidField("limit must be an integer from 1 to 100.", field="limit")
-        cursor = self.get_query_argument("cursor", None) or None
+        cursor = self.get_query_argument("cursor", None, strip=False) or None
         records, next_cursor = await self.images.list(self.principal.user_id, int(limit), cursor)
         self.write_json({"images": [self.image_json(r) for r in records], "next_cursor": next_cursor})
 
@@ -169,10 +172,10 @@ class ImageFileHandler(ImageApiHandler):
         self.finish()
 
     def _width(self) -> int | None:
-        raw = self.get_query_argument("w", None)
+        raw = self.get_query_argument("w", None, strip=False)
         if raw is None:
             return None
-        if not raw.isdigit() or int(raw) not in THUMBNAIL_WIDTHS:
+        if not DECIMAL.fullmatch(raw) or int(raw) not in THUMBNAIL_WIDTHS:
             raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
         return int(raw)
 
