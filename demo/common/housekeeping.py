@@ -6,7 +6,7 @@ import datetime as dt
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from demo.common import ratelimit
+from demo.common import outbox, ratelimit
 from demo.models import AuthSession, SmsCode
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
@@ -15,6 +15,7 @@ KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to 
 def sweep(session: Session, now: dt.datetime) -> dict[str, int]:
     return {
         "rate_counters": ratelimit.sweep(session, now),
+        "sms_outbox": outbox.sweep(session, now - KEEP),
         "sms_codes": session.execute(delete(SmsCode).where(SmsCode.expires_at < now - KEEP)).rowcount,
         "auth_sessions": session.execute(delete(AuthSession).where(AuthSession.expires_at < now - KEEP)).rowcount,
     }
