@@ -14,7 +14,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from demo.common.passwords import Passwords
-from demo.models import SmsOutbox, User
+from demo.models import RateCounter, SmsCode, SmsOutbox, User
 
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -189,6 +189,27 @@ async def test_hourly_quota_per_ip(api, clock):
     # Behind the proxy, another client IP has its own quota.
     other = await api.post("/users/code", {"phone": "18866660009"}, headers={"X-Real-IP": "203.0.113.7"})
     assert other.code == 200
+
+
+@pytest.mark.parametrize("phone", ["+881612345678", "+2348021234567", "+96171123456"],
+                         ids=["satellite", "nigeria", "lebanon"])
+@gen_test
+async def test_codes_are_refused_for_countries_texts_do_not_go_to(api, app, phone):
+    response = await api.post("/users/code", {"phone": phone})
+    assert response.code == 422 and response.error == "invalid_phone" and response.json["error"]["field"] == "phone"
+    assert "not offered to this country" in response.json["error"]["message"]
+    # Refused before any quota is counted or any code is made.
+    assert app.services.db.run_sync(lambda s: [s.scalar(select(func.count()).select_from(table))
+                                               for table in (RateCounter, SmsCode, SmsOutbox)]) == [0, 0, 0]
+
+
+@pytest.mark.settings(sms_countries="CN,US")
+@gen_test
+async def test_codes_go_to_every_listed_country_and_only_those(api, outbox):
+    assert (await api.post("/users/code", {"phone": "+12015550123"})).code == 200
+    assert len(await outbox.code("+12015550123")) == 6
+    assert (await api.post("/users/code", {"phone": PHONE})).code == 200
+    assert (await api.post("/users/code", {"phone": "+2348021234567"})).code == 422
 
 
 @gen_test
@@ -500,6 +521,45 @@ async def test_a_text_that_never_goes_out_leaves_its_code_void(api, app, provide
     assert row.text == "" and row.code is None and "500" in row.last_error
     dead = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": attempted["code"]})
     assert dead.code == 400 and dead.error == "invalid_code"
+
+
+@gen_test
+async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, clock, outbox):
+    from demo.main import make_app
+
+    crashed = make_app(settings, clock=clock)  # its sender never runs: it "dies" right after the commit
+    await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+    crashed.services.close()
+    assert [row.status for row in outbox_rows(crashed)] == ["pending"] and outbox.messages() == []
+
+    restarted = make_app(settings, clock=clock)
+    try:
+        assert await restarted.services.sender.drain() == 1
+        code = await outbox.code(E164)
+        grant = await restarted.services.accounts.register(PHONE, PASSWORD, code)
+        assert grant.user["phone"] == E164
+        assert await restarted.services.sender.drain() == 0  # sent once, not again
+    finally:
+        restarted.services.close()
+
+
+@pytest.mark.parametrize("provider", [(200, 0.05)], indirect=True)
+@pytest.mark.settings(sms_ip_hourly=10_000)
+@gen_test
+async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clock, provider):
+    apps = [gateway_app(settings, clock, provider) for _ in range(2)]
+    phones = [f"+86188666{n:05d}" for n in range(35)]
+    try:
+        for phone in phones:  # queued while no sender runs
+            await apps[0].services.accounts.request_code(phone, "regist", "127.0.0.1")
+        # Two processes' senders drain at once, each sending batches concurrently: claims must not overlap.
+        handled = await asyncio.gather(*(a.services.sender.drain() for a in apps + apps))
+        assert sum(handled) == len(phones) and handled[0] + handled[2] > 0 and handled[1] + handled[3] > 0, handled
+        assert sorted(body["mobile"] for body in provider.bodies) == phones
+        assert {row.status for row in outbox_rows(apps[0])} == {"sent"}
+    finally:
+        for a in apps:
+            a.services.close()
 
 
 # -- logs ------------------------------------------------------------------------------------------

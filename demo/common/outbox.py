@@ -151,7 +151,8 @@ class Sender:
         rows = s.scalars(
             select(SmsOutbox)
             .where(SmsOutbox.status.in_(WAITING), SmsOutbox.next_attempt_at <= now)
-            .order_by(SmsOutbox.next_attempt_at)
+            # No ORDER BY: MariaDB would lock every due row to sort them, starving the other senders;
+            # the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed claims.
             .limit(self.rules.batch)
             .with_for_update(skip_locked=True)  # another sender's rows are skipped, never waited for
         ).all()
