@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import datetime as dt
 import json
 import random
 import time
@@ -13,6 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
+from demo.common import housekeeping
 from demo.common.passwords import Passwords
 from demo.models import RateCounter, SmsCode, SmsOutbox, User
 
@@ -543,6 +545,26 @@ async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by
         restarted.services.close()
 
 
+@gen_test
+async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, clock, outbox):
+    from demo.main import make_app
+
+    crashed = make_app(settings, clock=clock)
+    await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+    [claimed], _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    crashed.services.close()
+
+    restarted = make_app(settings, clock=clock)
+    try:
+        assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
+        clock.advance(restarted.services.sender.rules.lease)
+        assert await restarted.services.sender.drain() == 1
+        assert await outbox.code(E164) == claimed.message.code
+        assert [row.attempts for row in outbox_rows(restarted)] == [2]
+    finally:
+        restarted.services.close()
+
+
 @pytest.mark.parametrize("provider", [(200, 0.05)], indirect=True)
 @pytest.mark.settings(sms_ip_hourly=10_000)
 @gen_test
@@ -560,6 +582,19 @@ async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clo
     finally:
         for a in apps:
             a.services.close()
+
+
+@gen_test
+async def test_housekeeping_deletes_sent_texts_after_a_day(api, app, outbox, clock):
+    await api.post("/users/code", {"phone": PHONE})
+    await outbox.code(E164)
+    await outbox.after_delivery(app)
+    [sent] = outbox_rows(app)
+    assert sent.status == "sent" and sent.text == "" and sent.code is None
+    later = clock.now() + housekeeping.KEEP
+    assert app.services.db.run_sync(housekeeping.sweep, later)["sms_outbox"] == 0
+    assert app.services.db.run_sync(housekeeping.sweep, later + dt.timedelta(seconds=1))["sms_outbox"] == 1
+    assert outbox_rows(app) == []
 
 
 # -- logs ------------------------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class Sender:
             errors = await asyncio.gather(*(self._send(row) for row in claimed))
             await self.db.run(self._settle, list(zip(claimed, errors)), self.clock.now())
             handled += len(claimed)
+            if self._stopping:  # shutting down: the rest waits for the next sender
+                return handled
 
     def _claim(self, s: Session, now: dt.datetime) -> tuple[list[Claimed], int]:
         rows = s.scalars(
