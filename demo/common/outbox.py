@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from demo.common.clock import Clock, isoformat
 from demo.common.db import Database
+from demo.common.errors import Unavailable
 from demo.common.metrics import Metrics
 from demo.common.phones import mask_phone
 from demo.common.sms import SmsBackend, SmsMessage
@@ -103,7 +104,7 @@ class Sender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Let the sends in flight finish (within ``timeout``), then stop; unsent rows wait in the database."""
+        """Let the sends in flight finish (within ``timeout``), then stop; the rest wait in the database."""
         if self._task is None:
             return
         self._stopping = True
@@ -126,10 +127,12 @@ class Sender:
     async def _drain_logged(self) -> None:
         try:
             await self.drain()
-        except Exception:  # the database is down or broke: try again at the next poll, say so once
+        except Unavailable:  # the database is down: try again at the next poll, and say so once
             if not self._database_down:
-                log.warning("SMS outbox: cannot reach the database; texts wait", exc_info=True)
+                log.warning("SMS outbox: cannot reach the database; texts wait")
             self._database_down = True
+        except Exception:  # never let the sender die: its rows are retried once their claim lapses
+            log.exception("SMS outbox: drain failed")
         else:
             if self._database_down:
                 log.info("SMS outbox: database back; sending")
@@ -191,5 +194,5 @@ class Sender:
                 # Nobody received this code: it must not stay usable (nor be guessed at for its lifetime).
                 s.execute(update(SmsCode).where(SmsCode.id == row.sms_code_id, SmsCode.expires_at > now)
                           .values(expires_at=now))
-                log.error("SMS to %s given up after %d tries; its code is void", mask_phone(row.message.phone),
-                          row.attempts)
+                log.error("SMS to %s given up after %d tries; its code is void",
+                          mask_phone(row.message.phone), row.attempts)
