@@ -216,8 +216,7 @@ class Api:
         sent = await self.post("/users/code", {"phone": phone})
         assert sent.code == 200, sent.body
         e164 = sent_phone(phone)
-        return await self.post("/users/regist",
-                               {"phone": phone, "password": password, "code": await outbox.code(e164)})
+        return await self.post("/users/regist", {"phone": phone, "password": password, "code": await outbox.code(e164)})
 
 
 def sent_phone(phone: str) -> str:
