@@ -117,6 +117,7 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
     log.info("start-up sweep: %s", swept)
     server = make_server(app)
     server.add_sockets(sockets)
+    services.sender.start()  # texts queued by a process that stopped before sending them go out now
 
     async def sweep() -> None:
         try:
@@ -155,6 +156,7 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
         pass
     for timer in timers:
         timer.stop()
+    await services.sender.stop()  # the texts being sent finish; the rest wait in the database
     services.close()
     log.info("stopped")
 

@@ -74,6 +74,32 @@ class SmsCode(Base):
     used_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
+class SmsOutbox(Base):
+    """A text to send, written in the unit of work that issues its code; the outbox sender delivers it.
+
+    ``status``: pending (due at ``next_attempt_at``), sending (claimed until ``next_attempt_at``),
+    sent, failed (given up; its code is voided) or skipped (nothing to send, e.g. a reset code for an
+    unknown phone: the row is written all the same, so both requests do the same work). ``code`` and
+    ``text`` are blanked once the row is finished: a code is kept in clear only while it waits.
+    """
+
+    __tablename__ = "sms_outbox"
+    __table_args__ = (Index("ix_sms_outbox_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    sms_code_id: Mapped[int] = mapped_column(ForeignKey("sms_codes.id", ondelete="CASCADE"), index=True)
+    phone: Mapped[str] = mapped_column(String(16))
+    purpose: Mapped[str] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    text: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
 class RateCounter(Base):
     """Fixed-window counters shared by every process (SMS quotas, login failures)."""
 

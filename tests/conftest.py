@@ -5,8 +5,10 @@ is skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1 makes that a failure.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from demo.common import migrate
+from demo.common import migrate, outbox as sms_outbox
 from demo.common.clock import FakeClock
 from demo.common.db import make_engine
 from demo.conf import settings as config
@@ -116,25 +118,43 @@ def clock() -> FakeClock:
 
 
 class Outbox:
-    """The SMS file backend's output: one JSON object per line."""
+    """The SMS file backend's output: one JSON object per line.
+
+    Texts go out after the answer to ``POST /users/code`` (the app's outbox sender writes them), so
+    ``last`` and ``code`` wait, on the event loop, for a text to the phone that they have not yet
+    handed out; ``messages`` is what has been written so far.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.handed_out: dict[str, int] = {}  # phone -> texts already returned by last()
 
     def messages(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def last(self, phone: str) -> dict[str, Any]:
-        sent = [m for m in self.messages() if m["phone"] == phone]
-        assert sent, f"no SMS to {phone}"
+    async def last(self, phone: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The newest text to ``phone``, waiting until one comes that was not returned before."""
+        deadline = time.monotonic() + timeout
+        while len(sent := [m for m in self.messages() if m["phone"] == phone]) <= self.handed_out.get(phone, 0):
+            assert time.monotonic() < deadline, f"no new SMS to {phone} within {timeout:.0f}s"
+            await asyncio.sleep(0.01)
+        self.handed_out[phone] = len(sent)
         return sent[-1]
 
-    def code(self, phone: str) -> str:
-        code = self.last(phone)["code"]
+    async def code(self, phone: str, timeout: float = 10.0) -> str:
+        code = (await self.last(phone, timeout))["code"]
         assert code, "the last text carried no code"
         return code
+
+    async def after_delivery(self, app, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every text written once ``app``'s outbox has nothing left to send (for "sent nothing" checks)."""
+        deadline = time.monotonic() + timeout
+        while await app.services.db.run(sms_outbox.backlog):
+            assert time.monotonic() < deadline, f"texts still waiting after {timeout:.0f}s"
+            await asyncio.sleep(0.01)
+        return self.messages()
 
 
 @pytest.fixture
@@ -216,7 +236,7 @@ class Api:
         sent = await self.post("/users/code", {"phone": phone})
         assert sent.code == 200, sent.body
         e164 = sent_phone(phone)
-        return await self.post("/users/regist", {"phone": phone, "password": password, "code": outbox.code(e164)})
+        return await self.post("/users/regist", {"phone": phone, "password": password, "code": await outbox.code(e164)})
 
 
 def sent_phone(phone: str) -> str:
@@ -225,12 +245,15 @@ def sent_phone(phone: str) -> str:
 
 @pytest.fixture
 def http_server(app, io_loop, _unused_port):
-    """The app behind demo's own HTTPServer settings (xheaders, body limits), on a free port."""
+    """The app behind demo's own HTTPServer settings (xheaders, body limits), on a free port, with
+    its SMS outbox sender running, as main.serve() runs them."""
     server = make_server(app)
     server.add_socket(_unused_port[0])
+    io_loop.run_sync(lambda: app.services.sender.start())
     yield server
     server.stop()
     io_loop.run_sync(server.close_all_connections)
+    io_loop.run_sync(app.services.sender.stop)
 
 
 @pytest.fixture

@@ -62,3 +62,13 @@ def test_argon2_parameters_below_owasp_are_refused():
         Passwords(time_cost=1)
     with pytest.raises(ValueError):
         Passwords(memory_kib=8192)
+
+
+@pytest.mark.parametrize("changes", [{"sms_countries": "CN,XX"}, {"sms_countries": " , "},
+                                     {"sms_send_attempts": 0}, {"sms_retry_delay": 0.0}])
+def test_bad_sms_settings_refuse_to_start(changes, tmp_path):
+    from demo.common.services import build_services
+
+    settings = config.defaults(cookie_secret="s" * 40, database_url=f"sqlite:///{tmp_path / 'db'}", **changes)
+    with pytest.raises(ConfigError, match="sms_"):
+        build_services(settings)

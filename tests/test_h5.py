@@ -215,7 +215,7 @@ async def test_password_reset_ends_the_h5_session(api, user, outbox, clock):
     cookie = await open_h5(api, user.body["h5_url"])
     clock.advance(61)
     await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})
-    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": outbox.code(E164), "password": "new secret 42"})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "new secret 42"})
     assert reset.code == 204
     assert is_html_page(await home(api, cookie), 401)
 

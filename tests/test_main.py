@@ -182,6 +182,10 @@ def register(port: int, outbox: Path) -> str:
             return json.load(response)
 
     post("/users/code", {"phone": "18866668888"})
+    deadline = time.monotonic() + 10  # the text goes out just after the answer
+    while not (outbox.exists() and outbox.read_text().strip()):
+        assert time.monotonic() < deadline, "no text sent"
+        time.sleep(0.02)
     code = json.loads(outbox.read_text().splitlines()[-1])["code"]
     return post("/users/regist", {"phone": "18866668888", "password": "demo123456", "code": code})["token"]
 

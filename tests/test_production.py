@@ -453,10 +453,10 @@ class Stack:
             conn.close()
 
     def sms_code(self, phone: str) -> str:
-        sent = [json.loads(line) for line in self.outbox.read_text().splitlines() if line.strip()]
-        codes = [m["code"] for m in sent if m["phone"] == phone and m["code"]]
-        assert codes, f"no SMS code sent to {phone}"
-        return codes[-1]
+        def codes() -> list[str]:  # the text goes out just after the answer: wait for it
+            lines = self.outbox.read_text().splitlines() if self.outbox.exists() else []
+            return [m["code"] for m in map(json.loads, filter(str.strip, lines)) if m["phone"] == phone and m["code"]]
+        return wait_until(codes, f"an SMS code sent to {phone}", timeout=10)[-1]
 
     def app_log(self) -> str:
         return "".join(worker.log() for worker in self.workers)

@@ -6,7 +6,7 @@ import datetime as dt
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from demo.common import ratelimit
+from demo.common import outbox, ratelimit
 from demo.common.db import Database
 from demo.common.images import Images
 from demo.models import AuthSession, SmsCode
@@ -25,6 +25,7 @@ async def run(db: Database, images: Images, now: dt.datetime) -> dict[str, int]:
 def sweep(session: Session, now: dt.datetime) -> dict[str, int]:
     return {
         "rate_counters": ratelimit.sweep(session, now),
+        "sms_outbox": outbox.sweep(session, now - KEEP),
         "sms_codes": session.execute(delete(SmsCode).where(SmsCode.expires_at < now - KEEP)).rowcount,
         "auth_sessions": session.execute(delete(AuthSession).where(AuthSession.expires_at < now - KEEP)).rowcount,
     }

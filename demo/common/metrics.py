@@ -42,7 +42,11 @@ class Metrics:
                                     multiprocess_mode="livesum", registry=r)
         self.upload_bytes = Counter("demo_upload_bytes", "Bytes of image uploads received", registry=r)
         self.sms_sent = Counter("demo_sms_sent", "Texts handed to the SMS backend", registry=r)
-        self.sms_failed = Counter("demo_sms_failed", "Texts the SMS backend refused or lost", registry=r)
+        self.sms_failed = Counter("demo_sms_failed", "Tries the SMS backend refused or lost (retried later)",
+                                  registry=r)
+        # Every process counts the same shared rows: the live maximum is the backlog, not a sum.
+        self.sms_outbox_pending = Gauge("demo_sms_outbox_pending", "Texts in the outbox not yet sent nor given up",
+                                        multiprocess_mode="livemax", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -31,3 +31,23 @@ def mask_phone(e164: str) -> str:
     if len(national) <= 7:
         return national[:2] + "*" * (len(national) - 4) + national[-2:]
     return national[:3] + "*" * (len(national) - 7) + national[-4:]
+
+
+def parse_regions(spec: str) -> frozenset[str]:
+    """``"CN, us"`` -> {"CN", "US"}; a code phonenumbers does not know is a ValueError."""
+    regions = frozenset(part.strip().upper() for part in spec.split(",") if part.strip())
+    unknown = sorted(regions - phonenumbers.SUPPORTED_REGIONS)
+    if unknown or not regions:
+        raise ValueError(f"sms_countries: not ISO 3166 region codes: {', '.join(unknown) or spec!r}")
+    return regions
+
+
+def require_region(e164: str, regions: frozenset[str]) -> None:
+    """InvalidPhone unless ``e164`` belongs to one of ``regions``. Non-geographic numbers (satellite,
+    +881; international services) have region "001", which no list can name: they are never served."""
+    number = phonenumbers.parse(e164)
+    region = phonenumbers.region_code_for_number(number) or phonenumbers.UNKNOWN_REGION
+    if region not in regions:
+        where = region if region in phonenumbers.SUPPORTED_REGIONS else "non-geographic numbers"
+        raise InvalidPhone(f"Texts are not offered to this country (+{number.country_code}, {where}).",
+                           field="phone")

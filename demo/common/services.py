@@ -15,29 +15,15 @@ from demo.common.h5 import H5, H5Rules
 from demo.common.images import ImageRules, Images
 from demo.common.metrics import Metrics
 from demo.common.offload import Offloader
+from demo.common.outbox import Sender, SenderRules
 from demo.common.passwords import Passwords
-from demo.common.sms import SmsBackend, SmsFailed, SmsMessage, make_backend, parse_test_numbers
+from demo.common.phones import parse_regions
+from demo.common.sms import make_backend, parse_test_numbers
 from demo.common.storage import ImageStore, make_store
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")
 MIN_SECRET_LENGTH = 32
-
-
-class CountedSms:
-    """Any SMS backend, with sent/failed counted in the metrics."""
-
-    def __init__(self, backend: SmsBackend, metrics: Metrics) -> None:
-        self.backend = backend
-        self.metrics = metrics
-
-    async def send(self, message: SmsMessage) -> None:
-        try:
-            await self.backend.send(message)
-        except SmsFailed:
-            self.metrics.sms_failed.inc()
-            raise
-        self.metrics.sms_sent.inc()
 
 
 class ConfigError(RuntimeError):
@@ -51,7 +37,7 @@ class Services:
     offloader: Offloader
     db: Database
     passwords: Passwords
-    sms: SmsBackend
+    sender: Sender
     accounts: Accounts
     store: ImageStore
     images: Images
@@ -60,6 +46,7 @@ class Services:
     cookie_secret: str
 
     def close(self) -> None:
+        """After ``await sender.stop()`` (it uses the pools closed here)."""
         self.offloader.shutdown()
         self.db.dispose()
 
@@ -104,12 +91,19 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             gateway_body=settings.sms_gateway_body, gateway_headers=settings.sms_gateway_headers,
             gateway_timeout=settings.sms_gateway_timeout,
         )
-        sms = CountedSms(backend, app_metrics)
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
+        sms_regions = parse_regions(settings.sms_countries or settings.default_region)
+        sender_rules = SenderRules(
+            attempts=settings.sms_send_attempts, retry_delay=settings.sms_retry_delay,
+            # A claim must outlive the slowest send, or another process could send the same text again.
+            lease=max(SenderRules.lease, 4 * settings.sms_gateway_timeout),
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    sender = Sender(db, backend, app_metrics, clock, sender_rules)
     rules = AccountRules(
-        default_region=settings.default_region, token_ttl=settings.token_ttl, code_ttl=settings.sms_code_ttl,
+        default_region=settings.default_region, sms_regions=sms_regions, token_ttl=settings.token_ttl,
+        code_ttl=settings.sms_code_ttl,
         resend_after=settings.sms_resend_after, max_attempts=settings.sms_max_attempts,
         phone_daily=settings.sms_phone_daily, ip_hourly=settings.sms_ip_hourly,
         login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
@@ -117,7 +111,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         login_slowdown=settings.login_slowdown, code_checks_ip_hourly=settings.code_checks_ip_hourly,
     )
     code_key = derived_key(cookie_secret, b"demo sms codes")
-    accounts = Accounts(db, passwords, sms, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,
+    accounts = Accounts(db, passwords, sender, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,
                         ticket_ttl=settings.h5_ticket_ttl)
     h5 = H5(db, H5Rules(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl), clock,
             xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
@@ -131,5 +125,5 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     )
     images = Images(db, store, image_rules, clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
-    return Services(settings, clock, offloader, db, passwords, sms, accounts, store, images, h5, app_metrics,
+    return Services(settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics,
                     cookie_secret)

@@ -93,6 +93,13 @@ def declare(parser: OptionParser) -> None:
       help="console | file:<path> | http (gateway, see sms_gateway_*)")
     d("sms_test_numbers", default="", type=str, group="sms",
       help="comma list of phone:code pairs that get a fixed code and no text")
+    d("sms_countries", default="", type=str, group="sms",
+      help="comma list of ISO 3166 region codes texts may go to (e.g. CN,HK); empty = default_region only. "
+           "Codes for other numbers, and for non-geographic (satellite) ones, are refused with 422")
+    d("sms_send_attempts", default=5, type=int, group="sms",
+      help="tries to hand a text to the SMS backend before it is given up (its code is then void)")
+    d("sms_retry_delay", default=5.0, type=float, group="sms",
+      help="seconds before a failed text is tried again; doubles with each try")
     d("sms_code_ttl", default=300, type=int, group="sms", help="seconds an SMS code is valid")
     d("sms_resend_after", default=60, type=int, group="sms", help="seconds between two texts to one phone")
     d("sms_max_attempts", default=5, type=int, group="sms", help="wrong tries before a code is dead")

@@ -4,14 +4,14 @@ Lets the same upload again be stored without decoding it again. Nothing to backf
 bytes of blobs stored before are not known (their columns stay NULL and they are never matched).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-29
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
