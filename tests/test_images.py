@@ -31,7 +31,7 @@ from demo.common.db import Database, make_engine
 from demo.common.images import Images, StoreMismatch, bind_store, claim_blob_statement
 from demo.common.storage import LocalImageStore
 from demo.common.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
-from demo.models import Deployment, Image, ImageBlob
+from demo.models import Deployment, Image, ImageBlob, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
 OTHER_PHONE = "18866669999"
@@ -219,6 +219,11 @@ def media(app) -> Path:
 
 def count(app, model) -> int:
     return app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(model)))
+
+
+def row_id(app, user) -> int:
+    """The user's internal key (the API shows only the public id)."""
+    return app.services.db.run_sync(lambda s: s.scalar(select(User.id).where(User.phone == user.phone)))
 
 
 def blob_refs(app, sha256: str) -> int | None:
@@ -1264,11 +1269,12 @@ async def test_sweep_waits_for_an_upload_holding_the_blob_lock(api, user, app):
     db.run_sync(lambda s: s.execute(delete(Image)))  # gone without the API: the blob row stays, unused
     path = Path(store.local_path(sha))
     assert path.exists() and blob_refs(app, sha) == 0
+    owner = row_id(app, user)
     # Simulate an upload of the same bytes between "file in place" and "commit": it holds the row lock.
     session = db._sessions()
     try:
         session.execute(claim_blob_statement(db.dialect), {"sha256": sha, "now": app.services.clock.now()})
-        session.add(Image(id=secrets.token_urlsafe(16), owner_id=user.id, sha256=sha, format="jpeg", width=30,
+        session.add(Image(id=secrets.token_urlsafe(16), owner_id=owner, sha256=sha, format="jpeg", width=30,
                           height=20, bytes=first["bytes"], created_at=app.services.clock.now()))
         session.flush()
         sweeper = asyncio.ensure_future(app.services.offloader.db(app.services.images.sweep))
@@ -1351,7 +1357,8 @@ async def test_users_deleted_by_sql_leave_only_the_blobs_others_use_after_housek
     other_token = await second_user(api, outbox)
     theirs = await uploaded(api, other_token, shared)
     assert (await fetch(api, mine[1]["thumbnails"]["160"])).code == 200
-    app.services.db.run_sync(lambda s: s.execute(text("DELETE FROM users WHERE id = :id"), {"id": user.id}))
+    internal = row_id(app, user)
+    app.services.db.run_sync(lambda s: s.execute(text("DELETE FROM users WHERE id = :id"), {"id": internal}))
     assert count(app, Image) == 1  # the images went by cascade, without the API
 
     counts = await housekeeping.run(app.services.db, app.services.images, app.services.clock.now())

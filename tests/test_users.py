@@ -723,7 +723,7 @@ async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by
     try:
         assert await restarted.services.sender.drain() == 1
         code = await outbox.code(E164)
-        grant = await restarted.services.accounts.register(PHONE, PASSWORD, code)
+        grant = await restarted.services.accounts.register(PHONE, PASSWORD, code, "127.0.0.1")
         assert grant.user["phone"] == E164
         assert await restarted.services.sender.drain() == 0  # sent once, not again
     finally:
