@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from tornado.template import Loader
 from tornado.web import HTTPError, RequestHandler
 
-from demo.common.errors import DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized
+from demo.common.errors import (DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized,
+                                UnsupportedMediaType)
 from demo.common.principal import Principal
 
 log = logging.getLogger("demo.web")
@@ -40,6 +41,7 @@ STATUS_CODE: dict[int, str] = {
     405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 503: "unavailable",
 }
 MAX_JSON_BYTES = 64 * 1024
+JSON_MEDIA_TYPE = "application/json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Request ids: 96 random bits per process, then a counter (unique without a syscall per request).
 _RID_PREFIX = secrets.token_hex(12)
@@ -224,12 +226,20 @@ class ApiHandler(BaseHandler):
         return None  # API answers are per-user and no-store; hashing them is wasted work
 
     def json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object, or InvalidJson (400) / TooLarge (413)."""
+        """The request body as a JSON object, or UnsupportedMediaType (415) / TooLarge (413) / InvalidJson (400).
+
+        Only ``application/json``: a browser sends that cross-site only after a CORS preflight, which
+        this API never grants, so another site's page cannot make its visitors call us (a text/plain
+        or form post needs no preflight).
+        """
+        media_type = self.request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if media_type != JSON_MEDIA_TYPE:
+            raise UnsupportedMediaType("Send the body as Content-Type: application/json.")
         if len(self.request.body) > MAX_JSON_BYTES:
             raise TooLarge("JSON bodies are limited to 64 KiB.")
         try:
             body = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested too deep
             raise InvalidJson() from None
         if not isinstance(body, dict):
             raise InvalidJson()
