@@ -113,3 +113,14 @@ async def test_multipart_boundary_over_256_characters_is_422_and_logs_no_error(a
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.code == 422 and response.error == "invalid_field" and response.json["error"]["field"] == "image"
     assert errors_logged(caplog) == []
+
+
+@pytest.mark.settings(max_upload_bytes=100_000)
+@gen_test
+async def test_an_oversized_chunked_upload_is_json_413(api, user):
+    """One chunk declared far over the limit: the upload's own 413, not Tornado's bare 400."""
+    head = (f"POST /images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user.token}\r\n"
+            f"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n{1024 * 1024:x}\r\n").encode()
+    status, headers, body = await raw_exchange(port_of(api), head, b"\0" * 65536, pump_times=16)
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-request-id"]
