@@ -10,6 +10,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from demo.common.proxies import TrustedProxies
+from demo.common.services import ConfigError
+from demo.conf import settings as config
+from demo.main import trusted_proxies
 from conftest import sent_phone
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -124,3 +128,65 @@ async def test_an_oversized_chunked_upload_is_json_413(api, user):
     status, headers, body = await raw_exchange(port_of(api), head, b"\0" * 65536, pump_times=16)
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-request-id"]
+
+
+@gen_test
+async def test_oversized_request_headers_get_431_in_json(api):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    status, headers, body = await raw_exchange(port_of(api), request)
+    assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
+    assert headers["content-type"].startswith("application/json") and headers["x-content-type-options"] == "nosniff"
+    assert headers["x-request-id"] and "server" not in headers
+    assert (await api.get("/healthz")).code == 200  # the server carries on
+
+
+# -- forwarded headers count from trusted proxies only -------------------------------------------------
+
+CLAIMS = {"X-Scheme": "https", "X-Forwarded-Proto": "https"}
+
+
+async def send_codes_claiming_addresses(api, count: int) -> list[int]:
+    return [(await api.post("/users/code", {"phone": f"1886666{n:04d}"},
+                            headers={"X-Real-IP": f"198.51.100.{n}", "X-Forwarded-For": f"203.0.113.{n}"})).code
+            for n in range(count)]
+
+
+async def h5_cookie_claiming_https(api, outbox) -> tuple[str, str]:
+    """Register claiming HTTPS; the session's h5_url, and the H5 cookie that URL sets."""
+    await api.post("/users/code", {"phone": PHONE}, headers=CLAIMS)
+    session = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
+                                               "code": outbox.code(sent_phone(PHONE))}, headers=CLAIMS)
+    h5_url = session.json["h5_url"]
+    opened = await api.get(urlsplit(h5_url).path + "?" + urlsplit(h5_url).query, headers=CLAIMS)
+    cookie = next(c for c in opened.headers.get_list("Set-Cookie") if c.startswith("demo_h5="))
+    return h5_url, cookie
+
+
+@pytest.mark.settings(trusted_proxies="10.9.9.9", sms_ip_hourly=3)
+@gen_test
+async def test_forwarded_headers_from_an_untrusted_peer_change_nothing(api, outbox):
+    """Here only 10.9.9.9 is a proxy: this loopback peer's claims are ignored."""
+    h5_url, cookie = await h5_cookie_claiming_https(api, outbox)
+    assert h5_url.startswith("http://") and "secure" not in cookie.lower()
+    # One code went to the registration: two more from this peer, whatever address each claims.
+    assert await send_codes_claiming_addresses(api, 3) == [200, 200, 429]
+
+
+@pytest.mark.settings(sms_ip_hourly=3)
+@gen_test
+async def test_forwarded_headers_from_a_trusted_proxy_are_believed(api, outbox):
+    """By default loopback is the proxy (nginx on this machine): its headers say who the client is."""
+    h5_url, cookie = await h5_cookie_claiming_https(api, outbox)
+    assert h5_url.startswith("https://") and "secure" in cookie.lower()
+    assert await send_codes_claiming_addresses(api, 3) == [200, 200, 200]
+
+
+def test_trusted_proxies_are_addresses_and_networks():
+    proxies = TrustedProxies.parse(" 10.0.0.0/8, 192.0.2.7 ,fd00::/8,")
+    assert "10.1.2.3" in proxies and "192.0.2.7" in proxies and "fd00::1" in proxies
+    assert "::ffff:10.1.2.3" in proxies  # an IPv4 peer on a dual-stack socket
+    assert "192.0.2.8" not in proxies and "127.0.0.1" not in proxies and "0.0.0.0" not in proxies
+    default = TrustedProxies.parse(config.defaults().trusted_proxies)
+    assert "127.0.0.1" in default and "127.9.9.9" in default and "::1" in default and "10.0.0.1" not in default
+    with pytest.raises(ConfigError, match="not-an-ip"):
+        trusted_proxies(config.defaults(trusted_proxies="127.0.0.1,not-an-ip"))

@@ -644,7 +644,8 @@ def test_rate_limits_see_the_address_nginx_saw_not_the_one_the_client_claims(liv
 
 
 def test_forwarded_headers_are_believed_so_the_app_must_listen_on_loopback_only(live):
-    """Why --address defaults to 127.0.0.1: whoever reaches the port directly can claim any address."""
+    """Why --address defaults to 127.0.0.1: the default trusted proxy is loopback (nginx on this
+    machine), so a process there that reaches the port directly can claim any address."""
     assert config.defaults().address == "127.0.0.1"
     direct = live.direct(live.workers[0], "/healthz", headers={"X-Real-IP": "192.0.2.44"})
     assert direct.status == 200
