@@ -28,6 +28,7 @@ from tornado.netutil import bind_sockets
 from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
+from demo.common.handlers import StaticHandler
 from demo.common.httpserver import DemoHTTPServer
 from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.proxies import TrustedProxies
@@ -55,6 +56,7 @@ class DemoApplication(tornado.web.Application):
             debug=settings.debug,
             cookie_secret=services.cookie_secret,
             static_path=str(PACKAGE_DIR / "static"),
+            static_handler_class=StaticHandler,  # the contract's headers and JSON errors on /static/ too
             template_path=str(PACKAGE_DIR / "templates"),
             xsrf_cookies=True,  # H5 form posts; Bearer API handlers opt out (ApiHandler.check_xsrf_cookie)
             xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax"},

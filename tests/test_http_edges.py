@@ -190,3 +190,58 @@ def test_trusted_proxies_are_addresses_and_networks():
     assert "127.0.0.1" in default and "127.9.9.9" in default and "::1" in default and "10.0.0.1" not in default
     with pytest.raises(ConfigError, match="not-an-ip"):
         trusted_proxies(config.defaults(trusted_proxies="127.0.0.1,not-an-ip"))
+
+
+# -- answers tell nothing about the server ------------------------------------------------------------
+
+
+@gen_test
+async def test_no_answer_names_the_server(api, app, user, monkeypatch):
+    async def explode(principal):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.services.accounts, "profile", explode)
+    answers = {
+        200: await api.get("/healthz"),
+        404: await api.get("/nowhere"),
+        405: await api.request("PUT", "/users/login", body=b"{}"),
+        413: await api.post("/users/login", {"phone": "x" * 70_000}),
+        415: await api.post("/users/login", body=b"{}", headers={"Content-Type": "text/plain"}),
+        500: await api.get("/users/me", token=user.token),
+        "static 200": await api.get("/static/h5/h5.css"),
+        "static 404": await api.get("/static/h5/nope.css"),
+    }
+    for what, answer in answers.items():
+        assert answer.code == (what if isinstance(what, int) else int(what.split()[1])), what
+        assert "Server" not in answer.headers, (what, answer.headers["Server"])
+
+
+@gen_test
+async def test_request_ids_are_random_per_request(api):
+    ids = [(await api.get("/healthz")).headers["X-Request-Id"] for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert len({rid[:24] for rid in ids}) == 50  # no per-process prefix with a counter at the end
+    kept = await api.get("/healthz", headers={"X-Request-Id": "from-the-proxy-1234"})
+    assert kept.headers["X-Request-Id"] == "from-the-proxy-1234"
+
+
+# -- static files: the contract's headers and error shape ------------------------------------------
+
+
+@gen_test
+async def test_static_files_carry_the_contract_headers_and_json_errors(api):
+    css = await api.get("/static/h5/h5.css")
+    assert css.code == 200 and css.headers["Content-Type"].startswith("text/css")
+    assert css.headers["X-Content-Type-Options"] == "nosniff" and css.headers["X-Request-Id"]
+    assert "no-store" not in css.headers.get("Cache-Control", "")
+    errors = {
+        404: await api.get("/static/h5/nope.css"),
+        405: await api.post("/static/h5/h5.css", body=b""),
+        403: await api.get("/static/%2e%2e/conf/settings.py"),
+    }
+    for status, answer in errors.items():
+        assert answer.code in ((403, 404) if status == 403 else (status,)), (status, answer.body)
+        assert answer.headers["Content-Type"].startswith("application/json") and "error" in answer.json
+        assert answer.headers["X-Content-Type-Options"] == "nosniff" and answer.headers["X-Request-Id"]
+        assert answer.headers["Cache-Control"] == "no-store"
+    assert errors[405].headers["Allow"] == "GET, HEAD"

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from tornado.template import Loader
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler
 
 from demo.common.errors import (DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized,
                                 UnsupportedMediaType)
@@ -43,17 +41,6 @@ STATUS_CODE: dict[int, str] = {
 MAX_JSON_BYTES = 64 * 1024
 JSON_MEDIA_TYPE = "application/json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# Request ids: 96 random bits per process, then a counter (unique without a syscall per request).
-_RID_PREFIX = secrets.token_hex(12)
-_rid_counter = itertools.count()
-
-
-def _reseed_request_ids() -> None:
-    global _RID_PREFIX
-    _RID_PREFIX = secrets.token_hex(12)  # forked workers must not share a prefix
-
-
-os.register_at_fork(after_in_child=_reseed_request_ids)
 
 PUBLIC, BEARER, H5 = "public", "bearer", "h5"
 H5_COOKIE = "demo_h5"
@@ -117,11 +104,13 @@ class BaseHandler(RequestHandler):
         rid = getattr(self.request, "demo_request_id", None)
         if rid is None:
             incoming = self.request.headers.get("X-Request-Id", "")
-            rid = incoming if _REQUEST_ID.match(incoming) else f"{_RID_PREFIX}{next(_rid_counter):08x}"
+            # 128 random bits each: a prefix and a counter would tell how many requests a process served.
+            rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
             self.request.demo_request_id = rid  # type: ignore[attr-defined]
         return rid
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # Tornado's name and version help nobody but an attacker
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("X-Request-Id", self.request_id)
 
@@ -284,6 +273,18 @@ class NotFoundHandler(ApiHandler):
         raise HTTPError(404, "No such resource.")
 
     post = put = patch = delete = head = options = get
+
+
+class StaticHandler(StaticFileHandler, ApiHandler):
+    """``/static/*`` (H5 CSS and JS) straight from the app: Tornado's file serving, with the contract's
+    headers on every answer and its JSON shape on errors (nginx serves these itself in production)."""
+
+    def set_default_headers(self) -> None:
+        BaseHandler.set_default_headers(self)  # a file keeps its own Content-Type and caching
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        ApiHandler.set_default_headers(self)  # an error is JSON, never cached
+        super().write_error(status_code, **kwargs)
 
 
 class H5PageHandler(BaseHandler):
