@@ -225,6 +225,23 @@ async def test_request_ids_are_random_per_request(api):
     assert kept.headers["X-Request-Id"] == "from-the-proxy-1234"
 
 
+@gen_test
+async def test_a_flood_of_readiness_probes_costs_one_database_ping(api, app, monkeypatch):
+    db = app.services.db
+    real_ping, pings = db.ping, []
+
+    async def counting_ping() -> None:
+        pings.append(1)
+        await real_ping()
+
+    monkeypatch.setattr(db, "ping", counting_ping)
+    answers = await asyncio.gather(*(api.get("/readyz") for _ in range(50)))
+    assert all(a.code == 200 and a.json["checks"] == {"database": "ok"} for a in answers)
+    assert len(pings) == 1
+    await asyncio.sleep(app.services.readiness.ttl + 0.05)
+    assert (await api.get("/readyz")).code == 200 and len(pings) == 2  # a second later: asked again
+
+
 # -- static files: the contract's headers and error shape ------------------------------------------
 
 
