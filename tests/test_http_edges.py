@@ -262,3 +262,5 @@ async def test_static_files_carry_the_contract_headers_and_json_errors(api):
         assert answer.headers["X-Content-Type-Options"] == "nosniff" and answer.headers["X-Request-Id"]
         assert answer.headers["Cache-Control"] == "no-store"
     assert errors[405].headers["Allow"] == "GET, HEAD"
+    outside = errors[403].json["error"]["message"]
+    assert "%s" not in outside and "/" not in outside  # neither a log template nor a path

@@ -173,7 +173,9 @@ class BaseHandler(RequestHandler):
         status = self.get_status()
         if isinstance(error, HTTPError):
             status = error.status_code
-            message = error.log_message if error.log_message and status < 500 else self._reason
+            # A log message with arguments is a template for the log (the static handler's holds file
+            # paths): the client gets the status's reason instead.
+            message = error.log_message if error.log_message and not error.args and status < 500 else self._reason
             # RFC 9110 15.5.6: a 405 must say which methods the resource does support.
             extra = {"Allow": ", ".join(self.allowed_methods())} if status == 405 else {}
             return status, error_body(STATUS_CODE.get(status, "error"), message), extra
