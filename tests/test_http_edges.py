@@ -30,14 +30,17 @@ def port_of(api) -> int:
     return urlsplit(api.base_url).port
 
 
-async def raw_exchange(port: int, request: bytes, body_pump: bytes = b"", pump_times: int = 0) -> tuple[int, dict, bytes]:
+async def raw_exchange(port: int, request: bytes, body_pump: bytes = b"",
+                       pump_times: int = 0) -> tuple[int, dict, bytes]:
     """Send ``request`` (then ``body_pump`` up to ``pump_times`` times) over a bare socket, on a thread;
     the answer's status, headers (lower-case names) and body. A server that answers early and closes
     resets the connection: what arrived before the reset is the answer."""
-    raw = await asyncio.get_running_loop().run_in_executor(None, _exchange, port, request, body_pump, pump_times)
+    loop = asyncio.get_running_loop()
+    raw = await loop.run_in_executor(None, _exchange, port, request, body_pump, pump_times)
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    fields = (line.partition(":") for line in lines[1:])
+    headers = {name.strip().lower(): value.strip() for name, _, value in fields}
     assert len(body) == int(headers.get("content-length", "0")), raw
     return int(lines[0].split()[1]), headers, body
 
@@ -70,7 +73,8 @@ def errors_logged(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted(JSON_CALLS))
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
+@pytest.mark.parametrize("content_type",
+                         ["text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
 @gen_test
 async def test_json_calls_refuse_other_content_types_with_415(api, outbox, path, content_type):
     """A page on another site can post text/plain or a form without a CORS preflight: never accepted."""
@@ -83,8 +87,8 @@ async def test_json_calls_refuse_other_content_types_with_415(api, outbox, path,
 @gen_test
 async def test_json_calls_without_a_content_type_are_415(api, outbox, path):
     body = json.dumps(JSON_CALLS[path]).encode()
-    status, _, answer = await raw_exchange(port_of(api), (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    status, _, answer = await raw_exchange(port_of(api), head.encode() + body)
     assert status == 415 and json.loads(answer)["error"]["code"] == "unsupported_media_type"
     assert outbox.messages() == []
 
@@ -115,7 +119,8 @@ async def test_multipart_boundary_over_256_characters_is_422_and_logs_no_error(a
             f"Content-Type: image/png\r\n\r\nxx\r\n--{boundary}--\r\n")
     response = await api.post("/images", body=body, token=user.token,
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert response.code == 422 and response.error == "invalid_field" and response.json["error"]["field"] == "image"
+    assert response.code == 422 and response.error == "invalid_field"
+    assert response.json["error"]["field"] == "image"
     assert errors_logged(caplog) == []
 
 
@@ -135,7 +140,8 @@ async def test_oversized_request_headers_get_431_in_json(api):
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     status, headers, body = await raw_exchange(port_of(api), request)
     assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
-    assert headers["content-type"].startswith("application/json") and headers["x-content-type-options"] == "nosniff"
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-content-type-options"] == "nosniff"
     assert headers["x-request-id"] and "server" not in headers
     assert (await api.get("/healthz")).code == 200  # the server carries on
 

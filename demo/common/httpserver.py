@@ -23,10 +23,12 @@ class DemoHTTPServer(HTTPServer):
         super().initialize(*args, **kwargs)
         self.trusted_proxies = trusted_proxies
 
-    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+    def start_request(self, server_conn: object,
+                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         # The context still holds the peer's own address here: Tornado applies the headers (and
         # undoes them after each request) only inside the delegate that super() wraps around ours.
-        if self.xheaders and request_conn.context.remote_ip not in self.trusted_proxies:  # type: ignore[attr-defined]
+        peer = request_conn.context.remote_ip  # type: ignore[attr-defined]
+        if self.xheaders and peer not in self.trusted_proxies:
             return self.request_callback.start_request(server_conn, request_conn)  # type: ignore[union-attr]
         return super().start_request(server_conn, request_conn)
 
