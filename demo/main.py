@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
         resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything
-        trusted_proxies(settings)
+        trusted_proxies(settings)  # a bad proxy list, too
         if settings.debug and workers > 1:
             raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
         migrate_database(settings)  # once, before any worker exists
