@@ -29,8 +29,11 @@ from tornado.netutil import bind_sockets
 from demo.common import housekeeping, metrics, migrate
 from demo.common.clock import Clock
 from demo.common.db import make_engine
+from demo.common.handlers import StaticHandler
+from demo.common.httpserver import DemoHTTPServer
 from demo.common.images import StoreMismatch, bind_store
 from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
+from demo.common.proxies import TrustedProxies
 from demo.common.routing import collect_routes
 from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
 from demo.common.storage import make_store
@@ -56,6 +59,7 @@ class DemoApplication(tornado.web.Application):
             debug=settings.debug,
             cookie_secret=services.cookie_secret,
             static_path=str(PACKAGE_DIR / "static"),
+            static_handler_class=StaticHandler,  # the contract's headers and JSON errors on /static/ too
             template_path=str(PACKAGE_DIR / "templates"),
             # H5 form posts (tokens bound to the H5 session, no _xsrf cookie: H5PageHandler);
             # Bearer API handlers opt out (ApiHandler.check_xsrf_cookie).
@@ -85,11 +89,19 @@ def make_app(settings: Settings | None = None, *, clock: Clock | None = None,
     return DemoApplication(services or build_services(settings, clock))
 
 
+def trusted_proxies(settings: Settings) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(settings.trusted_proxies)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def make_server(app: DemoApplication) -> HTTPServer:
     settings = app.services.settings
-    return HTTPServer(
+    return DemoHTTPServer(
         app,
-        xheaders=True,  # behind nginx: client IP and scheme come from X-Real-IP / X-Forwarded-*
+        # Behind nginx: client IP and scheme come from X-Real-IP / X-Forwarded-*, when nginx sent them.
+        xheaders=True, trusted_proxies=trusted_proxies(settings),
         max_body_size=settings.max_upload_bytes + 64 * 1024,  # multipart framing on top of the file
         # Slow or idle clients cost a socket each, never a thread; these bound how long they may hold one.
         idle_connection_timeout=settings.idle_timeout,  # Tornado also uses it as the header timeout
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
         resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything
+        trusted_proxies(settings)  # a bad proxy list, too
         if settings.debug and workers > 1:
             raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
         prepare_database(settings)  # once, before any worker exists (and any sweep)

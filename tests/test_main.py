@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from servers import call, finish, free_port, output_of, start, stop, wait_for
+from servers import call, finish, free_port, start, stop, wait_for
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):

@@ -364,7 +364,10 @@ class Stack:
         return render_shipped_nginx(
             self.nginx_dir, self.cert.parent, self.http_port, self.https_port, [w.port for w in self.workers],
             ROOT / "demo" / "static",
-            extra=[("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;")],
+            extra=[("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
+                   # Every client here is on loopback: only 127.0.0.1 stays "internal" for /readyz,
+                   # so a phone on another 127.x address plays the public.
+                   ("allow 127.0.0.0/8;", "allow 127.0.0.1;")],
         )
 
     def nginx_command(self, conf: Path, *extra: str) -> list[str]:
@@ -644,7 +647,8 @@ def test_rate_limits_see_the_address_nginx_saw_not_the_one_the_client_claims(liv
 
 
 def test_forwarded_headers_are_believed_so_the_app_must_listen_on_loopback_only(live):
-    """Why --address defaults to 127.0.0.1: whoever reaches the port directly can claim any address."""
+    """Why --address defaults to 127.0.0.1: the default trusted proxy is loopback (nginx on this
+    machine), so a process there that reaches the port directly can claim any address."""
     assert config.defaults().address == "127.0.0.1"
     direct = live.direct(live.workers[0], "/healthz", headers={"X-Real-IP": "192.0.2.44"})
     assert direct.status == 200
@@ -742,6 +746,25 @@ def test_the_image_cache_keeps_one_entry_per_path_and_width(live):
     assert first.body == expected and phone.get(f"{path}?w=320").body == expected
 
 
+def test_many_ranges_get_the_whole_file_never_a_multipart_answer(live):
+    """A Range with hundreds of parts made nginx send each part with its own headers: a multipart
+    answer many times the file's size. More than one range: the whole file, once."""
+    phone = live.client("127.0.0.45")
+    session = phone.register()
+    uploaded = phone.upload(session["token"], png(40, 40))
+    assert uploaded.status == 201, uploaded.body
+    many = "bytes=" + ",".join(f"{n}-{n}" for n in range(0, 1200, 2))  # 600 one-byte ranges
+    image_path = f"/images/{uploaded.json['image']['id']}.png"
+    for path in (image_path, image_path, "/static/h5/h5.css"):  # a cache MISS, a HIT, a static file
+        whole = phone.get(path)
+        assert whole.status == 200
+        answer = phone.get(path, headers={"Range": many})
+        assert answer.status == 200 and answer.body == whole.body, (path, answer.status, len(answer.body))
+        assert "multipart" not in answer.header("Content-Type")
+    single = phone.get(image_path, headers={"Range": "bytes=0-9"})
+    assert single.status == 206 and len(single.body) == 10
+
+
 def test_a_deleted_image_is_gone_once_both_caches_expired(live):
     phone = live.client("127.0.0.51")
     session = phone.register()
@@ -816,6 +839,15 @@ def test_metrics_are_not_reachable_from_outside(live):
         assert scraped.status == 200, scraped.body[:300]
         assert scraped.header("Content-Type").startswith("text/plain")
         assert b"demo_requests_total" in scraped.body
+
+
+def test_readiness_is_answered_to_internal_addresses_only(live):
+    for path in ("/readyz", "//readyz", "/%72eadyz", "/readyz?x=1"):
+        hidden = live.client("127.0.0.91").get(path)
+        assert hidden.status == 404 and hidden.error == "not_found", path
+        assert hidden.header("Content-Type") == "application/json"
+    ready = live.client().get("/readyz")  # the load balancer's address (here 127.0.0.1)
+    assert ready.status == 200 and ready.json["checks"] == {"database": "ok"}
 
 
 def test_text_is_compressed_and_static_files_come_from_disk(live):
@@ -939,5 +971,5 @@ def test_killing_one_process_fails_none_of_the_next_requests(live):
         answers.append(phone.get("/users/me", token=session["token"]))
         answers.append(phone.post("/users/login", {"phone": session["phone"], "password": PASSWORD}))
         answers.append(phone.get(f"{path}?w={(160, 320, 640, 1280)[i % 4]}"))
-        answers.append(phone.get("/readyz"))
+        answers.append(live.client().get("/readyz"))  # the load balancer's probe (phones get a 404)
     assert [a.status for a in answers] == [200] * len(answers), [(a.status, a.body[:200]) for a in answers]

@@ -100,10 +100,11 @@ async def test_wrong_types_and_bad_json(api):
     assert missing.code == 422 and missing.json["error"]["field"] == "code"
     bad_purpose = await api.post("/users/code", {"phone": PHONE, "purpose": "spam"})
     assert bad_purpose.code == 422 and bad_purpose.json["error"]["field"] == "purpose"
+    as_json = {"Content-Type": "application/json"}
     for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
-        response = await api.post("/users/login", body=body)
+        response = await api.post("/users/login", body=body, headers=as_json)
         assert response.code == 400 and response.error == "invalid_json", body
-    huge = await api.post("/users/login", body=json.dumps({"phone": "x" * 70000}))
+    huge = await api.post("/users/login", body=json.dumps({"phone": "x" * 70000}), headers=as_json)
     assert huge.code == 413 and huge.error == "too_large"
 
 

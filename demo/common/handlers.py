@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,9 +16,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from tornado.template import Loader
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler
 
-from demo.common.errors import DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized
+from demo.common.errors import (DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized,
+                                UnsupportedMediaType)
 from demo.common.principal import Principal
 
 log = logging.getLogger("demo.web")
@@ -41,18 +40,8 @@ STATUS_CODE: dict[int, str] = {
     405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 503: "unavailable",
 }
 MAX_JSON_BYTES = 64 * 1024
+JSON_MEDIA_TYPE = "application/json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# Request ids: 96 random bits per process, then a counter (unique without a syscall per request).
-_RID_PREFIX = secrets.token_hex(12)
-_rid_counter = itertools.count()
-
-
-def _reseed_request_ids() -> None:
-    global _RID_PREFIX
-    _RID_PREFIX = secrets.token_hex(12)  # forked workers must not share a prefix
-
-
-os.register_at_fork(after_in_child=_reseed_request_ids)
 
 PUBLIC, BEARER, H5 = "public", "bearer", "h5"
 H5_COOKIE = "demo_h5"
@@ -116,11 +105,13 @@ class BaseHandler(RequestHandler):
         rid = getattr(self.request, "demo_request_id", None)
         if rid is None:
             incoming = self.request.headers.get("X-Request-Id", "")
-            rid = incoming if _REQUEST_ID.match(incoming) else f"{_RID_PREFIX}{next(_rid_counter):08x}"
+            # 128 random bits each: a prefix and a counter would tell how many requests a process served.
+            rid = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
             self.request.demo_request_id = rid  # type: ignore[attr-defined]
         return rid
 
     def set_default_headers(self) -> None:
+        self.clear_header("Server")  # Tornado's name and version help nobody but an attacker
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("X-Request-Id", self.request_id)
 
@@ -183,7 +174,9 @@ class BaseHandler(RequestHandler):
         status = self.get_status()
         if isinstance(error, HTTPError):
             status = error.status_code
-            message = error.log_message if error.log_message and status < 500 else self._reason
+            # A log message with arguments is a template for the log (the static handler's holds file
+            # paths): the client gets the status's reason instead.
+            message = error.log_message if error.log_message and not error.args and status < 500 else self._reason
             # RFC 9110 15.5.6: a 405 must say which methods the resource does support.
             extra = {"Allow": ", ".join(self.allowed_methods())} if status == 405 else {}
             return status, error_body(STATUS_CODE.get(status, "error"), message), extra
@@ -225,12 +218,20 @@ class ApiHandler(BaseHandler):
         return None  # API answers are per-user and no-store; hashing them is wasted work
 
     def json_body(self) -> dict[str, Any]:
-        """The request body as a JSON object, or InvalidJson (400) / TooLarge (413)."""
+        """The request body as a JSON object, or UnsupportedMediaType (415) / TooLarge (413) / InvalidJson (400).
+
+        Only ``application/json``: a browser sends that cross-site only after a CORS preflight, which
+        this API never grants, so another site's page cannot make its visitors call us (a text/plain
+        or form post needs no preflight).
+        """
+        media_type = self.request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if media_type != JSON_MEDIA_TYPE:
+            raise UnsupportedMediaType("Send the body as Content-Type: application/json.")
         if len(self.request.body) > MAX_JSON_BYTES:
             raise TooLarge("JSON bodies are limited to 64 KiB.")
         try:
             body = json.loads(self.request.body or b"")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested too deep
             raise InvalidJson() from None
         if not isinstance(body, dict):
             raise InvalidJson()
@@ -275,6 +276,18 @@ class NotFoundHandler(ApiHandler):
         raise HTTPError(404, "No such resource.")
 
     post = put = patch = delete = head = options = get
+
+
+class StaticHandler(StaticFileHandler, ApiHandler):
+    """``/static/*`` (H5 CSS and JS) straight from the app: Tornado's file serving, with the contract's
+    headers on every answer and its JSON shape on errors (nginx serves these itself in production)."""
+
+    def set_default_headers(self) -> None:
+        BaseHandler.set_default_headers(self)  # a file keeps its own Content-Type and caching
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        ApiHandler.set_default_headers(self)  # an error is JSON, never cached
+        super().write_error(status_code, **kwargs)
 
 
 class H5PageHandler(BaseHandler):

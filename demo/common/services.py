@@ -5,7 +5,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from demo.common import imaging
 from demo.common.accounts import AccountRules, Accounts
@@ -18,6 +18,7 @@ from demo.common.offload import Offloader
 from demo.common.outbox import Sender, SenderRules
 from demo.common.passwords import Passwords
 from demo.common.phones import parse_regions
+from demo.common.readiness import Readiness
 from demo.common.sms import make_backend, parse_test_numbers
 from demo.common.storage import ImageStore, make_store
 from demo.conf.settings import Settings
@@ -44,6 +45,10 @@ class Services:
     h5: H5
     metrics: Metrics
     cookie_secret: str
+    readiness: Readiness = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readiness = Readiness(self.db)
 
     def close(self) -> None:
         """After ``await sender.stop()`` (it uses the pools closed here)."""

@@ -7,9 +7,11 @@ Client file names are never used for anything.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -72,30 +74,27 @@ class _ImagePart:
         self._in_image = False
         self.found = False
         self.ended = False
-        self._parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
-            "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        })
+        with _malformed_multipart():  # python-multipart refuses a boundary over 256 bytes right here
+            self._parser = MultipartParser(boundary, {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
+                "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            })
 
     def feed(self, chunk: bytes) -> bytes:
-        try:
+        with _malformed_multipart():
             self._parser.write(chunk)
-        except Exception as error:  # python-multipart raises its own errors for malformed bodies
-            raise InvalidField(f"Malformed multipart body: {error.__class__.__name__}.", field=FIELD) from None
         data, self._out = b"".join(self._out), []
         return data
 
     def finish(self) -> None:
-        try:
+        with _malformed_multipart():
             self._parser.finalize()
-        except Exception:
-            raise InvalidField("Malformed multipart body.", field=FIELD) from None
         if not self.found:
             raise InvalidField("Put the file in the multipart field 'image'.", field=FIELD)
         if not self.ended:
@@ -130,6 +129,15 @@ class _ImagePart:
 
     def _end(self) -> None:
         self.ended = True
+
+
+@contextlib.contextmanager
+def _malformed_multipart() -> Iterator[None]:
+    """python-multipart's own errors (and our callbacks' ValueError) for a malformed body: a 422."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - the parser's exception classes are not a stable API
+        raise InvalidField(f"Malformed multipart body: {error.__class__.__name__}.", field=FIELD) from None
 
 
 SPOOL_WRITE_BYTES = 256 * 1024

@@ -28,7 +28,11 @@ def declare(parser: OptionParser) -> None:
     # -- process ---------------------------------------------------------------------------
     d("port", default=8000, type=int, help="TCP port to listen on", group="server")
     d("address", default="127.0.0.1", type=str, group="server",
-      help="address to bind; loopback by default because forwarded headers are trusted (run behind nginx)")
+      help="address to bind; loopback by default: only nginx on this machine should reach the app")
+    d("trusted_proxies", default="127.0.0.0/8,::1", type=str, group="server",
+      help="comma list of addresses and CIDR networks whose X-Real-IP / X-Forwarded-For / X-Scheme / "
+           "X-Forwarded-Proto headers are believed (nginx's set_real_ip_from); from any other peer its own "
+           "address and scheme count")
     d("processes", default=1, type=int, group="server", help="worker processes (0 = one per core)")
     d("config", default="", type=str, group="server", help="path to a config file (python syntax)")
     d("debug", default=False, type=bool, group="server",
