@@ -98,7 +98,7 @@ async def test_json_calls_accept_application_json_with_parameters(api, outbox):
     response = await api.post("/users/code", body=json.dumps({"phone": PHONE}),
                               headers={"Content-Type": "Application/JSON; charset=utf-8"})
     assert response.code == 200, response.body
-    assert outbox.code(sent_phone(PHONE))
+    assert await outbox.code(sent_phone(PHONE))
 
 
 # -- malformed input is a 4xx, never a 500 ------------------------------------------------------------
@@ -161,7 +161,7 @@ async def h5_cookie_claiming_https(api, outbox) -> tuple[str, str]:
     """Register claiming HTTPS; the session's h5_url, and the H5 cookie that URL sets."""
     await api.post("/users/code", {"phone": PHONE}, headers=CLAIMS)
     session = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
-                                               "code": outbox.code(sent_phone(PHONE))}, headers=CLAIMS)
+                                               "code": await outbox.code(sent_phone(PHONE))}, headers=CLAIMS)
     h5_url = session.json["h5_url"]
     opened = await api.get(urlsplit(h5_url).path + "?" + urlsplit(h5_url).query, headers=CLAIMS)
     cookie = next(c for c in opened.headers.get_list("Set-Cookie") if c.startswith("demo_h5="))
