@@ -106,7 +106,7 @@ TARGETS = [
     Target("upload", "ratio", 0.70, ">= 70% of Pillow ceiling"),
     Target("loop_health", "p99_ms", 25.0, "p99 < 25 ms"),
     Target("memory", "growth_mib", 64.0, "< 64 MiB"),
-    Target("memory_animated", "growth_mib", 96.0, "< 96 MiB"),
+    Target("memory_animated", "growth_mib", 112.0, "< 112 MiB"),  # bench/README.md, step 5
 ]
 TARGET_OF = {t.measure: t for t in TARGETS}
 
