@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 from http.cookies import SimpleCookie
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -15,6 +16,7 @@ from demo.models import H5Session, H5Ticket, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cookies_of(response) -> dict[str, SimpleCookie]:
@@ -265,9 +267,25 @@ async def test_logout_needs_the_xsrf_token(api, user):
     assert is_html_page(await logout(api, cookie, "forged", cookies=jar), 403)
     assert (await home(api, cookie)).code == 200  # still signed in
     done = await logout(api, cookie, token, cookies=jar)
-    assert done.code == 302 and done.headers["Location"] == "/h5/home"
+    assert done.code == 302 and done.headers["Location"] == "/h5/home?signed_out=1"
     assert is_html_page(await home(api, cookie), 401)
     assert (await api.get("/users/me", token=user.token)).code == 200  # the app session lives on
+
+
+@gen_test
+async def test_logout_lands_on_the_signed_out_page_not_the_401_page(api, user):
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    done = await logout(api, cookie, xsrf_from(page), cookies=set_by(page))
+    assert "demo_h5" in cookies_of(done)  # cleared: the browser follows the redirect without it
+    landed = await api.get(done.headers["Location"])
+    assert is_html_page(landed, 200) and b"<h1>You have signed out</h1>" in landed.body
+    assert b"401" not in landed.body and b"Open this page from the app" not in landed.body
+    assert is_html_page(await home(api, cookie), 401)  # the session did end
+    # The flag shows nothing to a live session: its home page.
+    again = await open_h5(api, (await api.post("/h5/ticket", token=user.token)).json["h5_url"])
+    live = await api.get("/h5/home?signed_out=1", headers={"Cookie": f"demo_h5={again}"})
+    assert live.code == 200 and b'id="phone"' in live.body
 
 
 @gen_test
@@ -471,3 +489,19 @@ async def test_h5_errors_are_html_pages(api, app, user, monkeypatch):
     assert is_html_page(broken, 500) and b"Something went wrong" in broken.body
     assert b"internal detail" not in broken.body and b"Traceback" not in broken.body
     assert (await api.get("/users/nope")).headers["Content-Type"].startswith("application/json")  # elsewhere JSON
+
+
+def visible_text(page: bytes) -> str:
+    """What a reader sees: the page without its tags (and so without attributes such as data-status)."""
+    return re.sub(r"<[^>]*>", " ", page.decode())
+
+
+@gen_test
+async def test_error_pages_say_it_in_words_and_keep_the_status_out_of_sight(api):
+    for path, status in (("/h5/home", 401), ("/h5/no/such/page", 404)):
+        page = await api.get(path)
+        assert is_html_page(page, status) and f'data-status="{status}"'.encode() in page.body
+        headline = re.search(rb"<h1>(.+?)</h1>", page.body).group(1).decode()
+        assert not any(character.isdigit() for character in headline), headline
+        assert str(status) not in visible_text(page.body)
+

@@ -24,12 +24,16 @@ class HomeHandler(H5PageHandler):
     @h5_session
     async def get(self) -> None:
         """With ?ticket=: exchange it for the cookie and redirect (or ask first, see ``exchange``);
-        otherwise render the home page."""
+        right after logout (?signed_out, no cookie): the signed-out page; otherwise the home page."""
         ticket = self.get_query_argument("ticket", None)
         if ticket is not None:
             await self.exchange(ticket)
             return
-        self.principal, page = await self.services.h5.visit_home(self.get_cookie(H5_COOKIE))
+        cookie = self.get_cookie(H5_COOKIE)
+        if cookie is None and self.get_query_argument("signed_out", None) is not None:
+            self.render_page("h5/signed_out.html")
+            return
+        self.principal, page = await self.services.h5.visit_home(cookie)
         images = []
         for image in page["images"]:
             path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
@@ -71,7 +75,8 @@ class SwitchHandler(H5PageHandler):
 class LogoutHandler(H5PageHandler):
     @h5_session
     async def post(self) -> None:
-        """End the H5 session (XSRF-protected form post)."""
+        """End the H5 session (XSRF-protected form post) and say so: the cookie is gone, so the home
+        page's ?signed_out shows the signed-out page instead of the 401 page."""
         await self.services.h5.logout(self.principal)
         self.clear_session_cookie()
-        self.redirect("/h5/home")
+        self.redirect("/h5/home?signed_out=1")

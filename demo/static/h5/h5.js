@@ -10,17 +10,25 @@
   var grid = document.getElementById("grid");
   var count = document.getElementById("count");
   var empty = document.getElementById("empty");
+  var fileName = document.getElementById("file-name");
+  var noFile = fileName.textContent;
   var messages = {
     401: "Your session has ended. Open this page from the app again.",
     403: "Your image quota is used up.",
     413: "That file is too large.",
     415: "Only JPEG, PNG, GIF and WebP images can be uploaded.",
-    422: "That image could not be read."
+    422: "That image could not be read.",
+    503: "The service is busy. Try again in a moment."
   };
 
   function say(text, isError) {
     status.textContent = text;
-    status.className = isError ? "status error" : "status";
+    status.className = isError ? "message is-error" : "message";
+  }
+
+  function showChosen() {
+    var file = input.files && input.files[0];
+    fileName.textContent = file ? file.name : noFile;
   }
 
   function show(image) {
@@ -37,6 +45,11 @@
     count.textContent = String(Number(count.textContent) + 1);
     empty.hidden = true;
   }
+
+  input.addEventListener("change", function () {
+    showChosen();
+    say("", false);
+  });
 
   form.addEventListener("submit", function (event) {
     event.preventDefault();
@@ -56,6 +69,7 @@
       if (xhr.status === 201) {
         show(JSON.parse(xhr.responseText).image);
         form.reset();
+        showChosen();
         say("Uploaded.", false);
       } else {
         say(messages[xhr.status] || "Upload failed (" + xhr.status + ").", true);
