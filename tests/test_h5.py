@@ -1,6 +1,7 @@
 """H5 pages (views/h5_*): tickets, the exchange, cookie sessions, the home page, XSRF, HTML errors."""
 from __future__ import annotations
 
+import html
 import io
 import re
 from http.cookies import SimpleCookie
@@ -10,6 +11,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import event, select
+from tornado.template import Loader
 
 from demo.common.db import Cursor
 from demo.models import H5Session, H5Ticket, User
@@ -505,3 +507,20 @@ async def test_error_pages_say_it_in_words_and_keep_the_status_out_of_sight(api)
         assert not any(character.isdigit() for character in headline), headline
         assert str(status) not in visible_text(page.body)
 
+
+def test_nginx_s_unavailable_page_is_the_h5_error_page_rendered():
+    """nginx sends demo/static/h5/unavailable.html while no process answers (demo/conf/nginx/demo.conf).
+    It must be h5/error.html rendered for 503 with its stylesheet's plain URL, so it looks like every
+    other H5 page; its words are free. After a change of the templates, this test writes the new
+    rendering to test-artefacts/h5/unavailable.html: check it, and copy it over the shipped file."""
+    shipped = (ROOT / "demo" / "static" / "h5" / "unavailable.html").read_bytes()
+    title, text = (html.unescape(re.search(pattern, shipped.decode()).group(1))
+                   for pattern in (r"<h1>(.+?)</h1>", r"<p>(.+?)</p>"))
+    rendered = Loader(str(ROOT / "demo" / "templates")).load("h5/error.html").generate(
+        static_url=lambda path: f"/static/{path}", status=503, code="unavailable", title=title, text=text)
+    if rendered != shipped:
+        fresh = ROOT / "test-artefacts" / "h5" / "unavailable.html"
+        fresh.parent.mkdir(parents=True, exist_ok=True)
+        fresh.write_bytes(rendered)
+        pytest.fail(f"demo/static/h5/unavailable.html is not h5/error.html rendered: see {fresh}")
+    assert b"<link rel=\"stylesheet\" href=\"/static/h5/h5.css\">" in shipped

@@ -2,7 +2,7 @@
 
 Open the h5_url of a real login, see the masked phone and the images, fail an upload and then
 upload through the page's form, open another user's link (stay, then switch), log out and land on
-the signed-out page; then the error page. Screenshots of
+the signed-out page; then the error page, and nginx's page for "no process answers". Screenshots of
 each step, light and dark, go to test-artefacts/h5/<db>/ (look at them after changing the pages).
 """
 from __future__ import annotations
@@ -172,6 +172,12 @@ async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_p
             assert "401" not in await page.inner_text("body")
             await snap(page, folder, "7-error")
 
+            # 7. nginx's page while no process answers (test_production.py serves it from nginx): the
+            # same look, its stylesheet found.
+            await page.goto(page.url.replace("/h5/home", "/static/h5/unavailable.html"))
+            assert await page.evaluate("getComputedStyle(document.querySelector('.card')).borderRadius") == "14px"
+            assert "503" not in await page.inner_text("body")
+            await snap(page, folder, "8-unavailable")
         finally:
             await browser.close()
     assert (await api.get("/images", token=user.token)).json["images"][0]["width"] == 600

@@ -871,17 +871,35 @@ def test_text_is_compressed_and_static_files_come_from_disk(live):
     assert "/static/h5/h5.css" not in live.app_log()  # nginx served them, not Python
 
 
-def test_nginx_answers_502_in_the_contract_shape_when_no_process_answers(live):
+def test_with_every_process_down_nginx_answers_the_contract_s_503(live):
+    """The contract maps `unavailable` to 503: nginx's own answer when no process answers is that, in
+    JSON for the API and images, and for /h5/ the app's error page in the H5 look with its headers."""
+    phone = live.client()
+    app_page = phone.get("/h5/home")  # the app's own 401 page: the headers H5 pages carry
+    assert app_page.status == 401 and app_page.header("Content-Security-Policy")
     for worker in live.workers:
         assert worker.stop() == 0
-    phone = live.client()
     api = phone.get("/users/me")
-    assert api.status == 502 and api.error == "unavailable" and api.header("Retry-After")
+    assert api.status == 503 and api.error == "unavailable" and api.header("Retry-After")
     assert api.header("Content-Type") == "application/json"
     image = phone.get("/images/AbCdEfGh.png")
-    assert image.status == 502 and image.header("Content-Type") == "application/json"
+    assert image.status == 503 and image.error == "unavailable"
+    assert image.header("Content-Type") == "application/json"
+
     page = phone.get("/h5/home")
-    assert page.status == 502 and page.header("Content-Type") == "text/html"
+    assert page.status == 503 and page.header("Content-Type") == "text/html" and page.header("Retry-After")
+    assert page.body == (ROOT / "demo" / "static" / "h5" / "unavailable.html").read_bytes()
+    for name in ("Content-Security-Policy", "Referrer-Policy", "Cache-Control", "X-Content-Type-Options"):
+        assert page.header(name) == app_page.header(name), name
+    assert page.header("Strict-Transport-Security") == HSTS and page.header("X-Request-Id")
+    stylesheet = re.search(rb'<link rel="stylesheet" href="([^"]+)"', page.body).group(1).decode()
+    css = phone.get(stylesheet)
+    assert css.status == 200 and css.header("Content-Type") == "text/css" and b".notice" in css.body
+    posted = phone.post("/h5/logout")  # whatever the method (nginx sends files for GET and HEAD only)
+    assert posted.status == 503 and posted.body == page.body
+    direct = phone.get("/static/h5/unavailable.html")  # nginx's error page only, never a page of its own
+    assert direct.status == 404 and direct.error == "not_found"
+
     live.ensure_workers()
     wait_until(lambda: phone.get("/readyz").status == 200, "nginx to reach the restarted processes")
 
