@@ -1,7 +1,6 @@
 """H5 pages (views/h5_*): tickets, the exchange, cookie sessions, the home page, XSRF, HTML errors."""
 from __future__ import annotations
 
-import html
 import io
 import re
 from http.cookies import SimpleCookie
@@ -14,6 +13,8 @@ from sqlalchemy import event, select
 from tornado.template import Loader
 
 from demo.common.db import Cursor
+from demo.common.errors import Unavailable
+from demo.common.handlers import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -490,6 +491,13 @@ async def test_h5_errors_are_html_pages(api, app, user, monkeypatch):
     broken = await home(api, cookie)
     assert is_html_page(broken, 500) and b"Something went wrong" in broken.body
     assert b"internal detail" not in broken.body and b"Traceback" not in broken.body
+
+    async def database_down(cookie):
+        raise Unavailable()
+
+    monkeypatch.setattr(app.services.h5, "visit_home", database_down)
+    down = await home(api, cookie)  # the same words as nginx's page when no process answers
+    assert is_html_page(down, 503) and H5PageHandler.ERROR_TITLES[503][0].encode() in down.body
     assert (await api.get("/users/nope")).headers["Content-Type"].startswith("application/json")  # elsewhere JSON
 
 
@@ -511,11 +519,11 @@ async def test_error_pages_say_it_in_words_and_keep_the_status_out_of_sight(api)
 def test_nginx_s_unavailable_page_is_the_h5_error_page_rendered():
     """nginx sends demo/static/h5/unavailable.html while no process answers (demo/conf/nginx/demo.conf).
     It must be h5/error.html rendered for 503 with its stylesheet's plain URL, so it looks like every
-    other H5 page; its words are free. After a change of the templates, this test writes the new
-    rendering to test-artefacts/h5/unavailable.html: check it, and copy it over the shipped file."""
+    other H5 page, and say what the app's own 503 page says. After a change of the templates or of
+    those words, this test writes the new rendering to test-artefacts/h5/unavailable.html: check it,
+    and copy it over the shipped file."""
     shipped = (ROOT / "demo" / "static" / "h5" / "unavailable.html").read_bytes()
-    title, text = (html.unescape(re.search(pattern, shipped.decode()).group(1))
-                   for pattern in (r"<h1>(.+?)</h1>", r"<p>(.+?)</p>"))
+    title, text = H5PageHandler.ERROR_TITLES[503]
     rendered = Loader(str(ROOT / "demo" / "templates")).load("h5/error.html").generate(
         static_url=lambda path: f"/static/{path}", status=503, code="unavailable", title=title, text=text)
     if rendered != shipped:

@@ -298,6 +298,8 @@ class H5PageHandler(BaseHandler):
                                              "Go back to the app and open the page again."),
         404: ("Page not found", "There is nothing at this address."),
         500: ("Something went wrong", "Please try again in a moment."),
+        # The words of nginx's page (static/h5/unavailable.html) when no process answers at all.
+        503: ("Try again in a moment", "The service is restarting or busy. Please try again in a few seconds."),
     }
 
     def set_default_headers(self) -> None:
