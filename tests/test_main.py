@@ -324,3 +324,22 @@ def test_a_missing_cookie_secret_is_one_line_with_status_2(tmp_path):
     status, line = refuse(tmp_path, env={"DEMO_COOKIE_SECRET": ""})
     assert status == 2 and "DEMO_COOKIE_SECRET" in line
 
+
+# -- the request log --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "production"])
+def test_successful_requests_are_logged_at_info_under_debug_only(tmp_path, debug):
+    port = free_port()
+    args = [f"--port={port}", f"--log_dir={tmp_path / 'log'}", f"--media_root={tmp_path / 'media'}",
+            f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}"]
+    proc = start(tmp_path, *args, *(["--debug"] if debug else []), env={"DEMO_COOKIE_SECRET": SECRET})
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        assert call(port, "GET", "/nope")[0] == 404
+    finally:
+        out = stop(proc)
+    assert proc.returncode == 0, out
+    log_text = (tmp_path / "log" / "demo.log").read_text()
+    assert re.search(r"WARNING \[\d+\] demo\.access: 404 GET /nope", log_text)  # production's request log
+    logged_success = re.search(r"INFO \[\d+\] demo\.access: 200 GET /healthz", log_text)
+    assert bool(logged_success) is debug, log_text
