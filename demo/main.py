@@ -39,8 +39,15 @@ from demo.common.logs import log_request, reopen_logs, setup_logging, stop_write
 from demo.common.proxies import TrustedProxies
 from demo.common.routing import collect_routes
 from demo.common.services import Services, build_services
-from demo.common.startup import (CannotListen, ConfigError, DatabaseUnavailable, StartupError, StorageUnusable,
-                                 masked_url, reason)
+from demo.common.startup import (
+    CannotListen,
+    ConfigError,
+    DatabaseUnavailable,
+    StartupError,
+    StorageUnusable,
+    masked_url,
+    reason,
+)
 from demo.common.storage import make_store
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
@@ -281,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(settings, sockets))
         return 0
     return supervise(settings, sockets, workers)
+
 
 if __name__ == "__main__":
     sys.exit(main())

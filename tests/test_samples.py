@@ -81,7 +81,7 @@ def test_the_supervisor_route_makes_every_folder_the_demo_user_writes(tmp_path):
 
 @pytest.mark.parametrize("unit", ["demo@.service", "demo.service"])
 def test_the_systemd_command_lines_are_valid_settings(unit):
-    exec_start = re.search(r"^ExecStart=(.+)$", (CONF / "systemd" / unit).read_text(), re.M).group(1)
+    exec_start = re.search(r"^ExecStart=(.+)$", (CONF / "systemd" / unit).read_text(), re.MULTILINE).group(1)
     args = demo_arguments(exec_start.replace("%i", "8001"))
     settings = config.load(args, environ={"DEMO_COOKIE_SECRET": SECRET})
     check_values(settings)
