@@ -111,7 +111,8 @@ def test_a_config_file_may_write_a_whole_number_for_a_float_setting(tmp_path):
     ({"trusted_proxies": "10.0.0.0/8,nope"}, "--trusted_proxies"), ({"public_url": "api.example.com"}, "--public_url"),
     ({"db_pool_size": 0}, "--db_pool_size"), ({"h5_ticket_ttl": 600}, "--h5_ticket_ttl"),
     ({"sms_test_numbers": "123:1"}, "--sms_test_numbers"), ({"argon2_memory_kib": 1024}, "--argon2_time_cost"),
-    ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"), ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
+    ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"),
+    ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"), ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
 ])
 def test_start_up_checks_name_the_bad_option(changes, option):
     with pytest.raises(ConfigError, match=re.escape(option)) as refused:

@@ -105,6 +105,11 @@ def _database_url(settings: Settings) -> None:
                          "(sqlite:///path or mysql+mysqldb://user:password@host/database)") from None
     if url.get_backend_name() not in DATABASES:
         raise ValueError(f"{masked_url(settings.database_url)}: not SQLite or MySQL/MariaDB")
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as error:
+        raise ValueError(f"{masked_url(settings.database_url)}: its driver is not installed ({error}; "
+                         "for mysql+mysqldb: pip install '.[mysql]')") from None
 
 
 def _public_url(settings: Settings) -> None:
