@@ -1,8 +1,9 @@
 """Entry point: ``python -m demo.main`` (or ``python demo/main.py``) with tornado-style options.
 
-main() resolves the settings, migrates the database (once, under a lock), checks that the media
-store belongs to that database (exit 2 if not), binds, then serves in this process or in
-``--processes`` forked workers sharing the socket. SIGTERM/SIGINT: stop accepting, let in-flight
+main() resolves and checks the settings, binds, migrates the database (once, under a lock), checks
+that the media store belongs to that database, then serves in this process or in ``--processes``
+forked workers sharing the socket. A refusal to start is one line on stderr and an exit status per
+kind of problem (demo/common/startup.py). SIGTERM/SIGINT: stop accepting, let in-flight
 requests finish within ``shutdown_grace``, close the pools, exit 0.
 SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
@@ -22,6 +23,8 @@ if __package__ in (None, ""):  # `python demo/main.py`: make the package importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tornado.web
+from alembic.util import CommandError
+from sqlalchemy.exc import SQLAlchemyError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
@@ -35,10 +38,20 @@ from demo.common.images import StoreMismatch, bind_store
 from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.proxies import TrustedProxies
 from demo.common.routing import collect_routes
-from demo.common.services import ConfigError, Services, build_services, resolve_cookie_secret
+from demo.common.services import Services, build_services
+from demo.common.startup import (
+    CannotListen,
+    ConfigError,
+    DatabaseUnavailable,
+    StartupError,
+    StorageUnusable,
+    masked_url,
+    reason,
+)
 from demo.common.storage import make_store
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
+from demo.conf.validate import check_values, prepare_folders, worker_count
 
 log = logging.getLogger("demo")
 HOUSEKEEPING_EVERY_MS = 10 * 60 * 1000
@@ -109,6 +122,15 @@ def make_server(app: DemoApplication) -> HTTPServer:
     )
 
 
+def listen(settings: Settings) -> list[Any]:
+    """The listening sockets (before migrating: a port in use is found in a moment, not after)."""
+    try:
+        return bind_sockets(settings.port, settings.address)
+    except OSError as error:  # in use, not an address of this machine, a privileged port
+        raise CannotListen(f"cannot listen on {settings.address}:{settings.port} (--address, --port): "
+                           f"{error.strerror or error}") from None
+
+
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
     engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
@@ -117,6 +139,10 @@ def prepare_database(settings: Settings) -> None:
         bind_store(engine, make_store(settings.media_root), Clock().now())
     except StoreMismatch as error:
         raise ConfigError(str(error)) from error
+    except OSError as error:  # the media folder's DEPLOYMENT file
+        raise StorageUnusable(f"--media_root: {error}") from None
+    except (SQLAlchemyError, CommandError, migrate.MigrationLockTimeout) as error:
+        raise DatabaseUnavailable(f"database {masked_url(settings.database_url)}: {reason(error)}") from None
     finally:
         engine.dispose()
 
@@ -232,24 +258,32 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def checked_settings(argv: list[str] | None) -> Settings:
+    """The settings, every one checked, and the folders they name ready: nothing else touched yet."""
     try:
         settings = config.load(argv)
     except config.OptionsError as error:
-        print(f"demo: {error}", file=sys.stderr)
-        return 2
-    workers = settings.processes if settings.processes > 0 else (os.cpu_count() or 1)
+        raise ConfigError(str(error)) from None
+    check_values(settings)
+    prepare_folders(settings)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit statuses: see demo/common/startup.py (2 settings, 3 database, 4 address, 5 storage)."""
+    try:
+        settings = checked_settings(argv)
+    except StartupError as error:
+        print(f"demo: refusing to start: {error}", file=sys.stderr)  # logging needs its folder checked first
+        return error.status
+    workers = worker_count(settings)
     setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
-        resolve_cookie_secret(settings, warn=False)  # refuse to start unsafe, before touching anything
-        trusted_proxies(settings)  # a bad proxy list, too
-        if settings.debug and workers > 1:
-            raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
+        sockets = listen(settings)
         prepare_database(settings)  # once, before any worker exists (and any sweep)
-    except ConfigError as error:
+    except StartupError as error:
         log.error("refusing to start: %s", error)
-        return 2
-    sockets = bind_sockets(settings.port, settings.address)
+        return error.status
     if workers == 1:
         asyncio.run(serve(settings, sockets))
         return 0

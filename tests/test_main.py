@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from servers import call, finish, free_port, start, stop, wait_for
+from servers import ROOT, SECRET, call, finish, free_port, start, stop, wait_for
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
@@ -244,3 +245,101 @@ def test_a_second_server_with_another_database_and_the_same_media_folder_refuses
     finally:
         stop(first)
     assert first.returncode == 0
+
+
+# -- refusals to start: one line naming the problem, an exit status per kind ------------------------
+
+def refuse(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``python -m demo.main`` with sane settings plus ``args`` that should stop it; (status, stderr).
+    The database and media folder are fresh ones in ``tmp_path``: a start that gets past the checks
+    leaves ``db.sqlite3`` behind."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    environ.update({"PYTHONPATH": str(ROOT), "DEMO_COOKIE_SECRET": SECRET,
+                    "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                    "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_LOG_DIR": "", **(env or {})})
+    done = subprocess.run([sys.executable, "-m", "demo.main", f"--port={free_port()}", *args], cwd=tmp_path,
+                          env=environ, capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "refusing to start" in lines[0]
+    return done.returncode, lines[0]
+
+
+def a_file(tmp_path: Path) -> Path:
+    """A regular file where a folder's parent should be: unwritable even for root."""
+    path = tmp_path / "not-a-folder"
+    path.write_text("")
+    return path
+
+
+def test_an_unreachable_database_is_one_line_with_the_password_masked(tmp_path):
+    status, line = refuse(tmp_path, "--database_url=mysql+mysqldb://root:s3cret-pw@127.0.0.1:1/x",
+                          "--db_connect_timeout=1")
+    assert status == 3, line
+    assert "mysql+mysqldb://root:***@127.0.0.1:1/x" in line and "s3cret-pw" not in line
+
+
+def test_a_port_in_use_is_one_line_with_the_address_before_any_migration(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, line = refuse(tmp_path, f"--port={port}")
+    assert status == 4, line
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+    assert not (tmp_path / "db.sqlite3").exists()  # refused before migrating
+
+
+@pytest.mark.parametrize("option", ["media_root", "log_dir"])
+def test_an_unwritable_folder_is_one_line_naming_it(tmp_path, option):
+    folder = a_file(tmp_path) / "sub"
+    status, line = refuse(tmp_path, f"--{option}={folder}")
+    assert status == 5, line
+    assert f"--{option}" in line and str(a_file(tmp_path)) in line
+    assert not (tmp_path / "db.sqlite3").exists()
+
+
+@pytest.mark.parametrize("arg, named", [
+    ("--log_level=verbose", "--log_level"),
+    ("--sms_backend=smtp", "--sms_backend"),
+    ("--port=abc", "--port=abc"),
+    ("--port=70000", "--port"),
+    ("--sms_countries=CN,XX", "--sms_countries"),
+    ("--database_url=postgres+nodriver://u:pw-secret@h/db", "--database_url"),
+])
+def test_a_bad_setting_is_one_line_naming_the_option_before_any_migration(tmp_path, arg, named):
+    status, line = refuse(tmp_path, arg)
+    assert status == 2, line
+    assert named in line and "pw-secret" not in line
+    assert not (tmp_path / "db.sqlite3").exists()
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path):
+    status, line = refuse(tmp_path, env={"DEMO_PORT": "eighty"})
+    assert status == 2 and "DEMO_PORT" in line
+
+
+def test_a_missing_cookie_secret_is_one_line_with_status_2(tmp_path):
+    status, line = refuse(tmp_path, env={"DEMO_COOKIE_SECRET": ""})
+    assert status == 2 and "DEMO_COOKIE_SECRET" in line
+
+
+# -- the request log --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "production"])
+def test_successful_requests_are_logged_at_info_under_debug_only(tmp_path, debug):
+    port = free_port()
+    args = [f"--port={port}", f"--log_dir={tmp_path / 'log'}", f"--media_root={tmp_path / 'media'}",
+            f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}"]
+    proc = start(tmp_path, *args, *(["--debug"] if debug else []), env={"DEMO_COOKIE_SECRET": SECRET})
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        assert call(port, "GET", "/nope")[0] == 404
+    finally:
+        out = stop(proc)
+    assert proc.returncode == 0, out
+    log_text = (tmp_path / "log" / "demo.log").read_text()
+    assert re.search(r"WARNING \[\d+\] demo\.access: 404 GET /nope", log_text)  # production's request log
+    logged_success = re.search(r"INFO \[\d+\] demo\.access: 200 GET /healthz", log_text)
+    assert bool(logged_success) is debug, log_text

@@ -137,7 +137,7 @@ def test_systemd_unit_stops_gracefully_and_reloads_logs(unit):
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip("systemd-analyze not installed")
     for unit in systemd_units():
         # The one thing verify cannot find on a build machine: the installed interpreter.
         rendered = replace_all(unit.read_text(), [("/opt/demo/.venv/bin/python", sys.executable)], unit.name)

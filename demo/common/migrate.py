@@ -21,6 +21,10 @@ LOCK_NAME = "demo_migrations"
 LOCK_TIMEOUT = 300  # seconds a starting process waits for another one's migration
 
 
+class MigrationLockTimeout(RuntimeError):
+    """Another process held the migration lock for LOCK_TIMEOUT seconds."""
+
+
 def alembic_config(engine: Engine | None = None) -> Config:
     config = Config(str(MIGRATIONS_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -42,7 +46,7 @@ def migration_lock(engine: Engine) -> Iterator[None]:
             acquired = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
                                     {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}).scalar()
             if acquired != 1:
-                raise RuntimeError("another process has held the migration lock for too long")
+                raise MigrationLockTimeout("another process has held the migration lock for too long")
             try:
                 yield
             finally:

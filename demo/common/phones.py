@@ -33,12 +33,12 @@ def mask_phone(e164: str) -> str:
     return national[:3] + "*" * (len(national) - 7) + national[-4:]
 
 
-def parse_regions(spec: str) -> frozenset[str]:
-    """``"CN, us"`` -> {"CN", "US"}; a code phonenumbers does not know is a ValueError."""
+def parse_regions(spec: str, setting: str = "sms_countries") -> frozenset[str]:
+    """``"CN, us"`` -> {"CN", "US"}; a code phonenumbers does not know is a ValueError naming ``setting``."""
     regions = frozenset(part.strip().upper() for part in spec.split(",") if part.strip())
     unknown = sorted(regions - phonenumbers.SUPPORTED_REGIONS)
     if unknown or not regions:
-        raise ValueError(f"sms_countries: not ISO 3166 region codes: {', '.join(unknown) or spec!r}")
+        raise ValueError(f"{setting}: not ISO 3166 region codes: {', '.join(unknown) or spec!r}")
     return regions
 
 

@@ -20,15 +20,12 @@ from demo.common.passwords import Passwords
 from demo.common.phones import parse_regions
 from demo.common.readiness import Readiness
 from demo.common.sms import make_backend, parse_test_numbers
+from demo.common.startup import ConfigError
 from demo.common.storage import ImageStore, make_store
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")
 MIN_SECRET_LENGTH = 32
-
-
-class ConfigError(RuntimeError):
-    """The settings are unsafe or inconsistent; the server refuses to start."""
 
 
 @dataclass

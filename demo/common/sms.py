@@ -90,15 +90,23 @@ class HttpGatewayBackend:
             raise SmsFailed(f"gateway: {error}") from error
 
 
+def parse_backend(spec: str) -> tuple[str, str]:
+    """``sms_backend`` -> (kind, outbox path): ("console", ""), ("file", path) or ("http", "")."""
+    if spec in ("console", "http"):
+        return spec, ""
+    if spec.startswith("file:") and len(spec) > 5:
+        return "file", spec[5:]
+    raise ValueError(f"unknown sms_backend {spec!r} (console, file:<path> or http)")
+
+
 def make_backend(spec: str, offloader: Offloader, *, gateway_url: str = "", gateway_body: str = "",
                  gateway_headers: str = "", gateway_timeout: float = 5.0) -> SmsBackend:
-    if spec == "console":
+    kind, path = parse_backend(spec)
+    if kind == "console":
         return ConsoleBackend()
-    if spec.startswith("file:") and len(spec) > 5:
-        return FileBackend(spec[5:], offloader)
-    if spec == "http":
-        return HttpGatewayBackend(gateway_url, gateway_body, gateway_headers, gateway_timeout)
-    raise ValueError(f"unknown sms_backend {spec!r} (console, file:<path> or http)")
+    if kind == "file":
+        return FileBackend(path, offloader)
+    return HttpGatewayBackend(gateway_url, gateway_body, gateway_headers, gateway_timeout)
 
 
 def parse_test_numbers(spec: str) -> dict[str, str]:

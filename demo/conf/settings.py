@@ -167,11 +167,41 @@ class Settings(Mapping[str, Any]):
         return Settings({**self._values, **changes})
 
 
-def _parse_args(parser: OptionParser, args: Sequence[str]) -> None:
+def _parse_args(parser: OptionParser, args: Sequence[tuple[str, str]]) -> None:
+    """``args`` are (where it came from, ``--name=value``): an error names the option and its source."""
+    for source, arg in args:
+        try:
+            stray = parser.parse_command_line(["demo", arg], final=False)
+        except (OptionsError, ValueError) as error:  # tornado lets int("eighty") escape as a bare ValueError
+            raise OptionsError(f"{source}: {error}") from None
+        if stray:
+            raise OptionsError(f"{source}: not an option (options look like --name=value)")
+
+
+def _command_line(argv: Sequence[str]) -> list[tuple[str, str]]:
+    return [(arg, arg) for arg in argv]
+
+
+def _parse_config_file(parser: OptionParser, path: str, names: Sequence[str]) -> None:
+    """tornado's parse_config_file, except that an error names the file and the option, and an int
+    is fine for a float setting (``shutdown_grace = 10``)."""
+    namespace: dict[str, Any] = {"__file__": os.path.abspath(path)}
     try:
-        parser.parse_command_line(["demo", *args], final=False)
-    except ValueError as error:  # tornado lets int("eighty") escape as a bare ValueError
-        raise OptionsError(f"bad option value: {error}") from None
+        with open(path, "rb") as source:
+            exec(compile(source.read(), path, "exec"), namespace)  # noqa: S102 - the operator's own file
+    except Exception as error:  # noqa: BLE001 - the file is Python: any error of its code is a bad file
+        raise OptionsError(f"--config={path}: {error}") from None
+    for name in (name for name in names if name in namespace):
+        value, kind = namespace[name], type(getattr(parser, name))  # every default has the option's type
+        if kind is float and type(value) is int:
+            value = float(value)
+        try:
+            if isinstance(value, str) and kind is not str:
+                parser.parse_command_line(["demo", f"--{name}={value}"], final=False)  # "30" for an int
+            else:
+                setattr(parser, name, value)
+        except (OptionsError, ValueError) as error:
+            raise OptionsError(f"--config={path}: {name} = {value!r}: {error}") from None
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -185,15 +215,16 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     # Find --config first (command line, then environment), then layer the sources in rising order.
     probe = OptionParser()
     declare(probe)
-    _parse_args(probe, argv)
+    _parse_args(probe, _command_line(argv))
     config_path = probe.config or environ.get(ENV_PREFIX + "CONFIG", "")
     if config_path:
-        parser.parse_config_file(config_path, final=False)
+        _parse_config_file(parser, config_path, names)
     env_args = [
-        f"--{name}={environ[ENV_PREFIX + name.upper()]}" for name in names if ENV_PREFIX + name.upper() in environ
+        (f"{ENV_PREFIX}{name.upper()}", f"--{name}={environ[ENV_PREFIX + name.upper()]}")
+        for name in names if ENV_PREFIX + name.upper() in environ
     ]
     _parse_args(parser, env_args)
-    _parse_args(parser, argv)
+    _parse_args(parser, _command_line(argv))
     return Settings({name: getattr(parser, name) for name in names})
 
 

@@ -14,6 +14,8 @@ class HealthHandler(ApiHandler):
         """Liveness: the process runs and its event loop answers."""
         self.write_json({"status": "ok"})
 
+    head = get  # monitors and `curl -I` ask with HEAD; Tornado sends the headers without the body
+
 
 class ReadyHandler(ApiHandler):
     @public
@@ -24,6 +26,8 @@ class ReadyHandler(ApiHandler):
             self.write_json({"status": "unavailable", "checks": {"database": "unreachable"}, **body}, status=503)
             return
         self.write_json({"status": "ok", "checks": {"database": "ok"}})
+
+    head = get
 
 
 class OpenApiHandler(ApiHandler):

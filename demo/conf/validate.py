@@ -1,0 +1,141 @@
+"""Every setting checked before the server touches the database or the network.
+
+``check_values`` looks at the values only (types, ranges, choices, the specs the parsers of the
+other modules read); ``prepare_folders`` creates the folders the server writes to and checks that it
+may. Each problem is one ``StartupError`` naming the option, the path or the database URL (its
+password masked): main() prints it as one line and exits with the error's status.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from demo.common.outbox import SenderRules
+from demo.common.passwords import Passwords
+from demo.common.phones import parse_regions
+from demo.common.proxies import TrustedProxies
+from demo.common.services import resolve_cookie_secret
+from demo.common.sms import HttpGatewayBackend, parse_backend, parse_test_numbers
+from demo.common.startup import ConfigError, StorageUnusable, masked_url
+from demo.conf.settings import Settings
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DATABASES = ("sqlite", "mysql", "mariadb")
+# Every number must be >= 0; these must be >= 1 (a zero would refuse everything or spin), and a few
+# have an upper bound too.
+AT_LEAST_ONE = {
+    "port", "idle_timeout", "body_timeout", "db_pool_size", "db_connect_timeout", "db_io_timeout",
+    "db_pool_recycle", "token_ttl", "argon2_parallelism", "login_window", "h5_ticket_ttl", "h5_session_ttl",
+    "sms_code_ttl", "sms_max_attempts", "max_upload_bytes", "max_image_pixels", "image_decode_budget",
+    "max_animation_pixels",
+}
+AT_MOST = {"port": 65535, "h5_ticket_ttl": 120}
+
+
+def check_values(settings: Settings) -> None:
+    """ConfigError naming the first option whose value cannot work."""
+    for name, value in settings.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_range(name, value)
+    for name, check in VALUE_CHECKS:
+        try:
+            check(settings)
+        except ValueError as error:
+            raise ConfigError(f"--{name}: {str(error).removeprefix(name + ': ')}") from None
+    if settings.debug and worker_count(settings) > 1:
+        raise ConfigError("--debug (autoreload) runs one process; drop --processes or --debug")
+    resolve_cookie_secret(settings, warn=False)  # its own ConfigError names DEMO_COOKIE_SECRET
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.processes if settings.processes > 0 else (os.cpu_count() or 1)
+
+
+def prepare_folders(settings: Settings) -> None:
+    """StorageUnusable naming the first folder the server would fail to write to."""
+    if settings.log_dir:
+        _writable_folder("log_dir", Path(settings.log_dir), create=True)
+    _writable_folder("media_root", Path(settings.media_root), create=True)
+    database = make_url(settings.database_url)
+    if database.get_backend_name() == "sqlite" and database.database not in (None, "", ":memory:"):
+        _writable_folder("database_url", Path(database.database).parent, create=True)
+    kind, outbox = parse_backend(settings.sms_backend)
+    if kind == "file":
+        _writable_folder("sms_backend", Path(outbox).parent, create=False)
+
+
+def _check_range(name: str, value: float) -> None:
+    low = 1 if name in AT_LEAST_ONE else 0
+    high = AT_MOST.get(name)
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"--{name}={value}: must be {bounds}")
+
+
+def _writable_folder(name: str, folder: Path, *, create: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise StorageUnusable(f"--{name}: {folder} is a file, not a folder")
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise NotADirectoryError(f"no folder {folder}")
+    except OSError as error:
+        raise StorageUnusable(f"--{name}: cannot use folder {folder}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageUnusable(f"--{name}: folder {folder} is not writable for this user (uid {os.getuid()})")
+
+
+def _log_level(settings: Settings) -> None:
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise ValueError(f"{settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def _database_url(settings: Settings) -> None:
+    try:
+        url = make_url(settings.database_url)
+        url.get_dialect()  # loads the dialect (not the driver): an unknown scheme fails here
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise ValueError(f"{masked_url(settings.database_url)}: not a SQLAlchemy URL "
+                         "(sqlite:///path or mysql+mysqldb://user:password@host/database)") from None
+    if url.get_backend_name() not in DATABASES:
+        raise ValueError(f"{masked_url(settings.database_url)}: not SQLite or MySQL/MariaDB")
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as error:
+        raise ValueError(f"{masked_url(settings.database_url)}: its driver is not installed ({error}; "
+                         "for mysql+mysqldb: pip install '.[mysql]')") from None
+
+
+def _public_url(settings: Settings) -> None:
+    if settings.public_url:
+        parts = urlsplit(settings.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{settings.public_url!r} is not an absolute http(s) URL")
+
+
+def _sms_backend(settings: Settings) -> None:
+    kind, _ = parse_backend(settings.sms_backend)
+    if kind == "http":  # constructing it checks what it needs, and sends nothing
+        HttpGatewayBackend(settings.sms_gateway_url, settings.sms_gateway_body, settings.sms_gateway_headers,
+                           settings.sms_gateway_timeout)
+
+
+# Each check calls the parser the server itself uses, for its ValueError (what it returns is dropped).
+VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
+    ("trusted_proxies", lambda s: TrustedProxies.parse(s.trusted_proxies)),
+    ("public_url", _public_url),
+    ("log_level", _log_level),
+    ("database_url", _database_url),
+    ("default_region", lambda s: parse_regions(s.default_region, "default_region")),
+    ("argon2_time_cost", lambda s: Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)),
+    ("sms_backend", _sms_backend),
+    ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
+    ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
+    ("sms_send_attempts", lambda s: SenderRules(attempts=s.sms_send_attempts, retry_delay=s.sms_retry_delay)),
+]
