@@ -33,7 +33,7 @@ def try_it_block() -> str:
 def with_server_from_this_checkout(block: str, port: int) -> str:
     """The block with `make run` replaced by the command it runs, and the port by a free one."""
     starts = START_LINE.findall(block)
-    assert len(starts) == 1, f"the Try it block should start the server once with `make run ARGS=... &`: {starts}"
+    assert len(starts) == 1, f"the Try it block should start the server once, `make run ARGS=... &`: {starts}"
     recipe = RUN_RECIPE.search((ROOT / "Makefile").read_text(encoding="utf-8"))
     assert recipe, "the Makefile's run target no longer runs `$(BIN)/python -m demo.main ... $(ARGS)`"
     server = f"{shlex.quote(sys.executable)} -m demo.main {recipe.group('args')}"
@@ -51,7 +51,8 @@ def json_lines(output: str) -> list[Any]:
 def test_try_it_block_runs_as_pasted_and_walks_the_app_story(tmp_path: Path):
     port = free_port()
     # When the block stops (done or failed) the server it started in the background stops too.
-    script = "trap 'kill $! 2>/dev/null && wait $!' EXIT\n" + with_server_from_this_checkout(try_it_block(), port)
+    block = with_server_from_this_checkout(try_it_block(), port)
+    script = f"trap 'kill $! 2>/dev/null && wait $!' EXIT\n{block}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     # mktemp -d in the block makes its data folder here; the log goes here too: the checkout's
     # demo/data and demo/log stay untouched.
@@ -74,7 +75,8 @@ def test_try_it_block_runs_as_pasted_and_walks_the_app_story(tmp_path: Path):
     assert answers[0] == {"expires_in": 300, "resend_after": 60}  # the code
     registered, logged_in = answers[1], answers[2]
     for session in (registered, logged_in):
-        assert session["token_type"] == "Bearer" and session["h5_url"].startswith(f"http://localhost:{port}/h5/")
+        assert session["token_type"] == "Bearer"
+        assert session["h5_url"].startswith(f"http://localhost:{port}/h5/home?ticket=")
     assert logged_in["user"]["id"] == registered["user"]["id"]
     image = answers[3]["image"]
     assert image["format"] == "png" and set(image["thumbnails"]) == {"160", "320", "640", "1280"}

@@ -14,7 +14,8 @@ ASSETS = openapi_ui_bundles.swagger_ui.static_path
 ASSETS_VERSION = openapi_ui_bundles.__version__
 # Swagger UI draws its icons from data: URLs and sets styles through the DOM (not inline <style>).
 DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+            "object-src 'none'")
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
