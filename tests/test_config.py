@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -11,12 +13,30 @@ from demo.conf.validate import check_values
 
 
 def test_every_setting_has_help_text():
-    text = config.help_text()
-    for name in config.defaults():
-        assert f"--{name.replace('_', '-')}" in text  # tornado prints dashes, accepts both
     parser = config.OptionParser()
     config.declare(parser)
     assert all(option.help for option in parser._options.values() if option.name != "help")
+
+
+def test_help_names_each_option_as_accepted_with_its_environment_name_and_default():
+    """`--help` (run as an operator would) shows `--sms_backend`, as the README writes it, with
+    `DEMO_SMS_BACKEND`, its default and help, under a line that says which source wins."""
+    run = subprocess.run([sys.executable, "-m", "demo.main", "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert "strongest first: the command line (--name=value), the environment\n(DEMO_NAME=value), " \
+           "the --config file (name = value), its default" in text
+    for name, value in config.defaults().items():
+        default = "" if value in (None, "") else f"  (default {value})"
+        assert f"  --{name}  DEMO_{name.upper()}{default}\n" in text
+    assert "--sms_backend  DEMO_SMS_BACKEND  (default console)\n      console | file:<path> | http" in text
+    assert "--sms-backend " not in text and "--help  DEMO_HELP" not in text
+
+
+@pytest.mark.parametrize("spelling", ["--sms_backend", "--sms-backend"])
+def test_both_spellings_of_an_option_are_accepted(spelling):
+    assert config.load([f"{spelling}=file:/tmp/x"], {}).sms_backend == "file:/tmp/x"
 
 
 def test_precedence_command_line_over_env_over_file_over_default(tmp_path):

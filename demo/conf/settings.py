@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
@@ -208,12 +209,12 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Resolve settings from defaults, config file, environment and command line (in rising priority)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
-    parser = OptionParser()
+    parser = HelpfulParser()
     declare(parser)
     names = [name for name in parser.as_dict() if name != "help"]
 
     # Find --config first (command line, then environment), then layer the sources in rising order.
-    probe = OptionParser()
+    probe = HelpfulParser()  # --help is handled here, first
     declare(probe)
     _parse_args(probe, _command_line(argv))
     config_path = probe.config or environ.get(ENV_PREFIX + "CONFIG", "")
@@ -233,14 +234,44 @@ def defaults(**overrides: Any) -> Settings:
     return load(argv=[], environ={}).replace(**overrides)
 
 
-def help_text() -> str:
-    parser = OptionParser()
-    declare(parser)
-    from io import StringIO
+HELP_HEADER = """\
+Usage: python -m demo.main [--name=value ...]
 
-    out = StringIO()
-    parser.print_help(out)
-    return out.getvalue()
+Each setting is taken from, strongest first: the command line (--name=value), the environment
+(DEMO_NAME=value), the --config file (name = value), its default. Names take "_" or "-" alike
+(--sms_backend is --sms-backend); a boolean alone (--debug) means true.
+"""
+
+
+class HelpfulParser(OptionParser):
+    """Tornado's parser whose ``--help`` names each option as the README does, with its ``DEMO_*``
+    variable, and says which source wins (tornado's own prints dashed names and neither)."""
+
+    def print_help(self, file: TextIO | None = None) -> None:
+        print(self.format_help(), file=file or sys.stdout, end="")
+
+    def format_help(self) -> str:
+        lines = [HELP_HEADER]
+        groups: dict[str, list[Any]] = {}
+        for option in self._options.values():
+            if option.name != "help":
+                groups.setdefault(option.group_name, []).append(option)
+        for group, options in groups.items():  # in declaration order: the server's first
+            lines.append(f"{group} options:")
+            for option in options:
+                default = "" if option.default in (None, "") else f"  (default {option.default})"
+                lines.append(f"  --{option.name}  {ENV_PREFIX}{option.name.upper()}{default}")
+                lines.extend(textwrap.wrap(option.help or "", 100, initial_indent=" " * 6,
+                                           subsequent_indent=" " * 6))
+            lines.append("")
+        return "\n".join(lines)
+
+
+def help_text() -> str:
+    """What ``--help`` prints: every option with its environment name, default and help."""
+    parser = HelpfulParser()
+    declare(parser)
+    return parser.format_help()
 
 
 __all__ = ["Settings", "load", "defaults", "help_text", "OptionsError", "DATA_DIR", "PACKAGE_DIR"]
