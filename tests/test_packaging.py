@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
 from servers import ROOT, SECRET, free_port, start, stop, wait_for
 
 LOCK = ROOT / "requirements.lock"
@@ -28,7 +27,8 @@ MYSQL_LOCK = ROOT / "requirements-mysql.lock"
 # What setuptools says when its configuration leaves something out or is deprecated
 # (BuildBackendWarning, SetuptoolsDeprecationWarning, ...); pip's own "WARNING:" lines are not it.
 SETUPTOOLS_WARNING = re.compile(r"\b\w+Warning\b")
-NOT_SOURCE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "test-artefacts"}
+NOT_SOURCE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
+              "test-artefacts"}
 # What a development checkout holds at run time and a release must never ship.
 RUNTIME_LEFTOVERS = ["demo/data/demo.sqlite3", "demo/data/media/ab/cd.jpg", "demo/log/demo.log",
                      "demo/conf/__pycache__/settings.cpython-311.pyc"]
@@ -37,8 +37,8 @@ RUNTIME_LEFTOVERS = ["demo/data/demo.sqlite3", "demo/data/media/ab/cd.jpg", "dem
 def run(*command: str | Path, cwd: Path) -> str:
     """Run ``command`` without the PYTHONPATH the suite may run under (pip would see the checkout)."""
     environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([str(part) for part in command], cwd=cwd, env=environ, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([str(part) for part in command], cwd=cwd, env=environ, capture_output=True,
+                          text=True, timeout=300, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return output
@@ -68,9 +68,20 @@ def copy_of_checkout(target: Path) -> Path:
     return target
 
 
-def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_without_warnings(tmp_path):
-    source = copy_of_checkout(tmp_path / "source")
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", source, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_of_checkout(tmp_path_factory.mktemp("checkout") / "demo")
+
+
+def plain_venv(folder: Path) -> Path:
+    """A venv without pip (the suite's pip installs into it) nor the system's packages; its python."""
+    run(sys.executable, "-m", "venv", "--without-pip", folder, cwd=folder.parent)
+    return folder / "bin" / "python"
+
+
+def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_without_warnings(source, tmp_path):
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", source,
+                cwd=tmp_path)
     [wheel] = (tmp_path / "dist").glob("demo-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         contents = {name for name in archive.namelist() if name.startswith("demo/")}
@@ -78,8 +89,7 @@ def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_witho
     assert not contents & set(RUNTIME_LEFTOVERS)
 
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
+    python = plain_venv(venv)
     # The wheel's dependencies come from the lock: the same versions, their hashes checked.
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     (tmp_path / "wheel.txt").write_text(f"demo @ {wheel.as_uri()} --hash=sha256:{digest}\n")
@@ -90,13 +100,24 @@ def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_witho
     assert where.strip().startswith(str(venv)), where
 
     port = free_port()
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", f"--database_url=sqlite:///{tmp_path / 'demo.sqlite3'}",
-                 f"--media_root={tmp_path / 'media'}", env={"DEMO_COOKIE_SECRET": SECRET},
+    proc = start(tmp_path, f"--port={port}", "--log_dir=", f"--media_root={tmp_path / 'media'}",
+                 f"--database_url=sqlite:///{tmp_path / 'demo.sqlite3'}", env={"DEMO_COOKIE_SECRET": SECRET},
                  command=[str(python), "-I", "-m", "demo.main"])
     try:
         wait_for(f"http://127.0.0.1:{port}/readyz", proc, timeout=30)
     finally:
         stop(proc)
+
+
+def test_an_editable_install_as_make_does_prints_no_setuptools_warning(source, tmp_path):
+    python = plain_venv(tmp_path / "venv")
+    installed = run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+                    "-e", source, cwd=tmp_path)
+    assert not SETUPTOOLS_WARNING.search(installed), installed
+    where = run(python, "-I", "-c",
+                "import importlib.util; print(importlib.util.find_spec('demo.migrations.env').origin)",
+                cwd=tmp_path)
+    assert where.strip() == str(source / "demo" / "migrations" / "env.py")
 
 
 # -- the locks ----------------------------------------------------------------------------------------
@@ -112,7 +133,7 @@ def locked(lock: Path) -> dict[str, tuple[str, list[str]]]:
         requirement, *options = re.split(r"\s+(?=--)", line)
         parsed = Requirement(requirement)
         pins = [spec.version for spec in parsed.specifier if spec.operator == "=="]
-        assert len(pins) == 1 and len(parsed.specifier) == 1, f"{lock.name}: {line[:80]} is not pinned with =="
+        assert len(pins) == 1 and len(parsed.specifier) == 1, f"{lock.name}: {parsed} is not pinned with =="
         hashes = [option.split("=", 1)[1] for option in options if option.startswith("--hash=sha256:")]
         assert hashes, f"{lock.name}: {parsed.name} has no --hash"
         entries[canonicalize_name(parsed.name)] = (pins[0], hashes)
