@@ -5,18 +5,24 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: run test clean
+.PHONY: run test clean lock
 
-$(STAMP): setup.cfg pyproject.toml
+# Installs come from the locks (exact versions, hashes checked); the ranges in setup.cfg are for those
+# who install demo as a library. mysqlclient compiles against the MySQL/MariaDB client headers, so its
+# lock (the same versions plus mysqlclient) is used only where pkg-config finds them: else SQLite only.
+LOCK       := requirements.lock
+MYSQL_LOCK := requirements-mysql.lock
+HAVE_MYSQL_HEADERS = pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null
+
+$(STAMP): setup.cfg pyproject.toml $(LOCK) $(MYSQL_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
-	@# mysqlclient compiles against the MySQL/MariaDB client headers; without them we stay on SQLite.
-	@if pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null; then \
-		$(BIN)/pip install -q -e '.[mysql]'; \
-	else \
+	@if $(HAVE_MYSQL_HEADERS); then lock=$(MYSQL_LOCK); else lock=$(LOCK); \
 		echo "note: MySQL client headers not found (apt-get install libmariadb-dev pkg-config); SQLite only"; \
-	fi
+	fi; \
+	echo "$(BIN)/pip install -q --require-hashes -r $$lock"; \
+	$(BIN)/pip install -q --require-hashes -r $$lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 run: $(STAMP)
@@ -27,6 +33,17 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo/data .pytest_cache
+
+# Refreshes both locks from setup.cfg: the newest versions within its ranges, the MySQL lock held to the
+# versions of the other. The resolver is installed on demand into a throwaway folder, never into the
+# product or its venv.
+UV_VERSION    := 0.13.9
+LOCK_OPTIONS  := --quiet --universal --python-version 3.11 --generate-hashes --custom-compile-command 'make lock'
+lock:
+	@tool=$$(mktemp -d) && trap 'rm -rf "$$tool"' EXIT && \
+	$(PYTHON) -m venv "$$tool" && "$$tool/bin/pip" install -q uv==$(UV_VERSION) && \
+	"$$tool/bin/uv" pip compile $(LOCK_OPTIONS) --upgrade --extra test setup.cfg -o $(LOCK) && \
+	"$$tool/bin/uv" pip compile $(LOCK_OPTIONS) --extra test --extra mysql -c $(LOCK) setup.cfg -o $(MYSQL_LOCK)
 
 # Benchmarks, not part of `make test` (bench/README.md): `make bench` takes a few minutes and prints
 # the table (ARGS=--check fails on a missed target); `make bench-smoke` checks the harness in seconds.

@@ -26,12 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python demo/main.py ARGS`` with only the DEMO_* variables given in ``env``."""
+def start(workdir: Path, *args: str, env: dict[str, str] | None = None,
+          command: list[str] | None = None) -> subprocess.Popen:
+    """``python demo/main.py ARGS`` (or ``command ARGS``) with only the DEMO_* variables given in ``env``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     environ.update(env or {})
     output = open(workdir / f"server-{time.monotonic_ns()}.out", "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "main.py"), *args], cwd=workdir, env=environ,
+    program = command or [sys.executable, str(ROOT / "demo" / "main.py")]
+    proc = subprocess.Popen([*program, *args], cwd=workdir, env=environ,
                             stdout=output, stderr=subprocess.STDOUT, text=True)
     proc.output_file = output  # type: ignore[attr-defined]
     return proc
