@@ -333,6 +333,16 @@ async def test_a_real_small_profile_is_kept_byte_for_byte(api, user, fmt, kind):
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @gen_test
+async def test_bytes_after_a_real_profile_are_not_kept(api, user, fmt):
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    smuggled = profile + junk_profile("PNG")[:40_000]
+    ImageCms.ImageCmsProfile(io.BytesIO(smuggled))  # parses as ICC all the same
+    image = await uploaded(api, user.token, with_profile(fmt, smuggled), content_type=f"image/{fmt.lower()}")
+    assert await served_profiles(api, image) == [profile, profile]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@gen_test
 async def test_a_real_but_oversized_profile_is_applied_to_the_pixels_and_dropped(api, user, fmt):
     # Display P3 primaries with a linear curve: far from sRGB, so the conversion shows in the pixels.
     profile = rgb_profile(DISPLAY_P3, 1.0, padding=imaging.MAX_ICC_BYTES)

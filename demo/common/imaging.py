@@ -48,8 +48,8 @@ STREAMED = {"webp"}
 # Beside them, at source size: the decoder's frame and the one before it (disposal), a converted copy,
 # and the writer's working frame (the difference with the previous one, or libwebp's canvases).
 WORKING_FRAMES = 4
-# A profile's bytes are kept only if it parses as ICC and is at most this long. Real camera and display
-# profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup tables can reach a
+# A profile is kept (as re-serialised) only if it parses as ICC and is at most this long. Real camera
+# and display profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup tables can reach a
 # few hundred KB, which no screen needs: those are applied (the pixels converted to sRGB) and not kept.
 # Every byte kept is served with every copy of the image and its thumbnails.
 MAX_ICC_BYTES = 64 * 1024
@@ -278,8 +278,8 @@ def _thumbnail_size(size: tuple[int, int], width: int) -> tuple[int, int]:
 
 
 class _Colour:
-    """What becomes of an image's ICC profile. Kept, if it parses as ICC and is at most MAX_ICC_BYTES.
-    Applied, if it parses but is bigger: the pixels are converted to sRGB and the profile dropped.
+    """What becomes of an image's ICC profile. Kept (re-serialised), if it parses as ICC and is at
+    most MAX_ICC_BYTES. Applied, if it parses but is bigger: the pixels are converted to sRGB and the profile dropped.
     Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP): the pixels are
     then taken as sRGB, as for an image without a profile."""
 
@@ -293,10 +293,13 @@ class _Colour:
             return
         try:
             profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            # As LittleCMS writes it out again: its header and tags, not what followed them (a real
+            # profile then 40 KB of HTML parses as ICC). Real profiles come back byte for byte.
+            serialised = profile.tobytes()
         except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
             return
-        if len(icc) <= MAX_ICC_BYTES:
-            self.keep = icc
+        if len(serialised) <= MAX_ICC_BYTES:
+            self.keep = serialised
         else:
             self._source = profile
 
