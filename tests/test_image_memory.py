@@ -246,7 +246,7 @@ async def test_another_users_bytes_are_decoded_so_timing_cannot_tell_they_were_u
                                                                                          monkeypatch):
     decoded = []
     process_upload = imaging.process_upload
-    monkeypatch.setattr(imaging, "process_upload", lambda *args: (decoded.append(args), process_upload(*args))[1])
+    monkeypatch.setattr(imaging, "process_upload", lambda *a: (decoded.append(a), process_upload(*a))[1])
     data = animation("GIF", 5, (60, 40))
     first = await uploaded(api, user.token, data, content_type="image/gif")
     other_token = await second_user(api, outbox)

@@ -154,7 +154,8 @@ class Images:
         offloader = self.db.offloader
         try:
             src, source, cost = await offloader.io(_finish_and_measure, upload, upload.take(), self.rules)
-            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, {"source": source, "user_id": user_id}))
+            mine = {"source": source, "user_id": user_id}
+            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, mine))
             if known is not None:
                 image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
                 try:

@@ -48,9 +48,10 @@ STREAMED = {"webp"}
 # Beside them, at source size: the decoder's frame and the one before it (disposal), a converted copy,
 # and the writer's working frame (the difference with the previous one, or libwebp's canvases).
 WORKING_FRAMES = 4
-# A profile is kept (as re-serialised) only if it parses as ICC and is at most this long. Real camera
-# and display profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup tables can reach a
-# few hundred KB, which no screen needs: those are applied (the pixels converted to sRGB) and not kept.
+# A profile is kept (as re-serialised) only if it parses as ICC and is at most this long. Real
+# camera and display profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup
+# tables can reach a few hundred KB, which no screen needs: those are applied (the pixels converted to
+# sRGB) and not kept.
 # Every byte kept is served with every copy of the image and its thumbnails.
 MAX_ICC_BYTES = 64 * 1024
 JPEG_QUALITY = 85
@@ -279,9 +280,9 @@ def _thumbnail_size(size: tuple[int, int], width: int) -> tuple[int, int]:
 
 class _Colour:
     """What becomes of an image's ICC profile. Kept (re-serialised), if it parses as ICC and is at
-    most MAX_ICC_BYTES. Applied, if it parses but is bigger: the pixels are converted to sRGB and the profile dropped.
-    Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP): the pixels are
-    then taken as sRGB, as for an image without a profile."""
+    most MAX_ICC_BYTES. Applied, if it parses but is bigger: the pixels are converted to sRGB and the
+    profile dropped. Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP):
+    the pixels are then taken as sRGB, as for an image without a profile."""
 
     SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
@@ -417,7 +418,7 @@ def _save_animation(im: Image.Image, fmt: str, fp, colour: _Colour, size: tuple[
 
 
 def _decoded(im: Image.Image) -> Iterator[Image.Image]:
-    for index in range(im.n_frames):
+    for index in range(_frame_count(im, None)):
         _seek_within_canvas(im, index)
         im.load()
         yield im
