@@ -250,7 +250,8 @@ def _skip_sub_blocks(fp) -> None:
         fp.seek(length[0], os.SEEK_CUR)
 
 
-def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int, max_animation_pixels: int) -> int:
+def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int,
+                  max_animation_pixels: int) -> int:
     """The number of frames, once the image is known to fit the limits."""
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
