@@ -9,6 +9,7 @@ import asyncio
 import io
 import random
 import struct
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +19,10 @@ import pytest
 from PIL import Image as PILImage, ImageCms
 
 from demo.common import imaging
+from demo.common.errors import InvalidImage
 from servers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
-from test_images import blob_refs, encode, fetch, files, gradient, media, open_image, upload, uploaded
+from test_images import (blob_refs, encode, fetch, files, gradient, media, open_image, second_user, upload,
+                         uploaded)
 
 gen_test = pytest.mark.gen_test(timeout=120)
 MIB = 1024 * 1024
@@ -42,6 +45,25 @@ def animation(fmt: str, frames: int, size: tuple[int, int]) -> bytes:
 
 
 MIME = {"GIF": "image/gif", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+def gif_of(canvas: tuple[int, int], frames: list[tuple[int, int]]) -> bytes:
+    """A GIF with a ``canvas``-sized screen and frames of the given sizes, each placed at (0, 0),
+    whether it fits the screen or not (Pillow's writer would not write one that does not)."""
+    blocks = {size: _gif_frame_blocks(size, n % 2) for n, size in enumerate(set(frames))}
+    palette = bytes([0xF7, 0, 0]) + bytes(range(256)) * 3  # a global palette of 256 colours
+    return (b"GIF89a" + struct.pack("<HH", *canvas) + palette
+            + b"".join(blocks[size] for size in frames) + b";")
+
+
+def _gif_frame_blocks(size: tuple[int, int], colour: int) -> bytes:
+    """One frame's descriptor and image data, cut out of Pillow's single-frame GIF (no extensions)."""
+    picture = PILImage.new("P", size, colour)
+    picture.putpalette(list(range(256)) * 3)
+    data = encode(picture, "GIF")
+    start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 128 else 0)
+    assert data[start:start + 1] == b"," and not data[start + 9] & 128  # a descriptor, no frame palette
+    return data[start:-1]
 
 
 # -- animation bombs: a real server's memory -------------------------------------------------------
@@ -87,6 +109,36 @@ def test_a_tiny_animation_of_a_thousand_big_frames_is_422_and_the_server_stays_s
 
     grown = peak_growth(pid, twice)
     assert grown < 32 * MIB, f"peak memory grew by {grown / MIB:.0f} MiB"
+
+
+@gen_test
+async def test_a_gif_whose_frames_are_larger_than_its_canvas_is_422_before_any_decode(api, user, monkeypatch):
+    # Pillow grows the image to fit such a frame: 10x10 declared, 5 x 4 M pixels decoded.
+    bomb = gif_of((10, 10), [(10, 10)] + [(2000, 2000)] * 5)
+    assert PILImage.open(io.BytesIO(bomb)).size == (10, 10)
+    with pytest.raises(InvalidImage):
+        imaging.measure_upload(bomb, 40_000_000, 16_000_000)
+    decodes = []
+    monkeypatch.setattr(imaging, "process_upload", lambda *args: decodes.append(args))
+    response = await upload(api, user.token, bomb, content_type="image/gif")
+    assert response.code == 422 and response.error == "invalid_image" and not decodes
+
+
+def test_a_frame_that_grows_the_image_is_refused_while_decoding_too(tmp_path):
+    """Say a stored file from before the check at upload: its thumbnail is refused, not decoded."""
+    src = tmp_path / "grows.gif"
+    src.write_bytes(gif_of((10, 10), [(10, 10), (2000, 2000)]))
+    with pytest.raises(InvalidImage):
+        imaging.make_thumbnail(str(src), "gif", 160, str(tmp_path / "thumb.gif"))
+
+
+def test_frames_past_the_cap_are_not_counted_one_by_one():
+    """400k frames of 1x1 in 6 MB: walking them all holds the GIL for most of a second."""
+    many = gif_of((1, 1), [(1, 1)] * 400_000)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="too many frames"):
+        imaging.measure_upload(many, 40_000_000, 16_000_000)
+    assert time.perf_counter() - started < 0.1
 
 
 def test_animations_at_the_cap_uploaded_at_once_and_their_thumbnails_stay_within_the_decode_budget(server):
@@ -189,6 +241,23 @@ async def test_the_same_bytes_uploaded_again_are_stored_without_a_second_decode(
     assert blob_refs(app, first["sha256"]) == 5
 
 
+@gen_test
+async def test_another_users_bytes_are_decoded_so_timing_cannot_tell_they_were_uploaded(api, user, outbox,
+                                                                                         monkeypatch):
+    decoded = []
+    process_upload = imaging.process_upload
+    monkeypatch.setattr(imaging, "process_upload", lambda *a: (decoded.append(a), process_upload(*a))[1])
+    data = animation("GIF", 5, (60, 40))
+    first = await uploaded(api, user.token, data, content_type="image/gif")
+    other_token = await second_user(api, outbox)
+    theirs = await uploaded(api, other_token, data, content_type="image/gif")
+    assert len(decoded) == 2 and theirs["sha256"] == first["sha256"]
+    # Each uploader's own re-upload takes the shortcut.
+    await uploaded(api, user.token, data, content_type="image/gif")
+    await uploaded(api, other_token, data, content_type="image/gif")
+    assert len(decoded) == 2
+
+
 # -- ICC profiles ----------------------------------------------------------------------------------
 
 
@@ -259,6 +328,16 @@ async def test_a_real_small_profile_is_kept_byte_for_byte(api, user, fmt, kind):
                else rgb_profile(DISPLAY_P3, 2.2))
     ImageCms.ImageCmsProfile(io.BytesIO(profile))  # a real profile
     image = await uploaded(api, user.token, with_profile(fmt, profile), content_type=f"image/{fmt.lower()}")
+    assert await served_profiles(api, image) == [profile, profile]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@gen_test
+async def test_bytes_after_a_real_profile_are_not_kept(api, user, fmt):
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    smuggled = profile + junk_profile("PNG")[:40_000]
+    ImageCms.ImageCmsProfile(io.BytesIO(smuggled))  # parses as ICC all the same
+    image = await uploaded(api, user.token, with_profile(fmt, smuggled), content_type=f"image/{fmt.lower()}")
     assert await served_profiles(api, image) == [profile, profile]
 
 

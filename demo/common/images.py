@@ -54,7 +54,11 @@ ADD_BLOB_REF = Prepared(lambda dialect: upsert_add_statement(
     dialect, ImageBlob, {"sha256": bindparam("sha256"), "refs": 1, "created_at": bindparam("now")}, ["sha256"], "refs"))
 # A known upload: the blob these exact bytes were made into before, and what their decode found.
 KNOWN_UPLOAD = Prepared(select(ImageBlob.sha256, ImageBlob.format, ImageBlob.width, ImageBlob.height, ImageBlob.bytes)
-                        .where(ImageBlob.source_sha256 == bindparam("source"), ImageBlob.format.is_not(None))
+                        .where(ImageBlob.source_sha256 == bindparam("source"), ImageBlob.format.is_not(None),
+                               # Only the uploader's own blob: a shortcut taken (faster) for another
+                               # user's bytes would tell anyone what others have uploaded.
+                               exists().where(Image.owner_id == bindparam("user_id"),
+                                              Image.sha256 == ImageBlob.sha256))
                         .limit(1))
 REMEMBER_UPLOAD = Prepared(update(ImageBlob).where(ImageBlob.sha256 == bindparam("sha256")).values(
     source_sha256=bindparam("source"), format=bindparam("format"), width=bindparam("width"),
@@ -150,7 +154,8 @@ class Images:
         offloader = self.db.offloader
         try:
             src, source, cost = await offloader.io(_finish_and_measure, upload, upload.take(), self.rules)
-            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, {"source": source}))
+            mine = {"source": source, "user_id": user_id}
+            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, mine))
             if known is not None:
                 image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
                 try:

@@ -15,12 +15,13 @@ import hashlib
 import io
 import math
 import os
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from PIL import Image, ImageCms, ImageFile, ImageOps, ImageSequence
+from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from demo.common.errors import InvalidImage, UnsupportedMediaType
 
@@ -47,9 +48,10 @@ STREAMED = {"webp"}
 # Beside them, at source size: the decoder's frame and the one before it (disposal), a converted copy,
 # and the writer's working frame (the difference with the previous one, or libwebp's canvases).
 WORKING_FRAMES = 4
-# A profile's bytes are kept only if it parses as ICC and is at most this long. Real camera and display
-# profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup tables can reach a
-# few hundred KB, which no screen needs: those are applied (the pixels converted to sRGB) and not kept.
+# A profile is kept (as re-serialised) only if it parses as ICC and is at most this long. Real
+# camera and display profiles (sRGB, Display P3, Adobe RGB) are 0.5-4 KB; a printer's with big lookup
+# tables can reach a few hundred KB, which no screen needs: those are applied (the pixels converted to
+# sRGB) and not kept.
 # Every byte kept is served with every copy of the image and its thumbnails.
 MAX_ICC_BYTES = 64 * 1024
 JPEG_QUALITY = 85
@@ -206,12 +208,55 @@ def _frame_count(im: Image.Image, fmt: str | None) -> int:
     return 1 if fmt == "jpeg" else getattr(im, "n_frames", 1)
 
 
-def _check_limits(im: Image.Image, fmt: str | None, max_pixels: int, max_animation_pixels: int) -> int:
+def _gif_frames(fp, size: tuple[int, int], limit: int) -> int:
+    """The frames of the GIF in ``fp`` (counting stops past ``limit``); InvalidImage if one reaches
+    past the canvas. Why not Pillow's ``n_frames``: it walks every frame (398k frames of 1x1 in 9.5 MB,
+    0.6 s under the GIL) and takes the canvas for the image's size, but its decoder grows the image to
+    fit a bigger frame: a 10x10 canvas with 4000x4000 frames would pass every limit. Read like Pillow
+    reads it: blocks, skipping unknown bytes; nothing decoded. The file position is restored."""
+    position = fp.tell()
+    try:
+        fp.seek(10)
+        flags = fp.read(3)[0]
+        if flags & 128:
+            fp.seek(3 << ((flags & 7) + 1), os.SEEK_CUR)  # the global palette
+        frames = 0
+        while frames <= limit:
+            tag = fp.read(1)
+            if not tag or tag == b";":
+                break
+            if tag == b"!":
+                fp.read(1)  # the extension's label
+                _skip_sub_blocks(fp)
+            elif tag == b",":
+                descriptor = fp.read(9)
+                if len(descriptor) < 9:
+                    break
+                x, y, width, height, local = struct.unpack("<HHHHB", descriptor)
+                if x + width > size[0] or y + height > size[1]:
+                    raise InvalidImage("A frame of the animation is larger than its canvas.", field="image")
+                if local & 128:
+                    fp.seek(3 << ((local & 7) + 1), os.SEEK_CUR)  # the frame's palette
+                fp.read(1)  # LZW code size
+                _skip_sub_blocks(fp)
+                frames += 1
+        return frames
+    finally:
+        fp.seek(position)
+
+
+def _skip_sub_blocks(fp) -> None:
+    while (length := fp.read(1)) and length[0]:
+        fp.seek(length[0], os.SEEK_CUR)
+
+
+def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int,
+                  max_animation_pixels: int) -> int:
     """The number of frames, once the image is known to fit the limits."""
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InvalidImage(f"The image is larger than {max_pixels} pixels.", field="image")
-    frames = _frame_count(im, fmt)
+    frames = _gif_frames(im.fp, im.size, MAX_FRAMES) if fmt == "gif" else _frame_count(im, fmt)
     if frames > MAX_FRAMES:
         raise InvalidImage("The animation has too many frames.", field="image")
     if frames > 1 and frames * width * height > max_animation_pixels:
@@ -235,10 +280,10 @@ def _thumbnail_size(size: tuple[int, int], width: int) -> tuple[int, int]:
 
 
 class _Colour:
-    """What becomes of an image's ICC profile. Kept, if it parses as ICC and is at most MAX_ICC_BYTES.
-    Applied, if it parses but is bigger: the pixels are converted to sRGB and the profile dropped.
-    Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP): the pixels are
-    then taken as sRGB, as for an image without a profile."""
+    """What becomes of an image's ICC profile. Kept (re-serialised), if it parses as ICC and is at
+    most MAX_ICC_BYTES. Applied, if it parses but is bigger: the pixels are converted to sRGB and the
+    profile dropped. Dropped, if it is not ICC at all (anything can hide in those bytes: HTML, a ZIP):
+    the pixels are then taken as sRGB, as for an image without a profile."""
 
     SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
@@ -250,10 +295,13 @@ class _Colour:
             return
         try:
             profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            # As LittleCMS writes it out again: its header and tags, not what followed them (a real
+            # profile then 40 KB of HTML parses as ICC). Real profiles come back byte for byte.
+            serialised = profile.tobytes()
         except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
             return
-        if len(icc) <= MAX_ICC_BYTES:
-            self.keep = icc
+        if len(serialised) <= MAX_ICC_BYTES:
+            self.keep = serialised
         else:
             self._source = profile
 
@@ -303,7 +351,7 @@ class _Frames:
             yield self._frame(index)
 
     def _frame(self, index: int) -> Image.Image:
-        self.im.seek(index)
+        _seek_within_canvas(self.im, index)
         source = self.im
         frame = source.convert("RGBA") if self.size or "transparency" in source.info else source.copy()
         if self.size:
@@ -371,9 +419,19 @@ def _save_animation(im: Image.Image, fmt: str, fp, colour: _Colour, size: tuple[
 
 
 def _decoded(im: Image.Image) -> Iterator[Image.Image]:
-    for frame in ImageSequence.Iterator(im):
-        frame.load()
-        yield frame
+    for index in range(_frame_count(im, None)):
+        _seek_within_canvas(im, index)
+        im.load()
+        yield im
+
+
+def _seek_within_canvas(im: Image.Image, index: int) -> None:
+    """Seek to frame ``index``, refusing a frame that made the image grow: the limits and the decode
+    budget were reckoned for the size seen at open (``_gif_frames`` refuses such a GIF before)."""
+    size = im.size
+    im.seek(index)
+    if im.size != size:
+        raise InvalidImage("A frame of the animation is larger than its canvas.", field="image")
 
 
 def _write_temp(work_dir: str, write, *, durable: bool = True) -> str:

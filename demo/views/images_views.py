@@ -19,6 +19,7 @@ log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
 DECIMAL = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit also takes "²" and "٣")
+WIDTH_SPELLINGS = {str(width): width for width in THUMBNAIL_WIDTHS}
 
 
 class ImageApiHandler(ApiHandler):
@@ -179,9 +180,11 @@ class ImageFileHandler(ImageApiHandler):
         raw = self.get_query_argument("w", None, strip=False)
         if raw is None:
             return None
-        if not DECIMAL.fullmatch(raw) or int(raw) not in THUMBNAIL_WIDTHS:
-            raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
-        return int(raw)
+        # Exactly as the links spell them: nginx's cache keys on the raw argument, so "0160" would
+        # be a second key for the same thumbnail, each one a miss that reaches the app.
+        if raw not in WIDTH_SPELLINGS:
+            raise InvalidField(f"w must be one of {', '.join(WIDTH_SPELLINGS)}.", field="w")
+        return WIDTH_SPELLINGS[raw]
 
     async def _stream_file(self, path: str, start: int, end: int) -> None:
         """A large file in chunks read on the I/O pool (nginx's micro-cache takes this off the hot path)."""
