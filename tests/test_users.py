@@ -10,14 +10,14 @@ import re
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from demo.common import housekeeping
 from demo.common.passwords import Passwords
-from demo.models import RateCounter, SmsCode, SmsOutbox, User
+from demo.models import AuthSession, RateCounter, SmsCode, SmsOutbox, User
 
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -798,3 +798,40 @@ async def test_request_log_never_prints_secrets(api, outbox, caplog):
     assert "POST /users/regist" in access and "user=" in access and "ms " in access
     for secret in (token, code, PASSWORD):
         assert secret not in access
+
+
+@gen_test
+async def test_a_reset_landing_while_a_login_verifies_the_old_password_gets_no_session(api, user, app, monkeypatch):
+    """The login checks the hash it read, then records the session later: a reset in between must win."""
+    db, verify = app.services.db, app.services.passwords.verify
+    new_hash = app.services.passwords.hash("a brand new secret")
+
+    def verify_then_reset(stored, password):
+        ok = verify(stored, password)
+        db.run_sync(lambda s: s.execute(update(User).values(password_hash=new_hash)))  # the reset lands here
+        return ok
+
+    monkeypatch.setattr(app.services.passwords, "verify", verify_then_reset)
+    sessions = db.run_sync(lambda s: s.scalar(select(func.count()).select_from(AuthSession)))
+    response = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})
+    assert response.code == 401 and response.error == "invalid_credentials"
+    assert db.run_sync(lambda s: s.scalar(select(func.count()).select_from(AuthSession))) == sessions
+    monkeypatch.setattr(app.services.passwords, "verify", verify)
+    assert (await api.post("/users/login", {"phone": PHONE, "password": "a brand new secret"})).code == 200
+
+
+@gen_test
+async def test_a_password_that_is_not_unicode_text_is_422_and_spends_no_code(api, user, outbox, app, clock):
+    """A JSON "\\ud800" escape is a lone surrogate: no UTF-8 (argon2, the database) can take it."""
+    bad = "aaaaaaaaaaaa\ud800"
+    login = await api.post("/users/login", {"phone": PHONE, "password": bad})
+    clock.advance(61)
+    await api.post("/users/code", {"phone": "18866669999"})
+    code = await outbox.code("+8618866669999")
+    regist = await api.post("/users/regist", {"phone": "18866669999", "password": bad, "code": code})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "password": bad, "code": "123456"})
+    for response in (login, regist, reset):
+        assert response.code == 422 and response.json["error"]["code"] == "invalid_field"
+        assert response.json["error"]["field"] == "password"
+    good = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": code})
+    assert good.code == 201  # the code was not spent on the refused request

@@ -65,8 +65,11 @@ LOGIN_LOOKUP = Prepared(
            *(ratelimit.count_of(i).label(f"{name}_count") for i, name in enumerate(LoginWindows._fields)))
     .select_from(_one_row.outerjoin(_users, _users.c.phone == bindparam("phone")))
 )
+# Only while the hash is the one verified: a reset between the check and here leaves no row to match,
+# so a login with the old password cannot outlive the reset that revoked the sessions.
 RECORD_LOGIN = Prepared(
-    update(_users).where(_users.c.id == bindparam("user_id"))
+    update(_users).where(_users.c.id == bindparam("user_id"),
+                         _users.c.password_hash == bindparam("verified_hash", type_=String))
     .values(last_login_at=bindparam("now"),
             password_hash=func.coalesce(bindparam("new_hash", type_=String), _users.c.password_hash))
 )
@@ -282,7 +285,9 @@ class Accounts:
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
 
         def work(c: Cursor) -> Grant:
-            c.execute(RECORD_LOGIN, {"user_id": found.id, "now": now, "new_hash": new_hash})
+            if not c.execute(RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash,
+                                            "now": now, "new_hash": new_hash}):
+                raise InvalidCredentials()  # the password changed since it was verified: no session
             c.execute(LOGIN_REFUND, counted)  # a good login is not a failure
             if found.by_phone_client_count > 1:  # and it clears this client's earlier failures for the phone
                 c.execute(ratelimit.FORGET, {"key": windows.by_phone_client.key})
