@@ -737,7 +737,7 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
 
     crashed = make_app(settings, clock=clock)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-    [claimed], _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    [claimed], _, _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
     crashed.services.close()
 
     restarted = make_app(settings, clock=clock)
@@ -768,6 +768,46 @@ async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clo
     finally:
         for a in apps:
             a.services.close()
+
+
+@gen_test
+async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, clock, outbox):
+    """After an outage, a text for an expired or replaced code must not go out: only the live one does."""
+    from demo.main import make_app
+
+    down = make_app(settings, clock=clock)  # no sender runs: texts wait, as in an outage
+    try:
+        accounts = down.services.accounts
+        await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
+        clock.advance(accounts.rules.code_ttl - 30)
+        await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
+        clock.advance(accounts.rules.resend_after)
+        await accounts.request_code(PHONE, "regist", "127.0.0.1")
+        assert await down.services.sender.drain() == 3
+        [live] = outbox.messages()
+        assert live["phone"] == E164
+        rows = sorted(outbox_rows(down), key=lambda row: row.id)
+        assert [row.status for row in rows] == ["failed", "failed", "sent"]
+        assert all(row.code is None and row.text == "" for row in rows)
+    finally:
+        down.services.close()
+
+
+@gen_test
+async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, clock, outbox):
+    from demo.main import make_app
+
+    down = make_app(settings, clock=clock)
+    try:
+        await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+        clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
+        assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
+        assert [row.status for row in outbox_rows(down)] == ["pending"]
+        assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
+        counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
+        assert counts["sms_codes"] == 1 and outbox_rows(down) == []
+    finally:
+        down.services.close()
 
 
 @gen_test
