@@ -460,6 +460,23 @@ async def test_a_strangers_failures_slow_the_owner_down_but_do_not_lock_them_out
     assert (await api.post("/users/login", WRONG, headers=stranger)).code == 429  # still done
 
 
+@gen_test
+async def test_strangers_holding_every_turn_never_slow_the_owner_on_a_client_that_signed_in_before(
+        api, user, clock):
+    home, new = from_client("203.0.113.5"), from_client("203.0.113.6")
+    assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=home)).code == 200
+    clock.advance(20 * 24 * 3600)  # weeks later, two strangers take every turn, round after round
+    to_window_start(clock, 900)
+    for _ in range(3):
+        for stranger in ("198.51.100.7", "198.51.100.8"):
+            while (await api.post("/users/login", WRONG, headers=from_client(stranger))).code == 401:
+                pass
+        assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=new)).code == 429
+        assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=home)).code == 200
+        clock.advance(60)
+    assert (await api.post("/users/login", WRONG, headers=home)).code == 401  # known, but still checked
+
+
 @gen_test(timeout=180)
 async def test_guesses_per_phone_stay_bounded_across_many_clients(api, user, clock):
     to_window_start(clock, 900)
