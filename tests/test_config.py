@@ -133,6 +133,9 @@ def test_a_config_file_may_write_a_whole_number_for_a_float_setting(tmp_path):
     ({"sms_test_numbers": "123:1"}, "--sms_test_numbers"), ({"argon2_memory_kib": 1024}, "--argon2_time_cost"),
     ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"),
     ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"), ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
+    # Each of these passed once, then failed every request of its kind (or sent texts twice):
+    ({"login_slowdown": 0}, "--login_slowdown"), ({"login_window": 0}, "--login_window"),
+    ({"sms_gateway_timeout": 0.0}, "--sms_gateway_timeout"), ({"default_region": "CN,US"}, "--default_region"),
 ])
 def test_start_up_checks_name_the_bad_option(changes, option):
     with pytest.raises(ConfigError, match=re.escape(option)) as refused:

@@ -10,14 +10,14 @@ import re
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from demo.common import housekeeping
 from demo.common.passwords import Passwords
-from demo.models import RateCounter, SmsCode, SmsOutbox, User
+from demo.models import AuthSession, RateCounter, SmsCode, SmsOutbox, User
 
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -205,7 +205,8 @@ async def test_daily_quota_per_phone(api, clock, outbox, app):
     refused = await api.post("/users/code", {"phone": PHONE})
     assert refused.code == 429 and refused.error == "rate_limited"
     assert 0 < int(refused.headers["Retry-After"]) <= 23 * 3600
-    assert len(await outbox.after_delivery(app)) == 3
+    await outbox.after_delivery(app)
+    assert len(outbox_rows(app)) == 3  # three texts queued (one replaced before it went is not sent)
     clock.advance(23 * 3600)  # a new UTC day
     assert (await api.post("/users/code", {"phone": PHONE})).code == 200
 
@@ -457,6 +458,23 @@ async def test_a_strangers_failures_slow_the_owner_down_but_do_not_lock_them_out
     clock.advance(int(owner.headers["Retry-After"]))
     assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).code == 200
     assert (await api.post("/users/login", WRONG, headers=stranger)).code == 429  # still done
+
+
+@gen_test
+async def test_strangers_holding_every_turn_never_slow_the_owner_on_a_client_that_signed_in_before(
+        api, user, clock):
+    home, new = from_client("203.0.113.5"), from_client("203.0.113.6")
+    assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=home)).code == 200
+    clock.advance(20 * 24 * 3600)  # weeks later, two strangers take every turn, round after round
+    to_window_start(clock, 900)
+    for _ in range(3):
+        for stranger in ("198.51.100.7", "198.51.100.8"):
+            while (await api.post("/users/login", WRONG, headers=from_client(stranger))).code == 401:
+                pass
+        assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=new)).code == 429
+        assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=home)).code == 200
+        clock.advance(60)
+    assert (await api.post("/users/login", WRONG, headers=home)).code == 401  # known, but still checked
 
 
 @gen_test(timeout=180)
@@ -737,7 +755,7 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
 
     crashed = make_app(settings, clock=clock)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-    [claimed], _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    [claimed], _, _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
     crashed.services.close()
 
     restarted = make_app(settings, clock=clock)
@@ -771,6 +789,46 @@ async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clo
 
 
 @gen_test
+async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, clock, outbox):
+    """After an outage, a text for an expired or replaced code must not go out: only the live one does."""
+    from demo.main import make_app
+
+    down = make_app(settings, clock=clock)  # no sender runs: texts wait, as in an outage
+    try:
+        accounts = down.services.accounts
+        await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
+        clock.advance(accounts.rules.code_ttl - 30)
+        await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
+        clock.advance(accounts.rules.resend_after)
+        await accounts.request_code(PHONE, "regist", "127.0.0.1")
+        assert await down.services.sender.drain() == 3
+        [live] = outbox.messages()
+        assert live["phone"] == E164
+        rows = sorted(outbox_rows(down), key=lambda row: row.id)
+        assert [row.status for row in rows] == ["failed", "failed", "sent"]
+        assert all(row.code is None and row.text == "" for row in rows)
+    finally:
+        down.services.close()
+
+
+@gen_test
+async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, clock, outbox):
+    from demo.main import make_app
+
+    down = make_app(settings, clock=clock)
+    try:
+        await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+        clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
+        assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
+        assert [row.status for row in outbox_rows(down)] == ["pending"]
+        assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
+        counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
+        assert counts["sms_codes"] == 1 and outbox_rows(down) == []
+    finally:
+        down.services.close()
+
+
+@gen_test
 async def test_housekeeping_deletes_sent_texts_after_a_day(api, app, outbox, clock):
     await api.post("/users/code", {"phone": PHONE})
     await outbox.code(E164)
@@ -798,3 +856,40 @@ async def test_request_log_never_prints_secrets(api, outbox, caplog):
     assert "POST /users/regist" in access and "user=" in access and "ms " in access
     for secret in (token, code, PASSWORD):
         assert secret not in access
+
+
+@gen_test
+async def test_a_reset_landing_while_a_login_verifies_the_old_password_gets_no_session(api, user, app, monkeypatch):
+    """The login checks the hash it read, then records the session later: a reset in between must win."""
+    db, verify = app.services.db, app.services.passwords.verify
+    new_hash = app.services.passwords.hash("a brand new secret")
+
+    def verify_then_reset(stored, password):
+        ok = verify(stored, password)
+        db.run_sync(lambda s: s.execute(update(User).values(password_hash=new_hash)))  # the reset lands here
+        return ok
+
+    monkeypatch.setattr(app.services.passwords, "verify", verify_then_reset)
+    sessions = db.run_sync(lambda s: s.scalar(select(func.count()).select_from(AuthSession)))
+    response = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})
+    assert response.code == 401 and response.error == "invalid_credentials"
+    assert db.run_sync(lambda s: s.scalar(select(func.count()).select_from(AuthSession))) == sessions
+    monkeypatch.setattr(app.services.passwords, "verify", verify)
+    assert (await api.post("/users/login", {"phone": PHONE, "password": "a brand new secret"})).code == 200
+
+
+@gen_test
+async def test_a_password_that_is_not_unicode_text_is_422_and_spends_no_code(api, user, outbox, app, clock):
+    """A JSON "\\ud800" escape is a lone surrogate: no UTF-8 (argon2, the database) can take it."""
+    bad = "aaaaaaaaaaaa\ud800"
+    login = await api.post("/users/login", {"phone": PHONE, "password": bad})
+    clock.advance(61)
+    await api.post("/users/code", {"phone": "18866669999"})
+    code = await outbox.code("+8618866669999")
+    regist = await api.post("/users/regist", {"phone": "18866669999", "password": bad, "code": code})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "password": bad, "code": "123456"})
+    for response in (login, regist, reset):
+        assert response.code == 422 and response.json["error"]["code"] == "invalid_field"
+        assert response.json["error"]["field"] == "password"
+    good = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": code})
+    assert good.code == 201  # the code was not spent on the refused request

@@ -57,16 +57,25 @@ class LoginWindows(NamedTuple):
 # A login attempt is counted in its windows before the password is checked (Accounts.login).
 LOGIN_RESERVE = ratelimit.reserve_statement(len(LoginWindows._fields))
 LOGIN_REFUND = ratelimit.refund_statement(len(LoginWindows._fields))
+# A client that signed in to a phone is remembered for it (Accounts.known_client) for TRUST_SECONDS
+# to twice that: the success is counted in this window and the next, and the current one is read.
+TRUST_SECONDS = 30 * 24 * 3600
+_TRUSTED, _TRUSTED_NEXT = len(LoginWindows._fields), len(LoginWindows._fields) + 1  # after the windows
+RECORD_TRUST = ratelimit.reserve_statement(2)
 # The user by phone (NULLs when there is none: the one-row table makes the row), then the counts of the
-# login's windows, this attempt included.
+# login's windows, this attempt included, and of the client's remembered successes (NULL: none).
 _one_row = select(literal_column("1").label("one")).subquery("one_row")
 LOGIN_LOOKUP = Prepared(
     select(_users.c.id, _users.c.public_id, _users.c.phone, _users.c.password_hash, _users.c.created_at,
-           *(ratelimit.count_of(i).label(f"{name}_count") for i, name in enumerate(LoginWindows._fields)))
+           *(ratelimit.count_of(i).label(f"{name}_count") for i, name in enumerate(LoginWindows._fields)),
+           ratelimit.count_of(_TRUSTED).label("trusted"), ratelimit.count_of(_TRUSTED_NEXT).label("trusted_next"))
     .select_from(_one_row.outerjoin(_users, _users.c.phone == bindparam("phone")))
 )
+# Only while the hash is the one verified: a reset between the check and here leaves no row to match,
+# so a login with the old password cannot outlive the reset that revoked the sessions.
 RECORD_LOGIN = Prepared(
-    update(_users).where(_users.c.id == bindparam("user_id"))
+    update(_users).where(_users.c.id == bindparam("user_id"),
+                         _users.c.password_hash == bindparam("verified_hash", type_=String))
     .values(last_login_at=bindparam("now"),
             password_hash=func.coalesce(bindparam("new_hash", type_=String), _users.c.password_hash))
 )
@@ -247,9 +256,11 @@ class Accounts:
         per window, then waits for the window's end. All clients together get ``login_slowdown_after``
         tries per phone per window, then the phone is slowed down, not locked: one attempt per
         ``login_slowdown`` seconds, whoever makes it. So guesses per phone stay under
-        ``login_slowdown_after + login_window / login_slowdown`` per window, and the owner, from any
-        other client, waits at most ``login_slowdown`` seconds for a turn (strangers holding every turn
-        need many clients, and each one's failures are capped). A password reset clears the phone."""
+        ``login_slowdown_after + login_window / login_slowdown`` per window. A client that signed in to
+        the phone within ``TRUST_SECONDS`` (``known_client``) is not slowed down (its own per-phone limit
+        still holds): strangers never slow the owner on a known client. From a new client the owner
+        takes a turn with the strangers, who can hold every turn for a while; a password reset clears
+        the phone's counters (and the clients it knew)."""
         r, client = self.rules, ratelimit.client_key(client_ip)
         return LoginWindows(
             by_client=Window(f"login:ip:{client}", r.login_ip_failures, r.login_window),
@@ -259,16 +270,23 @@ class Accounts:
             pace=Window(f"{_login_phone_key(phone)}:pace", 1, r.login_slowdown),
         )
 
+    def known_client(self, phone: str, client_ip: str) -> Window:
+        """Where a client's successful logins to ``phone`` are remembered (see login_windows)."""
+        return Window(f"{_login_phone_key(phone)}:from:{ratelimit.client_key(client_ip)}:ok", 1, TRUST_SECONDS)
+
     async def login(self, raw_phone: Any, password: str, client_ip: str) -> Grant:
         phone = self.phone(raw_phone)
         windows, now = self.login_windows(phone, client_ip), self.clock.now()
         counted = ratelimit.window_params(windows, now)
+        known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
+        remembered = {**ratelimit.window_params([known], now, _TRUSTED),
+                      **ratelimit.window_params([known], later, _TRUSTED_NEXT)}
 
         def reserve(c: Cursor) -> Any:
             # The attempt is counted before the password is checked, and the counters' rows stay locked
             # to the commit: parallel attempts queue here, each sees the others, none slips past a limit.
             c.execute(LOGIN_RESERVE, counted)
-            found = c.first(LOGIN_LOOKUP, {"phone": phone, **counted})  # the user (or NULLs) and the counts
+            found = c.first(LOGIN_LOOKUP, {"phone": phone, **counted, **remembered})  # the user and the counts
             _admit_login(windows, found, now)  # raises: the unit rolls back, a refused attempt counts nowhere
             return found
 
@@ -282,10 +300,15 @@ class Accounts:
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
 
         def work(c: Cursor) -> Grant:
-            c.execute(RECORD_LOGIN, {"user_id": found.id, "now": now, "new_hash": new_hash})
+            if not c.execute(RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash,
+                                            "now": now, "new_hash": new_hash}):
+                raise InvalidCredentials()  # the password changed since it was verified: no session
             c.execute(LOGIN_REFUND, counted)  # a good login is not a failure
             if found.by_phone_client_count > 1:  # and it clears this client's earlier failures for the phone
                 c.execute(ratelimit.FORGET, {"key": windows.by_phone_client.key})
+            if found.trusted_next is None:  # remember the client (once per TRUST_SECONDS, not every login)
+                c.execute(RECORD_TRUST, {**ratelimit.window_params([known], now),
+                                         **ratelimit.window_params([known], later, 1)})
             return self._grant(c, found, now)
 
         return await self.db.run_direct(work)
@@ -362,7 +385,8 @@ def _admit_login(windows: LoginWindows, found: Any, now: dt.datetime) -> None:
     """Refuse an attempt that one of ``windows`` does not allow (``found``: LOGIN_LOOKUP's row)."""
     ratelimit.refuse_if_over(windows.by_client, found.by_client_count, now)
     ratelimit.refuse_if_over(windows.by_phone_client, found.by_phone_client_count, now)
-    if found.by_phone_count > windows.by_phone.limit:  # the phone is slowed down, not locked
+    # The phone is slowed down, not locked; never for a client that signed in to it before.
+    if found.by_phone_count > windows.by_phone.limit and found.trusted is None:
         ratelimit.refuse_if_over(windows.pace, found.pace_count, now)
 
 

@@ -264,6 +264,10 @@ def text_field(body: dict[str, Any], name: str, *, required: bool = True, defaul
         raise InvalidField(f"'{name}' must be a string.", field=name)
     if len(value) > max_length:
         raise InvalidField(f"'{name}' is too long.", field=name)
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 consumer (argon2, the database) takes
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidField(f"'{name}' is not valid Unicode text.", field=name) from None
     return value
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete
+from sqlalchemy import delete, exists
 from sqlalchemy.orm import Session
 
 from demo.common import outbox, ratelimit
 from demo.common.db import Database
 from demo.common.images import Images
-from demo.models import AuthSession, SmsCode
+from demo.models import AuthSession, SmsCode, SmsOutbox
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
 
@@ -23,9 +23,11 @@ async def run(db: Database, images: Images, now: dt.datetime) -> dict[str, int]:
 
 
 def sweep(session: Session, now: dt.datetime) -> dict[str, int]:
+    # A code's outbox rows go with it (ON DELETE CASCADE): never one the sender has not finished with.
+    waiting_text = exists().where(SmsOutbox.sms_code_id == SmsCode.id, SmsOutbox.status.in_(outbox.WAITING))
     return {
         "rate_counters": ratelimit.sweep(session, now),
         "sms_outbox": outbox.sweep(session, now - KEEP),
-        "sms_codes": session.execute(delete(SmsCode).where(SmsCode.expires_at < now - KEEP)).rowcount,
+        "sms_codes": session.execute(delete(SmsCode).where(SmsCode.expires_at < now - KEEP, ~waiting_text)).rowcount,
         "auth_sessions": session.execute(delete(AuthSession).where(AuthSession.expires_at < now - KEEP)).rowcount,
     }

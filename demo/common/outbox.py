@@ -9,7 +9,8 @@ Each process runs one ``Sender``. It is woken at once after a commit in this pro
 them (status ``sending``, ``next_attempt_at`` = the end of its lease) with ``SELECT ... FOR UPDATE SKIP
 LOCKED`` on MariaDB (SQLite has a single writer), so two senders never send one row. A process that
 dies between claim and settle leaves the row to be retried once its lease runs out: delivery is at
-least once, and nothing is lost between the commit and the send.
+least once, and nothing is lost between the commit and the send. A text whose code died while it
+waited (expired, used or replaced: after an outage) is settled as failed, never sent.
 """
 from __future__ import annotations
 
@@ -142,9 +143,12 @@ class Sender:
         """Send every due text, batch by batch; the number of rows handled."""
         handled = 0
         while True:
-            claimed, waiting = await self.db.run(self._claim, self.clock.now())
+            claimed, dead, waiting = await self.db.run(self._claim, self.clock.now())
             self.metrics.sms_outbox_pending.set(waiting)
+            handled += dead
             if not claimed:
+                if dead:
+                    continue  # a batch of dead texts only: more may be due behind it
                 return handled
             errors = await asyncio.gather(*(self._send(row) for row in claimed))
             await self.db.run(self._settle, list(zip(claimed, errors)), self.clock.now())
@@ -152,22 +156,33 @@ class Sender:
             if self._stopping:  # shutting down: the rest waits for the next sender
                 return handled
 
-    def _claim(self, s: Session, now: dt.datetime) -> tuple[list[Claimed], int]:
-        rows = s.scalars(
-            select(SmsOutbox)
+    def _claim(self, s: Session, now: dt.datetime) -> tuple[list[Claimed], int, int]:
+        """Claim the due rows whose code still lives; settle the others as failed, unsent (a text late
+        by an outage, or for a code used or replaced since, would only mislead). Returns the claimed
+        rows, the number settled unsent, and the backlog."""
+        # A plain subquery: FOR UPDATE locks the outbox rows only, never the codes a request is checking.
+        code_expires = select(SmsCode.expires_at).where(SmsCode.id == SmsOutbox.sms_code_id).scalar_subquery()
+        rows = s.execute(
+            select(SmsOutbox, code_expires)
             .where(SmsOutbox.status.in_(WAITING), SmsOutbox.next_attempt_at <= now)
             # No ORDER BY: MariaDB would lock every due row to sort them, starving the other senders;
             # the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed claims.
             .limit(self.rules.batch)
             .with_for_update(skip_locked=True)  # another sender's rows are skipped, never waited for
         ).all()
-        for row in rows:
+        claimed, dead = [], 0
+        for row, expires_at in rows:
+            if expires_at is None or expires_at <= now:
+                row.status, row.code, row.text, row.last_error = FAILED, None, "", "code expired before sending"
+                log.warning("SMS to %s not sent: its code expired, was used or was replaced first",
+                            mask_phone(row.phone))
+                dead += 1
+                continue
             row.status, row.attempts = SENDING, row.attempts + 1
             row.next_attempt_at = now + dt.timedelta(seconds=self.rules.lease)
-        claimed = [Claimed(row.id, row.attempts, row.sms_code_id,
-                           SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at)))
-                   for row in rows]
-        return claimed, backlog(s)
+            claimed.append(Claimed(row.id, row.attempts, row.sms_code_id,
+                                   SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at))))
+        return claimed, dead, backlog(s)
 
     async def _send(self, row: Claimed) -> str | None:
         """None when the backend took the text, else why not (logged and counted)."""

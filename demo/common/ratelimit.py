@@ -102,10 +102,11 @@ def refund_statement(size: int) -> Prepared:
     return _statements(size)[1]
 
 
-def window_params(windows: Sequence[Window], now: dt.datetime) -> dict[str, Any]:
-    """The parameters of ``reserve_statement``/``refund_statement``/``count_of`` for ``windows``."""
+def window_params(windows: Sequence[Window], now: dt.datetime, first: int = 0) -> dict[str, Any]:
+    """The parameters of ``reserve_statement``/``refund_statement``/``count_of`` for ``windows``
+    (numbered from ``first``: windows at other times can be added to one statement's parameters)."""
     params: dict[str, Any] = {}
-    for i, window in enumerate(windows):
+    for i, window in enumerate(windows, first):
         row = window.row(now)
         params.update({f"key{i}": row["key"], f"start{i}": row["window_start"],
                        f"expires{i}": row["expires_at"]})

@@ -83,7 +83,8 @@ def declare(parser: OptionParser) -> None:
     d("login_slowdown_after", default=10, type=int, group="accounts",
       help="failed logins per phone from all clients together per login_window before the phone is slowed "
            "down (not locked) to one attempt per login_slowdown seconds: guesses per phone stay below "
-           "login_slowdown_after + login_window / login_slowdown per window, the owner waits for a turn")
+           "login_slowdown_after + login_window / login_slowdown per window; a client that signed in to the phone "
+           "within 30 days is not slowed down")
     d("login_slowdown", default=60, type=int, group="accounts",
       help="seconds between two login attempts on a slowed-down phone (see login_slowdown_after)")
     d("code_checks_ip_hourly", default=30, type=int, group="accounts",

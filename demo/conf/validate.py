@@ -30,7 +30,8 @@ DATABASES = ("sqlite", "mysql", "mariadb")
 # have an upper bound too.
 AT_LEAST_ONE = {
     "port", "idle_timeout", "body_timeout", "db_pool_size", "db_connect_timeout", "db_io_timeout",
-    "db_pool_recycle", "token_ttl", "argon2_parallelism", "login_window", "h5_ticket_ttl", "h5_session_ttl",
+    "db_pool_recycle", "token_ttl", "argon2_parallelism", "login_window", "login_slowdown", "h5_ticket_ttl",
+    "h5_session_ttl",
     "sms_code_ttl", "sms_max_attempts", "max_upload_bytes", "max_image_pixels", "image_decode_budget",
     "max_animation_pixels",
 }
@@ -119,6 +120,18 @@ def _public_url(settings: Settings) -> None:
             raise ValueError(f"{settings.public_url!r} is not an absolute http(s) URL")
 
 
+def _default_region(settings: Settings) -> None:
+    regions = parse_regions(settings.default_region, "default_region")
+    if len(regions) != 1:  # national numbers are read in this one region; a list would refuse them all
+        raise ValueError(f"{settings.default_region!r}: one region code (e.g. CN), not a list")
+
+
+def _sms_gateway_timeout(settings: Settings) -> None:
+    # 0 would mean "no timeout" to Tornado: a hung send could outlive the outbox's claim and go twice.
+    if not settings.sms_gateway_timeout > 0:
+        raise ValueError(f"{settings.sms_gateway_timeout}: must be above 0")
+
+
 def _sms_backend(settings: Settings) -> None:
     kind, _ = parse_backend(settings.sms_backend)
     if kind == "http":  # constructing it checks what it needs, and sends nothing
@@ -132,8 +145,9 @@ VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
     ("public_url", _public_url),
     ("log_level", _log_level),
     ("database_url", _database_url),
-    ("default_region", lambda s: parse_regions(s.default_region, "default_region")),
+    ("default_region", _default_region),
     ("argon2_time_cost", lambda s: Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)),
+    ("sms_gateway_timeout", _sms_gateway_timeout),
     ("sms_backend", _sms_backend),
     ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
     ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
