@@ -376,7 +376,7 @@ class Bench:
 
     # -- ceilings ----------------------------------------------------------------------------------
     def ceiling_argon2(self) -> None:
-        from demo.common.passwords import Passwords
+        from demo.common.accounts.passwords import Passwords
         from demo.conf import settings as config
         s = config.load([], environ={f"DEMO_{name.upper()}": value for name, value in self.args.set})
         passwords = Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)
@@ -385,7 +385,7 @@ class Bench:
                          f"parallelism={s.argon2_parallelism})")
 
     def ceiling_pillow(self) -> None:
-        from demo.common import imaging
+        from demo.common.images import imaging
         work = self.tmp / "pillow"
         work.mkdir()
         src = str(self.files["upload"])
@@ -395,7 +395,7 @@ class Bench:
 
         spec = bench_images.SPECS["upload"]
         self.cpu_ceiling("pillow", once, 7, "upload", "uploads",
-                         f"median demo.common.imaging.process_upload time on the {spec.width}x{spec.height} "
+                         f"median demo.common.images.imaging.process_upload time on the {spec.width}x{spec.height} "
                          f"{self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG")
 
     def cpu_ceiling(self, name: str, call: Callable[[], Any], repeats: int, unit: str, per: str, how: str) -> None:

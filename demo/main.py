@@ -3,7 +3,7 @@
 main() resolves and checks the settings, binds, migrates the database (once, under a lock), checks
 that the media store belongs to that database, then serves in this process or in ``--processes``
 forked workers sharing the socket. A refusal to start is one line on stderr and an exit status per
-kind of problem (demo/common/startup.py). SIGTERM/SIGINT: stop accepting, let in-flight
+kind of problem (demo/common/infra/startup.py). SIGTERM/SIGINT: stop accepting, let in-flight
 requests finish within ``shutdown_grace``, close the pools, exit 0.
 SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
@@ -29,17 +29,19 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from demo.common import housekeeping, metrics, migrate
-from demo.common.clock import Clock
-from demo.common.db import make_engine
-from demo.common.handlers import StaticHandler
-from demo.common.httpserver import DemoHTTPServer
-from demo.common.images import StoreMismatch, bind_store
-from demo.common.logs import log_request, reopen_logs, setup_logging, stop_writer
-from demo.common.proxies import TrustedProxies
-from demo.common.routing import collect_routes
+from demo.common import housekeeping
+from demo.common.infra import metrics
+from demo.common.infra import migrate
+from demo.common.infra.clock import Clock
+from demo.common.infra.db import make_engine
+from demo.common.web.handlers import StaticHandler
+from demo.common.web.httpserver import DemoHTTPServer
+from demo.common.images.rules import StoreMismatch, bind_store
+from demo.common.infra.logs import log_request, reopen_logs, setup_logging, stop_writer
+from demo.common.web.proxies import TrustedProxies
+from demo.common.web.routing import collect_routes
 from demo.common.services import Services, build_services
-from demo.common.startup import (
+from demo.common.infra.startup import (
     CannotListen,
     ConfigError,
     DatabaseUnavailable,
@@ -48,7 +50,7 @@ from demo.common.startup import (
     masked_url,
     reason,
 )
-from demo.common.storage import make_store
+from demo.common.images.storage import make_store
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
@@ -270,7 +272,7 @@ def checked_settings(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit statuses: see demo/common/startup.py (2 settings, 3 database, 4 address, 5 storage)."""
+    """Exit statuses: see demo/common/infra/startup.py (2 settings, 3 database, 4 address, 5 storage)."""
     try:
         settings = checked_settings(argv)
     except StartupError as error:

@@ -7,7 +7,7 @@ from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, MetaDat
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from demo.common.tokens import new_public_id
+from demo.common.accounts.tokens import new_public_id
 
 # Stable constraint names so Alembic migrations can refer to them on every backend.
 NAMING = {

@@ -21,9 +21,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from demo.common import migrate, outbox as sms_outbox
-from demo.common.clock import FakeClock
-from demo.common.db import make_engine
+from demo.common.infra import migrate
+from demo.common.sms import outbox as sms_outbox
+from demo.common.infra.clock import FakeClock
+from demo.common.infra.db import make_engine
 from demo.conf import settings as config
 from demo.main import make_app, make_server
 from demo.models import Base

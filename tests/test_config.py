@@ -79,7 +79,7 @@ def test_production_refuses_to_run_without_a_cookie_secret():
 
 
 def test_argon2_parameters_below_owasp_are_refused():
-    from demo.common.passwords import Passwords
+    from demo.common.accounts.passwords import Passwords
 
     with pytest.raises(ValueError):
         Passwords(time_cost=1)

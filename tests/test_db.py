@@ -1,4 +1,4 @@
-"""demo/common/db.py: units of Prepared statements on the DBAPI cursor, and idle-connection pings."""
+"""demo/common/infra/db.py: units of Prepared statements on the DBAPI cursor, and idle-connection pings."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import bindparam, create_engine, exc, insert, select
 from sqlalchemy.pool import NullPool
 
-from demo.common import db as db_module
-from demo.common.db import Prepared, is_unreachable
+from demo.common.infra import db as db_module
+from demo.common.infra.db import Prepared, is_unreachable
 from demo.models import RateCounter
 
 _counters = RateCounter.__table__

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from demo.common.proxies import TrustedProxies
+from demo.common.web.proxies import TrustedProxies
 from demo.common.services import ConfigError
 from demo.conf import settings as config
 from demo.main import trusted_proxies

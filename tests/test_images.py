@@ -26,11 +26,13 @@ import pytest
 from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
 from sqlalchemy import delete, func, select, text
 
-from demo.common import housekeeping, imaging, migrate
-from demo.common.db import Database, make_engine
-from demo.common.images import Images, StoreMismatch, bind_store, claim_blob_statement
-from demo.common.storage import LocalImageStore
-from demo.common.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
+from demo.common import housekeeping
+from demo.common.images import imaging
+from demo.common.infra import migrate
+from demo.common.infra.db import Database, make_engine
+from demo.common.images.rules import Images, StoreMismatch, bind_store, claim_blob_statement
+from demo.common.images.storage import LocalImageStore
+from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
 from demo.models import Deployment, Image, ImageBlob, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -1514,7 +1516,7 @@ async def test_expect_100_continue_is_answered_only_when_the_upload_will_be_read
 @gen_test
 async def test_decoding_shares_a_pixel_budget(app):
     """Concurrent uploads never decode more pixels at once than the budget (one oversize share runs alone)."""
-    from demo.common.memo import Budget
+    from demo.common.infra.caches import Budget
 
     budget, peak, order = Budget(100), [0], []
 
@@ -1531,7 +1533,7 @@ async def test_decoding_shares_a_pixel_budget(app):
 
 @gen_test
 async def test_a_cancelled_wait_for_the_pixel_budget_lets_the_next_in():
-    from demo.common.memo import Budget
+    from demo.common.infra.caches import Budget
 
     budget, entered = Budget(100), []
 
@@ -1573,7 +1575,7 @@ def test_decoding_reuses_image_memory_up_to_the_decode_budget(app, tmp_path):
 def test_the_store_makes_a_kept_blob_durable_and_skips_a_duplicate(tmp_path, monkeypatch):
     """The re-encoded file is not fsynced by the codec thread: put() fsyncs it before renaming it into
     place, then the folder; a blob already there costs no fsync at all."""
-    from demo.common.storage import LocalImageStore
+    from demo.common.images.storage import LocalImageStore
 
     store = LocalImageStore(str(tmp_path / "media"))
     synced, real_fsync = [], os.fsync

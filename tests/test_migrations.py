@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from demo.common import migrate
-from demo.common.db import make_engine
+from demo.common.infra import migrate
+from demo.common.infra.db import make_engine
 from demo.models import Base
 
 

@@ -19,7 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from tornado.web import RequestHandler
 
-from demo.common.routing import collect_routes
+from demo.common.web.routing import collect_routes
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 SPEC_URI = "urn:demo:openapi"

@@ -1,9 +1,9 @@
-"""common/ratelimit.py without HTTP: who a per-client limit counts as one client."""
+"""common/infra/ratelimit.py without HTTP: who a per-client limit counts as one client."""
 from __future__ import annotations
 
 import pytest
 
-from demo.common.ratelimit import client_key
+from demo.common.infra.ratelimit import client_key
 
 
 @pytest.mark.parametrize(("address", "client"), [

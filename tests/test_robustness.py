@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from sqlalchemy import create_engine, func, select, text
 
 from conftest import REQUIRE_MYSQL
-from demo.common.readiness import READY_TTL
+from demo.common.infra.readiness import READY_TTL
 from demo.main import make_app
 from demo.models import Image, ImageBlob
 from servers import call, finish, free_port, output_of, register, start, stop, wait_for

@@ -1,12 +1,12 @@
-"""The router (common/routing.py): URL tables collected, auth decided for every method, JSON 404/405."""
+"""The router (common/web/routing.py): URL tables collected, auth decided for every method, JSON 404/405."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from demo.common.handlers import ApiHandler, public
-from demo.common.routing import UndeclaredAuth, check_auth_declared, collect_routes
+from demo.common.web.handlers import ApiHandler, public
+from demo.common.web.routing import UndeclaredAuth, check_auth_declared, collect_routes
 
 
 class Forgotten(ApiHandler):

@@ -16,7 +16,7 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from demo.common import housekeeping
-from demo.common.passwords import Passwords
+from demo.common.accounts.passwords import Passwords
 from demo.models import AuthSession, RateCounter, SmsCode, SmsOutbox, User
 
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"

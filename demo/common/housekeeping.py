@@ -6,9 +6,10 @@ import datetime as dt
 from sqlalchemy import delete, exists
 from sqlalchemy.orm import Session
 
-from demo.common import outbox, ratelimit
-from demo.common.db import Database
-from demo.common.images import Images
+from demo.common.sms import outbox
+from demo.common.infra import ratelimit
+from demo.common.infra.db import Database
+from demo.common.images.rules import Images
 from demo.models import AuthSession, SmsCode, SmsOutbox
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened

@@ -7,21 +7,21 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from demo.common import imaging
-from demo.common.accounts import AccountRules, Accounts
-from demo.common.clock import Clock
-from demo.common.db import Database, make_engine
-from demo.common.h5 import H5, H5Rules
-from demo.common.images import ImageRules, Images
-from demo.common.metrics import Metrics
-from demo.common.offload import Offloader
-from demo.common.outbox import Sender, SenderRules
-from demo.common.passwords import Passwords
-from demo.common.phones import parse_regions
-from demo.common.readiness import Readiness
-from demo.common.sms import make_backend, parse_test_numbers
-from demo.common.startup import ConfigError
-from demo.common.storage import ImageStore, make_store
+from demo.common.images import imaging
+from demo.common.accounts.rules import AccountRules, Accounts
+from demo.common.infra.clock import Clock
+from demo.common.infra.db import Database, make_engine
+from demo.common.h5.rules import H5, H5Rules
+from demo.common.images.rules import ImageRules, Images
+from demo.common.infra.metrics import Metrics
+from demo.common.infra.offload import Offloader
+from demo.common.sms.outbox import Sender, SenderRules
+from demo.common.accounts.passwords import Passwords
+from demo.common.accounts.phones import parse_regions
+from demo.common.infra.readiness import Readiness
+from demo.common.sms.backends import make_backend, parse_test_numbers
+from demo.common.infra.startup import ConfigError
+from demo.common.images.storage import ImageStore, make_store
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")

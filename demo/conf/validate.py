@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from demo.common.outbox import SenderRules
-from demo.common.passwords import Passwords
-from demo.common.phones import parse_regions
-from demo.common.proxies import TrustedProxies
+from demo.common.sms.outbox import SenderRules
+from demo.common.accounts.passwords import Passwords
+from demo.common.accounts.phones import parse_regions
+from demo.common.web.proxies import TrustedProxies
 from demo.common.services import resolve_cookie_secret
-from demo.common.sms import HttpGatewayBackend, parse_backend, parse_test_numbers
-from demo.common.startup import ConfigError, StorageUnusable, masked_url
+from demo.common.sms.backends import HttpGatewayBackend, parse_backend, parse_test_numbers
+from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
 from demo.conf.settings import Settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from demo.common.db import make_engine
+from demo.common.infra.db import make_engine
 from demo.conf import settings as demo_settings
 from demo.models import Base
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import openapi_ui_bundles
 
-from demo.common.handlers import ApiHandler, StaticHandler, public
+from demo.common.web.handlers import ApiHandler, StaticHandler, public
 
 # Swagger UI 5 (the first to read OpenAPI 3.1). The package's version is in the assets' URLs: they
 # change with it, so browsers may keep the files for ever.

@@ -1,5 +1,5 @@
 """H5 pages (scenario 3) opened by the app's WebView. Unknown /h5/ paths get the HTML 404 page."""
-from demo.common.handlers import H5NotFoundHandler
+from demo.common.web.handlers import H5NotFoundHandler
 from demo.views import h5_views as v
 
 urls = [

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from tornado.web import RequestHandler
 
-from demo.common import imaging
-from demo.common.h5 import SwitchOffer
-from demo.common.handlers import H5_COOKIE, ApiHandler, H5PageHandler, authenticated, h5_session
+from demo.common.images import imaging
+from demo.common.h5.rules import SwitchOffer
+from demo.common.web.handlers import H5_COOKIE, ApiHandler, H5PageHandler, authenticated, h5_session
 from demo.views.images_views import ImagesHandler
 
 

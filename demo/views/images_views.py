@@ -9,11 +9,11 @@ from typing import Any
 
 from tornado.web import stream_request_body
 
-from demo.common import imaging
+from demo.common.images import imaging
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
-from demo.common.handlers import ApiHandler, authenticated, public
-from demo.common.images import THUMBNAIL_WIDTHS
-from demo.common.uploads import UploadSink, UploadSpool
+from demo.common.web.handlers import ApiHandler, authenticated, public
+from demo.common.images.rules import THUMBNAIL_WIDTHS
+from demo.common.images.uploads import UploadSink, UploadSpool
 
 log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024

@@ -5,7 +5,7 @@ from importlib import resources
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from demo.common.handlers import ApiHandler, error_body, public
+from demo.common.web.handlers import ApiHandler, error_body, public
 
 
 class HealthHandler(ApiHandler):

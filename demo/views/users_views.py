@@ -1,10 +1,10 @@
-"""Accounts handlers: read the JSON fields, call demo.common.accounts, write the contract's JSON."""
+"""Accounts handlers: read the JSON fields, call demo.common.accounts.rules, write the contract's JSON."""
 from __future__ import annotations
 
 from typing import Any
 
-from demo.common.accounts import Grant
-from demo.common.handlers import ApiHandler, authenticated, public, text_field
+from demo.common.accounts.rules import Grant
+from demo.common.web.handlers import ApiHandler, authenticated, public, text_field
 
 
 class AccountsHandler(ApiHandler):

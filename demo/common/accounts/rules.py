@@ -16,9 +16,11 @@ from sqlalchemy import String, bindparam, func, insert, literal_column, select, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from demo.common import outbox, ratelimit, tokens
-from demo.common.clock import Clock, isoformat
-from demo.common.db import Cursor, Database, Prepared, session_cursor
+from demo.common.sms import outbox
+from demo.common.infra import ratelimit
+from demo.common.accounts import tokens
+from demo.common.infra.clock import Clock, isoformat
+from demo.common.infra.db import Cursor, Database, Prepared, session_cursor
 from demo.common.errors import (
     InvalidCode,
     InvalidCredentials,
@@ -27,11 +29,11 @@ from demo.common.errors import (
     RateLimited,
     Unauthorized,
 )
-from demo.common.h5 import create_ticket
-from demo.common.passwords import Passwords, check_password_policy
-from demo.common.phones import normalize_phone, require_region
-from demo.common.principal import Principal
-from demo.common.ratelimit import Window
+from demo.common.h5.rules import create_ticket
+from demo.common.accounts.passwords import Passwords, check_password_policy
+from demo.common.accounts.phones import normalize_phone, require_region
+from demo.common.accounts.principal import Principal
+from demo.common.infra.ratelimit import Window
 from demo.models import AuthSession, Image, SmsCode, User
 
 PURPOSES = ("regist", "reset")

@@ -20,7 +20,7 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler
 
 from demo.common.errors import (DemoError, InsufficientStorage, InvalidField, InvalidJson, TooLarge, Unauthorized,
                                 UnsupportedMediaType)
-from demo.common.principal import Principal
+from demo.common.accounts.principal import Principal
 
 log = logging.getLogger("demo.web")
 F = TypeVar("F", bound=Callable[..., Any])

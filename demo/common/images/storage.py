@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from demo.common.locks import file_lock
+from demo.common.infra.locks import file_lock
 
 TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
 IDENTITY_FILE = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to

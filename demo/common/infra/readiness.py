@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from demo.common.db import Database
+from demo.common.infra.db import Database
 from demo.common.errors import Unavailable
 
 READY_TTL = 1.0  # seconds one answer (ready or not) is reused

@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
 from sqlalchemy.orm import Session
 
-from demo.common.db import Prepared, session_cursor, upsert_add, upsert_add_statement
+from demo.common.infra.db import Prepared, session_cursor, upsert_add, upsert_add_statement
 from demo.common.errors import RateLimited
 from demo.models import RateCounter
 

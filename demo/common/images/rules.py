@@ -34,14 +34,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from demo.common import imaging
-from demo.common.clock import Clock, isoformat
-from demo.common.db import Cursor, Database, Prepared, upsert_add_statement
+from demo.common.images import imaging
+from demo.common.infra.clock import Clock, isoformat
+from demo.common.infra.db import Cursor, Database, Prepared, upsert_add_statement
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
-from demo.common.memo import Budget, BytesCache, TtlCache
-from demo.common.memory import trims_after
-from demo.common.storage import IDENTITY_FILE, ImageStore
-from demo.common.uploads import BodyMemory, UploadSpool
+from demo.common.infra.caches import Budget, BytesCache, TtlCache
+from demo.common.infra.memory import trims_after
+from demo.common.images.storage import IDENTITY_FILE, ImageStore
+from demo.common.images.uploads import BodyMemory, UploadSpool
 from demo.models import Deployment, Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")

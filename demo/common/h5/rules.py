@@ -22,12 +22,12 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from demo.common import tokens
-from demo.common.clock import Clock, isoformat
-from demo.common.db import Cursor, Database, Prepared, session_cursor
+from demo.common.accounts import tokens
+from demo.common.infra.clock import Clock, isoformat
+from demo.common.infra.db import Cursor, Database, Prepared, session_cursor
 from demo.common.errors import Unauthorized
-from demo.common.phones import mask_phone
-from demo.common.principal import Principal
+from demo.common.accounts.phones import mask_phone
+from demo.common.accounts.principal import Principal
 from demo.models import AuthSession, H5Session, H5Ticket, Image, User
 
 MAX_TICKET_TTL = 120

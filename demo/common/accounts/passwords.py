@@ -20,7 +20,7 @@ OWASP_MIN_MEMORY_KIB, OWASP_MIN_TIME_COST = 19456, 2
 @lru_cache(maxsize=1)
 def common_passwords() -> frozenset[str]:
     """20,000 most common passwords (Django's list, BSD licence), shipped in the package."""
-    data = resources.files("demo.common").joinpath("data/common-passwords.txt.gz").read_bytes()
+    data = resources.files("demo.common.accounts").joinpath("data/common-passwords.txt.gz").read_bytes()
     return frozenset(line.strip() for line in gzip.decompress(data).decode().splitlines() if line.strip())
 
 

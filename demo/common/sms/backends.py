@@ -14,7 +14,7 @@ from typing import Protocol
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from demo.common.offload import Offloader
+from demo.common.infra.offload import Offloader
 
 log = logging.getLogger("demo.sms")
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from demo.common.clock import Clock, isoformat
-from demo.common.db import Database
+from demo.common.infra.clock import Clock, isoformat
+from demo.common.infra.db import Database
 from demo.common.errors import Unavailable
-from demo.common.metrics import Metrics
-from demo.common.phones import mask_phone
-from demo.common.sms import SmsBackend, SmsMessage
+from demo.common.infra.metrics import Metrics
+from demo.common.accounts.phones import mask_phone
+from demo.common.sms.backends import SmsBackend, SmsMessage
 from demo.models import SmsCode, SmsOutbox
 
 log = logging.getLogger("demo.sms")

@@ -25,7 +25,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.orm import Session, sessionmaker
 
 from demo.common.errors import Unavailable
-from demo.common.offload import Offloader
+from demo.common.infra.offload import Offloader
 
 T = TypeVar("T")
 log = logging.getLogger("demo.db")

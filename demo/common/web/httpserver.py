@@ -11,8 +11,8 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from demo.common.handlers import error_body
-from demo.common.proxies import TrustedProxies
+from demo.common.web.handlers import error_body
+from demo.common.web.proxies import TrustedProxies
 
 
 class DemoHTTPServer(HTTPServer):

@@ -12,7 +12,7 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
-from demo.common.handlers import NotFoundHandler
+from demo.common.web.handlers import NotFoundHandler
 
 AUTH_RULES = {"public", "bearer", "h5"}
 

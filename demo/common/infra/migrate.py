@@ -13,7 +13,7 @@ from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from demo.common.locks import file_lock
+from demo.common.infra.locks import file_lock
 from demo.conf.settings import PACKAGE_DIR
 
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"

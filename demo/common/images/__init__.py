@@ -1,0 +1,1 @@
+"""Scenario 2: uploads, checks, storage, thumbnails and delivery of images."""

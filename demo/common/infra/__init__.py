@@ -1,0 +1,1 @@
+"""Infrastructure with no feature of its own: database, off-loop pools, logs, metrics, limits, clock."""

@@ -1,0 +1,1 @@
+"""SMS: the durable outbox and the delivery backends."""

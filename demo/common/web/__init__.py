@@ -1,0 +1,1 @@
+"""The Tornado web base: handlers, the error map, routing, the HTTP server."""
