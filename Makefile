@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: run test clean lock
+.PHONY: run test lint format clean lock
 
 # Installs come from the locks (exact versions, hashes checked); the ranges in setup.cfg are for those
 # who install demo as a library. mysqlclient compiles against the MySQL/MariaDB client headers, so its
@@ -30,6 +30,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The checks CI runs before the tests: ruff's lint and format check over everything, mypy strict on demo/
+# (pyproject.toml). `make format` rewrites the tree in ruff's style.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) demo/data .pytest_cache
