@@ -52,7 +52,7 @@ def setup_logging(log_dir: str, level: str = "info", *, self_rotating: bool = Tr
 
 def _start_writer() -> None:
     global _writer
-    lines: queue.SimpleQueue = queue.SimpleQueue()
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

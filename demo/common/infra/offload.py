@@ -37,7 +37,7 @@ class Offloader:
         return await self._run(self.io_pool, fn, args, kwargs)
 
     @staticmethod
-    async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 

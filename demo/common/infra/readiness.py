@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from demo.common.infra.db import Database
 from demo.common.errors import Unavailable
+from demo.common.infra.db import Database
 
 READY_TTL = 1.0  # seconds one answer (ready or not) is reused
 READY_TIMEOUT = 2.0  # seconds: a readiness probe must answer before the prober gives up
