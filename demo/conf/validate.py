@@ -15,13 +15,13 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from demo.common.sms.outbox import SenderRules
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.phones import parse_regions
-from demo.common.web.proxies import TrustedProxies
+from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
 from demo.common.services import resolve_cookie_secret
 from demo.common.sms.backends import HttpGatewayBackend, parse_backend, parse_test_numbers
-from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
+from demo.common.sms.outbox import SenderRules
+from demo.common.web.proxies import TrustedProxies
 from demo.conf.settings import Settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -151,5 +151,5 @@ VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
     ("sms_backend", _sms_backend),
     ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
     ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
-    ("sms_send_attempts", lambda s: SenderRules(attempts=s.sms_send_attempts, retry_delay=s.sms_retry_delay)),
+    ("sms_send_attempts", SenderRules.from_settings),
 ]
