@@ -1,21 +1,122 @@
 """Settings (conf/settings.py): one declaration per setting, and the precedence of the sources."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from demo.common.accounts.rules import AccountRules
+from demo.common.h5.rules import H5Rules
+from demo.common.images.rules import ImageRules
 from demo.common.services import ConfigError, resolve_cookie_secret
+from demo.common.sms.outbox import SenderRules
 from demo.conf import settings as config
+from demo.conf.settings import Settings
 from demo.conf.validate import check_values
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_every_setting_has_help_text():
+
+def test_every_setting_is_declared_once_with_type_default_help_and_group():
+    """The dataclass is the one declaration: the parser defines exactly its fields, with their help."""
+    assert [field.name for field in dataclasses.fields(Settings)] == list(config.NAMES)
+    for declared in config.DECLARED:
+        assert declared.help.strip() and declared.group, declared.name
+        assert type(declared.default) is declared.kind, declared.name
+        assert getattr(Settings(), declared.name) == declared.default
     parser = config.OptionParser()
     config.declare(parser)
-    assert all(option.help for option in parser._options.values() if option.name != "help")
+    assert sorted(name for name in parser.as_dict() if name != "help") == sorted(config.NAMES)
+
+
+def _another_value(declared: config.Declared, tmp_path: Path) -> config.Value:
+    """A value of the setting's type that is not its default."""
+    if declared.name == "config":  # the config file itself: it must exist (an empty one)
+        path = tmp_path / "other.conf"
+        path.write_text("")
+        return str(path)
+    if declared.kind is bool:
+        return not declared.default
+    if declared.kind is int:
+        return int(declared.default) + 7
+    if declared.kind is float:
+        return float(declared.default) + 0.25
+    return f"{declared.default}-x"
+
+
+@pytest.mark.parametrize("declared", config.DECLARED, ids=config.NAMES)
+def test_every_setting_round_trips_through_command_line_env_and_config_file(declared, tmp_path):
+    value = _another_value(declared, tmp_path)
+    name, text = declared.name, str(value).lower() if declared.kind is bool else str(value)
+    from_command_line = config.load([f"--{name}={text}"], {})
+    from_env = config.load([], {f"DEMO_{name.upper()}": text})
+    conf = tmp_path / "demo.conf"
+    conf.write_text(f"{name} = {value!r}\n")
+    sources = [from_command_line, from_env]
+    if name != "config":  # a file cannot name another config file: the --config that names it wins
+        sources.append(config.load([f"--config={conf}"], {}))
+    for loaded in sources:
+        assert getattr(loaded, name) == value and type(getattr(loaded, name)) is declared.kind
+        assert loaded.replace(**{"config": "", name: declared.default}) == Settings()  # nothing else moved
+
+
+def test_a_mistyped_setting_is_refused_everywhere():
+    with pytest.raises(config.OptionsError, match="db_pool_sise"):
+        config.load(["--db_pool_sise=3"], {})
+    with pytest.raises(KeyError, match="db_pool_sise"):
+        config.defaults(db_pool_sise=3)
+    with pytest.raises(KeyError, match="db_pool_sise"):
+        Settings().replace(db_pool_sise=3)
+    with pytest.raises(TypeError, match="db_pool_sise"):
+        Settings(db_pool_sise=3)  # type: ignore[call-arg]
+    with pytest.raises(AttributeError, match="db_pool_sise"):
+        Settings().db_pool_sise  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+def test_a_mistyped_setting_is_a_type_error(tmp_path):
+    """What the typed declaration is for: mypy (strict, as `make lint` runs it) refuses a misspelt
+    name and a value of the wrong type before anything runs."""
+    pytest.importorskip("mypy")
+    snippet = tmp_path / "uses_settings.py"
+    snippet.write_text(
+        "from demo.conf.settings import Settings\n\n\n"
+        "def pool(settings: Settings) -> int:\n    return settings.db_pool_sise\n\n\n"
+        "Settings(port='80')\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-error-summary",
+                          "--cache-dir", str(tmp_path / "cache"), str(snippet)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert '"Settings" has no attribute "db_pool_sise"; maybe "db_pool_size"?' in run.stdout
+    assert 'Argument "port" to "Settings" has incompatible type "str"; expected "int"' in run.stdout
+
+
+def test_the_rules_take_their_settings_from_settings_and_repeat_no_default():
+    """The rules' dataclasses are made by from_settings; the only defaults they keep are constants
+    that are not settings."""
+    settings = config.defaults(token_ttl=5, sms_countries="CN, hk", h5_session_ttl=7, upload_memory=9,
+                               sms_send_attempts=2, sms_gateway_timeout=30.0)
+    accounts = AccountRules.from_settings(settings)
+    assert accounts.token_ttl == 5 and accounts.sms_regions == {"CN", "HK"} and accounts.default_region == "CN"
+    assert AccountRules.from_settings(config.defaults()).sms_regions == {"CN"}  # empty: the default region
+    assert H5Rules.from_settings(settings) == H5Rules(ticket_ttl=120, session_ttl=7)
+    assert ImageRules.from_settings(settings).upload_memory == 9
+    sender = SenderRules.from_settings(settings)
+    assert (sender.attempts, sender.retry_delay, sender.lease) == (2, 5.0, 120.0)  # a claim outlives a send
+    assert SenderRules.from_settings(config.defaults()).lease == 60.0
+    not_settings = {ImageRules: {"memory_cache_item"}, SenderRules: {"lease", "batch"}}
+    for rules in (AccountRules, H5Rules, ImageRules, SenderRules):
+        with_default = {field.name for field in dataclasses.fields(rules)
+                        if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING}
+        assert with_default == not_settings.get(rules, set()), rules
+        with pytest.raises(TypeError):
+            rules()  # type: ignore[call-arg]
 
 
 def test_help_names_each_option_as_accepted_with_its_environment_name_and_default():
@@ -132,7 +233,8 @@ def test_a_config_file_may_write_a_whole_number_for_a_float_setting(tmp_path):
     ({"db_pool_size": 0}, "--db_pool_size"), ({"h5_ticket_ttl": 600}, "--h5_ticket_ttl"),
     ({"sms_test_numbers": "123:1"}, "--sms_test_numbers"), ({"argon2_memory_kib": 1024}, "--argon2_time_cost"),
     ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"),
-    ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"), ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
+    ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"),
+    ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
     # Each of these passed once, then failed every request of its kind (or sent texts twice):
     ({"login_slowdown": 0}, "--login_slowdown"), ({"login_window": 0}, "--login_window"),
     ({"sms_gateway_timeout": 0.0}, "--sms_gateway_timeout"), ({"default_region": "CN,US"}, "--default_region"),
