@@ -53,122 +53,178 @@ class Settings:
     # -- process ---------------------------------------------------------------------------
     port: int = option(8000, "TCP port to listen on", group=SERVER, low=1, high=65535)
     address: str = option(
-        "127.0.0.1", "address to bind; loopback by default: only nginx on this machine should reach the app",
-        group=SERVER)
+        "127.0.0.1",
+        "address to bind; loopback by default: only nginx on this machine should reach the app",
+        group=SERVER,
+    )
     trusted_proxies: str = option(
         "127.0.0.0/8,::1",
         "comma list of addresses and CIDR networks whose X-Real-IP / X-Forwarded-For / X-Scheme / "
         "X-Forwarded-Proto headers are believed (nginx's set_real_ip_from); from any other peer its own "
-        "address and scheme count", group=SERVER)
+        "address and scheme count",
+        group=SERVER,
+    )
     processes: int = option(1, "worker processes (0 = one per core)", group=SERVER)
     config: str = option("", "path to a config file (python syntax)", group=SERVER)
-    debug: bool = option(False, "development mode: autoreload, tracebacks in logs, a throw-away cookie secret",
-                         group=SERVER)
-    public_url: str = option("", "absolute base URL clients use (https://api.example.com); empty = from the request",
-                             group=SERVER)
+    debug: bool = option(
+        False, "development mode: autoreload, tracebacks in logs, a throw-away cookie secret", group=SERVER
+    )
+    public_url: str = option(
+        "", "absolute base URL clients use (https://api.example.com); empty = from the request", group=SERVER
+    )
     shutdown_grace: float = option(10.0, "seconds in-flight requests get to finish after SIGTERM", group=SERVER)
     idle_timeout: int = option(
-        75, "seconds a client may take to send request headers, and an idle keep-alive connection stays "
+        75,
+        "seconds a client may take to send request headers, and an idle keep-alive connection stays "
         "open (keep it above nginx's upstream keepalive_timeout, 50 s in the sample, so nginx closes first)",
-        group=SERVER, low=1)
+        group=SERVER,
+        low=1,
+    )
     body_timeout: int = option(
-        120, "seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)",
-        group=SERVER, low=1)
-    cookie_secret: str = option("", "secret for signed cookies and code hashing; required outside debug mode",
-                                group=SERVER)
+        120,
+        "seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)",
+        group=SERVER,
+        low=1,
+    )
+    cookie_secret: str = option(
+        "", "secret for signed cookies and code hashing; required outside debug mode", group=SERVER
+    )
     # -- logging ---------------------------------------------------------------------------
-    log_dir: str = option(str(PACKAGE_DIR / "log"), "folder for the rotating log file; empty = stderr only",
-                          group=LOGGING)
+    log_dir: str = option(
+        str(PACKAGE_DIR / "log"), "folder for the rotating log file; empty = stderr only", group=LOGGING
+    )
     log_level: str = option("info", "debug, info, warning or error", group=LOGGING)
     # -- database --------------------------------------------------------------------------
     database_url: str = option(
         f"sqlite:///{DATA_DIR / 'demo.sqlite3'}",
-        "SQLAlchemy URL, e.g. mysql+mysqldb://user:pw@127.0.0.1/demo (default: embedded SQLite)", group=DATABASE)
-    db_pool_size: int = option(8, "connections kept in the pool; the DB thread pool has the same size",
-                               group=DATABASE, low=1)
-    db_connect_timeout: int = option(2, "seconds to wait for a new MySQL connection before answering 503",
-                                     group=DATABASE, low=1)
+        "SQLAlchemy URL, e.g. mysql+mysqldb://user:pw@127.0.0.1/demo (default: embedded SQLite)",
+        group=DATABASE,
+    )
+    db_pool_size: int = option(
+        8, "connections kept in the pool; the DB thread pool has the same size", group=DATABASE, low=1
+    )
+    db_connect_timeout: int = option(
+        2, "seconds to wait for a new MySQL connection before answering 503", group=DATABASE, low=1
+    )
     db_io_timeout: int = option(
-        30, "seconds a MySQL read or write may hang (a frozen server) before the request answers 503",
-        group=DATABASE, low=1)
+        30,
+        "seconds a MySQL read or write may hang (a frozen server) before the request answers 503",
+        group=DATABASE,
+        low=1,
+    )
     db_pool_recycle: int = option(
-        1800, "seconds after which a connection is replaced (keep below MySQL wait_timeout)", group=DATABASE, low=1)
+        1800, "seconds after which a connection is replaced (keep below MySQL wait_timeout)", group=DATABASE, low=1
+    )
     cpu_workers: int = option(0, "threads for password hashing and image work (0 = one per core)", group=DATABASE)
     # -- accounts --------------------------------------------------------------------------
-    default_region: str = option("CN", "region used to read national phone numbers (ISO 3166 code)",
-                                 group=ACCOUNTS)
+    default_region: str = option("CN", "region used to read national phone numbers (ISO 3166 code)", group=ACCOUNTS)
     token_ttl: int = option(30 * 24 * 3600, "seconds an app token lives", group=ACCOUNTS, low=1)
     argon2_time_cost: int = option(2, "argon2id iterations (>= 2)", group=ACCOUNTS)
     argon2_memory_kib: int = option(19456, "argon2id memory in KiB (>= 19456)", group=ACCOUNTS)
     argon2_parallelism: int = option(1, "argon2id lanes", group=ACCOUNTS, low=1)
     # Per-client limits count an IPv4 client by its address and an IPv6 client by its /64.
     login_phone_failures: int = option(
-        10, "failed logins allowed per phone from one client per login_window; then that client waits "
-        "for the window's end (other clients do not: a stranger cannot lock the owner out)", group=ACCOUNTS)
-    login_ip_failures: int = option(100, "failed logins allowed per client over all phones per login_window",
-                                    group=ACCOUNTS)
+        10,
+        "failed logins allowed per phone from one client per login_window; then that client waits "
+        "for the window's end (other clients do not: a stranger cannot lock the owner out)",
+        group=ACCOUNTS,
+    )
+    login_ip_failures: int = option(
+        100, "failed logins allowed per client over all phones per login_window", group=ACCOUNTS
+    )
     login_window: int = option(900, "seconds of the login failure window", group=ACCOUNTS, low=1)
     login_slowdown_after: int = option(
-        10, "failed logins per phone from all clients together per login_window before the phone is slowed "
+        10,
+        "failed logins per phone from all clients together per login_window before the phone is slowed "
         "down (not locked) to one attempt per login_slowdown seconds: guesses per phone stay below "
         "login_slowdown_after + login_window / login_slowdown per window; a client that signed in to the phone "
-        "within 30 days is not slowed down", group=ACCOUNTS)
+        "within 30 days is not slowed down",
+        group=ACCOUNTS,
+    )
     login_slowdown: int = option(
-        60, "seconds between two login attempts on a slowed-down phone (see login_slowdown_after)",
-        group=ACCOUNTS, low=1)
+        60,
+        "seconds between two login attempts on a slowed-down phone (see login_slowdown_after)",
+        group=ACCOUNTS,
+        low=1,
+    )
     code_checks_ip_hourly: int = option(
-        30, "registrations and password resets with a wrong or spent SMS code allowed per client per hour, "
-        "both together (one budget: alternating must not double it); good ones are not counted", group=ACCOUNTS)
-    h5_ticket_ttl: int = option(120, "seconds an H5 ticket (h5_url) stays valid; at most 120", group=ACCOUNTS,
-                                low=1, high=120)
+        30,
+        "registrations and password resets with a wrong or spent SMS code allowed per client per hour, "
+        "both together (one budget: alternating must not double it); good ones are not counted",
+        group=ACCOUNTS,
+    )
+    h5_ticket_ttl: int = option(
+        120, "seconds an H5 ticket (h5_url) stays valid; at most 120", group=ACCOUNTS, low=1, high=120
+    )
     h5_session_ttl: int = option(
-        24 * 3600, "seconds an H5 cookie session lives (it also ends with its app session)", group=ACCOUNTS, low=1)
+        24 * 3600, "seconds an H5 cookie session lives (it also ends with its app session)", group=ACCOUNTS, low=1
+    )
     # -- SMS -------------------------------------------------------------------------------
     sms_backend: str = option("console", "console | file:<path> | http (gateway, see sms_gateway_*)", group=SMS)
-    sms_test_numbers: str = option("", "comma list of phone:code pairs that get a fixed code and no text",
-                                   group=SMS)
+    sms_test_numbers: str = option("", "comma list of phone:code pairs that get a fixed code and no text", group=SMS)
     sms_countries: str = option(
-        "", "comma list of ISO 3166 region codes texts may go to (e.g. CN,HK); empty = default_region only. "
-        "Codes for other numbers, and for non-geographic (satellite) ones, are refused with 422", group=SMS)
+        "",
+        "comma list of ISO 3166 region codes texts may go to (e.g. CN,HK); empty = default_region only. "
+        "Codes for other numbers, and for non-geographic (satellite) ones, are refused with 422",
+        group=SMS,
+    )
     sms_send_attempts: int = option(
-        5, "tries to hand a text to the SMS backend before it is given up (its code is then void)", group=SMS)
-    sms_retry_delay: float = option(5.0, "seconds before a failed text is tried again; doubles with each try",
-                                    group=SMS)
+        5, "tries to hand a text to the SMS backend before it is given up (its code is then void)", group=SMS
+    )
+    sms_retry_delay: float = option(
+        5.0, "seconds before a failed text is tried again; doubles with each try", group=SMS
+    )
     sms_code_ttl: int = option(300, "seconds an SMS code is valid", group=SMS, low=1)
     sms_resend_after: int = option(60, "seconds between two texts to one phone", group=SMS)
     sms_max_attempts: int = option(5, "wrong tries before a code is dead", group=SMS, low=1)
     sms_phone_daily: int = option(10, "texts per phone per UTC day", group=SMS)
-    sms_ip_hourly: int = option(20, "texts requested per client per hour (an IPv4 address, an IPv6 /64)",
-                                group=SMS)
+    sms_ip_hourly: int = option(20, "texts requested per client per hour (an IPv4 address, an IPv6 /64)", group=SMS)
     sms_gateway_url: str = option("", "HTTP gateway URL (sms_backend=http)", group=SMS)
-    sms_gateway_body: str = option('{"to": $phone, "text": $text}',
-                                   "request body template; $phone, $text and $code are substituted JSON-encoded",
-                                   group=SMS)
-    sms_gateway_headers: str = option("Content-Type: application/json",
-                                      "extra request headers, 'Name: value' separated by ';'", group=SMS)
+    sms_gateway_body: str = option(
+        '{"to": $phone, "text": $text}',
+        "request body template; $phone, $text and $code are substituted JSON-encoded",
+        group=SMS,
+    )
+    sms_gateway_headers: str = option(
+        "Content-Type: application/json", "extra request headers, 'Name: value' separated by ';'", group=SMS
+    )
     sms_gateway_timeout: float = option(5.0, "seconds before the gateway is given up", group=SMS)
     # -- images (scenario 2) -----------------------------------------------------------------
     media_root: str = option(str(DATA_DIR / "media"), "folder for stored images", group=IMAGES)
     max_upload_bytes: int = option(10 * MIB, "largest accepted upload body", group=IMAGES, low=1)
     max_image_pixels: int = option(40_000_000, "largest accepted image (pixels)", group=IMAGES, low=1)
     image_lookup_ttl: float = option(
-        30.0, "seconds an image id stays in a process's lookup cache (another process's delete shows within "
-        "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s", group=IMAGES)
+        30.0,
+        "seconds an image id stays in a process's lookup cache (another process's delete shows within "
+        "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s",
+        group=IMAGES,
+    )
     image_memory_cache: int = option(
-        64 * MIB, "bytes of small image files kept in memory per process (they never change: named by hash)",
-        group=IMAGES)
+        64 * MIB,
+        "bytes of small image files kept in memory per process (they never change: named by hash)",
+        group=IMAGES,
+    )
     image_decode_budget: int = option(
-        16_000_000, "pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts",
-        group=IMAGES, low=1)
+        16_000_000,
+        "pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts",
+        group=IMAGES,
+        low=1,
+    )
     max_animation_pixels: int = option(
-        16_000_000, "largest accepted animation: pixels of all its frames together, decoded. Pillow's GIF and APNG "
+        16_000_000,
+        "largest accepted animation: pixels of all its frames together, decoded. Pillow's GIF and APNG "
         "writers keep every frame (about 4 bytes a pixel) until the file is written, so this should fit "
         "image_decode_budget; 16 M admits a 512x512 sticker of 60 frames or a 480x270 GIF of 120 (4-5 s), "
         "and refuses a 1,000-frame 400x400 bomb (160 M pixels, 600+ MB to re-encode) however small its file",
-        group=IMAGES, low=1)
+        group=IMAGES,
+        low=1,
+    )
     upload_memory: int = option(
-        32 * MIB, "bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
-        "long stays in memory while this allows (no temp file); others stream to a temp file", group=IMAGES)
+        32 * MIB,
+        "bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
+        "long stays in memory while this allows (no temp file); others stream to a temp file",
+        group=IMAGES,
+    )
     image_quota_count: int = option(1000, "images one user may keep", group=IMAGES)
     image_quota_bytes: int = option(1024**3, "bytes of images one user may keep", group=IMAGES)
 

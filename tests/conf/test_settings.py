@@ -1,4 +1,5 @@
 """Settings (conf/settings.py): one declaration per setting, and the precedence of the sources."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,9 +90,24 @@ def test_a_mistyped_setting_is_a_type_error(tmp_path):
         "def pool(settings: Settings) -> int:\n    return settings.db_pool_sise\n\n\n"
         "Settings(port='80')\n"
     )
-    run = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-error-summary",
-                          "--cache-dir", str(tmp_path / "cache"), str(snippet)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(snippet),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     assert '"Settings" has no attribute "db_pool_sise"; maybe "db_pool_size"?' in run.stdout
     assert 'Argument "port" to "Settings" has incompatible type "str"; expected "int"' in run.stdout
@@ -100,8 +116,14 @@ def test_a_mistyped_setting_is_a_type_error(tmp_path):
 def test_the_rules_take_their_settings_from_settings_and_repeat_no_default():
     """The rules' dataclasses are made by from_settings; the only defaults they keep are constants
     that are not settings."""
-    settings = config.defaults(token_ttl=5, sms_countries="CN, hk", h5_session_ttl=7, upload_memory=9,
-                               sms_send_attempts=2, sms_gateway_timeout=30.0)
+    settings = config.defaults(
+        token_ttl=5,
+        sms_countries="CN, hk",
+        h5_session_ttl=7,
+        upload_memory=9,
+        sms_send_attempts=2,
+        sms_gateway_timeout=30.0,
+    )
     accounts = AccountRules.from_settings(settings)
     assert accounts.token_ttl == 5 and accounts.sms_regions == {"CN", "HK"} and accounts.default_region == "CN"
     assert AccountRules.from_settings(config.defaults()).sms_regions == {"CN"}  # empty: the default region
@@ -112,8 +134,11 @@ def test_the_rules_take_their_settings_from_settings_and_repeat_no_default():
     assert SenderRules.from_settings(config.defaults()).lease == 60.0
     not_settings = {ImageRules: {"memory_cache_item"}, SenderRules: {"lease", "batch"}}
     for rules in (AccountRules, H5Rules, ImageRules, SenderRules):
-        with_default = {field.name for field in dataclasses.fields(rules)
-                        if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING}
+        with_default = {
+            field.name
+            for field in dataclasses.fields(rules)
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        }
         assert with_default == not_settings.get(rules, set()), rules
         with pytest.raises(TypeError):
             rules()  # type: ignore[call-arg]
@@ -122,12 +147,15 @@ def test_the_rules_take_their_settings_from_settings_and_repeat_no_default():
 def test_help_names_each_option_as_accepted_with_its_environment_name_and_default():
     """`--help` (run as an operator would) shows `--sms_backend`, as the README writes it, with
     `DEMO_SMS_BACKEND`, its default and help, under a line that says which source wins."""
-    run = subprocess.run([sys.executable, "-m", "demo.main", "--help"], capture_output=True, text=True,
-                         timeout=60, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "demo.main", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert run.returncode == 0, run.stderr
     text = run.stdout
-    assert "strongest first: the command line (--name=value), the environment\n(DEMO_NAME=value), " \
-           "the --config file (name = value), its default" in text
+    assert (
+        "strongest first: the command line (--name=value), the environment\n(DEMO_NAME=value), "
+        "the --config file (name = value), its default" in text
+    )
     for name, value in config.defaults().items():
         default = "" if value in (None, "") else f"  (default {value})"
         assert f"  --{name}  DEMO_{name.upper()}{default}\n" in text
@@ -188,8 +216,10 @@ def test_argon2_parameters_below_owasp_are_refused():
         Passwords(memory_kib=8192)
 
 
-@pytest.mark.parametrize("changes", [{"sms_countries": "CN,XX"}, {"sms_countries": " , "},
-                                     {"sms_send_attempts": 0}, {"sms_retry_delay": 0.0}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"sms_countries": "CN,XX"}, {"sms_countries": " , "}, {"sms_send_attempts": 0}, {"sms_retry_delay": 0.0}],
+)
 def test_bad_sms_settings_refuse_to_start(changes, tmp_path):
     from demo.common.services import build_services
 
@@ -226,19 +256,29 @@ def test_a_config_file_may_write_a_whole_number_for_a_float_setting(tmp_path):
     assert settings.sms_retry_delay == 2.0 and settings.port == 7001 and settings.processes == 2
 
 
-@pytest.mark.parametrize("changes, option", [
-    ({"log_level": "verbose"}, "--log_level"), ({"sms_backend": "smtp"}, "--sms_backend"),
-    ({"sms_backend": "http"}, "sms_gateway_url"), ({"default_region": "XX"}, "--default_region"),
-    ({"trusted_proxies": "10.0.0.0/8,nope"}, "--trusted_proxies"), ({"public_url": "api.example.com"}, "--public_url"),
-    ({"db_pool_size": 0}, "--db_pool_size"), ({"h5_ticket_ttl": 600}, "--h5_ticket_ttl"),
-    ({"sms_test_numbers": "123:1"}, "--sms_test_numbers"), ({"argon2_memory_kib": 1024}, "--argon2_time_cost"),
-    ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"),
-    ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"),
-    ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
-    # Each of these passed once, then failed every request of its kind (or sent texts twice):
-    ({"login_slowdown": 0}, "--login_slowdown"), ({"login_window": 0}, "--login_window"),
-    ({"sms_gateway_timeout": 0.0}, "--sms_gateway_timeout"), ({"default_region": "CN,US"}, "--default_region"),
-])
+@pytest.mark.parametrize(
+    "changes, option",
+    [
+        ({"log_level": "verbose"}, "--log_level"),
+        ({"sms_backend": "smtp"}, "--sms_backend"),
+        ({"sms_backend": "http"}, "sms_gateway_url"),
+        ({"default_region": "XX"}, "--default_region"),
+        ({"trusted_proxies": "10.0.0.0/8,nope"}, "--trusted_proxies"),
+        ({"public_url": "api.example.com"}, "--public_url"),
+        ({"db_pool_size": 0}, "--db_pool_size"),
+        ({"h5_ticket_ttl": 600}, "--h5_ticket_ttl"),
+        ({"sms_test_numbers": "123:1"}, "--sms_test_numbers"),
+        ({"argon2_memory_kib": 1024}, "--argon2_time_cost"),
+        ({"database_url": "nosuch://u:secret@h/db"}, "--database_url"),
+        ({"database_url": "sqlite+pysqlcipher://:secret@/x.db"}, "driver is not installed"),
+        ({"cookie_secret": ""}, "DEMO_COOKIE_SECRET"),
+        # Each of these passed once, then failed every request of its kind (or sent texts twice):
+        ({"login_slowdown": 0}, "--login_slowdown"),
+        ({"login_window": 0}, "--login_window"),
+        ({"sms_gateway_timeout": 0.0}, "--sms_gateway_timeout"),
+        ({"default_region": "CN,US"}, "--default_region"),
+    ],
+)
 def test_start_up_checks_name_the_bad_option(changes, option):
     with pytest.raises(ConfigError, match=re.escape(option)) as refused:
         check_values(config.defaults(cookie_secret="s" * 40).replace(**changes))
