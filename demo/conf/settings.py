@@ -15,6 +15,7 @@ The config file is a Python file of ``name = value`` lines (tornado's format); s
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import textwrap
@@ -284,9 +285,16 @@ def _parse_args(parser: OptionParser, args: Sequence[tuple[str, str]]) -> None:
         try:
             stray = parser.parse_command_line(["demo", arg], final=False)
         except (OptionsError, ValueError) as error:  # tornado lets int("eighty") escape as a bare ValueError
-            raise OptionsError(f"{source}: {error}") from None
+            name = arg.removeprefix("--").partition("=")[0].replace("-", "_")
+            hint = "" if name in KINDS else _did_you_mean(name)
+            raise OptionsError(f"{source}: {error}{hint}") from None
         if stray:
             raise OptionsError(f"{source}: not an option (options look like --name=value)")
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, NAMES, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _command_line(argv: Sequence[str]) -> list[tuple[str, str]]:
@@ -294,14 +302,19 @@ def _command_line(argv: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _parse_config_file(parser: OptionParser, path: str) -> None:
-    """tornado's parse_config_file, except that an error names the file and the option, and an int
-    is fine for a float setting (``shutdown_grace = 10``)."""
+    """tornado's parse_config_file, except that an error names the file and the option, a name that
+    is not a setting is refused rather than ignored, and an int is fine for a float setting
+    (``shutdown_grace = 10``)."""
     namespace: dict[str, Any] = {"__file__": os.path.abspath(path)}
     try:
         with open(path, "rb") as source:
             exec(compile(source.read(), path, "exec"), namespace)  # the operator's own file
     except Exception as error:  # noqa: BLE001 - the file is Python: any error of its code is a bad file
         raise OptionsError(f"--config={path}: {error}") from None
+    for name, value in namespace.items():  # a misspelt name would be dropped without a word: refuse it
+        if name not in KINDS and not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+            hint = _did_you_mean(name)
+            raise OptionsError(f"--config={path}: {name} is not a setting{hint}; start a helper's name with _")
     for name in (name for name in NAMES if name in namespace):
         value, kind = namespace[name], KINDS[name]
         if kind is float and type(value) is int:

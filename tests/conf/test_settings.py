@@ -65,9 +65,15 @@ def test_every_setting_round_trips_through_command_line_env_and_config_file(decl
         assert loaded.replace(**{"config": "", name: declared.default}) == Settings()  # nothing else moved
 
 
-def test_a_mistyped_setting_is_refused_everywhere():
-    with pytest.raises(config.OptionsError, match="db_pool_sise"):
-        config.load(["--db_pool_sise=3"], {})
+def test_a_mistyped_setting_is_refused_everywhere(tmp_path):
+    with pytest.raises(config.OptionsError, match=r"--db-pool-sise=3: .* \(did you mean db_pool_size\?\)"):
+        config.load(["--db-pool-sise=3"], {})
+    conf = tmp_path / "demo.conf"
+    conf.write_text("import os\n_base = '/srv'\ndb_pool_size = 3\ndb_pool_sise = 3\n")
+    with pytest.raises(config.OptionsError, match=f"--config={conf}: db_pool_sise is not a setting \\(did you mean"):
+        config.load([f"--config={conf}"], {})
+    conf.write_text("import os\n_base = '/srv'\ndb_pool_size = 3\nmedia_root = os.path.join(_base, 'media')\n")
+    assert config.load([f"--config={conf}"], {}).media_root == "/srv/media"  # helpers and modules are fine
     with pytest.raises(KeyError, match="db_pool_sise"):
         config.defaults(db_pool_sise=3)
     with pytest.raises(KeyError, match="db_pool_sise"):
