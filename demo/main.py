@@ -10,14 +10,16 @@ SIGHUP: reopen the log files (logrotate). make_app() builds the application; the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 if __package__ in (None, ""):  # `python demo/main.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,22 +27,18 @@ if __package__ in (None, ""):  # `python demo/main.py`: make the package importa
 import tornado.web
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import QueuePool
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from demo.common import housekeeping
-from demo.common.infra import metrics
-from demo.common.infra import migrate
+from demo.common.images.rules import StoreMismatch, bind_store
+from demo.common.images.storage import make_store
+from demo.common.infra import metrics, migrate
 from demo.common.infra.clock import Clock
 from demo.common.infra.db import make_engine
-from demo.common.web.handlers import StaticHandler
-from demo.common.web.httpserver import DemoHTTPServer
-from demo.common.images.rules import StoreMismatch, bind_store
 from demo.common.infra.logs import log_request, reopen_logs, setup_logging, stop_writer
-from demo.common.web.proxies import TrustedProxies
-from demo.common.web.routing import collect_routes
-from demo.common.services import Services, build_services
 from demo.common.infra.startup import (
     CannotListen,
     ConfigError,
@@ -50,7 +48,11 @@ from demo.common.infra.startup import (
     masked_url,
     reason,
 )
-from demo.common.images.storage import make_store
+from demo.common.services import Services, build_services
+from demo.common.web.handlers import StaticHandler
+from demo.common.web.httpserver import DemoHTTPServer
+from demo.common.web.proxies import TrustedProxies
+from demo.common.web.routing import collect_routes
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
@@ -124,7 +126,7 @@ def make_server(app: DemoApplication) -> HTTPServer:
     )
 
 
-def listen(settings: Settings) -> list[Any]:
+def listen(settings: Settings) -> list[socket.socket]:
     """The listening sockets (before migrating: a port in use is found in a moment, not after)."""
     try:
         return bind_sockets(settings.port, settings.address)
@@ -149,7 +151,7 @@ def prepare_database(settings: Settings) -> None:
         engine.dispose()
 
 
-async def serve(settings: Settings, sockets: list[Any]) -> None:
+async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     """One worker: serve on ``sockets`` until SIGTERM/SIGINT, then stop gracefully."""
     app = make_app(settings)
     services = app.services
@@ -167,7 +169,9 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
             log.exception("housekeeping failed")
 
     def sample_gauges() -> None:
-        services.metrics.db_pool_in_use.set(services.db.engine.pool.checkedout())
+        pool = services.db.engine.pool
+        if isinstance(pool, QueuePool):  # what make_engine makes, for SQLite and MySQL alike
+            services.metrics.db_pool_in_use.set(pool.checkedout())
         services.metrics.executor_queue.set(services.offloader.queue_depth())
 
     timers = [PeriodicCallback(sweep, HOUSEKEEPING_EVERY_MS), PeriodicCallback(sample_gauges, GAUGES_EVERY_MS)]
@@ -190,10 +194,8 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
         await asyncio.sleep(0.05)
     if app.in_flight:
         log.warning("grace period over with %d requests in flight; closing them", app.in_flight)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.close_all_connections(), 1.0)  # idle keep-alive connections
-    except TimeoutError:
-        pass
     for timer in timers:
         timer.stop()
     await services.sender.stop()  # the texts being sent finish; the rest wait in the database
@@ -201,7 +203,7 @@ async def serve(settings: Settings, sockets: list[Any]) -> None:
     log.info("stopped")
 
 
-def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
+def supervise(settings: Settings, sockets: list[socket.socket], workers: int) -> int:
     """Fork ``workers`` serving processes; restart any that dies; forward SIGTERM/SIGINT/SIGHUP."""
     metrics.enable_multiprocess(tempfile.mkdtemp(prefix="demo-metrics-"))
     children: dict[int, int] = {}  # pid -> slot
@@ -218,7 +220,7 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
             code = 0
             try:
                 asyncio.run(serve(settings, sockets))
-            except BaseException:  # noqa: BLE001 - report, then leave without running the parent's code
+            except BaseException:  # report, then leave without running the parent's code
                 log.exception("worker crashed")
                 code = 1
             stop_writer()  # os._exit skips atexit: write out the queued lines first
@@ -227,16 +229,14 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
         children[pid] = slot
         log.info("worker %d started (slot %d)", pid, slot)
 
-    def forward(signum: int, _frame: Any) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             state["stopping"] = True
         if signum == signal.SIGHUP:
             reopen_logs()
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
-            except ProcessLookupError:
-                pass
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -247,9 +247,9 @@ def supervise(settings: Settings, sockets: list[Any], workers: int) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        slot = children.pop(pid, None)
-        if slot is None:
+        if pid not in children:
             continue
+        slot = children.pop(pid)
         metrics.mark_worker_dead(pid)
         if not state["stopping"]:
             log.error("worker %d exited (status %d); starting a new one", pid, status)

@@ -1308,7 +1308,7 @@ async def test_a_store_bound_to_another_database_refuses_and_its_files_stay(api,
     other = other_database(tmp_path, app.services.offloader)
     try:
         with pytest.raises(StoreMismatch, match="belongs to deployment"):
-            Images(other, app.services.store).sweep()
+            Images(other, app.services.store, app.services.images.rules).sweep()
     finally:
         other.dispose()
     assert blob.exists() and (await fetch(api, image["url"])).code == 200

@@ -7,21 +7,20 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from demo.common.images import imaging
+from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.rules import AccountRules, Accounts
+from demo.common.h5.rules import H5, H5Rules
+from demo.common.images import imaging
+from demo.common.images.rules import ImageRules, Images
+from demo.common.images.storage import ImageStore, make_store
 from demo.common.infra.clock import Clock
 from demo.common.infra.db import Database, make_engine
-from demo.common.h5.rules import H5, H5Rules
-from demo.common.images.rules import ImageRules, Images
 from demo.common.infra.metrics import Metrics
 from demo.common.infra.offload import Offloader
-from demo.common.sms.outbox import Sender, SenderRules
-from demo.common.accounts.passwords import Passwords
-from demo.common.accounts.phones import parse_regions
 from demo.common.infra.readiness import Readiness
-from demo.common.sms.backends import make_backend, parse_test_numbers
 from demo.common.infra.startup import ConfigError
-from demo.common.images.storage import ImageStore, make_store
+from demo.common.sms.backends import make_backend, parse_test_numbers
+from demo.common.sms.outbox import Sender, SenderRules
 from demo.conf.settings import Settings
 
 log = logging.getLogger("demo")
@@ -76,6 +75,7 @@ def derived_key(cookie_secret: str, purpose: bytes) -> bytes:
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    """Every long-lived object of one process; ConfigError names a setting that cannot work."""
     cookie_secret = resolve_cookie_secret(settings)
     clock = clock or Clock()
     app_metrics = Metrics()
@@ -94,38 +94,17 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             gateway_timeout=settings.sms_gateway_timeout,
         )
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
-        sms_regions = parse_regions(settings.sms_countries or settings.default_region)
-        sender_rules = SenderRules(
-            attempts=settings.sms_send_attempts, retry_delay=settings.sms_retry_delay,
-            # A claim must outlive the slowest send, or another process could send the same text again.
-            lease=max(SenderRules.lease, 4 * settings.sms_gateway_timeout),
-        )
+        account_rules = AccountRules.from_settings(settings)
+        sender_rules = SenderRules.from_settings(settings)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     sender = Sender(db, backend, app_metrics, clock, sender_rules)
-    rules = AccountRules(
-        default_region=settings.default_region, sms_regions=sms_regions, token_ttl=settings.token_ttl,
-        code_ttl=settings.sms_code_ttl,
-        resend_after=settings.sms_resend_after, max_attempts=settings.sms_max_attempts,
-        phone_daily=settings.sms_phone_daily, ip_hourly=settings.sms_ip_hourly,
-        login_phone_failures=settings.login_phone_failures, login_ip_failures=settings.login_ip_failures,
-        login_window=settings.login_window, login_slowdown_after=settings.login_slowdown_after,
-        login_slowdown=settings.login_slowdown, code_checks_ip_hourly=settings.code_checks_ip_hourly,
-    )
     code_key = derived_key(cookie_secret, b"demo sms codes")
-    accounts = Accounts(db, passwords, sender, code_key=code_key, rules=rules, test_numbers=test_numbers, clock=clock,
-                        ticket_ttl=settings.h5_ticket_ttl)
-    h5 = H5(db, H5Rules(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl), clock,
-            xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
+    accounts = Accounts(db, passwords, sender, code_key=code_key, rules=account_rules, test_numbers=test_numbers,
+                        clock=clock, ticket_ttl=settings.h5_ticket_ttl)
+    h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings.media_root)
-    image_rules = ImageRules(
-        max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
-        quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
-        lookup_ttl=settings.image_lookup_ttl, memory_cache_bytes=settings.image_memory_cache,
-        decode_budget=settings.image_decode_budget, upload_memory=settings.upload_memory,
-        max_animation_pixels=settings.max_animation_pixels,
-    )
-    images = Images(db, store, image_rules, clock)
+    images = Images(db, store, ImageRules.from_settings(settings), clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
     return Services(settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics,
                     cookie_secret)

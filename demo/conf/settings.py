@@ -1,17 +1,28 @@
-"""Every setting of the server, declared once with its default and help text.
+"""Every setting of the server, declared once: its type, default, help text and group.
+
+``Settings`` is a frozen dataclass, one field per setting. The command-line options (tornado's
+``OptionParser``), ``--help``, the ``DEMO_<NAME>`` environment variables and the names a ``--config``
+file may set are all made from its fields, so a setting is added in one place, and a mistyped name
+(``settings.db_pool_sise``) is a type error, not a failure at run time. The rules' own settings
+(``AccountRules``, ``H5Rules``, ``ImageRules``, ``SenderRules``) are made from it by their
+``from_settings``; none of them repeats a default.
 
 Precedence: command line > ``DEMO_<NAME>`` environment > ``--config`` file > default.
 The config file is a Python file of ``name = value`` lines (tornado's format); see
 ``demo/conf/demo.conf.example``.
 """
+
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO, TypeVar
 
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
@@ -22,151 +33,250 @@ ENV_PREFIX = "DEMO_"
 
 MIB = 1024 * 1024
 
+Value = str | int | float | bool
+_V = TypeVar("_V", str, int, float, bool)
 
-def declare(parser: OptionParser) -> None:
-    """Declare every option on ``parser`` (one parser per configuration, never the global one)."""
-    d = parser.define
+
+def option(default: _V, help: str, *, group: str, low: int = 0, high: int | None = None) -> _V:
+    """One setting: a dataclass field whose metadata carries its help text, its ``--help`` group and,
+    for a number, the range demo/conf/validate.py holds it to (``low`` 1 where a zero would refuse
+    everything or spin)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "low": low, "high": high})
+
+
+SERVER, LOGGING, DATABASE, ACCOUNTS, SMS, IMAGES = "server", "logging", "database", "accounts", "sms", "images"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Resolved, read-only settings; ``Settings()`` is every default. Made by ``load`` or ``defaults``."""
+
     # -- process ---------------------------------------------------------------------------
-    d("port", default=8000, type=int, help="TCP port to listen on", group="server")
-    d("address", default="127.0.0.1", type=str, group="server",
-      help="address to bind; loopback by default: only nginx on this machine should reach the app")
-    d("trusted_proxies", default="127.0.0.0/8,::1", type=str, group="server",
-      help="comma list of addresses and CIDR networks whose X-Real-IP / X-Forwarded-For / X-Scheme / "
-           "X-Forwarded-Proto headers are believed (nginx's set_real_ip_from); from any other peer its own "
-           "address and scheme count")
-    d("processes", default=1, type=int, group="server", help="worker processes (0 = one per core)")
-    d("config", default="", type=str, group="server", help="path to a config file (python syntax)")
-    d("debug", default=False, type=bool, group="server",
-      help="development mode: autoreload, tracebacks in logs, a throw-away cookie secret")
-    d("public_url", default="", type=str, group="server",
-      help="absolute base URL clients use (https://api.example.com); empty = from the request")
-    d("shutdown_grace", default=10.0, type=float, group="server",
-      help="seconds in-flight requests get to finish after SIGTERM")
-    d("idle_timeout", default=75, type=int, group="server",
-      help="seconds a client may take to send request headers, and an idle keep-alive connection stays "
-           "open (keep it above nginx's upstream keepalive_timeout, 50 s in the sample, so nginx closes first)")
-    d("body_timeout", default=120, type=int, group="server",
-      help="seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)")
-    d("cookie_secret", default="", type=str, group="server",
-      help="secret for signed cookies and code hashing; required outside debug mode")
+    port: int = option(8000, "TCP port to listen on", group=SERVER, low=1, high=65535)
+    address: str = option(
+        "127.0.0.1",
+        "address to bind; loopback by default: only nginx on this machine should reach the app",
+        group=SERVER,
+    )
+    trusted_proxies: str = option(
+        "127.0.0.0/8,::1",
+        "comma list of addresses and CIDR networks whose X-Real-IP / X-Forwarded-For / X-Scheme / "
+        "X-Forwarded-Proto headers are believed (nginx's set_real_ip_from); from any other peer its own "
+        "address and scheme count",
+        group=SERVER,
+    )
+    processes: int = option(1, "worker processes (0 = one per core)", group=SERVER)
+    config: str = option("", "path to a config file (python syntax)", group=SERVER)
+    debug: bool = option(
+        False, "development mode: autoreload, tracebacks in logs, a throw-away cookie secret", group=SERVER
+    )
+    public_url: str = option(
+        "", "absolute base URL clients use (https://api.example.com); empty = from the request", group=SERVER
+    )
+    shutdown_grace: float = option(10.0, "seconds in-flight requests get to finish after SIGTERM", group=SERVER)
+    idle_timeout: int = option(
+        75,
+        "seconds a client may take to send request headers, and an idle keep-alive connection stays "
+        "open (keep it above nginx's upstream keepalive_timeout, 50 s in the sample, so nginx closes first)",
+        group=SERVER,
+        low=1,
+    )
+    body_timeout: int = option(
+        120,
+        "seconds a client may take to send a whole request body (a 10 MiB upload at 100 KB/s needs ~100)",
+        group=SERVER,
+        low=1,
+    )
+    cookie_secret: str = option(
+        "", "secret for signed cookies and code hashing; required outside debug mode", group=SERVER
+    )
     # -- logging ---------------------------------------------------------------------------
-    d("log_dir", default=str(PACKAGE_DIR / "log"), type=str, group="logging",
-      help="folder for the rotating log file; empty = stderr only")
-    d("log_level", default="info", type=str, group="logging", help="debug, info, warning or error")
+    log_dir: str = option(
+        str(PACKAGE_DIR / "log"), "folder for the rotating log file; empty = stderr only", group=LOGGING
+    )
+    log_level: str = option("info", "debug, info, warning or error", group=LOGGING)
     # -- database --------------------------------------------------------------------------
-    d("database_url", default=f"sqlite:///{DATA_DIR / 'demo.sqlite3'}", type=str, group="database",
-      help="SQLAlchemy URL, e.g. mysql+mysqldb://user:pw@127.0.0.1/demo (default: embedded SQLite)")
-    d("db_pool_size", default=8, type=int, group="database",
-      help="connections kept in the pool; the DB thread pool has the same size")
-    d("db_connect_timeout", default=2, type=int, group="database",
-      help="seconds to wait for a new MySQL connection before answering 503")
-    d("db_io_timeout", default=30, type=int, group="database",
-      help="seconds a MySQL read or write may hang (a frozen server) before the request answers 503")
-    d("db_pool_recycle", default=1800, type=int, group="database",
-      help="seconds after which a connection is replaced (keep below MySQL wait_timeout)")
-    d("cpu_workers", default=0, type=int, group="database",
-      help="threads for password hashing and image work (0 = one per core)")
+    database_url: str = option(
+        f"sqlite:///{DATA_DIR / 'demo.sqlite3'}",
+        "SQLAlchemy URL, e.g. mysql+mysqldb://user:pw@127.0.0.1/demo (default: embedded SQLite)",
+        group=DATABASE,
+    )
+    db_pool_size: int = option(
+        8, "connections kept in the pool; the DB thread pool has the same size", group=DATABASE, low=1
+    )
+    db_connect_timeout: int = option(
+        2, "seconds to wait for a new MySQL connection before answering 503", group=DATABASE, low=1
+    )
+    db_io_timeout: int = option(
+        30,
+        "seconds a MySQL read or write may hang (a frozen server) before the request answers 503",
+        group=DATABASE,
+        low=1,
+    )
+    db_pool_recycle: int = option(
+        1800, "seconds after which a connection is replaced (keep below MySQL wait_timeout)", group=DATABASE, low=1
+    )
+    cpu_workers: int = option(0, "threads for password hashing and image work (0 = one per core)", group=DATABASE)
     # -- accounts --------------------------------------------------------------------------
-    d("default_region", default="CN", type=str, group="accounts",
-      help="region used to read national phone numbers (ISO 3166 code)")
-    d("token_ttl", default=30 * 24 * 3600, type=int, group="accounts", help="seconds an app token lives")
-    d("argon2_time_cost", default=2, type=int, group="accounts", help="argon2id iterations (>= 2)")
-    d("argon2_memory_kib", default=19456, type=int, group="accounts", help="argon2id memory in KiB (>= 19456)")
-    d("argon2_parallelism", default=1, type=int, group="accounts", help="argon2id lanes")
+    default_region: str = option("CN", "region used to read national phone numbers (ISO 3166 code)", group=ACCOUNTS)
+    token_ttl: int = option(30 * 24 * 3600, "seconds an app token lives", group=ACCOUNTS, low=1)
+    argon2_time_cost: int = option(2, "argon2id iterations (>= 2)", group=ACCOUNTS)
+    argon2_memory_kib: int = option(19456, "argon2id memory in KiB (>= 19456)", group=ACCOUNTS)
+    argon2_parallelism: int = option(1, "argon2id lanes", group=ACCOUNTS, low=1)
     # Per-client limits count an IPv4 client by its address and an IPv6 client by its /64.
-    d("login_phone_failures", default=10, type=int, group="accounts",
-      help="failed logins allowed per phone from one client per login_window; then that client waits "
-           "for the window's end (other clients do not: a stranger cannot lock the owner out)")
-    d("login_ip_failures", default=100, type=int, group="accounts",
-      help="failed logins allowed per client over all phones per login_window")
-    d("login_window", default=900, type=int, group="accounts", help="seconds of the login failure window")
-    d("login_slowdown_after", default=10, type=int, group="accounts",
-      help="failed logins per phone from all clients together per login_window before the phone is slowed "
-           "down (not locked) to one attempt per login_slowdown seconds: guesses per phone stay below "
-           "login_slowdown_after + login_window / login_slowdown per window; a client that signed in to the phone "
-           "within 30 days is not slowed down")
-    d("login_slowdown", default=60, type=int, group="accounts",
-      help="seconds between two login attempts on a slowed-down phone (see login_slowdown_after)")
-    d("code_checks_ip_hourly", default=30, type=int, group="accounts",
-      help="registrations and password resets with a wrong or spent SMS code allowed per client per hour, "
-           "both together (one budget: alternating must not double it); good ones are not counted")
-    d("h5_ticket_ttl", default=120, type=int, group="accounts",
-      help="seconds an H5 ticket (h5_url) stays valid; at most 120")
-    d("h5_session_ttl", default=24 * 3600, type=int, group="accounts",
-      help="seconds an H5 cookie session lives (it also ends with its app session)")
+    login_phone_failures: int = option(
+        10,
+        "failed logins allowed per phone from one client per login_window; then that client waits "
+        "for the window's end (other clients do not: a stranger cannot lock the owner out)",
+        group=ACCOUNTS,
+    )
+    login_ip_failures: int = option(
+        100, "failed logins allowed per client over all phones per login_window", group=ACCOUNTS
+    )
+    login_window: int = option(900, "seconds of the login failure window", group=ACCOUNTS, low=1)
+    login_slowdown_after: int = option(
+        10,
+        "failed logins per phone from all clients together per login_window before the phone is slowed "
+        "down (not locked) to one attempt per login_slowdown seconds: guesses per phone stay below "
+        "login_slowdown_after + login_window / login_slowdown per window; a client that signed in to the phone "
+        "within 30 days is not slowed down",
+        group=ACCOUNTS,
+    )
+    login_slowdown: int = option(
+        60,
+        "seconds between two login attempts on a slowed-down phone (see login_slowdown_after)",
+        group=ACCOUNTS,
+        low=1,
+    )
+    code_checks_ip_hourly: int = option(
+        30,
+        "registrations and password resets with a wrong or spent SMS code allowed per client per hour, "
+        "both together (one budget: alternating must not double it); good ones are not counted",
+        group=ACCOUNTS,
+    )
+    h5_ticket_ttl: int = option(
+        120, "seconds an H5 ticket (h5_url) stays valid; at most 120", group=ACCOUNTS, low=1, high=120
+    )
+    h5_session_ttl: int = option(
+        24 * 3600, "seconds an H5 cookie session lives (it also ends with its app session)", group=ACCOUNTS, low=1
+    )
     # -- SMS -------------------------------------------------------------------------------
-    d("sms_backend", default="console", type=str, group="sms",
-      help="console | file:<path> | http (gateway, see sms_gateway_*)")
-    d("sms_test_numbers", default="", type=str, group="sms",
-      help="comma list of phone:code pairs that get a fixed code and no text")
-    d("sms_countries", default="", type=str, group="sms",
-      help="comma list of ISO 3166 region codes texts may go to (e.g. CN,HK); empty = default_region only. "
-           "Codes for other numbers, and for non-geographic (satellite) ones, are refused with 422")
-    d("sms_send_attempts", default=5, type=int, group="sms",
-      help="tries to hand a text to the SMS backend before it is given up (its code is then void)")
-    d("sms_retry_delay", default=5.0, type=float, group="sms",
-      help="seconds before a failed text is tried again; doubles with each try")
-    d("sms_code_ttl", default=300, type=int, group="sms", help="seconds an SMS code is valid")
-    d("sms_resend_after", default=60, type=int, group="sms", help="seconds between two texts to one phone")
-    d("sms_max_attempts", default=5, type=int, group="sms", help="wrong tries before a code is dead")
-    d("sms_phone_daily", default=10, type=int, group="sms", help="texts per phone per UTC day")
-    d("sms_ip_hourly", default=20, type=int, group="sms",
-      help="texts requested per client per hour (an IPv4 address, an IPv6 /64)")
-    d("sms_gateway_url", default="", type=str, group="sms", help="HTTP gateway URL (sms_backend=http)")
-    d("sms_gateway_body", default='{"to": $phone, "text": $text}', type=str, group="sms",
-      help="request body template; $phone, $text and $code are substituted JSON-encoded")
-    d("sms_gateway_headers", default="Content-Type: application/json", type=str, group="sms",
-      help="extra request headers, 'Name: value' separated by ';'")
-    d("sms_gateway_timeout", default=5.0, type=float, group="sms", help="seconds before the gateway is given up")
+    sms_backend: str = option("console", "console | file:<path> | http (gateway, see sms_gateway_*)", group=SMS)
+    sms_test_numbers: str = option("", "comma list of phone:code pairs that get a fixed code and no text", group=SMS)
+    sms_countries: str = option(
+        "",
+        "comma list of ISO 3166 region codes texts may go to (e.g. CN,HK); empty = default_region only. "
+        "Codes for other numbers, and for non-geographic (satellite) ones, are refused with 422",
+        group=SMS,
+    )
+    sms_send_attempts: int = option(
+        5, "tries to hand a text to the SMS backend before it is given up (its code is then void)", group=SMS
+    )
+    sms_retry_delay: float = option(
+        5.0, "seconds before a failed text is tried again; doubles with each try", group=SMS
+    )
+    sms_code_ttl: int = option(300, "seconds an SMS code is valid", group=SMS, low=1)
+    sms_resend_after: int = option(60, "seconds between two texts to one phone", group=SMS)
+    sms_max_attempts: int = option(5, "wrong tries before a code is dead", group=SMS, low=1)
+    sms_phone_daily: int = option(10, "texts per phone per UTC day", group=SMS)
+    sms_ip_hourly: int = option(20, "texts requested per client per hour (an IPv4 address, an IPv6 /64)", group=SMS)
+    sms_gateway_url: str = option("", "HTTP gateway URL (sms_backend=http)", group=SMS)
+    sms_gateway_body: str = option(
+        '{"to": $phone, "text": $text}',
+        "request body template; $phone, $text and $code are substituted JSON-encoded",
+        group=SMS,
+    )
+    sms_gateway_headers: str = option(
+        "Content-Type: application/json", "extra request headers, 'Name: value' separated by ';'", group=SMS
+    )
+    sms_gateway_timeout: float = option(5.0, "seconds before the gateway is given up", group=SMS)
     # -- images (scenario 2) -----------------------------------------------------------------
-    d("media_root", default=str(DATA_DIR / "media"), type=str, group="images", help="folder for stored images")
-    d("max_upload_bytes", default=10 * MIB, type=int, group="images", help="largest accepted upload body")
-    d("max_image_pixels", default=40_000_000, type=int, group="images", help="largest accepted image (pixels)")
-    d("image_lookup_ttl", default=30.0, type=float, group="images",
-      help="seconds an image id stays in a process's lookup cache (another process's delete shows within "
-           "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s")
-    d("image_memory_cache", default=64 * MIB, type=int, group="images",
-      help="bytes of small image files kept in memory per process (they never change: named by hash)")
-    d("image_decode_budget", default=16_000_000, type=int, group="images",
-      help="pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts")
-    d("max_animation_pixels", default=16_000_000, type=int, group="images",
-      help="largest accepted animation: pixels of all its frames together, decoded. Pillow's GIF and APNG "
-           "writers keep every frame (about 4 bytes a pixel) until the file is written, so this should fit "
-           "image_decode_budget; 16 M admits a 512x512 sticker of 60 frames or a 480x270 GIF of 120 (4-5 s), "
-           "and refuses a 1,000-frame 400x400 bomb (160 M pixels, 600+ MB to re-encode) however small its file")
-    d("upload_memory", default=32 * MIB, type=int, group="images",
-      help="bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
-           "long stays in memory while this allows (no temp file); others stream to a temp file")
-    d("image_quota_count", default=1000, type=int, group="images", help="images one user may keep")
-    d("image_quota_bytes", default=1024**3, type=int, group="images", help="bytes of images one user may keep")
+    media_root: str = option(str(DATA_DIR / "media"), "folder for stored images", group=IMAGES)
+    max_upload_bytes: int = option(10 * MIB, "largest accepted upload body", group=IMAGES, low=1)
+    max_image_pixels: int = option(40_000_000, "largest accepted image (pixels)", group=IMAGES, low=1)
+    image_lookup_ttl: float = option(
+        30.0,
+        "seconds an image id stays in a process's lookup cache (another process's delete shows within "
+        "it); with nginx's 30 s micro-cache a deleted image is gone everywhere within 60 s",
+        group=IMAGES,
+    )
+    image_memory_cache: int = option(
+        64 * MIB,
+        "bytes of small image files kept in memory per process (they never change: named by hash)",
+        group=IMAGES,
+    )
+    image_decode_budget: int = option(
+        16_000_000,
+        "pixels one process may be decoding at once (3-4 bytes each): bounds memory under upload bursts",
+        group=IMAGES,
+        low=1,
+    )
+    max_animation_pixels: int = option(
+        16_000_000,
+        "largest accepted animation: pixels of all its frames together, decoded. Pillow's GIF and APNG "
+        "writers keep every frame (about 4 bytes a pixel) until the file is written, so this should fit "
+        "image_decode_budget; 16 M admits a 512x512 sticker of 60 frames or a 480x270 GIF of 120 (4-5 s), "
+        "and refuses a 1,000-frame 400x400 bomb (160 M pixels, 600+ MB to re-encode) however small its file",
+        group=IMAGES,
+        low=1,
+    )
+    upload_memory: int = option(
+        32 * MIB,
+        "bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
+        "long stays in memory while this allows (no temp file); others stream to a temp file",
+        group=IMAGES,
+    )
+    image_quota_count: int = option(1000, "images one user may keep", group=IMAGES)
+    image_quota_bytes: int = option(1024**3, "bytes of images one user may keep", group=IMAGES)
 
-
-class Settings(Mapping[str, Any]):
-    """Resolved, read-only settings. Attribute and mapping access: ``s.port``, ``s["port"]``."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self._values = dict(values)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __getitem__(self, name: str) -> Any:
-        return self._values[name]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def replace(self, **changes: Any) -> Settings:
-        unknown = set(changes) - set(self._values)
+    def replace(self, **changes: Value) -> Settings:
+        """These settings with ``changes`` (KeyError for a name that is not a setting)."""
+        unknown = set(changes) - set(NAMES)
         if unknown:
             raise KeyError(f"unknown settings: {sorted(unknown)}")
-        return Settings({**self._values, **changes})
+        return dataclasses.replace(self, **typing.cast("dict[str, Any]", changes))
+
+    def items(self) -> Iterator[tuple[str, Value]]:
+        """(name, value) of every setting, in declaration order."""
+        for name in NAMES:
+            yield name, getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """What the loaders need to know of one setting."""
+
+    name: str
+    kind: type[Value]
+    default: Value
+    help: str
+    group: str
+    low: int  # numbers only
+    high: int | None
+
+
+def _declared() -> tuple[Declared, ...]:
+    hints = typing.get_type_hints(Settings)
+    kinds: dict[object, type[Value]] = {str: str, int: int, float: float, bool: bool}
+    declared = []
+    for f in dataclasses.fields(Settings):
+        kind, default = kinds.get(hints[f.name]), f.default
+        if kind is None or type(default) is not kind or not isinstance(default, kind) or not f.metadata.get("help"):
+            raise TypeError(f"setting {f.name}: declare it as `{f.name}: str | int | float | bool = option(...)`")
+        meta = f.metadata
+        declared.append(Declared(f.name, kind, default, meta["help"], meta["group"], meta["low"], meta["high"]))
+    return tuple(declared)
+
+
+DECLARED: Final = _declared()
+NAMES: Final = tuple(d.name for d in DECLARED)
+KINDS: Final[Mapping[str, type[Value]]] = {d.name: d.kind for d in DECLARED}
+
+
+def declare(parser: OptionParser) -> None:
+    """Define every setting on ``parser`` (one parser per configuration, never the global one)."""
+    for d in DECLARED:
+        parser.define(d.name, default=d.default, type=d.kind, help=d.help, group=d.group)
 
 
 def _parse_args(parser: OptionParser, args: Sequence[tuple[str, str]]) -> None:
@@ -175,26 +285,38 @@ def _parse_args(parser: OptionParser, args: Sequence[tuple[str, str]]) -> None:
         try:
             stray = parser.parse_command_line(["demo", arg], final=False)
         except (OptionsError, ValueError) as error:  # tornado lets int("eighty") escape as a bare ValueError
-            raise OptionsError(f"{source}: {error}") from None
+            name = arg.removeprefix("--").partition("=")[0].replace("-", "_")
+            hint = "" if name in KINDS else _did_you_mean(name)
+            raise OptionsError(f"{source}: {error}{hint}") from None
         if stray:
             raise OptionsError(f"{source}: not an option (options look like --name=value)")
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, NAMES, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _command_line(argv: Sequence[str]) -> list[tuple[str, str]]:
     return [(arg, arg) for arg in argv]
 
 
-def _parse_config_file(parser: OptionParser, path: str, names: Sequence[str]) -> None:
-    """tornado's parse_config_file, except that an error names the file and the option, and an int
-    is fine for a float setting (``shutdown_grace = 10``)."""
+def _parse_config_file(parser: OptionParser, path: str) -> None:
+    """tornado's parse_config_file, except that an error names the file and the option, a name that
+    is not a setting is refused rather than ignored, and an int is fine for a float setting
+    (``shutdown_grace = 10``)."""
     namespace: dict[str, Any] = {"__file__": os.path.abspath(path)}
     try:
         with open(path, "rb") as source:
-            exec(compile(source.read(), path, "exec"), namespace)  # noqa: S102 - the operator's own file
+            exec(compile(source.read(), path, "exec"), namespace)  # the operator's own file
     except Exception as error:  # noqa: BLE001 - the file is Python: any error of its code is a bad file
         raise OptionsError(f"--config={path}: {error}") from None
-    for name in (name for name in names if name in namespace):
-        value, kind = namespace[name], type(getattr(parser, name))  # every default has the option's type
+    for name, value in namespace.items():  # a misspelt name would be dropped without a word: refuse it
+        if name not in KINDS and not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+            hint = _did_you_mean(name)
+            raise OptionsError(f"--config={path}: {name} is not a setting{hint}; start a helper's name with _")
+    for name in (name for name in NAMES if name in namespace):
+        value, kind = namespace[name], KINDS[name]
         if kind is float and type(value) is int:
             value = float(value)
         try:
@@ -212,7 +334,6 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     parser = HelpfulParser()
     declare(parser)
-    names = [name for name in parser.as_dict() if name != "help"]
 
     # Find --config first (command line, then environment), then layer the sources in rising order.
     probe = HelpfulParser()  # --help is handled here, first
@@ -220,19 +341,20 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     _parse_args(probe, _command_line(argv))
     config_path = probe.config or environ.get(ENV_PREFIX + "CONFIG", "")
     if config_path:
-        _parse_config_file(parser, config_path, names)
+        _parse_config_file(parser, config_path)
     env_args = [
         (f"{ENV_PREFIX}{name.upper()}", f"--{name}={environ[ENV_PREFIX + name.upper()]}")
-        for name in names if ENV_PREFIX + name.upper() in environ
+        for name in NAMES
+        if ENV_PREFIX + name.upper() in environ
     ]
     _parse_args(parser, env_args)
     _parse_args(parser, _command_line(argv))
-    return Settings({name: getattr(parser, name) for name in names})
+    return Settings(**{name: getattr(parser, name) for name in NAMES})
 
 
-def defaults(**overrides: Any) -> Settings:
+def defaults(**overrides: Value) -> Settings:
     """Default settings with ``overrides`` applied (what tests and embedders use)."""
-    return load(argv=[], environ={}).replace(**overrides)
+    return Settings().replace(**overrides)
 
 
 HELP_HEADER = """\
@@ -252,27 +374,37 @@ class HelpfulParser(OptionParser):
         print(self.format_help(), file=file or sys.stdout, end="")
 
     def format_help(self) -> str:
-        lines = [HELP_HEADER]
-        groups: dict[str, list[Any]] = {}
-        for option in self._options.values():
-            if option.name != "help":
-                groups.setdefault(option.group_name, []).append(option)
-        for group, options in groups.items():  # in declaration order: the server's first
-            lines.append(f"{group} options:")
-            for option in options:
-                default = "" if option.default in (None, "") else f"  (default {option.default})"
-                lines.append(f"  --{option.name}  {ENV_PREFIX}{option.name.upper()}{default}")
-                lines.extend(textwrap.wrap(option.help or "", 100, initial_indent=" " * 6,
-                                           subsequent_indent=" " * 6))
-            lines.append("")
-        return "\n".join(lines)
+        return help_text()
 
 
 def help_text() -> str:
-    """What ``--help`` prints: every option with its environment name, default and help."""
-    parser = HelpfulParser()
-    declare(parser)
-    return parser.format_help()
+    """What ``--help`` prints: every setting with its environment name, default and help, by group."""
+    lines = [HELP_HEADER]
+    groups: dict[str, list[Declared]] = {}
+    for d in DECLARED:  # in declaration order: the server's first
+        groups.setdefault(d.group, []).append(d)
+    for group, declared in groups.items():
+        lines.append(f"{group} options:")
+        for d in declared:
+            default = "" if d.default == "" else f"  (default {d.default})"
+            lines.append(f"  --{d.name}  {ENV_PREFIX}{d.name.upper()}{default}")
+            lines.extend(textwrap.wrap(d.help, 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        lines.append("")
+    return "\n".join(lines)
 
 
-__all__ = ["Settings", "load", "defaults", "help_text", "OptionsError", "DATA_DIR", "PACKAGE_DIR"]
+__all__ = [
+    "DATA_DIR",
+    "DECLARED",
+    "Declared",
+    "NAMES",
+    "PACKAGE_DIR",
+    "OptionsError",
+    "Settings",
+    "Value",
+    "declare",
+    "defaults",
+    "help_text",
+    "load",
+    "option",
+]

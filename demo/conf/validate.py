@@ -15,34 +15,25 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from demo.common.sms.outbox import SenderRules
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.phones import parse_regions
-from demo.common.web.proxies import TrustedProxies
+from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
 from demo.common.services import resolve_cookie_secret
 from demo.common.sms.backends import HttpGatewayBackend, parse_backend, parse_test_numbers
-from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
-from demo.conf.settings import Settings
+from demo.common.sms.outbox import SenderRules
+from demo.common.web.proxies import TrustedProxies
+from demo.conf.settings import DECLARED, Declared, Settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATABASES = ("sqlite", "mysql", "mariadb")
-# Every number must be >= 0; these must be >= 1 (a zero would refuse everything or spin), and a few
-# have an upper bound too.
-AT_LEAST_ONE = {
-    "port", "idle_timeout", "body_timeout", "db_pool_size", "db_connect_timeout", "db_io_timeout",
-    "db_pool_recycle", "token_ttl", "argon2_parallelism", "login_window", "login_slowdown", "h5_ticket_ttl",
-    "h5_session_ttl",
-    "sms_code_ttl", "sms_max_attempts", "max_upload_bytes", "max_image_pixels", "image_decode_budget",
-    "max_animation_pixels",
-}
-AT_MOST = {"port": 65535, "h5_ticket_ttl": 120}
 
 
 def check_values(settings: Settings) -> None:
     """ConfigError naming the first option whose value cannot work."""
-    for name, value in settings.items():
+    for declared in DECLARED:
+        value = getattr(settings, declared.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _check_range(name, value)
+            _check_range(declared, value)
     for name, check in VALUE_CHECKS:
         try:
             check(settings)
@@ -70,12 +61,13 @@ def prepare_folders(settings: Settings) -> None:
         _writable_folder("sms_backend", Path(outbox).parent, create=False)
 
 
-def _check_range(name: str, value: float) -> None:
-    low = 1 if name in AT_LEAST_ONE else 0
-    high = AT_MOST.get(name)
+def _check_range(declared: Declared, value: float) -> None:
+    """Every number is at least 0; its declaration may ask for 1 (a zero would refuse everything or
+    spin) and set an upper bound."""
+    low, high = declared.low, declared.high
     if value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"--{name}={value}: must be {bounds}")
+        raise ConfigError(f"--{declared.name}={value}: must be {bounds}")
 
 
 def _writable_folder(name: str, folder: Path, *, create: bool) -> None:
@@ -151,5 +143,5 @@ VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
     ("sms_backend", _sms_backend),
     ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
     ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
-    ("sms_send_attempts", lambda s: SenderRules(attempts=s.sms_send_attempts, retry_delay=s.sms_retry_delay)),
+    ("sms_send_attempts", SenderRules.from_settings),
 ]

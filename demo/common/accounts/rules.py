@@ -10,7 +10,7 @@ import hmac
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import String, bindparam, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,10 +31,13 @@ from demo.common.errors import (
 )
 from demo.common.h5.rules import create_ticket
 from demo.common.accounts.passwords import Passwords, check_password_policy
-from demo.common.accounts.phones import normalize_phone, require_region
+from demo.common.accounts.phones import normalize_phone, parse_regions, require_region
 from demo.common.accounts.principal import Principal
 from demo.common.infra.ratelimit import Window
 from demo.models import AuthSession, Image, SmsCode, User
+
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
 
 PURPOSES = ("regist", "reset")
 # The statements of every login and every authenticated call, prepared (see db.Prepared).
@@ -86,22 +89,38 @@ NEW_SESSION = Prepared(insert(_sessions).values(
     expires_at=bindparam("expires_at")))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AccountRules:
-    default_region: str = "CN"
-    sms_regions: frozenset[str] = frozenset({"CN"})  # countries texts may go to
-    token_ttl: int = 30 * 24 * 3600
-    code_ttl: int = 300
-    resend_after: int = 60
-    max_attempts: int = 5
-    phone_daily: int = 10
-    ip_hourly: int = 20
-    login_phone_failures: int = 10
-    login_ip_failures: int = 100
-    login_window: int = 900
-    login_slowdown_after: int = 10
-    login_slowdown: int = 60
-    code_checks_ip_hourly: int = 30
+    """The settings the account rules read (defaults and meaning: demo/conf/settings.py)."""
+
+    default_region: str
+    sms_regions: frozenset[str]  # countries texts may go to
+    token_ttl: int
+    code_ttl: int
+    resend_after: int
+    max_attempts: int
+    phone_daily: int
+    ip_hourly: int
+    login_phone_failures: int
+    login_ip_failures: int
+    login_window: int
+    login_slowdown_after: int
+    login_slowdown: int
+    code_checks_ip_hourly: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AccountRules:
+        """ValueError naming the setting for a bad ``sms_countries``."""
+        return cls(
+            default_region=settings.default_region,
+            sms_regions=parse_regions(settings.sms_countries or settings.default_region),
+            token_ttl=settings.token_ttl, code_ttl=settings.sms_code_ttl, resend_after=settings.sms_resend_after,
+            max_attempts=settings.sms_max_attempts, phone_daily=settings.sms_phone_daily,
+            ip_hourly=settings.sms_ip_hourly, login_phone_failures=settings.login_phone_failures,
+            login_ip_failures=settings.login_ip_failures, login_window=settings.login_window,
+            login_slowdown_after=settings.login_slowdown_after, login_slowdown=settings.login_slowdown,
+            code_checks_ip_hourly=settings.code_checks_ip_hourly,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +142,7 @@ class Accounts:
         sender: outbox.Sender,
         *,
         code_key: bytes,
-        rules: AccountRules = AccountRules(),
+        rules: AccountRules,
         test_numbers: dict[str, str] | None = None,
         clock: Clock | None = None,
         ticket_ttl: int = 120,

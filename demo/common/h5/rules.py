@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
@@ -29,6 +29,9 @@ from demo.common.errors import Unauthorized
 from demo.common.accounts.phones import mask_phone
 from demo.common.accounts.principal import Principal
 from demo.models import AuthSession, H5Session, H5Ticket, Image, User
+
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
 
 MAX_TICKET_TTL = 120
 HOME_IMAGES = 60  # newest images shown on the home page
@@ -47,10 +50,16 @@ def _live_app_session(now: dt.datetime):
     return (AuthSession.revoked_at.is_(None), AuthSession.expires_at > now)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class H5Rules:
-    ticket_ttl: int = MAX_TICKET_TTL
-    session_ttl: int = 24 * 3600
+    """The settings the H5 rules read (defaults and meaning: demo/conf/settings.py)."""
+
+    ticket_ttl: int
+    session_ttl: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> H5Rules:
+        return cls(ticket_ttl=settings.h5_ticket_ttl, session_ttl=settings.h5_session_ttl)
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class SwitchOffer:
 
 
 class H5:
-    def __init__(self, db: Database, rules: H5Rules = H5Rules(), clock: Clock | None = None, *,
+    def __init__(self, db: Database, rules: H5Rules, clock: Clock | None = None, *,
                  xsrf_key: bytes) -> None:
         self.db = db
         self.rules = rules

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.dialects import mysql, sqlite
@@ -43,6 +43,9 @@ from demo.common.infra.memory import trims_after
 from demo.common.images.storage import IDENTITY_FILE, ImageStore
 from demo.common.images.uploads import BodyMemory, UploadSpool
 from demo.models import Deployment, Image, ImageBlob, User
+
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
 
 log = logging.getLogger("demo.images")
 # The statements of every upload, prepared (see db.Prepared).
@@ -96,21 +99,33 @@ def _make_variant(store: ImageStore, *args: Any) -> str:
     return store.make_variant(*args)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageRules:
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    quota_count: int = 1000
-    quota_bytes: int = 1024**3
+    """The settings the image rules read (defaults and meaning: demo/conf/settings.py)."""
+
+    max_upload_bytes: int
+    max_pixels: int
+    quota_count: int
+    quota_bytes: int
     # Delivery caches: an id is looked up again after lookup_ttl seconds, so another process's delete
     # shows within that time (plus nginx's 30 s micro-cache in front: 60 s in all); small files' bytes
     # stay in memory (they never change: a blob is named by its hash).
-    lookup_ttl: float = 30.0
-    memory_cache_bytes: int = 64 * 1024 * 1024
-    memory_cache_item: int = 512 * 1024
-    decode_budget: int = 16_000_000  # pixels decoding at once in one process (about 48-64 MB)
-    max_animation_pixels: int = imaging.MAX_ANIMATION_PIXELS  # all frames of one animation, decoded
-    upload_memory: int = 32 * 1024 * 1024  # upload bodies held in memory at once (see UploadSpool)
+    lookup_ttl: float
+    memory_cache_bytes: int
+    memory_cache_item: int = 512 * 1024  # not a setting: files above it are never kept in memory
+    decode_budget: int  # pixels decoding at once in one process
+    max_animation_pixels: int  # all frames of one animation, decoded
+    upload_memory: int  # upload bodies held in memory at once (see UploadSpool)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageRules:
+        return cls(
+            max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+            quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
+            lookup_ttl=settings.image_lookup_ttl, memory_cache_bytes=settings.image_memory_cache,
+            decode_budget=settings.image_decode_budget, max_animation_pixels=settings.max_animation_pixels,
+            upload_memory=settings.upload_memory,
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,7 @@ class StoredImage:
 
 
 class Images:
-    def __init__(self, db: Database, store: ImageStore, rules: ImageRules = ImageRules(),
+    def __init__(self, db: Database, store: ImageStore, rules: ImageRules,
                  clock: Clock | None = None) -> None:
         self.db = db
         self.store = store

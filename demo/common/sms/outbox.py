@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -29,6 +30,9 @@ from demo.common.infra.metrics import Metrics
 from demo.common.accounts.phones import mask_phone
 from demo.common.sms.backends import SmsBackend, SmsMessage
 from demo.models import SmsCode, SmsOutbox
+
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
 
 log = logging.getLogger("demo.sms")
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
@@ -58,12 +62,23 @@ def sweep(session: Session, before: dt.datetime) -> int:
     ).rowcount
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SenderRules:
-    attempts: int = 5  # tries before a text is given up and its code voided
-    retry_delay: float = 5.0  # seconds before the first retry; doubles with each try
-    lease: float = 60.0  # seconds a claim holds a row: longer than any send may take
-    batch: int = 10  # rows claimed (and sent concurrently) at a time
+    """How the sender retries (the settings' defaults and meaning: demo/conf/settings.py)."""
+
+    attempts: int  # tries before a text is given up and its code voided
+    retry_delay: float  # seconds before the first retry; doubles with each try
+    lease: float = 60.0  # not a setting: seconds a claim holds a row, longer than any send may take
+    batch: int = 10  # not a setting: rows claimed (and sent concurrently) at a time
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SenderRules:
+        """ValueError naming the setting for a bad attempt count or delay."""
+        return cls(
+            attempts=settings.sms_send_attempts, retry_delay=settings.sms_retry_delay,
+            # A claim must outlive the slowest send, or another process could send the same text again.
+            lease=max(cls.lease, 4 * settings.sms_gateway_timeout),
+        )
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.retry_delay <= 0:
@@ -85,7 +100,7 @@ class Sender:
     """Drains the outbox of one process; ``start`` and ``stop`` run on the event loop."""
 
     def __init__(self, db: Database, backend: SmsBackend, metrics: Metrics, clock: Clock,
-                 rules: SenderRules = SenderRules()) -> None:
+                 rules: SenderRules) -> None:
         self.db = db
         self.backend = backend
         self.metrics = metrics
