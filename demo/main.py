@@ -34,12 +34,12 @@ from demo.common.infra import metrics
 from demo.common.infra import migrate
 from demo.common.infra.clock import Clock
 from demo.common.infra.db import make_engine
-from demo.common.web.handlers import StaticHandler
+from demo.common.web.api import StaticHandler
 from demo.common.web.httpserver import DemoHTTPServer
 from demo.common.images.rules import StoreMismatch, bind_store
 from demo.common.infra.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.web.proxies import TrustedProxies
-from demo.common.web.routing import collect_routes
+from demo.common.web.routing import collect_routes, route_names
 from demo.common.services import Services, build_services
 from demo.common.infra.startup import (
     CannotListen,
@@ -81,10 +81,11 @@ class DemoApplication(tornado.web.Application):
             xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
+        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)
-        route = type(handler).__name__
+        route = self.route_names.get(type(handler)) or type(handler).__name__  # unnamed: Tornado's static routes
         self.services.metrics.observe_request(route, handler.request.method, handler.get_status(),
                                               handler.request.request_time())
 

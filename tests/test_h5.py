@@ -14,7 +14,7 @@ from tornado.template import Loader
 
 from demo.common.infra.db import Cursor
 from demo.common.errors import Unavailable
-from demo.common.web.handlers import H5PageHandler
+from demo.common.web.pages import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
