@@ -49,6 +49,8 @@ class Metrics:
                                         multiprocess_mode="livemax", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One answered request; ``route`` is its route's name (``name=`` in views/*_urls.py), so two
+        handler classes of the same name (the users and H5 logouts) are never one series."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 

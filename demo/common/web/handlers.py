@@ -6,7 +6,7 @@ from demo.common.web.api import JSON_MEDIA_TYPE, MAX_JSON_BYTES, ApiHandler, Not
 from demo.common.web.auth import Auth, authenticates_itself, public, requires_h5_session, requires_session
 from demo.common.web.base import H5_COOKIE, BaseHandler
 from demo.common.web.errors import DISK_FULL, ERROR_STATUS, STATUS_CODE, error_body
-from demo.common.web.pages import H5NotFoundHandler, H5PageHandler, is_cross_site
+from demo.common.web.pages import H5NotFoundHandler, H5PageHandler, check_h5_form, is_cross_site, own_origins
 
 authenticated = requires_session  # the old names, for branches written before the rename
 h5_session = requires_h5_session
@@ -14,6 +14,6 @@ h5_session = requires_h5_session
 __all__ = [
     "DISK_FULL", "ERROR_STATUS", "H5_COOKIE", "JSON_MEDIA_TYPE", "MAX_JSON_BYTES", "STATUS_CODE", "ApiHandler", "Auth",
     "BaseHandler", "H5NotFoundHandler", "H5PageHandler", "NotFoundHandler", "StaticHandler", "authenticated",
-    "authenticates_itself", "error_body", "h5_session", "is_cross_site", "public", "requires_h5_session",
-    "requires_session", "text_field",
+    "authenticates_itself", "check_h5_form", "error_body", "h5_session", "is_cross_site", "own_origins", "public",
+    "requires_h5_session", "requires_session", "text_field",
 ]
