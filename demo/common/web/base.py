@@ -106,7 +106,8 @@ class BaseHandler(RequestHandler):
 
     def prepare(self) -> Awaitable[None] | None:
         """Authenticate before the body is read. An awaitable only when a credential must be looked up:
-        a public request then completes without a round trip through the event loop (bench/README.md)."""
+        a public request then completes without a round trip through the event loop (the cost of one:
+        bench/README.md, "Figures behind comments in the web base")."""
         rule = self.auth_rule()
         if rule is Auth.SESSION:
             return self._authenticate_bearer()

@@ -43,8 +43,9 @@ class H5PageHandler(BaseHandler):
 
     def get_user_locale(self) -> tornado.locale.Locale:
         """The default locale, without parsing Accept-Language: the pages exist in one language (no
-        translations are loaded, so Tornado's browser locale would be this one too). The
-        localisation work chooses here (the user's choice, or ``get_browser_locale()``)."""
+        translations are loaded, so Tornado's browser locale would be this one too), and cheaply: the
+        home page is the hot path (bench/README.md). The localisation work chooses here (the user's
+        choice, or ``get_browser_locale()``)."""
         return tornado.locale.get()
 
     # -- form tokens ----------------------------------------------------------------------------------
