@@ -292,6 +292,19 @@ async def test_logout_lands_on_the_signed_out_page_not_the_401_page(api, user):
 
 
 @gen_test
+async def test_the_h5_and_the_app_logout_are_two_metric_series(api, user):
+    """The metrics label is the route's name, not the class name (both classes were LogoutHandler)."""
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    assert (await logout(api, cookie, xsrf_from(page), cookies=set_by(page))).code == 302
+    assert (await api.post("/users/logout", token=user.token)).code == 204
+    text = (await api.get("/metrics")).body.decode()
+    assert 'demo_requests_total{method="POST",route="h5.logout",status="302"} 1.0' in text
+    assert 'demo_requests_total{method="POST",route="users.logout",status="204"} 1.0' in text
+    assert "LogoutHandler" not in text
+
+
+@gen_test
 async def test_the_form_token_is_bound_to_the_session_and_no_xsrf_cookie_is_set(api, user):
     cookie = await open_h5(api, user.body["h5_url"])
     first, second = await home(api, cookie), await home(api, cookie)
