@@ -49,10 +49,10 @@ from demo.common.infra.startup import (
     reason,
 )
 from demo.common.services import Services, build_services
-from demo.common.web.handlers import StaticHandler
+from demo.common.web.api import StaticHandler
 from demo.common.web.httpserver import DemoHTTPServer
 from demo.common.web.proxies import TrustedProxies
-from demo.common.web.routing import collect_routes
+from demo.common.web.routing import collect_routes, route_names
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
@@ -83,10 +83,11 @@ class DemoApplication(tornado.web.Application):
             xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
+        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)
-        route = type(handler).__name__
+        route = self.route_names.get(type(handler)) or type(handler).__name__  # unnamed: Tornado's static routes
         self.services.metrics.observe_request(route, handler.request.method, handler.get_status(),
                                               handler.request.request_time())
 

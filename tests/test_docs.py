@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from demo.common.web.handlers import ERROR_STATUS
+from demo.common.web.errors import ERROR_STATUS
 
 ROOT = Path(__file__).resolve().parent.parent
 API_MD = ROOT / "docs" / "API.md"

@@ -14,7 +14,7 @@ from tornado.template import Loader
 
 from demo.common.infra.db import Cursor
 from demo.common.errors import Unavailable
-from demo.common.web.handlers import H5PageHandler
+from demo.common.web.pages import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -289,6 +289,19 @@ async def test_logout_lands_on_the_signed_out_page_not_the_401_page(api, user):
     again = await open_h5(api, (await api.post("/h5/ticket", token=user.token)).json["h5_url"])
     live = await api.get("/h5/home?signed_out=1", headers={"Cookie": f"demo_h5={again}"})
     assert live.code == 200 and b'id="phone"' in live.body
+
+
+@gen_test
+async def test_the_h5_and_the_app_logout_are_two_metric_series(api, user):
+    """The metrics label is the route's name, not the class name (both classes were LogoutHandler)."""
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    assert (await logout(api, cookie, xsrf_from(page), cookies=set_by(page))).code == 302
+    assert (await api.post("/users/logout", token=user.token)).code == 204
+    text = (await api.get("/metrics")).body.decode()
+    assert 'demo_requests_total{method="POST",route="h5.logout",status="302"} 1.0' in text
+    assert 'demo_requests_total{method="POST",route="users.logout",status="204"} 1.0' in text
+    assert "LogoutHandler" not in text
 
 
 @gen_test

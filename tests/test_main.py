@@ -122,7 +122,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         while seen < 31 and time.monotonic() < deadline:
             scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             counted = [line for line in scrape.splitlines()
-                       if line.startswith('demo_requests_total{method="GET",route="HealthHandler"')]
+                       if line.startswith('demo_requests_total{method="GET",route="ops.healthz"')]
             seen = float(counted[0].split()[-1]) if counted else 0.0
         assert seen == 31
         pids = set(re.findall(r"\[(\d+)\] demo\.access", (log_dir / "demo.log").read_text()))

@@ -1,8 +1,8 @@
-"""The OpenAPI document (demo/static/openapi.yaml) is valid and covers every route the app serves.
+"""The OpenAPI document (demo/static/openapi.yaml) is valid and describes exactly what the app serves.
 
-Only the direction "route -> spec" is asserted: the spec describes the whole contract of
-/work/shared/API.md, including the Images and H5 sections whose handlers are not built yet, so
-"spec -> route" would fail until they are. Add that direction once every section is implemented.
+Both directions are asserted: every route and handler method is an operation of the spec (with the
+security its auth decision implies), and every operation of the spec is a route and a method the app
+implements.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from tornado.web import RequestHandler
+from tornado.routing import URLSpec
 
+from demo.common.web.auth import Auth, auth_of, implemented_methods
 from demo.common.web.routing import collect_routes
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -31,11 +32,13 @@ def spec() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def app_routes() -> list[tuple[Any, ...]]:
+def app_routes() -> list[URLSpec]:
     """Routed operations: everything but the catch-alls (the JSON 404 last, the HTML 404 under /h5/)."""
     routes = collect_routes()
-    assert routes[-1][0] == r"/.*", "collect_routes() should end with the JSON 404 catch-all"
-    return [route for route in routes if not route[0].endswith("/.*")]
+    assert routes[-1].regex.pattern == r"/.*$", "collect_routes() should end with the JSON 404 catch-all"
+    operations = [route for route in routes if not route.regex.pattern.endswith("/.*$")]
+    assert len(operations) >= 20, "collect_routes() found too few routes to compare with the spec"
+    return operations
 
 
 # -- comparing Tornado route patterns with OpenAPI path templates ---------------------------------
@@ -105,39 +108,42 @@ def test_spec_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
 
 def test_every_route_is_in_the_spec(spec: dict[str, Any]) -> None:
     documented = {template_from_spec(path) for path in spec["paths"]}
-    missing = [pattern for pattern, *_ in app_routes() if template_from_route(pattern) not in documented]
+    missing = [r.regex.pattern for r in app_routes() if template_from_route(r.regex.pattern) not in documented]
     assert not missing, f"routes not described in openapi.yaml: {missing}"
 
 
-def implemented_methods(handler: type[RequestHandler]) -> dict[str, str | None]:
-    """method name -> its auth rule ('public', 'bearer', 'h5'), for methods the handler overrides."""
-    methods = {}
-    for name in (m.lower() for m in handler.SUPPORTED_METHODS):
-        impl = getattr(handler, name, None)
-        if impl is not None and impl is not getattr(RequestHandler, name, None):
-            methods[name] = getattr(impl, "auth", None)
-    return methods
+def test_every_operation_in_the_spec_is_served(spec: dict[str, Any]) -> None:
+    served = {(template_from_route(r.regex.pattern), method.lower())
+              for r in app_routes() for method in implemented_methods(r.target)}
+    missing = [f"{method.upper()} {path}" for path, method, _ in operations(spec)
+               if (template_from_spec(path), method) not in served]
+    assert not missing, f"operations of openapi.yaml that no handler implements: {missing}"
 
 
 def test_every_handler_method_is_an_operation_with_matching_security(spec: dict[str, Any]) -> None:
     by_template = {template_from_spec(path): item for path, item in spec["paths"].items()}
     problems = []
-    for pattern, handler, *_ in app_routes():
+    for route in app_routes():
+        pattern = route.regex.pattern
         item = by_template.get(template_from_route(pattern), {})
-        for method, auth in implemented_methods(handler).items():
-            operation = item.get(method)
+        for method, impl in implemented_methods(route.target).items():
+            auth = auth_of(impl)
+            operation = item.get(method.lower())
             if operation is None:
-                problems.append(f"{method.upper()} {pattern}: not in the spec")
+                problems.append(f"{method} {pattern}: not in the spec")
                 continue
             schemes = [set(req) for req in operation.get("security", spec.get("security", []))]
             anonymous = not schemes or set() in schemes
+            h5_cookie = any("h5Cookie" in req for req in schemes)
             ok = {
-                "public": anonymous,
-                "bearer": not anonymous and {"bearerAuth"} in schemes,
-                "h5": any("h5Cookie" in req for req in schemes),
-            }.get(auth, False)
+                Auth.PUBLIC: anonymous,
+                Auth.SESSION: not anonymous and {"bearerAuth"} in schemes,
+                Auth.H5_SESSION: h5_cookie and not anonymous,
+                # The H5 home page: a one-time ticket (no credential the spec can name) or the cookie.
+                Auth.SELF: h5_cookie and anonymous,
+            }.get(auth, False) if auth else False
             if not ok:
-                problems.append(f"{method.upper()} {pattern}: handler is @{auth}, spec security is {schemes}")
+                problems.append(f"{method} {pattern}: handler is {auth}, spec security is {schemes}")
     assert not problems, "\n".join(problems)
 
 

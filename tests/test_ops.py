@@ -77,12 +77,15 @@ async def test_unexpected_errors_are_json_500_without_internals(api, app, user, 
 async def test_metrics_count_requests_uploads_and_texts(api, user, outbox):
     await api.get("/healthz")
     await api.post("/images", body=b"not an image", token=user.token, headers={"Content-Type": "image/png"})
+    assert (await api.post("/users/logout", token=user.token)).code == 204
     response = await api.get("/metrics")
     assert response.code == 200 and response.headers["Content-Type"].startswith("text/plain")
     text = response.body.decode()
-    assert 'demo_requests_total{method="GET",route="HealthHandler",status="200"} 1.0' in text
-    assert 'demo_requests_total{method="POST",route="RegistHandler",status="201"} 1.0' in text
-    assert 'demo_request_duration_seconds_bucket{le="0.005",method="GET",route="HealthHandler"}' in text
+    # Labelled by route name (views/*_urls.py): the users and H5 logouts are two series.
+    assert 'demo_requests_total{method="GET",route="ops.healthz",status="200"} 1.0' in text
+    assert 'demo_requests_total{method="POST",route="users.regist",status="201"} 1.0' in text
+    assert 'demo_requests_total{method="POST",route="users.logout",status="204"} 1.0' in text
+    assert 'demo_request_duration_seconds_bucket{le="0.005",method="GET",route="ops.healthz"}' in text
     assert "demo_sms_sent_total 1.0" in text and "demo_sms_failed_total 0.0" in text
     assert "demo_upload_bytes_total 12.0" in text
     for gauge in ("demo_requests_in_flight", "demo_db_pool_in_use", "demo_executor_queue_depth"):

@@ -1,1 +1,1 @@
-"""Shared code: rules and services in plain modules, plus the Tornado base handlers (handlers.py)."""
+"""Shared code: rules and services in plain modules, plus the Tornado web base (web/)."""

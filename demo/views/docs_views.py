@@ -2,16 +2,18 @@
 (no CDN: the page's CSP allows only this origin), reading the contract from ``/openapi.yaml``."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from importlib import metadata
 
 import openapi_ui_bundles
 
-from demo.common.web.handlers import ApiHandler, StaticHandler, public
+from demo.common.web.api import ApiHandler, StaticHandler
+from demo.common.web.auth import public
 
 # Swagger UI 5 (the first to read OpenAPI 3.1). The package's version is in the assets' URLs: they
 # change with it, so browsers may keep the files for ever.
 ASSETS = openapi_ui_bundles.swagger_ui.static_path
-ASSETS_VERSION = openapi_ui_bundles.__version__
+ASSETS_VERSION = metadata.version("openapi-ui-bundles")
 # Swagger UI draws its icons from data: URLs and sets styles through the DOM (not inline <style>).
 DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
@@ -52,15 +54,13 @@ class DocsPageHandler(ApiHandler):
 
 
 class DocsAssetHandler(StaticHandler):
-    """Swagger UI's script and style sheet, straight from the installed package."""
-
-    def initialize(self, **_: Any) -> None:
-        super().initialize(path=str(ASSETS))
+    """Swagger UI's script and style sheet, straight from the installed package (the route gives
+    ``path=ASSETS``)."""
 
     @public
-    def get(self, path: str, include_body: bool = True) -> Any:
-        return super().get(path, include_body)
+    async def get(self, path: str, include_body: bool = True) -> None:
+        await super().get(path, include_body)
 
     @public
-    def head(self, path: str) -> Any:
+    def head(self, path: str) -> Awaitable[None]:
         return super().head(path)

@@ -3,48 +3,49 @@ from __future__ import annotations
 
 from tornado.web import RequestHandler
 
-from demo.common.images import imaging
 from demo.common.h5.rules import SwitchOffer
-from demo.common.web.handlers import H5_COOKIE, ApiHandler, H5PageHandler, authenticated, h5_session
+from demo.common.images import imaging
+from demo.common.web.api import ApiHandler
+from demo.common.web.auth import authenticates_itself, requires_h5_session, requires_session
+from demo.common.web.base import H5_COOKIE
+from demo.common.web.pages import H5PageHandler
 from demo.views.images_views import ImagesHandler
 
 
 class TicketHandler(ApiHandler):
-    @authenticated
+    @requires_session
     async def post(self) -> None:
         """A fresh one-time H5 URL for the calling app session."""
-        ticket = await self.services.h5.issue_ticket(self.principal)
-        self.write_json({"h5_url": self.h5_url(ticket), "expires_in": self.services.h5.rules.ticket_ttl})
+        ticket = await self.h5.issue_ticket(self.principal)
+        self.write_json({"h5_url": self.h5_url(ticket), "expires_in": self.h5.rules.ticket_ttl})
 
 
 class HomeHandler(H5PageHandler):
-    def skips_cookie_check(self) -> bool:
-        return True  # the ticket exchange needs no cookie; the page checks it in its own unit of work
-
-    @h5_session
+    @authenticates_itself
     async def get(self) -> None:
         """With ?ticket=: exchange it for the cookie and redirect (or ask first, see ``exchange``);
-        right after logout (?signed_out, no cookie): the signed-out page; otherwise the home page."""
+        right after logout (?signed_out, no cookie): the signed-out page; otherwise the home page, whose
+        visit checks the cookie in the same unit of work that reads the page (``H5.visit_home``)."""
         ticket = self.get_query_argument("ticket", None)
         if ticket is not None:
             await self.exchange(ticket)
             return
         cookie = self.get_cookie(H5_COOKIE)
         if cookie is None and self.get_query_argument("signed_out", None) is not None:
-            self.render_page("h5/signed_out.html")
+            self.render("h5/signed_out.html")
             return
-        self.principal, page = await self.services.h5.visit_home(cookie)
+        self.principal, page = await self.h5.visit_home(cookie)
         images = []
         for image in page["images"]:
             path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
             images.append({**image, "url": self.absolute_url(path), "thumb": self.absolute_url(f"{path}?w=320")})
-        self.render_page("h5/home.html", page=page, images=images)
+        self.render("h5/home.html", page=page, images=images)
 
     async def exchange(self, ticket: str) -> None:
         """Spend the ticket: sign in and redirect, or, signed in as someone else, ask first."""
-        granted = await self.services.h5.exchange(ticket, self.get_cookie(H5_COOKIE))
+        granted = await self.h5.exchange(ticket, self.get_cookie(H5_COOKIE))
         if isinstance(granted, SwitchOffer):
-            self.render_page("h5/switch.html", offer=granted)
+            self.render("h5/switch.html", offer=granted)
             return
         self.set_session_cookie(granted)
         self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
@@ -55,7 +56,7 @@ class PageUploadHandler(H5PageHandler, ImagesHandler):
 
     get = RequestHandler.get  # the page renders the list itself; no listing here (405)
 
-    @h5_session
+    @requires_h5_session
     async def post(self) -> None:
         """Upload one image from the H5 page; answers the image object as JSON."""
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -63,20 +64,20 @@ class PageUploadHandler(H5PageHandler, ImagesHandler):
 
 
 class SwitchHandler(H5PageHandler):
-    @h5_session
+    @requires_h5_session
     async def post(self) -> None:
         """Switch to the account of a link opened while signed in as another (the choice page's
         XSRF-protected form): the current H5 session ends, the link's account's begins."""
-        cookie = await self.services.h5.switch(self.get_body_argument("ticket"), self.principal)
+        cookie = await self.h5.switch(self.get_body_argument("ticket"), self.principal)
         self.set_session_cookie(cookie)
         self.redirect("/h5/home")
 
 
-class LogoutHandler(H5PageHandler):
-    @h5_session
+class PageLogoutHandler(H5PageHandler):
+    @requires_h5_session
     async def post(self) -> None:
         """End the H5 session (XSRF-protected form post) and say so: the cookie is gone, so the home
         page's ?signed_out shows the signed-out page instead of the 401 page."""
-        await self.services.h5.logout(self.principal)
+        await self.h5.logout(self.principal)
         self.clear_session_cookie()
         self.redirect("/h5/home?signed_out=1")

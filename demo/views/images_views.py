@@ -11,7 +11,8 @@ from tornado.web import stream_request_body
 
 from demo.common.images import imaging
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
-from demo.common.web.handlers import ApiHandler, authenticated, public
+from demo.common.web.api import ApiHandler
+from demo.common.web.auth import public, requires_session
 from demo.common.images.rules import THUMBNAIL_WIDTHS
 from demo.common.images.uploads import UploadSink, UploadSpool
 
@@ -78,7 +79,7 @@ class ImagesHandler(ImageApiHandler):
             self.log_exception(*sys.exc_info())  # quiet for domain errors, logged for anything else
             self.send_error(500, exc_info=sys.exc_info())  # status comes from the error (413, 422, ...)
 
-    @authenticated
+    @requires_session
     async def post(self) -> None:
         """Upload one image (multipart field ``image`` or raw bytes)."""
         if self._finished:  # data_received already answered (413, bad multipart); Tornado calls us anyway
@@ -96,7 +97,7 @@ class ImagesHandler(ImageApiHandler):
         self.set_header("Location", body["url"])
         self.write_json({"image": body}, status=201)
 
-    @authenticated
+    @requires_session
     async def get(self) -> None:
         """List own images, newest first, with cursor pagination."""
         # Never stripped: a value is checked exactly as it came (strip would make "\x01" an empty cursor).
@@ -122,7 +123,7 @@ class ImagesHandler(ImageApiHandler):
 
 
 class ImageHandler(ImageApiHandler):
-    @authenticated
+    @requires_session
     async def delete(self, image_id: str) -> None:
         """Delete an own image."""
         await self.images.delete(self.principal.user_id, image_id)

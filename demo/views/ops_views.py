@@ -5,7 +5,9 @@ from importlib import resources
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from demo.common.web.handlers import ApiHandler, error_body, public
+from demo.common.web.api import ApiHandler
+from demo.common.web.auth import public
+from demo.common.web.errors import error_body
 
 
 class HealthHandler(ApiHandler):

@@ -4,14 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from demo.common.accounts.rules import Grant
-from demo.common.web.handlers import ApiHandler, authenticated, public, text_field
+from demo.common.web.api import ApiHandler, text_field
+from demo.common.web.auth import public, requires_session
 
 
 class AccountsHandler(ApiHandler):
-    @property
-    def accounts(self):
-        return self.services.accounts
-
     def session_body(self, grant: Grant) -> dict[str, Any]:
         return {"user": grant.user, "token": grant.token, "token_type": "Bearer", "expires_in": grant.expires_in,
                 "h5_url": self.h5_url(grant.h5_ticket)}
@@ -23,8 +20,8 @@ class CodeHandler(AccountsHandler):
         """Send an SMS code for registration or password reset."""
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
-        purpose = text_field(body, "purpose", required=False, default="regist", max_length=16)
-        self.write_json(await self.accounts.request_code(phone, purpose, self.request.remote_ip))
+        purpose = text_field(body, "purpose", default="regist", max_length=16)
+        self.write_json(await self.accounts.request_code(phone, purpose, self.client_ip))
 
 
 class RegistHandler(AccountsHandler):
@@ -35,7 +32,7 @@ class RegistHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
         code = text_field(body, "code", max_length=16)
-        grant = await self.accounts.register(phone, password, code, self.request.remote_ip)
+        grant = await self.accounts.register(phone, password, code, self.client_ip)
         self.write_json(self.session_body(grant), status=201)
 
 
@@ -46,12 +43,12 @@ class LoginHandler(AccountsHandler):
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
-        grant = await self.accounts.login(phone, password, self.request.remote_ip)
+        grant = await self.accounts.login(phone, password, self.client_ip)
         self.write_json(self.session_body(grant))
 
 
 class LogoutHandler(AccountsHandler):
-    @authenticated
+    @requires_session
     async def post(self) -> None:
         """Revoke the calling token."""
         await self.accounts.logout(self.principal)
@@ -67,13 +64,13 @@ class PasswordResetHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         code = text_field(body, "code", max_length=16)
         password = text_field(body, "password", max_length=4096)
-        await self.accounts.reset_password(phone, code, password, self.request.remote_ip)
+        await self.accounts.reset_password(phone, code, password, self.client_ip)
         self.set_status(204)
         self.finish()
 
 
 class MeHandler(AccountsHandler):
-    @authenticated
+    @requires_session
     async def get(self) -> None:
         """The calling user's profile."""
         self.write_json({"user": await self.accounts.profile(self.principal)})

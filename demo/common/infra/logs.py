@@ -100,7 +100,7 @@ def log_request(handler: Any) -> None:
     """Tornado's ``log_function``: status, method, path, ms, user, IP, request id."""
     status = handler.get_status()
     request = handler.request
-    principal = getattr(handler, "principal", None)
+    principal = handler.current_user  # the authenticated caller, if any (BaseHandler.get_current_user)
     # 2xx/3xx at debug in production (nginx keeps the full access log; writing one here costs a third
     # of a fast request), at info under --debug (a developer has no nginx in front); 4xx at warning,
     # 5xx at error: --log_level=debug shows every request.

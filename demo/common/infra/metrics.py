@@ -17,12 +17,12 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 def enable_multiprocess(folder: str) -> None:
     """Switch prometheus-client to file-backed values; call before any metric is created."""
     os.environ[MULTIPROC_ENV] = folder
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def mark_worker_dead(pid: int) -> None:
     if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -49,6 +49,8 @@ class Metrics:
                                         multiprocess_mode="livemax", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One answered request; ``route`` is its route's name (``name=`` in views/*_urls.py), so two
+        handler classes of the same name (the users and H5 logouts) are never one series."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
@@ -56,6 +58,6 @@ class Metrics:
         """The text format for a scrape: all workers' samples in multi-process mode."""
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)

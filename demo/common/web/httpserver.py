@@ -2,6 +2,7 @@
 431 answer (not a silent close) to a request whose header block is too large."""
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Awaitable
@@ -11,15 +12,18 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from demo.common.web.handlers import error_body
+from demo.common.web.errors import error_body
 from demo.common.web.proxies import TrustedProxies
+
+NO_PROXIES = TrustedProxies(())
 
 
 class DemoHTTPServer(HTTPServer):
     """``xheaders=True`` applies only to requests whose TCP peer is in ``trusted_proxies``: from any
-    other peer, the connection's own address and scheme count, whatever headers it sends."""
+    other peer, the connection's own address and scheme count, whatever headers it sends (by default,
+    no peer is trusted)."""
 
-    def initialize(self, *args: Any, trusted_proxies: TrustedProxies, **kwargs: Any) -> None:
+    def initialize(self, *args: Any, trusted_proxies: TrustedProxies = NO_PROXIES, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.trusted_proxies = trusted_proxies
 
@@ -32,11 +36,11 @@ class DemoHTTPServer(HTTPServer):
             return self.request_callback.start_request(server_conn, request_conn)  # type: ignore[union-attr]
         return super().start_request(server_conn, request_conn)
 
-    def handle_stream(self, stream: IOStream, address: tuple) -> Awaitable[None] | None:
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if type(stream) is IOStream:  # plain TCP, as behind nginx (TLS would be an SSLIOStream: left alone)
             stream = _HeaderLimitStream(stream.socket, max_buffer_size=stream.max_buffer_size,
                                         read_chunk_size=stream.read_chunk_size)
-        return super().handle_stream(stream, address)
+        super().handle_stream(stream, address)
 
 
 def headers_too_large_response() -> bytes:
@@ -72,8 +76,6 @@ class _HeaderLimitStream(IOStream):
     def close(self, exc_info: Any = False) -> None:
         if (self.reading_headers and isinstance(exc_info, UnsatisfiableReadError) and not self.closed()
                 and not self.writing()):
-            try:  # a few hundred bytes into an idle socket's buffer: sent at once, or not at all
+            with contextlib.suppress(OSError):  # a few hundred bytes into an idle socket: sent at once, or not at all
                 self.socket.send(headers_too_large_response())
-            except OSError:
-                pass
         super().close(exc_info)

@@ -1,24 +1,32 @@
 """The URL router: every ``demo/views/*_urls.py`` contributes its ``urls`` list; a JSON 404 comes last.
 
-Start-up check: every HTTP method a handler implements must be declared ``@public`` or
-``@authenticated`` (or ``@h5_session`` for H5 pages). A forgotten decision stops the app from starting.
+Start-up checks: every HTTP method a handler implements declares who may call it (``@public``,
+``@requires_session``, ``@requires_h5_session`` or ``@authenticates_itself``, auth.py), and route names
+are unique. A forgotten decision stops the app from starting.
+
+Route names (``url(..., name="users.login")``) label the request metrics; ``route_names`` maps each
+handler class to its route's name.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Any
 
+from tornado.routing import Rule, URLSpec
 from tornado.web import RequestHandler
 
-from demo.common.web.handlers import NotFoundHandler
-
-AUTH_RULES = {"public", "bearer", "h5"}
+from demo.common.web.api import NotFoundHandler
+from demo.common.web.auth import auth_of, implemented_methods
 
 
 class UndeclaredAuth(RuntimeError):
-    """A handler method has no @public / @authenticated decision."""
+    """A handler method has no auth decision (auth.py)."""
+
+
+class AmbiguousRouteName(RuntimeError):
+    """Two routes share a name, or one handler class is on two routes with different names."""
 
 
 def url_modules(package: str = "demo.views") -> list[ModuleType]:
@@ -27,25 +35,49 @@ def url_modules(package: str = "demo.views") -> list[ModuleType]:
     return [importlib.import_module(f"{package}.{name}") for name in names]
 
 
-def collect_routes(package: str = "demo.views") -> list[tuple[Any, ...]]:
-    routes: list[tuple[Any, ...]] = []
-    for module in url_modules(package):
-        routes.extend(module.urls)
+def collect_routes(package: str = "demo.views") -> list[URLSpec]:
+    """Every ``urls`` entry (a ``tornado.web.url`` or a ``(pattern, handler[, kwargs[, name]])`` tuple)
+    as a URLSpec, checked; the JSON 404 last."""
+    routes = [route if isinstance(route, URLSpec) else URLSpec(*route)
+              for module in url_modules(package) for route in module.urls]
+    routes.append(URLSpec(r"/.*", NotFoundHandler, name="not_found"))
     check_auth_declared(routes)
-    routes.append((r"/.*", NotFoundHandler))
+    route_names(routes)  # refuses ambiguous names
     return routes
 
 
-def check_auth_declared(routes: list[tuple[Any, ...]]) -> None:
+def handler_of(rule: Rule) -> type[RequestHandler]:
+    target = rule.target
+    if not (isinstance(target, type) and issubclass(target, RequestHandler)):
+        raise TypeError(f"route {rule!r} does not lead to a RequestHandler")
+    return target
+
+
+def check_auth_declared(routes: Iterable[Rule]) -> None:
     missing = []
     for route in routes:
-        handler = route[1]
-        for method in handler.SUPPORTED_METHODS:
-            name = method.lower()
-            impl = getattr(handler, name, None)
-            if impl is None or impl is getattr(RequestHandler, name, None):
-                continue  # not implemented: Tornado answers 405
-            if getattr(impl, "auth", None) not in AUTH_RULES:
-                missing.append(f"{handler.__module__}.{handler.__name__}.{name}")
+        handler = handler_of(route)
+        for method, impl in implemented_methods(handler).items():
+            if auth_of(impl) is None:
+                missing.append(f"{handler.__module__}.{handler.__name__}.{method.lower()}")
     if missing:
-        raise UndeclaredAuth("handler methods without @public/@authenticated: " + ", ".join(missing))
+        raise UndeclaredAuth("handler methods without an auth decision (@public, @requires_session, ...): "
+                             + ", ".join(missing))
+
+
+def route_names(rules: Iterable[Rule]) -> dict[type[RequestHandler], str]:
+    """Handler class -> the name of its route, for named routes (``Application.wildcard_router.rules``
+    or ``collect_routes()``)."""
+    names: dict[type[RequestHandler], str] = {}
+    seen: set[str] = set()
+    for rule in rules:
+        name = rule.name
+        if name is None:
+            continue
+        handler = handler_of(rule)
+        if name in seen or names.get(handler, name) != name:
+            raise AmbiguousRouteName(f"route name {name!r} ({handler.__name__}): names must be unique, "
+                                     "one per handler class")
+        seen.add(name)
+        names[handler] = name
+    return names
