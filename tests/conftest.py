@@ -10,53 +10,29 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from demo.common.infra import migrate
-from demo.common.sms import outbox as sms_outbox
 from demo.common.infra.clock import FakeClock
 from demo.common.infra.db import make_engine
+from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
 from demo.models import Base
+from tests.helpers import MYSQL_SERVER, Api, new_mysql_database, require_mysql
 
-MYSQL_SERVER = os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306")
-REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
 COOKIE_SECRET = "test-secret-" + "x" * 40
-
-
-def _mysql_unreachable_reason() -> str | None:
-    try:
-        import MySQLdb  # noqa: F401  (is the driver installed at all?)
-    except ImportError:
-        return "mysqlclient is not installed"
-    try:
-        engine = create_engine(MYSQL_SERVER + "/", connect_args={"connect_timeout": 2})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
-        return f"MariaDB unreachable at {MYSQL_SERVER}: {error.__class__.__name__}"
-    return None
 
 
 @pytest.fixture(scope="session")
 def mysql_server_url() -> str:
-    reason = _mysql_unreachable_reason()
-    if reason:
-        if REQUIRE_MYSQL:
-            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
-        pytest.skip(reason)
-    return MYSQL_SERVER
+    """The MariaDB server of the MySQL variants (skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1)."""
+    return require_mysql(MYSQL_SERVER)
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +42,6 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     migrate.upgrade(engine)
     engine.dispose()
     return url
-
-
-@contextmanager
-def new_mysql_database(server_url: str) -> Iterator[str]:
-    """The URL of a new, empty MariaDB database (as an operator creates it), dropped afterwards."""
-    name = f"demo_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server_url + "/")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    try:
-        yield f"{server_url}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -186,65 +147,6 @@ def app(settings: config.Settings, clock: FakeClock):
     application.services.close()
 
 
-@dataclass
-class Response:
-    code: int
-    headers: Any
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def error(self) -> str:
-        return self.json["error"]["code"]
-
-
-class Api:
-    """A thin HTTP client for the tests: never raises on 4xx/5xx, returns ``Response``."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.client = AsyncHTTPClient(force_instance=True, max_clients=64)
-
-    async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
-                      token: str | None = None, headers: dict[str, str] | None = None,
-                      follow_redirects: bool = False) -> Response:
-        headers = dict(headers or {})
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if json_body is not None:
-            body = json.dumps(json_body)
-            headers.setdefault("Content-Type", "application/json")
-        if body is None and method in ("POST", "PUT", "PATCH"):
-            body = b""
-        response: HTTPResponse = await self.client.fetch(
-            self.base_url + path, method=method, body=body, headers=headers, raise_error=False,
-            follow_redirects=follow_redirects, request_timeout=60,
-        )
-        return Response(response.code, response.headers, response.body or b"")
-
-    async def get(self, path: str, **kw: Any) -> Response:
-        return await self.request("GET", path, **kw)
-
-    async def post(self, path: str, json_body: Any = None, **kw: Any) -> Response:
-        return await self.request("POST", path, json_body=json_body, **kw)
-
-    async def delete(self, path: str, **kw: Any) -> Response:
-        return await self.request("DELETE", path, **kw)
-
-    async def register(self, outbox: Outbox, phone: str = "18866668888", password: str = "demo123456") -> Response:
-        sent = await self.post("/users/code", {"phone": phone})
-        assert sent.code == 200, sent.body
-        e164 = sent_phone(phone)
-        return await self.post("/users/regist", {"phone": phone, "password": password, "code": await outbox.code(e164)})
-
-
-def sent_phone(phone: str) -> str:
-    return phone if phone.startswith("+") else "+86" + phone
-
-
 @pytest.fixture
 def http_server(app, io_loop, _unused_port):
     """The app behind demo's own HTTPServer settings (xheaders, body limits), on a free port, with
@@ -262,7 +164,7 @@ def http_server(app, io_loop, _unused_port):
 def api(http_server, base_url: str) -> Api:
     client = Api(base_url)
     yield client
-    client.client.close()
+    client.close()
 
 
 @dataclass

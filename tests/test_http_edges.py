@@ -14,7 +14,7 @@ from demo.common.web.proxies import TrustedProxies
 from demo.common.services import ConfigError
 from demo.conf import settings as config
 from demo.main import trusted_proxies
-from conftest import sent_phone
+from tests.helpers import sent_phone
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, PASSWORD = "18866668888", "demo123456"

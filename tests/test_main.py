@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from servers import ROOT, SECRET, call, finish, free_port, start, stop, wait_for
+from tests.helpers import ROOT, SECRET, call, finish, free_port, start, stop, wait_for
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from servers import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 # The block's one server-start line: environment assignments, then `make run ARGS=...` in the background.
 START_LINE = re.compile(r"^(?P<env>(?:\w+=\S+ )*)make run ARGS=(?P<args>\S+) &$", re.M)

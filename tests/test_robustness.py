@@ -23,11 +23,10 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, func, select, text
 
-from conftest import REQUIRE_MYSQL
 from demo.common.infra.readiness import READY_TTL
 from demo.main import make_app
 from demo.models import Image, ImageBlob
-from servers import call, finish, free_port, output_of, register, start, stop, wait_for
+from tests.helpers import REQUIRE_MYSQL, call, finish, free_port, output_of, register, start, stop, wait_for
 
 gen_test = pytest.mark.gen_test(timeout=120)
 TEST_NUMBERS = ",".join(f"+86188000000{n:02d}:123456" for n in range(100))
