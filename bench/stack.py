@@ -260,7 +260,7 @@ class BenchDatabase(ThrowawayDatabase):
 
 class Nginx:
     """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered like
-    tests/test_production.py renders it (same replacements), for temporary ports and folders and a
+    tests/e2e/test_production.py renders it (same replacements), for temporary ports and folders and a
     self-signed certificate for ``localhost``. ``static_dir`` replaces the app's static folder: the
     harness puts the HTTP-ceiling file there, so it is served by the very same TLS server block."""
 

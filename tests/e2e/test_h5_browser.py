@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from tests.helpers import ROOT
+
 CHROMIUM = "/usr/bin/chromium"
-ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts" / "h5"
+ARTEFACTS = ROOT / "test-artefacts" / "h5"
 # The flags Chromium needs as root in a container with no outside network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]

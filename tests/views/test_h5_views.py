@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import re
 from http.cookies import SimpleCookie
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -12,14 +11,14 @@ from PIL import Image as PILImage
 from sqlalchemy import event, select
 from tornado.template import Loader
 
-from demo.common.infra.db import Cursor
 from demo.common.errors import Unavailable
+from demo.common.infra.db import Cursor
 from demo.common.web.handlers import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
+from tests.helpers import ROOT
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cookies_of(response) -> dict[str, SimpleCookie]:
