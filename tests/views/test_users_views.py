@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -153,7 +154,8 @@ async def test_code_is_bound_to_purpose_and_phone(api, outbox, user, clock):
     await api.post("/users/code", {"phone": "18866669999", "purpose": "regist"})
     other_code = await outbox.code("+8618866669999")
     # A regist code for another phone does not reset this user's password.
-    response = await api.post("/users/password/reset", {"phone": PHONE, "code": other_code, "password": "new pass 1234"})
+    response = await api.post("/users/password/reset", {"phone": PHONE, "code": other_code,
+                                                        "password": "new pass 1234"})
     assert response.code == 400 and response.error == "invalid_code"
     # Nor does it reset the phone it was sent to (wrong purpose).
     response = await api.post("/users/password/reset",
@@ -291,9 +293,51 @@ async def test_twenty_concurrent_registrations_make_one_account(api, outbox, app
     responses = await asyncio.gather(*[
         api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": code}) for _ in range(20)
     ])
-    statuses = sorted(r.code for r in responses)
-    assert statuses.count(201) == 1, statuses
-    assert all(s in (400, 409) for s in statuses if s != 201), statuses
+    answers = sorted((r.code, r.error if r.code != 201 else None) for r in responses)
+    # The code is spent by the first request to check it: every other one carries a spent code.
+    assert answers == [(201, None)] + [(400, "invalid_code")] * 19, answers
+    assert count_users(app) == 1
+
+
+@pytest.mark.settings(cpu_workers=2)
+@gen_test
+async def test_two_registrations_of_one_phone_with_two_good_codes_make_one_account_and_a_409(
+        api, outbox, app, clock, monkeypatch):
+    """Each request spends its own code (the second asked for while the first was still hashing, when the
+    phone had no account yet); the one that stores the account second answers 409 phone_taken."""
+    hashing: list[str] = []
+    release = threading.Event()
+    hash_password = app.services.passwords.hash
+
+    def held_hash(password: str) -> str:
+        hashing.append(password)
+        assert release.wait(30), "never released"
+        return hash_password(password)
+
+    monkeypatch.setattr(app.services.passwords, "hash", held_hash)
+
+    async def hashing_count(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(hashing) < n:
+            assert time.monotonic() < deadline, f"{n} registrations never reached the hasher"
+            await asyncio.sleep(0.01)
+
+    assert (await api.post("/users/code", {"phone": PHONE})).code == 200
+    first = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
+                                                             "code": await outbox.code(E164)}))
+    await hashing_count(1)  # the first code is spent; no account yet
+    clock.advance(61)
+    assert (await api.post("/users/code", {"phone": PHONE})).code == 200
+    second_code = await outbox.code(E164)
+    assert second_code, "the phone had no account yet: a real code, not a notice"
+    second = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": "another secret 42",
+                                                              "code": second_code}))
+    await hashing_count(2)  # both codes spent, both passwords being hashed
+    release.set()
+    answers = [await first, await second]
+    assert sorted(a.code for a in answers) == [201, 409], [a.body for a in answers]
+    taken = next(a for a in answers if a.code == 409)
+    assert taken.json["error"]["code"] == "phone_taken" and taken.json["error"]["field"] == "phone", taken.body
     assert count_users(app) == 1
 
 
