@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import datetime as dt
 import json
 import random
@@ -200,7 +201,8 @@ async def test_resend_waits_sixty_seconds(api, clock):
 @pytest.mark.settings(sms_phone_daily=3)
 @gen_test
 async def test_daily_quota_per_phone(api, clock, outbox, app):
-    clock._now = clock.now().replace(hour=1, minute=0, second=0, microsecond=0)
+    one_oclock = (clock.now() + dt.timedelta(days=1)).replace(hour=1, minute=0, second=0, microsecond=0)
+    clock.advance((one_oclock - clock.now()).total_seconds())  # a day with 23 hours to go
     for _ in range(3):
         assert (await api.post("/users/code", {"phone": PHONE})).code == 200
         clock.advance(61)
@@ -799,7 +801,22 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
 
     crashed = make_app(settings, clock=clock)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-    [claimed], _, _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    handed: list = []  # what the crashed process's backend was given: it never returns, the process dies
+
+    class NeverReturns:
+        async def send(self, message) -> None:
+            handed.append(message)
+            await asyncio.Event().wait()
+
+    crashed.services.sender.backend = NeverReturns()
+    sending = asyncio.ensure_future(crashed.services.sender.drain())
+    deadline = time.monotonic() + 10
+    while not handed:  # claimed, and handed to the backend: then the process dies
+        assert time.monotonic() < deadline, "the text was never claimed"
+        await asyncio.sleep(0.01)
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
     crashed.services.close()
 
     restarted = make_app(settings, clock=clock)
@@ -807,7 +824,7 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
         assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
         clock.advance(restarted.services.sender.rules.lease)
         assert await restarted.services.sender.drain() == 1
-        assert await outbox.code(E164) == claimed.message.code
+        assert await outbox.code(E164) == handed[0].code
         assert [row.attempts for row in outbox_rows(restarted)] == [2]
     finally:
         restarted.services.close()
