@@ -10,12 +10,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tornado.web import Application
 
 from demo.common.infra import migrate
 from demo.common.infra.clock import FakeClock
@@ -24,7 +26,7 @@ from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
 from demo.models import Base
-from tests.helpers import MYSQL_SERVER, Api, new_mysql_database, require_mysql
+from tests.helpers import MYSQL_SERVER, Api, chromium_browser, chromium_missing, new_mysql_database, require_mysql
 
 COOKIE_SECRET = "test-secret-" + "x" * 40
 
@@ -73,6 +75,18 @@ def database_url(request: pytest.FixtureRequest) -> str:
             conn.execute(table.delete())
     engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Callable[[], AbstractAsyncContextManager[Any]]:
+    """``async with chromium() as browser``: Debian's headless Chromium through Playwright. Skipped when
+    missing, unless DEMO_REQUIRE_BROWSER=1 (CI) makes that a failure."""
+    reason = chromium_missing()
+    if reason:
+        if os.environ.get("DEMO_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"DEMO_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    return chromium_browser
 
 
 @pytest.fixture
@@ -141,10 +155,25 @@ def settings(request: pytest.FixtureRequest, database_url: str, outbox: Outbox, 
 
 
 @pytest.fixture
-def app(settings: config.Settings, clock: FakeClock):
-    application = make_app(settings, clock=clock)
-    yield application
-    application.services.close()
+def build_app(clock: FakeClock) -> Iterator[Callable[[config.Settings], Application]]:
+    """``build_app(settings)``: an app on the test clock, closed after the test. For a module's own ``app``
+    (other settings) and for tests that need a second process on the same database."""
+    built: list[Application] = []
+
+    def build(settings: config.Settings) -> Application:
+        application = make_app(settings, clock=clock)
+        built.append(application)
+        return application
+
+    yield build
+    for application in built:
+        application.services.close()  # again for a test that closed it itself: harmless
+
+
+@pytest.fixture
+def app(build_app: Callable[[config.Settings], Application], settings: config.Settings) -> Application:
+    """The app under test, on ``settings`` and the test clock (not listening: see ``http_server``)."""
+    return build_app(settings)
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -389,6 +389,39 @@ def memory(pid: int, key: str) -> int:
 def reset_peak_memory(pid: int) -> None:
     """Make VmHWM the current RSS again (Linux >= 4.0), so a later peak is not hidden by an earlier one."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+# -- a real browser -----------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags Chromium needs as root in a container with no outside network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def chromium_missing() -> str | None:
+    """Why Debian's Chromium cannot be driven here, or None."""
+    import importlib.util
+    import shutil
+
+    if not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed"
+    return None
+
+
+@asynccontextmanager
+async def chromium_browser() -> AsyncIterator[Any]:
+    """Debian's headless Chromium driven by Playwright (never a browser Playwright downloads)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 # -- the shipped nginx file, locally ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from demo.common.images import imaging
 from demo.common.errors import InvalidImage
 from tests.helpers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
 from tests.test_images import (blob_refs, encode, fetch, files, gradient, media, open_image, second_user, upload,
-                         uploaded)
+                               uploaded)
 
 gen_test = pytest.mark.gen_test(timeout=120)
 MIB = 1024 * 1024

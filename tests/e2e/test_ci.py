@@ -35,8 +35,8 @@ def run_pytest(folder, source: str, *options: str, ci: str) -> subprocess.Comple
     (folder / "test_tiny.py").write_text(source)
     environ = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
-                           "-rA", *options, "test_runs.py", "test_tiny.py"], cwd=folder, env=environ, capture_output=True,
-                          text=True, timeout=120, check=False)
+                           "-rA", *options, "test_runs.py", "test_tiny.py"], cwd=folder, env=environ,
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("source", [SKIPS_IN_A_TEST, SKIPS_ITS_MODULE], ids=["in-a-test", "at-module-level"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,7 @@ from PIL import Image as PILImage
 
 from tests.helpers import ROOT
 
-CHROMIUM = "/usr/bin/chromium"
 ARTEFACTS = ROOT / "test-artefacts" / "h5"
-# The flags Chromium needs as root in a container with no outside network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
-
-if not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
-    if os.environ.get("DEMO_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(f"DEMO_REQUIRE_BROWSER=1 but {CHROMIUM} is missing (apt-get install chromium)")
-    pytest.skip(f"{CHROMIUM} not installed", allow_module_level=True)
-playwright_api = pytest.importorskip("playwright.async_api")
-async_playwright, expect = playwright_api.async_playwright, playwright_api.expect
 
 
 async def images_loaded(page) -> None:
@@ -70,7 +57,9 @@ def png(color: tuple[int, int, int], size=(600, 400)) -> bytes:
 
 
 @pytest.mark.gen_test(timeout=180)
-async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_path):
+async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_path, chromium):
+    from playwright.async_api import expect
+
     folder = ARTEFACTS / ("mysql" if database_url.startswith("mysql") else "sqlite")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):
@@ -90,96 +79,92 @@ async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_p
     not_an_image = tmp_path / "holiday-notes.png"
     not_an_image.write_bytes(b"these are notes, not pixels\n" * 20)
 
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                                is_mobile=True, has_touch=True, color_scheme="light")
-            page = await context.new_page()
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                            is_mobile=True, has_touch=True, color_scheme="light")
+        page = await context.new_page()
 
-            # 1. The WebView opens the h5_url: the ticket is exchanged and leaves the address bar.
-            await page.goto(login.json["h5_url"])
-            assert page.url.endswith("/h5/home") and "ticket" not in page.url
-            assert await page.text_content("#phone") == "188****8888"
-            await images_loaded(page)
-            assert await page.locator("#grid img").count() == 2
-            # The file picker is a label styled as a button; the input itself is visually hidden but
-            # stays the label's control (screen readers, keyboard focus).
-            await snap(page, folder, "1-home")
-            picker, label = await box(page, "#file"), await box(page, "#choose")
-            assert picker["width"] <= 1 and picker["height"] <= 1
-            assert await page.locator("#choose").is_visible() and label["height"] >= 44
-            assert await page.get_by_label("Choose image").get_attribute("id") == "file"
-            await page.keyboard.press("Tab")  # past the Log out button, the picker takes the focus...
-            await page.keyboard.press("Tab")
-            assert await page.evaluate("document.activeElement.id") == "file"
-            # ...and its label shows it.
-            assert await page.evaluate("getComputedStyle(document.getElementById('choose')).outlineStyle") == "solid"
+        # 1. The WebView opens the h5_url: the ticket is exchanged and leaves the address bar.
+        await page.goto(login.json["h5_url"])
+        assert page.url.endswith("/h5/home") and "ticket" not in page.url
+        assert await page.text_content("#phone") == "188****8888"
+        await images_loaded(page)
+        assert await page.locator("#grid img").count() == 2
+        # The file picker is a label styled as a button; the input itself is visually hidden but
+        # stays the label's control (screen readers, keyboard focus).
+        await snap(page, folder, "1-home")
+        picker, label = await box(page, "#file"), await box(page, "#choose")
+        assert picker["width"] <= 1 and picker["height"] <= 1
+        assert await page.locator("#choose").is_visible() and label["height"] >= 44
+        assert await page.get_by_label("Choose image").get_attribute("id") == "file"
+        await page.keyboard.press("Tab")  # past the Log out button, the picker takes the focus...
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "file"
+        # ...and its label shows it.
+        assert await page.evaluate("getComputedStyle(document.getElementById('choose')).outlineStyle") == "solid"
 
-            # 2. A failed upload: the message stays in the upload form, right under the button.
-            await page.set_input_files("#file", str(not_an_image))
-            assert await page.text_content("#file-name") == "holiday-notes.png"
-            await page.click("#send")
-            await expect(page.locator("#status")).to_have_class("message is-error", timeout=20000)
-            status, form, send = await box(page, "#status"), await box(page, "#upload"), await box(page, "#send")
-            assert inside(status, form)
-            assert 0 <= status["y"] - (send["y"] + send["height"]) <= 16 and status["height"] < 60
-            assert status["x"] == send["x"]  # aligned with the form, not centred like a page
-            await snap(page, folder, "2-upload-failed")
+        # 2. A failed upload: the message stays in the upload form, right under the button.
+        await page.set_input_files("#file", str(not_an_image))
+        assert await page.text_content("#file-name") == "holiday-notes.png"
+        await page.click("#send")
+        await expect(page.locator("#status")).to_have_class("message is-error", timeout=20000)
+        status, form, send = await box(page, "#status"), await box(page, "#upload"), await box(page, "#send")
+        assert inside(status, form)
+        assert 0 <= status["y"] - (send["y"] + send["height"]) <= 16 and status["height"] < 60
+        assert status["x"] == send["x"]  # aligned with the form, not centred like a page
+        await snap(page, folder, "2-upload-failed")
 
-            # 3. Upload through the page's form: progress, then the new image without a reload.
-            await page.set_input_files("#file", str(new_image))
-            await page.click("#send")
-            await expect(page.locator("#status")).to_have_text("Uploaded.", timeout=20000)
-            assert await page.locator("#grid img").count() == 3
-            assert await page.text_content("#count") == "3"
-            assert await page.text_content("#file-name") == "No image chosen"  # the form was reset
-            await images_loaded(page)
-            assert page.url.endswith("/h5/home")  # no reload happened
-            await snap(page, folder, "3-uploaded")
+        # 3. Upload through the page's form: progress, then the new image without a reload.
+        await page.set_input_files("#file", str(new_image))
+        await page.click("#send")
+        await expect(page.locator("#status")).to_have_text("Uploaded.", timeout=20000)
+        assert await page.locator("#grid img").count() == 3
+        assert await page.text_content("#count") == "3"
+        assert await page.text_content("#file-name") == "No image chosen"  # the form was reset
+        await images_loaded(page)
+        assert page.url.endswith("/h5/home")  # no reload happened
+        await snap(page, folder, "3-uploaded")
 
-            # The page at the narrowest common phone width.
-            await page.set_viewport_size({"width": 360, "height": 780})
-            assert await page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
-            await page.screenshot(path=str(folder / "4-home-360px.png"), full_page=True)
-            await page.set_viewport_size({"width": 390, "height": 844})
+        # The page at the narrowest common phone width.
+        await page.set_viewport_size({"width": 360, "height": 780})
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+        await page.screenshot(path=str(folder / "4-home-360px.png"), full_page=True)
+        await page.set_viewport_size({"width": 390, "height": 844})
 
-            # 4. Another user's link: the page asks, and staying keeps this session.
-            await page.goto(await other_link())
-            assert await page.text_content("#link-phone") == "188****9999"
-            assert await page.text_content("#current-phone") == "188****8888"
-            await snap(page, folder, "5-another-account")
-            await page.click("#stay")
-            await page.wait_for_url("**/h5/home")
-            assert await page.text_content("#phone") == "188****8888"
-            # ...and switching is the form post (its XSRF token, Chromium's Origin header) that says so.
-            await page.goto(await other_link())
-            await page.click("#switch")
-            await page.wait_for_url("**/h5/home")
-            assert await page.text_content("#phone") == "188****9999"
+        # 4. Another user's link: the page asks, and staying keeps this session.
+        await page.goto(await other_link())
+        assert await page.text_content("#link-phone") == "188****9999"
+        assert await page.text_content("#current-phone") == "188****8888"
+        await snap(page, folder, "5-another-account")
+        await page.click("#stay")
+        await page.wait_for_url("**/h5/home")
+        assert await page.text_content("#phone") == "188****8888"
+        # ...and switching is the form post (its XSRF token, Chromium's Origin header) that says so.
+        await page.goto(await other_link())
+        await page.click("#switch")
+        await page.wait_for_url("**/h5/home")
+        assert await page.text_content("#phone") == "188****9999"
 
-            # 5. Log out: the form post (with its XSRF token) ends the session and says so; no 401.
-            await page.click("#logout")
-            await page.wait_for_url("**/h5/home?signed_out=1")
-            assert await page.text_content("h1") == "You have signed out"
-            await snap(page, folder, "6-signed-out")
-            response = await page.reload()
-            assert response.status == 200 and await page.text_content("h1") == "You have signed out"
+        # 5. Log out: the form post (with its XSRF token) ends the session and says so; no 401.
+        await page.click("#logout")
+        await page.wait_for_url("**/h5/home?signed_out=1")
+        assert await page.text_content("h1") == "You have signed out"
+        await snap(page, folder, "6-signed-out")
+        response = await page.reload()
+        assert response.status == 200 and await page.text_content("h1") == "You have signed out"
 
-            # 6. An error page (here: no session) says what to do in words; no status number shown.
-            response = await page.goto(page.url.split("?")[0])
-            assert response.status == 401
-            assert await page.get_attribute("main", "data-status") == "401"
-            assert await page.text_content("h1") == "Open this page from the app"
-            assert "401" not in await page.inner_text("body")
-            await snap(page, folder, "7-error")
+        # 6. An error page (here: no session) says what to do in words; no status number shown.
+        response = await page.goto(page.url.split("?")[0])
+        assert response.status == 401
+        assert await page.get_attribute("main", "data-status") == "401"
+        assert await page.text_content("h1") == "Open this page from the app"
+        assert "401" not in await page.inner_text("body")
+        await snap(page, folder, "7-error")
 
-            # 7. nginx's page while no process answers (test_production.py serves it from nginx): the
-            # same look, its stylesheet found.
-            await page.goto(page.url.replace("/h5/home", "/static/h5/unavailable.html"))
-            assert await page.evaluate("getComputedStyle(document.querySelector('.card')).borderRadius") == "14px"
-            assert "503" not in await page.inner_text("body")
-            await snap(page, folder, "8-unavailable")
-        finally:
-            await browser.close()
+        # 7. nginx's page while no process answers (test_production.py serves it from nginx): the
+        # same look, its stylesheet found.
+        await page.goto(page.url.replace("/h5/home", "/static/h5/unavailable.html"))
+        assert await page.evaluate("getComputedStyle(document.querySelector('.card')).borderRadius") == "14px"
+        assert "503" not in await page.inner_text("body")
+        await snap(page, folder, "8-unavailable")
     assert (await api.get("/images", token=user.token)).json["images"][0]["width"] == 600

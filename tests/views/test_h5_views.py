@@ -155,7 +155,8 @@ async def test_home_page_shows_the_user_and_counts_visits(api, user, app):
     assert b"viewport" in first.body and b"/static/h5/h5.css?v=" in first.body
     second = await home(api, cookie)
     assert b'id="visits">2<' in second.body
-    visits, last = app.services.db.run_sync(lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one())
+    visits, last = app.services.db.run_sync(
+        lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one())
     assert visits == 2 and last is not None
 
 
@@ -219,7 +220,8 @@ async def test_password_reset_ends_the_h5_session(api, user, outbox, clock):
     cookie = await open_h5(api, user.body["h5_url"])
     clock.advance(61)
     await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})
-    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "new secret 42"})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164),
+                                                     "password": "new secret 42"})
     assert reset.code == 204
     assert is_html_page(await home(api, cookie), 401)
 

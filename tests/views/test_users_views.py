@@ -659,26 +659,20 @@ def provider(request, io_loop):
     fake.server.stop()
 
 
-def gateway_app(settings, clock, provider):
-    from demo.main import make_app
-
-    return make_app(settings.replace(
+def gateway_settings(settings, provider):
+    """``settings`` with texts going to the fake provider."""
+    return settings.replace(
         sms_backend="http", sms_gateway_url=f"http://127.0.0.1:{provider.port}/send",
         sms_gateway_body='{"mobile": $phone, "content": $text, "code": $code}', sms_gateway_timeout=2.0,
-    ), clock=clock)
+    )
 
 
 @pytest.fixture
-def app(request, settings, clock):
+def app(request, settings, build_app):
     """Like conftest's app, but pointed at the fake provider when a test asks for one."""
-    from demo.main import make_app
-
     if "provider" in request.fixturenames:
-        application = gateway_app(settings, clock, request.getfixturevalue("provider"))
-    else:
-        application = make_app(settings, clock=clock)
-    yield application
-    application.services.close()
+        settings = gateway_settings(settings, request.getfixturevalue("provider"))
+    return build_app(settings)
 
 
 def outbox_rows(app) -> list[SmsOutbox]:
@@ -776,30 +770,25 @@ async def test_a_text_that_never_goes_out_leaves_its_code_void(api, app, provide
 
 
 @gen_test
-async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, clock, outbox):
-    from demo.main import make_app
-
-    crashed = make_app(settings, clock=clock)  # its sender never runs: it "dies" right after the commit
+async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, build_app,
+                                                                                          outbox):
+    crashed = build_app(settings)  # its sender never runs: it "dies" right after the commit
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
     crashed.services.close()
     assert [row.status for row in outbox_rows(crashed)] == ["pending"] and outbox.messages() == []
 
-    restarted = make_app(settings, clock=clock)
-    try:
-        assert await restarted.services.sender.drain() == 1
-        code = await outbox.code(E164)
-        grant = await restarted.services.accounts.register(PHONE, PASSWORD, code, "127.0.0.1")
-        assert grant.user["phone"] == E164
-        assert await restarted.services.sender.drain() == 0  # sent once, not again
-    finally:
-        restarted.services.close()
+    restarted = build_app(settings)
+    assert await restarted.services.sender.drain() == 1
+    code = await outbox.code(E164)
+    grant = await restarted.services.accounts.register(PHONE, PASSWORD, code, "127.0.0.1")
+    assert grant.user["phone"] == E164
+    assert await restarted.services.sender.drain() == 0  # sent once, not again
 
 
 @gen_test
-async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, clock, outbox):
-    from demo.main import make_app
-
-    crashed = make_app(settings, clock=clock)
+async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, build_app, clock,
+                                                                                     outbox):
+    crashed = build_app(settings)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
     handed: list = []  # what the crashed process's backend was given: it never returns, the process dies
 
@@ -819,74 +808,57 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
         await sending
     crashed.services.close()
 
-    restarted = make_app(settings, clock=clock)
-    try:
-        assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
-        clock.advance(restarted.services.sender.rules.lease)
-        assert await restarted.services.sender.drain() == 1
-        assert await outbox.code(E164) == handed[0].code
-        assert [row.attempts for row in outbox_rows(restarted)] == [2]
-    finally:
-        restarted.services.close()
+    restarted = build_app(settings)
+    assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
+    clock.advance(restarted.services.sender.rules.lease)
+    assert await restarted.services.sender.drain() == 1
+    assert await outbox.code(E164) == handed[0].code
+    assert [row.attempts for row in outbox_rows(restarted)] == [2]
 
 
 @pytest.mark.parametrize("provider", [(200, 0.05)], indirect=True)
 @pytest.mark.settings(sms_ip_hourly=10_000)
 @gen_test
-async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clock, provider):
-    apps = [gateway_app(settings, clock, provider) for _ in range(2)]
+async def test_two_senders_on_one_database_never_send_a_text_twice(settings, build_app, provider):
+    apps = [build_app(gateway_settings(settings, provider)) for _ in range(2)]
     phones = [f"+86188666{n:05d}" for n in range(35)]
-    try:
-        for phone in phones:  # queued while no sender runs
-            await apps[0].services.accounts.request_code(phone, "regist", "127.0.0.1")
-        # Two processes' senders drain at once, each sending batches concurrently: claims must not overlap.
-        handled = await asyncio.gather(*(a.services.sender.drain() for a in apps + apps))
-        assert sum(handled) == len(phones) and handled[0] + handled[2] > 0 and handled[1] + handled[3] > 0, handled
-        assert sorted(body["mobile"] for body in provider.bodies) == phones
-        assert {row.status for row in outbox_rows(apps[0])} == {"sent"}
-    finally:
-        for a in apps:
-            a.services.close()
+    for phone in phones:  # queued while no sender runs
+        await apps[0].services.accounts.request_code(phone, "regist", "127.0.0.1")
+    # Two processes' senders drain at once, each sending batches concurrently: claims must not overlap.
+    handled = await asyncio.gather(*(a.services.sender.drain() for a in apps + apps))
+    assert sum(handled) == len(phones) and handled[0] + handled[2] > 0 and handled[1] + handled[3] > 0, handled
+    assert sorted(body["mobile"] for body in provider.bodies) == phones
+    assert {row.status for row in outbox_rows(apps[0])} == {"sent"}
 
 
 @gen_test
-async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, clock, outbox):
+async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, build_app, clock, outbox):
     """After an outage, a text for an expired or replaced code must not go out: only the live one does."""
-    from demo.main import make_app
-
-    down = make_app(settings, clock=clock)  # no sender runs: texts wait, as in an outage
-    try:
-        accounts = down.services.accounts
-        await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
-        clock.advance(accounts.rules.code_ttl - 30)
-        await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
-        clock.advance(accounts.rules.resend_after)
-        await accounts.request_code(PHONE, "regist", "127.0.0.1")
-        assert await down.services.sender.drain() == 3
-        [live] = outbox.messages()
-        assert live["phone"] == E164
-        rows = sorted(outbox_rows(down), key=lambda row: row.id)
-        assert [row.status for row in rows] == ["failed", "failed", "sent"]
-        assert all(row.code is None and row.text == "" for row in rows)
-    finally:
-        down.services.close()
+    down = build_app(settings)  # no sender runs: texts wait, as in an outage
+    accounts = down.services.accounts
+    await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
+    clock.advance(accounts.rules.code_ttl - 30)
+    await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
+    clock.advance(accounts.rules.resend_after)
+    await accounts.request_code(PHONE, "regist", "127.0.0.1")
+    assert await down.services.sender.drain() == 3
+    [live] = outbox.messages()
+    assert live["phone"] == E164
+    rows = sorted(outbox_rows(down), key=lambda row: row.id)
+    assert [row.status for row in rows] == ["failed", "failed", "sent"]
+    assert all(row.code is None and row.text == "" for row in rows)
 
 
 @gen_test
-async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, clock, outbox):
-    from demo.main import make_app
-
-    down = make_app(settings, clock=clock)
-    try:
-        await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-        clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
-        assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
-        assert [row.status for row in outbox_rows(down)] == ["pending"]
-        assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
-        counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
-        assert counts["sms_codes"] == 1 and outbox_rows(down) == []
-    finally:
-        down.services.close()
+async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, build_app, clock, outbox):
+    down = build_app(settings)  # no sender runs
+    await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+    clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
+    assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
+    assert [row.status for row in outbox_rows(down)] == ["pending"]
+    assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
+    counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
+    assert counts["sms_codes"] == 1 and outbox_rows(down) == []
 
 
 @gen_test
