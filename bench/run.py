@@ -46,12 +46,11 @@ from bench.stack import (
     DemoServer,
     HarnessError,
     HelloServer,
-    Nginx,
     Server,
     proc_status_kib,
     wait_idle,
 )
-from tests.helpers import HttpClient, wait_until
+from tests.helpers import HttpClient, Nginx, wait_until
 from tests.helpers import reset_peak_memory as reset_peak_rss
 
 MIB = 1024 * 1024

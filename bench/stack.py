@@ -1,7 +1,8 @@
-"""The processes a benchmark run starts: the bench database, demo servers, hello world, nginx.
+"""The processes a benchmark run starts: the bench database, demo servers, hello world (nginx is
+tests/helpers.py's ``Nginx``, which the production tests run too).
 
 Every process writes to a file (never to a pipe nobody reads), every wait is bounded, and every
-``stop`` ends only the process (or, for nginx, the process group) this module started.
+``stop`` ends only the process this module started.
 """
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ from pathlib import Path
 from typing import Self
 
 from tests.helpers import (
-    NGINX,
     HarnessError,
     ThrowawayDatabase,
     free_port,
-    make_certificate,
     memory,
     mysql_unreachable_reason,
-    render_shipped_nginx,
     wait_until,
 )
 
@@ -257,80 +255,3 @@ class BenchDatabase(ThrowawayDatabase):
 
 
 # -- nginx with the shipped site file --------------------------------------------------------------
-
-class Nginx:
-    """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered like
-    tests/e2e/test_production.py renders it (same replacements), for temporary ports and folders and a
-    self-signed certificate for ``localhost``. ``static_dir`` replaces the app's static folder: the
-    harness puts the HTTP-ceiling file there, so it is served by the very same TLS server block."""
-
-    def __init__(self, tmp: Path, upstream_ports: list[int], static_dir: Path) -> None:
-        self.dir = tmp / "nginx"
-        self.tls = tmp / "tls"
-        self.static_dir = static_dir
-        self.upstream_ports = upstream_ports
-        self.https_port = free_port()
-        self.http_port = free_port()
-        self.base_url = f"https://localhost:{self.https_port}"
-        self.proc: subprocess.Popen | None = None
-        self.conf: Path | None = None
-
-    @staticmethod
-    def version() -> str:
-        done = subprocess.run([NGINX, "-v"], check=False, capture_output=True, text=True, timeout=10)
-        return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
-
-    def make_certificate(self) -> None:
-        make_certificate(self.tls)
-
-    def render(self) -> Path:
-        """The shipped config for the bench's ports and folders (cache time as shipped: the periodic
-        refresh is part of what "warm" costs in production)."""
-        return render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
-                                    self.static_dir)
-
-    def command(self, *extra: str) -> list[str]:
-        d = self.dir
-        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
-                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
-
-    def start(self) -> Nginx:
-        if not os.access(NGINX, os.X_OK):
-            raise HarnessError(f"{NGINX} is not installed (apt-get install nginx-light)")
-        self.make_certificate()
-        self.conf = self.render()
-        checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
-        if checked.returncode != 0:
-            raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
-        with open(self.dir / "nginx.out", "ab") as out:
-            # Its own process group, so that even a master that died uncleanly takes its workers along.
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
-
-    def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return [int(pid) for pid in children.read_text().split()]
-        except OSError:
-            return []
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by an unclean exit
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def logs(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {p} ---\n{tail(p, chars)}" for p in
-                         [*sorted((self.dir / "logs").glob("*error.log")), self.dir / "nginx.out"] if p.exists())

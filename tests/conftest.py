@@ -26,7 +26,16 @@ from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
 from demo.models import Base
-from tests.helpers import MYSQL_SERVER, Api, chromium_browser, chromium_missing, new_mysql_database, require_mysql
+from tests.helpers import (
+    MYSQL_SERVER,
+    REQUIRE_MYSQL,
+    Api,
+    Nginx,
+    chromium_browser,
+    chromium_missing,
+    new_mysql_database,
+    require_mysql,
+)
 
 COOKIE_SECRET = "test-secret-" + "x" * 40
 
@@ -75,6 +84,18 @@ def database_url(request: pytest.FixtureRequest) -> str:
             conn.execute(table.delete())
     engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session")
+def nginx() -> type[Nginx]:
+    """The class that runs Debian's nginx on the shipped site file (``Nginx(folder, upstream_ports, ...)``).
+    Skipped when nginx or openssl is missing, unless DEMO_REQUIRE_MYSQL=1 (CI) makes that a failure."""
+    reason = Nginx.missing()
+    if reason:
+        if REQUIRE_MYSQL:
+            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
+        pytest.skip(reason)
+    return Nginx
 
 
 @pytest.fixture(scope="session")

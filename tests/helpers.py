@@ -6,7 +6,8 @@
 - throw-away MariaDB databases: ``ThrowawayDatabase``, ``mysql_unreachable_reason``, ``require_mysql``;
 - real server processes (signals, crashes, several workers, faults): ``start``, ``stop``, ``finish``,
   ``wait_for``, ``output_of``, ``register``, ``memory``, ``reset_peak_memory``;
-- the shipped nginx file rendered for local ports and folders: ``render_shipped_nginx``.
+- nginx running the shipped file for local ports and folders: ``Nginx``, ``render_shipped_nginx``;
+- Chromium through Playwright: ``chromium_browser``.
 
 Output of a process goes to a file, never to a pipe nobody reads (a full pipe would stall the server).
 ``bench/`` imports this module too (``from tests.helpers import ...``): neither side reaches into the
@@ -25,7 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -495,6 +496,96 @@ def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: in
     """
     (d / "nginx.conf").write_text(main)
     return d / "nginx.conf"
+
+
+class Nginx:
+    """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered by ``render_shipped_nginx``
+    for temporary ports and folders under ``folder`` and a self-signed certificate for ``localhost``, in
+    front of ``upstream_ports``. ``static_dir`` replaces the app's static folder; ``extra`` adds
+    replacements (e.g. a shorter cache time). Its own process group: ``stop`` takes its workers along."""
+
+    def __init__(self, folder: Path, upstream_ports: list[int], static_dir: Path,
+                 extra: list[tuple[str, str]] | None = None) -> None:
+        self.dir = folder / "nginx"
+        self.tls = folder / "tls"
+        self.cert = self.tls / "cert.pem"
+        self.static_dir = static_dir
+        self.upstream_ports = upstream_ports
+        self.extra = extra or []
+        self.https_port = free_port()
+        self.http_port = free_port()
+        self.base_url = f"https://localhost:{self.https_port}"
+        self.proc: subprocess.Popen | None = None
+        self.conf: Path | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why nginx cannot run here (nginx or openssl not installed), or None."""
+        import shutil
+
+        if not os.access(NGINX, os.X_OK):
+            return f"{NGINX} is not installed (apt-get install nginx-light)"
+        if shutil.which("openssl") is None:
+            return "openssl is not installed"
+        return None
+
+    @staticmethod
+    def version() -> str:
+        done = subprocess.run([NGINX, "-v"], check=False, capture_output=True, text=True, timeout=10)
+        return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+    def client_tls(self) -> ssl.SSLContext:
+        """A client context that trusts the self-signed certificate (once ``start`` made it)."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    def command(self, *extra: str) -> list[str]:
+        d = self.dir
+        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
+                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
+
+    def start(self) -> Self:
+        reason = self.missing()
+        if reason:
+            raise HarnessError(reason)
+        make_certificate(self.tls)
+        self.conf = render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
+                                         self.static_dir, self.extra)
+        checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
+        with open(self.dir / "nginx.out", "ab") as out:
+            # Its own process group, so that even a master that died uncleanly takes its workers along.
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by an unclean exit
+
+    def logs(self, chars: int = 3000) -> str:
+        files = [*sorted((self.dir / "logs").glob("*error.log")), self.dir / "nginx.out"]
+        return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in files if p.exists())
 
 
 def make_certificate(folder: Path, timeout: float = 60) -> None:

@@ -40,15 +40,13 @@ from PIL import Image
 
 from demo.conf import settings as config
 from tests.helpers import (
-    NGINX,
     ROOT,
     HttpClient,
     LoopbackHTTPSConnection,
+    Nginx,
     Response,
     ThrowawayDatabase,
     free_port,
-    make_certificate,
-    render_shipped_nginx,
     replace_all,
     sent_phone,
 )
@@ -56,7 +54,6 @@ from tests.helpers import wait_until as wait_until_within
 
 CONF = ROOT / "demo" / "conf"
 NGINX_CONF = CONF / "nginx" / "demo.conf"
-REQUIRE = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
 IMMUTABLE = "public, max-age=31536000, immutable"
 HSTS = "max-age=63072000"
 PASSWORD = "demo123456"
@@ -254,16 +251,10 @@ class Worker:
 
 
 class Stack:
-    def __init__(self, tmp: Path, database_url: str) -> None:
+    def __init__(self, tmp: Path, database_url: str, nginx: type[Nginx]) -> None:
         self.tmp = tmp
         self.database_url = database_url
-        self.https_port = free_port()
-        self.http_port = free_port()
-        self.base_url = f"https://localhost:{self.https_port}"
         self.outbox = tmp / "outbox.jsonl"
-        self.cert = tmp / "tls" / "cert.pem"
-        self.nginx: subprocess.Popen | None = None
-        self.nginx_dir = tmp / "nginx"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "PROMETHEUS_"))}
         self.env.update({
             "DEMO_COOKIE_SECRET": "production-test-" + secrets.token_hex(16),  # 48 characters
@@ -276,42 +267,31 @@ class Stack:
             "DEMO_IMAGE_LOOKUP_TTL": str(TEST_LOOKUP_SECONDS),
         })
         self.workers = [Worker(self, free_port()), Worker(self, free_port())]
+        # The shipped config with test ports and folders (rendered as for the benchmark), the app's own
+        # static folder, and a short image cache so expiry can be watched.
+        self.nginx = nginx(tmp, [w.port for w in self.workers], ROOT / "demo" / "static", extra=[
+            ("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
+            # Every client here is on loopback: only 127.0.0.1 stays "internal" for /readyz, so a
+            # phone on another 127.x address plays the public.
+            ("allow 127.0.0.0/8;", "allow 127.0.0.1;"),
+        ])
+        self.https_port, self.http_port = self.nginx.https_port, self.nginx.http_port
+        self.base_url = self.nginx.base_url
+        self.cert, self.nginx_dir = self.nginx.cert, self.nginx.dir
         self.tls: ssl.SSLContext | None = None  # trusts the self-signed certificate, once it exists
 
     # -- set-up ---------------------------------------------------------------------------------
-    def render_nginx(self) -> Path:
-        """The shipped config with test ports and folders (bench/stack.py renders it for both), the
-        app's own static folder, and a short image cache so expiry can be watched."""
-        return render_shipped_nginx(
-            self.nginx_dir, self.cert.parent, self.http_port, self.https_port, [w.port for w in self.workers],
-            ROOT / "demo" / "static",
-            extra=[("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
-                   # Every client here is on loopback: only 127.0.0.1 stays "internal" for /readyz,
-                   # so a phone on another 127.x address plays the public.
-                   ("allow 127.0.0.0/8;", "allow 127.0.0.1;")],
-        )
-
-    def nginx_command(self, conf: Path, *extra: str) -> list[str]:
-        d = self.nginx_dir
-        return [NGINX, "-p", str(d), "-c", str(conf), *extra,
-                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
-
     def start(self) -> None:
-        make_certificate(self.cert.parent, timeout=WAIT)
-        self.tls = ssl.create_default_context(cafile=str(self.cert))
         for worker in self.workers:  # at once: the two processes race to migrate the fresh database
             worker.start()
-        conf = self.render_nginx()
-        checked = subprocess.run(self.nginx_command(conf, "-t"), capture_output=True, text=True, timeout=WAIT)
-        assert checked.returncode == 0, f"nginx -t refused the rendered sample:\n{checked.stderr}"
-        with open(self.nginx_dir / "nginx.out", "ab") as out:
-            self.nginx = subprocess.Popen(self.nginx_command(conf), stdout=out, stderr=subprocess.STDOUT)
+        self.nginx.start()
+        self.tls = self.nginx.client_tls()
         for worker in self.workers:
             worker.wait_ready()
 
         def nginx_up() -> bool:
-            if self.nginx.poll() is not None:
-                raise AssertionError(f"nginx exited: {self.nginx_log()}")
+            if not self.nginx.running():
+                raise AssertionError(f"nginx exited: {self.nginx.logs()}")
             try:
                 return self.client().get("/healthz").code == 200
             except OSError:
@@ -344,13 +324,7 @@ class Stack:
         wait_until(reached_all, "nginx to send requests to every process again", every=0.1)
 
     def stop(self) -> None:
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.send_signal(signal.SIGQUIT)  # graceful
-            try:
-                self.nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait(timeout=10)
+        self.nginx.stop()
         for worker in self.workers:
             if worker.running():
                 worker.proc.send_signal(signal.SIGTERM)
@@ -388,33 +362,14 @@ class Stack:
         assert len(re.findall(pattern, log)) == times, f"{pattern!r} should be logged {times} times:\n{log}"
         return log
 
-    def nginx_log(self) -> str:
-        logs = self.nginx_dir / "logs"
-        return "".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*error.log"))) + (
-            (self.nginx_dir / "nginx.out").read_text(errors="replace")[-3000:]
-            if (self.nginx_dir / "nginx.out").exists() else "")
-
-
-def _missing_tools() -> str | None:
-    if not os.access(NGINX, os.X_OK):
-        return f"{NGINX} is not installed (apt-get install nginx-light)"
-    if shutil.which("openssl") is None:
-        return "openssl is not installed"
-    return None
-
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str):
+def stack(tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx: type[Nginx]):
     """nginx with the shipped sample, two server processes, a fresh MariaDB database; torn down after."""
-    missing = _missing_tools()
-    if missing:
-        if REQUIRE:
-            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {missing}")
-        pytest.skip(missing)
     running: Stack | None = None
     with ThrowawayDatabase(mysql_server_url, "demo_prod") as database:
         try:
-            running = Stack(tmp_path_factory.mktemp("production"), database.url)
+            running = Stack(tmp_path_factory.mktemp("production"), database.url, nginx)
             running.start()
             yield running
         finally:
