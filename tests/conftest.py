@@ -1,7 +1,22 @@
-"""Fixtures: the app on SQLite and MariaDB, an HTTP client, the SMS outbox, a clock, a logged-in user.
+"""Fixtures shared by every test (helpers that are not fixtures live in tests/helpers.py).
 
-Every test that uses ``app`` runs once per database. MariaDB (127.0.0.1:3306, root, no password)
-is skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1 makes that a failure.
+The app and its clients:
+    settings       demo's settings for a test (``@pytest.mark.settings(name=value)`` changes some)
+    app            the app on ``settings`` and ``clock``, not listening; ``build_app(settings)`` makes more
+    http_server    ``app`` behind demo's own HTTPServer on a free port, its SMS sender running
+    api            the HTTP client (``tests.helpers.Api``) to ``http_server``
+    user           a logged-in user (``LoggedInUser``: phone, password, token, id)
+    outbox         the SMS outbox file (``Outbox``): the texts sent, the last code to a phone
+    clock          the ``FakeClock`` the app reads: tests move time instead of sleeping
+The databases (every test that uses ``app`` runs once per database):
+    database_url   a migrated, empty database: SQLite, then MariaDB
+    empty_database_url   a database without any table (migrations): SQLite, then MariaDB
+    mysql_server_url     the MariaDB server (127.0.0.1:3306, root, no password)
+The other real parts:
+    nginx          the ``Nginx`` runner of the shipped site file
+    chromium       ``async with chromium() as browser``: Debian's headless Chromium through Playwright
+A missing MariaDB, nginx or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB, nginx) or
+DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under CI=true any skip fails (see the end).
 """
 from __future__ import annotations
 
@@ -47,7 +62,8 @@ def mysql_server_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite database for the session (``database_url`` empties it for each test)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.sqlite3'}"
     engine = make_engine(url)
     migrate.upgrade(engine)
@@ -56,7 +72,8 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def mysql_database(mysql_server_url: str):
+def mysql_database_url(mysql_server_url: str) -> Iterator[str]:
+    """A migrated MariaDB database for the session (``database_url`` empties it for each test)."""
     with new_mysql_database(mysql_server_url) as url:
         engine = make_engine(url)
         migrate.upgrade(engine)
@@ -77,7 +94,7 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 def database_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty database: SQLite, then MariaDB."""
-    url = request.getfixturevalue(f"{request.param}_database")
+    url = request.getfixturevalue(f"{request.param}_database_url")
     engine = make_engine(url)
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
