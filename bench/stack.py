@@ -11,12 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Self
 
 from tests.helpers import (
     HarnessError,
+    HttpClient,
     ThrowawayDatabase,
     free_port,
     memory,
@@ -184,8 +184,7 @@ class Server:
             if not self.running():
                 raise HarnessError(f"{self.name} exited early (status {self.proc.returncode}):\n{self.logs()}")
             try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as answer:
-                    return answer.status == 200
+                return HttpClient(self.url, timeout=2).get(self.ready_path).code == 200
             except OSError:
                 return False
         wait_until(ready, f"{self.name} on port {self.port} to answer", timeout, every=0.1, error=HarnessError)

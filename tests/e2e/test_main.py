@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         new_log = log_dir / "demo.log"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (new_log.exists() and "GET /healthz" in new_log.read_text()):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+            call(port, "GET", "/healthz", timeout=5)
             time.sleep(0.05)
         assert "GET /healthz" in new_log.read_text()
     finally:
@@ -195,10 +194,9 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
 
 def register(port: int, outbox: Path) -> str:
     def post(path: str, payload: dict) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+        status, body = call(port, "POST", path, payload)
+        assert status in (200, 201), body
+        return body
 
     post("/users/code", {"phone": "18866668888"})
     deadline = time.monotonic() + 10  # the text goes out just after the answer

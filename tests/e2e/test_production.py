@@ -28,7 +28,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Callable
@@ -229,8 +228,7 @@ class Worker:
             if not self.running():
                 raise AssertionError(f"worker {self.port} exited early:\n{self.output.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as answer:
-                    return answer.status == 200
+                return HttpClient(f"http://127.0.0.1:{self.port}", timeout=2).get("/healthz").code == 200
             except OSError:
                 return False
         wait_until(ready, f"worker {self.port} to answer", every=0.1)
@@ -387,27 +385,19 @@ def live(stack: Stack) -> Stack:
 # -- HTTPS at the door -------------------------------------------------------------------------------
 
 def test_http_redirects_to_https_and_unknown_names_get_nothing(live):
-    plain = http.client.HTTPConnection("127.0.0.1", live.http_port, timeout=WAIT)
-    plain.request("GET", "/users/me?x=1", headers={"Host": "localhost"})
-    moved = plain.getresponse()
-    assert moved.status == 301
-    assert moved.headers["Location"] == f"https://localhost:{live.https_port}/users/me?x=1"
-    plain.close()
+    plain = HttpClient(f"http://127.0.0.1:{live.http_port}", timeout=WAIT)
+    moved = plain.get("/users/me?x=1", headers={"Host": "localhost"})
+    assert moved.code == 301
+    assert moved.header("Location") == f"https://localhost:{live.https_port}/users/me?x=1"
 
     # certbot's webroot challenge is answered over plain HTTP.
     (live.nginx_dir / "acme" / ".well-known" / "acme-challenge" / "token123").write_text("proof")
-    plain = http.client.HTTPConnection("127.0.0.1", live.http_port, timeout=WAIT)
-    plain.request("GET", "/.well-known/acme-challenge/token123", headers={"Host": "localhost"})
-    answer = plain.getresponse()
-    assert (answer.status, answer.read()) == (200, b"proof")
-    plain.close()
+    answer = plain.get("/.well-known/acme-challenge/token123", headers={"Host": "localhost"})
+    assert (answer.code, answer.body) == (200, b"proof")
 
     # Another Host on port 80: the connection is closed without an answer.
-    plain = http.client.HTTPConnection("127.0.0.1", live.http_port, timeout=WAIT)
-    plain.request("GET", "/healthz", headers={"Host": "evil.example"})
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-        plain.getresponse()
-    plain.close()
+        plain.get("/healthz", headers={"Host": "evil.example"})
 
     # Another name over TLS: the handshake is refused (SNI), or the request dropped (Host).
     context = ssl.create_default_context(cafile=str(live.cert))
