@@ -30,7 +30,6 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,8 @@ from tests.helpers import (
     free_port,
     replace_all,
     sent_phone,
+    wait_until,
 )
-from tests.helpers import wait_until as wait_until_within
 
 CONF = ROOT / "demo" / "conf"
 NGINX_CONF = CONF / "nginx" / "demo.conf"
@@ -61,13 +60,9 @@ PASSWORD = "demo123456"
 # seconds to watch (test_a_deleted_image_is_gone_within_60_seconds_as_shipped checks the real values).
 TEST_CACHE_SECONDS = 2
 TEST_LOOKUP_SECONDS = 1
-WAIT = 30  # seconds: the bound on every wait in this module
+WAIT = 30  # seconds: the bound on every wait in this module (also wait_until's default)
 
 _phones = itertools.count(1000)
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT, every: float = 0.05) -> Any:
-    return wait_until_within(check, what, timeout, every)
 
 
 def new_phone() -> str:
