@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from demo.common.web.handlers import ERROR_STATUS
-from tests.helpers import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]
 API_MD = ROOT / "docs" / "API.md"
 HTTP_METHODS = ("get", "put", "post", "delete", "head", "patch")
 gen_test = pytest.mark.gen_test(timeout=30)

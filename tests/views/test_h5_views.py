@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 from http.cookies import SimpleCookie
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -11,14 +12,14 @@ from PIL import Image as PILImage
 from sqlalchemy import event, select
 from tornado.template import Loader
 
-from demo.common.errors import Unavailable
 from demo.common.infra.db import Cursor
+from demo.common.errors import Unavailable
 from demo.common.web.handlers import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
-from tests.helpers import ROOT
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cookies_of(response) -> dict[str, SimpleCookie]:
@@ -155,8 +156,7 @@ async def test_home_page_shows_the_user_and_counts_visits(api, user, app):
     assert b"viewport" in first.body and b"/static/h5/h5.css?v=" in first.body
     second = await home(api, cookie)
     assert b'id="visits">2<' in second.body
-    visits, last = app.services.db.run_sync(
-        lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one())
+    visits, last = app.services.db.run_sync(lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one())
     assert visits == 2 and last is not None
 
 
@@ -220,8 +220,7 @@ async def test_password_reset_ends_the_h5_session(api, user, outbox, clock):
     cookie = await open_h5(api, user.body["h5_url"])
     clock.advance(61)
     await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})
-    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164),
-                                                     "password": "new secret 42"})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "new secret 42"})
     assert reset.code == 204
     assert is_html_page(await home(api, cookie), 401)
 
