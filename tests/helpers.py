@@ -163,7 +163,8 @@ class LoopbackHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         host = "127.0.0.1" if self.host == "localhost" else self.host
-        sock = socket.create_connection((host, self.port), self.timeout, self.source_address)
+        sock = socket.create_connection((host, self.port), self.timeout,
+                                        self.source_address)  # type: ignore[attr-defined]
         self.sock = self._context.wrap_socket(sock, server_hostname=self.sni)  # type: ignore[attr-defined]
 
 
@@ -321,7 +322,7 @@ def new_mysql_database(server_url: str = MYSQL_SERVER, prefix: str = "demo_test"
 # -- real server processes -------------------------------------------------------------------------------
 
 def start(workdir: Path, *args: str, env: dict[str, str] | None = None,
-          command: list[str] | None = None) -> subprocess.Popen:
+          command: list[str] | None = None) -> subprocess.Popen[str]:
     """``python demo/main.py ARGS`` (or ``command ARGS``) with only the DEMO_* variables given in ``env``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     environ.update(env or {})
@@ -333,11 +334,11 @@ def start(workdir: Path, *args: str, env: dict[str, str] | None = None,
     return proc
 
 
-def output_of(proc: subprocess.Popen) -> str:
+def output_of(proc: subprocess.Popen[str]) -> str:
     return Path(proc.output_file.name).read_text()  # type: ignore[attr-defined]
 
 
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 20) -> Any:
+def wait_for(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> Any:
     """Poll ``url`` until it answers 200 (its JSON body returned); fail if the process dies first."""
     client = HttpClient(url, timeout=1)
     path = urlsplit(url).path or "/"
@@ -358,7 +359,7 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 20) -> Any:
         raise AssertionError(f"server did not come up:\n{output_of(proc)}") from None
 
 
-def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     """Wait for the process to exit and return what it printed; on a hang, kill it and fail."""
     try:
         proc.wait(timeout=timeout)
@@ -373,7 +374,7 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
     return output_of(proc)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 30) -> str:
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return finish(proc, timeout)
@@ -515,7 +516,7 @@ class Nginx:
         self.https_port = free_port()
         self.http_port = free_port()
         self.base_url = f"https://localhost:{self.https_port}"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.conf: Path | None = None
 
     @staticmethod
