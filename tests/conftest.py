@@ -228,7 +228,8 @@ def http_server(app, io_loop, _unused_port):
 
 
 @pytest.fixture
-def api(http_server, base_url: str) -> Api:
+def api(http_server, base_url: str) -> Iterator[Api]:
+    """The HTTP client (``tests.helpers.Api``: never raises on 4xx/5xx) of ``http_server``."""
     client = Api(base_url)
     yield client
     client.close()
