@@ -226,6 +226,16 @@ def call(port: int, method: str, path: str, payload: Any = None, *, token: str |
         return answer.code, answer.body
 
 
+def sms_code(outbox: Path, phone: str, timeout: float = 10) -> str:
+    """The newest code texted to ``phone`` (E.164) by a server process whose SMS backend is
+    ``file:<outbox>``; texts go out just after the answer, so this waits for one."""
+    def codes() -> list[str]:
+        lines = outbox.read_text().splitlines() if outbox.exists() else []
+        return [m["code"] for m in map(json.loads, filter(str.strip, lines)) if m["phone"] == phone and m["code"]]
+    found: list[str] = wait_until(codes, f"an SMS code sent to {phone}", timeout)
+    return found[-1]
+
+
 def register(port: int, phone: str, code: str, password: str = "demo123456") -> str:
     """Register ``phone`` (a test number with a fixed ``code``) and return its token."""
     status, _ = call(port, "POST", "/users/code", {"phone": phone})

@@ -47,6 +47,7 @@ from tests.helpers import (
     free_port,
     replace_all,
     sent_phone,
+    sms_code,
     wait_until,
 )
 
@@ -338,10 +339,7 @@ class Stack:
         return HttpClient(f"http://127.0.0.1:{worker.port}", timeout=WAIT).get(path, headers=headers)
 
     def sms_code(self, phone: str) -> str:
-        def codes() -> list[str]:  # the text goes out just after the answer: wait for it
-            lines = self.outbox.read_text().splitlines() if self.outbox.exists() else []
-            return [m["code"] for m in map(json.loads, filter(str.strip, lines)) if m["phone"] == phone and m["code"]]
-        return wait_until(codes, f"an SMS code sent to {phone}", timeout=10)[-1]
+        return sms_code(self.outbox, phone)
 
     def app_log(self) -> str:
         return "".join(worker.log() for worker in self.workers)
