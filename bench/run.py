@@ -32,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -47,13 +46,12 @@ from bench.stack import (
     DemoServer,
     HarnessError,
     HelloServer,
-    Nginx,
     Server,
     proc_status_kib,
-    reset_peak_rss,
     wait_idle,
-    wait_until,
 )
+from tests.helpers import HttpClient, Nginx, wait_until
+from tests.helpers import reset_peak_memory as reset_peak_rss
 
 MIB = 1024 * 1024
 CORES = os.cpu_count() or 1
@@ -113,43 +111,21 @@ TARGET_OF = {t.measure: t for t in TARGETS}
 
 # -- small HTTP client for set-up and probes ---------------------------------------------------------
 
-class Http:
-    """One base URL (http://127.0.0.1:port or https://localhost:port); a new connection per call."""
+class Http(HttpClient):
+    """tests/helpers.py's blocking client (a new connection per call, whole URLs accepted), plus the
+    tuple the harness reads and ``expect``, which makes any other status a harness error."""
 
     def __init__(self, base: str, tls: ssl.SSLContext | None = None, timeout: float = 60) -> None:
-        self.base = base.rstrip("/")
-        parts = urlsplit(self.base)
-        self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
-        self.tls = tls
-        self.timeout = timeout
+        super().__init__(base, tls=tls, timeout=timeout)
 
-    def connection(self) -> http.client.HTTPConnection:
-        if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, context=self.tls, timeout=self.timeout)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-
-    def call(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        headers = dict(headers or {})
-        if json_body is not None:
-            body = json.dumps(json_body).encode()
-            headers["Content-Type"] = "application/json"
-        if path.startswith(("http://", "https://")):
-            parts = urlsplit(path)
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = self.connection()
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            answer = conn.getresponse()
-            return answer.status, answer.headers, answer.read()
-        finally:
-            conn.close()
+    def call(self, method: str, path: str, **kw: Any) -> tuple[int, http.client.HTTPMessage, bytes]:
+        answer = self.request(method, path, **kw)
+        return answer.code, answer.headers, answer.body
 
     def expect(self, status: int, method: str, path: str, **kw: Any) -> tuple[http.client.HTTPMessage, bytes]:
         got, headers, body = self.call(method, path, **kw)
         if got != status:
-            raise HarnessError(f"{method} {self.base}{path.split('?')[0]}: expected {status}, got {got}: "
+            raise HarnessError(f"{method} {self.base_url}{path.split('?')[0]}: expected {status}, got {got}: "
                                f"{body[:500]!r}")
         return headers, body
 
@@ -793,7 +769,7 @@ class Bench:
             except OSError:
                 return False
 
-        wait_until(nginx_up, "nginx to answer", timeout=30, every=0.1)
+        wait_until(nginx_up, "nginx to answer", timeout=30, every=0.1, error=HarnessError)
         self.log(f"nginx {self.nginx.base_url} -> demo :{a.port}, :{b.port}")
         try:
             image_path = f"/images/{self.image_id}.jpg"

@@ -1,56 +1,37 @@
-"""The processes a benchmark run starts: the bench database, demo servers, hello world, nginx.
+"""The processes a benchmark run starts: the bench database, demo servers, hello world (nginx is
+tests/helpers.py's ``Nginx``, which the production tests run too).
 
 Every process writes to a file (never to a pipe nobody reads), every wait is bounded, and every
-``stop`` ends only the process (or, for nginx, the process group) this module started.
+``stop`` ends only the process this module started.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
-from sqlalchemy import create_engine, text
+from tests.helpers import (
+    HarnessError,
+    HttpClient,
+    ThrowawayDatabase,
+    free_port,
+    memory,
+    mysql_unreachable_reason,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MAIN = ROOT / "demo" / "main.py"
 HELLO = Path(__file__).resolve().parent / "hello.py"
-NGINX_CONF = ROOT / "demo" / "conf" / "nginx" / "demo.conf"
-NGINX = "/usr/sbin/nginx"
 MYSQL_SERVER = os.environ.get("BENCH_MYSQL_URL", os.environ.get("DEMO_TEST_MYSQL_URL",
                                                                 "mysql+mysqldb://root@127.0.0.1:3306"))
 START_TIMEOUT = 60  # seconds for a server to answer (a fresh database is migrated first)
 STOP_TIMEOUT = 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class HarnessError(RuntimeError):
-    """The harness itself failed (a server did not start, a tool is missing): exit non-zero."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -64,15 +45,7 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 def proc_status_kib(pid: int, key: str) -> int:
     """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise HarnessError(f"{key} not in /proc/{pid}/status")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/<pid>/clear_refs``)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return memory(pid, key) // 1024
 
 
 def cpu_seconds(pid: int) -> float:
@@ -211,11 +184,10 @@ class Server:
             if not self.running():
                 raise HarnessError(f"{self.name} exited early (status {self.proc.returncode}):\n{self.logs()}")
             try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as answer:
-                    return answer.status == 200
+                return HttpClient(self.url, timeout=2).get(self.ready_path).code == 200
             except OSError:
                 return False
-        wait_until(ready, f"{self.name} on port {self.port} to answer", timeout, every=0.1)
+        wait_until(ready, f"{self.name} on port {self.port} to answer", timeout, every=0.1, error=HarnessError)
         return self
 
     def stop(self) -> None:
@@ -265,201 +237,20 @@ class DemoServer(Server):
 
 # -- the database ----------------------------------------------------------------------------------
 
-class BenchDatabase:
+class BenchDatabase(ThrowawayDatabase):
     """A fresh ``demo_bench_<random>`` database on the MariaDB server; dropped by ``drop``."""
 
     def __init__(self, server_url: str = MYSQL_SERVER) -> None:
-        self.server_url = server_url
-        self.name = f"demo_bench_{uuid.uuid4().hex[:10]}"
-        self.url = f"{server_url}/{self.name}"
-        self._admin = None
+        super().__init__(server_url, "demo_bench")
 
     def create(self) -> BenchDatabase:
-        try:
-            import MySQLdb  # noqa: F401
-        except ImportError as error:
-            raise HarnessError("mysqlclient is not installed (make installs it when libmariadb-dev is present)") \
-                from error
-        try:
-            self._admin = create_engine(self.server_url + "/", connect_args={"connect_timeout": 5})
-            with self._admin.connect() as conn:
-                conn.execute(text(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-        except Exception as error:
-            raise HarnessError(f"MariaDB unreachable at {self.server_url}: {error}") from error
-        return self
+        reason = mysql_unreachable_reason(self.server_url, timeout=5)
+        if reason:
+            raise HarnessError(f"{reason} (make installs mysqlclient when libmariadb-dev is present)")
+        return super().create()
 
     def version(self) -> str:
-        with self._admin.connect() as conn:
-            return str(conn.execute(text("SELECT VERSION()")).scalar())
-
-    def scalar(self, sql: str) -> Any:
-        with self._admin.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-
-    def drop(self) -> None:
-        if self._admin is None:
-            return
-        try:
-            with self._admin.connect() as conn:
-                conn.execute(text(f"DROP DATABASE IF EXISTS {self.name}"))
-        finally:
-            self._admin.dispose()
-            self._admin = None
+        return str(self.scalar("SELECT VERSION()"))
 
 
 # -- nginx with the shipped site file --------------------------------------------------------------
-
-def replace_all(source: str, replacements: list[tuple[str, str]], name: str) -> str:
-    for old, new in replacements:
-        if old not in source:
-            raise HarnessError(f"{old!r} is no longer in {name}: update the rendering in bench/stack.py "
-                               "(and tests/test_production.py)")
-        source = source.replace(old, new)
-    return source
-
-
-def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: int, upstream_ports: list[int],
-                         static_dir: Path, extra: list[tuple[str, str]] | None = None) -> Path:
-    """demo/conf/nginx/demo.conf with local ports, a test certificate in ``tls`` and folders under
-    ``folder``, inside a main file like Debian's /etc/nginx/nginx.conf; returns that main file.
-    Shared by the benchmark and tests/test_production.py, so both run the file operators get."""
-    d = folder
-    for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    a, b = upstream_ports
-    site = replace_all(NGINX_CONF.read_text(), [
-        ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
-        ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
-        ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
-        ("api.example.com", "localhost"),
-        ("listen 80", f"listen 127.0.0.1:{http_port}"),
-        ("listen 443", f"listen 127.0.0.1:{https_port}"),
-        # On port 443 the redirect needs no port; on a test port it does.
-        ("return 301 https://$host$request_uri;", f"return 301 https://$host:{https_port}$request_uri;"),
-        ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
-        ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
-        ("/var/cache/nginx/demo", str(d / "cache")),
-        ("/var/log/nginx/", f"{d / 'logs'}/"),
-        ("/var/www/letsencrypt", str(d / "acme")),
-        ("/opt/demo/demo/static/", f"{static_dir}/"),
-        *(extra or []),
-    ], NGINX_CONF.name)
-    ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
-    if len(ipv6) != 4:
-        raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
-    site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
-    (d / "demo.conf").write_text(site)
-    temp = d / "temp"
-    # What Debian's /etc/nginx/nginx.conf sets at http level - including the settings the site file
-    # must override per server (ssl_protocols with TLS 1.0, gzip) - minus its paths.
-    main = f"""
-        {"user root root;" if os.geteuid() == 0 else ""}
-        worker_processes 2;
-        events {{ worker_connections 256; }}
-        http {{
-            sendfile on;
-            tcp_nopush on;
-            types_hash_max_size 2048;
-            include /etc/nginx/mime.types;
-            default_type application/octet-stream;
-            ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
-            ssl_prefer_server_ciphers on;
-            access_log {d / 'logs' / 'access.log'};
-            gzip on;
-            client_body_temp_path {temp / 'body'};
-            proxy_temp_path {temp / 'proxy'};
-            fastcgi_temp_path {temp / 'fastcgi'};
-            uwsgi_temp_path {temp / 'uwsgi'};
-            scgi_temp_path {temp / 'scgi'};
-            include {d / 'demo.conf'};
-        }}
-    """
-    (d / "nginx.conf").write_text(main)
-    return d / "nginx.conf"
-
-
-class Nginx:
-    """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered like
-    tests/test_production.py renders it (same replacements), for temporary ports and folders and a
-    self-signed certificate for ``localhost``. ``static_dir`` replaces the app's static folder: the
-    harness puts the HTTP-ceiling file there, so it is served by the very same TLS server block."""
-
-    def __init__(self, tmp: Path, upstream_ports: list[int], static_dir: Path) -> None:
-        self.dir = tmp / "nginx"
-        self.tls = tmp / "tls"
-        self.static_dir = static_dir
-        self.upstream_ports = upstream_ports
-        self.https_port = free_port()
-        self.http_port = free_port()
-        self.base_url = f"https://localhost:{self.https_port}"
-        self.proc: subprocess.Popen | None = None
-        self.conf: Path | None = None
-
-    @staticmethod
-    def version() -> str:
-        done = subprocess.run([NGINX, "-v"], check=False, capture_output=True, text=True, timeout=10)
-        return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
-
-    def make_certificate(self) -> None:
-        self.tls.mkdir(parents=True)
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise HarnessError("openssl is not installed")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost", "-days", "1",
-                        "-keyout", str(self.tls / "key.pem"), "-out", str(self.tls / "cert.pem")],
-                       check=True, capture_output=True, timeout=60)
-        subprocess.run([openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
-                        "-out", str(self.tls / "dhparam.pem")], check=True, capture_output=True, timeout=60)
-
-    def render(self) -> Path:
-        """The shipped config for the bench's ports and folders (cache time as shipped: the periodic
-        refresh is part of what "warm" costs in production)."""
-        return render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
-                                    self.static_dir)
-
-    def command(self, *extra: str) -> list[str]:
-        d = self.dir
-        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
-                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
-
-    def start(self) -> Nginx:
-        if not os.access(NGINX, os.X_OK):
-            raise HarnessError(f"{NGINX} is not installed (apt-get install nginx-light)")
-        self.make_certificate()
-        self.conf = self.render()
-        checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
-        if checked.returncode != 0:
-            raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
-        with open(self.dir / "nginx.out", "ab") as out:
-            # Its own process group, so that even a master that died uncleanly takes its workers along.
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
-
-    def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return [int(pid) for pid in children.read_text().split()]
-        except OSError:
-            return []
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by an unclean exit
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def logs(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {p} ---\n{tail(p, chars)}" for p in
-                         [*sorted((self.dir / "logs").glob("*error.log")), self.dir / "nginx.out"] if p.exists())

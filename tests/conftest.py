@@ -1,7 +1,22 @@
-"""Fixtures: the app on SQLite and MariaDB, an HTTP client, the SMS outbox, a clock, a logged-in user.
+"""Fixtures shared by every test (helpers that are not fixtures live in tests/helpers.py).
 
-Every test that uses ``app`` runs once per database. MariaDB (127.0.0.1:3306, root, no password)
-is skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1 makes that a failure.
+The app and its clients:
+    settings       demo's settings for a test (``@pytest.mark.settings(name=value)`` changes some)
+    app            the app on ``settings`` and ``clock``, not listening; ``build_app(settings)`` makes more
+    http_server    ``app`` behind demo's own HTTPServer on a free port, its SMS sender running
+    api            the HTTP client (``tests.helpers.Api``) to ``http_server``
+    user           a logged-in user (``LoggedInUser``: phone, password, token, id)
+    outbox         the SMS outbox file (``Outbox``): the texts sent, the last code to a phone
+    clock          the ``FakeClock`` the app reads: tests move time instead of sleeping
+The databases (every test that uses ``app`` runs once per database):
+    database_url   a migrated, empty database: SQLite, then MariaDB
+    empty_database_url   a database without any table (migrations): SQLite, then MariaDB
+    mysql_server_url     the MariaDB server (127.0.0.1:3306, root, no password)
+The other real parts:
+    nginx          the ``Nginx`` runner of the shipped site file
+    chromium       ``async with chromium() as browser``: Debian's headless Chromium through Playwright
+A missing MariaDB, nginx or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB, nginx) or
+DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under CI=true any skip fails (see the end).
 """
 from __future__ import annotations
 
@@ -10,57 +25,45 @@ import json
 import os
 import re
 import time
-import uuid
-from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.web import Application
 
 from demo.common.infra import migrate
-from demo.common.sms import outbox as sms_outbox
 from demo.common.infra.clock import FakeClock
 from demo.common.infra.db import make_engine
+from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
 from demo.models import Base
+from tests.helpers import (
+    MYSQL_SERVER,
+    REQUIRE_MYSQL,
+    Api,
+    Nginx,
+    chromium_browser,
+    chromium_missing,
+    new_mysql_database,
+    require_mysql,
+)
 
-MYSQL_SERVER = os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306")
-REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
 COOKIE_SECRET = "test-secret-" + "x" * 40
-
-
-def _mysql_unreachable_reason() -> str | None:
-    try:
-        import MySQLdb  # noqa: F401  (is the driver installed at all?)
-    except ImportError:
-        return "mysqlclient is not installed"
-    try:
-        engine = create_engine(MYSQL_SERVER + "/", connect_args={"connect_timeout": 2})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
-        return f"MariaDB unreachable at {MYSQL_SERVER}: {error.__class__.__name__}"
-    return None
 
 
 @pytest.fixture(scope="session")
 def mysql_server_url() -> str:
-    reason = _mysql_unreachable_reason()
-    if reason:
-        if REQUIRE_MYSQL:
-            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
-        pytest.skip(reason)
-    return MYSQL_SERVER
+    """The MariaDB server of the MySQL variants (skipped when unreachable, unless DEMO_REQUIRE_MYSQL=1)."""
+    return require_mysql(MYSQL_SERVER)
 
 
 @pytest.fixture(scope="session")
-def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite database for the session (``database_url`` empties it for each test)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.sqlite3'}"
     engine = make_engine(url)
     migrate.upgrade(engine)
@@ -68,23 +71,9 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@contextmanager
-def new_mysql_database(server_url: str) -> Iterator[str]:
-    """The URL of a new, empty MariaDB database (as an operator creates it), dropped afterwards."""
-    name = f"demo_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server_url + "/")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    try:
-        yield f"{server_url}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
-
-
 @pytest.fixture(scope="session")
-def mysql_database(mysql_server_url: str):
+def mysql_database_url(mysql_server_url: str) -> Iterator[str]:
+    """A migrated MariaDB database for the session (``database_url`` empties it for each test)."""
     with new_mysql_database(mysql_server_url) as url:
         engine = make_engine(url)
         migrate.upgrade(engine)
@@ -105,13 +94,37 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 def database_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty database: SQLite, then MariaDB."""
-    url = request.getfixturevalue(f"{request.param}_database")
+    url = request.getfixturevalue(f"{request.param}_database_url")
     engine = make_engine(url)
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
             conn.execute(table.delete())
     engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session")
+def nginx() -> type[Nginx]:
+    """The class that runs Debian's nginx on the shipped site file (``Nginx(folder, upstream_ports, ...)``).
+    Skipped when nginx or openssl is missing, unless DEMO_REQUIRE_MYSQL=1 (CI) makes that a failure."""
+    reason = Nginx.missing()
+    if reason:
+        if REQUIRE_MYSQL:
+            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
+        pytest.skip(reason)
+    return Nginx
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Callable[[], AbstractAsyncContextManager[Any]]:
+    """``async with chromium() as browser``: Debian's headless Chromium through Playwright. Skipped when
+    missing, unless DEMO_REQUIRE_BROWSER=1 (CI) makes that a failure."""
+    reason = chromium_missing()
+    if reason:
+        if os.environ.get("DEMO_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"DEMO_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    return chromium_browser
 
 
 @pytest.fixture
@@ -180,69 +193,25 @@ def settings(request: pytest.FixtureRequest, database_url: str, outbox: Outbox, 
 
 
 @pytest.fixture
-def app(settings: config.Settings, clock: FakeClock):
-    application = make_app(settings, clock=clock)
-    yield application
-    application.services.close()
+def build_app(clock: FakeClock) -> Iterator[Callable[[config.Settings], Application]]:
+    """``build_app(settings)``: an app on the test clock, closed after the test. For a module's own ``app``
+    (other settings) and for tests that need a second process on the same database."""
+    built: list[Application] = []
+
+    def build(settings: config.Settings) -> Application:
+        application = make_app(settings, clock=clock)
+        built.append(application)
+        return application
+
+    yield build
+    for application in built:
+        application.services.close()  # again for a test that closed it itself: harmless
 
 
-@dataclass
-class Response:
-    code: int
-    headers: Any
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def error(self) -> str:
-        return self.json["error"]["code"]
-
-
-class Api:
-    """A thin HTTP client for the tests: never raises on 4xx/5xx, returns ``Response``."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.client = AsyncHTTPClient(force_instance=True, max_clients=64)
-
-    async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
-                      token: str | None = None, headers: dict[str, str] | None = None,
-                      follow_redirects: bool = False) -> Response:
-        headers = dict(headers or {})
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if json_body is not None:
-            body = json.dumps(json_body)
-            headers.setdefault("Content-Type", "application/json")
-        if body is None and method in ("POST", "PUT", "PATCH"):
-            body = b""
-        response: HTTPResponse = await self.client.fetch(
-            self.base_url + path, method=method, body=body, headers=headers, raise_error=False,
-            follow_redirects=follow_redirects, request_timeout=60,
-        )
-        return Response(response.code, response.headers, response.body or b"")
-
-    async def get(self, path: str, **kw: Any) -> Response:
-        return await self.request("GET", path, **kw)
-
-    async def post(self, path: str, json_body: Any = None, **kw: Any) -> Response:
-        return await self.request("POST", path, json_body=json_body, **kw)
-
-    async def delete(self, path: str, **kw: Any) -> Response:
-        return await self.request("DELETE", path, **kw)
-
-    async def register(self, outbox: Outbox, phone: str = "18866668888", password: str = "demo123456") -> Response:
-        sent = await self.post("/users/code", {"phone": phone})
-        assert sent.code == 200, sent.body
-        e164 = sent_phone(phone)
-        return await self.post("/users/regist", {"phone": phone, "password": password, "code": await outbox.code(e164)})
-
-
-def sent_phone(phone: str) -> str:
-    return phone if phone.startswith("+") else "+86" + phone
+@pytest.fixture
+def app(build_app: Callable[[config.Settings], Application], settings: config.Settings) -> Application:
+    """The app under test, on ``settings`` and the test clock (not listening: see ``http_server``)."""
+    return build_app(settings)
 
 
 @pytest.fixture
@@ -259,10 +228,11 @@ def http_server(app, io_loop, _unused_port):
 
 
 @pytest.fixture
-def api(http_server, base_url: str) -> Api:
+def api(http_server, base_url: str) -> Iterator[Api]:
+    """The HTTP client (``tests.helpers.Api``: never raises on 4xx/5xx) of ``http_server``."""
     client = Api(base_url)
     yield client
-    client.client.close()
+    client.close()
 
 
 @dataclass

@@ -20,9 +20,9 @@ from PIL import Image as PILImage, ImageCms
 
 from demo.common.images import imaging
 from demo.common.errors import InvalidImage
-from servers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
-from test_images import (blob_refs, encode, fetch, files, gradient, media, open_image, second_user, upload,
-                         uploaded)
+from tests.helpers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
+from tests.test_images import (blob_refs, encode, fetch, files, gradient, media, open_image, second_user, upload,
+                               uploaded)
 
 gen_test = pytest.mark.gen_test(timeout=120)
 MIB = 1024 * 1024

@@ -9,12 +9,12 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import sent_phone
 
 from demo.common.services import ConfigError
 from demo.common.web.proxies import TrustedProxies
 from demo.conf import settings as config
 from demo.main import trusted_proxies
+from tests.helpers import sent_phone
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, PASSWORD = "18866668888", "demo123456"

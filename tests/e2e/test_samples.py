@@ -2,7 +2,7 @@
 supervisor and systemd command lines are valid settings, and what the README tells an operator to
 check answers as it says.
 
-tests/test_production.py checks the rest of these files (graceful stop, ports, `systemd-analyze
+tests/e2e/test_production.py checks the rest of these files (graceful stop, ports, `systemd-analyze
 verify`, `logrotate -d`) and runs the nginx sample.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 
 from demo.conf import settings as config
 from demo.conf.validate import check_values
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "demo" / "conf"
 EXAMPLE = CONF / "demo.conf.example"
 SUPERVISOR = CONF / "supervisor" / "demo.conf"

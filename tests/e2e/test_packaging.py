@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from servers import ROOT, SECRET, free_port, start, stop, wait_for
+
+from tests.helpers import ROOT, SECRET, free_port, start, stop, wait_for
 
 LOCK = ROOT / "requirements.lock"
 MYSQL_LOCK = ROOT / "requirements-mysql.lock"

@@ -13,7 +13,7 @@ import yaml
 
 from demo.common.web.errors import ERROR_STATUS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 API_MD = ROOT / "docs" / "API.md"
 HTTP_METHODS = ("get", "put", "post", "delete", "head", "patch")
 gen_test = pytest.mark.gen_test(timeout=30)

@@ -20,30 +20,17 @@ below. Generation is seeded (``DEMO_FUZZ_SEED``) and derandomised, so CI repeats
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import http.cookies
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.parse
-import urllib.request
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, seed, settings
 from schemathesis.config import ChecksConfig
-from sqlalchemy import create_engine, text
 
-from conftest import MYSQL_SERVER, REQUIRE_MYSQL, _mysql_unreachable_reason
+from tests.helpers import HttpClient, ThrowawayDatabase, free_port, require_mysql, start, stop, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = int(os.environ.get("DEMO_FUZZ_SEED", "20261121"))
 # Examples per operation (fuzzing phase) and scenarios (stateful phase), sized for CI.
 MAX_EXAMPLES = int(os.environ.get("DEMO_FUZZ_EXAMPLES", "100"))
@@ -59,99 +46,45 @@ class LiveServer:
     h5_cookie: str  # the fuzzing user's H5 session (``demo_h5``), from its own app session
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post_json(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
-def _wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
-def _h5_cookie(h5_url: str) -> str:
+def _h5_cookie(server: HttpClient, h5_url: str) -> str:
     """Open the ticket URL as the WebView would (no redirect following) and keep the H5 cookie."""
-    url = urllib.parse.urlsplit(h5_url)
-    conn = http.client.HTTPConnection(url.netloc, timeout=30)
-    try:
-        conn.request("GET", f"{url.path}?{url.query}")
-        response = conn.getresponse()
-        assert response.status == 302, response.read()
-        cookies = http.cookies.SimpleCookie(response.getheader("Set-Cookie"))
-    finally:
-        conn.close()
-    return cookies["demo_h5"].value
+    opened = server.get(h5_url)
+    assert opened.code == 302, opened.body
+    return http.cookies.SimpleCookie(opened.header("Set-Cookie"))["demo_h5"].value
 
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory):
-    reason = _mysql_unreachable_reason()
-    if reason:
-        if REQUIRE_MYSQL:
-            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
-        pytest.skip(reason)
-    name = f"demo_fuzz_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(MYSQL_SERVER + "/")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
-    tmp = tmp_path_factory.mktemp("fuzz")
-    port = _free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
-    environ.update({
-        "DEMO_COOKIE_SECRET": "fuzz-secret-" + "f" * 36,
-        "DEMO_DATABASE_URL": f"{MYSQL_SERVER}/{name}",
-        "DEMO_MEDIA_ROOT": str(tmp / "media"),
-        "DEMO_SMS_BACKEND": f"file:{tmp / 'outbox.jsonl'}",
-        "DEMO_SMS_TEST_NUMBERS": f"{FUZZ_PHONE}:{FUZZ_CODE},{EXAMPLE_PHONE}:{EXAMPLE_CODE}",
-        "DEMO_SMS_IP_HOURLY": "100000",
-        "DEMO_SMS_PHONE_DAILY": "100000",
-        "DEMO_LOGIN_IP_FAILURES": "100000",
-        "DEMO_LOGIN_PHONE_FAILURES": "100000",
-        "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
-        "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
-    })
-    log_path = tmp / "server.log"  # a file, not a pipe: thousands of request log lines would fill a pipe
-    log_file = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "demo" / "main.py"), f"--port={port}", "--log_dir="],
-        cwd=tmp, env=environ, stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(f"{base_url}/readyz", proc, log_path)
-        _post_json(f"{base_url}/users/code", {"phone": FUZZ_PHONE})
-        session = _post_json(f"{base_url}/users/regist",
-                             {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD, "code": FUZZ_CODE})
-        yield LiveServer(base_url, _h5_cookie(session["h5_url"]))
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    with ThrowawayDatabase(require_mysql(), "demo_fuzz") as database:
+        tmp = tmp_path_factory.mktemp("fuzz")
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        server = HttpClient(base_url)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+        environ.update({
+            "DEMO_COOKIE_SECRET": "fuzz-secret-" + "f" * 36,
+            "DEMO_DATABASE_URL": database.url,
+            "DEMO_MEDIA_ROOT": str(tmp / "media"),
+            "DEMO_SMS_BACKEND": f"file:{tmp / 'outbox.jsonl'}",
+            "DEMO_SMS_TEST_NUMBERS": f"{FUZZ_PHONE}:{FUZZ_CODE},{EXAMPLE_PHONE}:{EXAMPLE_CODE}",
+            "DEMO_SMS_IP_HOURLY": "100000",
+            "DEMO_SMS_PHONE_DAILY": "100000",
+            "DEMO_LOGIN_IP_FAILURES": "100000",
+            "DEMO_LOGIN_PHONE_FAILURES": "100000",
+            "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
+            "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
+        })
+        # Output to a file, not a pipe: thousands of request log lines would fill a pipe.
+        proc = start(tmp, f"--port={port}", "--log_dir=", env=environ)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
-    out = log_path.read_text()
+            wait_for(f"{base_url}/readyz", proc, timeout=30)
+            assert server.post("/users/code", {"phone": FUZZ_PHONE}).code == 200
+            session = server.post("/users/regist", {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD,
+                                                    "code": FUZZ_CODE})
+            assert session.code == 201, session.body
+            yield LiveServer(base_url, _h5_cookie(server, session.json["h5_url"]))
+        finally:
+            out = stop(proc)
     assert proc.returncode == 0, out
     # A server-side error the checks could not see (e.g. raised after the answer was sent).
     assert "Traceback" not in out, out

@@ -2,6 +2,7 @@
 nounset, pipefail) against the server the block starts itself, it walks the whole app story."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from servers import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 # The block's one server-start line: environment assignments, then `make run ARGS=...` in the background.
 START_LINE = re.compile(r"^(?P<env>(?:\w+=\S+ )*)make run ARGS=(?P<args>\S+) &$", re.M)
@@ -64,10 +65,8 @@ def test_try_it_block_runs_as_pasted_and_walks_the_app_story(tmp_path: Path):
         try:
             code = bash.wait(timeout=90)
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(bash.pid, signal.SIGKILL)  # whatever is left of a block that hung
-            except ProcessLookupError:
-                pass
     output, log = out.read_text(), err.read_text()
     assert code == 0, f"the Try it block failed (status {code}):\n{output}\n{log}"
 

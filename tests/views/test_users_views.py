@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import datetime as dt
 import json
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -153,7 +155,8 @@ async def test_code_is_bound_to_purpose_and_phone(api, outbox, user, clock):
     await api.post("/users/code", {"phone": "18866669999", "purpose": "regist"})
     other_code = await outbox.code("+8618866669999")
     # A regist code for another phone does not reset this user's password.
-    response = await api.post("/users/password/reset", {"phone": PHONE, "code": other_code, "password": "new pass 1234"})
+    response = await api.post("/users/password/reset", {"phone": PHONE, "code": other_code,
+                                                        "password": "new pass 1234"})
     assert response.code == 400 and response.error == "invalid_code"
     # Nor does it reset the phone it was sent to (wrong purpose).
     response = await api.post("/users/password/reset",
@@ -198,7 +201,8 @@ async def test_resend_waits_sixty_seconds(api, clock):
 @pytest.mark.settings(sms_phone_daily=3)
 @gen_test
 async def test_daily_quota_per_phone(api, clock, outbox, app):
-    clock._now = clock.now().replace(hour=1, minute=0, second=0, microsecond=0)
+    one_oclock = (clock.now() + dt.timedelta(days=1)).replace(hour=1, minute=0, second=0, microsecond=0)
+    clock.advance((one_oclock - clock.now()).total_seconds())  # a day with 23 hours to go
     for _ in range(3):
         assert (await api.post("/users/code", {"phone": PHONE})).code == 200
         clock.advance(61)
@@ -291,9 +295,51 @@ async def test_twenty_concurrent_registrations_make_one_account(api, outbox, app
     responses = await asyncio.gather(*[
         api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": code}) for _ in range(20)
     ])
-    statuses = sorted(r.code for r in responses)
-    assert statuses.count(201) == 1, statuses
-    assert all(s in (400, 409) for s in statuses if s != 201), statuses
+    answers = sorted((r.code, r.error if r.code != 201 else None) for r in responses)
+    # The code is spent by the first request to check it: every other one carries a spent code.
+    assert answers == [(201, None)] + [(400, "invalid_code")] * 19, answers
+    assert count_users(app) == 1
+
+
+@pytest.mark.settings(cpu_workers=2)
+@gen_test
+async def test_two_registrations_of_one_phone_with_two_good_codes_make_one_account_and_a_409(
+        api, outbox, app, clock, monkeypatch):
+    """Each request spends its own code (the second asked for while the first was still hashing, when the
+    phone had no account yet); the one that stores the account second answers 409 phone_taken."""
+    hashing: list[str] = []
+    release = threading.Event()
+    hash_password = app.services.passwords.hash
+
+    def held_hash(password: str) -> str:
+        hashing.append(password)
+        assert release.wait(30), "never released"
+        return hash_password(password)
+
+    monkeypatch.setattr(app.services.passwords, "hash", held_hash)
+
+    async def hashing_count(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(hashing) < n:
+            assert time.monotonic() < deadline, f"{n} registrations never reached the hasher"
+            await asyncio.sleep(0.01)
+
+    assert (await api.post("/users/code", {"phone": PHONE})).code == 200
+    first = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
+                                                             "code": await outbox.code(E164)}))
+    await hashing_count(1)  # the first code is spent; no account yet
+    clock.advance(61)
+    assert (await api.post("/users/code", {"phone": PHONE})).code == 200
+    second_code = await outbox.code(E164)
+    assert second_code, "the phone had no account yet: a real code, not a notice"
+    second = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": "another secret 42",
+                                                              "code": second_code}))
+    await hashing_count(2)  # both codes spent, both passwords being hashed
+    release.set()
+    answers = [await first, await second]
+    assert sorted(a.code for a in answers) == [201, 409], [a.body for a in answers]
+    taken = next(a for a in answers if a.code == 409)
+    assert taken.json["error"]["code"] == "phone_taken" and taken.json["error"]["field"] == "phone", taken.body
     assert count_users(app) == 1
 
 
@@ -613,26 +659,20 @@ def provider(request, io_loop):
     fake.server.stop()
 
 
-def gateway_app(settings, clock, provider):
-    from demo.main import make_app
-
-    return make_app(settings.replace(
+def gateway_settings(settings, provider):
+    """``settings`` with texts going to the fake provider."""
+    return settings.replace(
         sms_backend="http", sms_gateway_url=f"http://127.0.0.1:{provider.port}/send",
         sms_gateway_body='{"mobile": $phone, "content": $text, "code": $code}', sms_gateway_timeout=2.0,
-    ), clock=clock)
+    )
 
 
 @pytest.fixture
-def app(request, settings, clock):
+def app(request, settings, build_app):
     """Like conftest's app, but pointed at the fake provider when a test asks for one."""
-    from demo.main import make_app
-
     if "provider" in request.fixturenames:
-        application = gateway_app(settings, clock, request.getfixturevalue("provider"))
-    else:
-        application = make_app(settings, clock=clock)
-    yield application
-    application.services.close()
+        settings = gateway_settings(settings, request.getfixturevalue("provider"))
+    return build_app(settings)
 
 
 def outbox_rows(app) -> list[SmsOutbox]:
@@ -730,102 +770,95 @@ async def test_a_text_that_never_goes_out_leaves_its_code_void(api, app, provide
 
 
 @gen_test
-async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, clock, outbox):
-    from demo.main import make_app
-
-    crashed = make_app(settings, clock=clock)  # its sender never runs: it "dies" right after the commit
+async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, build_app,
+                                                                                          outbox):
+    crashed = build_app(settings)  # its sender never runs: it "dies" right after the commit
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
     crashed.services.close()
     assert [row.status for row in outbox_rows(crashed)] == ["pending"] and outbox.messages() == []
 
-    restarted = make_app(settings, clock=clock)
-    try:
-        assert await restarted.services.sender.drain() == 1
-        code = await outbox.code(E164)
-        grant = await restarted.services.accounts.register(PHONE, PASSWORD, code, "127.0.0.1")
-        assert grant.user["phone"] == E164
-        assert await restarted.services.sender.drain() == 0  # sent once, not again
-    finally:
-        restarted.services.close()
+    restarted = build_app(settings)
+    assert await restarted.services.sender.drain() == 1
+    code = await outbox.code(E164)
+    grant = await restarted.services.accounts.register(PHONE, PASSWORD, code, "127.0.0.1")
+    assert grant.user["phone"] == E164
+    assert await restarted.services.sender.drain() == 0  # sent once, not again
 
 
 @gen_test
-async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, clock, outbox):
-    from demo.main import make_app
-
-    crashed = make_app(settings, clock=clock)
+async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, build_app, clock,
+                                                                                     outbox):
+    crashed = build_app(settings)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-    [claimed], _, _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    handed: list = []  # what the crashed process's backend was given: it never returns, the process dies
+
+    class NeverReturns:
+        async def send(self, message) -> None:
+            handed.append(message)
+            await asyncio.Event().wait()
+
+    crashed.services.sender.backend = NeverReturns()
+    sending = asyncio.ensure_future(crashed.services.sender.drain())
+    deadline = time.monotonic() + 10
+    while not handed:  # claimed, and handed to the backend: then the process dies
+        assert time.monotonic() < deadline, "the text was never claimed"
+        await asyncio.sleep(0.01)
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
     crashed.services.close()
 
-    restarted = make_app(settings, clock=clock)
-    try:
-        assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
-        clock.advance(restarted.services.sender.rules.lease)
-        assert await restarted.services.sender.drain() == 1
-        assert await outbox.code(E164) == claimed.message.code
-        assert [row.attempts for row in outbox_rows(restarted)] == [2]
-    finally:
-        restarted.services.close()
+    restarted = build_app(settings)
+    assert await restarted.services.sender.drain() == 0  # still claimed: the claimant may be sending it
+    clock.advance(restarted.services.sender.rules.lease)
+    assert await restarted.services.sender.drain() == 1
+    assert await outbox.code(E164) == handed[0].code
+    assert [row.attempts for row in outbox_rows(restarted)] == [2]
 
 
 @pytest.mark.parametrize("provider", [(200, 0.05)], indirect=True)
 @pytest.mark.settings(sms_ip_hourly=10_000)
 @gen_test
-async def test_two_senders_on_one_database_never_send_a_text_twice(settings, clock, provider):
-    apps = [gateway_app(settings, clock, provider) for _ in range(2)]
+async def test_two_senders_on_one_database_never_send_a_text_twice(settings, build_app, provider):
+    apps = [build_app(gateway_settings(settings, provider)) for _ in range(2)]
     phones = [f"+86188666{n:05d}" for n in range(35)]
-    try:
-        for phone in phones:  # queued while no sender runs
-            await apps[0].services.accounts.request_code(phone, "regist", "127.0.0.1")
-        # Two processes' senders drain at once, each sending batches concurrently: claims must not overlap.
-        handled = await asyncio.gather(*(a.services.sender.drain() for a in apps + apps))
-        assert sum(handled) == len(phones) and handled[0] + handled[2] > 0 and handled[1] + handled[3] > 0, handled
-        assert sorted(body["mobile"] for body in provider.bodies) == phones
-        assert {row.status for row in outbox_rows(apps[0])} == {"sent"}
-    finally:
-        for a in apps:
-            a.services.close()
+    for phone in phones:  # queued while no sender runs
+        await apps[0].services.accounts.request_code(phone, "regist", "127.0.0.1")
+    # Two processes' senders drain at once, each sending batches concurrently: claims must not overlap.
+    handled = await asyncio.gather(*(a.services.sender.drain() for a in apps + apps))
+    assert sum(handled) == len(phones) and handled[0] + handled[2] > 0 and handled[1] + handled[3] > 0, handled
+    assert sorted(body["mobile"] for body in provider.bodies) == phones
+    assert {row.status for row in outbox_rows(apps[0])} == {"sent"}
 
 
 @gen_test
-async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, clock, outbox):
+async def test_texts_whose_code_died_while_they_waited_are_settled_unsent(settings, build_app, clock, outbox):
     """After an outage, a text for an expired or replaced code must not go out: only the live one does."""
-    from demo.main import make_app
-
-    down = make_app(settings, clock=clock)  # no sender runs: texts wait, as in an outage
-    try:
-        accounts = down.services.accounts
-        await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
-        clock.advance(accounts.rules.code_ttl - 30)
-        await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
-        clock.advance(accounts.rules.resend_after)
-        await accounts.request_code(PHONE, "regist", "127.0.0.1")
-        assert await down.services.sender.drain() == 3
-        [live] = outbox.messages()
-        assert live["phone"] == E164
-        rows = sorted(outbox_rows(down), key=lambda row: row.id)
-        assert [row.status for row in rows] == ["failed", "failed", "sent"]
-        assert all(row.code is None and row.text == "" for row in rows)
-    finally:
-        down.services.close()
+    down = build_app(settings)  # no sender runs: texts wait, as in an outage
+    accounts = down.services.accounts
+    await accounts.request_code("18866669999", "regist", "127.0.0.1")  # expires while waiting
+    clock.advance(accounts.rules.code_ttl - 30)
+    await accounts.request_code(PHONE, "regist", "127.0.0.1")  # replaced by the next one
+    clock.advance(accounts.rules.resend_after)
+    await accounts.request_code(PHONE, "regist", "127.0.0.1")
+    assert await down.services.sender.drain() == 3
+    [live] = outbox.messages()
+    assert live["phone"] == E164
+    rows = sorted(outbox_rows(down), key=lambda row: row.id)
+    assert [row.status for row in rows] == ["failed", "failed", "sent"]
+    assert all(row.code is None and row.text == "" for row in rows)
 
 
 @gen_test
-async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, clock, outbox):
-    from demo.main import make_app
-
-    down = make_app(settings, clock=clock)
-    try:
-        await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-        clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
-        assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
-        assert [row.status for row in outbox_rows(down)] == ["pending"]
-        assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
-        counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
-        assert counts["sms_codes"] == 1 and outbox_rows(down) == []
-    finally:
-        down.services.close()
+async def test_housekeeping_never_deletes_a_text_still_waiting_with_its_code(settings, build_app, clock, outbox):
+    down = build_app(settings)  # no sender runs
+    await down.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
+    clock.advance(2 * housekeeping.KEEP.total_seconds())  # the sender was down for two days
+    assert down.services.db.run_sync(housekeeping.sweep, clock.now())["sms_codes"] == 0
+    assert [row.status for row in outbox_rows(down)] == ["pending"]
+    assert await down.services.sender.drain() == 1 and outbox.messages() == []  # settled, not sent
+    counts = down.services.db.run_sync(housekeeping.sweep, clock.now() + housekeeping.KEEP * 2)
+    assert counts["sms_codes"] == 1 and outbox_rows(down) == []
 
 
 @gen_test

@@ -19,7 +19,7 @@ from demo.models import H5Session, H5Ticket, User
 
 gen_test = pytest.mark.gen_test(timeout=60)
 PHONE, E164, PASSWORD = "18866668888", "+8618866668888", "demo123456"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cookies_of(response) -> dict[str, SimpleCookie]:

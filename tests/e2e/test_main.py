@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import signal
@@ -10,13 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from servers import ROOT, SECRET, call, finish, free_port, start, stop, wait_for
+from tests.helpers import ROOT, SECRET, call, finish, free_port, sms_code, start, stop, wait_for, wait_until
 
 
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
@@ -106,6 +105,18 @@ def test_a_stop_during_a_restart_pause_starts_no_new_worker(tmp_path):
     assert "starting a new one" in log and len(re.findall(r"worker \d+ started", log)) == 2
 
 
+# The route label of GET /healthz in demo_requests_total.
+HEALTH_ROUTE = "ops.healthz"
+
+
+def health_requests_counted(port: int) -> float:
+    """GET /healthz answers counted in one scrape of /metrics (by whichever worker answers it)."""
+    status, scrape = call(port, "GET", "/metrics")
+    assert status == 200, scrape
+    prefix = f'demo_requests_total{{method="GET",route="{HEALTH_ROUTE}"'
+    return sum(float(line.split()[-1]) for line in scrape.decode().splitlines() if line.startswith(prefix))
+
+
 def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
     port = free_port()
     log_dir = tmp_path / "log"
@@ -113,20 +124,26 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
         "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
     try:
+        workers = set(worker_pids(tmp_path, 2))
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
-        for _ in range(30):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
-        # Every worker's requests, whichever worker answers the scrape. A request is counted just
-        # after its answer is sent, so the last one may land a moment after the client moved on.
-        deadline, seen = time.monotonic() + 10, 0.0
-        while seen < 31 and time.monotonic() < deadline:
-            scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            counted = [line for line in scrape.splitlines()
-                       if line.startswith('demo_requests_total{method="GET",route="ops.healthz"')]
-            seen = float(counted[0].split()[-1]) if counted else 0.0
-        assert seen == 31
-        pids = set(re.findall(r"\[(\d+)\] demo\.access", (log_dir / "demo.log").read_text()))
-        assert len(pids) >= 1 and str(proc.pid) not in pids  # workers, not the supervisor, answer
+        sent = 1
+        # Both workers must answer some of the requests (else the scrape below proves nothing): send
+        # them a few at once, so that one busy worker leaves the next connection to the other.
+        with ThreadPoolExecutor(8) as pool:
+            def both_answered() -> bool:
+                nonlocal sent
+                assert all(status == 200 for status, _ in pool.map(lambda _: call(port, "GET", "/healthz"), range(8)))
+                sent += 8
+                log = (log_dir / "demo.log").read_text()
+                answered = {int(pid) for pid in re.findall(r"\[(\d+)\] demo\.access\b.* 200 GET /healthz", log)}
+                assert proc.pid not in answered  # workers, not the supervisor, answer
+                return answered >= workers
+            wait_until(both_answered, "both workers to answer GET /healthz", timeout=20, every=0)
+        # The scrape counts every worker's requests, whichever worker answers it. A request is counted
+        # just after its answer is sent, so the last ones may land a moment after the client moved on.
+        wait_until(lambda: health_requests_counted(port) >= sent, f"{sent} requests counted", timeout=10)
+        for _ in range(6):  # whichever worker answers the scrape, and never more than were sent
+            assert health_requests_counted(port) == sent
 
         # SIGHUP: logrotate moved the file; the workers reopen it and write to a new one.
         (log_dir / "demo.log").rename(log_dir / "demo.log.1")
@@ -134,7 +151,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         new_log = log_dir / "demo.log"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (new_log.exists() and "GET /healthz" in new_log.read_text()):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+            call(port, "GET", "/healthz", timeout=5)
             time.sleep(0.05)
         assert "GET /healthz" in new_log.read_text()
     finally:
@@ -176,17 +193,12 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
 
 def register(port: int, outbox: Path) -> str:
     def post(path: str, payload: dict) -> dict:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+        status, body = call(port, "POST", path, payload)
+        assert status in (200, 201), body
+        return body
 
     post("/users/code", {"phone": "18866668888"})
-    deadline = time.monotonic() + 10  # the text goes out just after the answer
-    while not (outbox.exists() and outbox.read_text().strip()):
-        assert time.monotonic() < deadline, "no text sent"
-        time.sleep(0.02)
-    code = json.loads(outbox.read_text().splitlines()[-1])["code"]
+    code = sms_code(outbox, "+8618866668888")
     return post("/users/regist", {"phone": "18866668888", "password": "demo123456", "code": code})["token"]
 
 
@@ -197,7 +209,7 @@ def test_processes_starting_together_migrate_once(tmp_path):
            "DEMO_MEDIA_ROOT": str(tmp_path / "media")}
     procs = [start(tmp_path, f"--port={port}", "--log_dir=", env=env) for port in ports]
     try:
-        for port, proc in zip(ports, procs):
+        for port, proc in zip(ports, procs, strict=True):
             assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["status"] == "ok"
     finally:
         outs = []

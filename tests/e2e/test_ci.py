@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from servers import ROOT
+
+from tests.helpers import ROOT
 
 SKIPS_IN_A_TEST = """
 import pytest
@@ -32,10 +33,10 @@ def run_pytest(folder, source: str, *options: str, ci: str) -> subprocess.Comple
     (folder / "pytest.ini").write_text("[pytest]\n")  # not this suite's settings, nor its tests
     (folder / "test_runs.py").write_text("def test_that_runs():\n    pass\n")
     (folder / "test_tiny.py").write_text(source)
-    environ = {**os.environ, "CI": ci, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q",
-                           "-rA", *options, "test_runs.py", "test_tiny.py"], cwd=folder, env=environ, capture_output=True,
-                          text=True, timeout=120, check=False)
+    environ = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
+                           "-rA", *options, "test_runs.py", "test_tiny.py"], cwd=folder, env=environ,
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("source", [SKIPS_IN_A_TEST, SKIPS_ITS_MODULE], ids=["in-a-test", "at-module-level"])

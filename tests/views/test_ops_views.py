@@ -5,8 +5,6 @@ import time
 
 import pytest
 
-from demo.main import make_app
-
 gen_test = pytest.mark.gen_test(timeout=30)
 
 
@@ -26,22 +24,18 @@ async def test_openapi_document_is_served(api):
 
 
 @pytest.fixture
-def unreachable_db_app(settings, clock):
+def unreachable_db_app(settings, build_app):
     pytest.importorskip("MySQLdb")
     # Port 9 (discard) on loopback: connection refused at once, like a stopped MariaDB.
-    application = make_app(settings.replace(database_url="mysql+mysqldb://root@127.0.0.1:9/demo"), clock=clock)
-    yield application
-    application.services.close()
+    return build_app(settings.replace(database_url="mysql+mysqldb://root@127.0.0.1:9/demo"))
 
 
 @pytest.fixture
-def app(request, settings, clock):
+def app(request, settings, build_app):
+    """conftest's app, or the one whose database is unreachable when a test asks for that."""
     if "unreachable_db_app" in request.fixturenames:
-        yield request.getfixturevalue("unreachable_db_app")
-        return
-    application = make_app(settings, clock=clock)
-    yield application
-    application.services.close()
+        return request.getfixturevalue("unreachable_db_app")
+    return build_app(settings)
 
 
 @gen_test

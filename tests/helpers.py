@@ -1,0 +1,616 @@
+"""What the tests and the benchmark share, in one place.
+
+- ports and waits: ``free_port``, ``wait_until``;
+- answers and clients: ``Response``, ``Api`` (Tornado's async client, for the app in this process),
+  ``HttpClient`` (blocking, for a real server process or nginx; HTTP or HTTPS), ``call`` (one request);
+- throw-away MariaDB databases: ``ThrowawayDatabase``, ``mysql_unreachable_reason``, ``require_mysql``;
+- real server processes (signals, crashes, several workers, faults): ``start``, ``stop``, ``finish``,
+  ``wait_for``, ``output_of``, ``register``, ``memory``, ``reset_peak_memory``;
+- nginx running the shipped file for local ports and folders: ``Nginx``, ``render_shipped_nginx``;
+- Chromium through Playwright: ``chromium_browser``.
+
+Output of a process goes to a file, never to a pipe nobody reads (a full pipe would stall the server).
+``bench/`` imports this module too (``from tests.helpers import ...``): neither side reaches into the
+other's private names.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "p" * 48
+NGINX = "/usr/sbin/nginx"
+NGINX_CONF = ROOT / "demo" / "conf" / "nginx" / "demo.conf"
+MYSQL_SERVER = os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306")
+REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
+
+
+class HarnessError(RuntimeError):
+    """The harness itself could not do its job (a tool is missing, a server is unreachable)."""
+
+
+# -- ports and waits -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 30, every: float = 0.05,
+               error: type[Exception] = AssertionError) -> Any:
+    """Call ``check`` until it returns something true (returned); ``error`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+# -- answers and HTTP clients ------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    """One answer, from any client here: ``code``, ``headers`` (case-insensitive), ``body``."""
+
+    code: int
+    headers: Any  # tornado.httputil.HTTPHeaders or http.client.HTTPMessage: both case-insensitive
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        value: str | None = self.headers.get(name)
+        return value
+
+    def all(self, name: str) -> list[str]:
+        """Every value of a header sent more than once (Set-Cookie, Vary)."""
+        if hasattr(self.headers, "get_list"):  # Tornado's HTTPHeaders
+            return list(self.headers.get_list(name))
+        return list(self.headers.get_all(name) or [])
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        code: str = self.json["error"]["code"]
+        return code
+
+
+def sent_phone(phone: str) -> str:
+    """The E.164 form the SMS outbox records for a number the tests type in national form."""
+    return phone if phone.startswith("+") else "+86" + phone
+
+
+def _request_parts(json_body: Any, body: bytes | str | None, token: str | None,
+                   headers: dict[str, str] | None) -> tuple[bytes | str | None, dict[str, str]]:
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if json_body is not None:
+        body = json.dumps(json_body)
+        headers.setdefault("Content-Type", "application/json")
+    return body, headers
+
+
+class Api:
+    """The app in this process, over Tornado's async client: never raises on 4xx/5xx, returns ``Response``."""
+
+    def __init__(self, base_url: str) -> None:
+        from tornado.httpclient import AsyncHTTPClient
+
+        self.base_url = base_url
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=64)
+
+    async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
+                      token: str | None = None, headers: dict[str, str] | None = None,
+                      follow_redirects: bool = False) -> Response:
+        body, headers = _request_parts(json_body, body, token, headers)
+        if body is None and method in ("POST", "PUT", "PATCH"):
+            body = b""
+        response = await self.client.fetch(
+            self.base_url + path, method=method, body=body, headers=headers, raise_error=False,
+            follow_redirects=follow_redirects, request_timeout=60,
+        )
+        return Response(response.code, response.headers, response.body or b"")
+
+    async def get(self, path: str, **kw: Any) -> Response:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, json_body: Any = None, **kw: Any) -> Response:
+        return await self.request("POST", path, json_body=json_body, **kw)
+
+    async def delete(self, path: str, **kw: Any) -> Response:
+        return await self.request("DELETE", path, **kw)
+
+    async def register(self, outbox: Any, phone: str = "18866668888", password: str = "demo123456") -> Response:
+        """Ask for a code, read it from ``outbox`` (conftest's ``Outbox``), register: the answer."""
+        sent = await self.post("/users/code", {"phone": phone})
+        assert sent.code == 200, sent.body
+        code = await outbox.code(sent_phone(phone))
+        return await self.post("/users/regist", {"phone": phone, "password": password, "code": code})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LoopbackHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to ``localhost`` on 127.0.0.1 (where the test nginx listens), with SNI ``sni`` (the host name
+    unless told)."""
+
+    def __init__(self, *args: Any, sni: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sni = sni or self.host
+
+    def connect(self) -> None:
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        sock = socket.create_connection((host, self.port), self.timeout,
+                                        self.source_address)  # type: ignore[attr-defined]
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.sni)  # type: ignore[attr-defined]
+
+
+class HttpClient:
+    """Blocking HTTP(S) to ``base_url`` (http://127.0.0.1:port, https://localhost:port), a new connection per
+    call, from ``source_ip`` when given (any 127.x: nginx sees it as the client). Never raises on 4xx/5xx."""
+
+    def __init__(self, base_url: str, *, tls: ssl.SSLContext | None = None, source_ip: str | None = None,
+                 timeout: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port
+        self.tls = tls
+        self.source_ip = source_ip
+        self.timeout = timeout
+
+    def connection(self) -> http.client.HTTPConnection:
+        source = (self.source_ip, 0) if self.source_ip else None
+        if self.https:
+            return LoopbackHTTPSConnection(self.host, self.port, context=self.tls, timeout=self.timeout,
+                                           source_address=source)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout, source_address=source)
+
+    def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
+                token: str | None = None, headers: dict[str, str] | None = None) -> Response:
+        """``path`` may be a whole URL on this server (as the app hands them out)."""
+        body, headers = _request_parts(json_body, body, token, headers)
+        if path.startswith(("http://", "https://")):
+            parts = urlsplit(path)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            answer = conn.getresponse()
+            return Response(answer.status, answer.headers, answer.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, json_body: Any = None, **kw: Any) -> Response:
+        return self.request("POST", path, json_body=json_body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Response:
+        return self.request("DELETE", path, **kw)
+
+
+def call(port: int, method: str, path: str, payload: Any = None, *, token: str | None = None,
+         body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, Any]:
+    """One request to a local server: (status, parsed JSON or raw bytes). Never raises on 4xx/5xx."""
+    answer = HttpClient(f"http://127.0.0.1:{port}", timeout=timeout).request(
+        method, path, json_body=payload, body=body, token=token, headers=headers)
+    try:
+        return answer.code, answer.json
+    except ValueError:
+        return answer.code, answer.body
+
+
+def sms_code(outbox: Path, phone: str, timeout: float = 10) -> str:
+    """The newest code texted to ``phone`` (E.164) by a server process whose SMS backend is
+    ``file:<outbox>``; texts go out just after the answer, so this waits for one."""
+    def codes() -> list[str]:
+        lines = outbox.read_text().splitlines() if outbox.exists() else []
+        return [m["code"] for m in map(json.loads, filter(str.strip, lines)) if m["phone"] == phone and m["code"]]
+    found: list[str] = wait_until(codes, f"an SMS code sent to {phone}", timeout)
+    return found[-1]
+
+
+def register(port: int, phone: str, code: str, password: str = "demo123456") -> str:
+    """Register ``phone`` (a test number with a fixed ``code``) and return its token."""
+    status, _ = call(port, "POST", "/users/code", {"phone": phone})
+    assert status == 200, status
+    status, body = call(port, "POST", "/users/regist", {"phone": phone, "password": password, "code": code})
+    assert status == 201, body
+    token: str = body["token"]
+    return token
+
+
+# -- throw-away MariaDB databases ----------------------------------------------------------------------
+
+def mysql_unreachable_reason(server_url: str = MYSQL_SERVER, timeout: int = 2) -> str | None:
+    """Why MariaDB cannot be used (no driver, no server), or None when it can."""
+    from sqlalchemy import create_engine, text
+
+    try:
+        import MySQLdb  # noqa: F401  (is the driver installed at all?)
+    except ImportError:
+        return "mysqlclient is not installed"
+    try:
+        engine = create_engine(server_url + "/", connect_args={"connect_timeout": timeout})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return f"MariaDB unreachable at {server_url}: {error.__class__.__name__}"
+    return None
+
+
+def require_mysql(server_url: str = MYSQL_SERVER) -> str:
+    """``server_url`` when MariaDB is reachable; else skip the test (fail it when DEMO_REQUIRE_MYSQL=1)."""
+    import pytest
+
+    reason = mysql_unreachable_reason(server_url)
+    if reason:
+        if REQUIRE_MYSQL:
+            pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
+        pytest.skip(reason)
+    return server_url
+
+
+class ThrowawayDatabase:
+    """A new, empty ``<prefix>_<random>`` database on a MariaDB server (as an operator creates it),
+    dropped by ``drop`` or at the end of a ``with`` block."""
+
+    def __init__(self, server_url: str = MYSQL_SERVER, prefix: str = "demo_test") -> None:
+        self.server_url = server_url
+        self.name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.url = f"{server_url}/{self.name}"
+        self._admin: Any = None
+
+    def create(self) -> Self:
+        from sqlalchemy import create_engine, text
+
+        self._admin = create_engine(self.server_url + "/", connect_args={"connect_timeout": 5})
+        with self._admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {self.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+        return self
+
+    def scalar(self, sql: str) -> Any:
+        """One value from the server (``SELECT VERSION()``, a count in this database by its name)."""
+        from sqlalchemy import text
+
+        with self._admin.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+
+    def drop(self) -> None:
+        from sqlalchemy import text
+
+        if self._admin is None:
+            return
+        try:
+            with self._admin.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {self.name}"))
+        finally:
+            self._admin.dispose()
+            self._admin = None
+
+    def __enter__(self) -> Self:
+        return self.create()
+
+    def __exit__(self, *_: object) -> None:
+        self.drop()
+
+
+@contextmanager
+def new_mysql_database(server_url: str = MYSQL_SERVER, prefix: str = "demo_test") -> Iterator[str]:
+    """The URL of a new, empty MariaDB database, dropped afterwards."""
+    with ThrowawayDatabase(server_url, prefix) as database:
+        yield database.url
+
+
+# -- real server processes -------------------------------------------------------------------------------
+
+def start(workdir: Path, *args: str, env: dict[str, str] | None = None,
+          command: list[str] | None = None) -> subprocess.Popen[str]:
+    """``python demo/main.py ARGS`` (or ``command ARGS``) with only the DEMO_* variables given in ``env``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    environ.update(env or {})
+    output = open(workdir / f"server-{time.monotonic_ns()}.out", "w+")  # noqa: SIM115 - closed by finish()
+    program = command or [sys.executable, str(ROOT / "demo" / "main.py")]
+    proc = subprocess.Popen([*program, *args], cwd=workdir, env=environ,
+                            stdout=output, stderr=subprocess.STDOUT, text=True)
+    proc.output_file = output  # type: ignore[attr-defined]
+    return proc
+
+
+def output_of(proc: subprocess.Popen[str]) -> str:
+    return Path(proc.output_file.name).read_text()  # type: ignore[attr-defined]
+
+
+def wait_for(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> Any:
+    """Poll ``url`` until it answers 200 (its JSON body returned); fail if the process dies first."""
+    client = HttpClient(url, timeout=1)
+    path = urlsplit(url).path or "/"
+
+    def answered() -> Any:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{output_of(proc)}")
+        try:
+            answer = client.get(path)
+        except OSError:
+            return None
+        return answer.json if answer.code == 200 else None
+    try:
+        return wait_until(answered, f"{url} to answer", timeout)
+    except AssertionError as error:
+        if "timed out" not in str(error):
+            raise
+        raise AssertionError(f"server did not come up:\n{output_of(proc)}") from None
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    """Wait for the process to exit and return what it printed; on a hang, kill it and fail."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
+        proc.kill()
+        proc.wait()
+        raise AssertionError("process did not stop:\n" + output_of(proc)) from None
+    finally:
+        if proc.returncode is not None:
+            proc.output_file.close()  # type: ignore[attr-defined]
+    return output_of(proc)
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return finish(proc, timeout)
+
+
+def memory(pid: int, key: str) -> int:
+    """A process's ``VmRSS`` (resident now) or ``VmHWM`` (its peak) in bytes: C memory (Pillow's) too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Make VmHWM the current RSS again (Linux >= 4.0), so a later peak is not hidden by an earlier one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+# -- a real browser -----------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags Chromium needs as root in a container with no outside network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def chromium_missing() -> str | None:
+    """Why Debian's Chromium cannot be driven here, or None."""
+    import importlib.util
+    import shutil
+
+    if not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed"
+    return None
+
+
+@asynccontextmanager
+async def chromium_browser() -> AsyncIterator[Any]:
+    """Debian's headless Chromium driven by Playwright (never a browser Playwright downloads)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+# -- the shipped nginx file, locally ------------------------------------------------------------------
+
+def replace_all(source: str, replacements: list[tuple[str, str]], name: str) -> str:
+    """``source`` with each ``old`` replaced; a token no longer in the shipped file is an error, so that
+    the tests and the benchmark follow the file."""
+    for old, new in replacements:
+        if old not in source:
+            raise HarnessError(f"{old!r} is no longer in {name}: update the rendering in tests/helpers.py "
+                               "or its caller")
+        source = source.replace(old, new)
+    return source
+
+
+def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: int, upstream_ports: list[int],
+                         static_dir: Path, extra: list[tuple[str, str]] | None = None) -> Path:
+    """demo/conf/nginx/demo.conf with local ports, a test certificate in ``tls`` and folders under
+    ``folder``, inside a main file like Debian's /etc/nginx/nginx.conf; returns that main file.
+    Shared by the benchmark and tests/e2e/test_production.py, so both run the file operators get."""
+    d = folder
+    for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    a, b = upstream_ports
+    site = replace_all(NGINX_CONF.read_text(), [
+        ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
+        ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
+        ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
+        ("api.example.com", "localhost"),
+        ("listen 80", f"listen 127.0.0.1:{http_port}"),
+        ("listen 443", f"listen 127.0.0.1:{https_port}"),
+        # On port 443 the redirect needs no port; on a test port it does.
+        ("return 301 https://$host$request_uri;", f"return 301 https://$host:{https_port}$request_uri;"),
+        ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
+        ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
+        ("/var/cache/nginx/demo", str(d / "cache")),
+        ("/var/log/nginx/", f"{d / 'logs'}/"),
+        ("/var/www/letsencrypt", str(d / "acme")),
+        ("/opt/demo/demo/static/", f"{static_dir}/"),
+        *(extra or []),
+    ], NGINX_CONF.name)
+    ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
+    if len(ipv6) != 4:
+        raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
+    site = "\n".join(line for line in site.splitlines() if line not in ipv6)  # loopback only here
+    (d / "demo.conf").write_text(site)
+    temp = d / "temp"
+    # What Debian's /etc/nginx/nginx.conf sets at http level - including the settings the site file
+    # must override per server (ssl_protocols with TLS 1.0, gzip) - minus its paths.
+    main = f"""
+        {"user root root;" if os.geteuid() == 0 else ""}
+        worker_processes 2;
+        events {{ worker_connections 256; }}
+        http {{
+            sendfile on;
+            tcp_nopush on;
+            types_hash_max_size 2048;
+            include /etc/nginx/mime.types;
+            default_type application/octet-stream;
+            ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+            ssl_prefer_server_ciphers on;
+            access_log {d / 'logs' / 'access.log'};
+            gzip on;
+            client_body_temp_path {temp / 'body'};
+            proxy_temp_path {temp / 'proxy'};
+            fastcgi_temp_path {temp / 'fastcgi'};
+            uwsgi_temp_path {temp / 'uwsgi'};
+            scgi_temp_path {temp / 'scgi'};
+            include {d / 'demo.conf'};
+        }}
+    """
+    (d / "nginx.conf").write_text(main)
+    return d / "nginx.conf"
+
+
+class Nginx:
+    """Debian's nginx running the shipped ``demo/conf/nginx/demo.conf``, rendered by ``render_shipped_nginx``
+    for temporary ports and folders under ``folder`` and a self-signed certificate for ``localhost``, in
+    front of ``upstream_ports``. ``static_dir`` replaces the app's static folder; ``extra`` adds
+    replacements (e.g. a shorter cache time). Its own process group: ``stop`` takes its workers along."""
+
+    def __init__(self, folder: Path, upstream_ports: list[int], static_dir: Path,
+                 extra: list[tuple[str, str]] | None = None) -> None:
+        self.dir = folder / "nginx"
+        self.tls = folder / "tls"
+        self.cert = self.tls / "cert.pem"
+        self.static_dir = static_dir
+        self.upstream_ports = upstream_ports
+        self.extra = extra or []
+        self.https_port = free_port()
+        self.http_port = free_port()
+        self.base_url = f"https://localhost:{self.https_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf: Path | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why nginx cannot run here (nginx or openssl not installed), or None."""
+        import shutil
+
+        if not os.access(NGINX, os.X_OK):
+            return f"{NGINX} is not installed (apt-get install nginx-light)"
+        if shutil.which("openssl") is None:
+            return "openssl is not installed"
+        return None
+
+    @staticmethod
+    def version() -> str:
+        done = subprocess.run([NGINX, "-v"], check=False, capture_output=True, text=True, timeout=10)
+        return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+    def client_tls(self) -> ssl.SSLContext:
+        """A client context that trusts the self-signed certificate (once ``start`` made it)."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    def command(self, *extra: str) -> list[str]:
+        d = self.dir
+        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
+                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
+
+    def start(self) -> Self:
+        reason = self.missing()
+        if reason:
+            raise HarnessError(reason)
+        make_certificate(self.tls)
+        self.conf = render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
+                                         self.static_dir, self.extra)
+        checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
+        if checked.returncode != 0:
+            raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
+        with open(self.dir / "nginx.out", "ab") as out:
+            # Its own process group, so that even a master that died uncleanly takes its workers along.
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind by an unclean exit
+
+    def logs(self, chars: int = 3000) -> str:
+        files = [*sorted((self.dir / "logs").glob("*error.log")), self.dir / "nginx.out"]
+        return "\n".join(f"--- {p} ---\n{p.read_text(errors='replace')[-chars:]}" for p in files if p.exists())
+
+
+def make_certificate(folder: Path, timeout: float = 60) -> None:
+    """A self-signed certificate for ``localhost`` and the ffdhe2048 DH group (as README.md tells
+    operators to make it) in ``folder``: cert.pem, key.pem, dhparam.pem."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise HarnessError("openssl is not installed")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-days", "1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                   check=True, capture_output=True, timeout=timeout)
+    subprocess.run([openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
+                    "-out", str(folder / "dhparam.pem")], check=True, capture_output=True, timeout=timeout)
