@@ -137,12 +137,6 @@ def is_unreachable(error: BaseException) -> bool:
     )
 
 
-def upsert_add(session: Session, model: Any, values: dict[str, Any], key: list[str], column: str) -> None:
-    """INSERT ``values``, or add ``values[column]`` to the existing row: atomic, and the row stays
-    locked until commit, so concurrent callers on one key are serialised (MySQL and SQLite alike)."""
-    session.execute(upsert_add_statement(session.get_bind().dialect.name, model, values, key, column))
-
-
 def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any] | list[dict[str, Any]],
                          key: list[str], column: str) -> Any:
     """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s, and a list of rows:
@@ -393,12 +387,6 @@ def _as_sqlalchemy_error(error: Exception, dialect: Dialect, invalidated: bool =
     """A DBAPI error as the SQLAlchemy error a Session would have raised (IntegrityError, ...)."""
     return exc.DBAPIError.instance(None, None, error, dialect.loaded_dbapi.Error,
                                    connection_invalidated=invalidated, dialect=dialect)
-
-
-def session_cursor(session: Session) -> Cursor:
-    """A ``Cursor`` inside an ORM unit of work: same connection, same transaction."""
-    connection = session.connection()
-    return Cursor(connection.connection.driver_connection.cursor(), connection.dialect)
 
 
 class Database:
