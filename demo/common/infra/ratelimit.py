@@ -75,7 +75,7 @@ def hit(c: SqlCursor, window: Window, now: dt.datetime) -> int:
 
 def refund(c: SqlCursor, params: dict[str, Any], size: int) -> None:
     """Give back the event ``reserve(c, params, size)`` counted (in the same or a later unit of work)."""
-    c.execute(_statements(size)[1], params)
+    c.execute(statements(size)[1], params)
 
 
 def refund_one(c: SqlCursor, window: Window, reserved_at: dt.datetime) -> None:
@@ -93,7 +93,7 @@ def reserve(c: SqlCursor, params: dict[str, Any], size: int) -> None:
     """One event counted in the first ``size`` windows of ``params`` (``window_params``) at once: one
     multi-row upsert, whose rows stay locked until commit. Callers pass their windows in key order, as
     every statement here locks rows (MariaDB: no lock-order deadlock)."""
-    c.execute(_statements(size)[0], params)
+    c.execute(statements(size)[0], params)
 
 
 def window_params(windows: Sequence[Window], now: dt.datetime, first: int = 0) -> dict[str, Any]:
@@ -113,7 +113,8 @@ def count_of(i: int) -> str:
 
 
 @functools.cache
-def _statements(size: int) -> tuple[Sql, Sql]:
+def statements(size: int) -> tuple[Sql, Sql]:
+    """The statements of ``reserve`` and ``refund`` for ``size`` windows."""
     columns = "INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES "
     rows = ", ".join(f"(:key{i}, :start{i}, 1, :expires{i})" for i in range(size))
     reserve = Sql(
