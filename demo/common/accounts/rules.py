@@ -6,6 +6,7 @@ No Tornado here: handlers call these coroutines with plain values and get plain 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import secrets
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -116,8 +117,7 @@ class Accounts:
             by_phone=Window(f"sms:phone:{phone}", r.phone_daily, 86400),
             by_client=Window(f"sms:ip:{ratelimit.client_key(client_ip)}", r.ip_hourly, 3600),
             resend_after=r.resend_after, expires_at=now + dt.timedelta(seconds=r.code_ttl))
-        await self.db.run(queries.issue_code, request, now, lambda registered: self._code_text(phone, purpose,
-                                                                                               registered))
+        await self.db.run(queries.issue_code, request, now, functools.partial(self._code_text, phone, purpose))
         self.sender.wake()
         return {"expires_in": self.rules.code_ttl, "resend_after": self.rules.resend_after}
 
