@@ -225,16 +225,11 @@ def _named_tuple(names: list[str]) -> Any:
     return namedtuple("Row", names, rename=True)  # fields known at run time only
 
 
-def _sqlite_value(value: Any) -> Any:
+def _sqlite_value(value: dt.date) -> str:
     if isinstance(value, dt.datetime):
-        return value.strftime(SQLITE_DATETIME)
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return value
-
-
-def _sqlite_datetime(value: Any) -> dt.datetime | None:
-    return None if value is None else dt.datetime.fromisoformat(value)
+        # Naive (UTC) as everywhere here: isoformat gives SQLITE_DATETIME's text, faster than strftime.
+        return value.isoformat(" ", "microseconds") if value.tzinfo is None else value.strftime(SQLITE_DATETIME)
+    return value.isoformat()
 
 
 class SqlCursor:
@@ -248,7 +243,8 @@ class SqlCursor:
     def run(self, sql: Sql, params: Mapping[str, Any]) -> Any:
         """Execute ``sql``; the DBAPI cursor, to read its results."""
         if self._sqlite:
-            params = {name: _sqlite_value(value) for name, value in params.items()}
+            params = {name: _sqlite_value(value) if isinstance(value, dt.date) else value
+                      for name, value in params.items()}
         self.cursor.execute(sql.for_dialect(self.dialect), params)
         return self.cursor
 
@@ -265,9 +261,17 @@ class SqlCursor:
         cursor = self.run(sql, params)
         raw = cursor.fetchall()
         row, parse = sql.row_type(self.dialect, cursor.description)
-        if parse:
-            raw = [[_sqlite_datetime(v) if i in parse else v for i, v in enumerate(r)] for r in raw]
-        return [row._make(r) for r in raw]  # type: ignore[attr-defined]
+        make = row._make  # type: ignore[attr-defined]
+        if not parse:
+            return [make(values) for values in raw]
+        rows = []
+        for values in raw:
+            values = list(values)
+            for i in parse:
+                if values[i] is not None:
+                    values[i] = dt.datetime.fromisoformat(values[i])
+            rows.append(make(values))
+        return rows
 
     def first(self, sql: Sql, params: Mapping[str, Any] = _NO_PARAMS) -> Row | None:
         """Run a SELECT; its first row, or None."""
