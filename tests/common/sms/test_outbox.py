@@ -2,10 +2,12 @@
 ``Accounts.request_code`` fills, on SQLite and MariaDB."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sqlalchemy import select
 
-from demo.common.sms.outbox import Sender, SenderRules
+from demo.common.sms.outbox import Sender
 from demo.models import SmsCode, SmsOutbox
 
 gen_test = pytest.mark.gen_test(timeout=60)
@@ -24,7 +26,9 @@ class Backend:
 
 
 def sender(app, backend: Backend, **rules) -> Sender:
-    return Sender(app.services.db, backend, app.services.metrics, app.services.clock, SenderRules(**rules))
+    """A sender of ``app``'s outbox through ``backend``, with ``app``'s rules changed by ``rules``."""
+    return Sender(app.services.db, backend, app.services.metrics, app.services.clock,
+                  dataclasses.replace(app.services.sender.rules, **rules))
 
 
 def outbox_rows(app) -> list[SmsOutbox]:
