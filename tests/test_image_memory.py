@@ -185,7 +185,7 @@ async def test_the_animation_cap_is_a_setting(api, user):
 @gen_test
 async def test_a_thumbnail_waits_for_room_in_the_decode_budget(api, user, app):
     image = await uploaded(api, user.token, animation("GIF", 30, (400, 300)), content_type="image/gif")
-    budget = app.services.images._decoding
+    budget = app.services.images.decoding
     async with budget.reserve(budget.capacity):  # uploads are decoding all the budget allows
         thumbnail = asyncio.ensure_future(fetch(api, image["thumbnails"]["160"]))
         await asyncio.sleep(0.5)

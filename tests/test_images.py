@@ -648,7 +648,7 @@ def disk_writes(monkeypatch) -> list[int]:
 @gen_test
 async def test_a_small_upload_never_touches_the_disk_before_it_is_stored(api, user, app, disk_writes):
     image = await uploaded(api, user.token, jpeg((200, 150)))
-    assert disk_writes == [] and app.services.images._body_memory.in_use == 0
+    assert disk_writes == [] and app.services.images.upload_memory.in_use == 0
     assert (await fetch(api, image["url"])).code == 200
 
 
@@ -659,8 +659,8 @@ async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, u
     assert len(data) > 100_000
     await uploaded(api, user.token, data, raw=True, content_type="image/png")
     assert sum(disk_writes) == len(data)
-    held = app.services.images._body_memory
-    assert held.take(99_000)  # another upload holds most of it now
+    held = app.services.images.upload_memory
+    assert held.try_take(99_000)  # another upload holds most of it now
     disk_writes.clear()
     small = jpeg((64, 48))
     await uploaded(api, user.token, small, raw=True)
@@ -674,7 +674,7 @@ async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, use
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
-    held = app.services.images._body_memory
+    held = app.services.images.upload_memory
     try:
         await loop.sock_connect(sock, ("127.0.0.1", http_port))
         await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=100_000) + jpeg()[:500])
@@ -1516,7 +1516,7 @@ async def test_expect_100_continue_is_answered_only_when_the_upload_will_be_read
 @gen_test
 async def test_decoding_shares_a_pixel_budget(app):
     """Concurrent uploads never decode more pixels at once than the budget (one oversize share runs alone)."""
-    from demo.common.infra.caches import Budget
+    from demo.common.infra.memory import Budget
 
     budget, peak, order = Budget(100), [0], []
 
@@ -1533,7 +1533,7 @@ async def test_decoding_shares_a_pixel_budget(app):
 
 @gen_test
 async def test_a_cancelled_wait_for_the_pixel_budget_lets_the_next_in():
-    from demo.common.infra.caches import Budget
+    from demo.common.infra.memory import Budget
 
     budget, entered = Budget(100), []
 

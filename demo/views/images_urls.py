@@ -2,7 +2,7 @@
 from demo.views import images_views as v
 
 urls = [
-    (r"/images", v.ImagesHandler),
+    (r"/images", v.ImageCollectionHandler),
     (r"/images/([A-Za-z0-9_-]+)\.([a-z]+)", v.ImageFileHandler),
-    (r"/images/([A-Za-z0-9_-]+)", v.ImageHandler),
+    (r"/images/([A-Za-z0-9_-]+)", v.ImageItemHandler),
 ]

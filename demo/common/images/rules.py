@@ -34,14 +34,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.images import imaging
+from demo.common.images.storage import IDENTITY_FILE, ImageStore
+from demo.common.infra.caches import Cache
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Cursor, Database, Prepared, upsert_add_statement
-from demo.common.errors import InvalidField, NotFound, QuotaExceeded
-from demo.common.infra.caches import Budget, BytesCache, TtlCache
-from demo.common.infra.memory import trims_after
-from demo.common.images.storage import IDENTITY_FILE, ImageStore
-from demo.common.images.uploads import BodyMemory, UploadSpool
+from demo.common.infra.memory import Budget, trims_after
 from demo.models import Deployment, Image, ImageBlob, User
 
 log = logging.getLogger("demo.images")
@@ -84,11 +83,8 @@ THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
-def _process_upload(upload: UploadSpool, src: str | bytes, work_dir: str, rules: ImageRules) -> imaging.ProcessedImage:
-    try:
-        return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
-    finally:
-        upload.discard()  # read: the temp file (or the memory) goes now, on this thread, in any case
+def _process_upload(src: str | bytes, work_dir: str, rules: ImageRules) -> imaging.ProcessedImage:
+    return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
 
 
 @trims_after
@@ -129,12 +125,13 @@ class Images:
         self.store = store
         self.rules = rules
         self.clock = clock or Clock()
-        self._found = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
-        self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
-        self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
-        self._decoding = Budget(rules.decode_budget)
+        self._found: Cache[str, StoredImage] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._variants: Cache[tuple[str, int], str] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._bytes: Cache[str, bytes] = Cache.sized(rules.memory_cache_bytes, rules.memory_cache_item)
         self._building: dict[tuple[str, int], asyncio.Future[str]] = {}  # thumbnails being made here
-        self._body_memory = BodyMemory(rules.upload_memory)
+        # Per process: pixels being decoded at once, and bytes of upload bodies held in memory.
+        self.decoding = Budget(rules.decode_budget)
+        self.upload_memory = Budget(rules.upload_memory)
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -144,28 +141,21 @@ class Images:
         if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
-    def new_upload(self, declared_length: int | None) -> UploadSpool:
-        """Where an upload's body goes while it arrives: memory if it is small and there is room."""
-        return UploadSpool(self.store.temp_dir(), self._body_memory, declared_length)
-
-    async def create(self, user_id: int, upload: UploadSpool) -> dict[str, Any]:
-        """Check, re-encode and store the uploaded file; returns the image record. The upload is
-        discarded in any case. Bytes uploaded before are not decoded again while their blob exists."""
+    async def create(self, user_id: int, upload: str | bytes) -> dict[str, Any]:
+        """Check, re-encode and store an uploaded file (its bytes, or the path of the complete file,
+        which stays the caller's to remove); returns the image record. Bytes uploaded before are not
+        decoded again while their blob exists."""
         offloader = self.db.offloader
-        try:
-            src, source, cost = await offloader.io(_finish_and_measure, upload, upload.take(), self.rules)
-            mine = {"source": source, "user_id": user_id}
-            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, mine))
-            if known is not None:
-                image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
-                try:
-                    return await self.db.run_direct(self._store, user_id, image, source, self.clock.now())
-                except _BlobGone:
-                    pass  # deleted since it was looked up: decode after all
-            processed = await self._process(upload, src, cost)
-        finally:
-            if not upload.discarded:  # failed before the processing, or not needed
-                await offloader.io(upload.discard)
+        source, cost = await offloader.io(_measure, upload, self.rules)
+        mine = {"source": source, "user_id": user_id}
+        known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, mine))
+        if known is not None:
+            image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
+            try:
+                return await self.db.run_direct(self._store, user_id, image, source, self.clock.now())
+            except _BlobGone:
+                pass  # deleted since it was looked up: decode after all
+        processed = await self._process(upload, cost)
         try:
             now = self.clock.now()
             # Committed before the file lands: a crash after that leaves a row the sweeps can collect.
@@ -182,15 +172,15 @@ class Images:
         try:
             if await self.db.run(self._drop_blob_if_unused, sha256):
                 self._forget_blob(sha256)
-        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+        except Exception:
             log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
 
-    async def _process(self, upload: UploadSpool, src: str | bytes, cost: int) -> imaging.ProcessedImage:
+    async def _process(self, src: str | bytes, cost: int) -> imaging.ProcessedImage:
         # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
         # keeps concurrent decodes from holding more than decode_budget pixels at once, so memory stays
         # flat however many arrive together.
-        async with self._decoding.reserve(cost):
-            return await self.db.offloader.cpu(_process_upload, upload, src, self.store.temp_dir(), self.rules)
+        async with self.decoding.reserve(cost):
+            return await self.db.offloader.cpu(_process_upload, src, self.store.temp_dir(), self.rules)
 
     def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, source: str,
                now: dt.datetime) -> dict[str, Any]:
@@ -231,9 +221,6 @@ class Images:
         more = len(rows) > limit
         rows = rows[:limit]
         return [record(r) for r in rows], (encode_cursor(rows[-1].pk) if more else None)
-
-    async def count(self, user_id: int) -> int:
-        return (await self.db.run_direct(lambda c: c.first(USAGE, {"user_id": user_id}))).count
 
     async def find(self, image_id: str) -> StoredImage:
         if not looks_like_image_id(image_id):
@@ -277,7 +264,7 @@ class Images:
         path, cost = await offloader.io(_variant_or_cost, self.store, image, width)
         if path is not None:
             return path
-        async with self._decoding.reserve(cost):
+        async with self.decoding.reserve(cost):
             return await offloader.cpu(
                 _make_variant, self.store, image.sha256, width,
                 lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
@@ -330,10 +317,10 @@ class Images:
 
     def _forget_blob(self, sha256: str) -> None:
         """Drop this process's cached bytes and thumbnail paths of a removed blob."""
-        self._bytes.pop_prefix(self.store.local_path(sha256))
+        paths = {self.store.local_path(sha256)} | {self.store.local_path(sha256, w) for w in THUMBNAIL_WIDTHS}
+        self._bytes.pop_where(paths.__contains__)
         for width in THUMBNAIL_WIDTHS:
             self._variants.pop((sha256, width))
-            self._bytes.pop_prefix(self.store.local_path(sha256, width))
 
     # -- sweeps --------------------------------------------------------------------------------
 
@@ -462,12 +449,11 @@ def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
         return size, (f.read() if size <= limit else None)
 
 
-def _finish_and_measure(upload: UploadSpool, chunks: list[bytes], rules: ImageRules) -> tuple[str | bytes, str, int]:
-    """The upload's bytes (or file), their hash, and the decode budget they need (InvalidImage if over
-    a limit: refused before waiting for the budget)."""
-    src = upload.finish(chunks)
+def _measure(src: str | bytes, rules: ImageRules) -> tuple[str, int]:
+    """The upload's hash, and the decode budget it needs (InvalidImage if over a limit: refused before
+    waiting for the budget)."""
     source = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else imaging.file_sha256(src)
-    return src, source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
+    return source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
 
 
 def _variant_or_cost(store: ImageStore, image: StoredImage, width: int) -> tuple[str | None, int]:

@@ -325,22 +325,7 @@ class H5PageHandler(BaseHandler):
         return token
 
     def check_xsrf_cookie(self) -> None:
-        """Every state-changing request (Tornado calls this before ``prepare``): not made by a browser
-        for another site, and carrying the token of the H5 session its cookie names. Defined here, so
-        H5 handlers that also inherit an API handler (the page upload) keep the check."""
-        if is_cross_site(self.request.headers, self.own_origins()):
-            raise HTTPError(403, "Cross-site requests are refused.")
-        token = self.get_argument("_xsrf", None) or self.request.headers.get("X-XSRFToken")
-        if not token:
-            raise HTTPError(403, "'_xsrf' argument missing from POST")
-        if not self.services.h5.xsrf_matches(self.get_cookie(H5_COOKIE), token):
-            raise HTTPError(403, "The form token does not belong to this session.")
-
-    def own_origins(self) -> frozenset[str]:
-        """The origins our own pages post from: the one the client reached, and DEMO_PUBLIC_URL's."""
-        reached = f"{self.request.protocol}://{self.request.host}".lower()
-        public = _origin_of(self.services.settings.public_url)
-        return frozenset((reached, public) if public else (reached,))
+        check_h5_form(self)
 
     def set_session_cookie(self, cookie: str) -> None:
         self.set_cookie(H5_COOKIE, cookie, **self._session_cookie_options())
@@ -384,6 +369,26 @@ class H5PageHandler(BaseHandler):
         if title is None:
             title, text = "Request refused", body["error"]["message"]
         self.render_page("h5/error.html", status=status, title=title, text=text, code=body["error"]["code"])
+
+
+def check_h5_form(handler: BaseHandler) -> None:
+    """Every state-changing request of an H5 page (Tornado calls ``check_xsrf_cookie`` before
+    ``prepare``): not made by a browser for another site, and carrying the token of the H5 session its
+    cookie names. Also used by the page upload, which answers JSON."""
+    if is_cross_site(handler.request.headers, own_origins(handler)):
+        raise HTTPError(403, "Cross-site requests are refused.")
+    token = handler.get_argument("_xsrf", None) or handler.request.headers.get("X-XSRFToken")
+    if not token:
+        raise HTTPError(403, "'_xsrf' argument missing from POST")
+    if not handler.services.h5.xsrf_matches(handler.get_cookie(H5_COOKIE), token):
+        raise HTTPError(403, "The form token does not belong to this session.")
+
+
+def own_origins(handler: BaseHandler) -> frozenset[str]:
+    """The origins our own pages post from: the one the client reached, and DEMO_PUBLIC_URL's."""
+    reached = f"{handler.request.protocol}://{handler.request.host}".lower()
+    public = _origin_of(handler.services.settings.public_url)
+    return frozenset((reached, public) if public else (reached,))
 
 
 def is_cross_site(headers: Any, own_origins: frozenset[str]) -> bool:
