@@ -40,7 +40,7 @@ MAX_ANIMATION_PIXELS = 16_000_000  # all frames together, decoded (the setting m
 # What Pillow's writers keep of every frame until the whole file is written (a frame identical to the
 # one before it is merged; we count the worst case, every frame different), in bytes per pixel. Its APNG
 # writer keeps each frame in the output mode (RGBA at most); its GIF writer each as a palette image, but
-# quantizing each frame leaves holes in the heap between them: measured, 616 MB for 160 M pixels. Its
+# quantizing each frame leaves holes in the heap between them (figures: bench/README.md). Its
 # WebP writer makes a list of the frames it is given, but encodes a multi-frame source image one frame
 # at a time: an upload's WebP is handed over as it is (STREAMED); a thumbnail's resized frames are not.
 HELD_BYTES = 4
@@ -55,10 +55,10 @@ WORKING_FRAMES = 4
 # Every byte kept is served with every copy of the image and its thumbnails.
 MAX_ICC_BYTES = 64 * 1024
 JPEG_QUALITY = 85
-# Pillow feeds its codecs 64 KiB at a time and takes the GIL back between blocks: 16 times per MiB
-# decoded, ~10 per re-encode. Each time it may wait up to the switch interval (5 ms) for a thread
-# running Python (the event loop): two threads re-encoded 50 uploads/s beside a busy loop instead of
-# 58. 1 MiB blocks make that one or two hand-backs per image, for 1 MiB of buffer per codec at work.
+# Pillow feeds its codecs 64 KiB at a time and takes the GIL back between blocks, each time perhaps
+# waiting up to the switch interval for a thread running Python (the event loop), which slows the
+# re-encoding beside a busy loop (bench/README.md). 1 MiB blocks make that one or two hand-backs per
+# image, for 1 MiB of buffer per codec at work.
 ImageFile.MAXBLOCK = 1024 * 1024
 # Pillow warns (rather than fails) between 1x and 2x its pixel limit: treat that as the error it is.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -125,9 +125,9 @@ def configure(max_pixels: int, decode_budget: int) -> None:
 
     Why keep them? Without the cache each decode callocs ~4 bytes per pixel afresh, and since image
     work trims the heaps after itself (memory.trims_after) that means zeroing and faulting in every
-    page again, partly under the GIL: on the benchmark VM two threads re-encoded 36 uploads/s instead
-    of 59 (3,164 page faults per 3 MP upload). Reused blocks cost a memset; the cache is bounded by
-    the decode budget, memory the server holds at its peak anyway.
+    page again, partly under the GIL, which costs a third of the re-encoding rate (bench/README.md,
+    ``5870f39``). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
+    server holds at its peak anyway.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
     Image.core.set_blocks_max(math.ceil(decode_budget * 4 / Image.core.get_block_size()))
@@ -210,8 +210,8 @@ def _frame_count(im: Image.Image, fmt: str | None) -> int:
 
 def _gif_frames(fp, size: tuple[int, int], limit: int) -> int:
     """The frames of the GIF in ``fp`` (counting stops past ``limit``); InvalidImage if one reaches
-    past the canvas. Why not Pillow's ``n_frames``: it walks every frame (398k frames of 1x1 in 9.5 MB,
-    0.6 s under the GIL) and takes the canvas for the image's size, but its decoder grows the image to
+    past the canvas. Why not Pillow's ``n_frames``: it walks every frame (a small file can hold hundreds
+    of thousands, each walked under the GIL) and takes the canvas for the image's size, but its decoder grows the image to
     fit a bigger frame: a 10x10 canvas with 4000x4000 frames would pass every limit. Read like Pillow
     reads it: blocks, skipping unknown bytes; nothing decoded. The file position is restored."""
     position = fp.tell()
@@ -385,8 +385,8 @@ def _save_still(im: Image.Image, fmt: str, fp, colour: _Colour) -> None:
             if im.mode == "CMYK":
                 options.pop("icc_profile", None)
             im = im.convert("RGB")
-        # Baseline, not progressive+optimize: those buffer every DCT coefficient of the image (tens of
-        # MB for a phone photo) and encode 6x slower, for a file about 9% smaller.
+        # Baseline, not progressive+optimize: those buffer every DCT coefficient of the image and encode
+        # several times slower, for a file only slightly smaller (bench/README.md).
         im.save(fp, "JPEG", quality=JPEG_QUALITY, **options)
     elif fmt == "png":
         im.save(fp, "PNG", compress_level=6, **options)
