@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import String, bindparam, func, insert, literal_column, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from demo.common.sms import outbox
 from demo.common.infra import ratelimit
 from demo.common.accounts import tokens
 from demo.common.infra.clock import Clock, isoformat
-from demo.common.infra.db import Cursor, Database, Prepared, session_cursor
+from demo.common.infra.db import Conflict, Cursor, Database, Prepared, session_cursor
 from demo.common.errors import (
     InvalidCode,
     InvalidCredentials,
@@ -242,12 +241,12 @@ class Accounts:
             ratelimit.refund(s, checks, now)  # only failed checks count against the client
             user = User(phone=phone, password_hash=password_hash, created_at=now, last_login_at=now)
             s.add(user)
-            s.flush()  # IntegrityError here when another request registered the phone first
+            s.flush()  # Conflict when another request registered the phone first
             return self._grant(session_cursor(s), user, now)
 
         try:
             return await self.db.run(work)
-        except IntegrityError:
+        except Conflict:
             raise PhoneTaken(field="phone") from None
 
     def login_windows(self, phone: str, client_ip: str) -> LoginWindows:
