@@ -25,12 +25,14 @@ from urllib.parse import urlencode
 import pytest
 from PIL import ExifTags, Image as PILImage, ImageCms, PngImagePlugin
 from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session
 
 from demo.common import housekeeping
 from demo.common.images import imaging
 from demo.common.infra import migrate
-from demo.common.infra.db import Database, make_engine
-from demo.common.images.rules import Images, StoreMismatch, bind_store, claim_blob_statement
+from demo.common.infra.db import Database, make_engine, sql_cursor
+from demo.common.images import queries
+from demo.common.images.rules import Images, StoreMismatch, bind_store
 from demo.common.images.storage import LocalImageStore
 from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
 from demo.models import Deployment, Image, ImageBlob, User
@@ -1275,9 +1277,9 @@ async def test_sweep_waits_for_an_upload_holding_the_blob_lock(api, user, app):
     assert path.exists() and blob_refs(app, sha) == 0
     owner = row_id(app, user)
     # Simulate an upload of the same bytes between "file in place" and "commit": it holds the row lock.
-    session = db._sessions()
+    session = Session(db.engine)
     try:
-        session.execute(claim_blob_statement(db.dialect), {"sha256": sha, "now": app.services.clock.now()})
+        queries.claim_blob(sql_cursor(session), sha, app.services.clock.now())
         session.add(Image(id=secrets.token_urlsafe(16), owner_id=owner, sha256=sha, format="jpeg", width=30,
                           height=20, bytes=first["bytes"], created_at=app.services.clock.now()))
         session.flush()

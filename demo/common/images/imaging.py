@@ -211,9 +211,10 @@ def _frame_count(im: Image.Image, fmt: str | None) -> int:
 def _gif_frames(fp, size: tuple[int, int], limit: int) -> int:
     """The frames of the GIF in ``fp`` (counting stops past ``limit``); InvalidImage if one reaches
     past the canvas. Why not Pillow's ``n_frames``: it walks every frame (a small file can hold hundreds
-    of thousands, each walked under the GIL) and takes the canvas for the image's size, but its decoder grows the image to
-    fit a bigger frame: a 10x10 canvas with 4000x4000 frames would pass every limit. Read like Pillow
-    reads it: blocks, skipping unknown bytes; nothing decoded. The file position is restored."""
+    of thousands, each walked under the GIL; bench/README.md) and takes the canvas for the image's
+    size, but its decoder grows the image to fit a bigger frame: a 10x10 canvas with 4000x4000 frames
+    would pass every limit. Read like Pillow reads it: blocks, skipping unknown bytes; nothing decoded.
+    The file position is restored."""
     position = fp.tell()
     try:
         fp.seek(10)

@@ -9,6 +9,7 @@ changed (see images.bind_store): a second database pointed at the same folder is
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import tempfile
 import time
@@ -142,10 +143,8 @@ class LocalImageStore(ImageStore):
         if thumbs.exists():
             paths += list(thumbs.glob(f"{sha256}-w*"))
         for path in paths:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            except FileNotFoundError:
-                pass
 
     def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
         dst = Path(self.local_path(sha256, width))

@@ -203,10 +203,8 @@ class UploadSpool:
         if self._file is not None:
             self._file.close()
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     def _give_back(self) -> None:
         held, self._held, self.in_memory = self._held, 0, False
