@@ -149,7 +149,7 @@ class ImageFileHandler(ImageApiHandler):
         self.set_header("ETag", etag)
         self.set_header("Content-Security-Policy", "sandbox")
         self.set_header("Accept-Ranges", "bytes")
-        if etag in _etags(self.request.headers.get("If-None-Match", "")):
+        if _none_match(self.request.headers.get("If-None-Match"), etag):
             self.set_status(304)
             self.finish()
             return
@@ -201,8 +201,13 @@ class ImageFileHandler(ImageApiHandler):
         return None
 
 
-def _etags(header: str) -> set[str]:
-    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` matches the image (RFC 9110 13.1.2, weak comparison): one of its
+    tags, or ``*``, which any existing representation matches. For GET and HEAD a match is a 304."""
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
