@@ -268,13 +268,16 @@ def request_head(token: str, content_type: str, *, length: int | None = None, ex
             f"Content-Type: {content_type}\r\n{framing}\r\n{extra}\r\n").encode()
 
 
-async def assert_handlers_end() -> None:
-    """Every request handler coroutine finishes once its connection is gone (none left waiting forever
-    for a body that will never come)."""
-    running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()
-               and getattr(task.get_coro(), "__qualname__", "") == "RequestHandler._execute"]
-    if running:
-        _, pending = await asyncio.wait(running, timeout=10)
+def tasks() -> set[asyncio.Task[Any]]:
+    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+
+async def assert_handlers_end(before: set[asyncio.Task[Any]]) -> None:
+    """Every task started since ``before`` (the connection's, the request handler's) finishes once the
+    connection is gone: none is left waiting forever for a body that will never come."""
+    started = tasks() - before
+    if started:
+        _, pending = await asyncio.wait(started, timeout=10)
         assert not pending, pending
 
 
@@ -316,6 +319,7 @@ async def test_file_just_at_the_limit_passes_the_size_check(api, user, app):
 @gen_test
 async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_port, kind):
     """The server answers 413 as soon as the limit is passed, closes, and the temp file is gone."""
+    before = tasks()
     if kind == "raw":
         head, prefix = request_head(user.token, "image/jpeg"), b""
     else:
@@ -329,7 +333,7 @@ async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_por
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
     assert_nothing_stored(app)
-    await assert_handlers_end()
+    await assert_handlers_end(before)
 
 
 @gen_test
@@ -345,6 +349,7 @@ async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
 
 @gen_test
 async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_port):
+    before = tasks()
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -360,7 +365,7 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
         assert len(files(media(app) / "tmp")) == 1  # the upload in progress
     finally:
         sock.close()
-    await assert_handlers_end()
+    await assert_handlers_end(before)
     assert_nothing_stored(app)
 
 
@@ -399,6 +404,7 @@ async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, u
 
 @gen_test
 async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, user, http_port, disk_writes):
+    before = tasks()
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -413,7 +419,7 @@ async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, use
         assert held.in_use == 100_000  # the upload in progress
     finally:
         sock.close()
-    await assert_handlers_end()
+    await assert_handlers_end(before)
     assert held.in_use == 0 and disk_writes == []
     assert_nothing_stored(app)
 
