@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from sqlalchemy import event, select
 from tornado.template import Loader
 
-from demo.common.infra.db import Cursor
+from demo.common.infra.db import SqlCursor
 from demo.common.errors import Unavailable
 from demo.common.web.handlers import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
@@ -175,13 +175,13 @@ async def test_one_database_update_per_view(api, user, app, monkeypatch):
     def record(conn, cursor, statement, *args):
         statements.append(statement.split(None, 1)[0].upper())
 
-    direct_run = Cursor._run
+    direct_run = SqlCursor.run
 
-    def record_direct(cursor, compiled, values):
-        statements.append(compiled.sql.split(None, 1)[0].upper())
-        direct_run(cursor, compiled, values)
+    def record_direct(cursor, sql, params):
+        statements.append(sql.for_dialect(cursor.dialect).split(None, 1)[0].upper())
+        return direct_run(cursor, sql, params)
 
-    monkeypatch.setattr(Cursor, "_run", record_direct)
+    monkeypatch.setattr(SqlCursor, "run", record_direct)
     event.listen(app.services.db.engine, "before_cursor_execute", record)
     try:
         assert (await home(api, cookie)).code == 200

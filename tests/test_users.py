@@ -755,7 +755,7 @@ async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs
 
     crashed = make_app(settings, clock=clock)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
-    [claimed], _, _ = await crashed.services.db.run(crashed.services.sender._claim, clock.now())  # then it dies
+    [claimed], _, _ = await crashed.services.sender.claim(clock.now())  # then it dies
     crashed.services.close()
 
     restarted = make_app(settings, clock=clock)

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, exists
-from sqlalchemy.orm import Session
-
-from demo.common.sms import outbox
-from demo.common.infra import ratelimit
-from demo.common.infra.db import Database
+from demo.common.accounts import queries as accounts
 from demo.common.images.rules import Images
-from demo.models import AuthSession, SmsCode, SmsOutbox
+from demo.common.infra import ratelimit
+from demo.common.infra.db import Database, SqlCursor, sql_unit
+from demo.common.sms import queries as sms
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
 
@@ -23,12 +20,12 @@ async def run(db: Database, images: Images, now: dt.datetime) -> dict[str, int]:
     return counts
 
 
-def sweep(session: Session, now: dt.datetime) -> dict[str, int]:
-    # A code's outbox rows go with it (ON DELETE CASCADE): never one the sender has not finished with.
-    waiting_text = exists().where(SmsOutbox.sms_code_id == SmsCode.id, SmsOutbox.status.in_(outbox.WAITING))
+@sql_unit
+def sweep(c: SqlCursor, now: dt.datetime) -> dict[str, int]:
+    """One unit of work: the rows of each feature that expired (``KEEP`` ago for the kept ones)."""
     return {
-        "rate_counters": ratelimit.sweep(session, now),
-        "sms_outbox": outbox.sweep(session, now - KEEP),
-        "sms_codes": session.execute(delete(SmsCode).where(SmsCode.expires_at < now - KEEP, ~waiting_text)).rowcount,
-        "auth_sessions": session.execute(delete(AuthSession).where(AuthSession.expires_at < now - KEEP)).rowcount,
+        "rate_counters": ratelimit.sweep(c, now),
+        "sms_outbox": sms.sweep(c, now - KEEP),
+        "sms_codes": accounts.sweep_codes(c, now - KEEP),  # never one whose text is still waiting
+        "auth_sessions": accounts.sweep_sessions(c, now - KEEP),
     }

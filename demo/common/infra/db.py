@@ -137,23 +137,6 @@ def is_unreachable(error: BaseException) -> bool:
     )
 
 
-def upsert_add(session: Session, model: Any, values: dict[str, Any], key: list[str], column: str) -> None:
-    """INSERT ``values``, or add ``values[column]`` to the existing row: atomic, and the row stays
-    locked until commit, so concurrent callers on one key are serialised (MySQL and SQLite alike)."""
-    session.execute(upsert_add_statement(session.get_bind().dialect.name, model, values, key, column))
-
-
-def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any] | list[dict[str, Any]],
-                         key: list[str], column: str) -> Any:
-    """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s, and a list of rows:
-    they are inserted, and so locked, in the list's order)."""
-    current = getattr(model, column)
-    if dialect in ("mysql", "mariadb"):
-        on_mysql = mysql.insert(model).values(values)
-        return on_mysql.on_duplicate_key_update({column: current + on_mysql.inserted[column]})
-    on_sqlite = sqlite.insert(model).values(values)
-    return on_sqlite.on_conflict_do_update(index_elements=key, set_={column: current + on_sqlite.excluded[column]})
-
 class Conflict(Exception):
     """A unit of work broke a unique or foreign key constraint (the DBAPI's IntegrityError); rolled back."""
 
@@ -309,6 +292,21 @@ def is_sql_unit(unit: Callable[..., Any]) -> bool:
     return getattr(unit, "sql_unit", False) is True
 
 
+# -- legacy: Prepared Core statements compiled with SQLAlchemy internals -----------------------------
+# Still used by images/rules.py on main; the images branch moves it to images/queries.py (Sql). Once
+# both are merged, delete from here to "end of legacy", and the _Legacy base of Database.
+
+def upsert_add_statement(dialect: str, model: Any, values: dict[str, Any] | list[dict[str, Any]],
+                         key: list[str], column: str) -> Any:
+    """The statement of ``upsert_add`` for ``dialect`` (values may be ``bindparam``s, and a list of rows:
+    they are inserted, and so locked, in the list's order)."""
+    current = getattr(model, column)
+    if dialect in ("mysql", "mariadb"):
+        on_mysql = mysql.insert(model).values(values)
+        return on_mysql.on_duplicate_key_update({column: current + on_mysql.inserted[column]})
+    on_sqlite = sqlite.insert(model).values(values)
+    return on_sqlite.on_conflict_do_update(index_elements=key, set_={column: current + on_sqlite.excluded[column]})
+
 class Prepared:
     """A Core statement compiled once per dialect, for ``Cursor``: positional SQL, the order of its
     parameters with their type conversions, and the result columns' conversions. Parameters are
@@ -395,21 +393,71 @@ def _as_sqlalchemy_error(error: Exception, dialect: Dialect, invalidated: bool =
                                    connection_invalidated=invalidated, dialect=dialect)
 
 
-def session_cursor(session: Session) -> Cursor:
-    """A ``Cursor`` inside an ORM unit of work: same connection, same transaction."""
-    connection = session.connection()
-    return Cursor(connection.connection.driver_connection.cursor(), connection.dialect)
-
-
-class Database:
-    def __init__(self, engine: Engine, offloader: Offloader) -> None:
-        self.engine = engine
-        self.offloader = offloader
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+class _Legacy:
+    engine: Engine
+    offloader: Offloader
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def run_direct_sync(self, work: Callable[..., T], *args: Any) -> T:
+        """``run_sync`` for units of ``Prepared`` statements: ``work(cursor, *args)`` in one transaction.
+        DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from ``run_sync``."""
+        dialect = self.engine.dialect
+        try:
+            connection = self.engine.raw_connection()
+        except dialect.loaded_dbapi.Error as error:  # cannot connect (Engine.connect wraps this itself)
+            raise _as_sqlalchemy_error(error, dialect) from error
+        cursor = connection.cursor()
+        try:
+            if dialect.name == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE")  # as the engine's "begin" listener does for sessions
+            result = work(Cursor(cursor, dialect), *args)
+            connection.commit()
+            return result
+        except BaseException as error:
+            invalidated = isinstance(error, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
+                error, connection.dbapi_connection, cursor)
+            if invalidated:
+                connection.invalidate(error)
+            else:
+                try:
+                    connection.rollback()
+                except dialect.loaded_dbapi.Error:
+                    connection.invalidate()
+            if isinstance(error, dialect.loaded_dbapi.Error):
+                raise _as_sqlalchemy_error(error, dialect, invalidated) from error
+            raise
+        finally:
+            try:
+                cursor.close()
+            except dialect.loaded_dbapi.Error:
+                pass  # the connection is gone already (invalidated above)
+            connection.close()
+
+    async def run_direct(self, work: Callable[..., T], *args: Any) -> T:
+        """``run`` for ``work(cursor: Cursor, *args)`` units (see the module's docstring)."""
+        return await self._offload(self.run_direct_sync, work, *args)
+
+    async def _offload(self, runner: Callable[..., T], work: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self.offloader.db(runner, work, *args)
+        except Exception as error:
+            if is_unreachable(error):
+                log.warning("database unavailable: %s", error.__class__.__name__, exc_info=log.isEnabledFor(10))
+                raise Unavailable() from error
+            raise
+
+
+# -- end of legacy -----------------------------------------------------------------------------------
+
+
+class Database(_Legacy):
+    def __init__(self, engine: Engine, offloader: Offloader) -> None:
+        self.engine = engine
+        self.offloader = offloader
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def run_sync(self, unit: Callable[..., T], *args: Any) -> T:
         """Run one unit of work in this thread (see the module's docstring): commit on success, roll back
@@ -474,57 +522,9 @@ class Database:
             return Unavailable()
         return None
 
-    def run_direct_sync(self, work: Callable[..., T], *args: Any) -> T:
-        """``run_sync`` for units of ``Prepared`` statements: ``work(cursor, *args)`` in one transaction.
-        DBAPI errors come out as SQLAlchemy's (IntegrityError, OperationalError, ...), as from ``run_sync``."""
-        dialect = self.engine.dialect
-        try:
-            connection = self.engine.raw_connection()
-        except dialect.loaded_dbapi.Error as error:  # cannot connect (Engine.connect wraps this itself)
-            raise _as_sqlalchemy_error(error, dialect) from error
-        cursor = connection.cursor()
-        try:
-            if dialect.name == "sqlite":
-                cursor.execute("BEGIN IMMEDIATE")  # as the engine's "begin" listener does for sessions
-            result = work(Cursor(cursor, dialect), *args)
-            connection.commit()
-            return result
-        except BaseException as error:
-            invalidated = isinstance(error, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
-                error, connection.dbapi_connection, cursor)
-            if invalidated:
-                connection.invalidate(error)
-            else:
-                try:
-                    connection.rollback()
-                except dialect.loaded_dbapi.Error:
-                    connection.invalidate()
-            if isinstance(error, dialect.loaded_dbapi.Error):
-                raise _as_sqlalchemy_error(error, dialect, invalidated) from error
-            raise
-        finally:
-            try:
-                cursor.close()
-            except dialect.loaded_dbapi.Error:
-                pass  # the connection is gone already (invalidated above)
-            connection.close()
-
     async def run(self, unit: Callable[..., T], *args: Any) -> T:
         """``run_sync`` on the DB thread pool."""
         return await self.offloader.db(self.run_sync, unit, *args)
-
-    async def run_direct(self, work: Callable[..., T], *args: Any) -> T:
-        """``run`` for ``work(cursor: Cursor, *args)`` units (see the module's docstring)."""
-        return await self._offload(self.run_direct_sync, work, *args)
-
-    async def _offload(self, runner: Callable[..., T], work: Callable[..., T], *args: Any) -> T:
-        try:
-            return await self.offloader.db(runner, work, *args)
-        except Exception as error:
-            if is_unreachable(error):
-                log.warning("database unavailable: %s", error.__class__.__name__, exc_info=log.isEnabledFor(10))
-                raise Unavailable() from error
-            raise
 
     async def ping(self) -> None:
         await self.run(lambda session: session.execute(text("SELECT 1")).scalar_one())

@@ -4,8 +4,8 @@ A limit that guards work (a password check, a hash) reserves the attempt before 
 unit of work: the counter's upsert locks its row, so parallel attempts queue there and each sees the
 others' reservations; past the limit the unit raises ``RateLimited`` and rolls back, so a refused
 request uses up no quota. An attempt that should not count (a good login) is refunded afterwards.
-``hit`` does this for one window in an ORM unit; ``reserve_statement``/``refund_statement`` for
-several at once in a direct unit (one statement each, for the login).
+``hit`` does this for one window; ``reserve``/``refund`` for several at once (one statement each, for
+the login). Everything here runs on a ``SqlCursor`` (in an ORM unit: ``db.sql_cursor(session)``).
 
 Per-client limits key the client with ``client_key``: an IPv6 client owns a whole /64.
 """
@@ -19,16 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import ScalarSelect
-from sqlalchemy.orm import Session
-
-from demo.common.infra.db import Prepared, session_cursor, upsert_add, upsert_add_statement
 from demo.common.errors import RateLimited
-from demo.models import RateCounter
+from demo.common.infra.db import Sql, SqlCursor
 
-_counters = RateCounter.__table__
 IPV6_CLIENT_PREFIX = 64
 
 
@@ -69,19 +62,25 @@ class Window:
         return {"key": self.key, "window_start": start, "count": 1, "expires_at": expires_at}
 
 
-def hit(session: Session, window: Window, now: dt.datetime) -> int:
+def hit(c: SqlCursor, window: Window, now: dt.datetime) -> int:
     """Count one event; raise RateLimited once the window holds more than ``limit``."""
-    row = window.row(now)
-    upsert_add(session, RateCounter, row, ["key", "window_start"], "count")  # locks the row: hits serialise
-    count = _count(session, window.key, row["window_start"])
+    params = window_params([window], now)
+    reserve(c, params, 1)  # locks the row: hits serialise
+    row = c.first(_COUNT, params)
+    count = 0 if row is None else int(row.n)
     if count > window.limit:
         raise RateLimited(window.retry_after(now))
     return count
 
 
-def refund(session: Session, window: Window, reserved_at: dt.datetime) -> None:
-    """Give back the event ``hit`` counted at ``reserved_at`` (in the same or a later unit of work)."""
-    session_cursor(session).execute(refund_statement(1), window_params([window], reserved_at))
+def refund(c: SqlCursor, params: dict[str, Any], size: int) -> None:
+    """Give back the event ``reserve(c, params, size)`` counted (in the same or a later unit of work)."""
+    c.execute(statements(size)[1], params)
+
+
+def refund_one(c: SqlCursor, window: Window, reserved_at: dt.datetime) -> None:
+    """Give back the event ``hit`` counted at ``reserved_at``."""
+    refund(c, window_params([window], reserved_at), 1)
 
 
 def refuse_if_over(window: Window, count: int | None, now: dt.datetime) -> None:
@@ -90,21 +89,16 @@ def refuse_if_over(window: Window, count: int | None, now: dt.datetime) -> None:
         raise RateLimited(window.retry_after(now))
 
 
-def reserve_statement(size: int) -> Prepared:
-    """One event counted in ``size`` windows at once (parameters ``key0``, ``start0``, ``expires0``, ...;
-    see ``window_params``): one multi-row upsert, whose rows stay locked until commit. Callers pass
-    their windows in key order, as every statement here locks rows (MariaDB: no lock-order deadlock)."""
-    return _statements(size)[0]
-
-
-def refund_statement(size: int) -> Prepared:
-    """Give back the event ``reserve_statement(size)`` counted (same parameters)."""
-    return _statements(size)[1]
+def reserve(c: SqlCursor, params: dict[str, Any], size: int) -> None:
+    """One event counted in the first ``size`` windows of ``params`` (``window_params``) at once: one
+    multi-row upsert, whose rows stay locked until commit. Callers pass their windows in key order, as
+    every statement here locks rows (MariaDB: no lock-order deadlock)."""
+    c.execute(statements(size)[0], params)
 
 
 def window_params(windows: Sequence[Window], now: dt.datetime, first: int = 0) -> dict[str, Any]:
-    """The parameters of ``reserve_statement``/``refund_statement``/``count_of`` for ``windows``
-    (numbered from ``first``: windows at other times can be added to one statement's parameters)."""
+    """The parameters of ``reserve``/``refund``/``count_of`` for ``windows`` (numbered from ``first``:
+    windows at other times can be added to one statement's parameters)."""
     params: dict[str, Any] = {}
     for i, window in enumerate(windows, first):
         row = window.row(now)
@@ -113,42 +107,50 @@ def window_params(windows: Sequence[Window], now: dt.datetime, first: int = 0) -
     return params
 
 
-def count_of(i: int) -> ScalarSelect:
-    """The count of window ``i`` of ``window_params`` (NULL: none yet), to read inside a larger statement."""
-    return select(_counters.c.count).where(_window_row(i)).scalar_subquery()
+def count_of(i: int) -> str:
+    """SQL for the count of window ``i`` of ``window_params`` (NULL: none yet), inside a larger statement."""
+    return f"(SELECT count FROM rate_counters WHERE {_window_row(i)})"
 
 
 @functools.cache
-def _statements(size: int) -> tuple[Prepared, Prepared]:
-    rows = [{"key": bindparam(f"key{i}"), "window_start": bindparam(f"start{i}"), "count": 1,
-             "expires_at": bindparam(f"expires{i}", type_=_counters.c.expires_at.type)} for i in range(size)]
-    reserve = Prepared(lambda dialect: upsert_add_statement(
-        dialect, RateCounter, rows, ["key", "window_start"], "count"))
-    give_back = Prepared(update(_counters).values(count=_counters.c.count - 1)
-                         .where(or_(*(_window_row(i) for i in range(size)))))
+def statements(size: int) -> tuple[Sql, Sql]:
+    """The statements of ``reserve`` and ``refund`` for ``size`` windows."""
+    columns = "INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES "
+    rows = ", ".join(f"(:key{i}, :start{i}, 1, :expires{i})" for i in range(size))
+    reserve = Sql(
+        sqlite=f"{columns}{rows} ON CONFLICT (`key`, window_start) DO UPDATE SET count = count + excluded.count",
+        mysql=f"{columns}{rows} ON DUPLICATE KEY UPDATE count = count + VALUES(count)")
+    windows = " OR ".join(_window_row(i) for i in range(size))
+    give_back = Sql(f"UPDATE rate_counters SET count = count - 1 WHERE {windows}")
     return reserve, give_back
 
 
-def _window_row(i: int) -> ColumnElement[bool]:
+def _window_row(i: int) -> str:
     """The counter row of window ``i`` of ``window_params``."""
-    return and_(_counters.c.key == bindparam(f"key{i}"), _counters.c.window_start == bindparam(f"start{i}"))
+    return f"(`key` = :key{i} AND window_start = :start{i})"
 
 
-# Reset every window of a key (e.g. a phone's login failures after a good login), in a direct unit.
-FORGET = Prepared(delete(_counters).where(_counters.c.key == bindparam("key")))
+_COUNT = Sql(f"SELECT count AS n FROM rate_counters WHERE {_window_row(0)}")
 
 
-def forget_family(session: Session, key: str) -> None:
+# Reset every window of a key (e.g. a phone's login failures after a good login).
+_FORGET = Sql("DELETE FROM rate_counters WHERE `key` = :key")
+# ... and of every key under it (``key:...``): LIKE with the key's own wildcards escaped.
+_FORGET_FAMILY = Sql("DELETE FROM rate_counters WHERE `key` = :key OR `key` LIKE :under ESCAPE '/'")
+_SWEEP = Sql("DELETE FROM rate_counters WHERE expires_at < :now")
+
+
+def forget(c: SqlCursor, key: str) -> None:
+    """Reset every window of ``key``."""
+    c.execute(_FORGET, {"key": key})
+
+
+def forget_family(c: SqlCursor, key: str) -> None:
     """Reset every window of ``key`` and of every key under it (``key:...``)."""
-    family = or_(RateCounter.key == key, RateCounter.key.startswith(f"{key}:", autoescape=True))
-    session.execute(delete(RateCounter).where(family))
+    escaped = key.replace("/", "//").replace("%", "/%").replace("_", "/_")
+    c.execute(_FORGET_FAMILY, {"key": key, "under": f"{escaped}:%"})
 
 
-def sweep(session: Session, now: dt.datetime) -> int:
+def sweep(c: SqlCursor, now: dt.datetime) -> int:
     """Drop counters whose window has closed."""
-    return session.execute(delete(RateCounter).where(RateCounter.expires_at < now)).rowcount
-
-
-def _count(session: Session, key: str, start: int) -> int:
-    stmt = select(RateCounter.count).where(RateCounter.key == key, RateCounter.window_start == start)
-    return session.execute(stmt).scalar() or 0
+    return c.execute(_SWEEP, {"now": now})

@@ -15,47 +15,23 @@ waited (expired, used or replaced: after an outage) is settled as failed, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
-
+from demo.common.accounts.phones import mask_phone
+from demo.common.errors import Unavailable
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Database
-from demo.common.errors import Unavailable
 from demo.common.infra.metrics import Metrics
-from demo.common.accounts.phones import mask_phone
+from demo.common.sms import queries
 from demo.common.sms.backends import SmsBackend, SmsMessage
-from demo.models import SmsCode, SmsOutbox
+from demo.common.sms.queries import FAILED, PENDING, SENT, backlog
 
+__all__ = ["POLL_EVERY", "Claimed", "Sender", "SenderRules", "backlog"]  # backlog: a unit of work for Database.run
 log = logging.getLogger("demo.sms")
-PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
-WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
-FINISHED = (SENT, FAILED, SKIPPED)
 POLL_EVERY = 1.0  # seconds between looks for other processes' rows and for retries
-
-
-def enqueue(session: Session, code_id: int, phone: str, purpose: str, now: dt.datetime, *,
-            text: str | None, code: str | None) -> None:
-    """Write the text of code ``code_id``; with ``text`` None, the same row as ``skipped``."""
-    session.add(SmsOutbox(
-        sms_code_id=code_id, phone=phone, purpose=purpose, code=code, text=text or "",
-        status=SKIPPED if text is None else PENDING, attempts=0, next_attempt_at=now, created_at=now,
-    ))
-
-
-def backlog(session: Session) -> int:
-    """Texts not yet sent nor given up (the ``demo_sms_outbox_pending`` gauge)."""
-    return session.scalar(select(func.count()).select_from(SmsOutbox).where(SmsOutbox.status.in_(WAITING)))
-
-
-def sweep(session: Session, before: dt.datetime) -> int:
-    """Delete finished rows created before ``before`` (their texts were blanked when they finished)."""
-    return session.execute(
-        delete(SmsOutbox).where(SmsOutbox.status.in_(FINISHED), SmsOutbox.created_at < before)
-    ).rowcount
 
 
 @dataclass(frozen=True)
@@ -92,7 +68,7 @@ class Sender:
         self.clock = clock
         self.rules = rules
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._database_down = False
 
@@ -119,10 +95,8 @@ class Sender:
     async def _run(self) -> None:
         while not self._stopping:
             await self._drain_logged()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_EVERY)
-            except TimeoutError:
-                pass
             self._wake.clear()  # before draining: a wake from now on triggers one more drain
 
     async def _drain_logged(self) -> None:
@@ -143,7 +117,7 @@ class Sender:
         """Send every due text, batch by batch; the number of rows handled."""
         handled = 0
         while True:
-            claimed, dead, waiting = await self.db.run(self._claim, self.clock.now())
+            claimed, dead, waiting = await self.claim(self.clock.now())
             self.metrics.sms_outbox_pending.set(waiting)
             handled += dead
             if not claimed:
@@ -151,38 +125,40 @@ class Sender:
                     continue  # a batch of dead texts only: more may be due behind it
                 return handled
             errors = await asyncio.gather(*(self._send(row) for row in claimed))
-            await self.db.run(self._settle, list(zip(claimed, errors)), self.clock.now())
+            await self.settle(list(zip(claimed, errors, strict=True)), self.clock.now())
             handled += len(claimed)
             if self._stopping:  # shutting down: the rest waits for the next sender
                 return handled
 
-    def _claim(self, s: Session, now: dt.datetime) -> tuple[list[Claimed], int, int]:
+    async def claim(self, now: dt.datetime) -> tuple[list[Claimed], int, int]:
         """Claim the due rows whose code still lives; settle the others as failed, unsent (a text late
         by an outage, or for a code used or replaced since, would only mislead). Returns the claimed
         rows, the number settled unsent, and the backlog."""
-        # A plain subquery: FOR UPDATE locks the outbox rows only, never the codes a request is checking.
-        code_expires = select(SmsCode.expires_at).where(SmsCode.id == SmsOutbox.sms_code_id).scalar_subquery()
-        rows = s.execute(
-            select(SmsOutbox, code_expires)
-            .where(SmsOutbox.status.in_(WAITING), SmsOutbox.next_attempt_at <= now)
-            # No ORDER BY: MariaDB would lock every due row to sort them, starving the other senders;
-            # the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed claims.
-            .limit(self.rules.batch)
-            .with_for_update(skip_locked=True)  # another sender's rows are skipped, never waited for
-        ).all()
-        claimed, dead = [], 0
-        for row, expires_at in rows:
-            if expires_at is None or expires_at <= now:
-                row.status, row.code, row.text, row.last_error = FAILED, None, "", "code expired before sending"
-                log.warning("SMS to %s not sent: its code expired, was used or was replaced first",
-                            mask_phone(row.phone))
-                dead += 1
-                continue
-            row.status, row.attempts = SENDING, row.attempts + 1
-            row.next_attempt_at = now + dt.timedelta(seconds=self.rules.lease)
-            claimed.append(Claimed(row.id, row.attempts, row.sms_code_id,
-                                   SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at))))
-        return claimed, dead, backlog(s)
+        lease_until = now + dt.timedelta(seconds=self.rules.lease)
+        found = await self.db.run(queries.claim_due, now, lease_until, self.rules.batch)
+        for row in found.dead:
+            log.warning("SMS to %s not sent: its code expired, was used or was replaced first", mask_phone(row.phone))
+        claimed = [Claimed(row.id, row.attempts, row.sms_code_id,
+                           SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at) or ""))
+                   for row in found.claimed]
+        return claimed, len(found.dead), found.backlog
+
+    async def settle(self, outcomes: list[tuple[Claimed, str | None]], now: dt.datetime) -> None:
+        """Record how each claimed try ended (``None``: sent, else why not)."""
+        settled = []
+        for row, error in outcomes:
+            if error is None:
+                status, retry_at = SENT, None
+            elif row.attempts < self.rules.attempts:
+                status, retry_at = PENDING, now + self.rules.delay(row.attempts)
+            else:
+                status, retry_at = FAILED, None
+            settled.append(queries.Outcome(row.id, row.attempts, row.sms_code_id, status, error, retry_at))
+        given_up = {outcome.id for outcome in await self.db.run(queries.settle, settled, now)}
+        for row, _ in outcomes:
+            if row.id in given_up:
+                log.error("SMS to %s given up after %d tries; its code is void", mask_phone(row.message.phone),
+                          row.attempts)
 
     async def _send(self, row: Claimed) -> str | None:
         """None when the backend took the text, else why not (logged and counted)."""
@@ -195,19 +171,3 @@ class Sender:
             return f"{error.__class__.__name__}: {error}"[:255]
         self.metrics.sms_sent.inc()
         return None
-
-    def _settle(self, s: Session, outcomes: list[tuple[Claimed, str | None]], now: dt.datetime) -> None:
-        for row, error in outcomes:
-            mine = update(SmsOutbox).where(SmsOutbox.id == row.id, SmsOutbox.status == SENDING,
-                                           SmsOutbox.attempts == row.attempts)
-            if error is None:
-                s.execute(mine.values(status=SENT, sent_at=now, code=None, text="", last_error=None))
-            elif row.attempts < self.rules.attempts:
-                s.execute(mine.values(status=PENDING, next_attempt_at=now + self.rules.delay(row.attempts),
-                                      last_error=error))
-            elif s.execute(mine.values(status=FAILED, code=None, text="", last_error=error)).rowcount:
-                # Nobody received this code: it must not stay usable (nor be guessed at for its lifetime).
-                s.execute(update(SmsCode).where(SmsCode.id == row.sms_code_id, SmsCode.expires_at > now)
-                          .values(expires_at=now))
-                log.error("SMS to %s given up after %d tries; its code is void",
-                          mask_phone(row.message.phone), row.attempts)

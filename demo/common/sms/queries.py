@@ -1,0 +1,111 @@
+"""The SQL of the SMS outbox (see outbox.py): named units of work for ``Database.run``, and ``enqueue``
+for the unit of work that issues a code."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+
+PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
+WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
+FINISHED = (SENT, FAILED, SKIPPED)
+_WAITING = "('pending', 'sending')"
+_FINISHED = "('sent', 'failed', 'skipped')"
+
+ENQUEUE = Sql("INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, status, attempts, next_attempt_at,"
+              " created_at) VALUES (:sms_code_id, :phone, :purpose, :code, :text, :status, 0, :now, :now)")
+BACKLOG = Sql(f"SELECT COUNT(*) AS n FROM sms_outbox WHERE status IN {_WAITING}")
+SWEEP = Sql(f"DELETE FROM sms_outbox WHERE status IN {_FINISHED} AND created_at < :before")
+# Due rows with their code's expiry (a plain subquery: FOR UPDATE locks the outbox rows only, never the
+# codes a request is checking). No ORDER BY: MariaDB would lock every due row to sort them, starving the
+# other senders; the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed
+# claims. Another sender's rows are skipped, never waited for (SQLite has a single writer).
+_DUE = ("SELECT id, sms_code_id, phone, purpose, code, text, attempts, created_at,"
+        " (SELECT expires_at FROM sms_codes WHERE sms_codes.id = sms_outbox.sms_code_id) AS code_expires_at"
+        f" FROM sms_outbox WHERE status IN {_WAITING} AND next_attempt_at <= :now LIMIT :batch")
+DUE = Sql(sqlite=_DUE, mysql=f"{_DUE} FOR UPDATE SKIP LOCKED", datetimes=["created_at", "code_expires_at"])
+CLAIM = Sql("UPDATE sms_outbox SET status = 'sending', attempts = :attempts, next_attempt_at = :lease_until"
+            " WHERE id = :id")
+# A claim is settled only while it is still this try's (a later claim of the row has another ``attempts``).
+_MINE = " WHERE id = :id AND status = 'sending' AND attempts = :attempts"
+GIVE_UP = Sql("UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error WHERE id = :id")
+SETTLE = {
+    SENT: Sql("UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = NULL"
+              + _MINE),
+    PENDING: Sql(f"UPDATE sms_outbox SET status = 'pending', next_attempt_at = :retry_at, last_error = :error{_MINE}"),
+    FAILED: Sql(f"UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error{_MINE}"),
+}
+VOID_CODE = Sql("UPDATE sms_codes SET expires_at = :now WHERE id = :id AND expires_at > :now")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ``claim_due`` found: the rows it claimed (``attempts`` is this try's number), the rows whose
+    code died first (settled as failed, unsent), and the backlog."""
+
+    claimed: list[Row]
+    dead: list[Row]
+    backlog: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one claimed try ended: ``status`` SENT, PENDING (retry at ``retry_at``) or FAILED (given up)."""
+
+    id: int
+    attempts: int
+    sms_code_id: int
+    status: str
+    error: str | None = None
+    retry_at: dt.datetime | None = None
+
+
+def enqueue(c: SqlCursor, code_id: int, phone: str, purpose: str, now: dt.datetime, *,
+            text: str | None, code: str | None) -> None:
+    """Write the text of code ``code_id``; with ``text`` None, the same row as ``skipped``."""
+    c.insert(ENQUEUE, {"sms_code_id": code_id, "phone": phone, "purpose": purpose, "code": code, "text": text or "",
+                       "status": SKIPPED if text is None else PENDING, "now": now})
+
+
+@sql_unit
+def backlog(c: SqlCursor) -> int:
+    """Texts not yet sent nor given up (the ``demo_sms_outbox_pending`` gauge)."""
+    row = c.first(BACKLOG)
+    return 0 if row is None else int(row.n)
+
+
+@sql_unit
+def sweep(c: SqlCursor, before: dt.datetime) -> int:
+    """Delete finished rows created before ``before`` (their texts were blanked when they finished)."""
+    return c.execute(SWEEP, {"before": before})
+
+
+@sql_unit
+def claim_due(c: SqlCursor, now: dt.datetime, lease_until: dt.datetime, batch: int) -> Claim:
+    """Claim up to ``batch`` due rows whose code still lives, until ``lease_until``; settle the others as
+    failed, unsent (a text late by an outage, or for a code used or replaced since, would only mislead)."""
+    claimed, dead = [], []
+    for row in c.all(DUE, {"now": now, "batch": batch}):
+        if row.code_expires_at is None or row.code_expires_at <= now:
+            c.execute(GIVE_UP, {"id": row.id, "error": "code expired before sending"})
+            dead.append(row)
+            continue
+        row = row._replace(attempts=row.attempts + 1)
+        c.execute(CLAIM, {"id": row.id, "attempts": row.attempts, "lease_until": lease_until})
+        claimed.append(row)
+    return Claim(claimed, dead, backlog(c))
+
+
+@sql_unit
+def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outcome]:
+    """Record how each try ended; the texts given up now (their codes are void: nobody received them,
+    so they must not stay usable, nor be guessed at for their lifetime)."""
+    given_up = []
+    for outcome in outcomes:
+        params = {"id": outcome.id, "attempts": outcome.attempts, "now": now, "error": outcome.error,
+                  "retry_at": outcome.retry_at}
+        if c.execute(SETTLE[outcome.status], params) and outcome.status == FAILED:
+            c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
+            given_up.append(outcome)
+    return given_up
