@@ -375,7 +375,7 @@ def check_h5_form(handler: BaseHandler) -> None:
     """Every state-changing request of an H5 page (Tornado calls ``check_xsrf_cookie`` before
     ``prepare``): not made by a browser for another site, and carrying the token of the H5 session its
     cookie names. Also used by the page upload, which answers JSON."""
-    if is_cross_site(handler.request.headers, own_origins(handler)):
+    if is_cross_site(handler.request.headers, page_origins(handler)):
         raise HTTPError(403, "Cross-site requests are refused.")
     token = handler.get_argument("_xsrf", None) or handler.request.headers.get("X-XSRFToken")
     if not token:
@@ -384,7 +384,7 @@ def check_h5_form(handler: BaseHandler) -> None:
         raise HTTPError(403, "The form token does not belong to this session.")
 
 
-def own_origins(handler: BaseHandler) -> frozenset[str]:
+def page_origins(handler: BaseHandler) -> frozenset[str]:
     """The origins our own pages post from: the one the client reached, and DEMO_PUBLIC_URL's."""
     reached = f"{handler.request.protocol}://{handler.request.host}".lower()
     public = _origin_of(handler.services.settings.public_url)
