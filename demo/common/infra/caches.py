@@ -38,7 +38,10 @@ class Cache(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         with self._lock:
-            return self._cache.get(key)
+            try:
+                return self._cache[key]  # one look-up (cachetools' get() looks twice)
+            except KeyError:
+                return None
 
     def put(self, key: K, value: V) -> None:
         if self._fits(value):
