@@ -7,14 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from servers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
 
-from tests.common.images.support import (
+# Until tests/ is a package (main): then tests.common.images.support.
+from common.images.support import (
     MIB,
     MIME,
     animation,
     open_image,
 )
+from servers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
 
 gen_test = pytest.mark.gen_test(timeout=120)
 

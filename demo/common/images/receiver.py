@@ -75,9 +75,17 @@ class UploadReceiver:
         try:
             self._sink.finish()
             src = await self._io(self._spool.finish, self._spool.take())
-            return await self._images.create(self._user_id, src)
+            return await self._images.create(self._user_id, src, self._read)
         finally:
-            await self.discard()
+            await self.discard()  # unless _read did already
+
+    def _read(self) -> None:
+        """``Images.create`` has decoded the body (on its worker thread): it goes now, memory given back
+        before the image is stored. Only while ``finish`` runs, so nothing else discards meanwhile."""
+        assert self._spool is not None and self._finishing
+        if not self._discarded:
+            self._discarded = True
+            self._spool.discard()
 
     def abandon(self) -> None:
         """The request is over without ``finish`` (or after it): let the body go, unless ``finish``

@@ -48,8 +48,12 @@ THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
-def _process_upload(src: str | bytes, work_dir: str, rules: ImageRules) -> imaging.ProcessedImage:
-    return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
+def _process_upload(src: str | bytes, work_dir: str, rules: ImageRules,
+                    read: Callable[[], None]) -> imaging.ProcessedImage:
+    try:
+        return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
+    finally:
+        read()  # decoded (or refused): the upload's body may go now, on this thread
 
 
 @trims_after
@@ -107,10 +111,12 @@ class Images:
         if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
-    async def create(self, user_id: int, upload: str | bytes) -> dict[str, Any]:
+    async def create(self, user_id: int, upload: str | bytes,
+                     read: Callable[[], None] = lambda: None) -> dict[str, Any]:
         """Check, re-encode and store an uploaded file (its bytes, or the path of the complete file,
-        which stays the caller's to remove); returns the image record. Bytes uploaded before are not
-        decoded again while their blob exists."""
+        which stays the caller's to remove); returns the image record. ``read`` is called (on a worker
+        thread) as soon as the decode is done with the upload, so its caller can let the body go before
+        the image is stored. Bytes uploaded before are not decoded again while their blob exists."""
         offloader = self.db.offloader
         source, cost = await offloader.io(_measure, upload, self.rules)
         known = await self.db.run(queries.known_upload, source, user_id)
@@ -120,7 +126,7 @@ class Images:
                 return await self._store(user_id, image, source, self.clock.now())
             except _BlobGone:
                 pass  # deleted since it was looked up: decode after all
-        processed = await self._process(upload, cost)
+        processed = await self._process(upload, cost, read)
         try:
             now = self.clock.now()
             # Committed before the file lands: a crash after that leaves a row the sweeps can collect.
@@ -139,12 +145,12 @@ class Images:
         except Exception:
             log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
 
-    async def _process(self, src: str | bytes, cost: int) -> imaging.ProcessedImage:
+    async def _process(self, src: str | bytes, cost: int, read: Callable[[], None]) -> imaging.ProcessedImage:
         # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
         # keeps concurrent decodes from holding more than decode_budget pixels at once, so memory stays
         # flat however many arrive together.
         async with self.decoding.reserve(cost):
-            return await self.db.offloader.cpu(_process_upload, src, self.store.temp_dir(), self.rules)
+            return await self.db.offloader.cpu(_process_upload, src, self.store.temp_dir(), self.rules, read)
 
     async def _store(self, user_id: int, image: imaging.ProcessedImage, source: str,
                      now: dt.datetime) -> dict[str, Any]:

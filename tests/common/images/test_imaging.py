@@ -21,7 +21,8 @@ from PIL import Image as PILImage
 
 from demo.common.errors import InvalidImage
 from demo.common.images import imaging
-from tests.common.images.support import (
+
+from .support import (
     MIB,
     encode,
     gif_of,

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from demo.common.errors import QuotaExceeded
 from demo.common.images import queries
 from demo.models import Deployment, Image, ImageBlob, User
-from tests.common.images.support import blob_refs, count
+
+from .support import blob_refs, count
 
 gen_test = pytest.mark.gen_test(timeout=60)
 NOW = dt.datetime(2026, 11, 29, 12, 0, 0, 123456)

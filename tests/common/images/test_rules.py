@@ -24,7 +24,8 @@ from demo.common.images.storage import LocalImageStore
 from demo.common.infra import migrate
 from demo.common.infra.db import Database, make_engine, sql_cursor
 from demo.models import Deployment, Image, ImageBlob, User
-from tests.common.images.support import blob_refs, count, encode, files, jpeg, media, noise, png
+
+from .support import blob_refs, count, encode, files, jpeg, media, noise, png
 
 gen_test = pytest.mark.gen_test(timeout=60)
 

@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 from demo.common.errors import InvalidField, InvalidImage, QuotaExceeded, TooLarge, UnsupportedMediaType
+from demo.common.images import queries
 from demo.common.images.receiver import UploadReceiver
 from demo.common.images.rules import Images
 from demo.common.images.uploads import IN_MEMORY_MAX, MULTIPART_SLACK, SPOOL_WRITE_BYTES, UploadSink, UploadSpool
+from demo.common.infra.db import SqlCursor, sql_unit
 from demo.common.infra.memory import Budget
 from demo.models import User
-from tests.common.images.support import files, jpeg, media, multipart, png
+
+from .support import files, jpeg, media, multipart, png
 
 gen_test = pytest.mark.gen_test(timeout=60)
 
@@ -192,11 +195,11 @@ async def test_a_client_gone_while_the_image_is_processed_does_not_pull_the_file
     entered, release = asyncio.Event(), asyncio.Event()
     create = Images.create
 
-    async def slow_create(self: Images, user_id: int, src: Any) -> dict[str, Any]:
+    async def slow_create(self: Images, user_id: int, src: Any, read: Any) -> dict[str, Any]:
         entered.set()
         await release.wait()
         assert Path(src).exists()  # still there for the processing
-        return await create(self, user_id, src)
+        return await create(self, user_id, src, read)
 
     monkeypatch.setattr(Images, "create", slow_create)
     upload = receiver(app)
@@ -281,3 +284,23 @@ def test_the_spool_keeps_a_declared_small_body_in_memory_within_the_budget(tmp_p
     assert other.add(b"y" * SPOOL_WRITE_BYTES) is not None  # enough gathered for one write
     other.discard()
     assert made == []  # nothing written yet: no file was made
+
+
+@gen_test
+async def test_the_body_goes_once_decoded_before_the_image_is_stored(app, images, owner, discards, monkeypatch):
+    """Memory and temp file are given back as soon as the decode is done with them, not after the store."""
+    seen: list[tuple[int, int]] = []
+    store_image = queries.store_image
+
+    @sql_unit
+    def watching(c: SqlCursor, *args: Any) -> dict[str, Any]:
+        seen.append((images.upload_memory.in_use, len(discards)))
+        return store_image(c, *args)
+
+    monkeypatch.setattr(queries, "store_image", watching)
+    data = jpeg((100, 80))
+    upload = receiver(app)
+    await upload.start(owner, "image/jpeg", str(len(data)))
+    await feed_all(upload, data)
+    await upload.finish()
+    assert seen == [(0, 1)] and len(discards) == 1
