@@ -1,15 +1,13 @@
 """H5 handlers: tickets for the app, the ticket exchange, the home page, its upload and logout."""
 from __future__ import annotations
 
-from tornado.web import RequestHandler
-
 from demo.common.h5.rules import SwitchOffer
 from demo.common.images import imaging
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import authenticates_itself, requires_h5_session, requires_session
 from demo.common.web.base import H5_COOKIE
-from demo.common.web.pages import H5PageHandler
-from demo.views.images_views import ImagesHandler
+from demo.common.web.pages import H5PageHandler, check_h5_form
+from demo.views.images_views import UploadHandler
 
 
 class TicketHandler(ApiHandler):
@@ -51,16 +49,18 @@ class HomeHandler(H5PageHandler):
         self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
 
 
-class PageUploadHandler(H5PageHandler, ImagesHandler):
-    """The home page's upload form (XHR, X-XSRFToken header): the /images upload, cookie-authenticated."""
+class PageUploadHandler(UploadHandler):
+    """The home page's upload (an XHR with the X-XSRFToken header): the /images upload with the H5
+    cookie instead of a bearer token. The page's script reads JSON: the image object on success, the
+    contract's error object otherwise (401 and 403 included), like every upload."""
 
-    get = RequestHandler.get  # the page renders the list itself; no listing here (405)
+    def check_xsrf_cookie(self) -> None:
+        check_h5_form(self)  # a cookie-authenticated post: the H5 pages' XSRF check
 
     @requires_h5_session
     async def post(self) -> None:
         """Upload one image from the H5 page; answers the image object as JSON."""
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        await ImagesHandler.post(self)
+        await self.receive()
 
 
 class SwitchHandler(H5PageHandler):

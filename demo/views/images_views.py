@@ -9,12 +9,12 @@ from typing import Any
 
 from tornado.web import stream_request_body
 
-from demo.common.images import imaging
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
+from demo.common.images import imaging
+from demo.common.images.receiver import UploadReceiver
+from demo.common.images.rules import THUMBNAIL_WIDTHS, Images
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import public, requires_session
-from demo.common.images.rules import THUMBNAIL_WIDTHS
-from demo.common.images.uploads import UploadSink, UploadSpool
 
 log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024
@@ -25,8 +25,9 @@ WIDTH_SPELLINGS = {str(width): width for width in THUMBNAIL_WIDTHS}
 
 class ImageApiHandler(ApiHandler):
     @property
-    def images(self):
-        return self.services.images
+    def images(self) -> Images:
+        images: Images = self.services.images
+        return images
 
     def image_json(self, record: dict[str, Any]) -> dict[str, Any]:
         path = f"/images/{record['id']}.{imaging.EXTENSIONS[record['format']]}"
@@ -38,13 +39,12 @@ class ImageApiHandler(ApiHandler):
 
 
 @stream_request_body
-class ImagesHandler(ImageApiHandler):
-    """POST keeps a small body in memory (within ``upload_memory``) and streams any other into a temp
-    file, so memory does not grow with the upload; GET lists."""
+class UploadHandler(ImageApiHandler):
+    """The streamed upload of one image (POST): the body goes to an ``UploadReceiver`` chunk by chunk,
+    so memory does not grow with the upload. Subclasses declare ``post`` (who may upload) and call
+    ``receive``; errors are the contract's JSON, like the 201."""
 
-    sink: UploadSink | None = None
-    upload: UploadSpool | None = None
-    failed = False
+    upload: UploadReceiver | None = None
 
     async def prepare(self) -> None:
         pending = super().prepare()  # the credential is checked before a byte of the body is read
@@ -52,50 +52,54 @@ class ImagesHandler(ImageApiHandler):
             await pending
         if self.request.method != "POST":
             return
-        sink = UploadSink(self.request.headers.get("Content-Type", ""), self.images.rules.max_upload_bytes)
-        sink.declared_length_ok(self.request.headers.get("Content-Length"))
-        await self.images.check_room(self.principal.user_id)
-        declared = self.request.headers.get("Content-Length", "")
-        self.upload = self.images.new_upload(int(declared) if declared.isdigit() else None)
-        self.sink = sink
-        # The sink counts the body and answers 413 past its limit (then the connection closes).
+        assert self.principal is not None  # POST requires a session
+        headers = self.request.headers
+        self.upload = UploadReceiver(self.images, self.services.offloader)
+        await self.upload.start(self.principal.user_id, headers.get("Content-Type", ""), headers.get("Content-Length"))
+        # The receiver counts the body and answers 413 past its limit (then the connection closes).
         # Tornado's own max_body_size would refuse a chunk by its declared size before a byte of it
-        # arrives, with a bare 400: leave the limit to the sink.
-        self.request.connection.set_max_body_size(sys.maxsize)
+        # arrives, with a bare 400: leave the limit to the receiver.
+        self.request.connection.set_max_body_size(sys.maxsize)  # type: ignore[union-attr]
 
     async def data_received(self, chunk: bytes) -> None:
-        if self.sink is None or self.failed:
+        if self.upload is None or not self.upload.receiving:
             return
         self.services.metrics.upload_bytes.inc(len(chunk))
         try:
-            data = self.sink.feed(chunk)
-            ready = self.upload.add(data) if data else None
-            if ready:
-                await self.services.offloader.io(self.upload.write, ready)
+            await self.upload.feed(chunk)
         except Exception:  # noqa: BLE001
             # An exception escaping data_received would only drop the connection: answer here
             # instead; Tornado then stops reading the body and closes after the response.
-            self.failed = True
             self.log_exception(*sys.exc_info())  # quiet for domain errors, logged for anything else
             self.send_error(500, exc_info=sys.exc_info())  # status comes from the error (413, 422, ...)
+
+    async def receive(self) -> None:
+        """Finish the upload and answer 201 with the image object (unless a chunk was refused: then
+        data_received has answered already, and Tornado calls the method anyway)."""
+        if self._finished or self.upload is None or not self.upload.receiving:
+            return
+        body = self.image_json(await self.upload.finish())
+        self.set_header("Location", body["url"])
+        self.write_json({"image": body}, status=201)
+
+    def on_finish(self) -> None:
+        if self.upload is not None:
+            self.upload.abandon()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        if self.upload is not None:
+            self.upload.abandon()
+        super().on_connection_close()  # fails the body future, so the handler's _execute ends too
+
+
+class ImageCollectionHandler(UploadHandler):
+    """/images: upload (bearer) and the list of own images."""
 
     @requires_session
     async def post(self) -> None:
         """Upload one image (multipart field ``image`` or raw bytes)."""
-        if self._finished:  # data_received already answered (413, bad multipart); Tornado calls us anyway
-            return
-        # From here on this method owns the temp file: a client that hangs up now must not pull it
-        # away from under the image processing (on_connection_close only cleans up earlier phases).
-        upload, self.upload = self.upload, None
-        try:
-            self.sink.finish()
-        except BaseException:
-            await self.services.offloader.io(upload.discard)
-            raise
-        record = await self.images.create(self.principal.user_id, upload)  # and discards it
-        body = self.image_json(record)
-        self.set_header("Location", body["url"])
-        self.write_json({"image": body}, status=201)
+        await self.receive()
 
     @requires_session
     async def get(self) -> None:
@@ -108,21 +112,8 @@ class ImagesHandler(ImageApiHandler):
         records, next_cursor = await self.images.list(self.principal.user_id, int(limit), cursor)
         self.write_json({"images": [self.image_json(r) for r in records], "next_cursor": next_cursor})
 
-    def on_finish(self) -> None:
-        self._discard_upload()
-        super().on_finish()
 
-    def on_connection_close(self) -> None:
-        self._discard_upload()
-        super().on_connection_close()  # fails the body future, so the handler's _execute ends too
-
-    def _discard_upload(self) -> None:
-        upload, self.upload = self.upload, None
-        if upload is not None:
-            upload.discard()  # small and local: close + unlink of our own temp file, if it exists yet
-
-
-class ImageHandler(ImageApiHandler):
+class ImageItemHandler(ImageApiHandler):
     @requires_session
     async def delete(self, image_id: str) -> None:
         """Delete an own image."""
@@ -157,14 +148,14 @@ class ImageFileHandler(ImageApiHandler):
         self.set_header("ETag", etag)
         self.set_header("Content-Security-Policy", "sandbox")
         self.set_header("Accept-Ranges", "bytes")
-        if etag in _etags(self.request.headers.get("If-None-Match", "")):
+        if _none_match(self.request.headers.get("If-None-Match"), etag):
             self.set_status(304)
             self.finish()
             return
         size, data = await self.images.contents(path)  # small files: from memory, no thread hop
         start, end = 0, size
         requested = parse_range(self.request.headers.get("Range"), size)
-        if requested == "unsatisfiable":
+        if isinstance(requested, str):  # "unsatisfiable"
             raise RangeNotSatisfiable(size)
         if requested is not None:
             start, end = requested
@@ -209,8 +200,13 @@ class ImageFileHandler(ImageApiHandler):
         return None
 
 
-def _etags(header: str) -> set[str]:
-    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` matches the image (RFC 9110 13.1.2, weak comparison): one of its
+    tags, or ``*``, which any existing representation matches. For GET and HEAD a match is a 304."""
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:

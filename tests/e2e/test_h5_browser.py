@@ -108,6 +108,8 @@ async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_p
         assert await page.text_content("#file-name") == "holiday-notes.png"
         await page.click("#send")
         await expect(page.locator("#status")).to_have_class("message is-error", timeout=20000)
+        # The error came as JSON, like a success: the page names what went wrong by its code.
+        await expect(page.locator("#status")).to_have_text("Only JPEG, PNG, GIF and WebP images can be uploaded.")
         status, form, send = await box(page, "#status"), await box(page, "#upload"), await box(page, "#send")
         assert inside(status, form)
         assert 0 <= status["y"] - (send["y"] + send["height"]) <= 16 and status["height"] < 60

@@ -1,6 +1,7 @@
 """H5 pages (views/h5_*): tickets, the exchange, cookie sessions, the home page, XSRF, HTML errors."""
 from __future__ import annotations
 
+import json
 import io
 import re
 from http.cookies import SimpleCookie
@@ -61,6 +62,12 @@ def set_by(page) -> str:
 def is_html_page(response, status: int) -> bool:
     return response.code == status and response.headers["Content-Type"].startswith("text/html") \
         and b"<!doctype html>" in response.body
+
+
+def is_json_error(response, status: int, code: str) -> bool:
+    """The page upload's errors: the contract's JSON error, as its 201 is JSON (the page's XHR reads both)."""
+    return response.code == status and response.headers["Content-Type"].startswith("application/json") \
+        and json.loads(response.body)["error"]["code"] == code
 
 
 # -- tickets -----------------------------------------------------------------------------------------
@@ -324,7 +331,7 @@ async def test_a_planted_xsrf_cookie_and_field_neither_log_out_nor_upload(api, u
     body, form = jpeg_form()
     upload = await api.post("/h5/images", body=body, headers={
         **form, "Cookie": f"demo_h5={cookie}; _xsrf={PLANTED}", "X-XSRFToken": PLANTED})
-    assert is_html_page(upload, 403)
+    assert is_json_error(upload, 403, "forbidden")
     assert (await home(api, cookie)).code == 200  # still signed in
     assert (await api.get("/images", token=user.token)).json["images"] == []  # nothing uploaded
 
@@ -353,7 +360,7 @@ async def test_cross_site_posts_are_refused_even_with_a_good_token(api, user, he
     body, form = jpeg_form()
     upload = await api.post("/h5/images", body=body, headers={
         **form, **headers, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token})
-    assert is_html_page(upload, 403)
+    assert is_json_error(upload, 403, "forbidden")
     assert (await home(api, cookie)).code == 200
     assert (await logout(api, cookie, token, cookies=jar)).code == 302  # the same post from our own page passes
 
@@ -375,16 +382,38 @@ async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api,
     token, jar = xsrf_from(page), set_by(page)
     body, form = jpeg_form()
     no_xsrf = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}"})
-    assert is_html_page(no_xsrf, 403)
+    assert is_json_error(no_xsrf, 403, "forbidden")
     no_cookie = await api.post("/h5/images", body=body, headers={**form, "Cookie": jar[2:], "X-XSRFToken": token})
-    assert is_html_page(no_cookie, 401)
+    assert is_json_error(no_cookie, 401, "unauthorized")
     ok = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}",
                                                         "X-XSRFToken": token})
     assert ok.code == 201 and ok.json["image"]["format"] == "jpeg"
     assert (await api.post("/images", body=jpeg_bytes(), token=user.token,
                            headers={"Content-Type": "image/jpeg"})).code == 201  # no XSRF for Bearer calls
     listing = await api.get("/h5/images", headers={"Cookie": f"demo_h5={cookie}"})
-    assert listing.code == 405
+    assert is_json_error(listing, 405, "method_not_allowed") and listing.headers["Allow"] == "POST"
+
+
+@pytest.mark.settings(max_upload_bytes=64 * 1024, image_quota_count=1)
+@gen_test
+async def test_page_upload_errors_are_json_like_its_success(api, user):
+    """The page's XHR reads one form: the image object on 201, the contract's error object otherwise,
+    with the status and code the /images upload answers (the page shows a message per code)."""
+    cookie = await open_h5(api, user.body["h5_url"])
+    page = await home(api, cookie)
+    headers = {"Cookie": f"demo_h5={cookie}{set_by(page)}", "X-XSRFToken": xsrf_from(page)}
+    body, form = jpeg_form()
+
+    async def post(data: bytes, content_type: str):
+        return await api.post("/h5/images", body=data, headers={**headers, "Content-Type": content_type})
+
+    assert is_json_error(await post(b"<html></html>", "text/html"), 415, "unsupported_media_type")
+    assert is_json_error(await post(b"\xff\xd8\xff" + bytes(70 * 1024), "image/jpeg"), 413, "too_large")
+    assert is_json_error(await post(b"\xff\xd8\xff" + bytes(100), "image/jpeg"), 422, "invalid_image")
+    ok = await post(body, form["Content-Type"])
+    assert ok.code == 201 and ok.headers["Content-Type"].startswith("application/json")
+    assert is_json_error(await post(body, form["Content-Type"]), 403, "quota_exceeded")
+    assert len((await api.get("/images", token=user.token)).json["images"]) == 1
 
 
 @gen_test

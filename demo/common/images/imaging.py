@@ -18,10 +18,11 @@ import os
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
-from PIL import Image, ImageCms, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from demo.common.errors import InvalidImage, UnsupportedMediaType
 
@@ -40,7 +41,7 @@ MAX_ANIMATION_PIXELS = 16_000_000  # all frames together, decoded (the setting m
 # What Pillow's writers keep of every frame until the whole file is written (a frame identical to the
 # one before it is merged; we count the worst case, every frame different), in bytes per pixel. Its APNG
 # writer keeps each frame in the output mode (RGBA at most); its GIF writer each as a palette image, but
-# quantizing each frame leaves holes in the heap between them: measured, 616 MB for 160 M pixels. Its
+# quantizing each frame leaves holes in the heap between them (figures: bench/README.md). Its
 # WebP writer makes a list of the frames it is given, but encodes a multi-frame source image one frame
 # at a time: an upload's WebP is handed over as it is (STREAMED); a thumbnail's resized frames are not.
 HELD_BYTES = 4
@@ -55,10 +56,10 @@ WORKING_FRAMES = 4
 # Every byte kept is served with every copy of the image and its thumbnails.
 MAX_ICC_BYTES = 64 * 1024
 JPEG_QUALITY = 85
-# Pillow feeds its codecs 64 KiB at a time and takes the GIL back between blocks: 16 times per MiB
-# decoded, ~10 per re-encode. Each time it may wait up to the switch interval (5 ms) for a thread
-# running Python (the event loop): two threads re-encoded 50 uploads/s beside a busy loop instead of
-# 58. 1 MiB blocks make that one or two hand-backs per image, for 1 MiB of buffer per codec at work.
+# Pillow feeds its codecs 64 KiB at a time and takes the GIL back between blocks, each time perhaps
+# waiting up to the switch interval for a thread running Python (the event loop), which slows the
+# re-encoding beside a busy loop (bench/README.md). 1 MiB blocks make that one or two hand-backs per
+# image, for 1 MiB of buffer per codec at work.
 ImageFile.MAXBLOCK = 1024 * 1024
 # Pillow warns (rather than fails) between 1x and 2x its pixel limit: treat that as the error it is.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -125,12 +126,13 @@ def configure(max_pixels: int, decode_budget: int) -> None:
 
     Why keep them? Without the cache each decode callocs ~4 bytes per pixel afresh, and since image
     work trims the heaps after itself (memory.trims_after) that means zeroing and faulting in every
-    page again, partly under the GIL: on the benchmark VM two threads re-encoded 36 uploads/s instead
-    of 59 (3,164 page faults per 3 MP upload). Reused blocks cost a memset; the cache is bounded by
-    the decode budget, memory the server holds at its peak anyway.
+    page again, partly under the GIL, which costs a third of the re-encoding rate (bench/README.md,
+    ``5870f39``). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
+    server holds at its peak anyway.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
-    Image.core.set_blocks_max(math.ceil(decode_budget * 4 / Image.core.get_block_size()))
+    core: Any = Image.core  # type: ignore[attr-defined]  # Pillow's C module: its block cache is not typed
+    core.set_blocks_max(math.ceil(decode_budget * 4 / core.get_block_size()))
 
 
 def process_upload(src: str | bytes, work_dir: str, max_pixels: int,
@@ -157,7 +159,7 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int,
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # the disk is full, the image may be fine: not the client's fault (507)
         raise InvalidImage(field="image") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise InvalidImage("The file claims to be an image but cannot be read.", field="image") from None
     except DECODE_ERRORS:
         raise InvalidImage(field="image") from None
@@ -208,12 +210,13 @@ def _frame_count(im: Image.Image, fmt: str | None) -> int:
     return 1 if fmt == "jpeg" else getattr(im, "n_frames", 1)
 
 
-def _gif_frames(fp, size: tuple[int, int], limit: int) -> int:
+def _gif_frames(fp: IO[bytes], size: tuple[int, int], limit: int) -> int:
     """The frames of the GIF in ``fp`` (counting stops past ``limit``); InvalidImage if one reaches
-    past the canvas. Why not Pillow's ``n_frames``: it walks every frame (398k frames of 1x1 in 9.5 MB,
-    0.6 s under the GIL) and takes the canvas for the image's size, but its decoder grows the image to
-    fit a bigger frame: a 10x10 canvas with 4000x4000 frames would pass every limit. Read like Pillow
-    reads it: blocks, skipping unknown bytes; nothing decoded. The file position is restored."""
+    past the canvas. Why not Pillow's ``n_frames``: it walks every frame (a small file can hold hundreds
+    of thousands, each walked under the GIL; bench/README.md) and takes the canvas for the image's
+    size, but its decoder grows the image to fit a bigger frame: a 10x10 canvas with 4000x4000 frames
+    would pass every limit. Read like Pillow reads it: blocks, skipping unknown bytes; nothing decoded.
+    The file position is restored."""
     position = fp.tell()
     try:
         fp.seek(10)
@@ -245,7 +248,7 @@ def _gif_frames(fp, size: tuple[int, int], limit: int) -> int:
         fp.seek(position)
 
 
-def _skip_sub_blocks(fp) -> None:
+def _skip_sub_blocks(fp: IO[bytes]) -> None:
     while (length := fp.read(1)) and length[0]:
         fp.seek(length[0], os.SEEK_CUR)
 
@@ -256,7 +259,11 @@ def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int,
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InvalidImage(f"The image is larger than {max_pixels} pixels.", field="image")
-    frames = _gif_frames(im.fp, im.size, MAX_FRAMES) if fmt == "gif" else _frame_count(im, fmt)
+    if fmt == "gif":
+        assert im.fp is not None  # an image opened from a file, not yet closed
+        frames = _gif_frames(im.fp, im.size, MAX_FRAMES)
+    else:
+        frames = _frame_count(im, fmt)
     if frames > MAX_FRAMES:
         raise InvalidImage("The animation has too many frames.", field="image")
     if frames > 1 and frames * width * height > max_animation_pixels:
@@ -310,7 +317,7 @@ class _Colour:
         return self._source is not None
 
     @property
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         """The writer's options for the profile."""
         return {"icc_profile": self.keep} if self.keep else {}
 
@@ -328,6 +335,7 @@ class _Colour:
             out = ImageCms.applyTransform(im, transform)
         except ImageCms.PyCMSError:
             return im  # the profile does not describe these pixels (say, grey for colour): taken as sRGB
+        assert out is not None  # a new image (None only when converting in place)
         out.info = {}
         return out
 
@@ -347,7 +355,7 @@ class _Frames:
         return self._frame(0)
 
     def __iter__(self) -> Iterator[Image.Image]:
-        for index in range(1, self.im.n_frames):
+        for index in range(1, _frame_count(self.im, None)):
             yield self._frame(index)
 
     def _frame(self, index: int) -> Image.Image:
@@ -361,7 +369,7 @@ class _Frames:
         return frame
 
 
-def _encode(im: Image.Image, frames: int, fmt: str, fp) -> None:
+def _encode(im: Image.Image, frames: int, fmt: str, fp: IO[bytes]) -> None:
     colour = _Colour(im.info.get("icc_profile"))
     if frames > 1:
         _save_animation(im, fmt, fp, colour)
@@ -371,12 +379,12 @@ def _encode(im: Image.Image, frames: int, fmt: str, fp) -> None:
     _save_still(im, fmt, fp, colour)
 
 
-def _save_still(im: Image.Image, fmt: str, fp, colour: _Colour) -> None:
+def _save_still(im: Image.Image, fmt: str, fp: IO[bytes], colour: _Colour) -> None:
     # Only what we pass here is written: EXIF, XMP, comments and text chunks stay behind.
     im = colour.apply(im)
     transparency = im.info.get("transparency")  # a transparent palette entry or colour key is pixels
     im.info = {}
-    options: dict = dict(colour.options)
+    options: dict[str, Any] = dict(colour.options)
     if transparency is not None and fmt in ("png", "gif"):
         options["transparency"] = transparency
     if fmt == "jpeg":
@@ -385,8 +393,8 @@ def _save_still(im: Image.Image, fmt: str, fp, colour: _Colour) -> None:
             if im.mode == "CMYK":
                 options.pop("icc_profile", None)
             im = im.convert("RGB")
-        # Baseline, not progressive+optimize: those buffer every DCT coefficient of the image (tens of
-        # MB for a phone photo) and encode 6x slower, for a file about 9% smaller.
+        # Baseline, not progressive+optimize: those buffer every DCT coefficient of the image and encode
+        # several times slower, for a file only slightly smaller (bench/README.md).
         im.save(fp, "JPEG", quality=JPEG_QUALITY, **options)
     elif fmt == "png":
         im.save(fp, "PNG", compress_level=6, **options)
@@ -396,7 +404,8 @@ def _save_still(im: Image.Image, fmt: str, fp, colour: _Colour) -> None:
         im.save(fp, "WEBP", quality=JPEG_QUALITY, method=4, **options)
 
 
-def _save_animation(im: Image.Image, fmt: str, fp, colour: _Colour, size: tuple[int, int] | None = None) -> None:
+def _save_animation(im: Image.Image, fmt: str, fp: IO[bytes], colour: _Colour,
+                    size: tuple[int, int] | None = None) -> None:
     """Write the animation ``im`` (resized to ``size``) frame by frame; see HELD_BYTES for what the
     writer keeps meanwhile."""
     options = {"save_all": True, "loop": im.info.get("loop", 0), **colour.options}
@@ -434,7 +443,7 @@ def _seek_within_canvas(im: Image.Image, index: int) -> None:
         raise InvalidImage("A frame of the animation is larger than its canvas.", field="image")
 
 
-def _write_temp(work_dir: str, write, *, durable: bool = True) -> str:
+def _write_temp(work_dir: str, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> str:
     """Run ``write(fileobj)`` into a new temp file in ``work_dir`` (fsynced if ``durable``); remove it
     on failure."""
     fd, path = tempfile.mkstemp(prefix=f"enc-{os.getpid()}-", suffix=".tmp", dir=work_dir)

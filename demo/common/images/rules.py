@@ -19,79 +19,44 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import os
 import re
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import bindparam, delete, exists, func, insert, select, update
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from demo.common.images import imaging
-from demo.common.infra.clock import Clock, isoformat
-from demo.common.infra.db import Cursor, Database, Prepared, upsert_add_statement
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
-from demo.common.infra.caches import Budget, BytesCache, TtlCache
-from demo.common.infra.memory import trims_after
+from demo.common.images import imaging, queries
 from demo.common.images.storage import IDENTITY_FILE, ImageStore
-from demo.common.images.uploads import BodyMemory, UploadSpool
-from demo.models import Deployment, Image, ImageBlob, User
+from demo.common.infra.caches import Cache
+from demo.common.infra.clock import Clock, isoformat
+from demo.common.infra.db import Database
+from demo.common.infra.memory import Budget, trims_after
+from demo.models import Deployment, Image
 
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
 
 log = logging.getLogger("demo.images")
-# The statements of every upload, prepared (see db.Prepared).
-_users, _images = User.__table__, Image.__table__
-LOCK_OWNER = Prepared(select(_users.c.id).where(_users.c.id == bindparam("user_id")).with_for_update())
-USAGE = Prepared(select(func.count(_images.c.pk).label("count"), func.coalesce(func.sum(_images.c.bytes), 0).label("used"))
-                 .where(_images.c.owner_id == bindparam("user_id")))
-ADD_BLOB_REF = Prepared(lambda dialect: upsert_add_statement(
-    dialect, ImageBlob, {"sha256": bindparam("sha256"), "refs": 1, "created_at": bindparam("now")}, ["sha256"], "refs"))
-# A known upload: the blob these exact bytes were made into before, and what their decode found.
-KNOWN_UPLOAD = Prepared(select(ImageBlob.sha256, ImageBlob.format, ImageBlob.width, ImageBlob.height, ImageBlob.bytes)
-                        .where(ImageBlob.source_sha256 == bindparam("source"), ImageBlob.format.is_not(None),
-                               # Only the uploader's own blob: a shortcut taken (faster) for another
-                               # user's bytes would tell anyone what others have uploaded.
-                               exists().where(Image.owner_id == bindparam("user_id"),
-                                              Image.sha256 == ImageBlob.sha256))
-                        .limit(1))
-REMEMBER_UPLOAD = Prepared(update(ImageBlob).where(ImageBlob.sha256 == bindparam("sha256")).values(
-    source_sha256=bindparam("source"), format=bindparam("format"), width=bindparam("width"),
-    height=bindparam("height"), bytes=bindparam("bytes")))
-
-
-def claim_blob_statement(dialect: str) -> Any:
-    """INSERT the blob row unless it is there (locked until commit, either way)."""
-    values = {"sha256": bindparam("sha256"), "refs": 0, "created_at": bindparam("now")}
-    if dialect in ("mysql", "mariadb"):
-        stmt = mysql.insert(ImageBlob).values(**values)
-        return stmt.on_duplicate_key_update(sha256=stmt.inserted.sha256)  # an update: takes the row lock
-    # SQLite: every write transaction (BEGIN IMMEDIATE) holds the database's one write lock anyway.
-    return sqlite.insert(ImageBlob).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
-
-
-CLAIM_BLOB = Prepared(claim_blob_statement)
-UNUSED = ~exists().where(Image.sha256 == ImageBlob.sha256)
-NEW_IMAGE = Prepared(insert(_images).values(
-    id=bindparam("id"), owner_id=bindparam("owner_id"), sha256=bindparam("sha256"), format=bindparam("format"),
-    width=bindparam("width"), height=bindparam("height"), bytes=bindparam("bytes"), created_at=bindparam("now")))
+T = TypeVar("T")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
-def _process_upload(upload: UploadSpool, src: str | bytes, work_dir: str, rules: ImageRules) -> imaging.ProcessedImage:
+def _process_upload(src: str | bytes, work_dir: str, rules: ImageRules,
+                    read: Callable[[], None]) -> imaging.ProcessedImage:
     try:
         return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
     finally:
-        upload.discard()  # read: the temp file (or the memory) goes now, on this thread, in any case
+        read()  # decoded (or refused): the upload's body may go now, on this thread
 
 
 @trims_after
@@ -143,50 +108,45 @@ class Images:
         self.db = db
         self.store = store
         self.rules = rules
+        self._quota = queries.Quota(rules.quota_count, rules.quota_bytes)
         self.clock = clock or Clock()
-        self._found = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
-        self._variants = TtlCache(max_items=100_000, ttl=rules.lookup_ttl)
-        self._bytes = BytesCache(rules.memory_cache_bytes, rules.memory_cache_item)
-        self._decoding = Budget(rules.decode_budget)
+        self._found: Cache[str, StoredImage] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._variants: Cache[tuple[str, int], str] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._bytes: Cache[str, bytes] = Cache.sized(rules.memory_cache_bytes, rules.memory_cache_item)
         self._building: dict[tuple[str, int], asyncio.Future[str]] = {}  # thumbnails being made here
-        self._body_memory = BodyMemory(rules.upload_memory)
+        # Per process: pixels being decoded at once, and bytes of upload bodies held in memory.
+        self.decoding = Budget(rules.decode_budget)
+        self.upload_memory = Budget(rules.upload_memory)
 
     # -- upload --------------------------------------------------------------------------------
 
     async def check_room(self, user_id: int) -> None:
         """Before reading an upload: refuse at once when the count quota is already used up."""
-        usage = await self.db.run_direct(lambda c: c.first(USAGE, {"user_id": user_id}))
+        usage = await self.db.run(queries.usage, user_id)
         if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
-    def new_upload(self, declared_length: int | None) -> UploadSpool:
-        """Where an upload's body goes while it arrives: memory if it is small and there is room."""
-        return UploadSpool(self.store.temp_dir(), self._body_memory, declared_length)
-
-    async def create(self, user_id: int, upload: UploadSpool) -> dict[str, Any]:
-        """Check, re-encode and store the uploaded file; returns the image record. The upload is
-        discarded in any case. Bytes uploaded before are not decoded again while their blob exists."""
+    async def create(self, user_id: int, upload: str | bytes,
+                     read: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        """Check, re-encode and store an uploaded file (its bytes, or the path of the complete file,
+        which stays the caller's to remove); returns the image record. ``read`` is called (on a worker
+        thread) as soon as the decode is done with the upload, so its caller can let the body go before
+        the image is stored. Bytes uploaded before are not decoded again while their blob exists."""
         offloader = self.db.offloader
-        try:
-            src, source, cost = await offloader.io(_finish_and_measure, upload, upload.take(), self.rules)
-            mine = {"source": source, "user_id": user_id}
-            known = await self.db.run_direct(lambda c: c.first(KNOWN_UPLOAD, mine))
-            if known is not None:
-                image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
-                try:
-                    return await self.db.run_direct(self._store, user_id, image, source, self.clock.now())
-                except _BlobGone:
-                    pass  # deleted since it was looked up: decode after all
-            processed = await self._process(upload, src, cost)
-        finally:
-            if not upload.discarded:  # failed before the processing, or not needed
-                await offloader.io(upload.discard)
+        source, cost = await offloader.io(_measure, upload, self.rules)
+        known = await self.db.run(queries.known_upload, source, user_id)
+        if known is not None:
+            image = imaging.ProcessedImage(None, known.sha256, known.format, known.width, known.height, known.bytes)
+            try:
+                return await self._store(user_id, image, source, self.clock.now())
+            except _BlobGone:
+                pass  # deleted since it was looked up: decode after all
+        processed = await self._process(upload, cost, read)
         try:
             now = self.clock.now()
             # Committed before the file lands: a crash after that leaves a row the sweeps can collect.
-            claim = {"sha256": processed.sha256, "now": now}
-            await self.db.run_direct(lambda c: c.execute(CLAIM_BLOB, claim))
-            return await self.db.run_direct(self._store, user_id, processed, source, now)
+            await self.db.run(queries.claim_blob, processed.sha256, now)
+            return await self._store(user_id, processed, source, now)
         except BaseException:
             await offloader.io(_remove, processed.path)  # stored, it would have been moved
             await self._drop_claim(processed.sha256)
@@ -195,39 +155,32 @@ class Images:
     async def _drop_claim(self, sha256: str) -> None:
         """After a failed store: the blob row (and a file that landed) go unless an image uses them."""
         try:
-            if await self.db.run(self._drop_blob_if_unused, sha256):
+            if await self.db.run(queries.drop_blob_if_unused, sha256, self.store.delete):
                 self._forget_blob(sha256)
-        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+        except Exception:
             log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
 
-    async def _process(self, upload: UploadSpool, src: str | bytes, cost: int) -> imaging.ProcessedImage:
+    async def _process(self, src: str | bytes, cost: int, read: Callable[[], None]) -> imaging.ProcessedImage:
         # Decoding holds 3-4 bytes per pixel (an animation: see imaging.measure_upload): the budget
         # keeps concurrent decodes from holding more than decode_budget pixels at once, so memory stays
         # flat however many arrive together.
-        async with self._decoding.reserve(cost):
-            return await self.db.offloader.cpu(_process_upload, upload, src, self.store.temp_dir(), self.rules)
+        async with self.decoding.reserve(cost):
+            return await self.db.offloader.cpu(_process_upload, src, self.store.temp_dir(), self.rules, read)
 
-    def _store(self, c: Cursor, user_id: int, image: imaging.ProcessedImage, source: str,
-               now: dt.datetime) -> dict[str, Any]:
+    async def _store(self, user_id: int, image: imaging.ProcessedImage, source: str,
+                     now: dt.datetime) -> dict[str, Any]:
         """Store ``image``: a new file (``path``), or a blob already stored (no ``path``: _BlobGone if it
         is not there any more, checked under its row lock as put() does)."""
-        # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
-        c.execute(LOCK_OWNER, {"user_id": user_id})
-        usage = c.first(USAGE, {"user_id": user_id})
-        if usage.count + 1 > self.rules.quota_count or usage.used + image.bytes > self.rules.quota_bytes:
-            raise QuotaExceeded()
-        # Locks the blob row (and makes it again if a sweep took it since the claim).
-        c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
-        if image.path is None:
-            if not self.store.exists(image.sha256):
+        new = queries.NewImage(user_id, image.sha256, image.format, image.width, image.height, image.bytes, source,
+                               decoded=image.path is not None)
+
+        def place() -> None:  # under the blob row lock: see the module docstring
+            if image.path is not None:
+                self.store.put(image.sha256, image.path)
+            elif not self.store.exists(image.sha256):
                 raise _BlobGone()  # rolls back the reference just added
-        else:
-            self.store.put(image.sha256, image.path)  # under the blob row lock: see the module docstring
-            c.execute(REMEMBER_UPLOAD, {"sha256": image.sha256, "source": source, "format": image.format,
-                                        "width": image.width, "height": image.height, "bytes": image.bytes})
-        values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
-                  "bytes": image.bytes, "sha256": image.sha256}
-        c.execute(NEW_IMAGE, {**values, "owner_id": user_id, "now": now})
+
+        values = await self.db.run(queries.store_image, new, self._quota, now, place)
         return {**values, "created_at": isoformat(now)}
 
     # -- reading -------------------------------------------------------------------------------
@@ -235,29 +188,17 @@ class Images:
     async def list(self, user_id: int, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """Own images, newest first; ``cursor`` continues where the last page ended."""
         before = decode_cursor(cursor) if cursor else None
-
-        def page(s: Session) -> list[Image]:
-            query = select(Image).where(Image.owner_id == user_id)
-            if before is not None:
-                query = query.where(Image.pk < before)
-            return list(s.scalars(query.order_by(Image.pk.desc()).limit(limit + 1)))
-
-        rows = await self.db.run(page)
+        rows = await self.db.run(queries.page, user_id, limit + 1, before)
         more = len(rows) > limit
         rows = rows[:limit]
         return [record(r) for r in rows], (encode_cursor(rows[-1].pk) if more else None)
-
-    async def count(self, user_id: int) -> int:
-        return (await self.db.run_direct(lambda c: c.first(USAGE, {"user_id": user_id}))).count
 
     async def find(self, image_id: str) -> StoredImage:
         if not looks_like_image_id(image_id):
             raise NotFound()
         found = self._found.get(image_id)
         if found is None:
-            row = await self.db.run(
-                lambda s: s.execute(select(Image.sha256, Image.format, Image.width).where(Image.id == image_id)).first()
-            )
+            row = await self.db.run(queries.find, image_id)
             if row is None:
                 raise NotFound()
             found = StoredImage(row.sha256, row.format, row.width)
@@ -292,7 +233,7 @@ class Images:
         path, cost = await offloader.io(_variant_or_cost, self.store, image, width)
         if path is not None:
             return path
-        async with self._decoding.reserve(cost):
+        async with self.decoding.reserve(cost):
             return await offloader.cpu(
                 _make_variant, self.store, image.sha256, width,
                 lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
@@ -318,37 +259,19 @@ class Images:
         """Delete an own image (NotFound for anyone else's); the blob goes with its last image."""
         if not looks_like_image_id(image_id):
             raise NotFound()
-
-        def unlink_row(s: Session) -> str | None:
-            row = s.scalars(select(Image).where(Image.id == image_id, Image.owner_id == user_id)).first()
-            if row is None:
-                return None
-            s.delete(row)
-            s.execute(update(ImageBlob).where(ImageBlob.sha256 == row.sha256).values(refs=ImageBlob.refs - 1))
-            return row.sha256
-
-        sha256 = await self.db.run(unlink_row)
+        sha256 = await self.db.run(queries.unlink_image, user_id, image_id)
         if sha256 is None:
             raise NotFound()
         self._found.pop(image_id)  # gone at once here; other processes notice within lookup_ttl
-        if await self.db.run(self._drop_blob_if_unused, sha256):
+        if await self.db.run(queries.drop_blob_if_unused, sha256, self.store.delete):
             self._forget_blob(sha256)
-
-    def _drop_blob_if_unused(self, s: Session, sha256: str) -> bool:
-        locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
-        # Read after the lock (READ COMMITTED on MySQL): an upload that held it has committed its image.
-        if locked is None or s.scalar(select(Image.pk).where(Image.sha256 == sha256).limit(1)) is not None:
-            return False
-        self.store.delete(sha256)  # while holding the lock: an upload of these bytes waits, then re-puts
-        s.execute(delete(ImageBlob).where(ImageBlob.sha256 == sha256))
-        return True
 
     def _forget_blob(self, sha256: str) -> None:
         """Drop this process's cached bytes and thumbnail paths of a removed blob."""
-        self._bytes.pop_prefix(self.store.local_path(sha256))
+        paths = {self.store.local_path(sha256)} | {self.store.local_path(sha256, w) for w in THUMBNAIL_WIDTHS}
+        self._bytes.pop_where(paths.__contains__)
         for width in THUMBNAIL_WIDTHS:
             self._variants.pop((sha256, width))
-            self._bytes.pop_prefix(self.store.local_path(sha256, width))
 
     # -- sweeps --------------------------------------------------------------------------------
 
@@ -363,8 +286,8 @@ class Images:
         the lock an upload of the same bytes holds from before its file lands until it commits.
         """
         self.bind()  # never delete from a store that belongs to another database
-        unused = self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256).where(UNUSED))))
-        dropped = [sha for sha in unused if self.db.run_sync(self._drop_blob_if_unused, sha)]
+        unused = self.db.run_sync(queries.unused_blobs)
+        dropped = [sha for sha in unused if self.db.run_sync(queries.drop_blob_if_unused, sha, self.store.delete)]
         for sha256 in dropped:
             self._forget_blob(sha256)
         return len(dropped)
@@ -374,7 +297,7 @@ class Images:
         the files this deployment has no row for."""
         unused = self.collect_unused()  # binds first: nothing is removed from another deployment's store
         temp = self.store.sweep_temp()
-        known = set(self.db.run_sync(lambda s: list(s.scalars(select(ImageBlob.sha256)))))
+        known = self.db.run_sync(queries.blob_hashes)
         unclaimed = sum(1 for sha256 in self.store.blobs() if sha256 not in known)
         if unclaimed:
             log.warning("%d files in the media store %s have no blob row in this database: kept, as this "
@@ -410,33 +333,27 @@ def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
             f"({row.deployment_id}): give each database a media_root of its own, or point database_url "
             f"at the database of that store")
     if row.store_bound_at is None:
-        with sessionmaker(engine).begin() as s:
-            s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))
+        _in_session(engine, queries.mark_store_bound, now)
     return row.deployment_id
 
 
 def _deployment(engine: Engine, now: dt.datetime) -> Deployment:
     """The database's one deployment row, created with a fresh random id if there is none yet."""
-    sessions = sessionmaker(engine, expire_on_commit=False)
     try:
-        with sessions.begin() as s:
-            row = s.get(Deployment, 1)
-            if row is None:
-                row = Deployment(id=1, deployment_id=secrets.token_hex(16), created_at=now)
-                s.add(row)
-            return row
+        return _in_session(engine, queries.deployment, now)
     except IntegrityError:  # another process created it at the same moment: use theirs
-        with sessions.begin() as s:
-            return s.get_one(Deployment, 1)
+        return _in_session(engine, queries.deployment, now)
+
+
+def _in_session(engine: Engine, unit: Callable[..., T], *args: Any) -> T:
+    """A unit of work of ``queries`` before there is a ``Database`` (at start-up): one transaction."""
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        return unit(s, *args)
 
 
 def record(row: Image) -> dict[str, Any]:
     return {"id": row.id, "width": row.width, "height": row.height, "format": row.format, "bytes": row.bytes,
             "sha256": row.sha256, "created_at": isoformat(row.created_at)}
-
-
-def new_image_id() -> str:
-    return secrets.token_urlsafe(16)  # 128 bits, 22 URL-safe characters
 
 
 _IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{16,32}")
@@ -477,12 +394,11 @@ def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
         return size, (f.read() if size <= limit else None)
 
 
-def _finish_and_measure(upload: UploadSpool, chunks: list[bytes], rules: ImageRules) -> tuple[str | bytes, str, int]:
-    """The upload's bytes (or file), their hash, and the decode budget they need (InvalidImage if over
-    a limit: refused before waiting for the budget)."""
-    src = upload.finish(chunks)
+def _measure(src: str | bytes, rules: ImageRules) -> tuple[str, int]:
+    """The upload's hash, and the decode budget it needs (InvalidImage if over a limit: refused before
+    waiting for the budget)."""
     source = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else imaging.file_sha256(src)
-    return src, source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
+    return source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
 
 
 def _variant_or_cost(store: ImageStore, image: StoredImage, width: int) -> tuple[str | None, int]:
@@ -498,7 +414,5 @@ class _BlobGone(Exception):
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -9,16 +9,16 @@ changed (see images.bind_store): a second database pointed at the same folder is
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from demo.common.infra.locks import file_lock
 
-TEMP_PREFIX = "up-"  # temp files carry the writer's pid: tmp/up-<pid>-<random>
+_TEMP_PREFIX = "up-"  # temp files carry the writer's pid (tmp/up-<pid>-<random>), which sweep_temp reads
 IDENTITY_FILE = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to
 STRAY_AGE = 3600  # seconds: a live writer's younger temp files are in use; older lock files are clutter
 
@@ -40,16 +40,17 @@ class ImageStore(abc.ABC):
         """A local folder for uploads in progress (same filesystem as the blobs, so renames are atomic)."""
 
     @abc.abstractmethod
+    def temp_file(self) -> tuple[int, str]:
+        """A new temp file in ``temp_dir`` (an open descriptor and its path), named so that
+        ``sweep_temp`` leaves it alone while this process lives."""
+
+    @abc.abstractmethod
     def put(self, sha256: str, src: str) -> None:
         """Move the finished file ``src`` into place as blob ``sha256``, durably (kept as is if already
         there). ``src`` need not be fsynced yet: that is done here, only when it is kept."""
 
     @abc.abstractmethod
     def exists(self, sha256: str) -> bool: ...
-
-    @abc.abstractmethod
-    def open(self, sha256: str, width: int | None = None) -> BinaryIO:
-        """The blob (or its ``width`` variant) for reading; FileNotFoundError when absent."""
 
     @abc.abstractmethod
     def delete(self, sha256: str) -> None:
@@ -95,7 +96,7 @@ class LocalImageStore(ImageStore):
             return None
 
     def claim_identity(self, identity: str) -> str:
-        fd, temp = tempfile.mkstemp(dir=self.temp_dir(), prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        fd, temp = self.temp_file()
         try:
             with os.fdopen(fd, "w") as f:
                 os.fchmod(f.fileno(), 0o644)  # not a secret: backups and operators may read it
@@ -113,6 +114,9 @@ class LocalImageStore(ImageStore):
 
     def temp_dir(self) -> str:
         return str(self.root / "tmp")
+
+    def temp_file(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.temp_dir(), prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
 
     def local_path(self, sha256: str, width: int | None = None) -> str:
         _check_sha(sha256)
@@ -133,19 +137,14 @@ class LocalImageStore(ImageStore):
     def exists(self, sha256: str) -> bool:
         return os.path.exists(self.local_path(sha256))
 
-    def open(self, sha256: str, width: int | None = None) -> BinaryIO:
-        return open(self.local_path(sha256, width), "rb")
-
     def delete(self, sha256: str) -> None:
         paths = [Path(self.local_path(sha256))]
         thumbs = Path(self.local_path(sha256, 1)).parent
         if thumbs.exists():
             paths += list(thumbs.glob(f"{sha256}-w*"))
         for path in paths:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            except FileNotFoundError:
-                pass
 
     def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
         dst = Path(self.local_path(sha256, width))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from demo.common.errors import InvalidField, TooLarge, UnsupportedMediaType
+from demo.common.infra.memory import Budget
 
 FIELD = "image"
 MULTIPART_SLACK = 16 * 1024  # boundaries and part headers on top of the file itself
@@ -27,18 +26,17 @@ class UploadSink:
         self.max_bytes = max_bytes
         self.file_bytes = 0
         self.body_bytes = 0
-        mime, params = parse_options_header(content_type or "")
-        mime = mime.decode("latin-1").lower()
+        self.multipart: _ImagePart | None = None  # raw body: the bytes are the file; what they are is checked later
+        self.body_limit = max_bytes
+        raw_mime, params = parse_options_header(content_type or "")
+        mime = raw_mime.decode("latin-1").lower()
         if mime == "multipart/form-data":
             boundary = params.get(b"boundary")
             if not boundary:
                 raise InvalidField("multipart body without a boundary.", field=FIELD)
             self.multipart = _ImagePart(boundary)
             self.body_limit = max_bytes + MULTIPART_SLACK
-        elif mime.startswith("image/"):
-            self.multipart = None  # raw body: the bytes are the file; what they are is checked later
-            self.body_limit = max_bytes
-        else:
+        elif not mime.startswith("image/"):
             raise UnsupportedMediaType("Send multipart/form-data (field 'image') or the raw image bytes.")
 
     def declared_length_ok(self, content_length: str | None) -> None:
@@ -144,47 +142,29 @@ SPOOL_WRITE_BYTES = 256 * 1024
 IN_MEMORY_MAX = 4 * 1024 * 1024  # a body declared at most this long may stay in memory
 
 
-class BodyMemory:
-    """Bytes of upload bodies one process holds in memory at once, shared by its uploads."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.in_use = 0
-        self._lock = threading.Lock()  # given back on whichever thread discards the upload
-
-    def take(self, size: int) -> bool:
-        with self._lock:
-            if size > IN_MEMORY_MAX or self.in_use + size > self.capacity:
-                return False
-            self.in_use += size
-            return True
-
-    def give_back(self, size: int) -> None:
-        with self._lock:
-            self.in_use -= size
-
-
 class UploadSpool:
-    """The uploaded file on its way to the image processing: in memory, or in a temp file in ``folder``.
+    """The uploaded file on its way to the image processing: in memory, or in a temp file.
 
-    A body whose Content-Length fits ``IN_MEMORY_MAX`` and what is left of the process's
-    ``BodyMemory`` stays in memory: no temp file to write, read back and remove (six hand-offs to
-    the I/O pool for 1 MiB). Any other body (larger, chunked, or arriving when the memory is taken)
-    goes to disk, so memory stays flat however large the uploads. Disk writes gather network chunks
-    (up to 64 KiB each) and write ``SPOOL_WRITE_BYTES`` at a time: each write is a hand-off to the I/O
-    pool. The methods that touch the disk (``write``, ``finish``, ``discard``) block: callers run
-    them on the I/O pool. The file is created by the first write.
+    A body whose Content-Length fits ``IN_MEMORY_MAX`` and what is left of the process's upload
+    memory budget stays in memory: no temp file to write, read back and remove. Any other body
+    (larger, chunked, or arriving when the memory is taken) goes to disk, so memory stays flat however
+    large the uploads. Disk writes gather network chunks and write ``SPOOL_WRITE_BYTES`` at a time:
+    each write is a hand-off to the I/O pool. The methods that touch the disk (``write``, ``finish``,
+    ``discard``) block: callers run them on the I/O pool. The file is created (by ``new_temp_file``,
+    which gives an open descriptor and its path) on the first write.
     """
 
-    def __init__(self, folder: str, memory: BodyMemory | None = None, declared_length: int | None = None) -> None:
-        self.folder = folder
+    def __init__(self, new_temp_file: Callable[[], tuple[int, str]], memory: Budget | None = None,
+                 declared_length: int | None = None) -> None:
+        self._new_temp_file = new_temp_file
         self.path: str | None = None
         self._file: BinaryIO | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self.discarded = False
         self._memory = memory
-        self._held = declared_length if memory and declared_length is not None and memory.take(declared_length) else 0
+        self._held = 0
+        if memory is not None and declared_length is not None and declared_length <= IN_MEMORY_MAX:
+            self._held = declared_length if memory.try_take(declared_length) else 0
         self.in_memory = self._held > 0
 
     def add(self, data: bytes) -> list[bytes] | None:
@@ -202,7 +182,7 @@ class UploadSpool:
 
     def write(self, chunks: list[bytes]) -> None:
         if self._file is None:
-            fd, self.path = tempfile.mkstemp(prefix=f"up-{os.getpid()}-", suffix=".tmp", dir=self.folder)
+            fd, self.path = self._new_temp_file()
             self._file = os.fdopen(fd, "wb", buffering=0)
         self._file.write(b"".join(chunks))
 
@@ -212,23 +192,21 @@ class UploadSpool:
         if self.in_memory:
             return b"".join(chunks)
         self.write(chunks)
+        assert self._file is not None and self.path is not None  # made by write
         self._file.close()
         return self.path
 
     def discard(self) -> None:
         """Close and remove the temp file and give back the memory, whatever state it is in (idempotent)."""
-        self.discarded = True
         self._pending = []
         self._give_back()
         if self._file is not None:
             self._file.close()
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     def _give_back(self) -> None:
         held, self._held, self.in_memory = self._held, 0, False
-        if held:
+        if held and self._memory is not None:
             self._memory.give_back(held)

@@ -12,14 +12,26 @@
   var empty = document.getElementById("empty");
   var fileName = document.getElementById("file-name");
   var noFile = fileName.textContent;
+  // Errors come as JSON like the image itself: {"error": {"code": ..., "message": ...}}.
   var messages = {
-    401: "Your session has ended. Open this page from the app again.",
-    403: "Your image quota is used up.",
-    413: "That file is too large.",
-    415: "Only JPEG, PNG, GIF and WebP images can be uploaded.",
-    422: "That image could not be read.",
-    503: "The service is busy. Try again in a moment."
+    unauthorized: "Your session has ended. Open this page from the app again.",
+    forbidden: "This page has expired. Reload it and try again.",
+    quota_exceeded: "Your image quota is used up.",
+    too_large: "That file is too large.",
+    unsupported_media_type: "Only JPEG, PNG, GIF and WebP images can be uploaded.",
+    invalid_image: "That image could not be read.",
+    invalid_field: "That image could not be read.",
+    insufficient_storage: "The service is out of space. Try again later.",
+    unavailable: "The service is busy. Try again in a moment."
   };
+
+  function errorCode(xhr) {
+    try {
+      return JSON.parse(xhr.responseText).error.code;
+    } catch (e) {
+      return xhr.status === 503 ? "unavailable" : null;  // a proxy's page when no process answers
+    }
+  }
 
   function say(text, isError) {
     status.textContent = text;
@@ -72,7 +84,7 @@
         showChosen();
         say("Uploaded.", false);
       } else {
-        say(messages[xhr.status] || "Upload failed (" + xhr.status + ").", true);
+        say(messages[errorCode(xhr)] || "Upload failed (" + xhr.status + ").", true);
       }
     };
     xhr.onerror = function () {

@@ -1,0 +1,197 @@
+"""The SQL of images: named units of work for ``Database.run`` (see images/rules.py for the why).
+
+The upload's units and the id lookup of delivery run on the fast path (``@sql_unit``, hand-written
+``Sql``): they run on every upload and every delivery cache miss. The list, delete and the sweeps use
+the ORM (public API). The blob row (``image_blobs``) is the lock for one content hash; the steps that
+touch the file under that lock take it as a callable (``place``, ``remove``), so no unit does I/O of
+its own.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.orm import Session
+
+from demo.common.errors import QuotaExceeded
+from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+from demo.models import Deployment, Image, ImageBlob
+
+# -- statements --------------------------------------------------------------------------------------
+
+_LOCK_OWNER = "SELECT id FROM users WHERE id = :user_id"
+# Serialises one user's uploads (SQLite: every write transaction holds the database's write lock).
+LOCK_OWNER = Sql(sqlite=_LOCK_OWNER, mysql=f"{_LOCK_OWNER} FOR UPDATE")
+USAGE = Sql("SELECT COUNT(pk) AS image_count, COALESCE(SUM(bytes), 0) AS used_bytes FROM images"
+            " WHERE owner_id = :user_id")
+# Locks the blob row and counts one more use (and makes the row again if a sweep took it since the claim).
+ADD_BLOB_REF = Sql(
+    sqlite="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 1, :now)"
+           " ON CONFLICT (sha256) DO UPDATE SET refs = image_blobs.refs + 1",
+    mysql="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 1, :now)"
+          " ON DUPLICATE KEY UPDATE refs = refs + 1")
+# The blob row unless it is there (locked until commit, either way: on MariaDB the no-op update takes
+# the row lock; on SQLite the write transaction holds the database's one write lock anyway).
+CLAIM_BLOB = Sql(
+    sqlite="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 0, :now)"
+           " ON CONFLICT (sha256) DO NOTHING",
+    mysql="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 0, :now)"
+          " ON DUPLICATE KEY UPDATE sha256 = VALUES(sha256)")
+# A known upload: the blob these exact bytes were made into before, and what their decode found. Only
+# the uploader's own blob: a shortcut taken (faster) for another user's bytes would tell anyone what
+# others have uploaded.
+KNOWN_UPLOAD = Sql("SELECT image_blobs.sha256, image_blobs.format, image_blobs.width, image_blobs.height,"
+                   " image_blobs.bytes FROM image_blobs WHERE image_blobs.source_sha256 = :source"
+                   " AND image_blobs.format IS NOT NULL AND EXISTS (SELECT 1 FROM images"
+                   " WHERE images.owner_id = :user_id AND images.sha256 = image_blobs.sha256) LIMIT 1")
+REMEMBER_UPLOAD = Sql("UPDATE image_blobs SET source_sha256 = :source, format = :format, width = :width,"
+                      " height = :height, bytes = :bytes WHERE sha256 = :sha256")
+NEW_IMAGE = Sql("INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, created_at)"
+                " VALUES (:id, :owner_id, :sha256, :format, :width, :height, :bytes, :now)")
+FIND = Sql("SELECT sha256, format, width FROM images WHERE id = :id")
+
+
+# -- what the rules hand over -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Usage:
+    count: int
+    used: int  # bytes
+
+
+@dataclass(frozen=True)
+class Quota:
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image row to insert, for blob ``sha256`` (whose file ``place`` puts in place, or checks)."""
+
+    owner_id: int
+    sha256: str
+    format: str
+    width: int
+    height: int
+    bytes: int
+    source: str  # the sha256 of the uploaded bytes
+    decoded: bool  # a fresh decode (remember what it found), not a known upload's blob
+
+
+# -- upload (fast path) ------------------------------------------------------------------------------
+
+@sql_unit
+def usage(c: SqlCursor, user_id: int) -> Usage:
+    return _usage(c, user_id)
+
+
+@sql_unit
+def known_upload(c: SqlCursor, source: str, user_id: int) -> Row | None:
+    """(sha256, format, width, height, bytes) of the user's own blob made from these bytes, or None."""
+    return c.first(KNOWN_UPLOAD, {"source": source, "user_id": user_id})
+
+
+@sql_unit
+def claim_blob(c: SqlCursor, sha256: str, now: dt.datetime) -> None:
+    c.execute(CLAIM_BLOB, {"sha256": sha256, "now": now})
+
+
+@sql_unit
+def store_image(c: SqlCursor, image: NewImage, quota: Quota, now: dt.datetime,
+                place: Callable[[], None]) -> dict[str, Any]:
+    """Insert the image under the owner's quota, holding the blob row lock while ``place`` puts (or
+    checks) its file; the new row's fields (without ``created_at``: ``now``). QuotaExceeded (or what
+    ``place`` raises) rolls back."""
+    # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
+    c.execute(LOCK_OWNER, {"user_id": image.owner_id})
+    used = _usage(c, image.owner_id)
+    if used.count + 1 > quota.count or used.used + image.bytes > quota.bytes:
+        raise QuotaExceeded()
+    c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
+    place()  # under the blob row lock: see images/rules.py
+    if image.decoded:
+        c.execute(REMEMBER_UPLOAD, {"sha256": image.sha256, "source": image.source, "format": image.format,
+                                    "width": image.width, "height": image.height, "bytes": image.bytes})
+    values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
+              "bytes": image.bytes, "sha256": image.sha256}
+    c.execute(NEW_IMAGE, {**values, "owner_id": image.owner_id, "now": now})
+    return values
+
+
+def _usage(c: SqlCursor, user_id: int) -> Usage:
+    row = c.first(USAGE, {"user_id": user_id})
+    assert row is not None  # an aggregate always has its row
+    return Usage(int(row.image_count), int(row.used_bytes))  # MariaDB's SUM is a DECIMAL
+
+
+def new_image_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 bits, 22 URL-safe characters
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+@sql_unit
+def find(c: SqlCursor, image_id: str) -> Row | None:
+    """(sha256, format, width) of an image id, or None."""
+    return c.first(FIND, {"id": image_id})
+
+
+def page(s: Session, user_id: int, limit: int, before: int | None) -> list[Image]:
+    """At most ``limit`` of the user's images, newest first, older than pk ``before`` if given."""
+    query = select(Image).where(Image.owner_id == user_id)
+    if before is not None:
+        query = query.where(Image.pk < before)
+    return list(s.scalars(query.order_by(Image.pk.desc()).limit(limit)))
+
+
+# -- deleting and sweeping -----------------------------------------------------------------------------
+
+def unlink_image(s: Session, user_id: int, image_id: str) -> str | None:
+    """Delete the user's image; the sha256 of its blob, or None if the user has no such image."""
+    row = s.scalars(select(Image).where(Image.id == image_id, Image.owner_id == user_id)).first()
+    if row is None:
+        return None
+    s.delete(row)
+    s.execute(update(ImageBlob).where(ImageBlob.sha256 == row.sha256).values(refs=ImageBlob.refs - 1))
+    return row.sha256
+
+
+def drop_blob_if_unused(s: Session, sha256: str, remove: Callable[[str], None]) -> bool:
+    """Under the blob row lock: if no image uses the blob, ``remove`` its files and delete the row."""
+    locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
+    # Read after the lock (READ COMMITTED on MySQL): an upload that held it has committed its image.
+    if locked is None or s.scalar(select(Image.pk).where(Image.sha256 == sha256).limit(1)) is not None:
+        return False
+    remove(sha256)  # while holding the lock: an upload of these bytes waits, then puts the file back
+    s.execute(delete(ImageBlob).where(ImageBlob.sha256 == sha256))
+    return True
+
+
+def unused_blobs(s: Session) -> list[str]:
+    """The sha256 of every blob row no image uses."""
+    return list(s.scalars(select(ImageBlob.sha256).where(~exists().where(Image.sha256 == ImageBlob.sha256))))
+
+
+def blob_hashes(s: Session) -> set[str]:
+    return set(s.scalars(select(ImageBlob.sha256)))
+
+
+# -- the deployment the store belongs to ----------------------------------------------------------------
+
+def deployment(s: Session, now: dt.datetime) -> Deployment:
+    """The database's one deployment row, created with a fresh random id if there is none yet (a
+    concurrent creator makes this unit fail with a conflict: read it again then)."""
+    row = s.get(Deployment, 1)
+    if row is None:
+        row = Deployment(id=1, deployment_id=secrets.token_hex(16), created_at=now)
+        s.add(row)
+    return row
+
+
+def mark_store_bound(s: Session, now: dt.datetime) -> None:
+    s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))
