@@ -26,11 +26,11 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -663,7 +663,7 @@ class Bench:
                 ids: list[str] = []
                 uploads = [self.uploader(client, u, bench_images.with_comment(gif, f"upload {n}"), "image/gif", ids)
                            for n, u in enumerate(users)]
-                thumbnails = [lambda n=n: client.call("GET", f"/images/{ids[n]}.gif?w=160")[0] if n < len(ids)
+                thumbnails = [lambda n=n, client=client, ids=ids: client.call("GET", f"/images/{ids[n]}.gif?w=160")[0] if n < len(ids)
                               else "no image" for n in range(len(users))]
                 self.memory_case(server, name, [uploads, thumbnails],
                                  f"{len(users)} x {len(gif) / MIB:.1f} MiB animated GIF uploads + thumbnails",
@@ -898,7 +898,7 @@ def evaluate(results: dict[str, Any]) -> list[str]:
     ceilings = results["ceilings"]
     missed = []
     total_errors = 0
-    for name, m in [*results["ceilings"].items(), *results["measures"].items()]:
+    for _name, m in [*results["ceilings"].items(), *results["measures"].items()]:
         cpu, done = m.get("cpu"), m.get("requests") or m.get("probe_requests")
         if cpu and done:  # CPU milliseconds per completed request, by process group
             skip = ("foreign_cores", "machine_busy_cores", "steal_cores", "spinners_cores")

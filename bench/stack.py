@@ -6,6 +6,7 @@ Every process writes to a file (never to a pipe nobody reads), every wait is bou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,10 +107,9 @@ class CpuMeter:
     def _cpu(pids: list[int]) -> float:
         total = 0.0
         for pid in pids:
-            try:
+            # A worker that exited: its last share is lost, not double-counted.
+            with contextlib.suppress(OSError, IndexError):
                 total += cpu_seconds(pid)
-            except (OSError, IndexError):
-                pass  # gone (a worker that exited): its last share is lost, not double-counted
         return total
 
     @staticmethod
@@ -127,7 +127,7 @@ class CpuMeter:
 
     def __exit__(self, *_: object) -> None:
         wall = time.monotonic() - self.wall
-        processes, interrupts, steal = (b - a for a, b in zip(self.machine, _machine_jiffies()))
+        processes, interrupts, steal = (b - a for a, b in zip(self.machine, _machine_jiffies(), strict=True))
         used = {name: self._cpu(pids) - self.before[name] for name, pids in self.groups.items()}
         used["wrk+bench"] = self._children_and_self() - self.local
         ours = sum(used.values())

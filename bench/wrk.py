@@ -76,7 +76,7 @@ def parse(output: str, result: WrkResult) -> WrkResult:
     result.non2xx = int(non2xx.group(1)) if non2xx else 0
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     names = ("connect", "read", "write", "timeout")
-    result.socket_errors = dict(zip(names, map(int, sockets.groups()))) if sockets else dict.fromkeys(names, 0)
+    result.socket_errors = dict(zip(names, map(int, sockets.groups()), strict=True)) if sockets else dict.fromkeys(names, 0)
     return result
 
 

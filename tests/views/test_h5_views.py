@@ -1,8 +1,8 @@
 """H5 pages (views/h5_*): tickets, the exchange, cookie sessions, the home page, XSRF, HTML errors."""
 from __future__ import annotations
 
-import json
 import io
+import json
 import re
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -13,8 +13,8 @@ from PIL import Image as PILImage
 from sqlalchemy import event, select
 from tornado.template import Loader
 
-from demo.common.infra.db import SqlCursor
 from demo.common.errors import Unavailable
+from demo.common.infra.db import SqlCursor
 from demo.common.web.pages import H5PageHandler
 from demo.models import H5Session, H5Ticket, User
 

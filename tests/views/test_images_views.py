@@ -17,7 +17,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from PIL import Image as PILImage
 
+from demo.common.errors import InvalidImage
+from demo.common.images import imaging
+from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
+from demo.models import Image, ImageBlob
 from tests.common.images.support import (
     KIB,
     MIME,
@@ -50,12 +55,6 @@ from tests.common.images.support import (
     uploaded,
     webp_canvas,
 )
-from PIL import Image as PILImage
-
-from demo.common.errors import InvalidImage
-from demo.common.images import imaging
-from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
-from demo.models import Image, ImageBlob
 
 gen_test = pytest.mark.gen_test(timeout=60)
 WIDTHS = ("160", "320", "640", "1280")
