@@ -3,6 +3,7 @@
 ``python bench/hello.py PORT``. Same Tornado, same event loop (asyncio), same ``xheaders=True``;
 nothing else: no database, no logging per request, no middleware. SIGTERM/SIGINT stop it.
 """
+
 from __future__ import annotations
 
 import asyncio

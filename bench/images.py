@@ -7,6 +7,7 @@ unrealistically fast; pure noise would be the opposite. The noise level is the k
 each file to its target size; it starts from a calibrated value and is only searched (bisection,
 still deterministic) when a different libjpeg lands outside the tolerance.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,12 @@ def photo(width: int, height: int, seed: int, noise: int) -> Image.Image:
     """Gradients + soft ellipses + noise; the same arguments always give the same pixels."""
     rnd = random.Random(seed)
     gradient = Image.linear_gradient("L")
-    channels = [gradient.rotate(rnd.uniform(0, 360), resample=Image.Resampling.BILINEAR)
-                .resize((width, height), Image.Resampling.BILINEAR) for _ in range(3)]
+    channels = [
+        gradient.rotate(rnd.uniform(0, 360), resample=Image.Resampling.BILINEAR).resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
+        for _ in range(3)
+    ]
     image = Image.merge("RGB", channels)
     draw = ImageDraw.Draw(image)
     for _ in range(12):

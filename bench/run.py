@@ -8,6 +8,7 @@ with its ceiling measured in the same run. Prints one markdown table, writes eve
 JSON. Exit status: 2 when the harness itself breaks (a server does not start, wrk is missing);
 with ``--check``, 1 when a target is missed; otherwise 0 (the table is the product).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,6 +112,7 @@ TARGET_OF = {t.measure: t for t in TARGETS}
 
 # -- small HTTP client for set-up and probes ---------------------------------------------------------
 
+
 class Http(HttpClient):
     """tests/helpers.py's blocking client (a new connection per call, whole URLs accepted), plus the
     tuple the harness reads and ``expect``, which makes any other status a harness error."""
@@ -125,8 +127,9 @@ class Http(HttpClient):
     def expect(self, status: int, method: str, path: str, **kw: Any) -> tuple[http.client.HTTPMessage, bytes]:
         got, headers, body = self.call(method, path, **kw)
         if got != status:
-            raise HarnessError(f"{method} {self.base_url}{path.split('?')[0]}: expected {status}, got {got}: "
-                               f"{body[:500]!r}")
+            raise HarnessError(
+                f"{method} {self.base_url}{path.split('?')[0]}: expected {status}, got {got}: {body[:500]!r}"
+            )
         return headers, body
 
 
@@ -187,6 +190,7 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 # -- the run -------------------------------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -240,11 +244,22 @@ class Bench:
             except (OSError, IndexError, subprocess.TimeoutExpired):
                 return None
 
-        cpu_model = next((line.split(":", 1)[1].strip() for line in
-                          Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), None)
+        cpu_model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            None,
+        )
         commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "demo"],
-                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "demo"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "cores": CORES,
@@ -295,18 +310,26 @@ class Bench:
         wrk.wrk_path()  # fails early when wrk is missing
         self.results["environment"] = self.environment()
         self.results["config"] = {
-            "smoke": self.smoke, "duration_s": self.duration, "connections": self.connections, "wrk_threads": 2,
-            "warmup_s": self.warmup_seconds(), "users_per_group": self.users_per_group,
-            "quiet_wait_s": self.args.quiet_wait, "settings_overrides": dict(self.args.set),
+            "smoke": self.smoke,
+            "duration_s": self.duration,
+            "connections": self.connections,
+            "wrk_threads": 2,
+            "warmup_s": self.warmup_seconds(),
+            "users_per_group": self.users_per_group,
+            "quiet_wait_s": self.args.quiet_wait,
+            "settings_overrides": dict(self.args.set),
             "busy_cpus": self.args.busy_cpus,
-            "memory_uploads": self.memory_uploads, "only": sorted(self.only) if self.only else None,
+            "memory_uploads": self.memory_uploads,
+            "only": sorted(self.only) if self.only else None,
         }
         with CpuMeter({}) as idle:
             time.sleep(1.0)
         self.results["environment"]["busy_before_start"] = idle.result
         if idle.result["foreign_cores"] > 0.25:
-            self.log(f"WARNING: other processes keep {idle.result['foreign_cores']:.1f} of {CORES} cores busy: "
-                     "numbers will be low and ratios unreliable (see 'foreign CPU' below the table)")
+            self.log(
+                f"WARNING: other processes keep {idle.result['foreign_cores']:.1f} of {CORES} cores busy: "
+                "numbers will be low and ratios unreliable (see 'foreign CPU' below the table)"
+            )
         self.make_images()
         if self.args.busy_cpus:
             self.start_spinners()
@@ -331,6 +354,7 @@ class Bench:
 
     def demo_settings(self) -> dict[str, Any]:
         from demo.conf import settings as config
+
         s = config.load([], environ=self.server_env())  # every setting the demo processes run with
         return {k: v for k, v in s.items() if k not in ("cookie_secret", "sms_test_numbers", "config")}
 
@@ -344,24 +368,40 @@ class Bench:
             path = self.tmp / f"{name}.jpg"
             path.write_bytes(data)
             self.files[name] = path
-            info[name] = {"width": spec.width, "height": spec.height, "quality": spec.quality, "noise": noise,
-                          "bytes": len(data), "decoded_mib": round(spec.width * spec.height * 3 / MIB, 1)}
+            info[name] = {
+                "width": spec.width,
+                "height": spec.height,
+                "quality": spec.quality,
+                "noise": noise,
+                "bytes": len(data),
+                "decoded_mib": round(spec.width * spec.height * 3 / MIB, 1),
+            }
         self.results["images"] = info
-        self.log("images: " + ", ".join(f"{k} {v['width']}x{v['height']} {v['bytes'] / 1024:.0f} KiB"
-                                        for k, v in info.items()))
+        self.log(
+            "images: "
+            + ", ".join(f"{k} {v['width']}x{v['height']} {v['bytes'] / 1024:.0f} KiB" for k, v in info.items())
+        )
 
     # -- ceilings ----------------------------------------------------------------------------------
     def ceiling_argon2(self) -> None:
         from demo.common.accounts.passwords import Passwords
         from demo.conf import settings as config
+
         s = config.load([], environ={f"DEMO_{name.upper()}": value for name, value in self.args.set})
         passwords = Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)
-        self.cpu_ceiling("argon2", lambda: passwords.hash(PASSWORD), 9, "hash", "logins",
-                         f"median hash time (time_cost={s.argon2_time_cost}, memory={s.argon2_memory_kib} KiB, "
-                         f"parallelism={s.argon2_parallelism})")
+        self.cpu_ceiling(
+            "argon2",
+            lambda: passwords.hash(PASSWORD),
+            9,
+            "hash",
+            "logins",
+            f"median hash time (time_cost={s.argon2_time_cost}, memory={s.argon2_memory_kib} KiB, "
+            f"parallelism={s.argon2_parallelism})",
+        )
 
     def ceiling_pillow(self) -> None:
         from demo.common.images import imaging
+
         work = self.tmp / "pillow"
         work.mkdir()
         src = str(self.files["upload"])
@@ -370,9 +410,15 @@ class Bench:
             os.unlink(imaging.process_upload(src, str(work), 40_000_000).path)
 
         spec = bench_images.SPECS["upload"]
-        self.cpu_ceiling("pillow", once, 7, "upload", "uploads",
-                         f"median demo.common.images.imaging.process_upload time on the {spec.width}x{spec.height} "
-                         f"{self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG")
+        self.cpu_ceiling(
+            "pillow",
+            once,
+            7,
+            "upload",
+            "uploads",
+            f"median demo.common.images.imaging.process_upload time on the {spec.width}x{spec.height} "
+            f"{self.files['upload'].stat().st_size / MIB:.2f} MiB JPEG",
+        )
 
     def cpu_ceiling(self, name: str, call: Callable[[], Any], repeats: int, unit: str, per: str, how: str) -> None:
         """A CPU-bound ceiling: cores / the median time of one ``call``; also timed again beside its
@@ -381,11 +427,17 @@ class Bench:
         seconds, times = median_time(call, 3 if self.smoke else repeats)
         parallel = parallel_rate(call, CORES, 0.5 if self.smoke else 3)
         self.results["ceilings"][name] = {
-            "label": CEILINGS[name], "rps": CORES / seconds, "seconds_median": seconds, "samples": times,
-            "parallel_rps": parallel, "how": f"cores ({CORES}) / {how}",
+            "label": CEILINGS[name],
+            "rps": CORES / seconds,
+            "seconds_median": seconds,
+            "samples": times,
+            "parallel_rps": parallel,
+            "how": f"cores ({CORES}) / {how}",
         }
-        self.log(f"{name}: {seconds * 1000:.1f} ms per {unit} -> ceiling {CORES / seconds:.1f} {per}/s "
-                 f"({parallel:.1f}/s measured on {CORES} threads)")
+        self.log(
+            f"{name}: {seconds * 1000:.1f} ms per {unit} -> ceiling {CORES / seconds:.1f} {per}/s "
+            f"({parallel:.1f}/s measured on {CORES} threads)"
+        )
 
     def ceiling_hello(self) -> None:
         # Left running (idle) for the measures compared with it: see time_ceiling.
@@ -394,12 +446,16 @@ class Bench:
 
         def rate() -> float:
             wait_idle([hello.pid])
-            return wrk.run(hello.url + "/", duration=1 if self.smoke else 3, connections=self.connections,
-                           timeout_s=30).rps
+            return wrk.run(
+                hello.url + "/", duration=1 if self.smoke else 3, connections=self.connections, timeout_s=30
+            ).rps
 
         self.ceiling_timers["hello"] = rate
-        self.results["ceilings"]["hello"] = {"label": CEILINGS["hello"], "how": "wrk, one Tornado process",
-                                             **result.as_dict()}
+        self.results["ceilings"]["hello"] = {
+            "label": CEILINGS["hello"],
+            "how": "wrk, one Tornado process",
+            **result.as_dict(),
+        }
         self.log(f"hello: {result.rps:.0f} req/s")
 
     # -- servers -----------------------------------------------------------------------------------
@@ -423,8 +479,9 @@ class Bench:
     # -- set-up through the API ------------------------------------------------------------------
     def register(self, client: Http, phone: str) -> tuple[User, str]:
         client.expect(200, "POST", "/users/code", json_body={"phone": phone})
-        _, body = client.expect(201, "POST", "/users/regist",
-                                json_body={"phone": phone, "password": PASSWORD, "code": SMS_CODE})
+        _, body = client.expect(
+            201, "POST", "/users/regist", json_body={"phone": phone, "password": PASSWORD, "code": SMS_CODE}
+        )
         session = json.loads(body)
         return User(phone, session["token"]), session["h5_url"]
 
@@ -437,8 +494,13 @@ class Bench:
         return cookie
 
     def upload(self, client: Http, user: User, path: Path) -> dict[str, Any]:
-        _, body = client.expect(201, "POST", "/images", body=path.read_bytes(),
-                                headers={"Authorization": f"Bearer {user.token}", "Content-Type": "image/jpeg"})
+        _, body = client.expect(
+            201,
+            "POST",
+            "/images",
+            body=path.read_bytes(),
+            headers={"Authorization": f"Bearer {user.token}", "Content-Type": "image/jpeg"},
+        )
         return json.loads(body)["image"]
 
     def set_up_users(self, client: Http) -> None:
@@ -460,8 +522,10 @@ class Bench:
         for user in self.home_users:  # every cookie opens the page
             client.expect(200, "GET", "/h5/home", headers={"Cookie": user.cookie})
         self.results["delivery_image"] = {"id": self.image_id, "stored_bytes": len(self.image_bytes)}
-        self.log(f"set-up: {len(self.home_users)} home users, {len(self.upload_users)} upload users, "
-                 f"image {self.image_id} ({len(self.image_bytes) / 1024:.1f} KiB stored)")
+        self.log(
+            f"set-up: {len(self.home_users)} home users, {len(self.upload_users)} upload users, "
+            f"image {self.image_id} ({len(self.image_bytes) / 1024:.1f} KiB stored)"
+        )
 
     # -- wrk -----------------------------------------------------------------------------------------
     def lua_env(self, script: str | None) -> dict[str, str]:
@@ -470,12 +534,15 @@ class Bench:
         if script == "login.lua":
             return {"BENCH_PHONES": ",".join(u.phone for u in self.home_users), "BENCH_PASSWORD": PASSWORD}
         if script == "upload.lua":
-            return {"BENCH_TOKENS": ",".join(u.token for u in self.upload_users),
-                    "BENCH_BODY_FILE": str(self.files["upload"])}
+            return {
+                "BENCH_TOKENS": ",".join(u.token for u in self.upload_users),
+                "BENCH_BODY_FILE": str(self.files["upload"]),
+            }
         return {}
 
-    def wrk_measure(self, name: str, url: str, servers: list[Server], script: str | None = None,
-                    connections: int | None = None) -> wrk.WrkResult:
+    def wrk_measure(
+        self, name: str, url: str, servers: list[Server], script: str | None = None, connections: int | None = None
+    ) -> wrk.WrkResult:
         """Settle, warm up, then one timed wrk run (with py-spy alongside when --profile is set)."""
         connections = connections or self.connections
         pids = [s.pid for s in servers]
@@ -546,8 +613,10 @@ class Bench:
         if bracket:
             extra = {**extra, "ceiling_beside": bracket}
         self.results["measures"][name] = {"label": label, "ceiling": ceiling, **result.as_dict(), **extra}
-        self.log(f"{name}: {result.rps:.1f} req/s, p50 {fmt_ms(result.p50_ms)}, p99 {fmt_ms(result.p99_ms)}, "
-                 f"errors {result.errors}")
+        self.log(
+            f"{name}: {result.rps:.1f} req/s, p50 {fmt_ms(result.p50_ms)}, p99 {fmt_ms(result.p99_ms)}, "
+            f"errors {result.errors}"
+        )
 
     # -- profiling (optional) ------------------------------------------------------------------------
     def start_profiler(self, name: str, servers: list[Server]) -> list[subprocess.Popen]:
@@ -564,14 +633,34 @@ class Bench:
             # the event loop competes for it with every pool thread running Python code).
             for suffix, extra in (("threads", []), ("gil", ["--gil"])):
                 out = folder / f"{name}-{server.name}.{suffix}.txt"
-                procs.append(subprocess.Popen(
-                    [str(PY_SPY), "record", "--pid", str(server.pid), "--duration", str(self.duration),
-                     "--rate", "200", "--format", "raw", "--threads", "--nonblocking", *extra,
-                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            str(PY_SPY),
+                            "record",
+                            "--pid",
+                            str(server.pid),
+                            "--duration",
+                            str(self.duration),
+                            "--rate",
+                            "200",
+                            "--format",
+                            "raw",
+                            "--threads",
+                            "--nonblocking",
+                            *extra,
+                            "--output",
+                            str(out),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         return procs
 
     def finish_profiler(self, procs: list[subprocess.Popen]) -> None:
         from bench.stacks import summarise
+
         for proc in procs:
             try:
                 proc.wait(timeout=30)
@@ -615,9 +704,17 @@ class Bench:
         duration = max(self.duration, 2)
         ramp = min(1.0, duration / 4)
         profiler = self.start_profiler("loop_health", [server])
-        runs = [wrk.start(server.url + path, duration=duration, connections=half, script=script,
-                          env=self.lua_env(script), timeout_s=30)
-                for path, script in (("/users/login", "login.lua"), ("/images", "upload.lua"))]
+        runs = [
+            wrk.start(
+                server.url + path,
+                duration=duration,
+                connections=half,
+                script=script,
+                env=self.lua_env(script),
+                timeout_s=30,
+            )
+            for path, script in (("/users/login", "login.lua"), ("/images", "upload.lua"))
+        ]
         time.sleep(ramp)
         probe = Probe("127.0.0.1", server.port, "/healthz")
         with self.cpu_meter([server]) as meter:
@@ -627,17 +724,25 @@ class Bench:
         target = TARGET_OF["loop_health"]
         p99 = percentile(probe.latencies, 99)
         self.results["measures"]["loop_health"] = {
-            "label": MEASURES["loop_health"][0], "ceiling": None,
-            "probe_requests": len(probe.latencies), "probe_interval_ms": probe.interval * 1000,
+            "label": MEASURES["loop_health"][0],
+            "ceiling": None,
+            "probe_requests": len(probe.latencies),
+            "probe_interval_ms": probe.interval * 1000,
             "rps": len(probe.latencies) / probe.elapsed if probe.elapsed else 0.0,
-            "p50_ms": percentile(probe.latencies, 50), "p99_ms": p99, "max_ms": max(probe.latencies, default=None),
-            "probe_errors": probe.errors, "cpu": meter.result,
+            "p50_ms": percentile(probe.latencies, 50),
+            "p99_ms": p99,
+            "max_ms": max(probe.latencies, default=None),
+            "probe_errors": probe.errors,
+            "cpu": meter.result,
             "errors": probe.errors + login.errors + upload.errors,
             "load": {"login": login.as_dict(), "upload": upload.as_dict()},
-            "value": p99, "met": target.met(p99),
+            "value": p99,
+            "met": target.met(p99),
         }
-        self.log(f"loop_health: /healthz p50 {fmt_ms(percentile(probe.latencies, 50))}, p99 {fmt_ms(p99)} "
-                 f"({len(probe.latencies)} probes) under {login.rps:.1f} logins/s + {upload.rps:.1f} uploads/s")
+        self.log(
+            f"loop_health: /healthz p50 {fmt_ms(percentile(probe.latencies, 50))}, p99 {fmt_ms(p99)} "
+            f"({len(probe.latencies)} probes) under {login.rps:.1f} logins/s + {upload.rps:.1f} uploads/s"
+        )
 
     # -- phase 2: memory -----------------------------------------------------------------------------
     def phase_memory(self) -> None:
@@ -651,40 +756,64 @@ class Bench:
             server = self.start(self.demo(f"demo-{name}"))
             try:
                 client = Http(server.url, timeout=300)
-                users = (self.upload_users * self.memory_uploads)[:self.memory_uploads]
+                users = (self.upload_users * self.memory_uploads)[: self.memory_uploads]
                 self.upload(client, users[0], self.files["small"])  # imports, thread pools, DB connections
                 client.expect(200, "GET", "/healthz")
                 if name == "memory":
                     body = self.files["large"].read_bytes()
-                    self.memory_case(server, name, [[self.uploader(client, u, body, "image/jpeg") for u in users]],
-                                     f"{len(users)} x {len(body) / MIB:.1f} MiB uploads", upload_bytes=len(body))
+                    self.memory_case(
+                        server,
+                        name,
+                        [[self.uploader(client, u, body, "image/jpeg") for u in users]],
+                        f"{len(users)} x {len(body) / MIB:.1f} MiB uploads",
+                        upload_bytes=len(body),
+                    )
                     continue
                 gif = bench_images.animation()
                 ids: list[str] = []
-                uploads = [self.uploader(client, u, bench_images.with_comment(gif, f"upload {n}"), "image/gif", ids)
-                           for n, u in enumerate(users)]
-                thumbnails = [lambda n=n, client=client, ids=ids: client.call("GET", f"/images/{ids[n]}.gif?w=160")[0] if n < len(ids)
-                              else "no image" for n in range(len(users))]
-                self.memory_case(server, name, [uploads, thumbnails],
-                                 f"{len(users)} x {len(gif) / MIB:.1f} MiB animated GIF uploads + thumbnails",
-                                 upload_bytes=len(gif), animation=bench_images.ANIMATION)
+                uploads = [
+                    self.uploader(client, u, bench_images.with_comment(gif, f"upload {n}"), "image/gif", ids)
+                    for n, u in enumerate(users)
+                ]
+                thumbnails = [
+                    lambda n=n, client=client, ids=ids: (
+                        client.call("GET", f"/images/{ids[n]}.gif?w=160")[0] if n < len(ids) else "no image"
+                    )
+                    for n in range(len(users))
+                ]
+                self.memory_case(
+                    server,
+                    name,
+                    [uploads, thumbnails],
+                    f"{len(users)} x {len(gif) / MIB:.1f} MiB animated GIF uploads + thumbnails",
+                    upload_bytes=len(gif),
+                    animation=bench_images.ANIMATION,
+                )
             finally:
                 self.stop(server)
 
     @staticmethod
-    def uploader(client: Http, user: User, body: bytes, content_type: str,
-                 ids: list[str] | None = None) -> Callable[[], int]:
+    def uploader(
+        client: Http, user: User, body: bytes, content_type: str, ids: list[str] | None = None
+    ) -> Callable[[], int]:
         """One raw upload by ``user`` as a call returning its status (the new id appended to ``ids``)."""
+
         def one() -> int:
-            status, _, answer = client.call("POST", "/images", body=body, headers={
-                "Authorization": f"Bearer {user.token}", "Content-Type": content_type})
+            status, _, answer = client.call(
+                "POST",
+                "/images",
+                body=body,
+                headers={"Authorization": f"Bearer {user.token}", "Content-Type": content_type},
+            )
             if ids is not None and status == 201:
                 ids.append(json.loads(answer)["image"]["id"])
             return status
+
         return one
 
-    def memory_case(self, server: Server, name: str, bursts: list[list[Callable[[], int]]], what: str,
-                    **extra: Any) -> None:
+    def memory_case(
+        self, server: Server, name: str, bursts: list[list[Callable[[], int]]], what: str, **extra: Any
+    ) -> None:
         """Run each burst's calls at once (one thread each, released together), bursts one after the
         other; record RSS before, the peak (VmHWM, reset first, and sampled) and after."""
         wait_idle([server.pid])
@@ -737,18 +866,29 @@ class Bench:
         growth = (hwm - rss_before) / 1024
         calls = len(statuses)
         self.results["measures"][name] = {
-            "label": MEASURES[name][0].format(n=len(bursts[0])), "ceiling": None, "uploads": len(bursts[0]),
-            **extra, "statuses": dict(Counter(map(str, statuses))),
+            "label": MEASURES[name][0].format(n=len(bursts[0])),
+            "ceiling": None,
+            "uploads": len(bursts[0]),
+            **extra,
+            "statuses": dict(Counter(map(str, statuses))),
             "errors": sum(1 for s in statuses if s not in (200, 201)),
-            "rss_before_mib": rss_before / 1024, "hwm_after_reset_mib": hwm_reset / 1024,
-            "peak_rss_mib": hwm / 1024, "peak_rss_sampled_mib": max(samples, default=0) / 1024,
-            "rss_after_mib": rss_after / 1024, "growth_mib": growth, "seconds": elapsed,
-            "rps": calls / elapsed, "p50_ms": percentile([x * 1000 for x in latencies], 50),
+            "rss_before_mib": rss_before / 1024,
+            "hwm_after_reset_mib": hwm_reset / 1024,
+            "peak_rss_mib": hwm / 1024,
+            "peak_rss_sampled_mib": max(samples, default=0) / 1024,
+            "rss_after_mib": rss_after / 1024,
+            "growth_mib": growth,
+            "seconds": elapsed,
+            "rps": calls / elapsed,
+            "p50_ms": percentile([x * 1000 for x in latencies], 50),
             "p99_ms": percentile([x * 1000 for x in latencies], 99),
-            "value": growth, "met": TARGET_OF[name].met(growth),
+            "value": growth,
+            "met": TARGET_OF[name].met(growth),
         }
-        self.log(f"{name}: RSS {rss_before / 1024:.1f} MiB -> peak {hwm / 1024:.1f} MiB (+{growth:.1f} MiB), "
-                 f"{what} in {elapsed:.1f}s, statuses {Counter(statuses)}")
+        self.log(
+            f"{name}: RSS {rss_before / 1024:.1f} MiB -> peak {hwm / 1024:.1f} MiB (+{growth:.1f} MiB), "
+            f"{what} in {elapsed:.1f}s, statuses {Counter(statuses)}"
+        )
 
     # -- phase 3: two processes behind the shipped nginx config -----------------------------------
     def phase_nginx(self) -> None:
@@ -785,9 +925,11 @@ class Bench:
             if self.wanted("nginx_static"):
                 result = self.wrk_measure("nginx_static", self.nginx.base_url + "/static/bench.jpg", both)
                 self.results["ceilings"]["nginx_static"] = {
-                    "label": CEILINGS["nginx_static"], **result.as_dict(),
+                    "label": CEILINGS["nginx_static"],
+                    **result.as_dict(),
                     "how": "wrk over TLS to the rendered shipped config, /static/ location, a file byte-identical "
-                           "to the cached image"}
+                    "to the cached image",
+                }
                 self.log(f"nginx_static: {result.rps:.0f} req/s")
             if self.wanted("image_nginx"):
                 before = self.cache_log_counts(image_path)
@@ -795,8 +937,10 @@ class Bench:
                 after = self.cache_log_counts(image_path)
                 statuses = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                 self.record("image_nginx", result, x_cache_status=cache_status, cache_statuses=statuses)
-            for name, path, script in (("h5_home_nginx", "/h5/home", "cookie.lua"),
-                                       ("login_nginx", "/users/login", "login.lua")):
+            for name, path, script in (
+                ("h5_home_nginx", "/h5/home", "cookie.lua"),
+                ("login_nginx", "/users/login", "login.lua"),
+            ):
                 if self.wanted(name):
                     self.record(name, self.wrk_measure(name, self.nginx.base_url + path, both, script))
         finally:
@@ -881,6 +1025,7 @@ class Probe:
 
 # -- report ----------------------------------------------------------------------------------------------
 
+
 def fmt_ms(value: float | None) -> str:
     if value is None:
         return "—"
@@ -902,8 +1047,11 @@ def evaluate(results: dict[str, Any]) -> list[str]:
         cpu, done = m.get("cpu"), m.get("requests") or m.get("probe_requests")
         if cpu and done:  # CPU milliseconds per completed request, by process group
             skip = ("foreign_cores", "machine_busy_cores", "steal_cores", "spinners_cores")
-            m["cpu_ms_per_request"] = {k.removesuffix("_cores"): v * cpu["wall_s"] * 1000 / done
-                                       for k, v in cpu.items() if k.endswith("_cores") and k not in skip}
+            m["cpu_ms_per_request"] = {
+                k.removesuffix("_cores"): v * cpu["wall_s"] * 1000 / done
+                for k, v in cpu.items()
+                if k.endswith("_cores") and k not in skip
+            }
     for name, m in results["measures"].items():
         total_errors += m.get("errors", 0)
         ceiling = ceilings.get(m.get("ceiling") or "")
@@ -945,8 +1093,10 @@ def describe_value(target: Target, value: float | None) -> str:
 
 def table(results: dict[str, Any]) -> str:
     ceilings = results["ceilings"]
-    lines = ["| measure | req/s | p50 | p99 | errors | ceiling | ratio | target | met? |",
-             "|---|---:|---:|---:|---:|---|---:|---|---|"]
+    lines = [
+        "| measure | req/s | p50 | p99 | errors | ceiling | ratio | target | met? |",
+        "|---|---:|---:|---:|---:|---|---:|---|---|",
+    ]
     for name in MEASURES:
         m = results["measures"].get(name)
         if m is None:
@@ -961,9 +1111,11 @@ def table(results: dict[str, Any]) -> str:
         else:
             ratio = f"{m['ratio']:.0%}" if m.get("ratio") is not None else "—"
         met = {True: "yes", False: "**no**", None: ""}[m.get("met")] if target else ""
-        lines.append(f"| {m['label']} | {fmt_rps(m.get('rps'))} | {fmt_ms(m.get('p50_ms'))} | "
-                     f"{fmt_ms(m.get('p99_ms'))} | {m.get('errors', 0)} | {ceiling_text} | {ratio} | "
-                     f"{target.text if target else '—'} | {met} |")
+        lines.append(
+            f"| {m['label']} | {fmt_rps(m.get('rps'))} | {fmt_ms(m.get('p50_ms'))} | "
+            f"{fmt_ms(m.get('p99_ms'))} | {m.get('errors', 0)} | {ceiling_text} | {ratio} | "
+            f"{target.text if target else '—'} | {met} |"
+        )
     total = results.get("total_errors", 0)
     lines.append(f"| errors, all measures | | | | {total} | | | = 0 | {'yes' if total == 0 else '**no**'} |")
     return "\n".join(lines)
@@ -976,61 +1128,89 @@ def ceilings_table(results: dict[str, Any]) -> str:
         if c is None:
             continue
         if "seconds_median" in c:
-            lines.append(f"| {c['label']} | {fmt_rps(c['rps'])} | {c['seconds_median'] * 1000:.1f} ms (median) | | | "
-                         f"{c['how']}; {fmt_rps(c['parallel_rps'])}/s when {CORES} threads run it at once |")
+            lines.append(
+                f"| {c['label']} | {fmt_rps(c['rps'])} | {c['seconds_median'] * 1000:.1f} ms (median) | | | "
+                f"{c['how']}; {fmt_rps(c['parallel_rps'])}/s when {CORES} threads run it at once |"
+            )
         else:
-            lines.append(f"| {c['label']} | {fmt_rps(c['rps'])} | {fmt_ms(c.get('p50_ms'))} | "
-                         f"{fmt_ms(c.get('p99_ms'))} | {c.get('errors', 0)} | {c['how']} |")
+            lines.append(
+                f"| {c['label']} | {fmt_rps(c['rps'])} | {fmt_ms(c.get('p50_ms'))} | "
+                f"{fmt_ms(c.get('p99_ms'))} | {c.get('errors', 0)} | {c['how']} |"
+            )
     return "\n".join(lines)
 
 
 def cpu_table(results: dict[str, Any]) -> str:
     """CPU per request by process group, and the machine's load from others during each run."""
-    lines = [("| run | demo/hello ms CPU/req | MariaDB ms/req | nginx ms/req | wrk+bench ms/req | "
-              "interrupts ms/req | foreign cores |"), "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| run | demo/hello ms CPU/req | MariaDB ms/req | nginx ms/req | wrk+bench ms/req | "
+            "interrupts ms/req | foreign cores |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for m in [*results["ceilings"].values(), *results["measures"].values()]:
         per, cpu = m.get("cpu_ms_per_request"), m.get("cpu")
         if not per or m.get("probe_requests"):
             continue
-        cells = [f"{per[key]:.3f}" if key in per else "—" for key in
-                 ("servers", "mariadb", "nginx", "wrk+bench", "interrupts")]
+        cells = [
+            f"{per[key]:.3f}" if key in per else "—"
+            for key in ("servers", "mariadb", "nginx", "wrk+bench", "interrupts")
+        ]
         lines.append(f"| {m['label']} | {' | '.join(cells)} | {cpu['foreign_cores']:.2f} |")
     return "\n".join(lines)
 
 
 def report(results: dict[str, Any]) -> str:
     env, cfg = results.get("environment", {}), results.get("config", {})
-    head = (f"demo benchmark, {env.get('date')}, {env.get('cores')} cores ({env.get('cpu')}), "
-            f"Python {env.get('python')}, Tornado {env.get('tornado')}, {env.get('nginx')}, "
-            f"MariaDB {env.get('mariadb', '—')}, wrk -t2 -c{cfg.get('connections')} -d{cfg.get('duration_s')}s"
-            f"{', --busy-cpus' if cfg.get('busy_cpus') else ''}"
-            f"{', settings ' + str(cfg['settings_overrides']) if cfg.get('settings_overrides') else ''}"
-            f"{' (SMOKE: targets not enforced)' if cfg.get('smoke') else ''}")
+    head = (
+        f"demo benchmark, {env.get('date')}, {env.get('cores')} cores ({env.get('cpu')}), "
+        f"Python {env.get('python')}, Tornado {env.get('tornado')}, {env.get('nginx')}, "
+        f"MariaDB {env.get('mariadb', '—')}, wrk -t2 -c{cfg.get('connections')} -d{cfg.get('duration_s')}s"
+        f"{', --busy-cpus' if cfg.get('busy_cpus') else ''}"
+        f"{', settings ' + str(cfg['settings_overrides']) if cfg.get('settings_overrides') else ''}"
+        f"{' (SMOKE: targets not enforced)' if cfg.get('smoke') else ''}"
+    )
     out = [head, "", table(results), "", ceilings_table(results), "", cpu_table(results)]
     loop = results["measures"].get("loop_health")
     if loop:
         load = loop["load"]
-        out += ["", (f"Event-loop probe: {loop['probe_requests']} sequential GET /healthz (one every "
-                     f"{loop['probe_interval_ms']:.0f} ms), max {fmt_ms(loop['max_ms'])}, while "
-                     f"{fmt_rps(load['login']['rps'])} logins/s and {fmt_rps(load['upload']['rps'])} uploads/s "
-                     f"(wrk -c{load['login']['connections']} each) ran.")]
+        out += [
+            "",
+            (
+                f"Event-loop probe: {loop['probe_requests']} sequential GET /healthz (one every "
+                f"{loop['probe_interval_ms']:.0f} ms), max {fmt_ms(loop['max_ms'])}, while "
+                f"{fmt_rps(load['login']['rps'])} logins/s and {fmt_rps(load['upload']['rps'])} uploads/s "
+                f"(wrk -c{load['login']['connections']} each) ran."
+            ),
+        ]
     busy = [(c["label"], c["cpu"]["foreign_cores"]) for c in results["ceilings"].values() if c.get("cpu")]
     busy += [(m["label"], m["cpu"]["foreign_cores"]) for m in results["measures"].values() if m.get("cpu")]
     noisy = [f"{label} ({cores:.2f})" for label, cores in busy if cores > 0.2]
     if noisy:
-        out += ["", (f"WARNING: foreign CPU (cores used by processes outside this benchmark) during: "
-                    f"{'; '.join(noisy)}. Those numbers are low; rerun on a quiet machine.")]
+        out += [
+            "",
+            (
+                f"WARNING: foreign CPU (cores used by processes outside this benchmark) during: "
+                f"{'; '.join(noisy)}. Those numbers are low; rerun on a quiet machine."
+            ),
+        ]
     for name, what in (("memory", "uploads"), ("memory_animated", "animated GIF uploads, then their thumbnails")):
         mem = results["measures"].get(name)
         if mem:
-            out += [(f"Memory ({name}): VmRSS {mem['rss_before_mib']:.1f} MiB before, VmHWM "
-                     f"{mem['peak_rss_mib']:.1f} MiB during {mem['uploads']} concurrent "
-                     f"{mem['upload_bytes'] / MIB:.1f} MiB {what}, {mem['rss_after_mib']:.1f} MiB after; "
-                     f"statuses {mem['statuses']}.")]
+            out += [
+                (
+                    f"Memory ({name}): VmRSS {mem['rss_before_mib']:.1f} MiB before, VmHWM "
+                    f"{mem['peak_rss_mib']:.1f} MiB during {mem['uploads']} concurrent "
+                    f"{mem['upload_bytes'] / MIB:.1f} MiB {what}, {mem['rss_after_mib']:.1f} MiB after; "
+                    f"statuses {mem['statuses']}."
+                )
+            ]
     return "\n".join(out)
 
 
 # -- entry point -------------------------------------------------------------------------------------------
+
 
 def setting(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
@@ -1040,30 +1220,53 @@ def setting(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds, not minutes: 1 s per measure, 4 connections, 4 memory uploads; "
-                             "targets are reported, not enforced (errors still fail)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, not minutes: 1 s per measure, 4 connections, 4 memory uploads; "
+        "targets are reported, not enforced (errors still fail)",
+    )
     parser.add_argument("--duration", type=int, help="seconds per wrk measure (default 10; smoke 1)")
     parser.add_argument("--connections", type=int, help="wrk connections (default 50; smoke 4)")
-    parser.add_argument("--json", dest="json_path", help="where to write the raw results "
-                        "(default bench/results.json; smoke bench/results-smoke.json)")
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        help="where to write the raw results (default bench/results.json; smoke bench/results-smoke.json)",
+    )
     parser.add_argument("--only", help=f"comma list of measures/ceilings to run: {', '.join([*CEILINGS, *MEASURES])}")
     parser.add_argument("--memory-uploads", type=int, help="concurrent 8 MiB uploads in the memory test (16)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="run py-spy (raw collapsed stacks, per thread) on the demo process(es) during "
-                             "each measure; files go to DIR (numbers are then perturbed)")
-    parser.add_argument("--quiet-wait", type=float, metavar="SECONDS",
-                        help="before each measure, wait up to SECONDS (default 30; smoke 0) for other processes "
-                             "to leave the CPUs alone; the report flags measures that had company anyway")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=setting,
-                        help="a demo setting for the demo processes (DEMO_<NAME>), e.g. --set cpu_workers=1 "
-                             "--set db_pool_size=4: compare variants, each run against its own ceilings")
-    parser.add_argument("--busy-cpus", action="store_true",
-                        help="keep every CPU busy with a nice-19 loop during the run (no idle vCPU to wake up: "
-                             "see 'Idle CPUs' in bench/README.md)")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run py-spy (raw collapsed stacks, per thread) on the demo process(es) during "
+        "each measure; files go to DIR (numbers are then perturbed)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        metavar="SECONDS",
+        help="before each measure, wait up to SECONDS (default 30; smoke 0) for other processes "
+        "to leave the CPUs alone; the report flags measures that had company anyway",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=setting,
+        help="a demo setting for the demo processes (DEMO_<NAME>), e.g. --set cpu_workers=1 "
+        "--set db_pool_size=4: compare variants, each run against its own ceilings",
+    )
+    parser.add_argument(
+        "--busy-cpus",
+        action="store_true",
+        help="keep every CPU busy with a nice-19 loop during the run (no idle vCPU to wake up: "
+        "see 'Idle CPUs' in bench/README.md)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, media, nginx files)")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(MEASURES) - set(CEILINGS) if args.only else set()

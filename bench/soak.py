@@ -6,6 +6,7 @@ to the highest one after it). Not part of CI: it takes minutes by design.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--warmup 2] [--json bench/results-soak.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < deadline:
             seconds = max(1, min(ROUND_SECONDS, round(deadline - time.monotonic())))
             procs = [
-                (name, wrk.start(server.url + path.format(image=bench.image_id), duration=seconds, connections=conns,
-                                 script=script, env=bench.lua_env(script), timeout_s=30))
+                (
+                    name,
+                    wrk.start(
+                        server.url + path.format(image=bench.image_id),
+                        duration=seconds,
+                        connections=conns,
+                        script=script,
+                        env=bench.lua_env(script),
+                        timeout_s=30,
+                    ),
+                )
                 for name, path, script, conns in MIX
             ]
             for name, proc in procs:
@@ -81,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                 totals[name]["requests"] += result.requests
                 totals[name]["non2xx"] += result.non2xx
                 totals[name]["socket_errors"] += sum(result.socket_errors.values())
-            bench.log(f"soak: {time.monotonic() - started:5.0f}s, RSS {samples[-1][1] / 1024:.1f} MiB, "
-                      f"fds {samples[-1][2]}, errors {sum(t['non2xx'] + t['socket_errors'] for t in totals.values())}")
+            bench.log(
+                f"soak: {time.monotonic() - started:5.0f}s, RSS {samples[-1][1] / 1024:.1f} MiB, "
+                f"fds {samples[-1][2]}, errors {sum(t['non2xx'] + t['socket_errors'] for t in totals.values())}"
+            )
         stop.set()
         sampler.join()
         server_errors = sum(1 for line in server.logs(10**8).splitlines() if " demo.access: 5" in line)
@@ -94,19 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     fd_growth = max(s[2] for s in warm) / warm[0][2] - 1
     errors = sum(t["non2xx"] + t["socket_errors"] for t in totals.values())
     report = {
-        "minutes": args.minutes, "warmup_minutes": args.warmup, "requests": totals,
-        "errors": errors, "server_5xx_lines": server_errors,
-        "rss_mib": {"after_warmup": warm[0][1] / 1024, "max_after_warmup": max(s[1] for s in warm) / 1024,
-                    "growth": rss_growth},
+        "minutes": args.minutes,
+        "warmup_minutes": args.warmup,
+        "requests": totals,
+        "errors": errors,
+        "server_5xx_lines": server_errors,
+        "rss_mib": {
+            "after_warmup": warm[0][1] / 1024,
+            "max_after_warmup": max(s[1] for s in warm) / 1024,
+            "growth": rss_growth,
+        },
         "open_fds": {"after_warmup": warm[0][2], "max_after_warmup": max(s[2] for s in warm), "growth": fd_growth},
         "samples": samples,
     }
     Path(args.json).write_text(json.dumps(report, indent=1))
     ok = errors == 0 and server_errors == 0 and rss_growth < 0.10 and fd_growth < 0.10
-    print(f"soak {args.minutes:g} min: {sum(t['requests'] for t in totals.values())} requests, {errors} errors "
-          f"(non-2xx or socket), {server_errors} 5xx in the server log; after {args.warmup:g} min warm-up RSS "
-          f"{warm[0][1] / 1024:.1f} -> max {max(s[1] for s in warm) / 1024:.1f} MiB ({rss_growth:+.1%}), open fds "
-          f"{warm[0][2]} -> max {max(s[2] for s in warm)} ({fd_growth:+.1%}): {'PASS' if ok else 'FAIL'}")
+    print(
+        f"soak {args.minutes:g} min: {sum(t['requests'] for t in totals.values())} requests, {errors} errors "
+        f"(non-2xx or socket), {server_errors} 5xx in the server log; after {args.warmup:g} min warm-up RSS "
+        f"{warm[0][1] / 1024:.1f} -> max {max(s[1] for s in warm) / 1024:.1f} MiB ({rss_growth:+.1%}), open fds "
+        f"{warm[0][2]} -> max {max(s[2] for s in warm)} ({fd_growth:+.1%}): {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

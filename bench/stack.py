@@ -4,6 +4,7 @@ tests/helpers.py's ``Nginx``, which the production tests run too).
 Every process writes to a file (never to a pipe nobody reads), every wait is bounded, and every
 ``stop`` ends only the process this module started.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ from tests.helpers import (
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MAIN = ROOT / "demo" / "main.py"
 HELLO = Path(__file__).resolve().parent / "hello.py"
-MYSQL_SERVER = os.environ.get("BENCH_MYSQL_URL", os.environ.get("DEMO_TEST_MYSQL_URL",
-                                                                "mysql+mysqldb://root@127.0.0.1:3306"))
+MYSQL_SERVER = os.environ.get(
+    "BENCH_MYSQL_URL", os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306")
+)
 START_TIMEOUT = 60  # seconds for a server to answer (a fresh database is migrated first)
 STOP_TIMEOUT = 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -43,6 +45,7 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 
 # -- /proc -----------------------------------------------------------------------------------------
+
 
 def proc_status_kib(pid: int, key: str) -> int:
     """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM, ...)."""
@@ -115,6 +118,7 @@ class CpuMeter:
     @staticmethod
     def _children_and_self() -> float:
         import resource
+
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime  # wrk (once reaped) and us
 
@@ -142,6 +146,7 @@ class CpuMeter:
 
 
 # -- processes -------------------------------------------------------------------------------------
+
 
 class Server:
     """One server process on 127.0.0.1:<port>, output to ``<tmp>/<name>.out``."""
@@ -172,8 +177,14 @@ class Server:
 
     def start(self) -> Server:
         with open(self.output, "ab") as out:
-            self.proc = subprocess.Popen(self.command(), cwd=self.tmp, env=self.environment(), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=self.tmp,
+                env=self.environment(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
     def running(self) -> bool:
@@ -187,6 +198,7 @@ class Server:
                 return HttpClient(self.url, timeout=2).get(self.ready_path).code == 200
             except OSError:
                 return False
+
         wait_until(ready, f"{self.name} on port {self.port} to answer", timeout, every=0.1, error=HarnessError)
         return self
 
@@ -221,8 +233,13 @@ class DemoServer(Server):
         self.log_dir = tmp / "log" / name
 
     def command(self) -> list[str]:
-        return [sys.executable, str(DEMO_MAIN), f"--port={self.port}", "--address=127.0.0.1",
-                f"--log_dir={self.log_dir}"]
+        return [
+            sys.executable,
+            str(DEMO_MAIN),
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+            f"--log_dir={self.log_dir}",
+        ]
 
     def environment(self) -> dict[str, str]:
         return {**super().environment(), **self.env}
@@ -236,6 +253,7 @@ class DemoServer(Server):
 
 
 # -- the database ----------------------------------------------------------------------------------
+
 
 class BenchDatabase(ThrowawayDatabase):
     """A fresh ``demo_bench_<random>`` database on the MariaDB server; dropped by ``drop``."""

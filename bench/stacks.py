@@ -8,6 +8,7 @@ query, epoll) usually still counts, so read it as "where each thread spends its 
 Prints, per file: samples per thread pool (event loop, demo-db, demo-cpu, demo-io), then the top
 categories (SQLAlchemy, MySQLdb, templates, logging, ...) and the top leaf frames per pool.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,11 +30,27 @@ CATEGORIES = [
     ("logging (request log)", ("logging/", "demo/common/logs.py")),
     ("prometheus metrics", ("prometheus_client/",)),
     ("python-multipart", ("python_multipart/", "multipart/")),
-    ("tornado HTTP (parse/write)", ("tornado/http1connection.py", "tornado/httputil.py", "tornado/iostream.py",
-                                    "tornado/httpserver.py", "tornado/routing.py")),
+    (
+        "tornado HTTP (parse/write)",
+        (
+            "tornado/http1connection.py",
+            "tornado/httputil.py",
+            "tornado/iostream.py",
+            "tornado/httpserver.py",
+            "tornado/routing.py",
+        ),
+    ),
     ("tornado web (handler)", ("tornado/web.py", "tornado/escape.py")),
-    ("thread pool hop (futures, queue, locks)", ("concurrent/futures/", "threading.py", "queue.py",
-                                                 "asyncio/futures.py", "asyncio/base_events.py:run_in_executor")),
+    (
+        "thread pool hop (futures, queue, locks)",
+        (
+            "concurrent/futures/",
+            "threading.py",
+            "queue.py",
+            "asyncio/futures.py",
+            "asyncio/base_events.py:run_in_executor",
+        ),
+    ),
     ("asyncio loop", ("asyncio/", "selectors.py")),
     ("json", ("json/",)),
     ("demo code", ("demo/",)),
@@ -86,13 +103,15 @@ def summarise(path: Path, top: int = 12) -> str:
         per_pool[pool] += count
         categories[pool][category(frames)] += count
         leaf = FRAME.match(frames[-1]) if frames else None
-        leaves[pool][f"{leaf.group('func')} ({leaf.group('file')})" if leaf else (frames[-1] if frames else "?")] \
-            += count
+        leaves[pool][f"{leaf.group('func')} ({leaf.group('file')})" if leaf else (frames[-1] if frames else "?")] += (
+            count
+        )
     out = [f"== {path.name}: {total} samples"]
     for pool, count in per_pool.most_common():
         out.append(f"\n-- {pool}: {count / total:.0%} of samples")
-        out.append("   by layer: " + ", ".join(f"{name} {n / count:.0%}" for name, n in
-                                               categories[pool].most_common(8)))
+        out.append(
+            "   by layer: " + ", ".join(f"{name} {n / count:.0%}" for name, n in categories[pool].most_common(8))
+        )
         out.append("   leaf frames:")
         for leaf, n in leaves[pool].most_common(top if pool.startswith("event loop") else 5):
             out.append(f"   {n / count:5.1%}  {leaf}")

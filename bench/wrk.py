@@ -1,4 +1,5 @@
 """Run Debian's wrk and read its report: req/s, p50/p99 (``--latency``), non-2xx, socket errors."""
+
 from __future__ import annotations
 
 import os
@@ -76,17 +77,33 @@ def parse(output: str, result: WrkResult) -> WrkResult:
     result.non2xx = int(non2xx.group(1)) if non2xx else 0
     sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     names = ("connect", "read", "write", "timeout")
-    result.socket_errors = dict(zip(names, map(int, sockets.groups()), strict=True)) if sockets else dict.fromkeys(names, 0)
+    result.socket_errors = (
+        dict(zip(names, map(int, sockets.groups()), strict=True)) if sockets else dict.fromkeys(names, 0)
+    )
     return result
 
 
-def start(url: str, *, duration: float, connections: int, threads: int = 2, script: str | None = None,
-          env: dict[str, str] | None = None, timeout_s: float = 30.0) -> subprocess.Popen:
+def start(
+    url: str,
+    *,
+    duration: float,
+    connections: int,
+    threads: int = 2,
+    script: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> subprocess.Popen:
     """Start ``wrk -t -c -d --latency [-s script] url``; collect it with :func:`finish`."""
     threads = max(1, min(threads, connections))
     duration = max(1, round(duration))  # wrk reads whole seconds only
-    command = [wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-               f"--timeout={max(1, round(timeout_s))}s"]
+    command = [
+        wrk_path(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        f"--timeout={max(1, round(timeout_s))}s",
+    ]
     if script:
         command += ["-s", str(LUA / script)]
     command.append(url)

@@ -7,6 +7,7 @@ kind of problem (demo/common/infra/startup.py). SIGTERM/SIGINT: stop accepting, 
 requests finish within ``shutdown_grace``, close the pools, exit 0.
 SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -88,8 +89,9 @@ class DemoApplication(tornado.web.Application):
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)
         route = self.route_names.get(type(handler)) or type(handler).__name__  # unnamed: Tornado's static routes
-        self.services.metrics.observe_request(route, handler.request.method, handler.get_status(),
-                                              handler.request.request_time())
+        self.services.metrics.observe_request(
+            route, handler.request.method, handler.get_status(), handler.request.request_time()
+        )
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -100,8 +102,9 @@ class DemoApplication(tornado.web.Application):
         self.services.metrics.in_flight.dec()
 
 
-def make_app(settings: Settings | None = None, *, clock: Clock | None = None,
-             services: Services | None = None) -> DemoApplication:
+def make_app(
+    settings: Settings | None = None, *, clock: Clock | None = None, services: Services | None = None
+) -> DemoApplication:
     """The application for ``settings`` (defaults when None); the database must already be migrated."""
     settings = settings or config.defaults()
     return DemoApplication(services or build_services(settings, clock))
@@ -119,7 +122,8 @@ def make_server(app: DemoApplication) -> HTTPServer:
     return DemoHTTPServer(
         app,
         # Behind nginx: client IP and scheme come from X-Real-IP / X-Forwarded-*, when nginx sent them.
-        xheaders=True, trusted_proxies=trusted_proxies(settings),
+        xheaders=True,
+        trusted_proxies=trusted_proxies(settings),
         max_body_size=settings.max_upload_bytes + 64 * 1024,  # multipart framing on top of the file
         # Slow or idle clients cost a socket each, never a thread; these bound how long they may hold one.
         idle_connection_timeout=settings.idle_timeout,  # Tornado also uses it as the header timeout
@@ -132,8 +136,9 @@ def listen(settings: Settings) -> list[socket.socket]:
     try:
         return bind_sockets(settings.port, settings.address)
     except OSError as error:  # in use, not an address of this machine, a privileged port
-        raise CannotListen(f"cannot listen on {settings.address}:{settings.port} (--address, --port): "
-                           f"{error.strerror or error}") from None
+        raise CannotListen(
+            f"cannot listen on {settings.address}:{settings.port} (--address, --port): {error.strerror or error}"
+        ) from None
 
 
 def prepare_database(settings: Settings) -> None:
@@ -183,8 +188,12 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reopen_logs)
-    log.info("demo listening on http://%s:%d (database: %s)", settings.address, settings.port,
-             services.db.engine.url.render_as_string(hide_password=True))
+    log.info(
+        "demo listening on http://%s:%d (database: %s)",
+        settings.address,
+        settings.port,
+        services.db.engine.url.render_as_string(hide_password=True),
+    )
     await stopping.wait()
 
     log.info("stopping: no new connections; %d in flight get %.0fs", app.in_flight, settings.shutdown_grace)

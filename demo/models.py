@@ -1,4 +1,5 @@
 """All tables. Times are naive UTC (microsecond precision on MySQL too); migrations live in demo/migrations."""
+
 from __future__ import annotations
 
 import datetime as dt

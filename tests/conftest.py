@@ -18,6 +18,7 @@ The other real parts:
 A missing MariaDB, nginx or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB, nginx) or
 DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under CI=true any skip fails (see the end).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -262,8 +263,12 @@ RUNNING_IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini("ci_allowed_skips", type="linelist", default=[],
-                  help="regular expressions: the skip reasons allowed under CI=true (any other fails)")
+    parser.addini(
+        "ci_allowed_skips",
+        type="linelist",
+        default=[],
+        help="regular expressions: the skip reasons allowed under CI=true (any other fails)",
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -288,5 +293,6 @@ def fail_a_skip_under_ci(report: pytest.TestReport | pytest.CollectReport, confi
     if any(re.search(pattern, reason) for pattern in config.getini("ci_allowed_skips")):
         return
     report.outcome = "failed"
-    report.longrepr = (f"skipped under CI=true, which allows only the skips listed in ci_allowed_skips "
-                       f"(setup.cfg): {reason}")
+    report.longrepr = (
+        f"skipped under CI=true, which allows only the skips listed in ci_allowed_skips (setup.cfg): {reason}"
+    )

@@ -13,6 +13,7 @@ Output of a process goes to a file, never to a pipe nobody reads (a full pipe wo
 ``bench/`` imports this module too (``from tests.helpers import ...``): neither side reaches into the
 other's private names.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -46,6 +47,7 @@ class HarnessError(RuntimeError):
 
 # -- ports and waits -------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +55,13 @@ def free_port() -> int:
         return port
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 30, every: float = 0.05,
-               error: type[Exception] = AssertionError) -> Any:
+def wait_until(
+    check: Callable[[], Any],
+    what: str,
+    timeout: float = 30,
+    every: float = 0.05,
+    error: type[Exception] = AssertionError,
+) -> Any:
     """Call ``check`` until it returns something true (returned); ``error`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -67,6 +74,7 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 30, every: 
 
 
 # -- answers and HTTP clients ------------------------------------------------------------------------
+
 
 @dataclass
 class Response:
@@ -101,8 +109,9 @@ def sent_phone(phone: str) -> str:
     return phone if phone.startswith("+") else "+86" + phone
 
 
-def _request_parts(json_body: Any, body: bytes | str | None, token: str | None,
-                   headers: dict[str, str] | None) -> tuple[bytes | str | None, dict[str, str]]:
+def _request_parts(
+    json_body: Any, body: bytes | str | None, token: str | None, headers: dict[str, str] | None
+) -> tuple[bytes | str | None, dict[str, str]]:
     headers = dict(headers or {})
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -121,15 +130,28 @@ class Api:
         self.base_url = base_url
         self.client = AsyncHTTPClient(force_instance=True, max_clients=64)
 
-    async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
-                      token: str | None = None, headers: dict[str, str] | None = None,
-                      follow_redirects: bool = False) -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: bytes | str | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        follow_redirects: bool = False,
+    ) -> Response:
         body, headers = _request_parts(json_body, body, token, headers)
         if body is None and method in ("POST", "PUT", "PATCH"):
             body = b""
         response = await self.client.fetch(
-            self.base_url + path, method=method, body=body, headers=headers, raise_error=False,
-            follow_redirects=follow_redirects, request_timeout=60,
+            self.base_url + path,
+            method=method,
+            body=body,
+            headers=headers,
+            raise_error=False,
+            follow_redirects=follow_redirects,
+            request_timeout=60,
         )
         return Response(response.code, response.headers, response.body or b"")
 
@@ -163,8 +185,7 @@ class LoopbackHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         host = "127.0.0.1" if self.host == "localhost" else self.host
-        sock = socket.create_connection((host, self.port), self.timeout,
-                                        self.source_address)  # type: ignore[attr-defined]
+        sock = socket.create_connection((host, self.port), self.timeout, self.source_address)  # type: ignore[attr-defined]
         self.sock = self._context.wrap_socket(sock, server_hostname=self.sni)  # type: ignore[attr-defined]
 
 
@@ -172,8 +193,9 @@ class HttpClient:
     """Blocking HTTP(S) to ``base_url`` (http://127.0.0.1:port, https://localhost:port), a new connection per
     call, from ``source_ip`` when given (any 127.x: nginx sees it as the client). Never raises on 4xx/5xx."""
 
-    def __init__(self, base_url: str, *, tls: ssl.SSLContext | None = None, source_ip: str | None = None,
-                 timeout: float = 30) -> None:
+    def __init__(
+        self, base_url: str, *, tls: ssl.SSLContext | None = None, source_ip: str | None = None, timeout: float = 30
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         self.https = parts.scheme == "https"
@@ -186,12 +208,21 @@ class HttpClient:
     def connection(self) -> http.client.HTTPConnection:
         source = (self.source_ip, 0) if self.source_ip else None
         if self.https:
-            return LoopbackHTTPSConnection(self.host, self.port, context=self.tls, timeout=self.timeout,
-                                           source_address=source)
+            return LoopbackHTTPSConnection(
+                self.host, self.port, context=self.tls, timeout=self.timeout, source_address=source
+            )
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout, source_address=source)
 
-    def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
-                token: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: bytes | str | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         """``path`` may be a whole URL on this server (as the app hands them out)."""
         body, headers = _request_parts(json_body, body, token, headers)
         if path.startswith(("http://", "https://")):
@@ -215,11 +246,21 @@ class HttpClient:
         return self.request("DELETE", path, **kw)
 
 
-def call(port: int, method: str, path: str, payload: Any = None, *, token: str | None = None,
-         body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, Any]:
+def call(
+    port: int,
+    method: str,
+    path: str,
+    payload: Any = None,
+    *,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, Any]:
     """One request to a local server: (status, parsed JSON or raw bytes). Never raises on 4xx/5xx."""
     answer = HttpClient(f"http://127.0.0.1:{port}", timeout=timeout).request(
-        method, path, json_body=payload, body=body, token=token, headers=headers)
+        method, path, json_body=payload, body=body, token=token, headers=headers
+    )
     try:
         return answer.code, answer.json
     except ValueError:
@@ -229,9 +270,11 @@ def call(port: int, method: str, path: str, payload: Any = None, *, token: str |
 def sms_code(outbox: Path, phone: str, timeout: float = 10) -> str:
     """The newest code texted to ``phone`` (E.164) by a server process whose SMS backend is
     ``file:<outbox>``; texts go out just after the answer, so this waits for one."""
+
     def codes() -> list[str]:
         lines = outbox.read_text().splitlines() if outbox.exists() else []
         return [m["code"] for m in map(json.loads, filter(str.strip, lines)) if m["phone"] == phone and m["code"]]
+
     found: list[str] = wait_until(codes, f"an SMS code sent to {phone}", timeout)
     return found[-1]
 
@@ -247,6 +290,7 @@ def register(port: int, phone: str, code: str, password: str = "demo123456") -> 
 
 
 # -- throw-away MariaDB databases ----------------------------------------------------------------------
+
 
 def mysql_unreachable_reason(server_url: str = MYSQL_SERVER, timeout: int = 2) -> str | None:
     """Why MariaDB cannot be used (no driver, no server), or None when it can."""
@@ -331,15 +375,18 @@ def new_mysql_database(server_url: str = MYSQL_SERVER, prefix: str = "demo_test"
 
 # -- real server processes -------------------------------------------------------------------------------
 
-def start(workdir: Path, *args: str, env: dict[str, str] | None = None,
-          command: list[str] | None = None) -> subprocess.Popen[str]:
+
+def start(
+    workdir: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+) -> subprocess.Popen[str]:
     """``python demo/main.py ARGS`` (or ``command ARGS``) with only the DEMO_* variables given in ``env``."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     environ.update(env or {})
     output = open(workdir / f"server-{time.monotonic_ns()}.out", "w+")  # noqa: SIM115 - closed by finish()
     program = command or [sys.executable, str(ROOT / "demo" / "main.py")]
-    proc = subprocess.Popen([*program, *args], cwd=workdir, env=environ,
-                            stdout=output, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*program, *args], cwd=workdir, env=environ, stdout=output, stderr=subprocess.STDOUT, text=True
+    )
     proc.output_file = output  # type: ignore[attr-defined]
     return proc
 
@@ -361,6 +408,7 @@ def wait_for(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> Any:
         except OSError:
             return None
         return answer.json if answer.code == 200 else None
+
     try:
         return wait_until(answered, f"{url} to answer", timeout)
     except AssertionError as error:
@@ -407,8 +455,15 @@ def reset_peak_memory(pid: int) -> None:
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags Chromium needs as root in a container with no outside network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 def chromium_missing() -> str | None:
@@ -438,19 +493,28 @@ async def chromium_browser() -> AsyncIterator[Any]:
 
 # -- the shipped nginx file, locally ------------------------------------------------------------------
 
+
 def replace_all(source: str, replacements: list[tuple[str, str]], name: str) -> str:
     """``source`` with each ``old`` replaced; a token no longer in the shipped file is an error, so that
     the tests and the benchmark follow the file."""
     for old, new in replacements:
         if old not in source:
-            raise HarnessError(f"{old!r} is no longer in {name}: update the rendering in tests/helpers.py "
-                               "or its caller")
+            raise HarnessError(
+                f"{old!r} is no longer in {name}: update the rendering in tests/helpers.py or its caller"
+            )
         source = source.replace(old, new)
     return source
 
 
-def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: int, upstream_ports: list[int],
-                         static_dir: Path, extra: list[tuple[str, str]] | None = None) -> Path:
+def render_shipped_nginx(
+    folder: Path,
+    tls: Path,
+    http_port: int,
+    https_port: int,
+    upstream_ports: list[int],
+    static_dir: Path,
+    extra: list[tuple[str, str]] | None = None,
+) -> Path:
     """demo/conf/nginx/demo.conf with local ports, a test certificate in ``tls`` and folders under
     ``folder``, inside a main file like Debian's /etc/nginx/nginx.conf; returns that main file.
     Shared by the benchmark and tests/e2e/test_production.py, so both run the file operators get."""
@@ -458,23 +522,27 @@ def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: in
     for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     a, b = upstream_ports
-    site = replace_all(NGINX_CONF.read_text(), [
-        ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
-        ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
-        ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
-        ("api.example.com", "localhost"),
-        ("listen 80", f"listen 127.0.0.1:{http_port}"),
-        ("listen 443", f"listen 127.0.0.1:{https_port}"),
-        # On port 443 the redirect needs no port; on a test port it does.
-        ("return 301 https://$host$request_uri;", f"return 301 https://$host:{https_port}$request_uri;"),
-        ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
-        ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
-        ("/var/cache/nginx/demo", str(d / "cache")),
-        ("/var/log/nginx/", f"{d / 'logs'}/"),
-        ("/var/www/letsencrypt", str(d / "acme")),
-        ("/opt/demo/demo/static/", f"{static_dir}/"),
-        *(extra or []),
-    ], NGINX_CONF.name)
+    site = replace_all(
+        NGINX_CONF.read_text(),
+        [
+            ("/etc/letsencrypt/live/api.example.com/fullchain.pem", str(tls / "cert.pem")),
+            ("/etc/letsencrypt/live/api.example.com/privkey.pem", str(tls / "key.pem")),
+            ("/etc/nginx/dhparam.pem", str(tls / "dhparam.pem")),
+            ("api.example.com", "localhost"),
+            ("listen 80", f"listen 127.0.0.1:{http_port}"),
+            ("listen 443", f"listen 127.0.0.1:{https_port}"),
+            # On port 443 the redirect needs no port; on a test port it does.
+            ("return 301 https://$host$request_uri;", f"return 301 https://$host:{https_port}$request_uri;"),
+            ("server 127.0.0.1:8001 ", f"server 127.0.0.1:{a} "),
+            ("server 127.0.0.1:8002 ", f"server 127.0.0.1:{b} "),
+            ("/var/cache/nginx/demo", str(d / "cache")),
+            ("/var/log/nginx/", f"{d / 'logs'}/"),
+            ("/var/www/letsencrypt", str(d / "acme")),
+            ("/opt/demo/demo/static/", f"{static_dir}/"),
+            *(extra or []),
+        ],
+        NGINX_CONF.name,
+    )
     ipv6 = [line for line in site.splitlines() if line.strip().startswith("listen [::]:")]
     if len(ipv6) != 4:
         raise HarnessError("expected an IPv6 listen next to each IPv4 one in the shipped nginx file")
@@ -495,14 +563,14 @@ def render_shipped_nginx(folder: Path, tls: Path, http_port: int, https_port: in
             default_type application/octet-stream;
             ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
             ssl_prefer_server_ciphers on;
-            access_log {d / 'logs' / 'access.log'};
+            access_log {d / "logs" / "access.log"};
             gzip on;
-            client_body_temp_path {temp / 'body'};
-            proxy_temp_path {temp / 'proxy'};
-            fastcgi_temp_path {temp / 'fastcgi'};
-            uwsgi_temp_path {temp / 'uwsgi'};
-            scgi_temp_path {temp / 'scgi'};
-            include {d / 'demo.conf'};
+            client_body_temp_path {temp / "body"};
+            proxy_temp_path {temp / "proxy"};
+            fastcgi_temp_path {temp / "fastcgi"};
+            uwsgi_temp_path {temp / "uwsgi"};
+            scgi_temp_path {temp / "scgi"};
+            include {d / "demo.conf"};
         }}
     """
     (d / "nginx.conf").write_text(main)
@@ -515,8 +583,9 @@ class Nginx:
     front of ``upstream_ports``. ``static_dir`` replaces the app's static folder; ``extra`` adds
     replacements (e.g. a shorter cache time). Its own process group: ``stop`` takes its workers along."""
 
-    def __init__(self, folder: Path, upstream_ports: list[int], static_dir: Path,
-                 extra: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, folder: Path, upstream_ports: list[int], static_dir: Path, extra: list[tuple[str, str]] | None = None
+    ) -> None:
         self.dir = folder / "nginx"
         self.tls = folder / "tls"
         self.cert = self.tls / "cert.pem"
@@ -551,23 +620,33 @@ class Nginx:
 
     def command(self, *extra: str) -> list[str]:
         d = self.dir
-        return [NGINX, "-p", str(d), "-c", str(self.conf), *extra,
-                "-g", f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;"]
+        return [
+            NGINX,
+            "-p",
+            str(d),
+            "-c",
+            str(self.conf),
+            *extra,
+            "-g",
+            f"daemon off; pid {d / 'nginx.pid'}; error_log {d / 'logs' / 'error.log'} info;",
+        ]
 
     def start(self) -> Self:
         reason = self.missing()
         if reason:
             raise HarnessError(reason)
         make_certificate(self.tls)
-        self.conf = render_shipped_nginx(self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports,
-                                         self.static_dir, self.extra)
+        self.conf = render_shipped_nginx(
+            self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports, self.static_dir, self.extra
+        )
         checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
         if checked.returncode != 0:
             raise HarnessError(f"nginx -t refused the rendered sample:\n{checked.stderr}")
         with open(self.dir / "nginx.out", "ab") as out:
             # Its own process group, so that even a master that died uncleanly takes its workers along.
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         return self
 
     def running(self) -> bool:
@@ -608,9 +687,42 @@ def make_certificate(folder: Path, timeout: float = 60) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         raise HarnessError("openssl is not installed")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-days", "1",
-                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
-                   check=True, capture_output=True, timeout=timeout)
-    subprocess.run([openssl, "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
-                    "-out", str(folder / "dhparam.pem")], check=True, capture_output=True, timeout=timeout)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-days",
+            "1",
+            "-keyout",
+            str(folder / "key.pem"),
+            "-out",
+            str(folder / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    subprocess.run(
+        [
+            openssl,
+            "genpkey",
+            "-genparam",
+            "-algorithm",
+            "DH",
+            "-pkeyopt",
+            "group:ffdhe2048",
+            "-out",
+            str(folder / "dhparam.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )

@@ -4,6 +4,7 @@ Both directions are asserted: every route and handler method is an operation of 
 security its auth decision implies), and every operation of the spec is a route and a method the app
 implements.
 """
+
 from __future__ import annotations
 
 import re
@@ -50,6 +51,7 @@ def app_routes() -> list[URLSpec]:
 # group ([...], *, +, ?, |, {n}, (?:...)) is refused, so a pattern this cannot read fails loudly
 # instead of being compared wrongly. A bare "." is taken literally (r"/openapi.yaml").
 
+
 def template_from_route(pattern: str) -> str:
     body = pattern.removeprefix("^").removesuffix("$")
     out: list[str] = []
@@ -83,12 +85,15 @@ def template_from_spec(path: str) -> str:
     return re.sub(r"\{[^{}]+\}", "{}", path)
 
 
-@pytest.mark.parametrize(("pattern", "expected"), [
-    (r"/users/login", "/users/login"),
-    (r"/openapi.yaml", "/openapi.yaml"),
-    (r"^/images/([A-Za-z0-9_-]{22,64})$", "/images/{}"),
-    (r"/images/(?P<id>[A-Za-z0-9_-]{22,64})\.(jpg|png|gif|webp)", "/images/{}.{}"),
-])
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (r"/users/login", "/users/login"),
+        (r"/openapi.yaml", "/openapi.yaml"),
+        (r"^/images/([A-Za-z0-9_-]{22,64})$", "/images/{}"),
+        (r"/images/(?P<id>[A-Za-z0-9_-]{22,64})\.(jpg|png|gif|webp)", "/images/{}.{}"),
+    ],
+)
 def test_route_conversion(pattern: str, expected: str) -> None:
     assert template_from_route(pattern) == expected
 
@@ -100,6 +105,7 @@ def test_route_conversion_refuses_what_it_cannot_read(pattern: str) -> None:
 
 
 # -- the document --------------------------------------------------------------------------------
+
 
 def test_spec_is_valid_openapi_3_1(spec: dict[str, Any]) -> None:
     assert spec["openapi"] == "3.1.0"
@@ -113,10 +119,16 @@ def test_every_route_is_in_the_spec(spec: dict[str, Any]) -> None:
 
 
 def test_every_operation_in_the_spec_is_served(spec: dict[str, Any]) -> None:
-    served = {(template_from_route(r.regex.pattern), method.lower())
-              for r in app_routes() for method in implemented_methods(r.target)}
-    missing = [f"{method.upper()} {path}" for path, method, _ in operations(spec)
-               if (template_from_spec(path), method) not in served]
+    served = {
+        (template_from_route(r.regex.pattern), method.lower())
+        for r in app_routes()
+        for method in implemented_methods(r.target)
+    }
+    missing = [
+        f"{method.upper()} {path}"
+        for path, method, _ in operations(spec)
+        if (template_from_spec(path), method) not in served
+    ]
     assert not missing, f"operations of openapi.yaml that no handler implements: {missing}"
 
 
@@ -135,13 +147,17 @@ def test_every_handler_method_is_an_operation_with_matching_security(spec: dict[
             schemes = [set(req) for req in operation.get("security", spec.get("security", []))]
             anonymous = not schemes or set() in schemes
             h5_cookie = any("h5Cookie" in req for req in schemes)
-            ok = {
-                Auth.PUBLIC: anonymous,
-                Auth.SESSION: not anonymous and {"bearerAuth"} in schemes,
-                Auth.H5_SESSION: h5_cookie and not anonymous,
-                # The H5 home page: a one-time ticket (no credential the spec can name) or the cookie.
-                Auth.SELF: h5_cookie and anonymous,
-            }.get(auth, False) if auth else False
+            ok = (
+                {
+                    Auth.PUBLIC: anonymous,
+                    Auth.SESSION: not anonymous and {"bearerAuth"} in schemes,
+                    Auth.H5_SESSION: h5_cookie and not anonymous,
+                    # The H5 home page: a one-time ticket (no credential the spec can name) or the cookie.
+                    Auth.SELF: h5_cookie and anonymous,
+                }.get(auth, False)
+                if auth
+                else False
+            )
             if not ok:
                 problems.append(f"{method} {pattern}: handler is {auth}, spec security is {schemes}")
     assert not problems, "\n".join(problems)
@@ -152,8 +168,9 @@ def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
     registry = Registry().with_resource(SPEC_URI, Resource.from_contents(spec, DRAFT202012))
 
     def check(instance: Any, pointer: str) -> None:
-        validator = OAS31Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=registry,
-                                   format_checker=OAS31Validator.FORMAT_CHECKER)
+        validator = OAS31Validator(
+            {"$ref": f"{SPEC_URI}#{pointer}"}, registry=registry, format_checker=OAS31Validator.FORMAT_CHECKER
+        )
         errors = [f"{pointer}: {e.message}" for e in validator.iter_errors(instance)]
         assert not errors, "\n".join(errors)
 
@@ -181,8 +198,12 @@ def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
 
 
 def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(path, method, op) for path, item in spec["paths"].items()
-            for method, op in item.items() if method in HTTP_METHODS]
+    return [
+        (path, method, op)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in HTTP_METHODS
+    ]
 
 
 def resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Domain errors. Plain Python: the web layer (web/errors.py) maps each ``code`` to an HTTP status."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Periodic clean-up of rows that no rule reads any more, and of blobs no image uses (run by main.py)."""
+
 from __future__ import annotations
 
 import datetime as dt

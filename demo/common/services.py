@@ -1,4 +1,5 @@
 """Builds the long-lived objects of one process from the settings (and closes them)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -81,16 +82,21 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     app_metrics = Metrics()
     offloader = Offloader(db_threads=settings.db_pool_size, cpu_threads=settings.cpu_workers)
     engine = make_engine(
-        settings.database_url, pool_size=settings.db_pool_size,
-        connect_timeout=settings.db_connect_timeout, pool_recycle=settings.db_pool_recycle,
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        connect_timeout=settings.db_connect_timeout,
+        pool_recycle=settings.db_pool_recycle,
         io_timeout=settings.db_io_timeout,
     )
     db = Database(engine, offloader)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:
         backend = make_backend(
-            settings.sms_backend, offloader, gateway_url=settings.sms_gateway_url,
-            gateway_body=settings.sms_gateway_body, gateway_headers=settings.sms_gateway_headers,
+            settings.sms_backend,
+            offloader,
+            gateway_url=settings.sms_gateway_url,
+            gateway_body=settings.sms_gateway_body,
+            gateway_headers=settings.sms_gateway_headers,
             gateway_timeout=settings.sms_gateway_timeout,
         )
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
@@ -100,11 +106,20 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         raise ConfigError(str(error)) from error
     sender = Sender(db, backend, app_metrics, clock, sender_rules)
     code_key = derived_key(cookie_secret, b"demo sms codes")
-    accounts = Accounts(db, passwords, sender, code_key=code_key, rules=account_rules, test_numbers=test_numbers,
-                        clock=clock, ticket_ttl=settings.h5_ticket_ttl)
+    accounts = Accounts(
+        db,
+        passwords,
+        sender,
+        code_key=code_key,
+        rules=account_rules,
+        test_numbers=test_numbers,
+        clock=clock,
+        ticket_ttl=settings.h5_ticket_ttl,
+    )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings.media_root)
     images = Images(db, store, ImageRules.from_settings(settings), clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
-    return Services(settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics,
-                    cookie_secret)
+    return Services(
+        settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics, cookie_secret
+    )

@@ -5,6 +5,7 @@ other modules read); ``prepare_folders`` creates the folders the server writes t
 may. Each problem is one ``StartupError`` naming the option, the path or the database URL (its
 password masked): main() prints it as one line and exits with the error's status.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,15 +95,19 @@ def _database_url(settings: Settings) -> None:
         url = make_url(settings.database_url)
         url.get_dialect()  # loads the dialect (not the driver): an unknown scheme fails here
     except (ArgumentError, NoSuchModuleError, ValueError):
-        raise ValueError(f"{masked_url(settings.database_url)}: not a SQLAlchemy URL "
-                         "(sqlite:///path or mysql+mysqldb://user:password@host/database)") from None
+        raise ValueError(
+            f"{masked_url(settings.database_url)}: not a SQLAlchemy URL "
+            "(sqlite:///path or mysql+mysqldb://user:password@host/database)"
+        ) from None
     if url.get_backend_name() not in DATABASES:
         raise ValueError(f"{masked_url(settings.database_url)}: not SQLite or MySQL/MariaDB")
     try:
         url.get_dialect().import_dbapi()
     except ImportError as error:
-        raise ValueError(f"{masked_url(settings.database_url)}: its driver is not installed ({error}; "
-                         "for mysql+mysqldb: pip install '.[mysql]')") from None
+        raise ValueError(
+            f"{masked_url(settings.database_url)}: its driver is not installed ({error}; "
+            "for mysql+mysqldb: pip install '.[mysql]')"
+        ) from None
 
 
 def _public_url(settings: Settings) -> None:
@@ -127,8 +132,12 @@ def _sms_gateway_timeout(settings: Settings) -> None:
 def _sms_backend(settings: Settings) -> None:
     kind, _ = parse_backend(settings.sms_backend)
     if kind == "http":  # constructing it checks what it needs, and sends nothing
-        HttpGatewayBackend(settings.sms_gateway_url, settings.sms_gateway_body, settings.sms_gateway_headers,
-                           settings.sms_gateway_timeout)
+        HttpGatewayBackend(
+            settings.sms_gateway_url,
+            settings.sms_gateway_body,
+            settings.sms_gateway_headers,
+            settings.sms_gateway_timeout,
+        )
 
 
 # Each check calls the parser the server itself uses, for its ValueError (what it returns is dropped).

@@ -1,4 +1,5 @@
 """Alembic environment: the engine comes from the server (config.attributes) or from the settings."""
+
 from __future__ import annotations
 
 from alembic import context

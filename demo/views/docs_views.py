@@ -1,5 +1,6 @@
 """API reference handlers: Swagger UI from the openapi-ui-bundles package, served by the app itself
 (no CDN: the page's CSP allows only this origin), reading the contract from ``/openapi.yaml``."""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable
@@ -15,9 +16,11 @@ from demo.common.web.auth import public
 ASSETS = openapi_ui_bundles.swagger_ui.static_path
 ASSETS_VERSION = metadata.version("openapi-ui-bundles")
 # Swagger UI draws its icons from data: URLs and sets styles through the DOM (not inline <style>).
-DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
-            "object-src 'none'")
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "object-src 'none'"
+)
 PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>

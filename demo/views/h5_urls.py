@@ -1,4 +1,5 @@
 """H5 pages (scenario 3) opened by the app's WebView. Unknown /h5/ paths get the HTML 404 page."""
+
 from tornado.web import url
 
 from demo.common.web.pages import H5NotFoundHandler

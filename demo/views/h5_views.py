@@ -1,4 +1,5 @@
 """H5 handlers: tickets for the app, the ticket exchange, the home page, its upload and logout."""
+
 from __future__ import annotations
 
 from demo.common.h5.rules import SwitchOffer

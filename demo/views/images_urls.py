@@ -1,4 +1,5 @@
 """Images (scenario 2): upload, list, delete, deliver."""
+
 from tornado.web import url
 
 from demo.views import images_views as v

@@ -1,4 +1,5 @@
 """Images handlers: a streamed upload, the list, delete, and byte delivery (ETag, 304, Range)."""
+
 from __future__ import annotations
 
 import logging
@@ -227,4 +228,3 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     if start >= size or end <= start:
         return "unsatisfiable"
     return start, min(end, size)
-

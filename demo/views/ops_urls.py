@@ -1,4 +1,5 @@
 """Operations: liveness, readiness, metrics and the machine-readable contract."""
+
 from tornado.web import url
 
 from demo.views import ops_views as v

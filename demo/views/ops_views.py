@@ -1,4 +1,5 @@
 """Operations handlers: liveness, readiness, the OpenAPI document."""
+
 from __future__ import annotations
 
 from importlib import resources

@@ -1,4 +1,5 @@
 """Accounts (scenario 1): SMS codes, registration, login, logout, password reset, profile."""
+
 from tornado.web import url
 
 from demo.views import users_views as v

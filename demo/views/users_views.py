@@ -1,4 +1,5 @@
 """Accounts handlers: read the JSON fields, call demo.common.accounts.rules, write the contract's JSON."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +11,13 @@ from demo.common.web.auth import public, requires_session
 
 class AccountsHandler(ApiHandler):
     def session_body(self, grant: Grant) -> dict[str, Any]:
-        return {"user": grant.user, "token": grant.token, "token_type": "Bearer", "expires_in": grant.expires_in,
-                "h5_url": self.h5_url(grant.h5_ticket)}
+        return {
+            "user": grant.user,
+            "token": grant.token,
+            "token_type": "Bearer",
+            "expires_in": grant.expires_in,
+            "h5_url": self.h5_url(grant.h5_ticket),
+        }
 
 
 class CodeHandler(AccountsHandler):

@@ -2,6 +2,7 @@
 schema on SQLite and MariaDB: SELECTs run (and name the datetime columns they declare), writes are
 EXPLAINed. A column renamed in models.py and its migration, but not in the SQL, fails here (the
 queries' own tests also execute every statement on both databases)."""
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,11 @@ _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 def statements() -> dict[str, Sql]:
     """Every ``Sql`` at the top level (or in a dict) of each ``queries`` module, and ratelimit's."""
-    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(demo.common.__path__, "demo.common.")
-               if m.name.endswith(".queries")]
+    modules = [
+        importlib.import_module(m.name)
+        for m in pkgutil.walk_packages(demo.common.__path__, "demo.common.")
+        if m.name.endswith(".queries")
+    ]
     found: dict[str, Sql] = {}
     for module in [*modules, ratelimit]:
         for name, value in vars(module).items():
@@ -40,8 +44,12 @@ STATEMENTS = statements()
 
 def test_the_queries_modules_are_found():
     names = {name.rsplit(".", 1)[0] for name in STATEMENTS}
-    assert {"demo.common.accounts.queries", "demo.common.h5.queries", "demo.common.sms.queries",
-            "demo.common.infra.ratelimit"} <= names
+    assert {
+        "demo.common.accounts.queries",
+        "demo.common.h5.queries",
+        "demo.common.sms.queries",
+        "demo.common.infra.ratelimit",
+    } <= names
 
 
 @pytest.mark.parametrize("name", sorted(STATEMENTS))

@@ -3,6 +3,7 @@
 Each case runs pytest in a subprocess on a tiny generated test file, with this suite's conftest.py
 loaded as a plugin, as CI would meet a test whose tool is missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,28 @@ def run_pytest(folder, source: str, *options: str, ci: str) -> subprocess.Comple
     (folder / "test_runs.py").write_text("def test_that_runs():\n    pass\n")
     (folder / "test_tiny.py").write_text(source)
     environ = {**os.environ, "CI": ci, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
-                           "-rA", *options, "test_runs.py", "test_tiny.py"], cwd=folder, env=environ,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            *options,
+            "test_runs.py",
+            "test_tiny.py",
+        ],
+        cwd=folder,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("source", [SKIPS_IN_A_TEST, SKIPS_ITS_MODULE], ids=["in-a-test", "at-module-level"])

@@ -17,6 +17,7 @@ checks run, with max_response_time at 10 s; the one adjustment is ``CONTRACT_REJ
 below. Generation is seeded (``DEMO_FUZZ_SEED``) and derandomised, so CI repeats the same requests.
 ``DEMO_FUZZ_EXAMPLES=1000`` runs a deeper search locally (about 5 minutes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,26 +62,27 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
         base_url = f"http://127.0.0.1:{port}"
         server = HttpClient(base_url)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
-        environ.update({
-            "DEMO_COOKIE_SECRET": "fuzz-secret-" + "f" * 36,
-            "DEMO_DATABASE_URL": database.url,
-            "DEMO_MEDIA_ROOT": str(tmp / "media"),
-            "DEMO_SMS_BACKEND": f"file:{tmp / 'outbox.jsonl'}",
-            "DEMO_SMS_TEST_NUMBERS": f"{FUZZ_PHONE}:{FUZZ_CODE},{EXAMPLE_PHONE}:{EXAMPLE_CODE}",
-            "DEMO_SMS_IP_HOURLY": "100000",
-            "DEMO_SMS_PHONE_DAILY": "100000",
-            "DEMO_LOGIN_IP_FAILURES": "100000",
-            "DEMO_LOGIN_PHONE_FAILURES": "100000",
-            "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
-            "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
-        })
+        environ.update(
+            {
+                "DEMO_COOKIE_SECRET": "fuzz-secret-" + "f" * 36,
+                "DEMO_DATABASE_URL": database.url,
+                "DEMO_MEDIA_ROOT": str(tmp / "media"),
+                "DEMO_SMS_BACKEND": f"file:{tmp / 'outbox.jsonl'}",
+                "DEMO_SMS_TEST_NUMBERS": f"{FUZZ_PHONE}:{FUZZ_CODE},{EXAMPLE_PHONE}:{EXAMPLE_CODE}",
+                "DEMO_SMS_IP_HOURLY": "100000",
+                "DEMO_SMS_PHONE_DAILY": "100000",
+                "DEMO_LOGIN_IP_FAILURES": "100000",
+                "DEMO_LOGIN_PHONE_FAILURES": "100000",
+                "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
+                "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
+            }
+        )
         # Output to a file, not a pipe: thousands of request log lines would fill a pipe.
         proc = start(tmp, f"--port={port}", "--log_dir=", env=environ)
         try:
             wait_for(f"{base_url}/readyz", proc, timeout=30)
             assert server.post("/users/code", {"phone": FUZZ_PHONE}).code == 200
-            session = server.post("/users/regist", {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD,
-                                                    "code": FUZZ_CODE})
+            session = server.post("/users/regist", {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD, "code": FUZZ_CODE})
             assert session.code == 201, session.body
             yield LiveServer(base_url, _h5_cookie(server, session.json["h5_url"]))
         finally:
@@ -112,32 +114,43 @@ CONTRACT_REJECTS_VALID_DATA = [
 
 @pytest.fixture(scope="module")
 def api_schema(live_server: LiveServer):
-    config = schemathesis.Config.from_dict({
-        "seed": SEED,
-        "base-url": live_server.base_url,
-        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
-        "auth": {
-            # A fresh token from POST /users/login, fetched again after a 401 (fuzzed logouts end it).
-            "dynamic": {"openapi": {"bearerAuth": {
-                "path": "/users/login",
-                "payload": {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD},
-                "extract_selector": "/token",
-            }}},
-            "openapi": {"h5Cookie": {"api_key": live_server.h5_cookie}},
-        },
-        # Every built-in check is on by default; max_response_time only runs with a limit, so give one
-        # (generous: CI machines are shared).
-        "checks": {"max_response_time": 10.0},
-        "operations": [
-            {"include-operation-id": ids,
-             "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_DATA_STATUSES + extra}}}
-            for ids, extra in CONTRACT_REJECTS_VALID_DATA
-        ],
-    })
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "base-url": live_server.base_url,
+            "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+            "auth": {
+                # A fresh token from POST /users/login, fetched again after a 401 (fuzzed logouts end it).
+                "dynamic": {
+                    "openapi": {
+                        "bearerAuth": {
+                            "path": "/users/login",
+                            "payload": {"phone": FUZZ_PHONE, "password": FUZZ_PASSWORD},
+                            "extract_selector": "/token",
+                        }
+                    }
+                },
+                "openapi": {"h5Cookie": {"api_key": live_server.h5_cookie}},
+            },
+            # Every built-in check is on by default; max_response_time only runs with a limit, so give one
+            # (generous: CI machines are shared).
+            "checks": {"max_response_time": 10.0},
+            "operations": [
+                {
+                    "include-operation-id": ids,
+                    "checks": {"positive_data_acceptance": {"expected-statuses": POSITIVE_DATA_STATUSES + extra}},
+                }
+                for ids, extra in CONTRACT_REJECTS_VALID_DATA
+            ],
+        }
+    )
     schema = schemathesis.openapi.from_url(f"{live_server.base_url}/openapi.yaml", config=config)
     checks = schema.config.checks_config_for()
-    disabled = [f.name for f in dataclasses.fields(ChecksConfig)
-                if not f.name.startswith("_") and not checks.get_by_name(name=f.name).enabled]
+    disabled = [
+        f.name
+        for f in dataclasses.fields(ChecksConfig)
+        if not f.name.startswith("_") and not checks.get_by_name(name=f.name).enabled
+    ]
     assert not disabled, f"every check runs; disabled: {disabled}"
     return schema
 
@@ -164,7 +177,13 @@ def test_operations(case):
 def test_stateful(api_schema):
     machine = seed(SEED)(api_schema.as_state_machine())
     # schemathesis' own stateful settings (generate only, 6 steps a scenario), sized and seeded for CI.
-    machine.run(settings=settings(
-        max_examples=MAX_EXAMPLES, stateful_step_count=6, phases=[Phase.generate], database=None,
-        deadline=None, suppress_health_check=list(HealthCheck),
-    ))
+    machine.run(
+        settings=settings(
+            max_examples=MAX_EXAMPLES,
+            stateful_step_count=6,
+            phases=[Phase.generate],
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )

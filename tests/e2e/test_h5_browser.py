@@ -5,6 +5,7 @@ upload through the page's form, open another user's link (stay, then switch), lo
 the signed-out page; then the error page, and nginx's page for "no process answers". Screenshots of
 each step, light and dark, go to test-artefacts/h5/<db>/ (look at them after changing the pages).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,12 @@ async def box(page, selector: str) -> dict[str, float]:
 
 
 def inside(inner: dict[str, float], outer: dict[str, float]) -> bool:
-    return (outer["x"] <= inner["x"] and inner["x"] + inner["width"] <= outer["x"] + outer["width"]
-            and outer["y"] <= inner["y"] and inner["y"] + inner["height"] <= outer["y"] + outer["height"])
+    return (
+        outer["x"] <= inner["x"]
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"]
+        and outer["y"] <= inner["y"]
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"]
+    )
 
 
 def png(color: tuple[int, int, int], size=(600, 400)) -> bytes:
@@ -74,14 +79,20 @@ async def test_the_h5_journey_in_chromium(api, user, outbox, database_url, tmp_p
 
     async def other_link() -> str:
         return (await api.post("/h5/ticket", token=other.json["token"])).json["h5_url"]
+
     new_image = tmp_path / "from-the-phone.png"
     new_image.write_bytes(png((30, 90, 220)))
     not_an_image = tmp_path / "holiday-notes.png"
     not_an_image.write_bytes(b"these are notes, not pixels\n" * 20)
 
     async with chromium() as browser:
-        context = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                            is_mobile=True, has_touch=True, color_scheme="light")
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844},
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
+            color_scheme="light",
+        )
         page = await context.new_page()
 
         # 1. The WebView opens the h5_url: the ticket is exchanged and leaves the address bar.

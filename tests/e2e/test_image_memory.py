@@ -1,6 +1,7 @@
 """Images and memory, end to end: animation bombs and the decode budget, measured on a real server
 process's peak resident memory (Pillow's C memory included).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,13 @@ gen_test = pytest.mark.gen_test(timeout=120)
 def server(tmp_path):
     """A real server process (one process, SQLite) and a user's token: (port, pid, token)."""
     port = free_port()
-    env = {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-           "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
-           "DEMO_SMS_TEST_NUMBERS": "+8618800000001:123456"}
+    env = {
+        "DEMO_COOKIE_SECRET": "p" * 48,
+        "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
+        "DEMO_SMS_TEST_NUMBERS": "+8618800000001:123456",
+    }
     proc = start(tmp_path, f"--port={port}", "--processes=1", "--log_dir=", env=env)
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)

@@ -1,4 +1,5 @@
 """The real process (main.py): migrates before it listens, serves, stops cleanly on SIGTERM."""
+
 from __future__ import annotations
 
 import io
@@ -27,10 +28,17 @@ def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
 def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
     port = free_port()
     db = tmp_path / "fresh.sqlite3"
-    proc = start(tmp_path, f"--port={port}", f"--log_dir={tmp_path / 'log'}", "--log_level=debug", env={
-        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
-        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-    })
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        f"--log_dir={tmp_path / 'log'}",
+        "--log_level=debug",
+        env={
+            "DEMO_COOKIE_SECRET": "p" * 48,
+            "DEMO_DATABASE_URL": f"sqlite:///{db}",
+            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        },
+    )
     try:
         assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok"}
     finally:
@@ -45,8 +53,14 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT])
 def test_sigint_also_stops_cleanly(tmp_path, signum):
     port = free_port()
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", "--debug",
-                 f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}", f"--media_root={tmp_path / 'media'}")
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--log_dir=",
+        "--debug",
+        f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}",
+        f"--media_root={tmp_path / 'media'}",
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
     finally:
@@ -56,9 +70,17 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
 
 
 def start_workers(tmp_path: Path, port: int) -> subprocess.Popen:
-    return start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={tmp_path / 'log'}", env={
-        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
+    return start(
+        tmp_path,
+        f"--port={port}",
+        "--processes=2",
+        f"--log_dir={tmp_path / 'log'}",
+        env={
+            "DEMO_COOKIE_SECRET": "p" * 48,
+            "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        },
+    )
 
 
 def worker_pids(tmp_path: Path, count: int, timeout: float = 20) -> list[int]:
@@ -120,9 +142,18 @@ def health_requests_counted(port: int) -> float:
 def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
     port = free_port()
     log_dir = tmp_path / "log"
-    proc = start(tmp_path, f"--port={port}", "--processes=2", f"--log_dir={log_dir}", "--log_level=debug", env={
-        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        "DEMO_MEDIA_ROOT": str(tmp_path / "media")})
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--processes=2",
+        f"--log_dir={log_dir}",
+        "--log_level=debug",
+        env={
+            "DEMO_COOKIE_SECRET": "p" * 48,
+            "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        },
+    )
     try:
         workers = set(worker_pids(tmp_path, 2))
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
@@ -130,6 +161,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         # Both workers must answer some of the requests (else the scrape below proves nothing): send
         # them a few at once, so that one busy worker leaves the next connection to the other.
         with ThreadPoolExecutor(8) as pool:
+
             def both_answered() -> bool:
                 nonlocal sent
                 assert all(status == 200 for status, _ in pool.map(lambda _: call(port, "GET", "/healthz"), range(8)))
@@ -138,6 +170,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
                 answered = {int(pid) for pid in re.findall(r"\[(\d+)\] demo\.access\b.* 200 GET /healthz", log)}
                 assert proc.pid not in answered  # workers, not the supervisor, answer
                 return answered >= workers
+
             wait_until(both_answered, "both workers to answer GET /healthz", timeout=20, every=0)
         # The scrape counts every worker's requests, whichever worker answers it. A request is counted
         # just after its answer is sent, so the last ones may land a moment after the client moved on.
@@ -166,10 +199,18 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
     port = free_port()
     db = tmp_path / "db.sqlite3"
     outbox = tmp_path / "outbox.jsonl"
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", env={
-        "DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
-        "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_SMS_BACKEND": f"file:{outbox}",
-        "DEMO_SHUTDOWN_GRACE": "20"})
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--log_dir=",
+        env={
+            "DEMO_COOKIE_SECRET": "p" * 48,
+            "DEMO_DATABASE_URL": f"sqlite:///{db}",
+            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+            "DEMO_SMS_BACKEND": f"file:{outbox}",
+            "DEMO_SHUTDOWN_GRACE": "20",
+        },
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
         token = register(port, outbox)
@@ -177,8 +218,13 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
         Image.new("RGB", (300, 200), (10, 200, 90)).save(image, "PNG")
         body = image.getvalue()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
-            conn.sendall((f"POST /images HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-                          f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:100])
+            conn.sendall(
+                (
+                    f"POST /images HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                    f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                + body[:100]
+            )
             time.sleep(0.3)  # the request is in flight: headers and part of the body are in
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -205,8 +251,11 @@ def register(port: int, outbox: Path) -> str:
 def test_processes_starting_together_migrate_once(tmp_path):
     db = tmp_path / "shared.sqlite3"
     ports = [free_port(), free_port()]
-    env = {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": f"sqlite:///{db}",
-           "DEMO_MEDIA_ROOT": str(tmp_path / "media")}
+    env = {
+        "DEMO_COOKIE_SECRET": "p" * 48,
+        "DEMO_DATABASE_URL": f"sqlite:///{db}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+    }
     procs = [start(tmp_path, f"--port={port}", "--log_dir=", env=env) for port in ports]
     try:
         for port, proc in zip(ports, procs, strict=True):
@@ -227,27 +276,37 @@ def test_debug_with_several_processes_is_refused(tmp_path):
 
 
 def test_a_second_server_with_another_database_and_the_same_media_folder_refuses_and_deletes_nothing(
-        tmp_path, database_url):
+    tmp_path, database_url
+):
     """A new operator starts a second instance on its own database but the default media folder."""
     media = tmp_path / "media"
     first_port = free_port()
-    env = {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": database_url, "DEMO_MEDIA_ROOT": str(media),
-           "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}"}
+    env = {
+        "DEMO_COOKIE_SECRET": "p" * 48,
+        "DEMO_DATABASE_URL": database_url,
+        "DEMO_MEDIA_ROOT": str(media),
+        "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
+    }
     first = start(tmp_path, f"--port={first_port}", "--log_dir=", env=env)
     try:
         wait_for(f"http://127.0.0.1:{first_port}/readyz", first)
         token = register(first_port, tmp_path / "outbox.jsonl")
         picture = io.BytesIO()
         Image.new("RGB", (400, 300), (200, 40, 90)).save(picture, "PNG")
-        status, body = call(first_port, "POST", "/images", body=picture.getvalue(), token=token,
-                            headers={"Content-Type": "image/png"})
+        status, body = call(
+            first_port, "POST", "/images", body=picture.getvalue(), token=token, headers={"Content-Type": "image/png"}
+        )
         assert status == 201, body
         path = f"/images/{body['image']['id']}.png"
         assert call(first_port, "GET", f"{path}?w=160")[0] == 200
         stored = sorted(p for p in media.rglob("*") if p.is_file() and "tmp" not in p.parts)
 
-        second = start(tmp_path, f"--port={free_port()}", "--log_dir=", env={
-            **env, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'second.sqlite3'}"})
+        second = start(
+            tmp_path,
+            f"--port={free_port()}",
+            "--log_dir=",
+            env={**env, "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'second.sqlite3'}"},
+        )
         out = finish(second, 30)
         assert second.returncode == 2, out
         assert "refusing to start" in out and "belongs to deployment" in out
@@ -261,16 +320,31 @@ def test_a_second_server_with_another_database_and_the_same_media_folder_refuses
 
 # -- refusals to start: one line naming the problem, an exit status per kind ------------------------
 
+
 def refuse(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``python -m demo.main`` with sane settings plus ``args`` that should stop it; (status, stderr).
     The database and media folder are fresh ones in ``tmp_path``: a start that gets past the checks
     leaves ``db.sqlite3`` behind."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
-    environ.update({"PYTHONPATH": str(ROOT), "DEMO_COOKIE_SECRET": SECRET,
-                    "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-                    "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_LOG_DIR": "", **(env or {})})
-    done = subprocess.run([sys.executable, "-m", "demo.main", f"--port={free_port()}", *args], cwd=tmp_path,
-                          env=environ, capture_output=True, text=True, timeout=60, check=False)
+    environ.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "DEMO_COOKIE_SECRET": SECRET,
+            "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+            "DEMO_LOG_DIR": "",
+            **(env or {}),
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "demo.main", f"--port={free_port()}", *args],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
@@ -286,8 +360,9 @@ def a_file(tmp_path: Path) -> Path:
 
 
 def test_an_unreachable_database_is_one_line_with_the_password_masked(tmp_path):
-    status, line = refuse(tmp_path, "--database_url=mysql+mysqldb://root:s3cret-pw@127.0.0.1:1/x",
-                          "--db_connect_timeout=1")
+    status, line = refuse(
+        tmp_path, "--database_url=mysql+mysqldb://root:s3cret-pw@127.0.0.1:1/x", "--db_connect_timeout=1"
+    )
     assert status == 3, line
     assert "mysql+mysqldb://root:***@127.0.0.1:1/x" in line and "s3cret-pw" not in line
 
@@ -312,14 +387,17 @@ def test_an_unwritable_folder_is_one_line_naming_it(tmp_path, option):
     assert not (tmp_path / "db.sqlite3").exists()
 
 
-@pytest.mark.parametrize("arg, named", [
-    ("--log_level=verbose", "--log_level"),
-    ("--sms_backend=smtp", "--sms_backend"),
-    ("--port=abc", "--port=abc"),
-    ("--port=70000", "--port"),
-    ("--sms_countries=CN,XX", "--sms_countries"),
-    ("--database_url=postgres+nodriver://u:pw-secret@h/db", "--database_url"),
-])
+@pytest.mark.parametrize(
+    "arg, named",
+    [
+        ("--log_level=verbose", "--log_level"),
+        ("--sms_backend=smtp", "--sms_backend"),
+        ("--port=abc", "--port=abc"),
+        ("--port=70000", "--port"),
+        ("--sms_countries=CN,XX", "--sms_countries"),
+        ("--database_url=postgres+nodriver://u:pw-secret@h/db", "--database_url"),
+    ],
+)
 def test_a_bad_setting_is_one_line_naming_the_option_before_any_migration(tmp_path, arg, named):
     status, line = refuse(tmp_path, arg)
     assert status == 2, line
@@ -339,11 +417,16 @@ def test_a_missing_cookie_secret_is_one_line_with_status_2(tmp_path):
 
 # -- the request log --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("debug", [True, False], ids=["debug", "production"])
 def test_successful_requests_are_logged_at_info_under_debug_only(tmp_path, debug):
     port = free_port()
-    args = [f"--port={port}", f"--log_dir={tmp_path / 'log'}", f"--media_root={tmp_path / 'media'}",
-            f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}"]
+    args = [
+        f"--port={port}",
+        f"--log_dir={tmp_path / 'log'}",
+        f"--media_root={tmp_path / 'media'}",
+        f"--database_url=sqlite:///{tmp_path / 'db.sqlite3'}",
+    ]
     proc = start(tmp_path, *args, *(["--debug"] if debug else []), env={"DEMO_COOKIE_SECRET": SECRET})
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)

@@ -5,6 +5,7 @@ stale build/ could leak old files into the next wheel), installed into a plain v
 with the dependencies held to requirements.lock, and started from there with the checkout out of
 sys.path (``python -I``, cwd elsewhere).
 """
+
 from __future__ import annotations
 
 import configparser
@@ -28,18 +29,22 @@ MYSQL_LOCK = ROOT / "requirements-mysql.lock"
 # What setuptools says when its configuration leaves something out or is deprecated
 # (BuildBackendWarning, SetuptoolsDeprecationWarning, ...); pip's own "WARNING:" lines are not it.
 SETUPTOOLS_WARNING = re.compile(r"\b\w+Warning\b")
-NOT_SOURCE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
-              "test-artefacts"}
+NOT_SOURCE = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "test-artefacts"}
 # What a development checkout holds at run time and a release must never ship.
-RUNTIME_LEFTOVERS = ["demo/data/demo.sqlite3", "demo/data/media/ab/cd.jpg", "demo/log/demo.log",
-                     "demo/conf/__pycache__/settings.cpython-311.pyc"]
+RUNTIME_LEFTOVERS = [
+    "demo/data/demo.sqlite3",
+    "demo/data/media/ab/cd.jpg",
+    "demo/log/demo.log",
+    "demo/conf/__pycache__/settings.cpython-311.pyc",
+]
 
 
 def run(*command: str | Path, cwd: Path) -> str:
     """Run ``command`` without the PYTHONPATH the suite may run under (pip would see the checkout)."""
     environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([str(part) for part in command], cwd=cwd, env=environ, capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [str(part) for part in command], cwd=cwd, env=environ, capture_output=True, text=True, timeout=300, check=False
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return output
@@ -49,8 +54,10 @@ def shipped_files() -> set[str]:
     """Every file of the package in the checkout (what the server or an operator may need)."""
     package = ROOT / "demo"
     return {
-        path.relative_to(ROOT).as_posix() for path in package.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
+        path.relative_to(ROOT).as_posix()
+        for path in package.rglob("*")
+        if path.is_file()
+        and "__pycache__" not in path.parts
         and path.relative_to(package).parts[0] not in {"data", "log"}
     }
 
@@ -81,8 +88,7 @@ def plain_venv(folder: Path) -> Path:
 
 
 def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_without_warnings(source, tmp_path):
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", source,
-                cwd=tmp_path)
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp_path / "dist", source, cwd=tmp_path)
     [wheel] = (tmp_path / "dist").glob("demo-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         contents = {name for name in archive.namelist() if name.startswith("demo/")}
@@ -94,16 +100,34 @@ def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_witho
     # The wheel's dependencies come from the lock: the same versions, their hashes checked.
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     (tmp_path / "wheel.txt").write_text(f"demo @ {wheel.as_uri()} --hash=sha256:{digest}\n")
-    installed = run(sys.executable, "-m", "pip", "--python", python, "install", "-q",
-                    "-r", tmp_path / "wheel.txt", "-c", LOCK, cwd=tmp_path)
+    installed = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "-q",
+        "-r",
+        tmp_path / "wheel.txt",
+        "-c",
+        LOCK,
+        cwd=tmp_path,
+    )
     assert not SETUPTOOLS_WARNING.search(built + installed), built + installed
     where = run(python, "-I", "-c", "import demo; print(demo.__file__)", cwd=tmp_path)
     assert where.strip().startswith(str(venv)), where
 
     port = free_port()
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", f"--media_root={tmp_path / 'media'}",
-                 f"--database_url=sqlite:///{tmp_path / 'demo.sqlite3'}", env={"DEMO_COOKIE_SECRET": SECRET},
-                 command=[str(python), "-I", "-m", "demo.main"])
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--log_dir=",
+        f"--media_root={tmp_path / 'media'}",
+        f"--database_url=sqlite:///{tmp_path / 'demo.sqlite3'}",
+        env={"DEMO_COOKIE_SECRET": SECRET},
+        command=[str(python), "-I", "-m", "demo.main"],
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/readyz", proc, timeout=30)
     finally:
@@ -112,16 +136,22 @@ def test_a_wheel_installed_outside_the_checkout_serves_readyz_and_installs_witho
 
 def test_an_editable_install_as_make_does_prints_no_setuptools_warning(source, tmp_path):
     python = plain_venv(tmp_path / "venv")
-    installed = run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
-                    "-e", source, cwd=tmp_path)
+    installed = run(
+        sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "-e", source, cwd=tmp_path
+    )
     assert not SETUPTOOLS_WARNING.search(installed), installed
-    where = run(python, "-I", "-c",
-                "import importlib.util; print(importlib.util.find_spec('demo.migrations.env').origin)",
-                cwd=tmp_path)
+    where = run(
+        python,
+        "-I",
+        "-c",
+        "import importlib.util; print(importlib.util.find_spec('demo.migrations.env').origin)",
+        cwd=tmp_path,
+    )
     assert where.strip() == str(source / "demo" / "migrations" / "env.py")
 
 
 # -- the locks ----------------------------------------------------------------------------------------
+
 
 def locked(lock: Path) -> dict[str, tuple[str, list[str]]]:
     """``{name: (version pinned with ==, [hashes])}`` for every entry of a pip requirements file."""
@@ -146,20 +176,26 @@ def declared(*extras: str) -> list[Requirement]:
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     blocks = [config["options"]["install_requires"]] + [config["options.extras_require"][e] for e in extras]
-    return [Requirement(line.strip()) for block in blocks for line in block.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return [
+        Requirement(line.strip())
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
-@pytest.mark.parametrize(("lock", "extras"), [(LOCK, ("test",)), (MYSQL_LOCK, ("test", "mysql"))],
-                         ids=["base", "mysql"])
+@pytest.mark.parametrize(
+    ("lock", "extras"), [(LOCK, ("test",)), (MYSQL_LOCK, ("test", "mysql"))], ids=["base", "mysql"]
+)
 def test_the_lock_pins_every_declared_dependency_within_its_range_with_hashes(lock, extras):
     entries = locked(lock)
     for requirement in declared(*extras):
         name = canonicalize_name(requirement.name)
         assert name in entries, f"{lock.name} does not pin {requirement} (run `make lock`)"
         version, _ = entries[name]
-        assert requirement.specifier.contains(version, prereleases=True), \
+        assert requirement.specifier.contains(version, prereleases=True), (
             f"{lock.name} pins {name}=={version}, outside setup.cfg's {requirement} (run `make lock`)"
+        )
 
 
 def test_the_mysql_lock_is_the_base_lock_plus_mysqlclient():

@@ -9,6 +9,7 @@ processes on a fresh MariaDB database and one shared media folder, and runs Debi
 Skipped when nginx, openssl or MariaDB is missing, unless DEMO_REQUIRE_MYSQL=1 (CI): then it fails.
 The systemd, supervisor and logrotate samples are checked here too.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -72,6 +73,7 @@ def new_phone() -> str:
 
 
 # -- the samples, without running anything ---------------------------------------------------------
+
 
 def test_nginx_body_limit_agrees_with_the_app():
     """nginx refuses over DEMO_MAX_UPLOAD_BYTES plus multipart slack, never less than the app accepts."""
@@ -140,8 +142,10 @@ def test_supervisor_sample_stops_gracefully():
     program = parser["program:demo"]
     assert program["stopsignal"] == "TERM"
     assert int(program["stopwaitsecs"]) > config.defaults().shutdown_grace + 5
-    ports = [f"80{n:02d}" for n in range(int(program["numprocs_start"]),
-                                        int(program["numprocs_start"]) + int(program["numprocs"]))]
+    ports = [
+        f"80{n:02d}"
+        for n in range(int(program["numprocs_start"]), int(program["numprocs_start"]) + int(program["numprocs"]))
+    ]
     assert ports == ["8001", "8002"]  # the upstream servers of the nginx sample
     for port in ports:
         assert f"server 127.0.0.1:{port} " in NGINX_CONF.read_text()
@@ -154,16 +158,25 @@ def test_logrotate_sample_parses(tmp_path):
     if not os.path.exists(logrotate):
         pytest.skip("logrotate is not installed")
     conf = tmp_path / "demo"
-    conf.write_text(replace_all((CONF / "logrotate" / "demo").read_text(), [  # no `demo` user here
-        ("su demo demo", "su root root"), ("create 0640 demo demo", "create 0640 root root"),
-    ], "logrotate/demo"))
-    done = subprocess.run([logrotate, "-d", "-s", str(tmp_path / "state"), str(conf)], capture_output=True,
-                          text=True, timeout=WAIT)
+    conf.write_text(
+        replace_all(
+            (CONF / "logrotate" / "demo").read_text(),
+            [  # no `demo` user here
+                ("su demo demo", "su root root"),
+                ("create 0640 demo demo", "create 0640 root root"),
+            ],
+            "logrotate/demo",
+        )
+    )
+    done = subprocess.run(
+        [logrotate, "-d", "-s", str(tmp_path / "state"), str(conf)], capture_output=True, text=True, timeout=WAIT
+    )
     assert done.returncode == 0, done.stderr
     assert "error" not in done.stderr.lower(), done.stderr
 
 
 # -- the running stack -------------------------------------------------------------------------------
+
 
 class Client(HttpClient):
     """A phone talking HTTPS to nginx from ``ip`` (any 127.x address: nginx sees it as the client)."""
@@ -178,17 +191,23 @@ class Client(HttpClient):
         sent = self.post("/users/code", {"phone": phone}, headers=headers)
         assert sent.code == 200, sent.body
         code = self.stack.sms_code(sent_phone(phone))
-        made = self.post("/users/regist", {"phone": phone, "password": PASSWORD, "code": code},
-                         headers=headers)
+        made = self.post("/users/regist", {"phone": phone, "password": PASSWORD, "code": code}, headers=headers)
         assert made.code == 201, made.body
         return {**made.json, "phone": phone}
 
     def upload(self, token: str, image: bytes, path: str = "/images") -> Response:
         boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
-        return self.request("POST", path, body=body, token=token,
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + image
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return self.request(
+            "POST", path, body=body, token=token, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
 
 
 def png(width: int, height: int) -> bytes:
@@ -211,9 +230,18 @@ class Worker:
     def start(self) -> None:
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "demo" / "main.py"), f"--port={self.port}", "--address=127.0.0.1",
-                 f"--log_dir={self.log_dir}", "--log_level=debug"],  # the tests read 2xx access lines
-                cwd=self.stack.tmp, env=self.stack.env, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    str(ROOT / "demo" / "main.py"),
+                    f"--port={self.port}",
+                    "--address=127.0.0.1",
+                    f"--log_dir={self.log_dir}",
+                    "--log_level=debug",
+                ],  # the tests read 2xx access lines
+                cwd=self.stack.tmp,
+                env=self.stack.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def running(self) -> bool:
@@ -227,6 +255,7 @@ class Worker:
                 return HttpClient(f"http://127.0.0.1:{self.port}", timeout=2).get("/healthz").code == 200
             except OSError:
                 return False
+
         wait_until(ready, f"worker {self.port} to answer", every=0.1)
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
@@ -250,25 +279,32 @@ class Stack:
         self.database_url = database_url
         self.outbox = tmp / "outbox.jsonl"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_", "PROMETHEUS_"))}
-        self.env.update({
-            "DEMO_COOKIE_SECRET": "production-test-" + secrets.token_hex(16),  # 48 characters
-            "DEMO_DATABASE_URL": database_url,
-            "DEMO_MEDIA_ROOT": str(tmp / "media"),  # one folder shared by both processes
-            "DEMO_SMS_BACKEND": f"file:{self.outbox}",
-            "DEMO_SMS_IP_HOURLY": "3",
-            "DEMO_SHUTDOWN_GRACE": "20",
-            "DEMO_DB_POOL_SIZE": "4",
-            "DEMO_IMAGE_LOOKUP_TTL": str(TEST_LOOKUP_SECONDS),
-        })
+        self.env.update(
+            {
+                "DEMO_COOKIE_SECRET": "production-test-" + secrets.token_hex(16),  # 48 characters
+                "DEMO_DATABASE_URL": database_url,
+                "DEMO_MEDIA_ROOT": str(tmp / "media"),  # one folder shared by both processes
+                "DEMO_SMS_BACKEND": f"file:{self.outbox}",
+                "DEMO_SMS_IP_HOURLY": "3",
+                "DEMO_SHUTDOWN_GRACE": "20",
+                "DEMO_DB_POOL_SIZE": "4",
+                "DEMO_IMAGE_LOOKUP_TTL": str(TEST_LOOKUP_SECONDS),
+            }
+        )
         self.workers = [Worker(self, free_port()), Worker(self, free_port())]
         # The shipped config with test ports and folders (rendered as for the benchmark), the app's own
         # static folder, and a short image cache so expiry can be watched.
-        self.nginx = nginx(tmp, [w.port for w in self.workers], ROOT / "demo" / "static", extra=[
-            ("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
-            # Every client here is on loopback: only 127.0.0.1 stays "internal" for /readyz, so a
-            # phone on another 127.x address plays the public.
-            ("allow 127.0.0.0/8;", "allow 127.0.0.1;"),
-        ])
+        self.nginx = nginx(
+            tmp,
+            [w.port for w in self.workers],
+            ROOT / "demo" / "static",
+            extra=[
+                ("proxy_cache_valid 200 30s;", f"proxy_cache_valid 200 {TEST_CACHE_SECONDS}s;"),
+                # Every client here is on loopback: only 127.0.0.1 stays "internal" for /readyz, so a
+                # phone on another 127.x address plays the public.
+                ("allow 127.0.0.0/8;", "allow 127.0.0.1;"),
+            ],
+        )
         self.https_port, self.http_port = self.nginx.https_port, self.nginx.http_port
         self.base_url = self.nginx.base_url
         self.cert, self.nginx_dir = self.nginx.cert, self.nginx.dir
@@ -290,6 +326,7 @@ class Stack:
                 return self.client().get("/healthz").code == 200
             except OSError:
                 return False
+
         wait_until(nginx_up, "nginx to answer", every=0.1)
 
     def ensure_workers(self) -> None:
@@ -315,6 +352,7 @@ class Stack:
             time.sleep(0.02)  # the log line is written just after the answer
             seen.update(w.port for w in workers if rid in w.log())
             return len(seen) == len(workers)
+
         wait_until(reached_all, "nginx to send requests to every process again", every=0.1)
 
     def stop(self) -> None:
@@ -347,8 +385,9 @@ class Stack:
     def logged(self, pattern: str, times: int = 1) -> str:
         """Wait until the app's logs match ``pattern`` ``times`` times (a line is written just after
         its answer is sent), then insist on exactly that many; the logs."""
-        wait_until(lambda: len(re.findall(pattern, self.app_log())) >= times, f"{pattern!r} in the app's log",
-                   timeout=10)
+        wait_until(
+            lambda: len(re.findall(pattern, self.app_log())) >= times, f"{pattern!r} in the app's log", timeout=10
+        )
         log = self.app_log()
         assert len(re.findall(pattern, log)) == times, f"{pattern!r} should be logged {times} times:\n{log}"
         return log
@@ -377,6 +416,7 @@ def live(stack: Stack) -> Stack:
 
 # -- HTTPS at the door -------------------------------------------------------------------------------
 
+
 def test_http_redirects_to_https_and_unknown_names_get_nothing(live):
     plain = HttpClient(f"http://127.0.0.1:{live.http_port}", timeout=WAIT)
     moved = plain.get("/users/me?x=1", headers={"Host": "localhost"})
@@ -396,15 +436,18 @@ def test_http_redirects_to_https_and_unknown_names_get_nothing(live):
     context = ssl.create_default_context(cafile=str(live.cert))
     context.check_hostname = False
     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
-        LoopbackHTTPSConnection("localhost", live.https_port, context=context, timeout=WAIT,
-                                sni="evil.example").connect()
+        LoopbackHTTPSConnection(
+            "localhost", live.https_port, context=context, timeout=WAIT, sni="evil.example"
+        ).connect()
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
         live.client().get("/healthz", headers={"Host": "evil.example"})
 
 
 def handshake(live: Stack, context: ssl.SSLContext) -> tuple[str, str]:
-    with (socket.create_connection(("127.0.0.1", live.https_port), timeout=WAIT) as sock,
-          context.wrap_socket(sock, server_hostname="localhost") as tls):
+    with (
+        socket.create_connection(("127.0.0.1", live.https_port), timeout=WAIT) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
         return tls.version(), tls.cipher()[0]
 
 
@@ -439,8 +482,12 @@ def test_tls_1_2_and_1_3_only_with_the_intermediate_ciphers_and_hsts(live):
 
 # -- behind the proxy: scheme and client address -------------------------------------------------------
 
-SPOOFED = {"X-Forwarded-Proto": "http", "X-Scheme": "http", "X-Real-IP": "198.51.100.7",
-           "X-Forwarded-For": "198.51.100.8, 203.0.113.9"}
+SPOOFED = {
+    "X-Forwarded-Proto": "http",
+    "X-Scheme": "http",
+    "X-Real-IP": "198.51.100.7",
+    "X-Forwarded-For": "198.51.100.8, 203.0.113.9",
+}
 
 
 def test_urls_are_https_and_the_h5_cookie_is_secure(live):
@@ -462,8 +509,7 @@ def test_urls_are_https_and_the_h5_cookie_is_secure(live):
     assert {"secure", "httponly", "samesite"} <= attributes, cookie
     assert opened.header("Strict-Transport-Security") == HSTS
 
-    home = phone.get("/h5/home",
-                     headers={"Cookie": cookie.split(";")[0], "Accept-Encoding": "gzip", **SPOOFED})
+    home = phone.get("/h5/home", headers={"Cookie": cookie.split(";")[0], "Accept-Encoding": "gzip", **SPOOFED})
     assert home.code == 200 and home.header("Content-Type").startswith("text/html")
     assert home.header("Content-Encoding") is None  # no compression on H5 pages (BREACH)
     assert b"/static/h5/" in home.body
@@ -476,12 +522,14 @@ def test_rate_limits_see_the_address_nginx_saw_not_the_one_the_client_claims(liv
     """DEMO_SMS_IP_HOURLY=3: a fourth code from one address is refused, whatever it claims to be."""
     attacker = live.client("127.0.0.31")
     for i in range(3):
-        claims = {"X-Real-IP": f"198.51.100.{i + 10}",
-                  "X-Forwarded-For": f"198.51.100.{i + 20}, 203.0.113.{i}"}
+        claims = {"X-Real-IP": f"198.51.100.{i + 10}", "X-Forwarded-For": f"198.51.100.{i + 20}, 203.0.113.{i}"}
         sent = attacker.post("/users/code", {"phone": new_phone()}, headers=claims)
         assert sent.code == 200, sent.body
-    refused = attacker.post("/users/code", {"phone": new_phone()},
-                            headers={"X-Real-IP": "198.51.100.99", "X-Forwarded-For": "198.51.100.98"})
+    refused = attacker.post(
+        "/users/code",
+        {"phone": new_phone()},
+        headers={"X-Real-IP": "198.51.100.99", "X-Forwarded-For": "198.51.100.98"},
+    )
     assert refused.code == 429 and refused.error == "rate_limited"
     assert int(refused.header("Retry-After")) > 0
     # Someone else (another address, as nginx sees it) is not held back.
@@ -503,6 +551,7 @@ def test_forwarded_headers_are_believed_so_the_app_must_listen_on_loopback_only(
 
 
 # -- images from nginx --------------------------------------------------------------------------------
+
 
 def test_images_come_from_nginx_with_the_contract_headers(live):
     phone = live.client("127.0.0.41")
@@ -637,6 +686,7 @@ def test_a_deleted_image_is_gone_once_both_caches_expired(live):
 
 # -- nginx's own answers -------------------------------------------------------------------------------
 
+
 def post_raw(live: Stack, ip: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
     """POST the whole body even when the server answers early (nginx reads and drops the rest)."""
     conn = live.client(ip).connection()
@@ -661,8 +711,7 @@ def test_an_oversized_upload_gets_nginx_s_413_as_json(live):
     assert too_big.header("X-Content-Type-Options") == "nosniff" and too_big.header("X-Request-Id")
     assert too_big.header("Strict-Transport-Security") == HSTS
     # The H5 page's upload (an XHR reading JSON) gets the same answer.
-    h5 = post_raw(live, "127.0.0.61", "/h5/images", os.urandom(max_upload + 1024 * 1024),
-                  {"Content-Type": "image/png"})
+    h5 = post_raw(live, "127.0.0.61", "/h5/images", os.urandom(max_upload + 1024 * 1024), {"Content-Type": "image/png"})
     assert h5.code == 413 and h5.error == "too_large"
     assert "413 POST /images" not in live.app_log() and "413 POST /h5/images" not in live.app_log()
 
@@ -751,6 +800,7 @@ def test_with_every_process_down_nginx_answers_the_contract_s_503(live):
 
 # -- processes: logs, graceful stop, crashes ---------------------------------------------------------
 
+
 def test_the_logrotate_sample_rotates_and_every_process_reopens_its_log(live, tmp_path):
     logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
     if not os.path.exists(logrotate):
@@ -758,16 +808,21 @@ def test_the_logrotate_sample_rotates_and_every_process_reopens_its_log(live, tm
     logs = live.tmp / "log"
     pids = " ".join(str(worker.proc.pid) for worker in live.workers)
     source = CONF / "logrotate" / "demo"
-    rendered = replace_all(source.read_text(), [
-        ("/var/log/demo/", f"{logs}/"),
-        ("su demo demo", "su root root"),
-        ("create 0640 demo demo", "create 0640 root root"),
-        ("systemctl reload 'demo@*.service' >/dev/null 2>&1 || true", f"kill -HUP {pids}"),
-    ], "logrotate/demo")
+    rendered = replace_all(
+        source.read_text(),
+        [
+            ("/var/log/demo/", f"{logs}/"),
+            ("su demo demo", "su root root"),
+            ("create 0640 demo demo", "create 0640 root root"),
+            ("systemctl reload 'demo@*.service' >/dev/null 2>&1 || true", f"kill -HUP {pids}"),
+        ],
+        "logrotate/demo",
+    )
     conf = tmp_path / "demo.logrotate"
     conf.write_text(rendered)
-    done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
-                          capture_output=True, text=True, timeout=WAIT)
+    done = subprocess.run(
+        [logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)], capture_output=True, text=True, timeout=WAIT
+    )
     assert done.returncode == 0, done.stderr
     for worker in live.workers:
         assert (worker.log_dir / "demo.log.1").exists()
@@ -780,6 +835,7 @@ def test_the_logrotate_sample_rotates_and_every_process_reopens_its_log(live, tm
     def both_write_anew() -> bool:
         phone.get("/readyz")  # nginx takes turns: each process gets some
         return all(writes_anew(worker) for worker in live.workers)
+
     wait_until(both_write_anew, "both processes to write a new demo.log", timeout=10, every=0.1)
 
 
@@ -789,10 +845,12 @@ def test_sigterm_during_an_in_flight_upload_lets_it_finish_with_201(live):
     image = png(1200, 1000)  # several MiB
     assert len(image) > 3 * 1024 * 1024
     worker = live.workers[0]
-    head = (f"POST /images HTTP/1.1\r\nHost: localhost:{live.https_port}\r\n"
-            f"Authorization: Bearer {session['token']}\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(image)}\r\nX-Real-IP: 127.0.0.71\r\n"
-            "X-Forwarded-Proto: https\r\n\r\n").encode()
+    head = (
+        f"POST /images HTTP/1.1\r\nHost: localhost:{live.https_port}\r\n"
+        f"Authorization: Bearer {session['token']}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(image)}\r\nX-Real-IP: 127.0.0.71\r\n"
+        "X-Forwarded-Proto: https\r\n\r\n"
+    ).encode()
     half = len(image) // 2
     with socket.create_connection(("127.0.0.1", worker.port), timeout=WAIT) as conn:
         conn.sendall(head + image[:half])

@@ -1,5 +1,6 @@
 """README's "Try it" block runs as pasted: extracted from README.md and run with bash (errexit,
 nounset, pipefail) against the server the block starts itself, it walks the whole app story."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,14 @@ def test_try_it_block_runs_as_pasted_and_walks_the_app_story(tmp_path: Path):
     env.update(TMPDIR=str(tmp_path), DEMO_LOG_DIR=str(tmp_path))
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
-        bash = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, stdout=stdout,
-                                stderr=stderr, start_new_session=True)
+        bash = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
         try:
             code = bash.wait(timeout=90)
         finally:

@@ -4,6 +4,7 @@ Slow and idle clients, a full disk (a real tmpfs), kill -9 in the middle of uplo
 registrations, and a database that goes away and comes back (a private MariaDB instance, so the
 shared server is untouched).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,14 @@ from tests.helpers import REQUIRE_MYSQL, call, finish, free_port, output_of, reg
 
 gen_test = pytest.mark.gen_test(timeout=120)
 TEST_NUMBERS = ",".join(f"+86188000000{n:02d}:123456" for n in range(100))
-GENEROUS_LIMITS = {"DEMO_SMS_IP_HOURLY": "100000", "DEMO_SMS_PHONE_DAILY": "100000",
-                   "DEMO_LOGIN_IP_FAILURES": "100000", "DEMO_LOGIN_PHONE_FAILURES": "100000",
-                   "DEMO_LOGIN_SLOWDOWN_AFTER": "100000", "DEMO_CODE_CHECKS_IP_HOURLY": "100000"}
+GENEROUS_LIMITS = {
+    "DEMO_SMS_IP_HOURLY": "100000",
+    "DEMO_SMS_PHONE_DAILY": "100000",
+    "DEMO_LOGIN_IP_FAILURES": "100000",
+    "DEMO_LOGIN_PHONE_FAILURES": "100000",
+    "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
+    "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
+}
 
 
 def fixed_phone(n: int) -> str:
@@ -40,9 +46,15 @@ def fixed_phone(n: int) -> str:
 
 
 def server_env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:
-    return {"DEMO_COOKIE_SECRET": "p" * 48, "DEMO_DATABASE_URL": database_url,
-            "DEMO_MEDIA_ROOT": str(tmp_path / "media"), "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
-            "DEMO_SMS_TEST_NUMBERS": TEST_NUMBERS, **GENEROUS_LIMITS, **extra}
+    return {
+        "DEMO_COOKIE_SECRET": "p" * 48,
+        "DEMO_DATABASE_URL": database_url,
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
+        "DEMO_SMS_TEST_NUMBERS": TEST_NUMBERS,
+        **GENEROUS_LIMITS,
+        **extra,
+    }
 
 
 def noise_png(size: tuple[int, int], seed: int) -> bytes:
@@ -58,8 +70,14 @@ def noise_png(size: tuple[int, int], seed: int) -> bytes:
 
 def test_slow_and_idle_clients_do_not_starve_others(tmp_path):
     port = free_port()
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", "--idle_timeout=2", "--body_timeout=3",
-                 env=server_env(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite3'}"))
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--log_dir=",
+        "--idle_timeout=2",
+        "--body_timeout=3",
+        env=server_env(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite3'}"),
+    )
     held: list[socket.socket] = []
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
@@ -68,8 +86,10 @@ def test_slow_and_idle_clients_do_not_starve_others(tmp_path):
             if n < 200:  # slowloris: headers that never end
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             elif n < 350:  # a body that trickles and never completes
-                conn.sendall(b"POST /users/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 100000\r\n\r\n{\"phone\": ")
+                conn.sendall(
+                    b"POST /users/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 100000\r\n\r\n{"phone": '
+                )
             # the rest: connected and silent
             held.append(conn)
         # Everyone else is served as usual, including calls that need the database.
@@ -96,8 +116,9 @@ def tiny_disk(tmp_path):
     """A 1 MiB tmpfs: writes past it fail with ENOSPC, like a full disk."""
     mount_point = tmp_path / "tiny-disk"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
@@ -126,13 +147,15 @@ async def assert_disk_full_upload_is_507_and_leaves_nothing(api, user, app, tiny
     filler = tiny_disk / "filler"
     free = shutil.disk_usage(tiny_disk).free
     filler.write_bytes(b"\0" * (free - leave_kib * 1024))
-    response = await api.post("/images", body=noise_png((250, 250), seed=1), token=user.token,
-                              headers={"Content-Type": "image/png"})  # ~190 KiB body, re-encode needs as much again
+    response = await api.post(
+        "/images", body=noise_png((250, 250), seed=1), token=user.token, headers={"Content-Type": "image/png"}
+    )  # ~190 KiB body, re-encode needs as much again
     assert response.code == 507 and response.error == "insufficient_storage"
     assert files_under(tiny_disk / "media") == [] and image_rows(app) == 0
     filler.unlink()  # space again: the same upload now works
-    retry = await api.post("/images", body=noise_png((250, 250), seed=1), token=user.token,
-                           headers={"Content-Type": "image/png"})
+    retry = await api.post(
+        "/images", body=noise_png((250, 250), seed=1), token=user.token, headers={"Content-Type": "image/png"}
+    )
     assert retry.code == 201
 
 
@@ -155,8 +178,9 @@ async def test_disk_full_while_storing_is_507_and_leaves_nothing(api, user, app,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(app.services.store, "put", full)
-    response = await api.post("/images", body=noise_png((20, 20), seed=2), token=user.token,
-                              headers={"Content-Type": "image/png"})
+    response = await api.post(
+        "/images", body=noise_png((20, 20), seed=2), token=user.token, headers={"Content-Type": "image/png"}
+    )
     assert response.code == 507 and response.json["error"]["code"] == "insufficient_storage"
     media = Path(app.services.settings.media_root)
     assert files_under(media / "tmp") == [] and files_under(media / "blobs") == [] and image_rows(app) == 0
@@ -196,8 +220,9 @@ def test_kill_9_mid_uploads_and_registrations_loses_nothing_acknowledged(tmp_pat
         for n in range(10_000):
             data = noise_png((40, 30), seed=n % 7 if worker % 2 else worker * 10_000 + n)  # some bytes repeat
             try:
-                status, body = call(port, "POST", "/images", body=data, token=token,
-                                    headers={"Content-Type": "image/png"})
+                status, body = call(
+                    port, "POST", "/images", body=data, token=token, headers={"Content-Type": "image/png"}
+                )
             except OSError:
                 return  # the server is gone: this one was never acknowledged
             if status == 201:
@@ -252,9 +277,18 @@ class PrivateMariaDB:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         done = subprocess.run(
-            ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-             "--auth-root-authentication-method=normal", "--skip-test-db"],
-            capture_output=True, text=True, timeout=180)
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stderr
 
     @property
@@ -264,11 +298,23 @@ class PrivateMariaDB:
     def start(self) -> None:
         self.log = open(self.datadir.parent / "mariadb.log", "a")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
-            ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
-             f"--socket={self.datadir}/mysqld.sock", f"--pid-file={self.datadir}/mysqld.pid",
-             "--bind-address=127.0.0.1", "--user=root", "--skip-name-resolve", "--skip-log-bin",
-             "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                "/usr/sbin/mariadbd",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                f"--port={self.port}",
+                f"--socket={self.datadir}/mysqld.sock",
+                f"--pid-file={self.datadir}/mysqld.pid",
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-log-file-size=16M",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -322,8 +368,13 @@ def readiness_once_stale(port: int) -> tuple[int, float]:
 
 def test_database_outage_is_a_fast_503_and_recovery_needs_no_restart(tmp_path, private_mariadb):
     port = free_port()
-    proc = start(tmp_path, f"--port={port}", "--log_dir=", "--db_connect_timeout=1",
-                 env=server_env(tmp_path, private_mariadb.url + "/demo"))
+    proc = start(
+        tmp_path,
+        f"--port={port}",
+        "--log_dir=",
+        "--db_connect_timeout=1",
+        env=server_env(tmp_path, private_mariadb.url + "/demo"),
+    )
     acknowledged: list[str] = []
     stop_traffic = threading.Event()
 
@@ -334,8 +385,12 @@ def test_database_outage_is_a_fast_503_and_recovery_needs_no_restart(tmp_path, p
             try:
                 status, _ = call(port, "POST", "/users/code", {"phone": fixed_phone(n)})
                 if status == 200:
-                    status, _ = call(port, "POST", "/users/regist",
-                                     {"phone": fixed_phone(n), "password": "demo123456", "code": "123456"})
+                    status, _ = call(
+                        port,
+                        "POST",
+                        "/users/regist",
+                        {"phone": fixed_phone(n), "password": "demo123456", "code": "123456"},
+                    )
                     if status == 201:
                         acknowledged.append(fixed_phone(n))
             except OSError:
@@ -351,12 +406,16 @@ def test_database_outage_is_a_fast_503_and_recovery_needs_no_restart(tmp_path, p
             time.sleep(0.01)
 
         private_mariadb.stop()
-        answers = [timed(port, "POST", "/users/login", {"phone": fixed_phone(0), "password": "demo123456"}),
-                   timed(port, "GET", "/users/me", token=token),
-                   readiness_once_stale(port)]
+        answers = [
+            timed(port, "POST", "/users/login", {"phone": fixed_phone(0), "password": "demo123456"}),
+            timed(port, "GET", "/users/me", token=token),
+            readiness_once_stale(port),
+        ]
         burst = []
-        threads = [threading.Thread(target=lambda: burst.append(timed(port, "GET", "/users/me", token=token)))
-                   for _ in range(20)]  # more callers than DB threads: none may wait for a stuck one
+        threads = [
+            threading.Thread(target=lambda: burst.append(timed(port, "GET", "/users/me", token=token)))
+            for _ in range(20)
+        ]  # more callers than DB threads: none may wait for a stuck one
         for thread in threads:
             thread.start()
         for thread in threads:

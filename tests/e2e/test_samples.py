@@ -5,6 +5,7 @@ check answers as it says.
 tests/e2e/test_production.py checks the rest of these files (graceful stop, ports, `systemd-analyze
 verify`, `logrotate -d`) and runs the nginx sample.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -50,7 +51,7 @@ def supervisor_program() -> configparser.SectionProxy:
 
 def demo_arguments(command: str) -> list[str]:
     words = shlex.split(command)
-    return words[words.index("demo.main") + 1:]
+    return words[words.index("demo.main") + 1 :]
 
 
 def test_the_supervisor_command_is_valid_for_every_process(tmp_path):
@@ -72,10 +73,14 @@ def test_the_supervisor_route_makes_every_folder_the_demo_user_writes(tmp_path):
     made = re.search(r"install -d -o demo -g demo -m 0750 (.+)", SUPERVISOR.read_text()).group(1).split()
     assert f"install -d -o demo -g demo -m 0750 {' '.join(made)}" in ROOT.joinpath("README.md").read_text()
     settings = config.load([f"--config={example_with_a_secret(tmp_path)}"], environ={})
-    log_dir = Path(demo_arguments(program["command"] % {"process_num": 1, "program_name": "demo"})[-1]
-                   .removeprefix("--log_dir="))
-    needed = {str(log_dir.parent),  # the process makes its own per-port folder in there
-              str(Path(program["stdout_logfile"]).parent), settings.media_root}
+    log_dir = Path(
+        demo_arguments(program["command"] % {"process_num": 1, "program_name": "demo"})[-1].removeprefix("--log_dir=")
+    )
+    needed = {
+        str(log_dir.parent),  # the process makes its own per-port folder in there
+        str(Path(program["stdout_logfile"]).parent),
+        settings.media_root,
+    }
     assert needed <= set(made), f"not made for the demo user: {needed - set(made)}"
 
 
@@ -95,4 +100,3 @@ async def test_the_readme_s_curl_head_check_gets_200(api, path):
     assert answer.code == 200 and answer.body == b""
     assert answer.headers["Content-Type"].startswith("application/json")
     assert "curl -sI https://api.example.com/healthz    # 200" in ROOT.joinpath("README.md").read_text()
-

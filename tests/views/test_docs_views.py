@@ -1,5 +1,6 @@
 """The contract in the repository (docs/API.md) agrees with openapi.yaml and the error table, and
 the readable reference at /docs is served from this server alone."""
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,9 @@ def error_table(markdown: str) -> dict[str, int]:
 
 
 def test_every_operation_of_openapi_is_in_api_md(spec, api_md):
-    operations = [f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item
-                  if method in HTTP_METHODS]
+    operations = [
+        f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item if method in HTTP_METHODS
+    ]
     missing = [op for op in operations if not re.search(rf"`{re.escape(op)}[`?\s]", api_md)]
     assert not missing, f"operations of openapi.yaml missing from docs/API.md: {missing}"
 
@@ -57,8 +59,7 @@ def test_readme_links_resolve_inside_the_repository():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
     local = [link for link in links if "://" not in link]
     assert "docs/API.md" in local
-    broken = [link for link in local if not (ROOT / link).resolve().is_relative_to(ROOT)
-              or not (ROOT / link).exists()]
+    broken = [link for link in local if not (ROOT / link).resolve().is_relative_to(ROOT) or not (ROOT / link).exists()]
     assert not broken, f"README links to files that are not in the repository: {broken}"
 
 
@@ -104,8 +105,11 @@ async def test_docs_page_loads_every_script_and_style_from_this_server(api):
         assert url and url.startswith("/") and not url.startswith("//"), f"not served by this server: {url}"
         asset = await api.get(url)
         assert asset.code == 200 and len(asset.body) > 100, url
-        assert asset.headers["Content-Type"].split(";")[0] in ("text/javascript", "application/javascript",
-                                                               "text/css"), url
+        assert asset.headers["Content-Type"].split(";")[0] in (
+            "text/javascript",
+            "application/javascript",
+            "text/css",
+        ), url
     bundle = await api.get(assets.scripts[0])
     assert b"SwaggerUIBundle" in bundle.body
 

@@ -1,4 +1,5 @@
 """H5 pages (views/h5_*): tickets, the exchange, cookie sessions, the home page, XSRF, HTML errors."""
+
 from __future__ import annotations
 
 import io
@@ -60,14 +61,20 @@ def set_by(page) -> str:
 
 
 def is_html_page(response, status: int) -> bool:
-    return response.code == status and response.headers["Content-Type"].startswith("text/html") \
+    return (
+        response.code == status
+        and response.headers["Content-Type"].startswith("text/html")
         and b"<!doctype html>" in response.body
+    )
 
 
 def is_json_error(response, status: int, code: str) -> bool:
     """The page upload's errors: the contract's JSON error, as its 201 is JSON (the page's XHR reads both)."""
-    return response.code == status and response.headers["Content-Type"].startswith("application/json") \
+    return (
+        response.code == status
+        and response.headers["Content-Type"].startswith("application/json")
         and json.loads(response.body)["error"]["code"] == code
+    )
 
 
 # -- tickets -----------------------------------------------------------------------------------------
@@ -76,8 +83,11 @@ def is_json_error(response, status: int, code: str) -> bool:
 @gen_test
 async def test_session_bodies_carry_an_absolute_h5_url(api, user, base_url):
     assert user.body["h5_url"].startswith(base_url + "/h5/home?ticket=")
-    login = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD},
-                           headers={"X-Forwarded-Proto": "https", "Host": "api.example.com"})
+    login = await api.post(
+        "/users/login",
+        {"phone": PHONE, "password": PASSWORD},
+        headers={"X-Forwarded-Proto": "https", "Host": "api.example.com"},
+    )
     assert login.json["h5_url"].startswith("https://api.example.com/h5/home?ticket=")
     ticket = login.json["h5_url"].split("ticket=")[1]
     assert len(ticket) >= 43  # 256 random bits, URL-safe
@@ -107,7 +117,8 @@ async def test_exchange_sets_the_cookie_and_hides_the_ticket(api, user, app):
     assert morsel["httponly"] and morsel["samesite"] == "Lax" and morsel["path"] == "/h5"
     assert not morsel["secure"]  # plain HTTP here
     ticket_row, session_row = app.services.db.run_sync(
-        lambda s: (s.scalars(select(H5Ticket)).one(), s.scalars(select(H5Session)).one()))
+        lambda s: (s.scalars(select(H5Ticket)).one(), s.scalars(select(H5Session)).one())
+    )
     assert ticket_row.used_at is not None and session_row.ticket_id == ticket_row.id  # the exchange is recorded
 
 
@@ -163,7 +174,9 @@ async def test_home_page_shows_the_user_and_counts_visits(api, user, app):
     assert b"viewport" in first.body and b"/static/h5/h5.css?v=" in first.body
     second = await home(api, cookie)
     assert b'id="visits">2<' in second.body
-    visits, last = app.services.db.run_sync(lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one())
+    visits, last = app.services.db.run_sync(
+        lambda s: s.execute(select(User.h5_visit_count, User.h5_last_visit_at)).one()
+    )
     assert visits == 2 and last is not None
 
 
@@ -194,8 +207,9 @@ async def test_one_database_update_per_view(api, user, app, monkeypatch):
 async def test_home_page_lists_own_images(api, user, outbox, clock):
     buffer = io.BytesIO()
     PILImage.new("RGB", (400, 200), (0, 120, 200)).save(buffer, "PNG")
-    uploaded = await api.post("/images", body=buffer.getvalue(), token=user.token,
-                              headers={"Content-Type": "image/png"})
+    uploaded = await api.post(
+        "/images", body=buffer.getvalue(), token=user.token, headers={"Content-Type": "image/png"}
+    )
     assert uploaded.code == 201
     # Someone else's image is not shown.
     clock.advance(61)
@@ -227,7 +241,9 @@ async def test_password_reset_ends_the_h5_session(api, user, outbox, clock):
     cookie = await open_h5(api, user.body["h5_url"])
     clock.advance(61)
     await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})
-    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "new secret 42"})
+    reset = await api.post(
+        "/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "new secret 42"}
+    )
     assert reset.code == 204
     assert is_html_page(await home(api, cookie), 401)
 
@@ -257,15 +273,22 @@ def jpeg_bytes() -> bytes:
 def jpeg_form() -> tuple[bytes, dict[str, str]]:
     """A multipart body holding a small JPEG, as the page's upload form sends it, and its headers."""
     boundary = "demo-boundary-1"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + jpeg_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 async def logout(api, cookie: str, token: str | None, headers: dict | None = None, cookies: str = ""):
     body = f"_xsrf={quote(token)}" if token is not None else ""
-    return await api.post("/h5/logout", body=body,
-                          headers={**FORM, "Cookie": f"demo_h5={cookie}{cookies}", **(headers or {})})
+    return await api.post(
+        "/h5/logout", body=body, headers={**FORM, "Cookie": f"demo_h5={cookie}{cookies}", **(headers or {})}
+    )
 
 
 @gen_test
@@ -319,8 +342,9 @@ async def test_the_form_token_is_bound_to_the_session_and_no_xsrf_cookie_is_set(
     tokens = {xsrf_from(first), xsrf_from(second)}
     assert len(tokens) == 2  # masked afresh on every page (BREACH), yet both are this session's
     for token in tokens:
-        assert (await api.post("/h5/images", body=b"", headers={"Cookie": f"demo_h5={cookie}",
-                                                               "X-XSRFToken": token})).code != 403
+        assert (
+            await api.post("/h5/images", body=b"", headers={"Cookie": f"demo_h5={cookie}", "X-XSRFToken": token})
+        ).code != 403
 
 
 @gen_test
@@ -329,8 +353,11 @@ async def test_a_planted_xsrf_cookie_and_field_neither_log_out_nor_upload(api, u
     planted = await logout(api, cookie, PLANTED, cookies=f"; _xsrf={PLANTED}")
     assert is_html_page(planted, 403)
     body, form = jpeg_form()
-    upload = await api.post("/h5/images", body=body, headers={
-        **form, "Cookie": f"demo_h5={cookie}; _xsrf={PLANTED}", "X-XSRFToken": PLANTED})
+    upload = await api.post(
+        "/h5/images",
+        body=body,
+        headers={**form, "Cookie": f"demo_h5={cookie}; _xsrf={PLANTED}", "X-XSRFToken": PLANTED},
+    )
     assert is_json_error(upload, 403, "forbidden")
     assert (await home(api, cookie)).code == 200  # still signed in
     assert (await api.get("/images", token=user.token)).json["images"] == []  # nothing uploaded
@@ -347,10 +374,15 @@ async def test_a_token_of_another_session_is_refused(api, user):
     assert (await logout(api, attacker, xsrf_from(page), cookies=set_by(page))).code == 302  # good in its own
 
 
-@pytest.mark.parametrize("headers", [
-    {"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
-    {"Origin": "http://localhost.evil.example", "Sec-Fetch-Site": "same-site"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "http://localhost.evil.example", "Sec-Fetch-Site": "same-site"},
+    ],
+)
 @gen_test
 async def test_cross_site_posts_are_refused_even_with_a_good_token(api, user, headers):
     cookie = await open_h5(api, user.body["h5_url"])
@@ -358,8 +390,9 @@ async def test_cross_site_posts_are_refused_even_with_a_good_token(api, user, he
     token, jar = xsrf_from(page), set_by(page)
     assert is_html_page(await logout(api, cookie, token, headers, cookies=jar), 403)
     body, form = jpeg_form()
-    upload = await api.post("/h5/images", body=body, headers={
-        **form, **headers, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token})
+    upload = await api.post(
+        "/h5/images", body=body, headers={**form, **headers, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token}
+    )
     assert is_json_error(upload, 403, "forbidden")
     assert (await home(api, cookie)).code == 200
     assert (await logout(api, cookie, token, cookies=jar)).code == 302  # the same post from our own page passes
@@ -385,11 +418,13 @@ async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api,
     assert is_json_error(no_xsrf, 403, "forbidden")
     no_cookie = await api.post("/h5/images", body=body, headers={**form, "Cookie": jar[2:], "X-XSRFToken": token})
     assert is_json_error(no_cookie, 401, "unauthorized")
-    ok = await api.post("/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}",
-                                                        "X-XSRFToken": token})
+    ok = await api.post(
+        "/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token}
+    )
     assert ok.code == 201 and ok.json["image"]["format"] == "jpeg"
-    assert (await api.post("/images", body=jpeg_bytes(), token=user.token,
-                           headers={"Content-Type": "image/jpeg"})).code == 201  # no XSRF for Bearer calls
+    assert (
+        await api.post("/images", body=jpeg_bytes(), token=user.token, headers={"Content-Type": "image/jpeg"})
+    ).code == 201  # no XSRF for Bearer calls
     listing = await api.get("/h5/images", headers={"Cookie": f"demo_h5={cookie}"})
     assert is_json_error(listing, 405, "method_not_allowed") and listing.headers["Allow"] == "POST"
 
@@ -422,11 +457,17 @@ async def test_no_cookie_lacks_secure_when_the_client_came_over_https(api, user,
     exchanged = await api.get(path_of(user.body["h5_url"]), headers=https)
     cookie = cookies_of(exchanged)["demo_h5"]["demo_h5"].value
     other = await api.register(outbox, phone="18866669999")
-    answers = [exchanged, await home(api, cookie, headers=https),
-               await api.get(path_of(other.json["h5_url"]), headers={**https, "Cookie": f"demo_h5={cookie}"})]
+    answers = [
+        exchanged,
+        await home(api, cookie, headers=https),
+        await api.get(path_of(other.json["h5_url"]), headers={**https, "Cookie": f"demo_h5={cookie}"}),
+    ]
     offer = answers[-1]
-    switched = await api.post("/h5/switch", body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
-                              headers={**FORM, **https, "Cookie": f"demo_h5={cookie}"})
+    switched = await api.post(
+        "/h5/switch",
+        body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
+        headers={**FORM, **https, "Cookie": f"demo_h5={cookie}"},
+    )
     assert switched.code == 302
     new_cookie = cookies_of(switched)["demo_h5"]["demo_h5"].value
     page = await home(api, new_cookie, headers=https)
@@ -464,8 +505,11 @@ async def test_another_users_link_does_not_replace_a_live_session(api, user, out
     # The link is spent: nobody can use it later, with or without a cookie.
     assert is_html_page(await api.get(path_of(link)), 401)
     body, form = jpeg_form()
-    assert (await api.post("/h5/images", body=body, headers={
-        **form, "Cookie": f"demo_h5={victim}", "X-XSRFToken": xsrf_from(page)})).code == 201
+    assert (
+        await api.post(
+            "/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={victim}", "X-XSRFToken": xsrf_from(page)}
+        )
+    ).code == 201
     assert len((await api.get("/images", token=user.token)).json["images"]) == 1  # the upload is the victim's
 
 
@@ -492,8 +536,11 @@ async def test_a_choice_page_whose_offer_expired_keeps_the_session(api, user, ou
     victim, link = await two_users(api, user, outbox)
     offer = await api.get(path_of(link), headers={"Cookie": f"demo_h5={victim}"})
     clock.advance(121)
-    late = await api.post("/h5/switch", body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
-                          headers={**FORM, "Cookie": f"demo_h5={victim}"})
+    late = await api.post(
+        "/h5/switch",
+        body=f"_xsrf={quote(xsrf_from(offer))}&ticket={offer_ticket(offer)}",
+        headers={**FORM, "Cookie": f"demo_h5={victim}"},
+    )
     assert is_html_page(late, 401) and "demo_h5" not in cookies_of(late)
     assert (await home(api, victim)).code == 200
 
@@ -566,11 +613,14 @@ def test_nginx_s_unavailable_page_is_the_h5_error_page_rendered():
     and copy it over the shipped file."""
     shipped = (ROOT / "demo" / "static" / "h5" / "unavailable.html").read_bytes()
     title, text = H5PageHandler.ERROR_TITLES[503]
-    rendered = Loader(str(ROOT / "demo" / "templates")).load("h5/error.html").generate(
-        static_url=lambda path: f"/static/{path}", status=503, code="unavailable", title=title, text=text)
+    rendered = (
+        Loader(str(ROOT / "demo" / "templates"))
+        .load("h5/error.html")
+        .generate(static_url=lambda path: f"/static/{path}", status=503, code="unavailable", title=title, text=text)
+    )
     if rendered != shipped:
         fresh = ROOT / "test-artefacts" / "h5" / "unavailable.html"
         fresh.parent.mkdir(parents=True, exist_ok=True)
         fresh.write_bytes(rendered)
         pytest.fail(f"demo/static/h5/unavailable.html is not h5/error.html rendered: see {fresh}")
-    assert b"<link rel=\"stylesheet\" href=\"/static/h5/h5.css\">" in shipped
+    assert b'<link rel="stylesheet" href="/static/h5/h5.css">' in shipped

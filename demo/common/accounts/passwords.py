@@ -2,6 +2,7 @@
 
 Hashing is CPU-heavy and runs on the CPU thread pool; argon2-cffi releases the GIL while it works.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,5 @@
 """Phone numbers: parsed and normalised to E.164 with ``phonenumbers``; only mobile numbers pass."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -49,5 +50,4 @@ def require_region(e164: str, regions: frozenset[str]) -> None:
     region = phonenumbers.region_code_for_number(number) or phonenumbers.UNKNOWN_REGION
     if region not in regions:
         where = region if region in phonenumbers.SUPPORTED_REGIONS else "non-geographic numbers"
-        raise InvalidPhone(f"Texts are not offered to this country (+{number.country_code}, {where}).",
-                           field="phone")
+        raise InvalidPhone(f"Texts are not offered to this country (+{number.country_code}, {where}).", field="phone")

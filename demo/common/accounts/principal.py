@@ -1,4 +1,5 @@
 """Who is calling: shared by the accounts, H5 and image rules and by the handlers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

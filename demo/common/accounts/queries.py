@@ -4,6 +4,7 @@ All on the fast path (``@sql_unit``, hand-written ``Sql``): the token check and 
 every call, and one style keeps the rest easy to follow. A unit raises ``RateLimited`` where a limit
 refuses the request: the unit rolls back, so a refused request counts nowhere.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,18 +23,27 @@ from demo.common.sms import queries as sms_queries
 
 # -- statements --------------------------------------------------------------------------------------
 
-TOKEN = Sql("SELECT auth_sessions.id, auth_sessions.user_id, users.phone"
-            " FROM auth_sessions JOIN users ON users.id = auth_sessions.user_id"
-            " WHERE auth_sessions.token_hash = :token_hash AND auth_sessions.revoked_at IS NULL"
-            " AND auth_sessions.expires_at > :now")
+TOKEN = Sql(
+    "SELECT auth_sessions.id, auth_sessions.user_id, users.phone"
+    " FROM auth_sessions JOIN users ON users.id = auth_sessions.user_id"
+    " WHERE auth_sessions.token_hash = :token_hash AND auth_sessions.revoked_at IS NULL"
+    " AND auth_sessions.expires_at > :now"
+)
 USER_ID = Sql("SELECT id FROM users WHERE phone = :phone")
-NEW_USER = Sql("INSERT INTO users (public_id, phone, password_hash, created_at, last_login_at, h5_visit_count)"
-               " VALUES (:public_id, :phone, :password_hash, :now, :now, 0)")
-PROFILE = Sql("SELECT users.public_id, users.phone, users.created_at, users.last_login_at,"
-              " (SELECT COUNT(images.pk) FROM images WHERE images.owner_id = users.id) AS image_count"
-              " FROM users WHERE users.id = :user_id", datetimes=["created_at", "last_login_at"])
-NEW_SESSION = Sql("INSERT INTO auth_sessions (user_id, token_hash, created_at, expires_at)"
-                  " VALUES (:user_id, :token_hash, :now, :expires_at)")
+NEW_USER = Sql(
+    "INSERT INTO users (public_id, phone, password_hash, created_at, last_login_at, h5_visit_count)"
+    " VALUES (:public_id, :phone, :password_hash, :now, :now, 0)"
+)
+PROFILE = Sql(
+    "SELECT users.public_id, users.phone, users.created_at, users.last_login_at,"
+    " (SELECT COUNT(images.pk) FROM images WHERE images.owner_id = users.id) AS image_count"
+    " FROM users WHERE users.id = :user_id",
+    datetimes=["created_at", "last_login_at"],
+)
+NEW_SESSION = Sql(
+    "INSERT INTO auth_sessions (user_id, token_hash, created_at, expires_at)"
+    " VALUES (:user_id, :token_hash, :now, :expires_at)"
+)
 REVOKE_SESSION = Sql("UPDATE auth_sessions SET revoked_at = :now WHERE id = :id")
 REVOKE_SESSIONS = Sql("UPDATE auth_sessions SET revoked_at = :now WHERE user_id = :user_id AND revoked_at IS NULL")
 SET_PASSWORD = Sql("UPDATE users SET password_hash = :password_hash WHERE id = :user_id")
@@ -41,19 +51,27 @@ SWEEP_SESSIONS = Sql("DELETE FROM auth_sessions WHERE expires_at < :before")
 
 LAST_CODE = Sql("SELECT MAX(created_at) AS created_at FROM sms_codes WHERE phone = :phone", datetimes=["created_at"])
 # A new code replaces any earlier one for the same phone and purpose.
-EXPIRE_CODES = Sql("UPDATE sms_codes SET expires_at = :now WHERE phone = :phone AND purpose = :purpose"
-                   " AND used_at IS NULL AND expires_at > :now")
-NEW_CODE = Sql("INSERT INTO sms_codes (phone, purpose, code_hash, created_at, expires_at, attempts)"
-               " VALUES (:phone, :purpose, :code_hash, :now, :expires_at, 0)")
+EXPIRE_CODES = Sql(
+    "UPDATE sms_codes SET expires_at = :now WHERE phone = :phone AND purpose = :purpose"
+    " AND used_at IS NULL AND expires_at > :now"
+)
+NEW_CODE = Sql(
+    "INSERT INTO sms_codes (phone, purpose, code_hash, created_at, expires_at, attempts)"
+    " VALUES (:phone, :purpose, :code_hash, :now, :expires_at, 0)"
+)
 # The live code; concurrent uses of one code queue on its row lock, only the first sees it unused.
-_LIVE_CODE = ("SELECT id, code_hash, attempts FROM sms_codes WHERE phone = :phone AND purpose = :purpose"
-              " AND used_at IS NULL AND expires_at > :now ORDER BY created_at DESC, id DESC LIMIT 1")
+_LIVE_CODE = (
+    "SELECT id, code_hash, attempts FROM sms_codes WHERE phone = :phone AND purpose = :purpose"
+    " AND used_at IS NULL AND expires_at > :now ORDER BY created_at DESC, id DESC LIMIT 1"
+)
 LIVE_CODE = Sql(sqlite=_LIVE_CODE, mysql=f"{_LIVE_CODE} FOR UPDATE")
 WRONG_GUESS = Sql("UPDATE sms_codes SET attempts = attempts + 1 WHERE id = :id")
 USE_CODE = Sql("UPDATE sms_codes SET used_at = :now WHERE id = :id")
 # A code's outbox rows go with it (ON DELETE CASCADE): never one the sender has not finished with.
-SWEEP_CODES = Sql("DELETE FROM sms_codes WHERE expires_at < :before AND NOT EXISTS (SELECT 1 FROM sms_outbox"
-                  " WHERE sms_outbox.sms_code_id = sms_codes.id AND sms_outbox.status IN (:pending, :sending))")
+SWEEP_CODES = Sql(
+    "DELETE FROM sms_codes WHERE expires_at < :before AND NOT EXISTS (SELECT 1 FROM sms_outbox"
+    " WHERE sms_outbox.sms_code_id = sms_codes.id AND sms_outbox.status IN (:pending, :sending))"
+)
 
 # A login attempt is counted in LOGIN_WINDOWS windows (ratelimit.window_params 0..3, in key order)
 # before the password is checked; a client's remembered successes are windows 4 (now) and 5 (later).
@@ -66,14 +84,19 @@ LOGIN_LOOKUP = Sql(
     f" {ratelimit.count_of(0)} AS by_client_count, {ratelimit.count_of(1)} AS by_phone_count,"
     f" {ratelimit.count_of(2)} AS by_phone_client_count, {ratelimit.count_of(3)} AS pace_count,"
     f" {ratelimit.count_of(TRUSTED)} AS trusted, {ratelimit.count_of(TRUSTED_NEXT)} AS trusted_next"
-    " FROM (SELECT 1 AS one) AS one_row LEFT OUTER JOIN users ON users.phone = :phone", datetimes=["created_at"])
+    " FROM (SELECT 1 AS one) AS one_row LEFT OUTER JOIN users ON users.phone = :phone",
+    datetimes=["created_at"],
+)
 # Only while the hash is the one verified: a reset between the check and here leaves no row to match,
 # so a login with the old password cannot outlive the reset that revoked the sessions.
-RECORD_LOGIN = Sql("UPDATE users SET last_login_at = :now, password_hash = COALESCE(:new_hash, password_hash)"
-                   " WHERE id = :user_id AND password_hash = :verified_hash")
+RECORD_LOGIN = Sql(
+    "UPDATE users SET last_login_at = :now, password_hash = COALESCE(:new_hash, password_hash)"
+    " WHERE id = :user_id AND password_hash = :verified_hash"
+)
 
 
 # -- what the rules hand over -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class NewGrant:
@@ -107,6 +130,7 @@ class CodeRequest:
 
 # -- units of work ------------------------------------------------------------------------------------
 
+
 @sql_unit
 def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Callable[[bool], CodeText]) -> None:
     """Count the request, refuse it within ``resend_after`` of the phone's last code, then store a new
@@ -128,8 +152,9 @@ def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Ca
 
 
 @sql_unit
-def claim_code(c: SqlCursor, phone: str, purpose: str, code_hash: str, checks: Window, max_attempts: int,
-               now: dt.datetime) -> bool:
+def claim_code(
+    c: SqlCursor, phone: str, purpose: str, code_hash: str, checks: Window, max_attempts: int, now: dt.datetime
+) -> bool:
     """Count a code check against the client (``checks``; refused without a trace: the code keeps its
     tries), then spend the live code if ``code_hash`` is its hash: True, or False (a wrong guess counts
     against the code)."""
@@ -146,15 +171,24 @@ def claim_code(c: SqlCursor, phone: str, purpose: str, code_hash: str, checks: W
 
 def add_grant(c: SqlCursor, user_id: int, grant: NewGrant, now: dt.datetime) -> int:
     """Create ``grant`` for ``user_id``; the app session's id."""
-    session_id = c.insert(NEW_SESSION, {"user_id": user_id, "token_hash": grant.token_hash, "now": now,
-                                        "expires_at": grant.expires_at})
+    session_id = c.insert(
+        NEW_SESSION, {"user_id": user_id, "token_hash": grant.token_hash, "now": now, "expires_at": grant.expires_at}
+    )
     h5_queries.add_ticket(c, session_id, grant.ticket_hash, now, grant.ticket_expires_at)
     return session_id
 
 
 @sql_unit
-def register(c: SqlCursor, public_id: str, phone: str, password_hash: str, checks: Window, checked_at: dt.datetime,
-             grant: NewGrant, now: dt.datetime) -> int:
+def register(
+    c: SqlCursor,
+    public_id: str,
+    phone: str,
+    password_hash: str,
+    checks: Window,
+    checked_at: dt.datetime,
+    grant: NewGrant,
+    now: dt.datetime,
+) -> int:
     """A new user, signed in (``grant``); the app session's id. Refunds the code check counted at
     ``checked_at`` (only failed checks count against the client). ``Conflict`` when the phone (or the
     public id) is taken."""
@@ -178,14 +212,23 @@ def reserve_login(c: SqlCursor, phone: str, params: dict[str, Any], admit: Calla
 
 
 @sql_unit
-def record_login(c: SqlCursor, found: Row, new_hash: str | None, params: dict[str, Any], forget: str | None,
-                 remember: dict[str, Any] | None, grant: NewGrant, now: dt.datetime) -> int | None:
+def record_login(
+    c: SqlCursor,
+    found: Row,
+    new_hash: str | None,
+    params: dict[str, Any],
+    forget: str | None,
+    remember: dict[str, Any] | None,
+    grant: NewGrant,
+    now: dt.datetime,
+) -> int | None:
     """A good login of ``found`` (``reserve_login``'s row): record it (and ``new_hash``, a rehash), give
     its attempt back (``params``), forget the counter ``forget``, count a remembered success
     (``remember``: ``window_params`` of 2 windows) and create ``grant``; the app session's id. None, and
     nothing written, when the password changed since it was verified."""
-    if not c.execute(RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash, "now": now,
-                                    "new_hash": new_hash}):
+    if not c.execute(
+        RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash, "now": now, "new_hash": new_hash}
+    ):
         return None
     ratelimit.refund(c, params, LOGIN_WINDOWS)
     if forget is not None:
@@ -196,8 +239,15 @@ def record_login(c: SqlCursor, found: Row, new_hash: str | None, params: dict[st
 
 
 @sql_unit
-def reset_password(c: SqlCursor, phone: str, password_hash: str, checks: Window, checked_at: dt.datetime,
-                   login_family: str, now: dt.datetime) -> bool:
+def reset_password(
+    c: SqlCursor,
+    phone: str,
+    password_hash: str,
+    checks: Window,
+    checked_at: dt.datetime,
+    login_family: str,
+    now: dt.datetime,
+) -> bool:
     """Set the password of ``phone``'s user, end their app sessions, refund the code check and reset the
     login counters under ``login_family``; False if there is no such user (deleted since the code)."""
     user = c.first(USER_ID, {"phone": phone})

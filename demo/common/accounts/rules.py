@@ -3,6 +3,7 @@
 No Tornado here: handlers call these coroutines with plain values and get plain values or a
 ``DemoError`` back. Database work runs through ``Database.run`` and hashing through the CPU pool.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -74,11 +75,17 @@ class AccountRules:
         return cls(
             default_region=settings.default_region,
             sms_regions=parse_regions(settings.sms_countries or settings.default_region),
-            token_ttl=settings.token_ttl, code_ttl=settings.sms_code_ttl, resend_after=settings.sms_resend_after,
-            max_attempts=settings.sms_max_attempts, phone_daily=settings.sms_phone_daily,
-            ip_hourly=settings.sms_ip_hourly, login_phone_failures=settings.login_phone_failures,
-            login_ip_failures=settings.login_ip_failures, login_window=settings.login_window,
-            login_slowdown_after=settings.login_slowdown_after, login_slowdown=settings.login_slowdown,
+            token_ttl=settings.token_ttl,
+            code_ttl=settings.sms_code_ttl,
+            resend_after=settings.sms_resend_after,
+            max_attempts=settings.sms_max_attempts,
+            phone_daily=settings.sms_phone_daily,
+            ip_hourly=settings.sms_ip_hourly,
+            login_phone_failures=settings.login_phone_failures,
+            login_ip_failures=settings.login_ip_failures,
+            login_window=settings.login_window,
+            login_slowdown_after=settings.login_slowdown_after,
+            login_slowdown=settings.login_slowdown,
             code_checks_ip_hourly=settings.code_checks_ip_hourly,
         )
 
@@ -132,10 +139,13 @@ class Accounts:
             require_region(phone, self.rules.sms_regions)
         now, r = self.clock.now(), self.rules
         request = queries.CodeRequest(
-            phone, purpose,
+            phone,
+            purpose,
             by_phone=Window(f"sms:phone:{phone}", r.phone_daily, 86400),
             by_client=Window(f"sms:ip:{ratelimit.client_key(client_ip)}", r.ip_hourly, 3600),
-            resend_after=r.resend_after, expires_at=now + dt.timedelta(seconds=r.code_ttl))
+            resend_after=r.resend_after,
+            expires_at=now + dt.timedelta(seconds=r.code_ttl),
+        )
         await self.db.run(queries.issue_code, request, now, functools.partial(self._code_text, phone, purpose))
         self.sender.wake()
         return {"expires_in": self.rules.code_ttl, "resend_after": self.rules.resend_after}
@@ -161,8 +171,7 @@ class Accounts:
         """Registrations and resets share one budget per client: both are "check a code, then hash"."""
         return Window(f"code:ip:{ratelimit.client_key(client_ip)}", self.rules.code_checks_ip_hourly, 3600)
 
-    async def _claim_code(self, phone: str, purpose: str, code: str, checks: Window,
-                          now: dt.datetime) -> None:
+    async def _claim_code(self, phone: str, purpose: str, code: str, checks: Window, now: dt.datetime) -> None:
         """Spend ``code`` before any password is hashed: a wrong code costs no hash, and of parallel
         requests carrying one good code only the first gets past here. Raises InvalidCode (the wrong
         guess is counted against the code) or RateLimited (the client's checks are used up)."""
@@ -201,8 +210,7 @@ class Accounts:
         return LoginWindows(
             by_client=Window(f"login:ip:{client}", r.login_ip_failures, r.login_window),
             by_phone=Window(_login_phone_key(phone), r.login_slowdown_after, r.login_window),
-            by_phone_client=Window(f"{_login_phone_key(phone)}:from:{client}", r.login_phone_failures,
-                                   r.login_window),
+            by_phone_client=Window(f"{_login_phone_key(phone)}:from:{client}", r.login_phone_failures, r.login_window),
             pace=Window(f"{_login_phone_key(phone)}:pace", 1, r.login_slowdown),
         )
 
@@ -215,11 +223,14 @@ class Accounts:
         windows, now = self.login_windows(phone, client_ip), self.clock.now()
         counted = ratelimit.window_params(windows, now)
         known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
-        remembered = {**ratelimit.window_params([known], now, queries.TRUSTED),
-                      **ratelimit.window_params([known], later, queries.TRUSTED_NEXT)}
+        remembered = {
+            **ratelimit.window_params([known], now, queries.TRUSTED),
+            **ratelimit.window_params([known], later, queries.TRUSTED_NEXT),
+        }
         # Counted before the password is checked; a refused attempt counts nowhere.
-        found = await self.db.run(queries.reserve_login, phone, {**counted, **remembered},
-                                  lambda found: _admit_login(windows, found, now))
+        found = await self.db.run(
+            queries.reserve_login, phone, {**counted, **remembered}, lambda found: _admit_login(windows, found, now)
+        )
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
         if not ok or found.id is None:
@@ -249,8 +260,9 @@ class Accounts:
         await self._claim_code(phone, "reset", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
         # The owner proved who they are: failures of strangers no longer slow their logins down.
-        if not await self.db.run(queries.reset_password, phone, password_hash, checks, now, _login_phone_key(phone),
-                                 now):
+        if not await self.db.run(
+            queries.reset_password, phone, password_hash, checks, now, _login_phone_key(phone), now
+        ):
             raise InvalidCode(field="code")  # deleted since the code was sent
 
     # -- tokens --------------------------------------------------------------------------------

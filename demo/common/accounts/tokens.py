@@ -1,5 +1,6 @@
 """Opaque values handed to clients: secrets (bearer tokens, H5 tickets; random, only their digest
 stored) and public ids (random, so they tell nothing: not how many there are, nor in which order)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 Every unit here is on the fast path (``@sql_unit``, hand-written ``Sql``): the ticket comes with
 every login and the cookie check and the home visit with every page a WebView opens.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,34 +13,48 @@ from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
 
 HOME_IMAGES = 60  # newest images shown on the home page
 
-NEW_TICKET = Sql("INSERT INTO h5_tickets (ticket_hash, auth_session_id, created_at, expires_at)"
-                 " VALUES (:ticket_hash, :auth_session_id, :now, :expires_at)")
+NEW_TICKET = Sql(
+    "INSERT INTO h5_tickets (ticket_hash, auth_session_id, created_at, expires_at)"
+    " VALUES (:ticket_hash, :auth_session_id, :now, :expires_at)"
+)
 # A ticket that is good: unused, unexpired, and its app session alive.
 GOOD_TICKET = Sql(
     "SELECT h5_tickets.id, h5_tickets.auth_session_id, users.id AS user_id, users.phone"
     " FROM h5_tickets JOIN auth_sessions ON auth_sessions.id = h5_tickets.auth_session_id"
     " JOIN users ON users.id = auth_sessions.user_id"
     " WHERE h5_tickets.ticket_hash = :ticket_hash AND h5_tickets.used_at IS NULL AND h5_tickets.expires_at > :now"
-    " AND auth_sessions.revoked_at IS NULL AND auth_sessions.expires_at > :now")
+    " AND auth_sessions.revoked_at IS NULL AND auth_sessions.expires_at > :now"
+)
 # The conditional UPDATE is the single-use guarantee: of two racing exchanges, one wins.
 SPEND_TICKET = Sql("UPDATE h5_tickets SET used_at = :now WHERE id = :id AND used_at IS NULL")
-NEW_SESSION = Sql("INSERT INTO h5_sessions (cookie_hash, auth_session_id, ticket_id, created_at, expires_at)"
-                  " VALUES (:cookie_hash, :auth_session_id, :ticket_id, :now, :expires_at)")
+NEW_SESSION = Sql(
+    "INSERT INTO h5_sessions (cookie_hash, auth_session_id, ticket_id, created_at, expires_at)"
+    " VALUES (:cookie_hash, :auth_session_id, :ticket_id, :now, :expires_at)"
+)
 END_SESSION = Sql("UPDATE h5_sessions SET revoked_at = :now WHERE id = :id")
 # The visitor behind a cookie while both the cookie session and its app session are alive.
-_VISITOR = ("h5_sessions.id, auth_sessions.id AS auth_session_id, users.id AS user_id, users.phone,"
-            " users.created_at, users.last_login_at, users.h5_visit_count")
-_LIVE = (" FROM h5_sessions JOIN auth_sessions ON auth_sessions.id = h5_sessions.auth_session_id"
-         " JOIN users ON users.id = auth_sessions.user_id")
-_LIVE_WHERE = (" WHERE h5_sessions.cookie_hash = :cookie_hash AND h5_sessions.revoked_at IS NULL"
-               " AND h5_sessions.expires_at > :now AND auth_sessions.revoked_at IS NULL"
-               " AND auth_sessions.expires_at > :now")
+_VISITOR = (
+    "h5_sessions.id, auth_sessions.id AS auth_session_id, users.id AS user_id, users.phone,"
+    " users.created_at, users.last_login_at, users.h5_visit_count"
+)
+_LIVE = (
+    " FROM h5_sessions JOIN auth_sessions ON auth_sessions.id = h5_sessions.auth_session_id"
+    " JOIN users ON users.id = auth_sessions.user_id"
+)
+_LIVE_WHERE = (
+    " WHERE h5_sessions.cookie_hash = :cookie_hash AND h5_sessions.revoked_at IS NULL"
+    " AND h5_sessions.expires_at > :now AND auth_sessions.revoked_at IS NULL"
+    " AND auth_sessions.expires_at > :now"
+)
 _VISITOR_TIMES = ("created_at", "last_login_at")
 LIVE_SESSION = Sql(f"SELECT {_VISITOR}{_LIVE}{_LIVE_WHERE}", datetimes=_VISITOR_TIMES)
 # The visitor on every row, with one of their newest images (or none: one row of NULLs).
-HOME = Sql(f"SELECT {_VISITOR}, images.id AS image_id, images.format, images.width, images.height"
-           f"{_LIVE} LEFT OUTER JOIN images ON images.owner_id = users.id{_LIVE_WHERE}"
-           f" ORDER BY images.pk DESC LIMIT {HOME_IMAGES}", datetimes=_VISITOR_TIMES)
+HOME = Sql(
+    f"SELECT {_VISITOR}, images.id AS image_id, images.format, images.width, images.height"
+    f"{_LIVE} LEFT OUTER JOIN images ON images.owner_id = users.id{_LIVE_WHERE}"
+    f" ORDER BY images.pk DESC LIMIT {HOME_IMAGES}",
+    datetimes=_VISITOR_TIMES,
+)
 COUNT_VISIT = Sql("UPDATE users SET h5_visit_count = h5_visit_count + 1, h5_last_visit_at = :now WHERE id = :user_id")
 
 
@@ -65,8 +80,10 @@ class Exchange:
 @sql_unit
 def add_ticket(c: SqlCursor, auth_session_id: int, ticket_hash: str, now: dt.datetime, expires_at: dt.datetime) -> None:
     """A new ticket for app session ``auth_session_id``."""
-    c.insert(NEW_TICKET, {"ticket_hash": ticket_hash, "auth_session_id": auth_session_id, "now": now,
-                          "expires_at": expires_at})
+    c.insert(
+        NEW_TICKET,
+        {"ticket_hash": ticket_hash, "auth_session_id": auth_session_id, "now": now, "expires_at": expires_at},
+    )
 
 
 def spend_ticket(c: SqlCursor, ticket_hash: str, now: dt.datetime) -> Row | None:
@@ -81,13 +98,28 @@ def new_session(c: SqlCursor, spent: Row, session: NewSession, now: dt.datetime,
     """A cookie session from a spent ticket. The one it replaces ends: the browser no longer holds it."""
     if replacing is not None:
         end_session(c, replacing, now)
-    c.insert(NEW_SESSION, {"cookie_hash": session.cookie_hash, "auth_session_id": spent.auth_session_id,
-                           "ticket_id": spent.id, "now": now, "expires_at": session.expires_at})
+    c.insert(
+        NEW_SESSION,
+        {
+            "cookie_hash": session.cookie_hash,
+            "auth_session_id": spent.auth_session_id,
+            "ticket_id": spent.id,
+            "now": now,
+            "expires_at": session.expires_at,
+        },
+    )
 
 
 @sql_unit
-def exchange(c: SqlCursor, ticket_hash: str, current_hash: str | None, now: dt.datetime, session: NewSession,
-             offer_hash: str, offer_expires_at: dt.datetime) -> Exchange:
+def exchange(
+    c: SqlCursor,
+    ticket_hash: str,
+    current_hash: str | None,
+    now: dt.datetime,
+    session: NewSession,
+    offer_hash: str,
+    offer_expires_at: dt.datetime,
+) -> Exchange:
     """Spend a ticket. With a live session of the same user (``current_hash``), or none, the ticket
     becomes ``session`` (replacing that one); with another user's, the ticket's app session gets the
     offer ticket ``offer_hash`` instead and the current session stays."""

@@ -8,6 +8,7 @@ A ticket never silently replaces a live cookie session of another user (someone 
 otherwise sign the WebView into their account); the visitor is asked instead. Form tokens (XSRF)
 are bound to the cookie session, so no cookie an attacker can plant makes a valid one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,8 +67,7 @@ class SwitchOffer:
 
 
 class H5:
-    def __init__(self, db: Database, rules: H5Rules, clock: Clock | None = None, *,
-                 xsrf_key: bytes) -> None:
+    def __init__(self, db: Database, rules: H5Rules, clock: Clock | None = None, *, xsrf_key: bytes) -> None:
         self.db = db
         self.rules = rules
         self.clock = clock or Clock()
@@ -87,8 +87,9 @@ class H5:
         current_hash = _cookie_hash(current_cookie) if _is_cookie(current_cookie) else None
         cookie, session = self._new_session(now)
         offer, offer_hash, offer_expires_at = new_ticket(now, self.rules.ticket_ttl)
-        done = await self.db.run(queries.exchange, ticket_hash, current_hash, now, session, offer_hash,
-                                 offer_expires_at)
+        done = await self.db.run(
+            queries.exchange, ticket_hash, current_hash, now, session, offer_hash, offer_expires_at
+        )
         if done.spent is None:
             raise _expired()
         if done.offered and done.current is not None:
@@ -129,8 +130,11 @@ class H5:
             "visit_count": visitor.h5_visit_count + 1,  # the row now holds this value
             "last_login_at": isoformat(visitor.last_login_at),
             "member_since": isoformat(visitor.created_at),
-            "images": [{"id": r.image_id, "format": r.format, "width": r.width, "height": r.height}
-                       for r in rows if r.image_id is not None],
+            "images": [
+                {"id": r.image_id, "format": r.format, "width": r.width, "height": r.height}
+                for r in rows
+                if r.image_id is not None
+            ],
         }
 
     async def logout(self, principal: Principal) -> None:

@@ -8,6 +8,7 @@ An animation is decoded one frame at a time and handed to Pillow's writer as it 
 what the writer itself keeps until the file is written is counted by ``measure_upload``/``thumbnail_cost``,
 which the caller reserves from its decode budget before calling in.
 """
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,17 @@ ImageFile.MAXBLOCK = 1024 * 1024
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 # Errors Pillow raises for corrupt, truncated or hostile files.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-                 Image.DecompressionBombError, Image.DecompressionBombWarning)
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 @dataclass(frozen=True)
@@ -135,8 +145,9 @@ def configure(max_pixels: int, decode_budget: int) -> None:
     core.set_blocks_max(math.ceil(decode_budget * 4 / core.get_block_size()))
 
 
-def process_upload(src: str | bytes, work_dir: str, max_pixels: int,
-                   max_animation_pixels: int = MAX_ANIMATION_PIXELS) -> ProcessedImage:
+def process_upload(
+    src: str | bytes, work_dir: str, max_pixels: int, max_animation_pixels: int = MAX_ANIMATION_PIXELS
+) -> ProcessedImage:
     """Check ``src`` (a path, or the file's bytes) and write its re-encoded form to a new file in
     ``work_dir``. Every frame is decoded (a truncated file fails), one at a time."""
     head = _head(src)
@@ -253,8 +264,7 @@ def _skip_sub_blocks(fp: IO[bytes]) -> None:
         fp.seek(length[0], os.SEEK_CUR)
 
 
-def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int,
-                  max_animation_pixels: int) -> int:
+def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int, max_animation_pixels: int) -> int:
     """The number of frames, once the image is known to fit the limits."""
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
@@ -267,8 +277,9 @@ def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int,
     if frames > MAX_FRAMES:
         raise InvalidImage("The animation has too many frames.", field="image")
     if frames > 1 and frames * width * height > max_animation_pixels:
-        raise InvalidImage(f"The animation is larger than {max_animation_pixels} pixels in all its frames.",
-                           field="image")
+        raise InvalidImage(
+            f"The animation is larger than {max_animation_pixels} pixels in all its frames.", field="image"
+        )
     return frames
 
 
@@ -331,7 +342,8 @@ class _Colour:
             transform = self._transforms.get((im.mode, mode))
             if transform is None:
                 transform = self._transforms[(im.mode, mode)] = ImageCms.buildTransform(
-                    self._source, self.SRGB, im.mode, mode)
+                    self._source, self.SRGB, im.mode, mode
+                )
             out = ImageCms.applyTransform(im, transform)
         except ImageCms.PyCMSError:
             return im  # the profile does not describe these pixels (say, grey for colour): taken as sRGB
@@ -404,8 +416,9 @@ def _save_still(im: Image.Image, fmt: str, fp: IO[bytes], colour: _Colour) -> No
         im.save(fp, "WEBP", quality=JPEG_QUALITY, method=4, **options)
 
 
-def _save_animation(im: Image.Image, fmt: str, fp: IO[bytes], colour: _Colour,
-                    size: tuple[int, int] | None = None) -> None:
+def _save_animation(
+    im: Image.Image, fmt: str, fp: IO[bytes], colour: _Colour, size: tuple[int, int] | None = None
+) -> None:
     """Write the animation ``im`` (resized to ``size``) frame by frame; see HELD_BYTES for what the
     writer keeps meanwhile."""
     options = {"save_all": True, "loop": im.info.get("loop", 0), **colour.options}

@@ -6,6 +6,7 @@ the ORM (public API). The blob row (``image_blobs``) is the lock for one content
 touch the file under that lock take it as a callable (``place``, ``remove``), so no unit does I/O of
 its own.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -26,36 +27,46 @@ from demo.models import Deployment, Image, ImageBlob
 _LOCK_OWNER = "SELECT id FROM users WHERE id = :user_id"
 # Serialises one user's uploads (SQLite: every write transaction holds the database's write lock).
 LOCK_OWNER = Sql(sqlite=_LOCK_OWNER, mysql=f"{_LOCK_OWNER} FOR UPDATE")
-USAGE = Sql("SELECT COUNT(pk) AS image_count, COALESCE(SUM(bytes), 0) AS used_bytes FROM images"
-            " WHERE owner_id = :user_id")
+USAGE = Sql(
+    "SELECT COUNT(pk) AS image_count, COALESCE(SUM(bytes), 0) AS used_bytes FROM images WHERE owner_id = :user_id"
+)
 # Locks the blob row and counts one more use (and makes the row again if a sweep took it since the claim).
 ADD_BLOB_REF = Sql(
     sqlite="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 1, :now)"
-           " ON CONFLICT (sha256) DO UPDATE SET refs = image_blobs.refs + 1",
+    " ON CONFLICT (sha256) DO UPDATE SET refs = image_blobs.refs + 1",
     mysql="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 1, :now)"
-          " ON DUPLICATE KEY UPDATE refs = refs + 1")
+    " ON DUPLICATE KEY UPDATE refs = refs + 1",
+)
 # The blob row unless it is there (locked until commit, either way: on MariaDB the no-op update takes
 # the row lock; on SQLite the write transaction holds the database's one write lock anyway).
 CLAIM_BLOB = Sql(
     sqlite="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 0, :now)"
-           " ON CONFLICT (sha256) DO NOTHING",
+    " ON CONFLICT (sha256) DO NOTHING",
     mysql="INSERT INTO image_blobs (sha256, refs, created_at) VALUES (:sha256, 0, :now)"
-          " ON DUPLICATE KEY UPDATE sha256 = VALUES(sha256)")
+    " ON DUPLICATE KEY UPDATE sha256 = VALUES(sha256)",
+)
 # A known upload: the blob these exact bytes were made into before, and what their decode found. Only
 # the uploader's own blob: a shortcut taken (faster) for another user's bytes would tell anyone what
 # others have uploaded.
-KNOWN_UPLOAD = Sql("SELECT image_blobs.sha256, image_blobs.format, image_blobs.width, image_blobs.height,"
-                   " image_blobs.bytes FROM image_blobs WHERE image_blobs.source_sha256 = :source"
-                   " AND image_blobs.format IS NOT NULL AND EXISTS (SELECT 1 FROM images"
-                   " WHERE images.owner_id = :user_id AND images.sha256 = image_blobs.sha256) LIMIT 1")
-REMEMBER_UPLOAD = Sql("UPDATE image_blobs SET source_sha256 = :source, format = :format, width = :width,"
-                      " height = :height, bytes = :bytes WHERE sha256 = :sha256")
-NEW_IMAGE = Sql("INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, created_at)"
-                " VALUES (:id, :owner_id, :sha256, :format, :width, :height, :bytes, :now)")
+KNOWN_UPLOAD = Sql(
+    "SELECT image_blobs.sha256, image_blobs.format, image_blobs.width, image_blobs.height,"
+    " image_blobs.bytes FROM image_blobs WHERE image_blobs.source_sha256 = :source"
+    " AND image_blobs.format IS NOT NULL AND EXISTS (SELECT 1 FROM images"
+    " WHERE images.owner_id = :user_id AND images.sha256 = image_blobs.sha256) LIMIT 1"
+)
+REMEMBER_UPLOAD = Sql(
+    "UPDATE image_blobs SET source_sha256 = :source, format = :format, width = :width,"
+    " height = :height, bytes = :bytes WHERE sha256 = :sha256"
+)
+NEW_IMAGE = Sql(
+    "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, created_at)"
+    " VALUES (:id, :owner_id, :sha256, :format, :width, :height, :bytes, :now)"
+)
 FIND = Sql("SELECT sha256, format, width FROM images WHERE id = :id")
 
 
 # -- what the rules hand over -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -85,6 +96,7 @@ class NewImage:
 
 # -- upload (fast path) ------------------------------------------------------------------------------
 
+
 @sql_unit
 def usage(c: SqlCursor, user_id: int) -> Usage:
     return _usage(c, user_id)
@@ -102,8 +114,9 @@ def claim_blob(c: SqlCursor, sha256: str, now: dt.datetime) -> None:
 
 
 @sql_unit
-def store_image(c: SqlCursor, image: NewImage, quota: Quota, now: dt.datetime,
-                place: Callable[[], None]) -> dict[str, Any]:
+def store_image(
+    c: SqlCursor, image: NewImage, quota: Quota, now: dt.datetime, place: Callable[[], None]
+) -> dict[str, Any]:
     """Insert the image under the owner's quota, holding the blob row lock while ``place`` puts (or
     checks) its file; the new row's fields (without ``created_at``: ``now``). QuotaExceeded (or what
     ``place`` raises) rolls back."""
@@ -115,10 +128,25 @@ def store_image(c: SqlCursor, image: NewImage, quota: Quota, now: dt.datetime,
     c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
     place()  # under the blob row lock: see images/rules.py
     if image.decoded:
-        c.execute(REMEMBER_UPLOAD, {"sha256": image.sha256, "source": image.source, "format": image.format,
-                                    "width": image.width, "height": image.height, "bytes": image.bytes})
-    values = {"id": new_image_id(), "width": image.width, "height": image.height, "format": image.format,
-              "bytes": image.bytes, "sha256": image.sha256}
+        c.execute(
+            REMEMBER_UPLOAD,
+            {
+                "sha256": image.sha256,
+                "source": image.source,
+                "format": image.format,
+                "width": image.width,
+                "height": image.height,
+                "bytes": image.bytes,
+            },
+        )
+    values = {
+        "id": new_image_id(),
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "bytes": image.bytes,
+        "sha256": image.sha256,
+    }
     c.execute(NEW_IMAGE, {**values, "owner_id": image.owner_id, "now": now})
     return values
 
@@ -135,6 +163,7 @@ def new_image_id() -> str:
 
 # -- reading -------------------------------------------------------------------------------------------
 
+
 @sql_unit
 def find(c: SqlCursor, image_id: str) -> Row | None:
     """(sha256, format, width) of an image id, or None."""
@@ -150,6 +179,7 @@ def page(s: Session, user_id: int, limit: int, before: int | None) -> list[Image
 
 
 # -- deleting and sweeping -----------------------------------------------------------------------------
+
 
 def unlink_image(s: Session, user_id: int, image_id: str) -> str | None:
     """Delete the user's image; the sha256 of its blob, or None if the user has no such image."""
@@ -182,6 +212,7 @@ def blob_hashes(s: Session) -> set[str]:
 
 
 # -- the deployment the store belongs to ----------------------------------------------------------------
+
 
 def deployment(s: Session, now: dt.datetime) -> Deployment:
     """The database's one deployment row, created with a fresh random id if there is none yet (a

@@ -6,6 +6,7 @@ declared type and length (refusals come before a byte of the body is read), ``fe
 away, an answer was sent). The body is kept in an ``UploadSpool`` (memory or a temp file) that the
 receiver discards exactly once, whichever of these ends the upload. No Tornado here.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -15,6 +15,7 @@ rows as the only record of who uses it (no counter that images going another way
   deployment id (``bind_store``) and the blob must have a row here. A file without a row (bytes of
   another deployment) is counted and logged, never deleted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,9 @@ THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
-def _process_upload(src: str | bytes, work_dir: str, rules: ImageRules,
-                    read: Callable[[], None]) -> imaging.ProcessedImage:
+def _process_upload(
+    src: str | bytes, work_dir: str, rules: ImageRules, read: Callable[[], None]
+) -> imaging.ProcessedImage:
     try:
         return imaging.process_upload(src, work_dir, rules.max_pixels, rules.max_animation_pixels)
     finally:
@@ -85,10 +87,14 @@ class ImageRules:
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageRules:
         return cls(
-            max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
-            quota_count=settings.image_quota_count, quota_bytes=settings.image_quota_bytes,
-            lookup_ttl=settings.image_lookup_ttl, memory_cache_bytes=settings.image_memory_cache,
-            decode_budget=settings.image_decode_budget, max_animation_pixels=settings.max_animation_pixels,
+            max_upload_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_image_pixels,
+            quota_count=settings.image_quota_count,
+            quota_bytes=settings.image_quota_bytes,
+            lookup_ttl=settings.image_lookup_ttl,
+            memory_cache_bytes=settings.image_memory_cache,
+            decode_budget=settings.image_decode_budget,
+            max_animation_pixels=settings.max_animation_pixels,
             upload_memory=settings.upload_memory,
         )
 
@@ -103,8 +109,7 @@ class StoredImage:
 
 
 class Images:
-    def __init__(self, db: Database, store: ImageStore, rules: ImageRules,
-                 clock: Clock | None = None) -> None:
+    def __init__(self, db: Database, store: ImageStore, rules: ImageRules, clock: Clock | None = None) -> None:
         self.db = db
         self.store = store
         self.rules = rules
@@ -126,8 +131,9 @@ class Images:
         if usage.count >= self.rules.quota_count:
             raise QuotaExceeded()
 
-    async def create(self, user_id: int, upload: str | bytes,
-                     read: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    async def create(
+        self, user_id: int, upload: str | bytes, read: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
         """Check, re-encode and store an uploaded file (its bytes, or the path of the complete file,
         which stays the caller's to remove); returns the image record. ``read`` is called (on a worker
         thread) as soon as the decode is done with the upload, so its caller can let the body go before
@@ -167,12 +173,21 @@ class Images:
         async with self.decoding.reserve(cost):
             return await self.db.offloader.cpu(_process_upload, src, self.store.temp_dir(), self.rules, read)
 
-    async def _store(self, user_id: int, image: imaging.ProcessedImage, source: str,
-                     now: dt.datetime) -> dict[str, Any]:
+    async def _store(
+        self, user_id: int, image: imaging.ProcessedImage, source: str, now: dt.datetime
+    ) -> dict[str, Any]:
         """Store ``image``: a new file (``path``), or a blob already stored (no ``path``: _BlobGone if it
         is not there any more, checked under its row lock as put() does)."""
-        new = queries.NewImage(user_id, image.sha256, image.format, image.width, image.height, image.bytes, source,
-                               decoded=image.path is not None)
+        new = queries.NewImage(
+            user_id,
+            image.sha256,
+            image.format,
+            image.width,
+            image.height,
+            image.bytes,
+            source,
+            decoded=image.path is not None,
+        )
 
         def place() -> None:  # under the blob row lock: see the module docstring
             if image.path is not None:
@@ -235,7 +250,10 @@ class Images:
             return path
         async with self.decoding.reserve(cost):
             return await offloader.cpu(
-                _make_variant, self.store, image.sha256, width,
+                _make_variant,
+                self.store,
+                image.sha256,
+                width,
                 lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
             )
 
@@ -300,10 +318,18 @@ class Images:
         known = self.db.run_sync(queries.blob_hashes)
         unclaimed = sum(1 for sha256 in self.store.blobs() if sha256 not in known)
         if unclaimed:
-            log.warning("%d files in the media store %s have no blob row in this database: kept, as this "
-                        "deployment cannot prove it wrote them", unclaimed, self.store)
-        return {"temp_files": temp, "unused_blobs": unused, "unclaimed_files": unclaimed,
-                "orphan_thumbnails": self.store.sweep_variants(known)}
+            log.warning(
+                "%d files in the media store %s have no blob row in this database: kept, as this "
+                "deployment cannot prove it wrote them",
+                unclaimed,
+                self.store,
+            )
+        return {
+            "temp_files": temp,
+            "unused_blobs": unused,
+            "unclaimed_files": unclaimed,
+            "orphan_thumbnails": self.store.sweep_variants(known),
+        }
 
 
 class StoreMismatch(Exception):
@@ -326,12 +352,14 @@ def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
         raise StoreMismatch(
             f"the media store {store} carries no deployment id, but this database's images are in the store "
             f"of deployment {row.deployment_id}: point media_root at that store (if its files were moved "
-            f"here, copy its {IDENTITY_FILE} file too)")
+            f"here, copy its {IDENTITY_FILE} file too)"
+        )
     if found != row.deployment_id:
         raise StoreMismatch(
             f"the media store {store} belongs to deployment {found}, not to this database's "
             f"({row.deployment_id}): give each database a media_root of its own, or point database_url "
-            f"at the database of that store")
+            f"at the database of that store"
+        )
     if row.store_bound_at is None:
         _in_session(engine, queries.mark_store_bound, now)
     return row.deployment_id
@@ -352,8 +380,15 @@ def _in_session(engine: Engine, unit: Callable[..., T], *args: Any) -> T:
 
 
 def record(row: Image) -> dict[str, Any]:
-    return {"id": row.id, "width": row.width, "height": row.height, "format": row.format, "bytes": row.bytes,
-            "sha256": row.sha256, "created_at": isoformat(row.created_at)}
+    return {
+        "id": row.id,
+        "width": row.width,
+        "height": row.height,
+        "format": row.format,
+        "bytes": row.bytes,
+        "sha256": row.sha256,
+        "created_at": isoformat(row.created_at),
+    }
 
 
 _IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{16,32}")

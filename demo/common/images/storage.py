@@ -6,6 +6,7 @@ goes to a temp file, is fsynced, then renamed into place: a reader never sees ha
 A store carries the id of the one deployment (database) it belongs to, written once and never
 changed (see images.bind_store): a second database pointed at the same folder is refused.
 """
+
 from __future__ import annotations
 
 import abc

@@ -5,6 +5,7 @@ streaming parser), or the raw image bytes with an ``image/*`` Content-Type. Memo
 ``feed`` returns only the file bytes found in that chunk, for the caller to write to disk.
 Client file names are never used for anything.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,16 +74,19 @@ class _ImagePart:
         self.found = False
         self.ended = False
         with _malformed_multipart():  # python-multipart refuses a boundary over 256 bytes right here
-            self._parser = MultipartParser(boundary, {
-                "on_part_begin": self._part_begin,
-                "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
-                "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
-                "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished,
-                "on_part_data": self._part_data,
-                "on_part_end": self._part_end,
-                "on_end": self._end,
-            })
+            self._parser = MultipartParser(
+                boundary,
+                {
+                    "on_part_begin": self._part_begin,
+                    "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
+                    "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
+                    "on_header_end": self._header_end,
+                    "on_headers_finished": self._headers_finished,
+                    "on_part_data": self._part_data,
+                    "on_part_end": self._part_end,
+                    "on_end": self._end,
+                },
+            )
 
     def feed(self, chunk: bytes) -> bytes:
         with _malformed_multipart():
@@ -154,8 +158,12 @@ class UploadSpool:
     which gives an open descriptor and its path) on the first write.
     """
 
-    def __init__(self, new_temp_file: Callable[[], tuple[int, str]], memory: Budget | None = None,
-                 declared_length: int | None = None) -> None:
+    def __init__(
+        self,
+        new_temp_file: Callable[[], tuple[int, str]],
+        memory: Budget | None = None,
+        declared_length: int | None = None,
+    ) -> None:
         self._new_temp_file = new_temp_file
         self.path: str | None = None
         self._file: BinaryIO | None = None

@@ -3,6 +3,7 @@
 ``Cache.expiring`` forgets an entry ``ttl`` seconds after it was stored (and the least recently used
 past ``max_items``); ``Cache.sized`` keeps the least recently used values within a total of bytes.
 """
+
 from __future__ import annotations
 
 import threading
@@ -33,8 +34,10 @@ class Cache(Generic[K, V]):
     @classmethod
     def sized(cls, max_bytes: int, max_item: int) -> Cache[K, S]:
         """Values (bytes) kept while their total is within ``max_bytes``; larger than ``max_item``: never kept."""
-        return Cache(cachetools.LRUCache(maxsize=max(max_bytes, 1), getsizeof=len),
-                     fits=lambda value: len(value) <= max_item and len(value) <= max_bytes)
+        return Cache(
+            cachetools.LRUCache(maxsize=max(max_bytes, 1), getsizeof=len),
+            fits=lambda value: len(value) <= max_item and len(value) <= max_bytes,
+        )
 
     def get(self, key: K) -> V | None:
         with self._lock:

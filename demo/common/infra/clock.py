@@ -1,4 +1,5 @@
 """Time, injectable: services take a ``Clock`` so tests move time instead of sleeping."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -15,6 +15,7 @@ after a 30 s pool timeout. How a unit runs is the choice of the module that decl
 ``Sql`` uses only documented interfaces: PEP 249 cursors, ``Engine.raw_connection``,
 ``Dialect.is_disconnect``, ``PoolProxiedConnection.invalidate``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ log = logging.getLogger("demo.db")
 PING_AFTER_IDLE = 5.0
 
 
-def make_engine(url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800,
-                io_timeout: int = 30) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800, io_timeout: int = 30
+) -> Engine:
     """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -55,19 +57,25 @@ def make_engine(url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         query = dict(parsed.query)
         query.setdefault("charset", "utf8mb4")
-        return _ping_idle_connections(create_engine(
-            parsed.set(query=query),
-            pool_size=pool_size,
-            max_overflow=0,  # the DB thread pool has pool_size threads: nobody ever waits for a connection
-            pool_timeout=connect_timeout,
-            pool_recycle=pool_recycle,  # below MySQL's wait_timeout (8 h by default)
-            isolation_level="READ COMMITTED",  # fewer gap locks; every rule here is a single-row check
-            # Every unit of work ends in COMMIT or ROLLBACK (Database.run_sync), so the pool's extra
-            # rollback on return was a wasted round trip per request.
-            pool_reset_on_return=None,
-            # A frozen server must not pin a worker thread for ever: reads and writes give up too.
-            connect_args={"connect_timeout": connect_timeout, "read_timeout": io_timeout, "write_timeout": io_timeout},
-        ))
+        return _ping_idle_connections(
+            create_engine(
+                parsed.set(query=query),
+                pool_size=pool_size,
+                max_overflow=0,  # the DB thread pool has pool_size threads: nobody ever waits for a connection
+                pool_timeout=connect_timeout,
+                pool_recycle=pool_recycle,  # below MySQL's wait_timeout (8 h by default)
+                isolation_level="READ COMMITTED",  # fewer gap locks; every rule here is a single-row check
+                # Every unit of work ends in COMMIT or ROLLBACK (Database.run_sync), so the pool's extra
+                # rollback on return was a wasted round trip per request.
+                pool_reset_on_return=None,
+                # A frozen server must not pin a worker thread for ever: reads and writes give up too.
+                connect_args={
+                    "connect_timeout": connect_timeout,
+                    "read_timeout": io_timeout,
+                    "write_timeout": io_timeout,
+                },
+            )
+        )
     return create_engine(parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
 
 
@@ -163,7 +171,7 @@ def to_paramstyle(text: str, paramstyle: str) -> str:
 
     pieces, end = [], 0
     for match in _TOKEN.finditer(text):
-        pieces += [text[end:match.start()].replace("%", "%%"), convert(match)]
+        pieces += [text[end : match.start()].replace("%", "%%"), convert(match)]
         end = match.end()
     return "".join(pieces) + text[end:].replace("%", "%%")
 
@@ -241,8 +249,9 @@ class SqlCursor:
     def run(self, sql: Sql, params: Mapping[str, Any]) -> Any:
         """Execute ``sql``; the DBAPI cursor, to read its results."""
         if self._sqlite:
-            params = {name: _sqlite_value(value) if isinstance(value, dt.date) else value
-                      for name, value in params.items()}
+            params = {
+                name: _sqlite_value(value) if isinstance(value, dt.date) else value for name, value in params.items()
+            }
         self.cursor.execute(sql.for_dialect(self.dialect), params)
         return self.cursor
 
@@ -338,7 +347,8 @@ class Database:
             return result
         except BaseException as error:
             if isinstance(error, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
-                    error, connection.dbapi_connection, cursor):
+                error, connection.dbapi_connection, cursor
+            ):
                 connection.invalidate(error)
                 raise _Invalidated() from error
             try:
@@ -356,10 +366,16 @@ class Database:
         dbapi = self.engine.dialect.loaded_dbapi
         if isinstance(error, (exc.IntegrityError, dbapi.IntegrityError)):
             return Conflict(str(error))
-        if isinstance(error, _Invalidated) or is_unreachable(error) or isinstance(
-                error, (dbapi.OperationalError, dbapi.InterfaceError)):
-            log.warning("database unavailable: %s", (error.__cause__ or error).__class__.__name__,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
+        if (
+            isinstance(error, _Invalidated)
+            or is_unreachable(error)
+            or isinstance(error, (dbapi.OperationalError, dbapi.InterfaceError))
+        ):
+            log.warning(
+                "database unavailable: %s",
+                (error.__cause__ or error).__class__.__name__,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             return Unavailable()
         return None
 

@@ -1,4 +1,5 @@
 """An exclusive lock on a file: across threads and processes of one machine."""
+
 from __future__ import annotations
 
 import fcntl

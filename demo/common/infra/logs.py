@@ -3,6 +3,7 @@
 The request log never prints secrets: the query string is logged with the values of sensitive
 parameters replaced, and bodies and headers are never logged.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -40,7 +41,8 @@ def setup_logging(log_dir: str, level: str = "info", *, self_rotating: bool = Tr
         path = os.path.join(log_dir, "demo.log")
         if self_rotating:
             to_file: logging.FileHandler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8")
+                path, maxBytes=20 * 1024 * 1024, backupCount=10, encoding="utf-8"
+            )
         else:
             to_file = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         to_file.setFormatter(formatter)
@@ -109,8 +111,14 @@ def log_request(handler: Any) -> None:
     if not access_log.isEnabledFor(level):
         return
     access_log.log(
-        level, "%d %s %s%s %.1fms user=%s ip=%s rid=%s",
-        status, request.method, request.path, scrub_query(request.query), 1000.0 * request.request_time(),
-        principal.user_id if principal else "-", request.remote_ip,
+        level,
+        "%d %s %s%s %.1fms user=%s ip=%s rid=%s",
+        status,
+        request.method,
+        request.path,
+        scrub_query(request.query),
+        1000.0 * request.request_time(),
+        principal.user_id if principal else "-",
+        request.remote_ip,
         getattr(request, "demo_request_id", "-"),
     )

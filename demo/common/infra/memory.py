@@ -3,6 +3,7 @@
 One budget API for every share: ``try_take``/``give_back`` for a share taken at once or not at all
 (upload bodies held in memory), ``reserve`` for a share worth waiting for (pixels being decoded).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ With several workers (``--processes``) main.py points ``PROMETHEUS_MULTIPROC_DIR
 before the workers start; every worker then writes its samples there and ``/metrics`` on any worker
 aggregates all of them. A single process keeps its metrics in memory.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,21 +33,34 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("demo_requests", "HTTP requests answered", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("demo_request_duration_seconds", "Time to answer a request", ["route", "method"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("demo_requests_in_flight", "Requests being handled",
-                               multiprocess_mode="livesum", registry=r)
-        self.db_pool_in_use = Gauge("demo_db_pool_in_use", "Database connections checked out",
-                                    multiprocess_mode="livesum", registry=r)
-        self.executor_queue = Gauge("demo_executor_queue_depth", "Tasks waiting for a worker thread",
-                                    multiprocess_mode="livesum", registry=r)
+        self.latency = Histogram(
+            "demo_request_duration_seconds",
+            "Time to answer a request",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "demo_requests_in_flight", "Requests being handled", multiprocess_mode="livesum", registry=r
+        )
+        self.db_pool_in_use = Gauge(
+            "demo_db_pool_in_use", "Database connections checked out", multiprocess_mode="livesum", registry=r
+        )
+        self.executor_queue = Gauge(
+            "demo_executor_queue_depth", "Tasks waiting for a worker thread", multiprocess_mode="livesum", registry=r
+        )
         self.upload_bytes = Counter("demo_upload_bytes", "Bytes of image uploads received", registry=r)
         self.sms_sent = Counter("demo_sms_sent", "Texts handed to the SMS backend", registry=r)
-        self.sms_failed = Counter("demo_sms_failed", "Tries the SMS backend refused or lost (retried later)",
-                                  registry=r)
+        self.sms_failed = Counter(
+            "demo_sms_failed", "Tries the SMS backend refused or lost (retried later)", registry=r
+        )
         # Every process counts the same shared rows: the live maximum is the backlog, not a sum.
-        self.sms_outbox_pending = Gauge("demo_sms_outbox_pending", "Texts in the outbox not yet sent nor given up",
-                                        multiprocess_mode="livemax", registry=r)
+        self.sms_outbox_pending = Gauge(
+            "demo_sms_outbox_pending",
+            "Texts in the outbox not yet sent nor given up",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One answered request; ``route`` is its route's name (``name=`` in views/*_urls.py), so two

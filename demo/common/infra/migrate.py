@@ -3,6 +3,7 @@
 Several processes may start at once (systemd instances, hosts sharing one MySQL): a lock makes
 sure only one migrates while the others wait and then find nothing left to do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -43,8 +44,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def migration_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name in ("mysql", "mariadb"):
         with engine.connect() as conn:  # GET_LOCK belongs to this connection until released
-            acquired = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"),
-                                    {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}).scalar()
+            acquired = conn.execute(
+                text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT}
+            ).scalar()
             if acquired != 1:
                 raise MigrationLockTimeout("another process has held the migration lock for too long")
             try:

@@ -4,6 +4,7 @@ Three thread pools: ``db`` sized to the connection pool (a thread never waits fo
 ``cpu`` for password hashing and image decoding (one per core: more would only queue in the kernel),
 and ``io`` for file reads and writes, so a burst of logins can starve neither queries nor downloads.
 """
+
 from __future__ import annotations
 
 import asyncio

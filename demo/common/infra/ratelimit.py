@@ -9,6 +9,7 @@ the login). Everything here runs on a ``SqlCursor`` (in an ORM unit: ``db.sql_cu
 
 Per-client limits key the client with ``client_key``: an IPv6 client owns a whole /64.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -102,8 +103,7 @@ def window_params(windows: Sequence[Window], now: dt.datetime, first: int = 0) -
     params: dict[str, Any] = {}
     for i, window in enumerate(windows, first):
         row = window.row(now)
-        params.update({f"key{i}": row["key"], f"start{i}": row["window_start"],
-                       f"expires{i}": row["expires_at"]})
+        params.update({f"key{i}": row["key"], f"start{i}": row["window_start"], f"expires{i}": row["expires_at"]})
     return params
 
 
@@ -119,7 +119,8 @@ def statements(size: int) -> tuple[Sql, Sql]:
     rows = ", ".join(f"(:key{i}, :start{i}, 1, :expires{i})" for i in range(size))
     reserve = Sql(
         sqlite=f"{columns}{rows} ON CONFLICT (`key`, window_start) DO UPDATE SET count = count + excluded.count",
-        mysql=f"{columns}{rows} ON DUPLICATE KEY UPDATE count = count + VALUES(count)")
+        mysql=f"{columns}{rows} ON DUPLICATE KEY UPDATE count = count + VALUES(count)",
+    )
     windows = " OR ".join(_window_row(i) for i in range(size))
     give_back = Sql(f"UPDATE rate_counters SET count = count - 1 WHERE {windows}")
     return reserve, give_back

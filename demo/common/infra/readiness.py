@@ -1,4 +1,5 @@
 """Readiness, cheap under a flood of probes: one database ping answers every probe for a second."""
+
 from __future__ import annotations
 
 import asyncio

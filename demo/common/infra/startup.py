@@ -4,6 +4,7 @@ Exit statuses (README, "Exit statuses"): 2 a bad setting, 3 the database is unre
 migration failed, 4 the address cannot be bound, 5 a folder or file cannot be written. A supervisor
 restarting the process for ever can tell a typo (2) from a database that is not up yet (3).
 """
+
 from __future__ import annotations
 
 from sqlalchemy.engine import make_url

@@ -2,6 +2,7 @@
 
 A backend has one coroutine, ``send(message)``; it raises ``SmsFailed`` when the text did not go out.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,21 +71,24 @@ class HttpGatewayBackend:
         self.url = url
         self.body = Template(body_template)
         self.headers = dict(
-            (part.split(":", 1)[0].strip(), part.split(":", 1)[1].strip())
-            for part in headers.split(";")
-            if ":" in part
+            (part.split(":", 1)[0].strip(), part.split(":", 1)[1].strip()) for part in headers.split(";") if ":" in part
         )
         self.timeout = timeout
 
     async def send(self, message: SmsMessage) -> None:
         body = self.body.safe_substitute(
-            phone=json.dumps(message.phone), text=json.dumps(message.text, ensure_ascii=False),
+            phone=json.dumps(message.phone),
+            text=json.dumps(message.text, ensure_ascii=False),
             code=json.dumps(message.code),
         )
         try:
             await AsyncHTTPClient().fetch(
-                self.url, method="POST", body=body.encode(), headers=self.headers,
-                connect_timeout=self.timeout, request_timeout=self.timeout,
+                self.url,
+                method="POST",
+                body=body.encode(),
+                headers=self.headers,
+                connect_timeout=self.timeout,
+                request_timeout=self.timeout,
             )
         except (HTTPClientError, OSError) as error:  # non-2xx, timeout, refused, DNS
             raise SmsFailed(f"gateway: {error}") from error
@@ -99,8 +103,15 @@ def parse_backend(spec: str) -> tuple[str, str]:
     raise ValueError(f"unknown sms_backend {spec!r} (console, file:<path> or http)")
 
 
-def make_backend(spec: str, offloader: Offloader, *, gateway_url: str = "", gateway_body: str = "",
-                 gateway_headers: str = "", gateway_timeout: float = 5.0) -> SmsBackend:
+def make_backend(
+    spec: str,
+    offloader: Offloader,
+    *,
+    gateway_url: str = "",
+    gateway_body: str = "",
+    gateway_headers: str = "",
+    gateway_timeout: float = 5.0,
+) -> SmsBackend:
     kind, path = parse_backend(spec)
     if kind == "console":
         return ConsoleBackend()

@@ -12,6 +12,7 @@ dies between claim and settle leaves the row to be retried once its lease runs o
 least once, and nothing is lost between the commit and the send. A text whose code died while it
 waited (expired, used or replaced: after an outage) is settled as failed, never sent.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,7 +52,8 @@ class SenderRules:
     def from_settings(cls, settings: Settings) -> SenderRules:
         """ValueError naming the setting for a bad attempt count or delay."""
         return cls(
-            attempts=settings.sms_send_attempts, retry_delay=settings.sms_retry_delay,
+            attempts=settings.sms_send_attempts,
+            retry_delay=settings.sms_retry_delay,
             # A claim must outlive the slowest send, or another process could send the same text again.
             lease=max(cls.lease, 4 * settings.sms_gateway_timeout),
         )
@@ -75,8 +77,7 @@ class Claimed:
 class Sender:
     """Drains the outbox of one process; ``start`` and ``stop`` run on the event loop."""
 
-    def __init__(self, db: Database, backend: SmsBackend, metrics: Metrics, clock: Clock,
-                 rules: SenderRules) -> None:
+    def __init__(self, db: Database, backend: SmsBackend, metrics: Metrics, clock: Clock, rules: SenderRules) -> None:
         self.db = db
         self.backend = backend
         self.metrics = metrics
@@ -153,9 +154,15 @@ class Sender:
         found = await self.db.run(queries.claim_due, now, lease_until, self.rules.batch)
         for row in found.dead:
             log.warning("SMS to %s not sent: its code expired, was used or was replaced first", mask_phone(row.phone))
-        claimed = [Claimed(row.id, row.attempts, row.sms_code_id,
-                           SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at) or ""))
-                   for row in found.claimed]
+        claimed = [
+            Claimed(
+                row.id,
+                row.attempts,
+                row.sms_code_id,
+                SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at) or ""),
+            )
+            for row in found.claimed
+        ]
         return claimed, len(found.dead), found.backlog
 
     async def settle(self, outcomes: list[tuple[Claimed, str | None]], now: dt.datetime) -> None:
@@ -172,8 +179,9 @@ class Sender:
         given_up = {outcome.id for outcome in await self.db.run(queries.settle, settled, now)}
         for row, _ in outcomes:
             if row.id in given_up:
-                log.error("SMS to %s given up after %d tries; its code is void", mask_phone(row.message.phone),
-                          row.attempts)
+                log.error(
+                    "SMS to %s given up after %d tries; its code is void", mask_phone(row.message.phone), row.attempts
+                )
 
     async def _send(self, row: Claimed) -> str | None:
         """None when the backend took the text, else why not (logged and counted)."""
@@ -181,8 +189,13 @@ class Sender:
             await self.backend.send(row.message)
         except Exception as error:  # noqa: BLE001 - any failure of any backend is a failed try
             self.metrics.sms_failed.inc()
-            log.warning("SMS to %s failed (try %d of %d): %s", mask_phone(row.message.phone), row.attempts,
-                        self.rules.attempts, error)
+            log.warning(
+                "SMS to %s failed (try %d of %d): %s",
+                mask_phone(row.message.phone),
+                row.attempts,
+                self.rules.attempts,
+                error,
+            )
             return f"{error.__class__.__name__}: {error}"[:255]
         self.metrics.sms_sent.inc()
         return None

@@ -1,5 +1,6 @@
 """The SQL of the SMS outbox (see outbox.py): named units of work for ``Database.run``, and ``enqueue``
 for the unit of work that issues a code."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -13,26 +14,32 @@ FINISHED = (SENT, FAILED, SKIPPED)
 _WAITING = "('pending', 'sending')"
 _FINISHED = "('sent', 'failed', 'skipped')"
 
-ENQUEUE = Sql("INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, status, attempts, next_attempt_at,"
-              " created_at) VALUES (:sms_code_id, :phone, :purpose, :code, :text, :status, 0, :now, :now)")
+ENQUEUE = Sql(
+    "INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, status, attempts, next_attempt_at,"
+    " created_at) VALUES (:sms_code_id, :phone, :purpose, :code, :text, :status, 0, :now, :now)"
+)
 BACKLOG = Sql(f"SELECT COUNT(*) AS n FROM sms_outbox WHERE status IN {_WAITING}")
 SWEEP = Sql(f"DELETE FROM sms_outbox WHERE status IN {_FINISHED} AND created_at < :before")
 # Due rows with their code's expiry (a plain subquery: FOR UPDATE locks the outbox rows only, never the
 # codes a request is checking). No ORDER BY: MariaDB would lock every due row to sort them, starving the
 # other senders; the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed
 # claims. Another sender's rows are skipped, never waited for (SQLite has a single writer).
-_DUE = ("SELECT id, sms_code_id, phone, purpose, code, text, attempts, created_at,"
-        " (SELECT expires_at FROM sms_codes WHERE sms_codes.id = sms_outbox.sms_code_id) AS code_expires_at"
-        f" FROM sms_outbox WHERE status IN {_WAITING} AND next_attempt_at <= :now LIMIT :batch")
+_DUE = (
+    "SELECT id, sms_code_id, phone, purpose, code, text, attempts, created_at,"
+    " (SELECT expires_at FROM sms_codes WHERE sms_codes.id = sms_outbox.sms_code_id) AS code_expires_at"
+    f" FROM sms_outbox WHERE status IN {_WAITING} AND next_attempt_at <= :now LIMIT :batch"
+)
 DUE = Sql(sqlite=_DUE, mysql=f"{_DUE} FOR UPDATE SKIP LOCKED", datetimes=["created_at", "code_expires_at"])
-CLAIM = Sql("UPDATE sms_outbox SET status = 'sending', attempts = :attempts, next_attempt_at = :lease_until"
-            " WHERE id = :id")
+CLAIM = Sql(
+    "UPDATE sms_outbox SET status = 'sending', attempts = :attempts, next_attempt_at = :lease_until WHERE id = :id"
+)
 # A claim is settled only while it is still this try's (a later claim of the row has another ``attempts``).
 _MINE = " WHERE id = :id AND status = 'sending' AND attempts = :attempts"
 GIVE_UP = Sql("UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error WHERE id = :id")
 SETTLE = {
-    SENT: Sql("UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = NULL"
-              + _MINE),
+    SENT: Sql(
+        "UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = NULL" + _MINE
+    ),
     PENDING: Sql(f"UPDATE sms_outbox SET status = 'pending', next_attempt_at = :retry_at, last_error = :error{_MINE}"),
     FAILED: Sql(f"UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error{_MINE}"),
 }
@@ -61,11 +68,22 @@ class Outcome:
     retry_at: dt.datetime | None = None
 
 
-def enqueue(c: SqlCursor, code_id: int, phone: str, purpose: str, now: dt.datetime, *,
-            text: str | None, code: str | None) -> None:
+def enqueue(
+    c: SqlCursor, code_id: int, phone: str, purpose: str, now: dt.datetime, *, text: str | None, code: str | None
+) -> None:
     """Write the text of code ``code_id``; with ``text`` None, the same row as ``skipped``."""
-    c.insert(ENQUEUE, {"sms_code_id": code_id, "phone": phone, "purpose": purpose, "code": code, "text": text or "",
-                       "status": SKIPPED if text is None else PENDING, "now": now})
+    c.insert(
+        ENQUEUE,
+        {
+            "sms_code_id": code_id,
+            "phone": phone,
+            "purpose": purpose,
+            "code": code,
+            "text": text or "",
+            "status": SKIPPED if text is None else PENDING,
+            "now": now,
+        },
+    )
 
 
 @sql_unit
@@ -103,8 +121,13 @@ def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outc
     so they must not stay usable, nor be guessed at for their lifetime)."""
     given_up = []
     for outcome in outcomes:
-        params = {"id": outcome.id, "attempts": outcome.attempts, "now": now, "error": outcome.error,
-                  "retry_at": outcome.retry_at}
+        params = {
+            "id": outcome.id,
+            "attempts": outcome.attempts,
+            "now": now,
+            "error": outcome.error,
+            "retry_at": outcome.retry_at,
+        }
         if c.execute(SETTLE[outcome.status], params) and outcome.status == FAILED:
             c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
             given_up.append(outcome)

@@ -1,5 +1,6 @@
 """JSON handlers: ``ApiHandler`` (JSON in, JSON out, errors in the contract's shape), the JSON body and
 its text fields, the catch-all JSON 404, and the static file handler with the contract's headers."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ The decorators only record the decision on the method; ``BaseHandler.prepare`` e
 byte of the body is read, and the router (routing.py) refuses to start an app with a method that has
 none. (Unlike ``tornado.web.authenticated``, none of them wraps the method.)
 """
+
 from __future__ import annotations
 
 import enum

@@ -3,6 +3,7 @@
 ``ApiHandler`` (api.py) answers JSON, ``H5PageHandler`` (pages.py) HTML. Handlers reach the process's
 long-lived objects through typed properties (``services``, ``accounts``, ``images``, ``h5``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -163,22 +164,38 @@ class BaseHandler(RequestHandler):
 
     def describe_error(self, exc_info: ExcInfo | None) -> ErrorAnswer:
         """(status, JSON error body, extra headers) for whatever ended the request (errors.py)."""
-        return describe_error(exc_info[1] if exc_info else None, status=self.get_status(), reason=self._reason,
-                              request_id=self.request_id, allowed_methods=self.allowed_methods)
+        return describe_error(
+            exc_info[1] if exc_info else None,
+            status=self.get_status(),
+            reason=self._reason,
+            request_id=self.request_id,
+            allowed_methods=self.allowed_methods,
+        )
 
     def allowed_methods(self) -> list[str]:
         """The HTTP methods this handler implements (the others are Tornado's 405)."""
         return list(implemented_methods(type(self)))
 
-    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
-                      tb: TracebackType | None) -> None:
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if isinstance(value, DemoError):
             return  # an expected answer; the request log already records the status
         if is_disk_full(value):
-            log.error("disk full while handling %s %s (request %s): %s", self.request.method, self.request.path,
-                      self.request_id, value)
+            log.error(
+                "disk full while handling %s %s (request %s): %s",
+                self.request.method,
+                self.request.path,
+                self.request_id,
+                value,
+            )
             return
         if isinstance(value, HTTPError) and value.status_code < 500:
             return  # a 4xx Tornado raised (404, 405, ...): the request log has it
-        log.error("unhandled error in %s %s (request %s)", self.request.method, self.request.path,
-                  self.request_id, exc_info=(typ, value, tb))  # type: ignore[arg-type]
+        log.error(
+            "unhandled error in %s %s (request %s)",
+            self.request.method,
+            self.request.path,
+            self.request_id,
+            exc_info=value,  # the exception carries its traceback
+        )

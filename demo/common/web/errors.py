@@ -3,6 +3,7 @@
 Domain errors (demo/common/errors.py) carry a ``code``; ``ERROR_STATUS`` gives its status. Errors Tornado
 raises by itself (``HTTPError``) get a code from their status. A full disk is a 507 the client may retry.
 """
+
 from __future__ import annotations
 
 import errno
@@ -15,16 +16,35 @@ from demo.common.errors import DemoError, InsufficientStorage
 
 # The contract's error table: code -> status. Anything raised as a DemoError is answered from here.
 ERROR_STATUS: dict[str, int] = {
-    "invalid_json": 400, "invalid_field": 422, "invalid_phone": 422, "weak_password": 422,
-    "invalid_code": 400, "phone_taken": 409, "invalid_credentials": 401, "unauthorized": 401,
-    "not_found": 404, "method_not_allowed": 405, "too_large": 413, "unsupported_media_type": 415,
-    "invalid_image": 422, "quota_exceeded": 403, "rate_limited": 429, "unavailable": 503,
-    "range_not_satisfiable": 416, "insufficient_storage": 507,
+    "invalid_json": 400,
+    "invalid_field": 422,
+    "invalid_phone": 422,
+    "weak_password": 422,
+    "invalid_code": 400,
+    "phone_taken": 409,
+    "invalid_credentials": 401,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_image": 422,
+    "quota_exceeded": 403,
+    "rate_limited": 429,
+    "unavailable": 503,
+    "range_not_satisfiable": 416,
+    "insufficient_storage": 507,
 }
 # Errors Tornado raises by itself (HTTPError) get a code from their status.
 STATUS_CODE: dict[int, str] = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    503: "unavailable",
 }
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -47,8 +67,14 @@ def is_disk_full(error: BaseException | None) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL
 
 
-def describe_error(error: BaseException | None, *, status: int, reason: str, request_id: str,
-                   allowed_methods: Callable[[], Sequence[str]]) -> ErrorAnswer:
+def describe_error(
+    error: BaseException | None,
+    *,
+    status: int,
+    reason: str,
+    request_id: str,
+    allowed_methods: Callable[[], Sequence[str]],
+) -> ErrorAnswer:
     """The answer to ``error`` (None: the handler set an error ``status`` itself, with its ``reason``).
 
     ``allowed_methods`` is asked only for a 405, which must say which methods the resource supports
@@ -57,8 +83,9 @@ def describe_error(error: BaseException | None, *, status: int, reason: str, req
     if is_disk_full(error):
         error = InsufficientStorage()  # the disk (or quota) is full: retry later, nothing was kept
     if isinstance(error, DemoError):
-        return ErrorAnswer(ERROR_STATUS[error.code], error_body(error.code, error.message, error.field),
-                           error.headers())
+        return ErrorAnswer(
+            ERROR_STATUS[error.code], error_body(error.code, error.message, error.field), error.headers()
+        )
     if isinstance(error, HTTPError):
         status = error.status_code
         # A log message with arguments is a template for the log (the static handler's holds file

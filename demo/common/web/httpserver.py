@@ -1,5 +1,6 @@
 """demo's HTTP server: Tornado's, with forwarded headers believed from trusted proxies only, and a
 431 answer (not a silent close) to a request whose header block is too large."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,7 @@ class DemoHTTPServer(HTTPServer):
         super().initialize(*args, **kwargs)
         self.trusted_proxies = trusted_proxies
 
-    def start_request(self, server_conn: object,
-                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         # The context still holds the peer's own address here: Tornado applies the headers (and
         # undoes them after each request) only inside the delegate that super() wraps around ours.
         peer = request_conn.context.remote_ip  # type: ignore[attr-defined]
@@ -38,21 +38,24 @@ class DemoHTTPServer(HTTPServer):
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if type(stream) is IOStream:  # plain TCP, as behind nginx (TLS would be an SSLIOStream: left alone)
-            stream = _HeaderLimitStream(stream.socket, max_buffer_size=stream.max_buffer_size,
-                                        read_chunk_size=stream.read_chunk_size)
+            stream = _HeaderLimitStream(
+                stream.socket, max_buffer_size=stream.max_buffer_size, read_chunk_size=stream.read_chunk_size
+            )
         super().handle_stream(stream, address)
 
 
 def headers_too_large_response() -> bytes:
     """The contract's JSON error for a header block over ``max_header_size``, as raw HTTP/1.1."""
     body = json.dumps(error_body("headers_too_large", "The request's headers are too large.")).encode()
-    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"Content-Type: application/json; charset=utf-8\r\n"
-            b"Cache-Control: no-store\r\n"
-            b"X-Content-Type-Options: nosniff\r\n"
-            b"X-Request-Id: " + secrets.token_hex(16).encode() + b"\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-            b"Connection: close\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"Content-Type: application/json; charset=utf-8\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"X-Request-Id: " + secrets.token_hex(16).encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        b"Connection: close\r\n\r\n" + body
+    )
 
 
 class _HeaderLimitStream(IOStream):
@@ -74,8 +77,12 @@ class _HeaderLimitStream(IOStream):
         return super().read_until(delimiter, max_bytes)
 
     def close(self, exc_info: Any = False) -> None:
-        if (self.reading_headers and isinstance(exc_info, UnsatisfiableReadError) and not self.closed()
-                and not self.writing()):
+        if (
+            self.reading_headers
+            and isinstance(exc_info, UnsatisfiableReadError)
+            and not self.closed()
+            and not self.writing()
+        ):
             with contextlib.suppress(OSError):  # a few hundred bytes into an idle socket: sent at once, or not at all
                 self.socket.send(headers_too_large_response())
         super().close(exc_info)

@@ -1,5 +1,6 @@
 """H5 pages (the app's WebView): HTML in and out, rendered by Tornado's ``render`` from demo/templates,
 errors as pages, a strict CSP, and form tokens (XSRF) bound to the H5 session."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,10 @@ class H5PageHandler(BaseHandler):
     """
 
     ERROR_TITLES = {
-        401: ("Open this page from the app", "Your session has ended or the link was already used. "
-                                             "Go back to the app and open the page again."),
+        401: (
+            "Open this page from the app",
+            "Your session has ended or the link was already used. Go back to the app and open the page again.",
+        ),
         404: ("Page not found", "There is nothing at this address."),
         500: ("Something went wrong", "Please try again in a moment."),
         # The words of nginx's page (static/h5/unavailable.html) when no process answers at all.
@@ -140,8 +143,10 @@ def _origin_of(url: str) -> str | None:
 @functools.lru_cache(maxsize=4)
 def _content_security_policy(public_url: str) -> str:
     images = f"'self' {public_url}" if public_url else "'self'"
-    return (f"default-src 'self'; img-src {images}; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+    return (
+        f"default-src 'self'; img-src {images}; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+    )
 
 
 class H5NotFoundHandler(H5PageHandler):

@@ -1,5 +1,6 @@
 """Which peers may tell us the client's address and scheme (X-Real-IP, X-Forwarded-*): nginx's
 ``set_real_ip_from``. Anyone else could claim any address (and dodge per-IP limits) or claim HTTPS."""
+
 from __future__ import annotations
 
 import functools

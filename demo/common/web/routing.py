@@ -7,6 +7,7 @@ are unique. A forgotten decision stops the app from starting.
 Route names (``url(..., name="users.login")``) label the request metrics; ``route_names`` maps each
 handler class to its route's name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,8 +39,11 @@ def url_modules(package: str = "demo.views") -> list[ModuleType]:
 def collect_routes(package: str = "demo.views") -> list[URLSpec]:
     """Every ``urls`` entry (a ``tornado.web.url`` or a ``(pattern, handler[, kwargs[, name]])`` tuple)
     as a URLSpec, checked; the JSON 404 last."""
-    routes = [route if isinstance(route, URLSpec) else URLSpec(*route)
-              for module in url_modules(package) for route in module.urls]
+    routes = [
+        route if isinstance(route, URLSpec) else URLSpec(*route)
+        for module in url_modules(package)
+        for route in module.urls
+    ]
     routes.append(URLSpec(r"/.*", NotFoundHandler, name="not_found"))
     check_auth_declared(routes)
     route_names(routes)  # refuses ambiguous names
@@ -61,8 +65,9 @@ def check_auth_declared(routes: Iterable[Rule]) -> None:
             if auth_of(impl) is None:
                 missing.append(f"{handler.__module__}.{handler.__name__}.{method.lower()}")
     if missing:
-        raise UndeclaredAuth("handler methods without an auth decision (@public, @requires_session, ...): "
-                             + ", ".join(missing))
+        raise UndeclaredAuth(
+            "handler methods without an auth decision (@public, @requires_session, ...): " + ", ".join(missing)
+        )
 
 
 def route_names(rules: Iterable[Rule]) -> dict[type[RequestHandler], str]:
@@ -76,8 +81,9 @@ def route_names(rules: Iterable[Rule]) -> dict[type[RequestHandler], str]:
             continue
         handler = handler_of(rule)
         if name in seen or names.get(handler, name) != name:
-            raise AmbiguousRouteName(f"route name {name!r} ({handler.__name__}): names must be unique, "
-                                     "one per handler class")
+            raise AmbiguousRouteName(
+                f"route name {name!r} ({handler.__name__}): names must be unique, one per handler class"
+            )
         seen.add(name)
         names[handler] = name
     return names

@@ -4,6 +4,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-21
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
@@ -29,8 +30,12 @@ def upgrade() -> None:
         sa.Column("created_at", Timestamp, nullable=False),
         sa.Column("expires_at", Timestamp, nullable=False),
         sa.Column("used_at", Timestamp, nullable=True),
-        sa.ForeignKeyConstraint(["auth_session_id"], ["auth_sessions.id"],
-                                name=op.f("fk_h5_tickets_auth_session_id_auth_sessions"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["auth_session_id"],
+            ["auth_sessions.id"],
+            name=op.f("fk_h5_tickets_auth_session_id_auth_sessions"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_h5_tickets")),
         sa.UniqueConstraint("ticket_hash", name=op.f("uq_h5_tickets_ticket_hash")),
     )
@@ -45,10 +50,15 @@ def upgrade() -> None:
         sa.Column("created_at", Timestamp, nullable=False),
         sa.Column("expires_at", Timestamp, nullable=False),
         sa.Column("revoked_at", Timestamp, nullable=True),
-        sa.ForeignKeyConstraint(["auth_session_id"], ["auth_sessions.id"],
-                                name=op.f("fk_h5_sessions_auth_session_id_auth_sessions"), ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["ticket_id"], ["h5_tickets.id"],
-                                name=op.f("fk_h5_sessions_ticket_id_h5_tickets"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["auth_session_id"],
+            ["auth_sessions.id"],
+            name=op.f("fk_h5_sessions_auth_session_id_auth_sessions"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["ticket_id"], ["h5_tickets.id"], name=op.f("fk_h5_sessions_ticket_id_h5_tickets"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_h5_sessions")),
         sa.UniqueConstraint("cookie_hash", name=op.f("uq_h5_sessions_cookie_hash")),
     )

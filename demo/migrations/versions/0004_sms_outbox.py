@@ -4,6 +4,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-29
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
@@ -32,8 +33,9 @@ def upgrade() -> None:
         sa.Column("created_at", Timestamp, nullable=False),
         sa.Column("sent_at", Timestamp, nullable=True),
         sa.Column("last_error", sa.String(255), nullable=True),
-        sa.ForeignKeyConstraint(["sms_code_id"], ["sms_codes.id"],
-                                name=op.f("fk_sms_outbox_sms_code_id_sms_codes"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["sms_code_id"], ["sms_codes.id"], name=op.f("fk_sms_outbox_sms_code_id_sms_codes"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sms_outbox")),
     )
     op.create_index(op.f("ix_sms_outbox_sms_code_id"), "sms_outbox", ["sms_code_id"])

@@ -7,6 +7,7 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-29
 """
+
 import sqlalchemy as sa
 from alembic import op
 

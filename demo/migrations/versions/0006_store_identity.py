@@ -4,6 +4,7 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-29
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
@@ -28,12 +29,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deployment")),
     )
     if op.get_bind().dialect.name in ("mysql", "mariadb"):
-        op.alter_column("images", "id", existing_type=sa.String(32), existing_nullable=False,
-                        type_=mysql.VARCHAR(32, collation="utf8mb4_bin"))
+        op.alter_column(
+            "images",
+            "id",
+            existing_type=sa.String(32),
+            existing_nullable=False,
+            type_=mysql.VARCHAR(32, collation="utf8mb4_bin"),
+        )
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name in ("mysql", "mariadb"):
-        op.alter_column("images", "id", existing_type=mysql.VARCHAR(32, collation="utf8mb4_bin"),
-                        existing_nullable=False, type_=sa.String(32))
+        op.alter_column(
+            "images",
+            "id",
+            existing_type=mysql.VARCHAR(32, collation="utf8mb4_bin"),
+            existing_nullable=False,
+            type_=sa.String(32),
+        )
     op.drop_table("deployment")

@@ -1,4 +1,5 @@
 """demo/common/accounts/queries.py: each unit of work on SQLite and MariaDB, without HTTP or rules."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -39,8 +40,14 @@ def db(app):
 def test_register_stores_the_user_signed_in(db):
     session_id = new_user(db)
     user = db.run_sync(lambda s: s.scalars(select(User)).one())
-    assert (user.public_id, user.phone, user.password_hash, user.created_at, user.last_login_at,
-            user.h5_visit_count) == ("pub8866668888", PHONE, "hash", NOW, NOW, 0)
+    assert (
+        user.public_id,
+        user.phone,
+        user.password_hash,
+        user.created_at,
+        user.last_login_at,
+        user.h5_visit_count,
+    ) == ("pub8866668888", PHONE, "hash", NOW, NOW, 0)
     session = db.run_sync(lambda s: s.get(AuthSession, session_id))
     assert (session.user_id, session.token_hash, session.expires_at) == (user.id, "t" * 64, NOW + dt.timedelta(hours=1))
     ticket = db.run_sync(lambda s: s.scalars(select(H5Ticket)).one())
@@ -69,13 +76,24 @@ def test_profile_counts_images(db):
     user_id = db.run_sync(lambda s: s.scalar(select(User.id)))
     row = db.run_sync(queries.profile, user_id)
     assert (row.public_id, row.phone, row.created_at, row.last_login_at, row.image_count) == (
-        "pub8866668888", PHONE, NOW, NOW, 0)
+        "pub8866668888",
+        PHONE,
+        NOW,
+        NOW,
+        0,
+    )
     assert db.run_sync(queries.profile, user_id + 1) is None
 
 
 def request(phone: str = PHONE, resend_after: int = 60, phone_daily: int = 10) -> queries.CodeRequest:
-    return queries.CodeRequest(phone, "regist", Window(f"sms:phone:{phone}", phone_daily, 86400),
-                               Window("sms:ip:127.0.0.1", 20, 3600), resend_after, NOW + dt.timedelta(minutes=5))
+    return queries.CodeRequest(
+        phone,
+        "regist",
+        Window(f"sms:phone:{phone}", phone_daily, 86400),
+        Window("sms:ip:127.0.0.1", 20, 3600),
+        resend_after,
+        NOW + dt.timedelta(minutes=5),
+    )
 
 
 def test_issue_code_stores_the_code_and_its_text_and_replaces_the_live_one(db):
@@ -92,12 +110,21 @@ def test_issue_code_stores_the_code_and_its_text_and_replaces_the_live_one(db):
     assert all(c.code_hash == "h" * 64 and c.attempts == 0 and c.used_at is None for c in codes)
     texts = db.run_sync(lambda s: list(s.scalars(select(SmsOutbox).order_by(SmsOutbox.id))))
     assert [(t.sms_code_id, t.status, t.code, t.text) for t in texts] == [
-        (codes[0].id, "pending", "123456", "text"), (codes[1].id, "pending", "123456", "text")]
+        (codes[0].id, "pending", "123456", "text"),
+        (codes[1].id, "pending", "123456", "text"),
+    ]
     new_user(db)
-    db.run_sync(queries.issue_code, request(resend_after=0), NOW + dt.timedelta(seconds=2),
-                lambda registered: queries.CodeText("", None, None))
-    assert seen == [False, False] and db.run_sync(lambda s: s.scalar(
-        select(SmsOutbox.status).order_by(SmsOutbox.id.desc()).limit(1))) == "skipped"
+    db.run_sync(
+        queries.issue_code,
+        request(resend_after=0),
+        NOW + dt.timedelta(seconds=2),
+        lambda registered: queries.CodeText("", None, None),
+    )
+    assert (
+        seen == [False, False]
+        and db.run_sync(lambda s: s.scalar(select(SmsOutbox.status).order_by(SmsOutbox.id.desc()).limit(1)))
+        == "skipped"
+    )
 
 
 def test_issue_code_refuses_too_soon_and_past_the_limit_without_a_trace(db):
@@ -117,7 +144,8 @@ def test_claim_code_spends_a_good_code_once_and_counts_wrong_guesses(db):
     compose = lambda registered: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
     db.run_sync(queries.issue_code, request(), NOW, compose)
     claim = lambda code_hash, max_attempts=5: db.run_sync(  # noqa: E731
-        queries.claim_code, PHONE, "regist", code_hash, CHECKS, max_attempts, NOW)
+        queries.claim_code, PHONE, "regist", code_hash, CHECKS, max_attempts, NOW
+    )
     assert claim("x" * 64) is False
     assert db.run_sync(lambda s: s.scalar(select(SmsCode.attempts))) == 1
     assert claim("h" * 64, max_attempts=1) is False  # out of tries
@@ -133,14 +161,21 @@ def test_claim_code_refused_by_the_client_limit_leaves_the_code_its_tries(db):
     assert db.run_sync(lambda s: s.scalar(select(SmsCode.attempts))) == 0
 
 
-LOGIN = [Window("login:ip:c", 100, 900), Window(f"login:phone:{PHONE}", 10, 900),
-         Window(f"login:phone:{PHONE}:from:c", 10, 900), Window(f"login:phone:{PHONE}:pace", 1, 60)]
+LOGIN = [
+    Window("login:ip:c", 100, 900),
+    Window(f"login:phone:{PHONE}", 10, 900),
+    Window(f"login:phone:{PHONE}:from:c", 10, 900),
+    Window(f"login:phone:{PHONE}:pace", 1, 60),
+]
 KNOWN = Window(f"login:phone:{PHONE}:from:c:ok", 1, 3600)
 
 
 def login_params() -> dict:
-    return {**ratelimit.window_params(LOGIN, NOW), **ratelimit.window_params([KNOWN], NOW, queries.TRUSTED),
-            **ratelimit.window_params([KNOWN], NOW + dt.timedelta(hours=1), queries.TRUSTED_NEXT)}
+    return {
+        **ratelimit.window_params(LOGIN, NOW),
+        **ratelimit.window_params([KNOWN], NOW, queries.TRUSTED),
+        **ratelimit.window_params([KNOWN], NOW + dt.timedelta(hours=1), queries.TRUSTED_NEXT),
+    }
 
 
 def test_reserve_login_counts_the_attempt_and_reads_the_user_and_the_counts(db):
@@ -149,8 +184,14 @@ def test_reserve_login_counts_the_attempt_and_reads_the_user_and_the_counts(db):
     found = db.run_sync(queries.reserve_login, PHONE, login_params(), admitted.append)
     assert admitted == [found]
     assert (found.phone, found.password_hash, found.created_at) == (PHONE, "hash", NOW)
-    assert (found.by_client_count, found.by_phone_count, found.by_phone_client_count, found.pace_count,
-            found.trusted, found.trusted_next) == (1, 1, 1, 1, None, None)
+    assert (
+        found.by_client_count,
+        found.by_phone_count,
+        found.by_phone_client_count,
+        found.pace_count,
+        found.trusted,
+        found.trusted_next,
+    ) == (1, 1, 1, 1, None, None)
     again = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
     assert again.by_phone_count == 2
     stranger = db.run_sync(queries.reserve_login, "+8613900000000", login_params(), lambda row: None)
@@ -172,8 +213,16 @@ def test_record_login_gives_the_attempt_back_and_signs_in(db):
     found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
     remember = {**ratelimit.window_params([KNOWN], NOW), **ratelimit.window_params([KNOWN], NOW, 1)}
     later = NOW + dt.timedelta(seconds=5)
-    session_id = db.run_sync(queries.record_login, found, "rehashed", login_params(), LOGIN[2].key, remember,
-                             grant("s" * 64, "q" * 64), later)
+    session_id = db.run_sync(
+        queries.record_login,
+        found,
+        "rehashed",
+        login_params(),
+        LOGIN[2].key,
+        remember,
+        grant("s" * 64, "q" * 64),
+        later,
+    )
     assert db.run_sync(queries.session_of_token, "s" * 64, later).id == session_id
     user = db.run_sync(lambda s: s.scalars(select(User)).one())
     assert (user.password_hash, user.last_login_at) == ("rehashed", later)
@@ -193,8 +242,10 @@ def test_record_login_writes_nothing_once_the_password_changed(db):
 def test_reset_password_revokes_sessions_and_forgets_the_phones_login_counters(db):
     session_id = new_user(db)
     db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
-    assert db.run_sync(queries.reset_password, "+8613900000000", "new", CHECKS, NOW, "login:phone:+8613900000000",
-                       NOW) is False
+    assert (
+        db.run_sync(queries.reset_password, "+8613900000000", "new", CHECKS, NOW, "login:phone:+8613900000000", NOW)
+        is False
+    )
     assert db.run_sync(queries.reset_password, PHONE, "new", CHECKS, NOW, f"login:phone:{PHONE}", NOW) is True
     assert db.run_sync(lambda s: s.get(AuthSession, session_id)).revoked_at == NOW
     assert db.run_sync(lambda s: s.scalar(select(User.password_hash))) == "new"
@@ -207,8 +258,9 @@ def test_sweeps_delete_only_what_expired(db):
     compose = lambda registered: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
     db.run_sync(queries.issue_code, request(), NOW, compose)
     later = NOW + dt.timedelta(hours=1)
-    assert db.run_sync(lambda s: (queries.sweep_sessions(sql_cursor(s), NOW),
-                                  queries.sweep_sessions(sql_cursor(s), later))) == (0, 1)
+    assert db.run_sync(
+        lambda s: (queries.sweep_sessions(sql_cursor(s), NOW), queries.sweep_sessions(sql_cursor(s), later))
+    ) == (0, 1)
     assert db.run_sync(lambda s: queries.sweep_codes(sql_cursor(s), later)) == 0  # its text still waits
     db.run_sync(lambda s: s.execute(SmsOutbox.__table__.update().values(status="sent")))
     assert db.run_sync(lambda s: queries.sweep_codes(sql_cursor(s), later)) == 1

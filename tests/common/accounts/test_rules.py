@@ -1,4 +1,5 @@
 """demo/common/accounts/rules.py without HTTP: ``Accounts`` driven directly, on SQLite and MariaDB."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,15 @@ def accounts(app) -> Accounts:
 def with_rules(app, **rules) -> Accounts:
     """``app``'s accounts with other rules."""
     accounts = app.services.accounts
-    return Accounts(accounts.db, accounts.passwords, accounts.sender, code_key=accounts.code_key,
-                    rules=dataclasses.replace(accounts.rules, **rules), clock=app.services.clock,
-                    ticket_ttl=accounts.ticket_ttl)
+    return Accounts(
+        accounts.db,
+        accounts.passwords,
+        accounts.sender,
+        code_key=accounts.code_key,
+        rules=dataclasses.replace(accounts.rules, **rules),
+        clock=app.services.clock,
+        ticket_ttl=accounts.ticket_ttl,
+    )
 
 
 async def code_for(app, outbox, phone: str = E164) -> str:
@@ -128,6 +135,7 @@ async def test_a_second_code_request_within_resend_after_is_refused(app, outbox,
     assert 0 < refused.value.retry_after <= accounts.rules.resend_after
     app.services.clock.advance(accounts.rules.resend_after)
     await accounts.request_code(PHONE, "regist", IP)
-    counted = await app.services.db.run(lambda s: s.scalar(
-        select(func.sum(RateCounter.count)).where(RateCounter.key == f"sms:phone:{E164}")))
+    counted = await app.services.db.run(
+        lambda s: s.scalar(select(func.sum(RateCounter.count)).where(RateCounter.key == f"sms:phone:{E164}"))
+    )
     assert counted == 2  # the refused request counted nowhere

@@ -1,4 +1,5 @@
 """demo/common/h5/queries.py: each unit of work on SQLite and MariaDB, without HTTP or rules."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -31,13 +32,23 @@ def test_a_ticket_becomes_a_session_once(db):
     session_id = signed_in(db)
     done = db.run_sync(queries.exchange, "a" * 63 + "t", None, NOW, SESSION, "o" * 64, LATER)
     assert (done.spent.auth_session_id, done.spent.phone, done.current, done.offered) == (
-        session_id, "+8618866668888", None, False)
-    again = db.run_sync(queries.exchange, "a" * 63 + "t", None, NOW, queries.NewSession("d" * 64, LATER), "p" * 64,
-                        LATER)
+        session_id,
+        "+8618866668888",
+        None,
+        False,
+    )
+    again = db.run_sync(
+        queries.exchange, "a" * 63 + "t", None, NOW, queries.NewSession("d" * 64, LATER), "p" * 64, LATER
+    )
     assert again.spent is None  # spent
     visitor = db.run_sync(queries.live_session, "c" * 64, NOW)
-    assert (visitor.auth_session_id, visitor.phone, visitor.created_at, visitor.last_login_at,
-            visitor.h5_visit_count) == (session_id, "+8618866668888", NOW, NOW, 0)
+    assert (
+        visitor.auth_session_id,
+        visitor.phone,
+        visitor.created_at,
+        visitor.last_login_at,
+        visitor.h5_visit_count,
+    ) == (session_id, "+8618866668888", NOW, NOW, 0)
     assert db.run_sync(queries.live_session, "d" * 64, NOW) is None
 
 
@@ -55,15 +66,17 @@ def test_a_ticket_of_the_same_user_replaces_the_session_and_of_another_user_offe
     first = signed_in(db)
     db.run_sync(queries.exchange, "a" * 63 + "t", None, NOW, SESSION, "o" * 64, LATER)
     db.run_sync(queries.add_ticket, first, "m" * 64, NOW, LATER)
-    replaced = db.run_sync(queries.exchange, "m" * 64, "c" * 64, NOW, queries.NewSession("d" * 64, LATER), "o" * 64,
-                           LATER)
+    replaced = db.run_sync(
+        queries.exchange, "m" * 64, "c" * 64, NOW, queries.NewSession("d" * 64, LATER), "o" * 64, LATER
+    )
     assert not replaced.offered and replaced.current.id
     assert db.run_sync(queries.live_session, "c" * 64, NOW) is None  # ended: the browser no longer holds it
     assert db.run_sync(queries.live_session, "d" * 64, NOW).auth_session_id == first
 
     signed_in(db, "+8613900000000", "b")
-    offer = db.run_sync(queries.exchange, "b" * 63 + "t", "d" * 64, NOW, queries.NewSession("e" * 64, LATER),
-                        "o" * 64, LATER)
+    offer = db.run_sync(
+        queries.exchange, "b" * 63 + "t", "d" * 64, NOW, queries.NewSession("e" * 64, LATER), "o" * 64, LATER
+    )
     assert offer.offered and offer.spent.phone == "+8613900000000" and offer.current.phone == "+8618866668888"
     assert db.run_sync(queries.live_session, "e" * 64, NOW) is None  # no session for the link yet
     current = db.run_sync(queries.live_session, "d" * 64, NOW)
@@ -83,8 +96,19 @@ def test_visit_home_counts_a_view_and_lists_the_newest_images(db):
         user_id = s.scalar(select(User.id))
         s.add(ImageBlob(sha256="f" * 64, refs=2, created_at=NOW))
         s.flush()
-        s.add_all(Image(id=f"img{i}", owner_id=user_id, sha256="f" * 64, format="jpeg", width=i, height=1, bytes=1,
-                        created_at=NOW) for i in (1, 2))
+        s.add_all(
+            Image(
+                id=f"img{i}",
+                owner_id=user_id,
+                sha256="f" * 64,
+                format="jpeg",
+                width=i,
+                height=1,
+                bytes=1,
+                created_at=NOW,
+            )
+            for i in (1, 2)
+        )
 
     db.run_sync(add_images)
     rows = db.run_sync(queries.visit_home, "c" * 64, LATER)

@@ -1,4 +1,5 @@
 """demo/common/h5/rules.py without HTTP: ``H5`` driven directly, on SQLite and MariaDB."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,11 @@ async def test_a_ticket_signs_the_webview_in_once(app):
     cookie = await h5.exchange(ticket)
     assert isinstance(cookie, str)
     visitor = await h5.authenticate(cookie)
-    assert (visitor.session_id, visitor.phone, visitor.user_id) == (principal.session_id, principal.phone,
-                                                                    principal.user_id)
+    assert (visitor.session_id, visitor.phone, visitor.user_id) == (
+        principal.session_id,
+        principal.phone,
+        principal.user_id,
+    )
     with pytest.raises(Unauthorized):
         await h5.exchange(ticket)  # spent
     with pytest.raises(Unauthorized):

@@ -1,6 +1,7 @@
 """What the image tests share: images made with Pillow right here (ordinary, animated, hostile), and
 helpers to upload them over HTTP and look at the disk and the database afterwards.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,20 +67,35 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A small, well-formed PNG whose header claims ``width`` x ``height``."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def gif_with_screen(width: int, height: int) -> bytes:
     """A 1x1 GIF frame on a ``width`` x ``height`` logical screen."""
-    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-            + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00" + b"\x02\x02\x44\x01\x00" + b";")
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", width, height, 0x80, 0, 0)
+        + b"\x00\x00\x00\xff\xff\xff"
+        + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00"
+        + b"\x02\x02\x44\x01\x00"
+        + b";"
+    )
 
 
 def webp_canvas(width: int, height: int) -> bytes:
     """A WebP whose extended header claims a ``width`` x ``height`` canvas, and nothing else."""
-    vp8x = (b"VP8X" + struct.pack("<I", 10) + b"\x00" * 4
-            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
+    vp8x = (
+        b"VP8X"
+        + struct.pack("<I", 10)
+        + b"\x00" * 4
+        + (width - 1).to_bytes(3, "little")
+        + (height - 1).to_bytes(3, "little")
+    )
     return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
 
 
@@ -93,18 +109,30 @@ def gif_with_frames(n: int) -> bytes:
 # -- HTTP helpers ----------------------------------------------------------------------------------
 
 
-def multipart(data: bytes, *, filename: bytes | str = "x.jpg", part_type: str = "image/jpeg",
-              field: str = "image") -> tuple[bytes, str]:
+def multipart(
+    data: bytes, *, filename: bytes | str = "x.jpg", part_type: str = "image/jpeg", field: str = "image"
+) -> tuple[bytes, str]:
     """A multipart/form-data body built by hand, so tests control every byte of the file name."""
     boundary = "----demo-" + secrets.token_hex(12)
     name = filename.encode() if isinstance(filename, str) else filename
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"".encode()
-            + name + f"\"\r\nContent-Type: {part_type}\r\n\r\n".encode())
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="'.encode()
+        + name
+        + f'"\r\nContent-Type: {part_type}\r\n\r\n'.encode()
+    )
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def upload(api, token: str | None, data: bytes, *, filename: bytes | str = "x.jpg",
-                 content_type: str | None = None, raw: bool = False, headers: dict[str, str] | None = None):
+async def upload(
+    api,
+    token: str | None,
+    data: bytes,
+    *,
+    filename: bytes | str = "x.jpg",
+    content_type: str | None = None,
+    raw: bool = False,
+    headers: dict[str, str] | None = None,
+):
     headers = dict(headers or {})
     if raw:
         body = data
@@ -213,10 +241,12 @@ def row_id(app, user) -> int:
 
 def blob_refs(app, sha256: str) -> int | None:
     """How many images use the blob; None when it has no row."""
+
     def refs(s) -> int | None:
         if s.get(ImageBlob, sha256) is None:
             return None
         return s.scalar(select(func.count()).select_from(Image).where(Image.sha256 == sha256))
+
     return app.services.db.run_sync(refs)
 
 
@@ -229,6 +259,8 @@ def assert_nothing_stored(app) -> None:
 
 def assert_no_temp_files(app) -> None:
     assert files(media(app) / "tmp") == []
+
+
 MIB = 1024 * 1024
 
 
@@ -256,8 +288,7 @@ def gif_of(canvas: tuple[int, int], frames: list[tuple[int, int]]) -> bytes:
     whether it fits the screen or not (Pillow's writer would not write one that does not)."""
     blocks = {size: _gif_frame_blocks(size, n % 2) for n, size in enumerate(set(frames))}
     palette = bytes([0xF7, 0, 0]) + bytes(range(256)) * 3  # a global palette of 256 colours
-    return (b"GIF89a" + struct.pack("<HH", *canvas) + palette
-            + b"".join(blocks[size] for size in frames) + b";")
+    return b"GIF89a" + struct.pack("<HH", *canvas) + palette + b"".join(blocks[size] for size in frames) + b";"
 
 
 def _gif_frame_blocks(size: tuple[int, int], colour: int) -> bytes:
@@ -266,5 +297,5 @@ def _gif_frame_blocks(size: tuple[int, int], colour: int) -> bytes:
     picture.putpalette(list(range(256)) * 3)
     data = encode(picture, "GIF")
     start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 128 else 0)
-    assert data[start:start + 1] == b"," and not data[start + 9] & 128  # a descriptor, no frame palette
+    assert data[start : start + 1] == b"," and not data[start + 9] & 128  # a descriptor, no frame palette
     return data[start:-1]

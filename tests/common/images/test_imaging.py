@@ -2,6 +2,7 @@
 profiles, metadata gone) and its thumbnails; limits refused before any decode. No HTTP: the functions
 the upload and delivery call, called here directly.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -198,8 +199,9 @@ def palette_image(size: tuple[int, int] = (200, 100)) -> PILImage.Image:
     return im
 
 
-@pytest.mark.parametrize("kind", ["png-palette", "png-palette-alpha-table", "png-rgb-colour-key", "gif",
-                                  "gif-animated"])
+@pytest.mark.parametrize(
+    "kind", ["png-palette", "png-palette-alpha-table", "png-rgb-colour-key", "gif", "gif-animated"]
+)
 def test_transparency_of_palette_and_colour_key_images_is_kept(tmp_path, kind):
     if kind == "png-palette":
         data, mime = encode(palette_image(), "PNG", transparency=0), "image/png"
@@ -215,8 +217,7 @@ def test_transparency_of_palette_and_colour_key_images_is_kept(tmp_path, kind):
         frames = [palette_image() for _ in range(3)]
         for i, frame in enumerate(frames):
             frame.paste(2, (10 * i, 0, 10 * i + 5, 5))
-        data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=0, duration=100,
-                      loop=0)
+        data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], transparency=0, duration=100, loop=0)
         mime = "image/gif"
     original = open_image(data)
     assert alpha_at(original, (0, 99)) == 0 and alpha_at(original, (100, 50)) == 255
@@ -303,9 +304,17 @@ def rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float,
     curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
     name = b"test profile\0"
     desc = b"desc\0\0\0\0" + struct.pack(">I", len(name)) + name + b"\0" * 8 + b"\0\0\0" + b"\0" * 67
-    tags = [(b"desc", desc), (b"wtpt", b"XYZ \0\0\0\0" + s15(0.9642) + s15(1.0) + s15(0.8249)),
-            (b"rXYZ", xyz[0]), (b"gXYZ", xyz[1]), (b"bXYZ", xyz[2]),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve), (b"cprt", b"text\0\0\0\0none\0")]
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", b"XYZ \0\0\0\0" + s15(0.9642) + s15(1.0) + s15(0.8249)),
+        (b"rXYZ", xyz[0]),
+        (b"gXYZ", xyz[1]),
+        (b"bXYZ", xyz[2]),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text\0\0\0\0none\0"),
+    ]
     if padding:
         tags.append((b"zzzz", b"zzzz\0\0\0\0" + b"\0" * padding))
     offset = 128 + 4 + 12 * len(tags)
@@ -315,8 +324,20 @@ def rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float,
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"lcms" + b"\x02\x10\x00\x00" + b"mntrRGB XYZ " + b"\0" * 12 + b"acsp"
-              + b"\0" * 24 + b"\0\0\0\0" + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    header = (
+        struct.pack(">I", size)
+        + b"lcms"
+        + b"\x02\x10\x00\x00"
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 24
+        + b"\0\0\0\0"
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"\0" * 48
+    )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + data
 
@@ -352,8 +373,11 @@ def test_a_profile_that_is_not_icc_is_dropped(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize("kind", ["sRGB", "Display P3"])
 def test_a_real_small_profile_is_kept_byte_for_byte(tmp_path, fmt, kind):
-    profile = (ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() if kind == "sRGB"
-               else rgb_profile(DISPLAY_P3, 2.2))
+    profile = (
+        ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+        if kind == "sRGB"
+        else rgb_profile(DISPLAY_P3, 2.2)
+    )
     ImageCms.ImageCmsProfile(io.BytesIO(profile))  # a real profile
     image = made(with_profile(fmt, profile), tmp_path)
     assert served_profiles(image) == [profile, profile]
@@ -374,8 +398,9 @@ def test_a_real_but_oversized_profile_is_applied_to_the_pixels_and_dropped(tmp_p
     profile = rgb_profile(DISPLAY_P3, 1.0, padding=imaging.MAX_ICC_BYTES)
     assert len(profile) > imaging.MAX_ICC_BYTES
     original = PILImage.new("RGB", (400, 200), (120, 60, 30))
-    expected = ImageCms.profileToProfile(original, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
-                                         ImageCms.createProfile("sRGB")).getpixel((0, 0))
+    expected = ImageCms.profileToProfile(
+        original, ImageCms.ImageCmsProfile(io.BytesIO(profile)), ImageCms.createProfile("sRGB")
+    ).getpixel((0, 0))
     image = made(encode(original, fmt, icc_profile=profile), tmp_path)
     assert served_profiles(image) == [None, None]
     served = open_image(image.body).convert("RGB").getpixel((0, 0))

@@ -1,4 +1,5 @@
 """images/queries.py: each named unit run through Database.run on SQLite and MariaDB, without the rules."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,6 +35,7 @@ def new_user(db: Any, phone: str) -> int:
         s.add(user)
         s.flush()
         return user.id
+
     return db.run_sync(add)
 
 
@@ -42,13 +44,15 @@ def owner(db) -> int:
     return new_user(db, "+8618866668888")
 
 
-def new_image(owner: int, n: int, size: int = 100, *, decoded: bool = True,
-              source: str | None = None) -> queries.NewImage:
+def new_image(
+    owner: int, n: int, size: int = 100, *, decoded: bool = True, source: str | None = None
+) -> queries.NewImage:
     return queries.NewImage(owner, sha(n), "png", 10 + n, 20, size, source or sha(1000 + n), decoded=decoded)
 
 
-async def store(db: Any, image: queries.NewImage, placed: list[str] | None = None,
-                quota: queries.Quota = QUOTA) -> dict[str, Any]:
+async def store(
+    db: Any, image: queries.NewImage, placed: list[str] | None = None, quota: queries.Quota = QUOTA
+) -> dict[str, Any]:
     def place() -> None:
         if placed is not None:
             placed.append(image.sha256)

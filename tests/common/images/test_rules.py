@@ -1,6 +1,7 @@
 """Images (images/rules.py) called directly, no HTTP: create, list, find, delete and the blob's
 use by images; the start-up and housekeeping sweeps; the store's one deployment.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,11 +38,13 @@ def images(app) -> Images:
 
 def new_user(app, phone: str) -> int:
     """A user row (all the rules need of a user is its id)."""
+
     def add(s) -> int:
         user = User(phone=phone, password_hash="-", created_at=app.services.clock.now())
         s.add(user)
         s.flush()
         return user.id
+
     return app.services.db.run_sync(add)
 
 
@@ -278,8 +281,18 @@ async def test_sweep_waits_for_an_upload_holding_the_blob_lock(app, images, owne
     session = Session(db.engine)
     try:
         queries.claim_blob(sql_cursor(session), sha, app.services.clock.now())
-        session.add(Image(id=secrets.token_urlsafe(16), owner_id=owner, sha256=sha, format="jpeg", width=30,
-                          height=20, bytes=first["bytes"], created_at=app.services.clock.now()))
+        session.add(
+            Image(
+                id=secrets.token_urlsafe(16),
+                owner_id=owner,
+                sha256=sha,
+                format="jpeg",
+                width=30,
+                height=20,
+                bytes=first["bytes"],
+                created_at=app.services.clock.now(),
+            )
+        )
         session.flush()
         sweeper = asyncio.ensure_future(app.services.offloader.db(images.sweep))
         await asyncio.sleep(0.3)

@@ -1,4 +1,5 @@
 """The local image store (images/storage.py): durable blobs, temp files, variants, sweeps."""
+
 from __future__ import annotations
 
 import hashlib

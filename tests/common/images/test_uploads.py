@@ -2,6 +2,7 @@
 request head to the image record, the sink that finds the file in the body, and the spool that keeps
 it (images/uploads.py). Whatever ends an upload, its spool is discarded exactly once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,6 +38,7 @@ def owner(app) -> int:
         s.add(user)
         s.flush()
         return user.id
+
     return app.services.db.run_sync(add)
 
 
@@ -64,7 +66,7 @@ def temp_files(app) -> list[Path]:
 
 async def feed_all(upload: UploadReceiver, body: bytes, size: int = 64 * 1024) -> None:
     for start in range(0, len(body), size):
-        await upload.feed(body[start:start + size])
+        await upload.feed(body[start : start + size])
 
 
 # -- the receiver ------------------------------------------------------------------------------------
@@ -86,13 +88,15 @@ async def test_a_small_declared_body_stays_in_memory_and_is_stored(app, images, 
 
 
 @gen_test
-async def test_a_chunked_or_large_body_goes_to_a_temp_file_that_is_gone_afterwards(app, images, owner, discards,
-                                                                                    monkeypatch):
+async def test_a_chunked_or_large_body_goes_to_a_temp_file_that_is_gone_afterwards(
+    app, images, owner, discards, monkeypatch
+):
     data = png((30, 30)) + bytes(3 * SPOOL_WRITE_BYTES)  # trailing bytes after IEND: cut by re-encoding
     writes: list[int] = []
     real_write = UploadSpool.write
-    monkeypatch.setattr(UploadSpool, "write", lambda spool, chunks: (writes.append(sum(map(len, chunks))),
-                                                                      real_write(spool, chunks))[1])
+    monkeypatch.setattr(
+        UploadSpool, "write", lambda spool, chunks: (writes.append(sum(map(len, chunks))), real_write(spool, chunks))[1]
+    )
     upload = receiver(app)
     await upload.start(owner, "image/png", None)  # chunked: no declared length
     await feed_all(upload, data)
@@ -128,15 +132,19 @@ async def test_a_body_past_the_limit_is_refused_and_discarded_at_once(app, image
 
 
 @pytest.mark.settings(max_upload_bytes=64 * 1024)
-@pytest.mark.parametrize("content_type, length, error", [
-    ("text/html", "10", UnsupportedMediaType),
-    ("multipart/form-data", "10", InvalidField),  # no boundary
-    ("image/jpeg", str(64 * 1024 + 1), TooLarge),
-    ("multipart/form-data; boundary=x", str(64 * 1024 + MULTIPART_SLACK + 1), TooLarge),
-])
+@pytest.mark.parametrize(
+    "content_type, length, error",
+    [
+        ("text/html", "10", UnsupportedMediaType),
+        ("multipart/form-data", "10", InvalidField),  # no boundary
+        ("image/jpeg", str(64 * 1024 + 1), TooLarge),
+        ("multipart/form-data; boundary=x", str(64 * 1024 + MULTIPART_SLACK + 1), TooLarge),
+    ],
+)
 @gen_test
-async def test_start_refuses_before_the_body_and_holds_nothing(app, images, owner, discards, content_type, length,
-                                                               error):
+async def test_start_refuses_before_the_body_and_holds_nothing(
+    app, images, owner, discards, content_type, length, error
+):
     upload = receiver(app)
     with pytest.raises(error):
         await upload.start(owner, content_type, length)
@@ -166,8 +174,7 @@ async def test_a_client_gone_mid_body_discards_the_upload_at_once(app, images, o
 
 
 @gen_test
-async def test_a_client_gone_during_a_write_discards_when_the_write_ends(app, images, owner, discards,
-                                                                       monkeypatch):
+async def test_a_client_gone_during_a_write_discards_when_the_write_ends(app, images, owner, discards, monkeypatch):
     started, release = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     real_write = UploadSpool.write
@@ -190,8 +197,9 @@ async def test_a_client_gone_during_a_write_discards_when_the_write_ends(app, im
 
 
 @gen_test
-async def test_a_client_gone_while_the_image_is_processed_does_not_pull_the_file_away(app, images, owner,
-                                                                                    discards, monkeypatch):
+async def test_a_client_gone_while_the_image_is_processed_does_not_pull_the_file_away(
+    app, images, owner, discards, monkeypatch
+):
     entered, release = asyncio.Event(), asyncio.Event()
     create = Images.create
 
@@ -252,7 +260,7 @@ def test_the_sink_hands_out_only_the_file_bytes_of_a_multipart_body():
     data = jpeg()
     body, content_type = multipart(data)
     sink = UploadSink(content_type, 1024 * 1024)
-    found = b"".join(sink.feed(body[i:i + 10]) for i in range(0, len(body), 10))
+    found = b"".join(sink.feed(body[i : i + 10]) for i in range(0, len(body), 10))
     sink.finish()
     assert found == data and sink.body_bytes == len(body) and sink.file_bytes == len(data)
 

@@ -1,4 +1,5 @@
 """infra/caches.py: the one cache style (cachetools behind a lock)."""
+
 from __future__ import annotations
 
 import threading

@@ -1,5 +1,6 @@
 """demo/common/infra/db.py: units of work (ORM and ``sql_unit``), ``Sql`` on the DBAPI cursor, errors,
 and idle-connection pings; on SQLite and MariaDB."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,10 +15,12 @@ from demo.common.infra.db import Conflict, Database, Sql, SqlCursor, sql_cursor,
 from demo.common.infra.offload import Offloader
 from demo.models import RateCounter
 
-ADD = Sql("INSERT INTO rate_counters (`key`, window_start, count, expires_at)"
-          " VALUES (:key, :start, :count, :expires_at)")
-READ = Sql("SELECT count, expires_at FROM rate_counters WHERE `key` = :key ORDER BY window_start",
-           datetimes=["expires_at"])
+ADD = Sql(
+    "INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES (:key, :start, :count, :expires_at)"
+)
+READ = Sql(
+    "SELECT count, expires_at FROM rate_counters WHERE `key` = :key ORDER BY window_start", datetimes=["expires_at"]
+)
 LATER = Sql("SELECT `key` FROM rate_counters WHERE expires_at > :after")
 ANY = Sql("SELECT :x AS x")
 
@@ -34,7 +37,8 @@ def test_to_paramstyle_names_become_the_drivers_own():
     sql = "SELECT a FROM t WHERE b = :b AND c LIKE 'x%' AND d = ':not' AND e::text = :e_2 -- 100%"
     assert to_paramstyle(sql, "named") == sql
     assert to_paramstyle(sql, "pyformat") == (
-        "SELECT a FROM t WHERE b = %(b)s AND c LIKE 'x%%' AND d = ':not' AND e::text = %(e_2)s -- 100%%")
+        "SELECT a FROM t WHERE b = %(b)s AND c LIKE 'x%%' AND d = ':not' AND e::text = %(e_2)s -- 100%%"
+    )
     assert to_paramstyle("SELECT ':a''s :b', \"q:c\", :d", "pyformat") == "SELECT ':a''s :b', \"q:c\", %(d)s"
     with pytest.raises(ValueError):
         to_paramstyle(sql, "qmark")
@@ -50,8 +54,11 @@ def test_one_text_per_backend():
         Sql("SELECT 1", mysql="SELECT 1")
 
 
-@pytest.mark.parametrize("when", [dt.datetime(2026, 11, 22, 3, 4, 5, 678901), dt.datetime(2026, 11, 22, 3, 4, 5)],
-                         ids=["microseconds", "whole-seconds"])
+@pytest.mark.parametrize(
+    "when",
+    [dt.datetime(2026, 11, 22, 3, 4, 5, 678901), dt.datetime(2026, 11, 22, 3, 4, 5)],
+    ids=["microseconds", "whole-seconds"],
+)
 def test_datetimes_round_trip_and_compare_as_the_orm_writes_them(app, when):
     db = app.services.db
     run(db, lambda c: add(c, count=7, expires_at=when))
@@ -65,8 +72,11 @@ def test_datetimes_round_trip_and_compare_as_the_orm_writes_them(app, when):
     assert run(db, lambda c: c.first(READ, {"key": "orm"})) == (1, when)
     assert db.run_sync(lambda s: s.scalar(select(RateCounter.expires_at).where(RateCounter.key == "k"))) == when
     later = when + dt.timedelta(microseconds=1)
-    assert db.run_sync(lambda s: s.scalars(select(RateCounter.key).where(RateCounter.expires_at < later)
-                                           .order_by(RateCounter.key)).all()) == ["k", "orm"]
+    assert db.run_sync(
+        lambda s: s.scalars(
+            select(RateCounter.key).where(RateCounter.expires_at < later).order_by(RateCounter.key)
+        ).all()
+    ) == ["k", "orm"]
 
 
 def test_rows_are_named_tuples_and_writes_say_what_they_did(app):
@@ -77,8 +87,10 @@ def test_rows_are_named_tuples_and_writes_say_what_they_did(app):
     assert run(db, lambda c: add(c, "a") + add(c, "b")) == 2
     bump = Sql("UPDATE rate_counters SET count = count + 1 WHERE `key` LIKE :prefix")
     assert run(db, lambda c: c.execute(bump, {"prefix": "%", "unused": 1})) == 2  # extra parameters are ignored
-    new_id = Sql("INSERT INTO sms_codes (phone, purpose, code_hash, created_at, expires_at, attempts) "
-                 "VALUES (:phone, 'regist', '', :now, :now, 0)")
+    new_id = Sql(
+        "INSERT INTO sms_codes (phone, purpose, code_hash, created_at, expires_at, attempts) "
+        "VALUES (:phone, 'regist', '', :now, :now, 0)"
+    )
     now = dt.datetime(2026, 1, 1)
     first = run(db, lambda c: c.insert(new_id, {"phone": "+1", "now": now}))
     assert run(db, lambda c: c.insert(new_id, {"phone": "+2", "now": now})) == first + 1
@@ -141,8 +153,13 @@ def kill_pooled_connections(engine) -> int:
     admin = create_engine(engine.url, poolclass=NullPool)
     with admin.connect() as conn:
         ours = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-        others = conn.exec_driver_sql(
-            "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> %s", (ours,)).scalars().all()
+        others = (
+            conn.exec_driver_sql(
+                "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> %s", (ours,)
+            )
+            .scalars()
+            .all()
+        )
         for other in others:
             conn.exec_driver_sql(f"KILL {int(other)}")
     admin.dispose()

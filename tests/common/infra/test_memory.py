@@ -1,4 +1,5 @@
 """infra/memory.py: the one budget API (shares taken at once or waited for) and giving memory back."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """Migrations (demo/migrations) and models (demo/models.py) describe the same schema, on both databases."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,8 +33,9 @@ def test_existing_users_get_distinct_random_public_ids(empty_database_url):
     engine = make_engine(empty_database_url)
     try:
         migrate.upgrade(engine, "0003")
-        insert = text("INSERT INTO users (phone, password_hash, created_at, h5_visit_count) "
-                      "VALUES (:phone, 'x', :now, 0)")
+        insert = text(
+            "INSERT INTO users (phone, password_hash, created_at, h5_visit_count) VALUES (:phone, 'x', :now, 0)"
+        )
         with engine.begin() as conn:
             conn.execute(insert, [{"phone": f"+861886666{n:04d}", "now": dt.datetime(2026, 1, 1)} for n in range(3)])
         migrate.upgrade(engine)
@@ -42,9 +44,13 @@ def test_existing_users_get_distinct_random_public_ids(empty_database_url):
         assert len(set(ids)) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{22}", i) for i in ids), ids
         twin = next(i for i in ids if i != i.swapcase())
         with engine.begin() as conn:  # another letter case is another id (MySQL compares bytes here)
-            conn.execute(text("INSERT INTO users (public_id, phone, password_hash, created_at, h5_visit_count) "
-                              "VALUES (:id, '+8618866669999', 'x', :now, 0)"),
-                         {"id": twin.swapcase(), "now": dt.datetime(2026, 1, 1)})
+            conn.execute(
+                text(
+                    "INSERT INTO users (public_id, phone, password_hash, created_at, h5_visit_count) "
+                    "VALUES (:id, '+8618866669999', 'x', :now, 0)"
+                ),
+                {"id": twin.swapcase(), "now": dt.datetime(2026, 1, 1)},
+            )
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text("UPDATE users SET public_id = :id WHERE phone = '+8618866669999'"), {"id": twin})
         command.downgrade(migrate.alembic_config(engine), "0003")

@@ -1,5 +1,6 @@
 """demo/common/infra/ratelimit.py's counters on SQLite and MariaDB, without the rules (``client_key``
 is tested in test_ratelimit.py)."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -1,5 +1,6 @@
 """demo/common/sms/outbox.py without HTTP: a ``Sender`` with a fake backend drains the outbox that
 ``Accounts.request_code`` fills, on SQLite and MariaDB."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,13 @@ class Backend:
 
 def sender(app, backend: Backend, **rules) -> Sender:
     """A sender of ``app``'s outbox through ``backend``, with ``app``'s rules changed by ``rules``."""
-    return Sender(app.services.db, backend, app.services.metrics, app.services.clock,
-                  dataclasses.replace(app.services.sender.rules, **rules))
+    return Sender(
+        app.services.db,
+        backend,
+        app.services.metrics,
+        app.services.clock,
+        dataclasses.replace(app.services.sender.rules, **rules),
+    )
 
 
 def outbox_rows(app) -> list[SmsOutbox]:

@@ -1,4 +1,5 @@
 """demo/common/sms/queries.py: the outbox's units of work on SQLite and MariaDB, without a sender."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,9 +22,16 @@ def db(app):
 
 def queue(db, text: str | None = "hello", code_ttl: int = 300, phone: str = "+8618866668888") -> int:
     """A code and its text; the outbox row's id."""
+
     def work(s):
-        code = SmsCode(phone=phone, purpose="regist", code_hash="h", created_at=NOW, attempts=0,
-                       expires_at=NOW + dt.timedelta(seconds=code_ttl))
+        code = SmsCode(
+            phone=phone,
+            purpose="regist",
+            code_hash="h",
+            created_at=NOW,
+            attempts=0,
+            expires_at=NOW + dt.timedelta(seconds=code_ttl),
+        )
         s.add(code)
         s.flush()
         queries.enqueue(sql_cursor(s), code.id, phone, "regist", NOW, text=text, code="123456" if text else None)
@@ -40,7 +48,9 @@ def test_enqueue_and_backlog(db):
     queue(db)
     queue(db, text=None)
     assert [(r.status, r.code, r.text, r.attempts, r.next_attempt_at, r.created_at) for r in rows(db)] == [
-        ("pending", "123456", "hello", 0, NOW, NOW), ("skipped", None, "", 0, NOW, NOW)]
+        ("pending", "123456", "hello", 0, NOW, NOW),
+        ("skipped", None, "", 0, NOW, NOW),
+    ]
     assert db.run_sync(queries.backlog) == 1
 
 
@@ -50,7 +60,8 @@ def test_claim_due_claims_live_texts_and_settles_dead_ones_unsent(db):
     queue(db, text=None)
     found = db.run_sync(queries.claim_due, NOW, LEASE, 10)
     assert [(r.id, r.attempts, r.phone, r.purpose, r.code, r.text, r.created_at) for r in found.claimed] == [
-        (live, 1, "+8618866668888", "regist", "123456", "hello", NOW)]
+        (live, 1, "+8618866668888", "regist", "123456", "hello", NOW)
+    ]
     assert [r.id for r in found.dead] == [dead] and found.backlog == 1
     by_id = {r.id: r for r in rows(db)}
     assert (by_id[live].status, by_id[live].attempts, by_id[live].next_attempt_at) == ("sending", 1, LEASE)
@@ -69,13 +80,20 @@ def test_claim_due_takes_at_most_a_batch(db):
 def test_settle_records_each_outcome_and_voids_the_code_of_a_text_given_up(db):
     sent, retried, failed, stale = (queue(db) for _ in range(4))
     claimed = {r.id: r for r in db.run_sync(queries.claim_due, NOW, LEASE, 10).claimed}
-    outcome = lambda id_, status, **kw: queries.Outcome(id_, claimed[id_].attempts, claimed[id_].sms_code_id,  # noqa: E731
-                                                        status, **kw)
-    given_up = db.run_sync(queries.settle, [
-        outcome(sent, queries.SENT), outcome(retried, queries.PENDING, error="E", retry_at=LEASE),
-        outcome(failed, queries.FAILED, error="F"),
-        queries.Outcome(stale, 7, claimed[stale].sms_code_id, queries.FAILED, "G"),  # a later claim's try
-    ], NOW)
+
+    def outcome(id_: int, status: str, **kw: object) -> queries.Outcome:
+        return queries.Outcome(id_, claimed[id_].attempts, claimed[id_].sms_code_id, status, **kw)
+
+    given_up = db.run_sync(
+        queries.settle,
+        [
+            outcome(sent, queries.SENT),
+            outcome(retried, queries.PENDING, error="E", retry_at=LEASE),
+            outcome(failed, queries.FAILED, error="F"),
+            queries.Outcome(stale, 7, claimed[stale].sms_code_id, queries.FAILED, "G"),  # a later claim's try
+        ],
+        NOW,
+    )
     assert [o.id for o in given_up] == [failed]
     by_id = {r.id: r for r in rows(db)}
     assert (by_id[sent].status, by_id[sent].sent_at, by_id[sent].code, by_id[sent].text) == ("sent", NOW, None, "")

@@ -1,4 +1,5 @@
 """JSON fields (common/web/api.py ``text_field``), without HTTP; the JSON body's edges are in test_http_edges.py."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,16 @@ def test_a_present_string_is_returned_as_sent():
     assert text_field({"phone": " 188 "}, "phone") == " 188 "  # never stripped here
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({}, "'phone' is required."),
-    ({"phone": None}, "'phone' must be a string."),
-    ({"phone": 18866668888}, "'phone' must be a string."),
-    ({"phone": "1" * 33}, "'phone' is too long."),
-    (json.loads('{"phone": "\\ud800"}'), "'phone' is not valid Unicode text."),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "'phone' is required."),
+        ({"phone": None}, "'phone' must be a string."),
+        ({"phone": 18866668888}, "'phone' must be a string."),
+        ({"phone": "1" * 33}, "'phone' is too long."),
+        (json.loads('{"phone": "\\ud800"}'), "'phone' is not valid Unicode text."),
+    ],
+)
 def test_a_bad_field_is_invalid_field_naming_it(body, message):
     with pytest.raises(InvalidField) as refused:
         text_field(body, "phone", max_length=32)

@@ -1,4 +1,5 @@
 """Auth decisions (common/web/auth.py) and where the base handler enforces them (base.py ``prepare``)."""
+
 from __future__ import annotations
 
 from tornado.web import RequestHandler

@@ -1,4 +1,5 @@
 """The one error map (common/web/errors.py), without HTTP: what ended a request -> status, body, headers."""
+
 from __future__ import annotations
 
 import errno
@@ -11,8 +12,9 @@ from demo.common.web.errors import ERROR_STATUS, STATUS_CODE, describe_error, er
 
 
 def describe(error: BaseException | None, status: int = 500, reason: str = "Internal Server Error"):
-    return describe_error(error, status=status, reason=reason, request_id="rid-1234",
-                          allowed_methods=lambda: ["GET", "POST"])
+    return describe_error(
+        error, status=status, reason=reason, request_id="rid-1234", allowed_methods=lambda: ["GET", "POST"]
+    )
 
 
 def domain_errors() -> list[type[errors.DemoError]]:
@@ -35,8 +37,11 @@ def test_a_domain_error_is_answered_from_the_table():
     assert status == 409 and headers == {}
     assert body == {"error": {"code": "phone_taken", "message": errors.PhoneTaken.message}}
     status, body, _ = describe(errors.InvalidField("'phone' is required.", field="phone"))
-    assert status == 422 and body["error"] == {"code": "invalid_field", "message": "'phone' is required.",
-                                               "field": "phone"}
+    assert status == 422 and body["error"] == {
+        "code": "invalid_field",
+        "message": "'phone' is required.",
+        "field": "phone",
+    }
 
 
 def test_a_full_disk_is_507_and_names_no_path():

@@ -1,5 +1,6 @@
 """The HTTP edges, straight to the app's own server (demo.main.make_server, no nginx): content types,
 forwarded headers, malformed and oversized input, and what the answers tell about the server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,9 @@ def port_of(api) -> int:
     return urlsplit(api.base_url).port
 
 
-async def raw_exchange(port: int, request: bytes, body_pump: bytes = b"",
-                       pump_times: int = 0) -> tuple[int, dict, bytes]:
+async def raw_exchange(
+    port: int, request: bytes, body_pump: bytes = b"", pump_times: int = 0
+) -> tuple[int, dict, bytes]:
     """Send ``request`` (then ``body_pump`` up to ``pump_times`` times) over a bare socket, on a thread;
     the answer's status, headers (lower-case names) and body. A server that answers early and closes
     resets the connection: what arrived before the reset is the answer."""
@@ -73,8 +75,9 @@ def errors_logged(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted(JSON_CALLS))
-@pytest.mark.parametrize("content_type",
-                         ["text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"]
+)
 @gen_test
 async def test_json_calls_refuse_other_content_types_with_415(api, outbox, path, content_type):
     """A page on another site can post text/plain or a form without a CORS preflight: never accepted."""
@@ -95,8 +98,9 @@ async def test_json_calls_without_a_content_type_are_415(api, outbox, path):
 
 @gen_test
 async def test_json_calls_accept_application_json_with_parameters(api, outbox):
-    response = await api.post("/users/code", body=json.dumps({"phone": PHONE}),
-                              headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    response = await api.post(
+        "/users/code", body=json.dumps({"phone": PHONE}), headers={"Content-Type": "Application/JSON; charset=utf-8"}
+    )
     assert response.code == 200, response.body
     assert await outbox.code(sent_phone(PHONE))
 
@@ -115,10 +119,13 @@ async def test_deeply_nested_json_is_400_invalid_json_and_logs_no_error(api, cap
 @gen_test
 async def test_multipart_boundary_over_256_characters_is_422_and_logs_no_error(api, user, caplog):
     boundary = "b" * 300
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\nxx\r\n--{boundary}--\r\n")
-    response = await api.post("/images", body=body, token=user.token,
-                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\nxx\r\n--{boundary}--\r\n"
+    )
+    response = await api.post(
+        "/images", body=body, token=user.token, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert response.code == 422 and response.error == "invalid_field"
     assert response.json["error"]["field"] == "image"
     assert errors_logged(caplog) == []
@@ -128,8 +135,10 @@ async def test_multipart_boundary_over_256_characters_is_422_and_logs_no_error(a
 @gen_test
 async def test_an_oversized_chunked_upload_is_json_413(api, user):
     """One chunk declared far over the limit: the upload's own 413, not Tornado's bare 400."""
-    head = (f"POST /images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user.token}\r\n"
-            f"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n{1024 * 1024:x}\r\n").encode()
+    head = (
+        f"POST /images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {user.token}\r\n"
+        f"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n{1024 * 1024:x}\r\n"
+    ).encode()
     status, headers, body = await raw_exchange(port_of(api), head, b"\0" * 65536, pump_times=16)
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
     assert headers["x-content-type-options"] == "nosniff" and headers["x-request-id"]
@@ -152,16 +161,26 @@ CLAIMS = {"X-Scheme": "https", "X-Forwarded-Proto": "https"}
 
 
 async def send_codes_claiming_addresses(api, count: int) -> list[int]:
-    return [(await api.post("/users/code", {"phone": f"1886666{n:04d}"},
-                            headers={"X-Real-IP": f"198.51.100.{n}", "X-Forwarded-For": f"203.0.113.{n}"})).code
-            for n in range(count)]
+    return [
+        (
+            await api.post(
+                "/users/code",
+                {"phone": f"1886666{n:04d}"},
+                headers={"X-Real-IP": f"198.51.100.{n}", "X-Forwarded-For": f"203.0.113.{n}"},
+            )
+        ).code
+        for n in range(count)
+    ]
 
 
 async def h5_cookie_claiming_https(api, outbox) -> tuple[str, str]:
     """Register claiming HTTPS; the session's h5_url, and the H5 cookie that URL sets."""
     await api.post("/users/code", {"phone": PHONE}, headers=CLAIMS)
-    session = await api.post("/users/regist", {"phone": PHONE, "password": PASSWORD,
-                                               "code": await outbox.code(sent_phone(PHONE))}, headers=CLAIMS)
+    session = await api.post(
+        "/users/regist",
+        {"phone": PHONE, "password": PASSWORD, "code": await outbox.code(sent_phone(PHONE))},
+        headers=CLAIMS,
+    )
     h5_url = session.json["h5_url"]
     opened = await api.get(urlsplit(h5_url).path + "?" + urlsplit(h5_url).query, headers=CLAIMS)
     cookie = next(c for c in opened.headers.get_list("Set-Cookie") if c.startswith("demo_h5="))

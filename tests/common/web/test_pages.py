@@ -1,5 +1,6 @@
 """H5 pages (common/web/pages.py) render through Tornado's ``render``: its namespace, the default
 locale, the session-bound form token; and the base's ``prepare`` awaits only where a credential is checked."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,11 @@ class Page(H5PageHandler):
 def page(app, method: str = "GET", **headers: str) -> Page:
     connection = mock.Mock()
     connection.context = mock.Mock(remote_ip="127.0.0.1", protocol="http")
-    request = HTTPServerRequest(start_line=RequestStartLine(method, "/h5/x", "HTTP/1.1"),
-                                headers=HTTPHeaders({"Host": "localhost", **headers}), connection=connection)
+    request = HTTPServerRequest(
+        start_line=RequestStartLine(method, "/h5/x", "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "localhost", **headers}),
+        connection=connection,
+    )
     return Page(app, request)
 
 

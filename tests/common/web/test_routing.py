@@ -1,5 +1,6 @@
 """The router (common/web/routing.py): URL tables collected, auth decided for every method, route names
 for the metrics, JSON 404/405."""
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,9 @@ def test_every_routed_method_has_a_decision():
     """Through the URL rules and each handler's own methods (public API): none is missed, and the
     walk does find the handlers (a walk that found nothing would pass for any app)."""
     routes = collect_routes()
-    decided = {(r.target, method): auth_of(impl)
-               for r in routes for method, impl in implemented_methods(r.target).items()}
+    decided = {
+        (r.target, method): auth_of(impl) for r in routes for method, impl in implemented_methods(r.target).items()
+    }
     assert len(decided) >= 20
     assert all(isinstance(auth, Auth) for auth in decided.values())
     assert decided[(NotFoundHandler, "GET")] is Auth.PUBLIC and decided[(H5NotFoundHandler, "POST")] is Auth.PUBLIC
