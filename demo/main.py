@@ -34,12 +34,14 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from demo.common import housekeeping
+from demo.common.errors import Unavailable
 from demo.common.images.rules import StoreMismatch, bind_store
 from demo.common.images.storage import make_store
 from demo.common.infra import metrics, migrate
 from demo.common.infra.clock import Clock
-from demo.common.infra.db import make_engine
+from demo.common.infra.db import Database, make_engine
 from demo.common.infra.logs import log_request, reopen_logs, setup_logging, stop_writer
+from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import (
     CannotListen,
     ConfigError,
@@ -144,16 +146,22 @@ def listen(settings: Settings) -> list[socket.socket]:
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
     engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
+    offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)
-        bind_store(engine, make_store(settings.media_root), Clock().now())
+        bind_store(Database(engine, offloader), make_store(settings.media_root), Clock().now())
     except StoreMismatch as error:
         raise ConfigError(str(error)) from error
     except OSError as error:  # the media folder's DEPLOYMENT file
         raise StorageUnusable(f"--media_root: {error}") from None
     except (SQLAlchemyError, CommandError, migrate.MigrationLockTimeout) as error:
         raise DatabaseUnavailable(f"database {masked_url(settings.database_url)}: {reason(error)}") from None
+    except Unavailable as error:  # from a unit of work: the driver's error is its cause
+        raise DatabaseUnavailable(
+            f"database {masked_url(settings.database_url)}: {reason(error.__cause__ or error)}"
+        ) from None
     finally:
+        offloader.shutdown()
         engine.dispose()
 
 

@@ -28,26 +28,21 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING, Any
 
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.images import imaging, queries
 from demo.common.images.storage import IDENTITY_FILE, ImageStore
 from demo.common.infra.caches import Cache
 from demo.common.infra.clock import Clock, isoformat
-from demo.common.infra.db import Database
+from demo.common.infra.db import Conflict, Database
 from demo.common.infra.memory import Budget, trims_after
-from demo.models import Deployment, Image
 
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
+    from demo.models import Deployment, Image
 
 log = logging.getLogger("demo.images")
-T = TypeVar("T")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 
 
@@ -295,7 +290,7 @@ class Images:
 
     def bind(self) -> str:
         """Bind the store to this database, or check that it is (StoreMismatch otherwise)."""
-        return bind_store(self.db.engine, self.store, self.clock.now())
+        return bind_store(self.db, self.store, self.clock.now())
 
     def collect_unused(self) -> int:
         """Remove every blob (file, thumbnails, row) of this deployment that no image uses; how many.
@@ -336,7 +331,7 @@ class StoreMismatch(Exception):
     """The media store and the database belong to different deployments."""
 
 
-def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
+def bind_store(db: Database, store: ImageStore, now: dt.datetime) -> str:
     """The deployment id shared by the database and the store; written on first use, checked after.
 
     The database's id is created first (one row), then claimed by an unbound store, then the row is
@@ -344,7 +339,7 @@ def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
     adopted as they are. A crash between the steps is finished on the next start; a store bound to
     another database, or a bound database with a store that carries no id, raise StoreMismatch.
     """
-    row = _deployment(engine, now)
+    row = _deployment(db, now)
     found = store.identity()
     if found is None and row.store_bound_at is None:
         found = store.claim_identity(row.deployment_id)
@@ -361,22 +356,16 @@ def bind_store(engine: Engine, store: ImageStore, now: dt.datetime) -> str:
             f"at the database of that store"
         )
     if row.store_bound_at is None:
-        _in_session(engine, queries.mark_store_bound, now)
+        db.run_sync(queries.mark_store_bound, now)
     return row.deployment_id
 
 
-def _deployment(engine: Engine, now: dt.datetime) -> Deployment:
+def _deployment(db: Database, now: dt.datetime) -> Deployment:
     """The database's one deployment row, created with a fresh random id if there is none yet."""
     try:
-        return _in_session(engine, queries.deployment, now)
-    except IntegrityError:  # another process created it at the same moment: use theirs
-        return _in_session(engine, queries.deployment, now)
-
-
-def _in_session(engine: Engine, unit: Callable[..., T], *args: Any) -> T:
-    """A unit of work of ``queries`` before there is a ``Database`` (at start-up): one transaction."""
-    with Session(engine, expire_on_commit=False) as s, s.begin():
-        return unit(s, *args)
+        return db.run_sync(queries.deployment, now)
+    except Conflict:  # another process created it at the same moment: use theirs
+        return db.run_sync(queries.deployment, now)
 
 
 def record(row: Image) -> dict[str, Any]:

@@ -331,7 +331,7 @@ def test_a_database_bound_to_another_store_refuses(app, images, tmp_path):
     images.bind()
     with pytest.raises(StoreMismatch, match="carries no deployment id"):
         elsewhere = LocalImageStore(str(tmp_path / "elsewhere"))
-        bind_store(app.services.db.engine, elsewhere, app.services.clock.now())
+        bind_store(app.services.db, elsewhere, app.services.clock.now())
 
 
 def test_an_existing_store_and_database_without_identity_are_adopted_on_first_use(app, images):

@@ -1,0 +1,110 @@
+"""The shape of demo/common, checked: rules free of Tornado, each feature's SQL in its queries module,
+views and the web base never reaching the database themselves, no SQLAlchemy internals anywhere.
+
+These read the source (imports, outside ``if TYPE_CHECKING:`` blocks, which only annotate), so a change
+that breaks the layering fails here with the module and the import to move.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+COMMON = DEMO / "common"
+FEATURES = ("accounts", "h5", "images", "sms")
+DATABASE = ("sqlalchemy", "demo.models", "demo.common.infra.db")
+# Names a SQLAlchemy upgrade may change without notice (compiler and exception internals).
+INTERNALS = re.compile(r"\b(positiontup|effective_value|bind_processor|result_processor|DBAPIError\.instance)\b")
+
+
+def modules(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "migrations" not in p.parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports at run time (``from x import y`` counts as x and x.y)."""
+    tree = ast.parse(path.read_text(), str(path))
+    annotation_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in annotation_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def reaching_any(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def reaching(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in imports(path) if reaching_any(m, prefixes))
+
+
+def name(path: Path) -> str:
+    return str(path.relative_to(DEMO.parent))
+
+
+def test_the_checks_see_the_tree():
+    """A moved folder would make every check below pass on nothing."""
+    assert {p.name for p in COMMON.iterdir() if p.is_dir()} >= {*FEATURES, "web", "infra"}
+    for feature in FEATURES:
+        assert (COMMON / feature / "rules.py").is_file() or feature == "sms", feature
+    assert len(modules(COMMON)) > 30
+    assert "tornado.web" in imports(COMMON / "web" / "base.py")
+
+
+@pytest.mark.parametrize("path", modules(COMMON), ids=name)
+def test_only_the_web_base_knows_tornados_request_handling(path):
+    """Rules, queries and infrastructure are plain Python: the web base alone handles requests.
+    (The SMS HTTP backend uses Tornado's HTTP client, which is a client, not request handling.)"""
+    if "web" in path.relative_to(COMMON).parts:
+        return
+    allowed = ("tornado.httpclient",) if path == COMMON / "sms" / "backends.py" else ()
+    reached = [m for m in reaching(path, ("tornado",)) if not reaching_any(m, allowed)]
+    assert not reached, f"{name(path)} imports {reached}: request handling belongs in demo/common/web/"
+
+
+@pytest.mark.parametrize("path", [p for f in FEATURES for p in modules(COMMON / f) if p.name != "queries.py"], ids=name)
+def test_a_feature_reaches_the_database_only_through_its_queries_module(path):
+    """Rules call named units of work of their queries module (``db.run(queries.x, ...)``); SQL, the
+    tables and sessions live there only. ``Database``, ``Conflict`` and the rows a unit returns (``Row``)
+    are the rules' whole view of it."""
+    allowed = {f"demo.common.infra.db{n}" for n in ("", ".Database", ".Conflict", ".Row")}
+    reached = set(reaching(path, DATABASE)) - allowed
+    assert not reached, f"{name(path)} reaches {sorted(reached)}: move that into its queries.py"
+
+
+@pytest.mark.parametrize("path", [*modules(DEMO / "views"), *modules(COMMON / "web")], ids=name)
+def test_handlers_never_reach_the_database_nor_a_queries_module(path):
+    reached = reaching(path, DATABASE) + [m for m in imports(path) if m.endswith(".queries")]
+    assert not reached, f"{name(path)} reaches {reached}: call the feature's rules instead"
+
+
+@pytest.mark.parametrize("path", modules(DEMO), ids=name)
+def test_no_sqlalchemy_internals(path):
+    """The fast path runs hand-written SQL on PEP 249 cursors (infra/db.py), so a SQLAlchemy upgrade
+    cannot break it silently."""
+    assert not INTERNALS.findall(path.read_text()), name(path)
+
+
+def test_the_import_reader_sees_through_type_checking_blocks(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\nimport tornado.web\nif TYPE_CHECKING:\n    from demo.models import User\n"
+    )
+    assert imports(source) == {"typing", "typing.TYPE_CHECKING", "tornado.web"}
