@@ -3,6 +3,7 @@
 - ports and waits: ``free_port``, ``wait_until``;
 - answers and clients: ``Response``, ``Api`` (Tornado's async client, for the app in this process),
   ``HttpClient`` (blocking, for a real server process or nginx; HTTP or HTTPS), ``call`` (one request);
+- a bare socket, for bytes Tornado's client cannot send: ``raw_socket``/``RawSocket``, ``raw_http``;
 - throw-away MariaDB databases: ``ThrowawayDatabase``, ``mysql_unreachable_reason``, ``require_mysql``;
 - real server processes (signals, crashes, several workers, faults): ``start``, ``stop``, ``finish``,
   ``wait_for``, ``output_of``, ``register``, ``memory``, ``reset_peak_memory``;
@@ -16,6 +17,7 @@ other's private names.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +289,88 @@ def register(port: int, phone: str, code: str, password: str = "demo123456") -> 
     assert status == 201, body
     token: str = body["token"]
     return token
+
+
+# -- a bare socket ---------------------------------------------------------------------------------
+
+
+class RawSocket:
+    """A bare connection to the app in this process, for what Tornado's client cannot do: a body cut
+    short, ``Expect: 100-continue`` answered by hand, a client that goes away mid-body, bytes after the
+    server has answered. Open it with ``raw_socket(port)``; ``raw_http`` is one request on it.
+
+    Low-level socket calls on purpose: data received before a reset is still read (asyncio's
+    StreamReader would drop it), and a server that answers early may refuse the rest of our body.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def read_until(self, marker: bytes, timeout: float = 10) -> bytes:
+        """Byte by byte up to ``marker`` (an interim answer, say), nothing past it."""
+        received = b""
+        while marker not in received:
+            data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 1), timeout)
+            if not data:
+                raise ConnectionError(f"closed before {marker!r}: {received[:200]!r}")
+            received += data
+        return received
+
+    async def read_to_end(self, timeout: float = 30) -> bytes:
+        """Everything until the server closes (or resets) the connection."""
+        received = b""
+        while True:
+            try:
+                data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
+            except ConnectionResetError:
+                return received
+            if not data:
+                return received
+            received += data
+
+
+@asynccontextmanager
+async def raw_socket(port: int) -> AsyncIterator[RawSocket]:
+    """A ``RawSocket`` connected to 127.0.0.1:``port``, closed on the way out (the client going away)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        yield RawSocket(sock)
+    finally:
+        sock.close()
+
+
+def parse_raw_response(received: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one HTTP/1.1 answer read off a ``RawSocket``;
+    an AssertionError for bytes past its Content-Length."""
+    head_part, _, body = received.partition(b"\r\n\r\n")
+    lines = head_part.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        assert len(body) == length, f"extra bytes after the response: {body[length:][:80]!r}"
+    return status, headers, body
+
+
+async def raw_http(port: int, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` and ``chunks`` over a ``RawSocket`` (the server may refuse the rest once it has
+    answered), then read until the server closes: status, headers and body."""
+    async with raw_socket(port) as conn:
+        with suppress(ConnectionError):
+            await conn.send(head)
+            for chunk in chunks:
+                await conn.send(chunk)
+        received = await conn.read_to_end()
+    return parse_raw_response(received)
 
 
 # -- throw-away MariaDB databases ----------------------------------------------------------------------

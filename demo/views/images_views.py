@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
-from typing import Any
 
 from tornado.web import stream_request_body
 
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
 from demo.common.images import imaging
-from demo.common.images.receiver import UploadReceiver
-from demo.common.images.rules import THUMBNAIL_WIDTHS, Images
+from demo.common.images.rules import THUMBNAIL_WIDTHS
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import public, requires_session
+from demo.common.web.uploads import UploadStream, image_json
 
 log = logging.getLogger("demo.images")
 CHUNK = 256 * 1024
@@ -24,83 +22,35 @@ DECIMAL = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit also takes
 WIDTH_SPELLINGS = {str(width): width for width in THUMBNAIL_WIDTHS}
 
 
-class ImageApiHandler(ApiHandler):
-    @property
-    def images(self) -> Images:
-        images: Images = self.services.images
-        return images
-
-    def image_json(self, record: dict[str, Any]) -> dict[str, Any]:
-        path = f"/images/{record['id']}.{imaging.EXTENSIONS[record['format']]}"
-        return {
-            **record,
-            "url": self.absolute_url(path),
-            "thumbnails": {str(w): self.absolute_url(f"{path}?w={w}") for w in THUMBNAIL_WIDTHS},
-        }
-
-
 @stream_request_body
-class UploadHandler(ImageApiHandler):
-    """The streamed upload of one image (POST): the body goes to an ``UploadReceiver`` chunk by chunk,
-    so memory does not grow with the upload. Subclasses declare ``post`` (who may upload) and call
-    ``receive``; errors are the contract's JSON, like the 201."""
+class ImageCollectionHandler(ApiHandler):
+    """/images: the streamed upload (bearer; an ``UploadStream`` takes the body) and the list of own images."""
 
-    upload: UploadReceiver | None = None
+    def initialize(self) -> None:
+        super().initialize()
+        self.upload = UploadStream(self)
 
     async def prepare(self) -> None:
         pending = super().prepare()  # the credential is checked before a byte of the body is read
         if pending is not None:
             await pending
-        if self.request.method != "POST":
-            return
-        assert self.principal is not None  # POST requires a session
-        headers = self.request.headers
-        self.upload = UploadReceiver(self.images, self.services.offloader)
-        await self.upload.start(self.principal.user_id, headers.get("Content-Type", ""), headers.get("Content-Length"))
-        # The receiver counts the body and answers 413 past its limit (then the connection closes).
-        # Tornado's own max_body_size would refuse a chunk by its declared size before a byte of it
-        # arrives, with a bare 400: leave the limit to the receiver.
-        self.request.connection.set_max_body_size(sys.maxsize)  # type: ignore[union-attr]
+        await self.upload.start()
 
     async def data_received(self, chunk: bytes) -> None:
-        if self.upload is None or not self.upload.receiving:
-            return
-        self.services.metrics.upload_bytes.inc(len(chunk))
-        try:
-            await self.upload.feed(chunk)
-        except Exception:  # noqa: BLE001
-            # An exception escaping data_received would only drop the connection: answer here
-            # instead; Tornado then stops reading the body and closes after the response.
-            self.log_exception(*sys.exc_info())  # quiet for domain errors, logged for anything else
-            self.send_error(500, exc_info=sys.exc_info())  # status comes from the error (413, 422, ...)
-
-    async def receive(self) -> None:
-        """Finish the upload and answer 201 with the image object (unless a chunk was refused: then
-        data_received has answered already, and Tornado calls the method anyway)."""
-        if self._finished or self.upload is None or not self.upload.receiving:
-            return
-        body = self.image_json(await self.upload.finish())
-        self.set_header("Location", body["url"])
-        self.write_json({"image": body}, status=201)
+        await self.upload.data_received(chunk)
 
     def on_finish(self) -> None:
-        if self.upload is not None:
-            self.upload.abandon()
+        self.upload.abandon()
         super().on_finish()
 
     def on_connection_close(self) -> None:
-        if self.upload is not None:
-            self.upload.abandon()
+        self.upload.abandon()
         super().on_connection_close()  # fails the body future, so the handler's _execute ends too
-
-
-class ImageCollectionHandler(UploadHandler):
-    """/images: upload (bearer) and the list of own images."""
 
     @requires_session
     async def post(self) -> None:
         """Upload one image (multipart field ``image`` or raw bytes)."""
-        await self.receive()
+        await self.upload.finish()
 
     @requires_session
     async def get(self) -> None:
@@ -111,10 +61,10 @@ class ImageCollectionHandler(UploadHandler):
             raise InvalidField("limit must be an integer from 1 to 100.", field="limit")
         cursor = self.get_query_argument("cursor", None, strip=False) or None
         records, next_cursor = await self.images.list(self.principal.user_id, int(limit), cursor)
-        self.write_json({"images": [self.image_json(r) for r in records], "next_cursor": next_cursor})
+        self.write_json({"images": [image_json(self, r) for r in records], "next_cursor": next_cursor})
 
 
-class ImageItemHandler(ImageApiHandler):
+class ImageItemHandler(ApiHandler):
     @requires_session
     async def delete(self, image_id: str) -> None:
         """Delete an own image."""
@@ -123,7 +73,7 @@ class ImageItemHandler(ImageApiHandler):
         self.finish()
 
 
-class ImageFileHandler(ImageApiHandler):
+class ImageFileHandler(ApiHandler):
     """The image bytes: immutable, strong ETag, 304 and single-range 206; read off the loop."""
 
     @public

@@ -95,6 +95,13 @@ def test_handlers_never_reach_the_database_nor_a_queries_module(path):
     assert not reached, f"{name(path)} reaches {reached}: call the feature's rules instead"
 
 
+@pytest.mark.parametrize("path", sorted((DEMO / "views").glob("*_views.py")), ids=name)
+def test_a_views_module_never_imports_another(path):
+    """What two areas' handlers share (the upload stream, say) lives in demo/common/web/, held by both."""
+    reached = reaching(path, ("demo.views",))
+    assert not reached, f"{name(path)} imports {reached}: move what they share into demo/common/web/"
+
+
 @pytest.mark.parametrize("path", modules(DEMO), ids=name)
 def test_no_sqlalchemy_internals(path):
     """The fast path runs hand-written SQL on PEP 249 cursors (infra/db.py), so a SQLAlchemy upgrade

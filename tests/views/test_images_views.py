@@ -12,7 +12,6 @@ import io
 import os
 import re
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -50,12 +49,12 @@ from tests.common.images.support import (
     path_of,
     png,
     png_claiming,
-    raw_http,
     second_user,
     upload,
     uploaded,
     webp_canvas,
 )
+from tests.helpers import parse_raw_response, raw_http, raw_socket
 
 gen_test = pytest.mark.gen_test(timeout=60)
 WIDTHS = ("160", "320", "640", "1280")
@@ -377,22 +376,16 @@ async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
 @gen_test
 async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_port):
     before = tasks()
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
     sent = jpeg()[:500] + bytes(SPOOL_WRITE_BYTES)  # enough for the spool to start its temp file
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+    async with raw_socket(http_port) as conn:
         # Declared too long to be held in memory: the body goes to a temp file.
-        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=IN_MEMORY_MAX + 1) + sent)
+        await conn.send(request_head(user.token, "image/jpeg", length=IN_MEMORY_MAX + 1) + sent)
         for _ in range(200):
             if files(media(app) / "tmp"):
                 break
             await asyncio.sleep(0.05)
         assert len(files(media(app) / "tmp")) == 1  # the upload in progress
-    finally:
-        sock.close()
-    await assert_handlers_end(before)
+    await assert_handlers_end(before)  # the client went away mid-body
     assert_nothing_stored(app)
 
 
@@ -433,21 +426,15 @@ async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, u
 @gen_test
 async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, user, http_port, disk_writes):
     before = tasks()
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
     held = app.services.images.upload_memory
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", http_port))
-        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=100_000) + jpeg()[:500])
+    async with raw_socket(http_port) as conn:
+        await conn.send(request_head(user.token, "image/jpeg", length=100_000) + jpeg()[:500])
         for _ in range(200):
             if held.in_use:
                 break
             await asyncio.sleep(0.05)
         assert held.in_use == 100_000  # the upload in progress
-    finally:
-        sock.close()
-    await assert_handlers_end(before)
+    await assert_handlers_end(before)  # the client went away mid-body
     assert held.in_use == 0 and disk_writes == []
     assert_nothing_stored(app)
 
@@ -1001,25 +988,16 @@ async def test_a_missing_blob_is_a_json_404_and_logs_an_error(api, user, app, ca
 
 @gen_test
 async def test_expect_100_continue_is_answered_only_when_the_upload_will_be_read(app, user, http_port):
-    loop = asyncio.get_running_loop()
     data = jpeg((40, 30))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+    async with raw_socket(http_port) as conn:
         extra = "Expect: 100-continue\r\nConnection: close\r\n"
-        await loop.sock_sendall(sock, request_head(user.token, "image/jpeg", length=len(data), extra=extra))
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            interim += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+        await conn.send(request_head(user.token, "image/jpeg", length=len(data), extra=extra))
+        interim = await conn.read_until(b"\r\n\r\n")
         assert interim.startswith(b"HTTP/1.1 100")
-        await loop.sock_sendall(sock, data)
-        response = b""
-        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 30):
-            response += chunk
-    finally:
-        sock.close()
-    assert response.startswith(b"HTTP/1.1 201")
+        await conn.send(data)
+        response = await conn.read_to_end()
+    status, _, body = parse_raw_response(response)
+    assert status == 201, body
     assert count(app, Image) == 1
 
     # Refused up front: the final answer comes at once, with no 100 before it.

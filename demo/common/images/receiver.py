@@ -24,7 +24,7 @@ class UploadReceiver:
         self._spool: UploadSpool | None = None
         self._user_id = 0
         self._writing = False  # a write to the spool is on the I/O pool
-        self._abandoned = False  # while writing: that write's end discards
+        self._abandoned = False  # the request is over: a write under way, or start, discards at its end
         self._finishing = False  # finish owns the spool now: it discards, nobody else
         self._discarded = False
 
@@ -46,6 +46,9 @@ class UploadReceiver:
         declared = int(content_length) if content_length and content_length.isdigit() else None
         self._spool = UploadSpool(self._images.store.temp_file, self._images.upload_memory, declared)
         self._sink, self._user_id = sink, user_id
+        if self._abandoned:  # the request ended while check_room ran: nobody will call abandon again
+            self._discarded = True
+            self._spool.discard()  # nothing written yet: memory given back, no file to unlink
 
     async def feed(self, chunk: bytes) -> None:
         """Take the next chunk of the body (written to disk off the loop once enough has gathered).
@@ -90,11 +93,12 @@ class UploadReceiver:
 
     def abandon(self) -> None:
         """The request is over without ``finish`` (or after it): let the body go, unless ``finish``
-        holds it (it discards when done) or a write is under way (its end discards). Runs on the loop:
-        a close and unlink of this process's own temp file, or memory given back."""
-        if self._spool is None or self._discarded or self._finishing:
+        holds it (it discards when done) or a write is under way (its end discards); before ``start`` has
+        made the spool, ``start`` discards it once made. Runs on the loop: a close and unlink of this
+        process's own temp file, or memory given back."""
+        if self._discarded or self._finishing:
             return
-        if self._writing:
+        if self._spool is None or self._writing:
             self._abandoned = True
             return
         self._discarded = True

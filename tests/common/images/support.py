@@ -4,14 +4,11 @@ helpers to upload them over HTTP and look at the disk and the database afterward
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
 import random
 import re
 import secrets
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -174,45 +171,6 @@ async def second_user(api, outbox) -> str:
     response = await api.register(outbox, phone=OTHER_PHONE)
     assert response.code == 201, response.body
     return response.json["token"]
-
-
-async def raw_http(port: int, head: bytes, chunks: list[bytes] = ()) -> tuple[int, dict[str, str], bytes]:
-    """Send ``head`` and ``chunks`` over a bare socket, then read until the server closes.
-
-    Low-level socket calls on purpose: data received before a reset is still read (asyncio's
-    StreamReader would drop it), and a server that answers early may refuse the rest of our body.
-    """
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        with contextlib.suppress(ConnectionError):
-            await loop.sock_sendall(sock, head)
-            for chunk in chunks:
-                await loop.sock_sendall(sock, chunk)
-        received = b""
-        while True:
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            received += data
-    finally:
-        sock.close()
-    head_part, _, body = received.partition(b"\r\n\r\n")
-    lines = head_part.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers:
-        length = int(headers["content-length"])
-        assert len(body) == length, f"extra bytes after the response: {body[length:][:80]!r}"
-    return status, headers, body
 
 
 def chunked(data: bytes) -> bytes:
