@@ -36,7 +36,6 @@ import pytest
 from tornado.web import Application
 
 from demo.common.infra import migrate
-from demo.common.infra.clock import FakeClock
 from demo.common.infra.db import make_engine
 from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
@@ -46,6 +45,7 @@ from tests.helpers import (
     MYSQL_SERVER,
     REQUIRE_MYSQL,
     Api,
+    FakeClock,
     Nginx,
     chromium_browser,
     chromium_missing,

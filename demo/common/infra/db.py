@@ -9,8 +9,7 @@ after a 30 s pool timeout. How a unit runs is the choice of the module that decl
 - a unit marked ``@sql_unit`` is ``unit(c: SqlCursor, *args)``: hand-written ``Sql`` on the DBAPI
   cursor, for the few units every request runs (token and H5 cookie checks, the home-page visit,
   the login). SQLAlchemy's per-execution work costs more CPU than those queries themselves
-  (figures: bench/README.md). Inside a plain unit, ``sql_cursor(session)`` runs ``Sql`` on the
-  session's own connection and transaction.
+  (figures: bench/README.md).
 
 ``Sql`` uses only documented interfaces: PEP 249 cursors, ``Engine.raw_connection``,
 ``Dialect.is_disconnect``, ``PoolProxiedConnection.invalidate``.
@@ -327,13 +326,6 @@ class SqlCursor:
         """Run a SELECT; its first row, or None."""
         rows = self.all(sql, params)
         return rows[0] if rows else None
-
-
-def sql_cursor(session: Session) -> SqlCursor:
-    """A ``SqlCursor`` inside a plain (ORM) unit of work: the session's connection and transaction."""
-    connection = session.connection()
-    driver_connection: Any = connection.connection.driver_connection
-    return SqlCursor(driver_connection.cursor(), connection.dialect.name)
 
 
 def sql_unit(unit: U) -> U:

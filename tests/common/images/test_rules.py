@@ -23,8 +23,9 @@ from demo.common.images import imaging, queries
 from demo.common.images.rules import Images, StoreMismatch, bind_store, decode_cursor, encode_cursor
 from demo.common.images.storage import LocalImageStore
 from demo.common.infra import migrate
-from demo.common.infra.db import Database, make_engine, sql_cursor
+from demo.common.infra.db import Database, make_engine
 from demo.models import Deployment, Image, ImageBlob, User
+from tests.helpers import sql_cursor
 
 from .support import blob_refs, count, encode, files, jpeg, media, noise, png
 

@@ -12,9 +12,10 @@ from sqlalchemy.pool import NullPool
 
 from demo.common.errors import Unavailable
 from demo.common.infra import db as db_module
-from demo.common.infra.db import Conflict, Database, Sql, SqlCursor, sql_cursor, sql_unit, to_paramstyle
+from demo.common.infra.db import Conflict, Database, Sql, SqlCursor, sql_unit, to_paramstyle
 from demo.common.infra.offload import Offloader
 from demo.models import RateCounter
+from tests.helpers import sql_cursor
 
 ADD = Sql(
     "INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES (:key, :start, :count, :expires_at)"
