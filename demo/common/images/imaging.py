@@ -136,8 +136,8 @@ def configure(max_pixels: int, decode_budget: int) -> None:
 
     Why keep them? Without the cache each decode callocs ~4 bytes per pixel afresh, and since image
     work trims the heaps after itself (memory.trims_after) that means zeroing and faulting in every
-    page again, partly under the GIL, which costs a third of the re-encoding rate (bench/README.md,
-    ``5870f39``). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
+    page again, partly under the GIL, which slows re-encoding (figures: bench/README.md, "Figures
+    behind comments in the code"). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
     server holds at its peak anyway.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
