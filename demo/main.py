@@ -55,7 +55,7 @@ from demo.common.services import Services, build_services
 from demo.common.web.api import StaticHandler
 from demo.common.web.httpserver import DemoHTTPServer
 from demo.common.web.proxies import TrustedProxies
-from demo.common.web.routing import collect_routes, route_names
+from demo.common.web.routing import collect_routes, name_static_routes, route_names
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
@@ -86,11 +86,12 @@ class DemoApplication(tornado.web.Application):
             xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
-        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label
+        name_static_routes(self.wildcard_router.rules, StaticHandler)
+        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label: every route named
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)
-        route = self.route_names.get(type(handler)) or type(handler).__name__  # unnamed: Tornado's static routes
+        route = self.route_names.get(type(handler), "unrouted")  # every route is named (refused at start-up)
         self.services.metrics.observe_request(
             route, handler.request.method, handler.get_status(), handler.request.request_time()
         )
