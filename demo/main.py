@@ -146,7 +146,13 @@ def listen(settings: Settings) -> list[socket.socket]:
 
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
-    engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=2,  # start-up runs one unit at a time
+        connect_timeout=settings.db_connect_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        io_timeout=settings.db_io_timeout,
+    )
     offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)

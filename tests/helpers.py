@@ -8,7 +8,7 @@
   ``wait_for``, ``output_of``, ``register``, ``memory``, ``reset_peak_memory``;
 - nginx running the shipped file for local ports and folders: ``Nginx``, ``render_shipped_nginx``;
 - Chromium through Playwright: ``chromium_browser``;
-- time and SQL in tests: ``FakeClock``, ``sql_cursor``.
+- time and SQL in tests: ``FakeClock``, ``make_test_engine``, ``sql_cursor``.
 
 Output of a process goes to a file, never to a pipe nobody reads (a full pipe would stall the server).
 ``bench/`` imports this module too (``from tests.helpers import ...``): neither side reaches into the
@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from demo.common.infra.clock import Clock, utcnow
-from demo.common.infra.db import SqlCursor
+from demo.common.infra.db import SqlCursor, make_engine
+from demo.conf import settings as config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "p" * 48
@@ -70,6 +72,21 @@ class FakeClock(Clock):
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._now += dt.timedelta(seconds=seconds)
+
+
+def make_test_engine(url: str, **options: int) -> Engine:
+    """``make_engine`` with the settings' defaults for what ``options`` leaves out."""
+    s = config.defaults()
+    return make_engine(
+        url,
+        **{
+            "pool_size": s.db_pool_size,
+            "connect_timeout": s.db_connect_timeout,
+            "pool_recycle": s.db_pool_recycle,
+            "io_timeout": s.db_io_timeout,
+            **options,
+        },
+    )
 
 
 def sql_cursor(session: Session) -> SqlCursor:

@@ -217,9 +217,9 @@ def test_argon2_parameters_below_owasp_are_refused():
     from demo.common.accounts.passwords import Passwords
 
     with pytest.raises(ValueError):
-        Passwords(time_cost=1)
+        Passwords(time_cost=1, memory_kib=19456, parallelism=1)
     with pytest.raises(ValueError):
-        Passwords(memory_kib=8192)
+        Passwords(time_cost=2, memory_kib=8192, parallelism=1)
 
 
 @pytest.mark.parametrize(

@@ -46,10 +46,10 @@ log = logging.getLogger("demo.db")
 PING_AFTER_IDLE = 5.0
 
 
-def make_engine(
-    url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800, io_timeout: int = 30
-) -> Engine:
-    """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient."""
+def make_engine(url: str, *, pool_size: int, connect_timeout: int, pool_recycle: int, io_timeout: int) -> Engine:
+    """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient. The
+    options are the settings' (db_pool_size, db_connect_timeout, db_pool_recycle, db_io_timeout): no
+    defaults here, so that they are written once."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, pool_size)
