@@ -392,7 +392,8 @@ Usage: python -m demo.main [--name=value ...]
 
 Each setting is taken from, strongest first: the command line (--name=value), the environment
 (DEMO_NAME=value), the --config file (name = value), its default. Names take "_" or "-" alike
-(--sms_backend is --sms-backend); a boolean alone (--debug) means true.
+(--sms_backend is --sms-backend); a boolean alone (--debug) means true, and a boolean's value is
+true/false, 1/0, yes/no or on/off (any case); None is no value.
 """
 
 
