@@ -401,13 +401,16 @@ class Bench:
 
     def ceiling_pillow(self) -> None:
         from demo.common.images import imaging
+        from demo.conf import settings as config
 
         work = self.tmp / "pillow"
         work.mkdir()
         src = str(self.files["upload"])
 
+        max_animation_pixels = config.defaults().max_animation_pixels
+
         def once() -> None:
-            os.unlink(imaging.process_upload(src, str(work), 40_000_000).path)
+            os.unlink(imaging.process_upload(src, str(work), 40_000_000, max_animation_pixels).path)
 
         spec = bench_images.SPECS["upload"]
         self.cpu_ceiling(

@@ -23,11 +23,11 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
 CATEGORIES = [
     ("argon2 (hash)", ("argon2/",)),
     ("Pillow (decode/encode)", ("PIL/",)),
-    ("hashlib / file sha256", ("hashlib", "file_sha256")),
+    ("hashlib / file sha256", ("hashlib", "file_sha256 (")),  # demo/common/images/imaging.py
     ("MySQLdb (driver)", ("MySQLdb/",)),
     ("SQLAlchemy", ("sqlalchemy/",)),
     ("template render", ("tornado/template.py", ".generated.py")),
-    ("logging (request log)", ("logging/", "demo/common/logs.py")),
+    ("logging (request log)", ("logging/", "demo/common/infra/logs.py")),
     ("prometheus metrics", ("prometheus_client/",)),
     ("python-multipart", ("python_multipart/", "multipart/")),
     (
@@ -48,7 +48,7 @@ CATEGORIES = [
             "threading.py",
             "queue.py",
             "asyncio/futures.py",
-            "asyncio/base_events.py:run_in_executor",
+            "run_in_executor (",  # a frame reads "func (file:line)"
         ),
     ),
     ("asyncio loop", ("asyncio/", "selectors.py")),

@@ -55,7 +55,7 @@ from demo.common.services import Services, build_services
 from demo.common.web.api import StaticHandler
 from demo.common.web.httpserver import DemoHTTPServer
 from demo.common.web.proxies import TrustedProxies
-from demo.common.web.routing import collect_routes, route_names
+from demo.common.web.routing import collect_routes, name_static_routes, route_names
 from demo.conf import settings as config
 from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
@@ -86,11 +86,12 @@ class DemoApplication(tornado.web.Application):
             xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
-        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label
+        name_static_routes(self.wildcard_router.rules, StaticHandler)
+        self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label: every route named
 
     def log_request(self, handler: tornado.web.RequestHandler) -> None:
         log_request(handler)
-        route = self.route_names.get(type(handler)) or type(handler).__name__  # unnamed: Tornado's static routes
+        route = self.route_names.get(type(handler), "unrouted")  # every route is named (refused at start-up)
         self.services.metrics.observe_request(
             route, handler.request.method, handler.get_status(), handler.request.request_time()
         )
@@ -145,7 +146,13 @@ def listen(settings: Settings) -> list[socket.socket]:
 
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
-    engine = make_engine(settings.database_url, pool_size=2, connect_timeout=settings.db_connect_timeout)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=2,  # start-up runs one unit at a time
+        connect_timeout=settings.db_connect_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        io_timeout=settings.db_io_timeout,
+    )
     offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)

@@ -36,8 +36,6 @@ import pytest
 from tornado.web import Application
 
 from demo.common.infra import migrate
-from demo.common.infra.clock import FakeClock
-from demo.common.infra.db import make_engine
 from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
@@ -46,9 +44,11 @@ from tests.helpers import (
     MYSQL_SERVER,
     REQUIRE_MYSQL,
     Api,
+    FakeClock,
     Nginx,
     chromium_browser,
     chromium_missing,
+    make_test_engine,
     new_mysql_database,
     require_mysql,
 )
@@ -66,7 +66,7 @@ def mysql_server_url() -> str:
 def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated SQLite database for the session (``database_url`` empties it for each test)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.sqlite3'}"
-    engine = make_engine(url)
+    engine = make_test_engine(url)
     migrate.upgrade(engine)
     engine.dispose()
     return url
@@ -76,7 +76,7 @@ def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def mysql_database_url(mysql_server_url: str) -> Iterator[str]:
     """A migrated MariaDB database for the session (``database_url`` empties it for each test)."""
     with new_mysql_database(mysql_server_url) as url:
-        engine = make_engine(url)
+        engine = make_test_engine(url)
         migrate.upgrade(engine)
         engine.dispose()
         yield url
@@ -96,7 +96,7 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 def database_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty database: SQLite, then MariaDB."""
     url = request.getfixturevalue(f"{request.param}_database_url")
-    engine = make_engine(url)
+    engine = make_test_engine(url)
     with engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
             conn.execute(table.delete())

@@ -8,7 +8,8 @@
 - real server processes (signals, crashes, several workers, faults): ``start``, ``stop``, ``finish``,
   ``wait_for``, ``output_of``, ``register``, ``memory``, ``reset_peak_memory``;
 - nginx running the shipped file for local ports and folders: ``Nginx``, ``render_shipped_nginx``;
-- Chromium through Playwright: ``chromium_browser``.
+- Chromium through Playwright: ``chromium_browser``;
+- time and SQL in tests: ``FakeClock``, ``make_test_engine``, ``sql_cursor``.
 
 Output of a process goes to a file, never to a pipe nobody reads (a full pipe would stall the server).
 ``bench/`` imports this module too (``from tests.helpers import ...``): neither side reaches into the
@@ -18,6 +19,7 @@ other's private names.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import http.client
 import json
 import os
@@ -26,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -34,6 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from demo.common.infra.clock import Clock, utcnow
+from demo.common.infra.db import SqlCursor, make_engine
+from demo.conf import settings as config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "p" * 48
@@ -45,6 +55,47 @@ REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
 
 class HarnessError(RuntimeError):
     """The harness itself could not do its job (a tool is missing, a server is unreachable)."""
+
+
+# -- time and SQL in tests -------------------------------------------------------------------------
+
+
+class FakeClock(Clock):
+    """A clock that only moves when told to (thread-safe: DB work reads it from worker threads)."""
+
+    def __init__(self, start: dt.datetime | None = None) -> None:
+        self._now = start or utcnow()
+        self._lock = threading.Lock()
+
+    def now(self) -> dt.datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += dt.timedelta(seconds=seconds)
+
+
+def make_test_engine(url: str, **options: int) -> Engine:
+    """``make_engine`` with the settings' defaults for what ``options`` leaves out."""
+    s = config.defaults()
+    return make_engine(
+        url,
+        **{
+            "pool_size": s.db_pool_size,
+            "connect_timeout": s.db_connect_timeout,
+            "pool_recycle": s.db_pool_recycle,
+            "io_timeout": s.db_io_timeout,
+            **options,
+        },
+    )
+
+
+def sql_cursor(session: Session) -> SqlCursor:
+    """A ``SqlCursor`` inside a plain (ORM) unit of work: the session's connection and transaction."""
+    connection = session.connection()
+    driver_connection: Any = connection.connection.driver_connection
+    return SqlCursor(driver_connection.cursor(), connection.dialect.name)
 
 
 # -- ports and waits -------------------------------------------------------------------------------

@@ -114,7 +114,6 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         rules=account_rules,
         test_numbers=test_numbers,
         clock=clock,
-        ticket_ttl=settings.h5_ticket_ttl,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings.media_root)

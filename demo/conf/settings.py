@@ -279,10 +279,34 @@ def declare(parser: OptionParser) -> None:
         parser.define(d.name, default=d.default, type=d.kind, help=d.help, group=d.group)
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def strict_bool(value: str) -> str:
+    """``value`` of a boolean setting as "true" or "false": tornado reads anything but false/0/f as
+    true (``no``, ``off``, empty); here only true/false/1/0/yes/no/on/off, in any case, are accepted."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return "true"
+    if lowered in _FALSE:
+        return "false"
+    raise ValueError(f"{value!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _strict_arg(arg: str) -> str:
+    """``--name=value`` with a boolean's value made strict (``--name`` alone still means true)."""
+    name, equals, value = arg.removeprefix("--").partition("=")
+    if equals and KINDS.get(name.replace("-", "_")) is bool:
+        return f"--{name}={strict_bool(value)}"
+    return arg
+
+
 def _parse_args(parser: OptionParser, args: Sequence[tuple[str, str]]) -> None:
     """``args`` are (where it came from, ``--name=value``): an error names the option and its source."""
     for source, arg in args:
         try:
+            arg = _strict_arg(arg)
             stray = parser.parse_command_line(["demo", arg], final=False)
         except (OptionsError, ValueError) as error:  # tornado lets int("eighty") escape as a bare ValueError
             name = arg.removeprefix("--").partition("=")[0].replace("-", "_")
@@ -317,9 +341,15 @@ def _parse_config_file(parser: OptionParser, path: str) -> None:
             raise OptionsError(f"--config={path}: {name} is not a setting{hint}; start a helper's name with _")
     for name in (name for name in NAMES if name in namespace):
         value, kind = namespace[name], KINDS[name]
+        if value is None:
+            raise OptionsError(
+                f"--config={path}: {name} = None: a setting needs a value (leave it out for the default)"
+            )
         if kind is float and type(value) is int:
             value = float(value)
         try:
+            if kind is bool and isinstance(value, str):
+                value = strict_bool(value)
             if isinstance(value, str) and kind is not str:
                 parser.parse_command_line(["demo", f"--{name}={value}"], final=False)  # "30" for an int
             else:
@@ -362,7 +392,8 @@ Usage: python -m demo.main [--name=value ...]
 
 Each setting is taken from, strongest first: the command line (--name=value), the environment
 (DEMO_NAME=value), the --config file (name = value), its default. Names take "_" or "-" alike
-(--sms_backend is --sms-backend); a boolean alone (--debug) means true.
+(--sms_backend is --sms-backend); a boolean alone (--debug) means true, and a boolean's value is
+true/false, 1/0, yes/no or on/off (any case); None is no value.
 """
 
 

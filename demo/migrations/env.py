@@ -11,7 +11,14 @@ from demo.models import Base
 config = context.config
 engine = config.attributes.get("engine")
 if engine is None:  # the alembic CLI: same resolution as the server (env, defaults)
-    engine = make_engine(demo_settings.load(argv=[]).database_url)
+    settings = demo_settings.load(argv=[])
+    engine = make_engine(
+        settings.database_url,
+        pool_size=1,
+        connect_timeout=settings.db_connect_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        io_timeout=settings.db_io_timeout,
+    )
 
 with engine.connect() as connection:
     context.configure(

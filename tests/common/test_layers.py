@@ -17,6 +17,8 @@ DEMO = Path(__file__).resolve().parents[2] / "demo"
 COMMON = DEMO / "common"
 FEATURES = ("accounts", "h5", "images", "sms")
 DATABASE = ("sqlalchemy", "demo.models", "demo.common.infra.db")
+# What a home of hand-written SQL (a queries module, infra/ratelimit.py) takes from infra/db.py.
+DB_SQL = tuple(f"demo.common.infra.db.{n}" for n in ("Sql", "SqlCursor", "Row", "sql_unit"))
 # Names a SQLAlchemy upgrade may change without notice (compiler and exception internals).
 INTERNALS = re.compile(r"\b(positiontup|effective_value|bind_processor|result_processor|DBAPIError\.instance)\b")
 
@@ -25,8 +27,26 @@ def modules(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.py") if "migrations" not in p.parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Every module ``path`` imports at run time (``from x import y`` counts as x and x.y)."""
+def package_of(path: Path) -> str:
+    """The package a relative import in ``path`` starts from: ``demo/common/a/b.py`` -> ``demo.common.a``
+    (a package's ``__init__.py`` -> that package)."""
+    return ".".join(path.resolve().relative_to(DEMO.parent).parent.parts)
+
+
+def absolute(package: str, module: str | None, level: int) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` written in ``package``."""
+    if level == 0:
+        return module or ""
+    parts = package.split(".")
+    if level > len(parts):
+        raise ValueError(f"relative import beyond the top-level package of {package}")
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join([*base, module] if module else base)
+
+
+def imports(path: Path, package: str | None = None) -> set[str]:
+    """Every module ``path`` imports at run time (``from x import y`` counts as x and x.y; relative
+    imports are resolved to absolute names, from ``package``: by default the one ``path`` is in)."""
     tree = ast.parse(path.read_text(), str(path))
     annotation_only = {
         id(node)
@@ -41,9 +61,12 @@ def imports(path: Path) -> set[str]:
             continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(package or package_of(path), node.module, node.level) if node.level else node.module
+            if module is None:
+                continue
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
     return found
 
 
@@ -89,6 +112,28 @@ def test_a_feature_reaches_the_database_only_through_its_queries_module(path):
     assert not reached, f"{name(path)} reaches {sorted(reached)}: move that into its queries.py"
 
 
+def test_housekeeping_calls_queries_only():
+    """Housekeeping composes one unit of work from the features' query functions: no SQL, tables or
+    sessions of its own."""
+    allowed = {f"demo.common.infra.db{n}" for n in ("", ".Database", ".Row", ".SqlCursor", ".sql_unit")}
+    reached = set(reaching(COMMON / "housekeeping.py", DATABASE)) - allowed
+    assert not reached, f"housekeeping.py reaches {sorted(reached)}: move that into a queries.py"
+
+
+@pytest.mark.parametrize("path", modules(COMMON), ids=name)
+def test_sql_is_written_only_in_queries_modules_and_the_rate_limit_counters(path):
+    """``Sql`` statements are declared in a feature's queries.py, or in infra/ratelimit.py (the infra
+    home of the counters' SQL), and nowhere else; neither reaches the ORM's sessions."""
+    homes = path.name == "queries.py" or path == COMMON / "infra" / "ratelimit.py"
+    if path == COMMON / "infra" / "db.py":
+        return
+    declares = "demo.common.infra.db.Sql" in imports(path)
+    assert homes or not declares, f"{name(path)} declares SQL: move it into its feature's queries.py"
+    if path == COMMON / "infra" / "ratelimit.py":
+        reached = [m for m in reaching(path, DATABASE) if m not in ("demo.common.infra.db", *DB_SQL)]
+        assert not reached, f"{name(path)} reaches {reached}: the counters run on a SqlCursor only"
+
+
 @pytest.mark.parametrize("path", [*modules(DEMO / "views"), *modules(COMMON / "web")], ids=name)
 def test_handlers_never_reach_the_database_nor_a_queries_module(path):
     reached = reaching(path, DATABASE) + [m for m in imports(path) if m.endswith(".queries")]
@@ -115,3 +160,24 @@ def test_the_import_reader_sees_through_type_checking_blocks(tmp_path):
         "from typing import TYPE_CHECKING\nimport tornado.web\nif TYPE_CHECKING:\n    from demo.models import User\n"
     )
     assert imports(source) == {"typing", "typing.TYPE_CHECKING", "tornado.web"}
+
+
+def test_the_import_reader_resolves_relative_imports(tmp_path):
+    assert package_of(COMMON / "accounts" / "rules.py") == "demo.common.accounts"
+    assert package_of(COMMON / "accounts" / "__init__.py") == "demo.common.accounts"
+    assert absolute("demo.common.accounts", "queries", 1) == "demo.common.accounts.queries"
+    assert absolute("demo.common.accounts", None, 1) == "demo.common.accounts"
+    assert absolute("demo.common.accounts", "infra.db", 2) == "demo.common.infra.db"
+    assert absolute("demo.common.accounts", None, 3) == "demo"
+    with pytest.raises(ValueError):
+        absolute("demo.common.accounts", "x", 4)
+    source = tmp_path / "m.py"
+    source.write_text("from ..infra.db import Sql\nfrom . import queries\n")
+    assert imports(source, "demo.common.accounts") == {
+        "demo.common.infra.db",
+        "demo.common.infra.db.Sql",
+        "demo.common.accounts",
+        "demo.common.accounts.queries",
+    }
+    # and so a relative import cannot slip past a check
+    assert reaching_any("demo.common.infra.db.Sql", DATABASE)

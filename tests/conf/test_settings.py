@@ -217,9 +217,9 @@ def test_argon2_parameters_below_owasp_are_refused():
     from demo.common.accounts.passwords import Passwords
 
     with pytest.raises(ValueError):
-        Passwords(time_cost=1)
+        Passwords(time_cost=1, memory_kib=19456, parallelism=1)
     with pytest.raises(ValueError):
-        Passwords(memory_kib=8192)
+        Passwords(time_cost=2, memory_kib=8192, parallelism=1)
 
 
 @pytest.mark.parametrize(
@@ -289,3 +289,58 @@ def test_start_up_checks_name_the_bad_option(changes, option):
     with pytest.raises(ConfigError, match=re.escape(option)) as refused:
         check_values(config.defaults(cookie_secret="s" * 40).replace(**changes))
     assert "secret@" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("no", False),
+        ("OFF", False),
+        ("False", False),
+        ("0", False),
+        ("yes", True),
+        ("On", True),
+        ("TRUE", True),
+        ("1", True),
+    ],
+)
+def test_booleans_are_strict_in_the_environment_the_command_line_and_the_config_file(text, expected, tmp_path):
+    assert config.load([], {"DEMO_DEBUG": text}).debug is expected
+    assert config.load([f"--debug={text}"], {}).debug is expected
+    conf = tmp_path / "demo.conf"
+    conf.write_text(f"debug = {text!r}\n")
+    assert config.load([f"--config={conf}"], {}).debug is expected
+
+
+@pytest.mark.parametrize("text", ["", "nope", "2", "y es"])
+def test_a_value_that_is_not_a_boolean_is_refused(text, tmp_path):
+    with pytest.raises(config.OptionsError, match="DEMO_DEBUG"):
+        config.load([], {"DEMO_DEBUG": text})
+    with pytest.raises(config.OptionsError, match="--debug"):
+        config.load([f"--debug={text}"], {})
+    conf = tmp_path / "demo.conf"
+    conf.write_text(f"debug = {text!r}\n")
+    with pytest.raises(config.OptionsError, match="debug"):
+        config.load([f"--config={conf}"], {})
+    assert config.load(["--debug"], {}).debug is True  # a boolean alone still means true
+
+
+def test_none_is_refused_for_every_setting_in_a_config_file(tmp_path):
+    conf = tmp_path / "demo.conf"
+    for name in config.NAMES:
+        conf.write_text(f"{name} = None\n")
+        with pytest.raises(config.OptionsError, match=f"{name} = None"):
+            config.load([f"--config={conf}"], {})
+
+
+def test_a_bad_boolean_exits_2_with_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "demo.main"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[2]), "DEMO_DEBUG": "nah"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "DEMO_DEBUG" in done.stderr

@@ -69,6 +69,22 @@ async def test_unexpected_errors_are_json_500_without_internals(api, app, user, 
 
 
 @gen_test
+async def test_a_programming_error_in_sql_is_a_500_with_a_traceback_not_a_503(api, app, user, caplog, monkeypatch):
+    from demo.common.infra.db import Sql, sql_unit
+
+    broken = Sql("SELECT no_such_column FROM users WHERE id = :id")  # OperationalError on SQLite and MariaDB
+
+    async def profile(principal):
+        return await app.services.db.run(sql_unit(lambda c: c.first(broken, {"id": principal.user_id})))
+
+    monkeypatch.setattr(app.services.accounts, "profile", profile)
+    response = await api.get("/users/me", token=user.token)
+    assert response.code == 500 and response.error == "internal_error"
+    logged = [r for r in caplog.records if r.name == "demo.web"]
+    assert logged and logged[0].exc_info and "no_such_column" in str(logged[0].exc_info[1])
+
+
+@gen_test
 async def test_metrics_count_requests_uploads_and_texts(api, user, outbox):
     await api.get("/healthz")
     await api.post("/images", body=b"not an image", token=user.token, headers={"Content-Type": "image/png"})

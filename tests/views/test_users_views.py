@@ -607,7 +607,7 @@ async def test_password_reset_revokes_every_session(api, outbox, user, clock):
 
 @gen_test
 async def test_login_rehashes_when_parameters_change(api, user, app):
-    app.services.passwords = Passwords(time_cost=3)
+    app.services.passwords = Passwords(time_cost=3, memory_kib=19456, parallelism=1)
     app.services.accounts.passwords = app.services.passwords
     assert (await api.post("/users/login", {"phone": PHONE, "password": PASSWORD})).code == 200
     stored = app.services.db.run_sync(lambda s: s.scalar(select(User.password_hash)))

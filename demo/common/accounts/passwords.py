@@ -36,7 +36,8 @@ def check_password_policy(password: str) -> None:
 class Passwords:
     """argon2id hashing with a fixed decoy hash so unknown phones cost as much as wrong passwords."""
 
-    def __init__(self, time_cost: int = 2, memory_kib: int = 19456, parallelism: int = 1) -> None:
+    def __init__(self, time_cost: int, memory_kib: int, parallelism: int) -> None:
+        """The settings' argon2_time_cost, argon2_memory_kib and argon2_parallelism."""
         if memory_kib < OWASP_MIN_MEMORY_KIB or time_cost < OWASP_MIN_TIME_COST:
             raise ValueError("argon2 parameters below OWASP's minimum (memory >= 19456 KiB, time >= 2)")
         self._hasher = PasswordHasher(

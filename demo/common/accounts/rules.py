@@ -68,6 +68,7 @@ class AccountRules:
     login_slowdown_after: int
     login_slowdown: int
     code_checks_ip_hourly: int
+    h5_ticket_ttl: int  # the ticket a login hands out with its session
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccountRules:
@@ -87,6 +88,7 @@ class AccountRules:
             login_slowdown_after=settings.login_slowdown_after,
             login_slowdown=settings.login_slowdown,
             code_checks_ip_hourly=settings.code_checks_ip_hourly,
+            h5_ticket_ttl=settings.h5_ticket_ttl,
         )
 
 
@@ -112,9 +114,7 @@ class Accounts:
         rules: AccountRules,
         test_numbers: dict[str, str] | None = None,
         clock: Clock | None = None,
-        ticket_ttl: int = 120,
     ) -> None:
-        self.ticket_ttl = ticket_ttl
         self.db = db
         self.passwords = passwords
         self.sender = sender
@@ -285,7 +285,7 @@ class Accounts:
     def _new_grant(self, now: dt.datetime) -> tuple[str, str, queries.NewGrant]:
         """The secrets of a new app session and of its first H5 ticket, and what to store of them."""
         token, token_hash = tokens.new_secret()
-        ticket, ticket_hash, ticket_expires_at = new_ticket(now, self.ticket_ttl)
+        ticket, ticket_hash, ticket_expires_at = new_ticket(now, self.rules.h5_ticket_ttl)
         expires_at = now + dt.timedelta(seconds=self.rules.token_ttl)
         return token, ticket, queries.NewGrant(token_hash, expires_at, ticket_hash, ticket_expires_at)
 

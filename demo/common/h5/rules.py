@@ -31,14 +31,14 @@ from demo.common.infra.db import Database, Row
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
 
-MAX_TICKET_TTL = 120
 XSRF_BYTES = 16  # of the session's HMAC in a form token: 128 bits
 
 
-def new_ticket(now: dt.datetime, ttl: int = MAX_TICKET_TTL) -> tuple[str, str, dt.datetime]:
-    """A new ticket's secret, its hash (what is stored) and its expiry."""
+def new_ticket(now: dt.datetime, ttl: int) -> tuple[str, str, dt.datetime]:
+    """A new ticket's secret, its hash (what is stored) and its expiry, ``ttl`` seconds on: the setting
+    h5_ticket_ttl, whose range (demo/conf/settings.py, checked at start-up) caps it."""
     ticket, ticket_hash = tokens.new_secret()
-    return ticket, ticket_hash, now + dt.timedelta(seconds=min(ttl, MAX_TICKET_TTL))
+    return ticket, ticket_hash, now + dt.timedelta(seconds=ttl)
 
 
 @dataclass(frozen=True, kw_only=True)

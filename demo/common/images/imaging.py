@@ -38,7 +38,6 @@ EXTENSIONS = {fmt: ext for fmt, ext, _ in FORMATS.values()}
 MIME_TYPES = {fmt: mime for fmt, _, mime in FORMATS.values()}
 PILLOW_NAMES = {fmt: name for name, (fmt, _, _) in FORMATS.items()}
 MAX_FRAMES = 1000
-MAX_ANIMATION_PIXELS = 16_000_000  # all frames together, decoded (the setting max_animation_pixels)
 # What Pillow's writers keep of every frame until the whole file is written (a frame identical to the
 # one before it is merged; we count the worst case, every frame different), in bytes per pixel. Its APNG
 # writer keeps each frame in the output mode (RGBA at most); its GIF writer each as a palette image, but
@@ -136,8 +135,8 @@ def configure(max_pixels: int, decode_budget: int) -> None:
 
     Why keep them? Without the cache each decode callocs ~4 bytes per pixel afresh, and since image
     work trims the heaps after itself (memory.trims_after) that means zeroing and faulting in every
-    page again, partly under the GIL, which costs a third of the re-encoding rate (bench/README.md,
-    ``5870f39``). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
+    page again, partly under the GIL, which slows re-encoding (figures: bench/README.md, "Figures
+    behind comments in the code"). Reused blocks cost a memset; the cache is bounded by the decode budget, memory the
     server holds at its peak anyway.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -145,9 +144,7 @@ def configure(max_pixels: int, decode_budget: int) -> None:
     core.set_blocks_max(math.ceil(decode_budget * 4 / core.get_block_size()))
 
 
-def process_upload(
-    src: str | bytes, work_dir: str, max_pixels: int, max_animation_pixels: int = MAX_ANIMATION_PIXELS
-) -> ProcessedImage:
+def process_upload(src: str | bytes, work_dir: str, max_pixels: int, max_animation_pixels: int) -> ProcessedImage:
     """Check ``src`` (a path, or the file's bytes) and write its re-encoded form to a new file in
     ``work_dir``. Every frame is decoded (a truncated file fails), one at a time."""
     head = _head(src)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 
 
 def utcnow() -> dt.datetime:
@@ -17,22 +16,6 @@ class Clock:
 
     def timestamp(self) -> float:
         return self.now().replace(tzinfo=dt.UTC).timestamp()
-
-
-class FakeClock(Clock):
-    """A clock that only moves when told to (thread-safe: DB work reads it from worker threads)."""
-
-    def __init__(self, start: dt.datetime | None = None) -> None:
-        self._now = start or utcnow()
-        self._lock = threading.Lock()
-
-    def now(self) -> dt.datetime:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += dt.timedelta(seconds=seconds)
 
 
 def isoformat(moment: dt.datetime | None) -> str | None:

@@ -9,8 +9,7 @@ after a 30 s pool timeout. How a unit runs is the choice of the module that decl
 - a unit marked ``@sql_unit`` is ``unit(c: SqlCursor, *args)``: hand-written ``Sql`` on the DBAPI
   cursor, for the few units every request runs (token and H5 cookie checks, the home-page visit,
   the login). SQLAlchemy's per-execution work costs more CPU than those queries themselves
-  (figures: bench/README.md). Inside a plain unit, ``sql_cursor(session)`` runs ``Sql`` on the
-  session's own connection and transaction.
+  (figures: bench/README.md).
 
 ``Sql`` uses only documented interfaces: PEP 249 cursors, ``Engine.raw_connection``,
 ``Dialect.is_disconnect``, ``PoolProxiedConnection.invalidate``.
@@ -47,10 +46,10 @@ log = logging.getLogger("demo.db")
 PING_AFTER_IDLE = 5.0
 
 
-def make_engine(
-    url: str, *, pool_size: int = 8, connect_timeout: int = 2, pool_recycle: int = 1800, io_timeout: int = 30
-) -> Engine:
-    """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient."""
+def make_engine(url: str, *, pool_size: int, connect_timeout: int, pool_recycle: int, io_timeout: int) -> Engine:
+    """An engine tuned per backend: SQLite (embedded default) or MySQL/MariaDB via mysqlclient. The
+    options are the settings' (db_pool_size, db_connect_timeout, db_pool_recycle, db_io_timeout): no
+    defaults here, so that they are written once."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, pool_size)
@@ -136,11 +135,30 @@ class _Invalidated(Exception):
     """A ``sql_unit`` lost its connection (``Dialect.is_disconnect``): the connection was invalidated."""
 
 
+# SQLite reports a syntax error or a missing column as OperationalError too: only these messages mean
+# "the database cannot serve us now" (locked or busy, disk I/O, the file cannot be opened).
+_SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "busy", "disk i/o", "unable to open")
+# mysqlclient reports an unknown column (1054) as OperationalError: a programming error, not an outage.
+_MYSQL_PROGRAMMING = frozenset({1054})
+
+
+def _operational_means_unavailable(error: BaseException) -> bool:
+    """Whether a DBAPI OperationalError (bare or wrapped by SQLAlchemy) says the database is unavailable."""
+    original: BaseException = error.orig if isinstance(error, exc.DBAPIError) and error.orig is not None else error
+    if type(original).__module__.startswith("sqlite3"):
+        message = str(original).lower()
+        return any(marker in message for marker in _SQLITE_UNAVAILABLE)
+    code = original.args[0] if original.args and isinstance(original.args[0], int) else None
+    return code not in _MYSQL_PROGRAMMING
+
+
 def is_unreachable(error: BaseException) -> bool:
     """Errors that mean "the database cannot serve us now" rather than "this request is wrong"."""
-    return isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)) or (
-        isinstance(error, exc.DBAPIError) and error.connection_invalidated
-    )
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.OperationalError):
+        return _operational_means_unavailable(error)
+    return isinstance(error, (exc.InterfaceError, exc.TimeoutError))
 
 
 class Conflict(Exception):
@@ -157,9 +175,28 @@ _TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|(?<![:\w]):([A-Za-
 _PARAMSTYLE = {"sqlite": "named", "mysql": "pyformat", "mariadb": "pyformat"}
 
 
+_COMMENT = re.compile(r"--|/\*|#")
+
+
+def check_tokens(text: str) -> None:
+    """Refuse (ValueError) what ``to_paramstyle`` does not tokenize: a backslash inside a quoted literal
+    (MySQL reads it as an escape, SQLite does not) and comments (``--``, ``/* */``, ``#``)."""
+    end = 0
+    for match in _TOKEN.finditer(text):
+        if match.group(1) is None and "\\" in match.group(0):
+            raise ValueError(f"backslash in a quoted literal: {match.group(0)!r}")
+        if _COMMENT.search(text, end, match.start()):
+            raise ValueError(f"comment in SQL: {text!r}")
+        end = match.end()
+    if _COMMENT.search(text, end):
+        raise ValueError(f"comment in SQL: {text!r}")
+
+
 def to_paramstyle(text: str, paramstyle: str) -> str:
     """``text`` with its ``:name`` parameters written in a DBAPI ``paramstyle`` ("named" or "pyformat";
-    for "pyformat" every literal ``%`` is doubled, as ``%`` is the driver's format character)."""
+    for "pyformat" every literal ``%`` is doubled, as ``%`` is the driver's format character).
+    Backslash escapes and comments are refused (``check_tokens``)."""
+    check_tokens(text)
     if paramstyle == "named":
         return text
     if paramstyle != "pyformat":
@@ -195,6 +232,9 @@ class Sql:
         unknown = set(by_backend) - {"sqlite", "mysql"}
         if unknown or (text is None) == (not by_backend) or (by_backend and len(by_backend) < 2):
             raise TypeError("Sql(text) or Sql(sqlite=..., mysql=...)")
+        for each in (text, *by_backend.values()):
+            if each is not None:
+                check_tokens(each)  # at declaration, not at the first run
         self.text = text
         self.by_backend = by_backend
         self.datetimes = frozenset(datetimes)
@@ -252,6 +292,8 @@ class SqlCursor:
             params = {
                 name: _sqlite_value(value) if isinstance(value, dt.date) else value for name, value in params.items()
             }
+        elif not isinstance(params, dict):
+            params = dict(params)  # mysqlclient takes a dict, not any Mapping
         self.cursor.execute(sql.for_dialect(self.dialect), params)
         return self.cursor
 
@@ -284,13 +326,6 @@ class SqlCursor:
         """Run a SELECT; its first row, or None."""
         rows = self.all(sql, params)
         return rows[0] if rows else None
-
-
-def sql_cursor(session: Session) -> SqlCursor:
-    """A ``SqlCursor`` inside a plain (ORM) unit of work: the session's connection and transaction."""
-    connection = session.connection()
-    driver_connection: Any = connection.connection.driver_connection
-    return SqlCursor(driver_connection.cursor(), connection.dialect.name)
 
 
 def sql_unit(unit: U) -> U:
@@ -338,8 +373,9 @@ class Database:
     def _run_sql(self, unit: Callable[..., T], *args: Any) -> T:
         dialect = self.engine.dialect
         connection = self.engine.raw_connection()
-        cursor = connection.cursor()
+        cursor = None
         try:
+            cursor = connection.cursor()
             if dialect.name == "sqlite":
                 cursor.execute("BEGIN IMMEDIATE")  # as the engine's "begin" listener does for sessions
             result = unit(SqlCursor(cursor, dialect.name), *args)
@@ -357,8 +393,9 @@ class Database:
                 connection.invalidate()
             raise
         finally:
-            with contextlib.suppress(dialect.loaded_dbapi.Error):  # the connection is gone already (invalidated)
-                cursor.close()
+            if cursor is not None:
+                with contextlib.suppress(dialect.loaded_dbapi.Error):  # the connection is gone already (invalidated)
+                    cursor.close()
             connection.close()
 
     def _translate(self, error: Exception) -> Exception | None:
@@ -367,9 +404,9 @@ class Database:
         if isinstance(error, (exc.IntegrityError, dbapi.IntegrityError)):
             return Conflict(str(error))
         if (
-            isinstance(error, _Invalidated)
+            isinstance(error, (_Invalidated, dbapi.InterfaceError))
             or is_unreachable(error)
-            or isinstance(error, (dbapi.OperationalError, dbapi.InterfaceError))
+            or (isinstance(error, dbapi.OperationalError) and _operational_means_unavailable(error))
         ):
             log.warning(
                 "database unavailable: %s",

@@ -103,9 +103,10 @@ def log_request(handler: Any) -> None:
     status = handler.get_status()
     request = handler.request
     principal = handler.current_user  # the authenticated caller, if any (BaseHandler.get_current_user)
-    # 2xx/3xx at debug in production (nginx keeps the full access log; writing one here costs a third
-    # of a fast request), at info under --debug (a developer has no nginx in front); 4xx at warning,
-    # 5xx at error: --log_level=debug shows every request.
+    # 2xx/3xx at debug in production (nginx keeps the full access log; writing one here is a large
+    # share of a fast request: bench/README.md, "Figures behind comments in the code"), at info under
+    # --debug (a developer has no nginx in front); 4xx at warning, 5xx at error: --log_level=debug
+    # shows every request.
     success = logging.INFO if handler.settings.get("debug") else logging.DEBUG
     level = success if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):

@@ -5,7 +5,7 @@ unit of work: the counter's upsert locks its row, so parallel attempts queue the
 others' reservations; past the limit the unit raises ``RateLimited`` and rolls back, so a refused
 request uses up no quota. An attempt that should not count (a good login) is refunded afterwards.
 ``hit`` does this for one window; ``reserve``/``refund`` for several at once (one statement each, for
-the login). Everything here runs on a ``SqlCursor`` (in an ORM unit: ``db.sql_cursor(session)``).
+the login). Everything here runs on a ``SqlCursor`` (a ``@sql_unit``'s cursor).
 
 Per-client limits key the client with ``client_key``: an IPv6 client owns a whole /64.
 """

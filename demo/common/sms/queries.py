@@ -11,8 +11,14 @@ from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
 FINISHED = (SENT, FAILED, SKIPPED)
-_WAITING = "('pending', 'sending')"
-_FINISHED = "('sent', 'failed', 'skipped')"
+
+
+def _sql_list(statuses: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{status}'" for status in statuses) + ")"
+
+
+_WAITING = _sql_list(WAITING)
+_FINISHED = _sql_list(FINISHED)
 
 ENQUEUE = Sql(
     "INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, status, attempts, next_attempt_at,"

@@ -8,13 +8,16 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import cachetools
 import tornado.locale
 from tornado.web import HTTPError
 
+from demo.common.infra.caches import Cache
 from demo.common.web.auth import public
 from demo.common.web.base import H5_COOKIE, BaseHandler
 
-_static_urls: dict[str, str] = {}
+# The versioned URL of a static file, per path (bounded: a path comes from a template, never a client).
+_static_urls: Cache[str, str] = Cache(cachetools.LRUCache(maxsize=512))
 
 
 class H5PageHandler(BaseHandler):
@@ -92,7 +95,8 @@ class H5PageHandler(BaseHandler):
             return super().static_url(path, include_host, **kwargs)
         url = _static_urls.get(path)
         if url is None:
-            url = _static_urls[path] = super().static_url(path, include_host=False)
+            url = super().static_url(path, include_host=False)
+            _static_urls.put(path, url)
         return url
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

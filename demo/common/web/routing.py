@@ -1,8 +1,8 @@
 """The URL router: every ``demo/views/*_urls.py`` contributes its ``urls`` list; a JSON 404 comes last.
 
 Start-up checks: every HTTP method a handler implements declares who may call it (``@public``,
-``@requires_session``, ``@requires_h5_session`` or ``@authenticates_itself``, auth.py), and route names
-are unique. A forgotten decision stops the app from starting.
+``@requires_session``, ``@requires_h5_session`` or ``@authenticates_itself``, auth.py), and every route
+has a name, unique. A forgotten decision or name stops the app from starting.
 
 Route names (``url(..., name="users.login")``) label the request metrics; ``route_names`` maps each
 handler class to its route's name.
@@ -27,7 +27,18 @@ class UndeclaredAuth(RuntimeError):
 
 
 class AmbiguousRouteName(RuntimeError):
-    """Two routes share a name, or one handler class is on two routes with different names."""
+    """Two routes share a name, one handler class is on two routes with different names, or a route
+    has no name (its requests would have no metric label)."""
+
+
+STATIC_ROUTE = "static"  # the name of Tornado's own static routes (/static/, /favicon.ico, /robots.txt)
+
+
+def name_static_routes(rules: Iterable[Rule], static_handler: type[RequestHandler]) -> None:
+    """Name the routes Tornado adds for ``static_path`` (unnamed, all to ``static_handler``)."""
+    for rule in rules:
+        if rule.name is None and rule.target is static_handler:
+            rule.name = STATIC_ROUTE
 
 
 def url_modules(package: str = "demo.views") -> list[ModuleType]:
@@ -71,19 +82,21 @@ def check_auth_declared(routes: Iterable[Rule]) -> None:
 
 
 def route_names(rules: Iterable[Rule]) -> dict[type[RequestHandler], str]:
-    """Handler class -> the name of its route, for named routes (``Application.wildcard_router.rules``
-    or ``collect_routes()``)."""
+    """Handler class -> the name of its route (``Application.wildcard_router.rules`` or
+    ``collect_routes()``); a route without a name is refused (``AmbiguousRouteName``)."""
     names: dict[type[RequestHandler], str] = {}
-    seen: set[str] = set()
+    owners: dict[str, type[RequestHandler]] = {}
     for rule in rules:
         name = rule.name
-        if name is None:
-            continue
         handler = handler_of(rule)
-        if name in seen or names.get(handler, name) != name:
+        if name is None:
             raise AmbiguousRouteName(
-                f"route name {name!r} ({handler.__name__}): names must be unique, one per handler class"
+                f"route {rule.matcher.regex.pattern if hasattr(rule.matcher, 'regex') else rule.matcher!r}"
+                f' ({handler.__name__}) has no name: url(..., name="area.what") labels its metrics'
             )
-        seen.add(name)
+        if owners.setdefault(name, handler) is not handler or names.get(handler, name) != name:
+            raise AmbiguousRouteName(
+                f"route name {name!r} ({handler.__name__}): one name per handler class, one class per name"
+            )
         names[handler] = name
     return names

@@ -10,9 +10,10 @@ from sqlalchemy import func, select
 from demo.common.accounts import queries
 from demo.common.errors import RateLimited
 from demo.common.infra import ratelimit
-from demo.common.infra.db import Conflict, sql_cursor
+from demo.common.infra.db import Conflict
 from demo.common.infra.ratelimit import Window
 from demo.models import AuthSession, H5Ticket, RateCounter, SmsCode, SmsOutbox, User
+from tests.helpers import sql_cursor
 
 PHONE = "+8618866668888"
 NOW = dt.datetime(2026, 11, 22, 10, 0, 0, 123456)

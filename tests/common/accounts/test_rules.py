@@ -32,7 +32,6 @@ def with_rules(app, **rules) -> Accounts:
         code_key=accounts.code_key,
         rules=dataclasses.replace(accounts.rules, **rules),
         clock=app.services.clock,
-        ticket_ttl=accounts.ticket_ttl,
     )
 
 

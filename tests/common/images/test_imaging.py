@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 
 from demo.common.errors import InvalidImage
 from demo.common.images import imaging
+from demo.conf import settings as config
 
 from .support import (
     MIB,
@@ -33,6 +34,7 @@ from .support import (
 )
 
 MAX_PIXELS = 40_000_000
+MAX_ANIMATION_PIXELS = config.defaults().max_animation_pixels
 
 
 @dataclass
@@ -48,8 +50,8 @@ class Made:
     thumbnail made from it, never upscaled)."""
 
     def __init__(self, data: bytes, folder: Path) -> None:
-        imaging.measure_upload(data, MAX_PIXELS, imaging.MAX_ANIMATION_PIXELS)
-        self.image = imaging.process_upload(data, str(folder), MAX_PIXELS, imaging.MAX_ANIMATION_PIXELS)
+        imaging.measure_upload(data, MAX_PIXELS, MAX_ANIMATION_PIXELS)
+        self.image = imaging.process_upload(data, str(folder), MAX_PIXELS, MAX_ANIMATION_PIXELS)
         assert self.image.path is not None
         self.path = Path(self.image.path)
         self.folder = folder
@@ -265,9 +267,9 @@ def test_decoding_reuses_image_memory_up_to_the_decode_budget(app, tmp_path):
     assert budget_bytes <= core.get_blocks_max() * core.get_block_size() < budget_bytes + core.get_block_size()
     src = tmp_path / "photo.jpg"
     src.write_bytes(jpeg((1024, 768)))
-    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000).path)
+    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000, MAX_ANIMATION_PIXELS).path)
     before = core.get_stats()
-    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000).path)
+    os.unlink(imaging.process_upload(str(src), str(tmp_path), 40_000_000, MAX_ANIMATION_PIXELS).path)
     after = core.get_stats()
     assert after["reused_blocks"] > before["reused_blocks"]
     assert after["allocated_blocks"] == before["allocated_blocks"]

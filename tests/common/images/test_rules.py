@@ -23,8 +23,9 @@ from demo.common.images import imaging, queries
 from demo.common.images.rules import Images, StoreMismatch, bind_store, decode_cursor, encode_cursor
 from demo.common.images.storage import LocalImageStore
 from demo.common.infra import migrate
-from demo.common.infra.db import Database, make_engine, sql_cursor
+from demo.common.infra.db import Database
 from demo.models import Deployment, Image, ImageBlob, User
+from tests.helpers import make_test_engine, sql_cursor
 
 from .support import blob_refs, count, encode, files, jpeg, media, noise, png
 
@@ -308,7 +309,7 @@ async def test_sweep_waits_for_an_upload_holding_the_blob_lock(app, images, owne
 
 
 def other_database(tmp_path: Path, offloader) -> Database:
-    engine = make_engine(f"sqlite:///{tmp_path / 'other.sqlite3'}")
+    engine = make_test_engine(f"sqlite:///{tmp_path / 'other.sqlite3'}")
     migrate.upgrade(engine)
     return Database(engine, offloader)
 

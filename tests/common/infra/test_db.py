@@ -4,16 +4,18 @@ and idle-connection pings; on SQLite and MariaDB."""
 from __future__ import annotations
 
 import datetime as dt
+from types import MappingProxyType
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.pool import NullPool
 
 from demo.common.errors import Unavailable
 from demo.common.infra import db as db_module
-from demo.common.infra.db import Conflict, Database, Sql, SqlCursor, sql_cursor, sql_unit, to_paramstyle
+from demo.common.infra.db import Conflict, Database, Sql, SqlCursor, sql_unit, to_paramstyle
 from demo.common.infra.offload import Offloader
 from demo.models import RateCounter
+from tests.helpers import sql_cursor
 
 ADD = Sql(
     "INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES (:key, :start, :count, :expires_at)"
@@ -34,10 +36,10 @@ def run(db: Database, unit, *args):
 
 
 def test_to_paramstyle_names_become_the_drivers_own():
-    sql = "SELECT a FROM t WHERE b = :b AND c LIKE 'x%' AND d = ':not' AND e::text = :e_2 -- 100%"
+    sql = "SELECT a FROM t WHERE b = :b AND c LIKE 'x%' AND d = ':not' AND e::text = :e_2 AND f = 100 % 7"
     assert to_paramstyle(sql, "named") == sql
     assert to_paramstyle(sql, "pyformat") == (
-        "SELECT a FROM t WHERE b = %(b)s AND c LIKE 'x%%' AND d = ':not' AND e::text = %(e_2)s -- 100%%"
+        "SELECT a FROM t WHERE b = %(b)s AND c LIKE 'x%%' AND d = ':not' AND e::text = %(e_2)s AND f = 100 %% 7"
     )
     assert to_paramstyle("SELECT ':a''s :b', \"q:c\", :d", "pyformat") == "SELECT ':a''s :b', \"q:c\", %(d)s"
     with pytest.raises(ValueError):
@@ -190,3 +192,45 @@ def test_a_connection_that_died_in_steady_use_fails_once_then_is_replaced(app, m
     with pytest.raises(Unavailable):  # the same for an ORM unit
         db.run_sync(lambda s: s.execute(select(1)).scalar())
     assert db.run_sync(lambda s: s.execute(select(1)).scalar()) == 1
+
+
+def test_to_paramstyle_refuses_backslash_escapes_and_comments_at_declaration():
+    for statement in (
+        "SELECT 'a\\'b' WHERE x = :x",
+        "SELECT :x -- a comment",
+        "SELECT /* c */ :x",
+        "SELECT :x # mysql comment",
+    ):
+        with pytest.raises(ValueError):
+            Sql(statement)
+        with pytest.raises(ValueError):
+            to_paramstyle(statement, "pyformat")
+    assert Sql("SELECT '--', '/*', '#', :x").for_dialect("mysql") == "SELECT '--', '/*', '#', %(x)s"
+
+
+@pytest.mark.gen_test
+async def test_a_programming_error_is_not_unavailable(tmp_path):
+    offloader = Offloader(1)
+    db = Database(create_engine(f"sqlite:///{tmp_path}/db.sqlite3", poolclass=NullPool), offloader)
+    try:
+        for unit in (
+            sql_unit(lambda c: c.first(Sql("SELEC :x"), {"x": 1})),
+            sql_unit(lambda c: c.first(Sql("SELECT nope FROM sqlite_master"))),
+            lambda s: s.execute(text("SELECT nope FROM sqlite_master")).scalar(),
+        ):
+            with pytest.raises(Exception) as raised:
+                await db.run(unit)
+            assert not isinstance(raised.value, Unavailable), raised.value
+    finally:
+        offloader.shutdown()
+
+
+def test_a_non_dict_mapping_reaches_the_driver_as_a_dict():
+    seen = []
+
+    class Cursor:
+        def execute(self, sql, params):
+            seen.append(type(params))
+
+    SqlCursor(Cursor(), "mysql").run(Sql("SELECT :x"), MappingProxyType({"x": 1}))
+    assert seen == [dict]

@@ -13,12 +13,12 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from demo.common.infra import migrate
-from demo.common.infra.db import make_engine
 from demo.models import Base
+from tests.helpers import make_test_engine
 
 
 def test_migrations_match_models(database_url):
-    engine = make_engine(database_url)
+    engine = make_test_engine(database_url)
     try:
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -30,7 +30,7 @@ def test_migrations_match_models(database_url):
 
 def test_existing_users_get_distinct_random_public_ids(empty_database_url):
     """Users made before public ids existed get one each; the column is unique, letter case counting."""
-    engine = make_engine(empty_database_url)
+    engine = make_test_engine(empty_database_url)
     try:
         migrate.upgrade(engine, "0003")
         insert = text(

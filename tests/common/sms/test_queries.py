@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 from sqlalchemy import select
 
-from demo.common.infra.db import sql_cursor
 from demo.common.sms import queries
 from demo.models import SmsCode, SmsOutbox
+from tests.helpers import sql_cursor
 
 NOW = dt.datetime(2026, 11, 22, 10, 0, 0, 123456)
 LEASE = NOW + dt.timedelta(minutes=1)

@@ -6,12 +6,20 @@ from __future__ import annotations
 import re
 
 import pytest
+from tornado.routing import URLSpec
 from tornado.web import RequestHandler, url
 
 from demo.common.web.api import ApiHandler, NotFoundHandler
 from demo.common.web.auth import Auth, auth_of, implemented_methods, public, requires_session
 from demo.common.web.pages import H5NotFoundHandler
-from demo.common.web.routing import AmbiguousRouteName, UndeclaredAuth, check_auth_declared, collect_routes, route_names
+from demo.common.web.routing import (
+    STATIC_ROUTE,
+    AmbiguousRouteName,
+    UndeclaredAuth,
+    check_auth_declared,
+    collect_routes,
+    route_names,
+)
 
 
 class Forgotten(ApiHandler):
@@ -76,7 +84,22 @@ def test_ambiguous_route_names_refuse_to_start():
         route_names([url(r"/a", Forgotten, name="x"), url(r"/b", Declared, name="x")])
     with pytest.raises(AmbiguousRouteName, match="'y'"):
         route_names([url(r"/a", Forgotten, name="x"), url(r"/b", Forgotten, name="y")])
-    assert route_names([url(r"/a", Forgotten, name="x"), url(r"/b", Forgotten)]) == {Forgotten: "x"}
+    assert route_names([url(r"/a", Forgotten, name="x"), url(r"/b", Forgotten, name="x")]) == {Forgotten: "x"}
+
+
+def test_a_route_without_a_name_refuses_to_start():
+    with pytest.raises(AmbiguousRouteName, match="/b.*no name"):
+        route_names([url(r"/a", Forgotten, name="x"), url(r"/b", Declared)])
+    with pytest.raises(AmbiguousRouteName, match="no name"):
+        route_names([URLSpec(*(r"/b", Declared))])  # as collect_routes makes a plain (pattern, handler) tuple
+
+
+def test_every_route_of_the_app_is_named_tornados_static_ones_too(app):
+    rules = app.wildcard_router.rules
+    assert all(rule.name for rule in rules)
+    statics = [rule for rule in rules if rule.name == STATIC_ROUTE]
+    assert len(statics) == 3  # /static/, /favicon.ico, /robots.txt
+    assert app.route_names[NotFoundHandler] == "not_found"
 
 
 @pytest.mark.gen_test
