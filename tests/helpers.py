@@ -53,6 +53,17 @@ MYSQL_SERVER = os.environ.get("DEMO_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0
 REQUIRE_MYSQL = os.environ.get("DEMO_REQUIRE_MYSQL") == "1"
 
 
+# Rate limits a load test never reaches: for runs that measure robustness, not the limits.
+GENEROUS_LIMITS = {
+    "DEMO_SMS_IP_HOURLY": "100000",
+    "DEMO_SMS_PHONE_DAILY": "100000",
+    "DEMO_LOGIN_IP_FAILURES": "100000",
+    "DEMO_LOGIN_PHONE_FAILURES": "100000",
+    "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
+    "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
+}
+
+
 class HarnessError(RuntimeError):
     """The harness itself could not do its job (a tool is missing, a server is unreachable)."""
 

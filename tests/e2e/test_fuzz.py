@@ -30,7 +30,16 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, seed, settings
 from schemathesis.config import ChecksConfig
 
-from tests.helpers import HttpClient, ThrowawayDatabase, free_port, require_mysql, start, stop, wait_for
+from tests.helpers import (
+    GENEROUS_LIMITS,
+    HttpClient,
+    ThrowawayDatabase,
+    free_port,
+    require_mysql,
+    start,
+    stop,
+    wait_for,
+)
 
 SEED = int(os.environ.get("DEMO_FUZZ_SEED", "20261121"))
 # Examples per operation (fuzzing phase) and scenarios (stateful phase), sized for CI.
@@ -69,12 +78,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
                 "DEMO_MEDIA_ROOT": str(tmp / "media"),
                 "DEMO_SMS_BACKEND": f"file:{tmp / 'outbox.jsonl'}",
                 "DEMO_SMS_TEST_NUMBERS": f"{FUZZ_PHONE}:{FUZZ_CODE},{EXAMPLE_PHONE}:{EXAMPLE_CODE}",
-                "DEMO_SMS_IP_HOURLY": "100000",
-                "DEMO_SMS_PHONE_DAILY": "100000",
-                "DEMO_LOGIN_IP_FAILURES": "100000",
-                "DEMO_LOGIN_PHONE_FAILURES": "100000",
-                "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
-                "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
+                **GENEROUS_LIMITS,
             }
         )
         # Output to a file, not a pipe: thousands of request log lines would fill a pipe.

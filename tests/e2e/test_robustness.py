@@ -27,18 +27,21 @@ from sqlalchemy import create_engine, func, select, text
 
 from demo.common.infra.readiness import READY_TTL
 from demo.models import Image, ImageBlob
-from tests.helpers import REQUIRE_MYSQL, call, finish, free_port, output_of, register, start, stop, wait_for
+from tests.helpers import (
+    GENEROUS_LIMITS,
+    REQUIRE_MYSQL,
+    call,
+    finish,
+    free_port,
+    output_of,
+    register,
+    start,
+    stop,
+    wait_for,
+)
 
 gen_test = pytest.mark.gen_test(timeout=120)
 TEST_NUMBERS = ",".join(f"+86188000000{n:02d}:123456" for n in range(100))
-GENEROUS_LIMITS = {
-    "DEMO_SMS_IP_HOURLY": "100000",
-    "DEMO_SMS_PHONE_DAILY": "100000",
-    "DEMO_LOGIN_IP_FAILURES": "100000",
-    "DEMO_LOGIN_PHONE_FAILURES": "100000",
-    "DEMO_LOGIN_SLOWDOWN_AFTER": "100000",
-    "DEMO_CODE_CHECKS_IP_HOURLY": "100000",
-}
 
 
 def fixed_phone(n: int) -> str:
