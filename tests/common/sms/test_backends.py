@@ -72,15 +72,13 @@ async def gateway() -> AsyncIterator[tuple[Gateway, str]]:
         await server.close_all_connections()
 
 
-def test_the_gateway_gets_the_body_template_filled_with_json_values_and_the_headers():
-    async def run():
-        async with gateway() as (state, url):
-            backend = HttpGatewayBackend(url, TEMPLATE, "Authorization: Bearer k:ey ; X-Tenant:demo;junk", 5)
-            await backend.send(MESSAGE)
-            await backend.send(SmsMessage("+8613900000000", "notice", None, "hi", "2026-01-01T00:00:00Z"))
-            return state.received
-
-    (method, headers, body), (_, _, second) = asyncio.run(run())
+@pytest.mark.gen_test
+async def test_the_gateway_gets_the_body_template_filled_with_json_values_and_the_headers():
+    async with gateway() as (state, url):
+        backend = HttpGatewayBackend(url, TEMPLATE, "Authorization: Bearer k:ey ; X-Tenant:demo;junk", 5)
+        await backend.send(MESSAGE)
+        await backend.send(SmsMessage("+8613900000000", "notice", None, "hi", "2026-01-01T00:00:00Z"))
+    (method, headers, body), (_, _, second) = state.received
     assert method == "POST"
     assert headers["Authorization"] == "Bearer k:ey" and headers["X-Tenant"] == "demo" and "Junk" not in headers
     assert json.loads(body.decode("utf-8")) == {
@@ -93,32 +91,28 @@ def test_the_gateway_gets_the_body_template_filled_with_json_values_and_the_head
 
 
 @pytest.mark.parametrize("status", [400, 500, 503])
-def test_a_gateway_refusal_is_sms_failed(status):
-    async def run():
-        async with gateway() as (state, url):
-            state.status = status
+@pytest.mark.gen_test
+async def test_a_gateway_refusal_is_sms_failed(status):
+    async with gateway() as (state, url):
+        state.status = status
+        with pytest.raises(SmsFailed, match=f"gateway: HTTP {status}"):
             await HttpGatewayBackend(url, TEMPLATE, "", 5).send(MESSAGE)
 
-    with pytest.raises(SmsFailed, match=f"gateway: HTTP {status}"):
-        asyncio.run(run())
 
-
-def test_a_gateway_that_does_not_answer_in_time_is_sms_failed():
-    async def run():
-        async with gateway() as (state, url):
-            state.delay = 2.0
+@pytest.mark.gen_test
+async def test_a_gateway_that_does_not_answer_in_time_is_sms_failed():
+    async with gateway() as (state, url):
+        state.delay = 2.0
+        with pytest.raises(SmsFailed, match="gateway: .*[Tt]imeout"):
             await HttpGatewayBackend(url, TEMPLATE, "", 0.2).send(MESSAGE)
 
-    with pytest.raises(SmsFailed, match="gateway: .*[Tt]imeout"):
-        asyncio.run(run())
 
-
-def test_an_unreachable_gateway_is_sms_failed():
+@pytest.mark.gen_test
+async def test_an_unreachable_gateway_is_sms_failed():
     sock, port = bind_unused_port()
     sock.close()  # nothing listens there now
-
     with pytest.raises(SmsFailed, match="gateway"):
-        asyncio.run(HttpGatewayBackend(f"http://127.0.0.1:{port}/send", TEMPLATE, "", 2).send(MESSAGE))
+        await HttpGatewayBackend(f"http://127.0.0.1:{port}/send", TEMPLATE, "", 2).send(MESSAGE)
 
 
 def test_the_gateway_needs_a_url():
@@ -129,40 +123,35 @@ def test_the_gateway_needs_a_url():
 # -- the file and the console ----------------------------------------------------------------------
 
 
-def test_the_file_backend_appends_one_json_object_per_text(tmp_path, offloader):
+@pytest.mark.gen_test
+async def test_the_file_backend_appends_one_json_object_per_text(tmp_path, offloader):
     path = tmp_path / "outbox.jsonl"
     backend = FileBackend(str(path), offloader)
     other = SmsMessage("+8613900000000", "reset", "654321", "second", "2026-01-01T00:00:01Z")
-
-    async def run():
-        await backend.send(MESSAGE)
-        await backend.send(other)
-
-    asyncio.run(run())
+    await backend.send(MESSAGE)
+    await backend.send(other)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [asdict(MESSAGE), asdict(other)]
     assert "验证码" in lines[0]  # written as UTF-8, not \\u escapes
 
 
-def test_concurrent_texts_to_the_file_never_interleave(tmp_path):
+@pytest.mark.gen_test
+async def test_concurrent_texts_to_the_file_never_interleave(tmp_path):
     pools = Offloader(1, cpu_threads=8)
     backend = FileBackend(str(tmp_path / "outbox.jsonl"), pools)
     texts = [SmsMessage(f"+86188000{n:05d}", "register", f"{n:06d}", "x" * 5000, "t") for n in range(40)]
-
-    async def run():
-        await asyncio.gather(*(backend.send(text) for text in texts))
-
     try:
-        asyncio.run(run())
+        await asyncio.gather(*(backend.send(text) for text in texts))
     finally:
         pools.shutdown()
     written = [json.loads(line) for line in (tmp_path / "outbox.jsonl").read_text().splitlines()]
     assert sorted(m["phone"] for m in written) == sorted(t.phone for t in texts)
 
 
-def test_the_console_backend_logs_the_text(caplog):
+@pytest.mark.gen_test
+async def test_the_console_backend_logs_the_text(caplog):
     caplog.set_level(logging.INFO, logger="demo.sms")
-    asyncio.run(ConsoleBackend().send(MESSAGE))
+    await ConsoleBackend().send(MESSAGE)
     assert [r.getMessage() for r in caplog.records] == [f"SMS to {MESSAGE.phone}: {MESSAGE.text}"]
 
 
