@@ -136,7 +136,7 @@ async def test_the_file_backend_appends_one_json_object_per_text(tmp_path, offlo
 
 
 @pytest.mark.gen_test
-async def test_concurrent_texts_to_the_file_never_interleave(tmp_path):
+async def test_concurrent_texts_all_land_one_per_line(tmp_path):
     pools = Offloader(1, cpu_threads=8)
     backend = FileBackend(str(tmp_path / "outbox.jsonl"), pools)
     texts = [SmsMessage(f"+86188000{n:05d}", "register", f"{n:06d}", "x" * 5000, "t") for n in range(40)]
