@@ -1,0 +1,204 @@
+"""SMS backends (sms/backends.py): the console, the outbox file, a provider's HTTP gateway (a local
+Tornado server here), and the parsers of their settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler
+
+from demo.common.infra.offload import Offloader
+from demo.common.sms.backends import (
+    ConsoleBackend,
+    FileBackend,
+    HttpGatewayBackend,
+    SmsFailed,
+    SmsMessage,
+    make_backend,
+    parse_backend,
+    parse_test_numbers,
+)
+
+MESSAGE = SmsMessage("+8618866668888", "register", "123456", '验证码 123456 "quoted"', "2026-01-01T00:00:00Z")
+TEMPLATE = '{"to": $phone, "content": $text, "code": $code, "sign": "$sign"}'
+
+
+@pytest.fixture
+def offloader():
+    pools = Offloader(1, 1, 1)
+    yield pools
+    pools.shutdown()
+
+
+# -- the gateway -----------------------------------------------------------------------------------
+
+
+class Gateway:
+    """What the fake provider received, and how it answers."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.status = 200
+        self.delay = 0.0
+
+
+@asynccontextmanager
+async def gateway() -> AsyncIterator[tuple[Gateway, str]]:
+    state = Gateway()
+
+    class Send(RequestHandler):
+        async def post(self) -> None:
+            state.received.append((self.request.method, dict(self.request.headers), self.request.body))
+            if state.delay:
+                await asyncio.sleep(state.delay)
+            self.set_status(state.status)
+            self.finish({"ok": state.status == 200})
+
+    sock, port = bind_unused_port()
+    server = HTTPServer(Application([("/send", Send)]))
+    server.add_sockets([sock])
+    try:
+        yield state, f"http://127.0.0.1:{port}/send"
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+@pytest.mark.gen_test
+async def test_the_gateway_gets_the_body_template_filled_with_json_values_and_the_headers():
+    async with gateway() as (state, url):
+        backend = HttpGatewayBackend(url, TEMPLATE, "Authorization: Bearer k:ey ; X-Tenant:demo;junk", 5)
+        await backend.send(MESSAGE)
+        await backend.send(SmsMessage("+8613900000000", "notice", None, "hi", "2026-01-01T00:00:00Z"))
+    (method, headers, body), (_, _, second) = state.received
+    assert method == "POST"
+    assert headers["Authorization"] == "Bearer k:ey" and headers["X-Tenant"] == "demo" and "Junk" not in headers
+    assert json.loads(body.decode("utf-8")) == {
+        "to": MESSAGE.phone,
+        "content": MESSAGE.text,
+        "code": "123456",
+        "sign": "$sign",  # an unknown placeholder is left as written
+    }
+    assert json.loads(second)["code"] is None  # a text without a code
+
+
+@pytest.mark.parametrize("status", [400, 500, 503])
+@pytest.mark.gen_test
+async def test_a_gateway_refusal_is_sms_failed(status):
+    async with gateway() as (state, url):
+        state.status = status
+        with pytest.raises(SmsFailed, match=f"gateway: HTTP {status}"):
+            await HttpGatewayBackend(url, TEMPLATE, "", 5).send(MESSAGE)
+
+
+@pytest.mark.gen_test
+async def test_a_gateway_that_does_not_answer_in_time_is_sms_failed():
+    async with gateway() as (state, url):
+        state.delay = 2.0
+        with pytest.raises(SmsFailed, match="gateway: .*[Tt]imeout"):
+            await HttpGatewayBackend(url, TEMPLATE, "", 0.2).send(MESSAGE)
+
+
+@pytest.mark.gen_test
+async def test_an_unreachable_gateway_is_sms_failed():
+    sock, port = bind_unused_port()
+    sock.close()  # nothing listens there now
+    with pytest.raises(SmsFailed, match="gateway"):
+        await HttpGatewayBackend(f"http://127.0.0.1:{port}/send", TEMPLATE, "", 2).send(MESSAGE)
+
+
+def test_the_gateway_needs_a_url():
+    with pytest.raises(ValueError, match="sms_gateway_url"):
+        HttpGatewayBackend("", TEMPLATE, "", 5)
+
+
+# -- the file and the console ----------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_the_file_backend_appends_one_json_object_per_text(tmp_path, offloader):
+    path = tmp_path / "outbox.jsonl"
+    backend = FileBackend(str(path), offloader)
+    other = SmsMessage("+8613900000000", "reset", "654321", "second", "2026-01-01T00:00:01Z")
+    await backend.send(MESSAGE)
+    await backend.send(other)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [asdict(MESSAGE), asdict(other)]
+    assert "验证码" in lines[0]  # written as UTF-8, not \\u escapes
+
+
+@pytest.mark.gen_test
+async def test_concurrent_texts_all_land_one_per_line(tmp_path):
+    pools = Offloader(1, cpu_threads=8)
+    backend = FileBackend(str(tmp_path / "outbox.jsonl"), pools)
+    texts = [SmsMessage(f"+86188000{n:05d}", "register", f"{n:06d}", "x" * 5000, "t") for n in range(40)]
+    try:
+        await asyncio.gather(*(backend.send(text) for text in texts))
+    finally:
+        pools.shutdown()
+    written = [json.loads(line) for line in (tmp_path / "outbox.jsonl").read_text().splitlines()]
+    assert sorted(m["phone"] for m in written) == sorted(t.phone for t in texts)
+
+
+@pytest.mark.gen_test
+async def test_the_console_backend_logs_the_text(caplog):
+    caplog.set_level(logging.INFO, logger="demo.sms")
+    await ConsoleBackend().send(MESSAGE)
+    assert [r.getMessage() for r in caplog.records] == [f"SMS to {MESSAGE.phone}: {MESSAGE.text}"]
+
+
+# -- the settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("console", ("console", "")),
+        ("http", ("http", "")),
+        ("file:/tmp/out.jsonl", ("file", "/tmp/out.jsonl")),
+        ("file:relative:with:colons", ("file", "relative:with:colons")),
+    ],
+)
+def test_parse_backend(spec, parsed):
+    assert parse_backend(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["", "file:", "file", "smtp", "Console", "http:"])
+def test_an_unknown_backend_is_refused_by_name(spec):
+    with pytest.raises(ValueError, match="unknown sms_backend"):
+        parse_backend(spec)
+
+
+def test_make_backend_builds_the_kind_asked(tmp_path, offloader):
+    assert isinstance(make_backend("console", offloader), ConsoleBackend)
+    file_backend = make_backend(f"file:{tmp_path / 'o.jsonl'}", offloader)
+    assert isinstance(file_backend, FileBackend) and file_backend.path == str(tmp_path / "o.jsonl")
+    http = make_backend("http", offloader, gateway_url="http://gw/send", gateway_headers="K: v", gateway_timeout=3)
+    assert isinstance(http, HttpGatewayBackend)
+    assert (http.url, http.headers, http.timeout) == ("http://gw/send", {"K": "v"}, 3)
+    with pytest.raises(ValueError, match="sms_gateway_url"):
+        make_backend("http", offloader)
+
+
+def test_parse_test_numbers():
+    assert parse_test_numbers("") == {}
+    assert parse_test_numbers(" +8618800000000:123456 , +15550000000:000001,") == {
+        "+8618800000000": "123456",
+        "+15550000000": "000001",
+    }
+
+
+@pytest.mark.parametrize(
+    "spec", ["8618800000000:123456", "+8618800000000:12345", "+8618800000000:1234567", "+8618800000000:12a456", "+86"]
+)
+def test_a_bad_test_number_is_named(spec):
+    with pytest.raises(ValueError, match="bad sms_test_numbers entry"):
+        parse_test_numbers(f"+15550000000:000001,{spec}")
