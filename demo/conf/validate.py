@@ -66,7 +66,8 @@ def _check_range(declared: Declared, value: float) -> None:
     """Every number is at least 0; its declaration may ask for 1 (a zero would refuse everything or
     spin) and set an upper bound."""
     low, high = declared.low, declared.high
-    if value < low or (high is not None and value > high):
+    # Written as "not inside", so that NaN (every comparison False; `nan` parses as a float) is outside.
+    if not (low <= value and (high is None or value <= high)):
         bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"--{declared.name}={value}: must be {bounds}")
 
