@@ -19,6 +19,16 @@ from PIL import Image
 from tests.helpers import ROOT, SECRET, call, finish, free_port, sms_code, start, stop, wait_for, wait_until
 
 
+def server_env(tmp_path: Path, database_url: str | None = None, **more: str) -> dict[str, str]:
+    """A production-like server of one test: its secret, its database (SQLite in tmp_path by default), its media."""
+    return {
+        "DEMO_COOKIE_SECRET": SECRET,
+        "DEMO_DATABASE_URL": database_url or f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
+        **more,
+    }
+
+
 def test_refuses_to_start_in_production_without_cookie_secret(tmp_path):
     proc = start(tmp_path, f"--port={free_port()}", "--log_dir=")
     out = finish(proc, 20)
@@ -33,11 +43,7 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
         f"--port={port}",
         f"--log_dir={tmp_path / 'log'}",
         "--log_level=debug",
-        env={
-            "DEMO_COOKIE_SECRET": "p" * 48,
-            "DEMO_DATABASE_URL": f"sqlite:///{db}",
-            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-        },
+        env=server_env(tmp_path, f"sqlite:///{db}"),
     )
     try:
         assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok"}
@@ -75,11 +81,7 @@ def start_workers(tmp_path: Path, port: int) -> subprocess.Popen:
         f"--port={port}",
         "--processes=2",
         f"--log_dir={tmp_path / 'log'}",
-        env={
-            "DEMO_COOKIE_SECRET": "p" * 48,
-            "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-        },
+        env=server_env(tmp_path),
     )
 
 
@@ -148,11 +150,7 @@ def test_workers_share_the_port_and_the_metrics_then_stop_together(tmp_path):
         "--processes=2",
         f"--log_dir={log_dir}",
         "--log_level=debug",
-        env={
-            "DEMO_COOKIE_SECRET": "p" * 48,
-            "DEMO_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-        },
+        env=server_env(tmp_path),
     )
     try:
         workers = set(worker_pids(tmp_path, 2))
@@ -203,13 +201,7 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path):
         tmp_path,
         f"--port={port}",
         "--log_dir=",
-        env={
-            "DEMO_COOKIE_SECRET": "p" * 48,
-            "DEMO_DATABASE_URL": f"sqlite:///{db}",
-            "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-            "DEMO_SMS_BACKEND": f"file:{outbox}",
-            "DEMO_SHUTDOWN_GRACE": "20",
-        },
+        env=server_env(tmp_path, f"sqlite:///{db}", DEMO_SMS_BACKEND=f"file:{outbox}", DEMO_SHUTDOWN_GRACE="20"),
     )
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz", proc)
@@ -251,11 +243,7 @@ def register(port: int, outbox: Path) -> str:
 def test_processes_starting_together_migrate_once(tmp_path):
     db = tmp_path / "shared.sqlite3"
     ports = [free_port(), free_port()]
-    env = {
-        "DEMO_COOKIE_SECRET": "p" * 48,
-        "DEMO_DATABASE_URL": f"sqlite:///{db}",
-        "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
-    }
+    env = server_env(tmp_path, f"sqlite:///{db}")
     procs = [start(tmp_path, f"--port={port}", "--log_dir=", env=env) for port in ports]
     try:
         for port, proc in zip(ports, procs, strict=True):
@@ -282,7 +270,7 @@ def test_a_second_server_with_another_database_and_the_same_media_folder_refuses
     media = tmp_path / "media"
     first_port = free_port()
     env = {
-        "DEMO_COOKIE_SECRET": "p" * 48,
+        "DEMO_COOKIE_SECRET": SECRET,
         "DEMO_DATABASE_URL": database_url,
         "DEMO_MEDIA_ROOT": str(media),
         "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
