@@ -36,7 +36,7 @@ from tornado.netutil import bind_sockets
 from demo.common import housekeeping
 from demo.common.errors import Unavailable
 from demo.common.images.rules import StoreMismatch, bind_store
-from demo.common.images.storage import make_store
+from demo.common.images.storage import StoreError, StoreUnavailable, make_store
 from demo.common.infra import metrics, migrate
 from demo.common.infra.clock import Clock
 from demo.common.infra.db import Database, make_engine
@@ -156,11 +156,14 @@ def prepare_database(settings: Settings) -> None:
     offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)
-        bind_store(Database(engine, offloader), make_store(settings.media_root), Clock().now())
-    except StoreMismatch as error:
+        bind_store(Database(engine, offloader), make_store(settings), Clock().now())
+    except (StoreMismatch, StoreError) as error:
         raise ConfigError(str(error)) from error
     except OSError as error:  # the media folder's DEPLOYMENT file
         raise StorageUnusable(f"--media_root: {error}") from None
+    except StoreUnavailable as error:  # the S3 store: down, no such bucket, credentials refused
+        cause = str(error.__cause__ or error).splitlines()[0]
+        raise StorageUnusable(f"--storage {settings.storage}: {cause}") from None
     except (SQLAlchemyError, CommandError, migrate.MigrationLockTimeout) as error:
         raise DatabaseUnavailable(f"database {masked_url(settings.database_url)}: {reason(error)}") from None
     except Unavailable as error:  # from a unit of work: the driver's error is its cause

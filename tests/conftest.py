@@ -14,9 +14,13 @@ The databases (every test that uses ``app`` runs once per database):
     mysql_server_url     the MariaDB server (127.0.0.1:3306, root, no password)
 The other real parts:
     nginx          the ``Nginx`` runner of the shipped site file
+    s3_server      SeaweedFS (``tests.helpers.SeaweedFS``), one per session, credentials in the environment
+    storage        the image store of a test: ``local`` (a folder), then ``s3`` (a fresh prefix on s3_server);
+                   a test (or module) that asks for it runs on both, and ``settings`` use it
     chromium       ``async with chromium() as browser``: Debian's headless Chromium through Playwright
-A missing MariaDB, nginx or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB, nginx) or
-DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under CI=true any skip fails (see the end).
+A missing MariaDB, nginx, SeaweedFS or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB,
+nginx), DEMO_REQUIRE_S3=1 (SeaweedFS) or DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under
+CI=true any skip fails (see the end).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -43,14 +48,17 @@ from demo.models import Base
 from tests.helpers import (
     MYSQL_SERVER,
     REQUIRE_MYSQL,
+    S3_CREDENTIALS,
     Api,
     FakeClock,
     Nginx,
+    SeaweedFS,
     chromium_browser,
     chromium_missing,
     make_test_engine,
     new_mysql_database,
     require_mysql,
+    require_s3,
 )
 
 COOKIE_SECRET = "test-secret-" + "x" * 40
@@ -114,6 +122,31 @@ def nginx() -> type[Nginx]:
             pytest.fail(f"DEMO_REQUIRE_MYSQL=1 but {reason}")
         pytest.skip(reason)
     return Nginx
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """SeaweedFS for the session, with its bucket; the AWS_* credentials it accepts are set in the
+    environment (where demo reads them), for this process and the servers it starts."""
+    server = require_s3(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {name: os.environ.get(name) for name in S3_CREDENTIALS}
+    os.environ.update(S3_CREDENTIALS)
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The settings of the test's image store: the folder media_root, then a prefix of its own on SeaweedFS."""
+    if request.param == "local":
+        return {"storage": ""}
+    server: SeaweedFS = request.getfixturevalue("s3_server")
+    return server.settings(f"t-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")
@@ -183,6 +216,7 @@ def settings(request: pytest.FixtureRequest, database_url: str, outbox: Outbox, 
     """Test settings; a test changes some with ``@pytest.mark.settings(name=value, ...)``."""
     marker = request.node.get_closest_marker("settings")
     overrides = marker.kwargs if marker else {}
+    store = request.getfixturevalue("storage") if "storage" in request.fixturenames else {}
     return config.defaults(
         database_url=database_url,
         cookie_secret=COOKIE_SECRET,
@@ -190,6 +224,7 @@ def settings(request: pytest.FixtureRequest, database_url: str, outbox: Outbox, 
         media_root=str(tmp_path / "media"),
         log_dir="",
         db_pool_size=4,
+        **store,
     ).replace(**overrides)
 
 

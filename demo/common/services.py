@@ -116,7 +116,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         clock=clock,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
-    store = make_store(settings.media_root)
+    store = make_store(settings)
     images = Images(db, store, ImageRules.from_settings(settings), clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
     return Services(

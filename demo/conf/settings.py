@@ -191,7 +191,36 @@ class Settings:
     )
     sms_gateway_timeout: float = option(5.0, "seconds before the gateway is given up", group=SMS)
     # -- images (scenario 2) -----------------------------------------------------------------
-    media_root: str = option(str(DATA_DIR / "media"), "folder for stored images", group=IMAGES)
+    storage: str = option(
+        "",
+        "where images are stored: empty for the folder media_root, or s3://bucket/prefix for an "
+        "S3-compatible store (credentials: the AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables)",
+        group=IMAGES,
+    )
+    media_root: str = option(
+        str(DATA_DIR / "media"),
+        "folder for stored images (storage empty), and for uploads in progress with any storage",
+        group=IMAGES,
+    )
+    s3_endpoint: str = option(
+        "",
+        "the S3 store's URL, e.g. https://cos.ap-shanghai.myqcloud.com (empty: AWS_ENDPOINT_URL, or AWS)",
+        group=IMAGES,
+    )
+    s3_region: str = option("", "the S3 store's region (empty: AWS_REGION, else us-east-1)", group=IMAGES)
+    s3_virtual_hosted: bool = option(
+        False,
+        "address buckets as bucket.endpoint (Tencent COS and Aliyun OSS need it) instead of endpoint/bucket",
+        group=IMAGES,
+    )
+    s3_connect_timeout: float = option(2.0, "seconds to connect to the S3 store", group=IMAGES, low=0.1, high=60)
+    s3_timeout: float = option(
+        10.0,
+        "seconds one request to the S3 store may take before the client gets a 503",
+        group=IMAGES,
+        low=0.1,
+        high=600,
+    )
     max_upload_bytes: int = option(10 * MIB, "largest accepted upload body", group=IMAGES, low=1)
     max_image_pixels: int = option(40_000_000, "largest accepted image (pixels)", group=IMAGES, low=1)
     image_lookup_ttl: float = option(

@@ -1,31 +1,71 @@
-"""Where image bytes live. Handlers and rules see only ``ImageStore``; the backend comes from config.
+"""Where image bytes live. Rules see only ``ImageStore``; the backend comes from the ``storage`` setting.
 
-Blobs are addressed by the SHA-256 of their bytes, so identical images are stored once. Every write
-goes to a temp file, is fsynced, then renamed into place: a reader never sees half a file.
+A store holds objects, never hands out paths: blobs named by the SHA-256 of their bytes (identical
+images are stored once) and their variants (thumbnails, by width), under the same names in every
+backend, so a folder copied into a bucket is the same store:
 
-A store carries the id of the one deployment (database) it belongs to, written once and never
-changed (see images.bind_store): a second database pointed at the same folder is refused.
+    blobs/ab/cd/<sha256>           the image as stored
+    thumbs/ab/cd/<sha256>-w<width> a thumbnail
+    DEPLOYMENT                     the id of the one deployment (database) the store belongs to
+
+Objects appear whole or not at all (a local rename, an S3 PUT) and are never changed: a put of a
+name that exists keeps what is there (``If-None-Match: *`` on S3). The store is bound to one
+deployment (images.bind_store): a second database pointed at the same store is refused.
+
+Every method blocks (disk or network): call them off the event loop (``Offloader.io``). A store that
+cannot be reached raises ``StoreUnavailable`` (a 503 for the client); an object that is not there,
+``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
-from demo.common.infra.locks import file_lock
+from demo.common.errors import Unavailable
 
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
+
+IDENTITY = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to
 _TEMP_PREFIX = "up-"  # temp files carry the writer's pid (tmp/up-<pid>-<random>), which sweep_temp reads
-IDENTITY_FILE = "DEPLOYMENT"  # at the store's root: the id of the deployment the store belongs to
-STRAY_AGE = 3600  # seconds: a live writer's younger temp files are in use; older lock files are clutter
+STRAY_AGE = 3600  # seconds: a live writer's younger temp files are in use; older ones are clutter
+
+
+class StoreUnavailable(Unavailable):
+    """The store did not answer (down, unreachable, timed out, refused our credentials)."""
+
+
+class StoreError(Exception):
+    """The ``storage`` setting names a store that cannot work (bad URL, no bucket, no credentials)."""
+
+
+def object_name(sha256: str, width: int | None = None) -> str:
+    """The name of a blob (``width`` None) or of one of its thumbnails, relative to the store's root."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError("not a sha256 hex digest")
+    if width is None:
+        return f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+    return f"thumbs/{sha256[:2]}/{sha256[2:4]}/{sha256}-w{int(width)}"
 
 
 class ImageStore(abc.ABC):
-    """A content-addressed blob store with derived variants (thumbnails)."""
+    """A content-addressed object store with derived variants (thumbnails).
+
+    Uploads in progress and thumbnails being made live in a local temp folder (``temp_file``) until
+    ``put`` moves them in; that folder is this host's own, even when the objects are shared.
+    """
+
+    def __init__(self, temp_root: str) -> None:
+        self._temp = Path(temp_root)
+        self._temp.mkdir(parents=True, exist_ok=True)
+
+    # -- the deployment ------------------------------------------------------------------------
 
     @abc.abstractmethod
     def identity(self) -> str | None:
@@ -36,172 +76,102 @@ class ImageStore(abc.ABC):
         """Write ``identity`` durably unless the store carries one already (atomic: of two claimers,
         one wins); returns the store's identity."""
 
-    @abc.abstractmethod
-    def temp_dir(self) -> str:
-        """A local folder for uploads in progress (same filesystem as the blobs, so renames are atomic)."""
+    # -- objects -------------------------------------------------------------------------------
 
     @abc.abstractmethod
+    def put(self, sha256: str, src: str, *, content_type: str, width: int | None = None) -> None:
+        """Move the finished local file ``src`` in as the blob (or its ``width`` variant), durably; an
+        object already there is kept as is. ``src`` is gone afterwards, whatever happened."""
+
+    @abc.abstractmethod
+    def size(self, sha256: str, width: int | None = None) -> int | None:
+        """The object's size in bytes; None if it is not there."""
+
+    def exists(self, sha256: str, width: int | None = None) -> bool:
+        return self.size(sha256, width) is not None
+
+    @abc.abstractmethod
+    def read(self, sha256: str, width: int | None = None, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive; None: to the end) of the object, in memory: for small
+        objects and single chunks."""
+
+    @abc.abstractmethod
+    def chunks(self, sha256: str, width: int | None, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
+        """Bytes ``start`` to ``end`` (exclusive) in pieces of about ``chunk_size``; each ``next()``
+        blocks, so pull them one at a time off the loop."""
+
+    @abc.abstractmethod
+    def open(self, sha256: str, width: int | None = None) -> BinaryIO:
+        """The object as a readable, seekable file (for Pillow), positioned at 0; the caller closes it.
+        A remote object is downloaded into a temp file first."""
+
+    @abc.abstractmethod
+    def delete(self, sha256: str, widths: Iterable[int]) -> None:
+        """Remove the blob and its variants of these ``widths`` (absent ones are fine)."""
+
+    def redirect_url(self, sha256: str, width: int | None = None) -> str | None:
+        """A short-lived URL the proxy may fetch the object from (X-Accel-Redirect); None when the
+        store has none (the app then sends the bytes itself)."""
+        return None
+
+    # -- sweeps --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def blobs(self) -> Iterator[str]:
+        """The sha256 of every stored blob (a full listing: for the start-up sweep and tools)."""
+
+    def sweep_variants(self, known: set[str]) -> int:
+        """Remove variants whose blob is gone and not in ``known``; how many. Only a store whose
+        variants can outlive their blob needs it (see LocalImageStore)."""
+        return 0
+
+    # -- the local temp folder -----------------------------------------------------------------
+
+    def temp_dir(self) -> str:
+        """This host's folder for uploads in progress and thumbnails being made."""
+        return str(self._temp)
+
     def temp_file(self) -> tuple[int, str]:
         """A new temp file in ``temp_dir`` (an open descriptor and its path), named so that
         ``sweep_temp`` leaves it alone while this process lives."""
-
-    @abc.abstractmethod
-    def put(self, sha256: str, src: str) -> None:
-        """Move the finished file ``src`` into place as blob ``sha256``, durably (kept as is if already
-        there). ``src`` need not be fsynced yet: that is done here, only when it is kept."""
-
-    @abc.abstractmethod
-    def exists(self, sha256: str) -> bool: ...
-
-    @abc.abstractmethod
-    def delete(self, sha256: str) -> None:
-        """Remove the blob and all of its variants (absent is fine)."""
-
-    @abc.abstractmethod
-    def local_path(self, sha256: str, width: int | None = None) -> str:
-        """A filesystem path, for Pillow and for the proxy's X-Accel-Redirect."""
-
-    @abc.abstractmethod
-    def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
-        """Path of the ``width`` variant, calling ``build(src, dst)`` once if it does not exist yet."""
-
-    @abc.abstractmethod
-    def blobs(self) -> Iterator[str]:
-        """The sha256 of every stored blob, for the start-up sweep."""
-
-    @abc.abstractmethod
-    def sweep_temp(self) -> int:
-        """Remove temp files left by processes that are gone; returns how many."""
-
-    @abc.abstractmethod
-    def sweep_variants(self, known: set[str]) -> int:
-        """Remove variants whose blob file is gone and not in ``known`` (a thumbnail finished after its
-        image was deleted); a variant of a known blob whose file is missing stays."""
-
-
-class LocalImageStore(ImageStore):
-    """Blobs under ``root/blobs/ab/cd/<sha256>``, variants under ``root/thumbs/ab/cd/<sha256>-w<width>``."""
-
-    def __init__(self, root: str) -> None:
-        self.root = Path(root)
-        for sub in ("blobs", "thumbs", "tmp", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def identity(self) -> str | None:
-        try:
-            return (self.root / IDENTITY_FILE).read_text().strip() or None
-        except FileNotFoundError:
-            return None
-
-    def claim_identity(self, identity: str) -> str:
-        fd, temp = self.temp_file()
-        try:
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o644)  # not a secret: backups and operators may read it
-                f.write(f"{identity}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(temp, self.root / IDENTITY_FILE)  # unlike a rename, never replaces one that is there
-                _fsync(self.root, os.O_RDONLY)
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(temp)
-        return self.identity() or ""
-
-    def temp_dir(self) -> str:
-        return str(self.root / "tmp")
-
-    def temp_file(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.temp_dir(), prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
-
-    def local_path(self, sha256: str, width: int | None = None) -> str:
-        _check_sha(sha256)
-        if width is None:
-            return str(self.root / "blobs" / sha256[:2] / sha256[2:4] / sha256)
-        return str(self.root / "thumbs" / sha256[:2] / sha256[2:4] / f"{sha256}-w{int(width)}")
-
-    def put(self, sha256: str, src: str) -> None:
-        dst = Path(self.local_path(sha256))
-        if dst.exists():
-            os.unlink(src)
-            return
-        _fsync(src, os.O_RDWR)  # the bytes are on disk before the name points at them
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-        _fsync(dst.parent, os.O_RDONLY)  # the rename itself must survive a crash
-
-    def exists(self, sha256: str) -> bool:
-        return os.path.exists(self.local_path(sha256))
-
-    def delete(self, sha256: str) -> None:
-        paths = [Path(self.local_path(sha256))]
-        thumbs = Path(self.local_path(sha256, 1)).parent
-        if thumbs.exists():
-            paths += list(thumbs.glob(f"{sha256}-w*"))
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-    def make_variant(self, sha256: str, width: int, build: Callable[[str, str], None]) -> str:
-        dst = Path(self.local_path(sha256, width))
-        if dst.exists():
-            return str(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        # One builder at a time per variant, across threads and processes; the rest wait, then reuse.
-        with file_lock(self.root / "locks" / f"{sha256}-w{int(width)}.lock"):
-            if not dst.exists():
-                build(self.local_path(sha256), str(dst))
-        return str(dst)
-
-    def blobs(self) -> Iterator[str]:
-        for path in (self.root / "blobs").glob("??/??/*"):
-            if len(path.name) == 64:
-                yield path.name
+        return tempfile.mkstemp(dir=self._temp, prefix=f"{_TEMP_PREFIX}{os.getpid()}-", suffix=".tmp")
 
     def sweep_temp(self) -> int:
+        """Remove temp files left by processes that are gone (or older than STRAY_AGE); how many."""
         removed = 0
-        for path in (self.root / "tmp").iterdir():
+        for path in self._temp.iterdir():
             pid = _writer_pid(path.name)
-            if pid is not None and _alive(pid) and time.time() - path.stat().st_mtime < STRAY_AGE:
-                continue
-            path.unlink(missing_ok=True)
+            try:
+                if pid is not None and _alive(pid) and time.time() - path.stat().st_mtime < STRAY_AGE:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue  # its writer moved it in or removed it meanwhile
             removed += 1
-        for path in (self.root / "locks").iterdir():  # lock files are reusable; old ones are clutter
-            if time.time() - path.stat().st_mtime > STRAY_AGE:
-                path.unlink(missing_ok=True)
-        return removed
-
-    def sweep_variants(self, known: set[str]) -> int:
-        removed = 0
-        for path in (self.root / "thumbs").glob("??/??/*-w*"):
-            sha256 = path.name.split("-w")[0]
-            if len(sha256) == 64 and sha256 not in known and not self.exists(sha256):
-                path.unlink(missing_ok=True)
-                removed += 1
         return removed
 
 
-def make_store(spec: str) -> ImageStore:
-    """``media_root`` is a folder today; a ``s3://`` (or similar) scheme would pick another backend here."""
-    return LocalImageStore(spec)
+def make_store(settings: Settings) -> ImageStore:
+    """The store the ``storage`` setting names: empty (or ``local``) for the folder ``media_root``,
+    ``s3://bucket/prefix`` for an S3-compatible store. StoreError when the setting cannot work."""
+    storage = settings.storage
+    if storage in ("", "local"):
+        from demo.common.images.local_store import LocalImageStore
 
+        return LocalImageStore(settings.media_root)
+    if storage.startswith("s3://"):
+        from demo.common.images.s3_store import S3ImageStore
 
-def _fsync(path: str | Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _check_sha(sha256: str) -> None:
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ValueError("not a sha256 hex digest")
+        return S3ImageStore.from_url(
+            storage,
+            temp_root=os.path.join(settings.media_root, "tmp"),
+            endpoint=settings.s3_endpoint,
+            region=settings.s3_region,
+            virtual_hosted=settings.s3_virtual_hosted,
+            connect_timeout=settings.s3_connect_timeout,
+            timeout=settings.s3_timeout,
+        )
+    raise StoreError(f"storage must be empty (the folder media_root) or s3://bucket/prefix, not {storage!r}")
 
 
 def _writer_pid(name: str) -> int | None:
