@@ -45,7 +45,9 @@ class Services:
     readiness: Readiness = field(init=False)
 
     def __post_init__(self) -> None:
-        self.readiness = Readiness(self.db)
+        self.readiness = Readiness(
+            {"database": lambda: self.db.ping(), "storage": lambda: self.offloader.io(self.store.identity)}
+        )
 
     def close(self) -> None:
         """After ``await sender.stop()`` (it uses the pools closed here)."""

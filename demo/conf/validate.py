@@ -9,6 +9,7 @@ password masked): main() prints it as one line and exits with the error's status
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -118,6 +119,28 @@ def _public_url(settings: Settings) -> None:
             raise ValueError(f"{settings.public_url!r} is not an absolute http(s) URL")
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rule for bucket names
+
+
+def _storage(settings: Settings) -> None:
+    if settings.storage in ("", "local"):
+        return
+    parts = urlsplit(settings.storage)
+    if parts.scheme != "s3" or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{settings.storage!r}: empty (the folder media_root) or s3://bucket/prefix")
+    if not _BUCKET.fullmatch(parts.netloc):
+        raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (3-63 lower-case letters, digits, dots, hyphens)")
+    if "//" in parts.path or any(part in (".", "..") for part in parts.path.split("/")):
+        raise ValueError(f"{parts.path!r}: a prefix of plain names separated by single slashes")
+
+
+def _s3_endpoint(settings: Settings) -> None:
+    if settings.s3_endpoint:
+        parts = urlsplit(settings.s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"{settings.s3_endpoint!r}: the store's base URL, e.g. https://s3.example.com")
+
+
 def _default_region(settings: Settings) -> None:
     regions = parse_regions(settings.default_region, "default_region")
     if len(regions) != 1:  # national numbers are read in this one region; a list would refuse them all
@@ -154,4 +177,6 @@ VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
     ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
     ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
     ("sms_send_attempts", SenderRules.from_settings),
+    ("storage", _storage),
+    ("s3_endpoint", _s3_endpoint),
 ]

@@ -23,12 +23,16 @@ class HealthHandler(ApiHandler):
 class ReadyHandler(ApiHandler):
     @public
     async def get(self) -> None:
-        """Readiness: the database answered a trivial query in time, within the last second."""
-        if not await self.services.readiness.database_ok():
-            body = error_body("unavailable", "database: unreachable")
-            self.write_json({"status": "unavailable", "checks": {"database": "unreachable"}, **body}, status=503)
+        """Readiness: the database and the image store answered in time, within the last second."""
+        report = await self.services.readiness.report()
+        checks = {name: "ok" if ok else "unreachable" for name, ok in report.items()}
+        if not all(report.values()):
+            failing = ", ".join(f"{name}: unreachable" for name, ok in report.items() if not ok)
+            self.write_json(
+                {"status": "unavailable", "checks": checks, **error_body("unavailable", failing)}, status=503
+            )
             return
-        self.write_json({"status": "ok", "checks": {"database": "ok"}})
+        self.write_json({"status": "ok", "checks": checks})
 
     head = get
 

@@ -83,6 +83,15 @@ def test_the_ends_of_a_range_are_allowed(value):
         ({"sms_test_numbers": "8618800000000:123456"}, "--sms_test_numbers"),
         ({"sms_gateway_timeout": -1.0}, "--sms_gateway_timeout"),
         ({"cookie_secret": "short"}, "DEMO_COOKIE_SECRET"),
+        ({"storage": "/var/lib/demo/media"}, "--storage"),
+        ({"storage": "gs://bucket/images"}, "--storage"),
+        ({"storage": "s3://"}, "--storage"),
+        ({"storage": "s3://Bucket_1/images"}, "--storage"),
+        ({"storage": "s3://key:secret@bucket/images"}, "--storage"),
+        ({"storage": "s3://bucket/images/../other"}, "--storage"),
+        ({"storage": "s3://bucket/images?x=1"}, "--storage"),
+        ({"s3_endpoint": "s3.example.com"}, "--s3_endpoint"),
+        ({"s3_endpoint": "https://s3.example.com/bucket"}, "--s3_endpoint"),
     ],
 )
 def test_more_bad_values_name_their_setting(changes, option):
@@ -98,6 +107,10 @@ def test_more_bad_values_name_their_setting(changes, option):
         {"sms_backend": "http", "sms_gateway_url": "http://127.0.0.1:9/send"},
         {"sms_test_numbers": "+8618800000000:123456, +8613900000000:654321"},
         {"database_url": "sqlite:///:memory:"},
+        {"storage": "local"},
+        {"storage": "s3://demo-images"},
+        {"storage": "s3://demo-images/prod/v1/", "s3_endpoint": "https://cos.ap-shanghai.myqcloud.com"},
+        {"storage": "s3://demo.images", "s3_endpoint": "http://127.0.0.1:8333/"},
     ],
 )
 def test_good_values_pass(changes):

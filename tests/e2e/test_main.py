@@ -16,7 +16,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, SECRET, call, finish, free_port, sms_code, start, stop, wait_for, wait_until
+from tests.helpers import (
+    ROOT,
+    S3_CREDENTIALS,
+    SECRET,
+    call,
+    finish,
+    free_port,
+    sms_code,
+    start,
+    stop,
+    wait_for,
+    wait_until,
+)
 
 
 def server_env(tmp_path: Path, database_url: str | None = None, **more: str) -> dict[str, str]:
@@ -46,7 +58,7 @@ def test_serves_migrated_sqlite_and_stops_cleanly_on_sigterm(tmp_path):
         env=server_env(tmp_path, f"sqlite:///{db}"),
     )
     try:
-        assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok"}
+        assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok", "storage": "ok"}
     finally:
         proc.send_signal(signal.SIGTERM)
         out = finish(proc)
@@ -391,6 +403,31 @@ def test_a_bad_setting_is_one_line_naming_the_option_before_any_migration(tmp_pa
     assert status == 2, line
     assert named in line and "pw-secret" not in line
     assert not (tmp_path / "db.sqlite3").exists()
+
+
+def test_an_unreachable_s3_store_is_one_line_with_status_5(tmp_path, s3_server):
+    started = time.monotonic()
+    status, line = refuse(tmp_path, "--storage=s3://demo-test/down", "--s3_endpoint=http://127.0.0.1:9")
+    assert status == 5, line
+    assert "--storage s3://demo-test/down" in line and S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in line
+    assert time.monotonic() - started < 20  # one quick retry, not obstore's minutes of back-off
+
+
+def test_an_s3_store_of_another_deployment_is_refused(tmp_path, s3_server):
+    """Two databases on one bucket prefix would delete each other's images: the second is refused."""
+    store = [f"--{name}={value}" for name, value in s3_server.settings("shared").items()]
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+    port = free_port()
+    proc = start(first, f"--port={port}", "--log_dir=", *store, env=server_env(first))
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok", "storage": "ok"}
+    finally:
+        assert stop(proc) is not None
+    status, line = refuse(second, *store)
+    assert status == 2, line
+    assert "belongs to deployment" in line
 
 
 def test_a_bad_environment_value_names_the_variable(tmp_path):

@@ -14,7 +14,7 @@ async def test_healthz_and_readyz(api):
     health = await api.get("/healthz")
     assert health.code == 200 and health.json == {"status": "ok"}
     ready = await api.get("/readyz")
-    assert ready.code == 200 and ready.json == {"status": "ok", "checks": {"database": "ok"}}
+    assert ready.code == 200 and ready.json == {"status": "ok", "checks": {"database": "ok", "storage": "ok"}}
 
 
 @gen_test
@@ -32,10 +32,17 @@ def unreachable_db_app(settings, build_app):
 
 
 @pytest.fixture
+def unreachable_store_app(settings, build_app, s3_server):
+    # The S3 store's endpoint on port 9: refused at once, like a stopped store.
+    return build_app(settings.replace(**s3_server.settings("ready"), s3_endpoint="http://127.0.0.1:9"))
+
+
+@pytest.fixture
 def app(request, settings, build_app):
-    """conftest's app, or the one whose database is unreachable when a test asks for that."""
-    if "unreachable_db_app" in request.fixturenames:
-        return request.getfixturevalue("unreachable_db_app")
+    """conftest's app, or the one whose database or store is unreachable when a test asks for that."""
+    for name in ("unreachable_db_app", "unreachable_store_app"):
+        if name in request.fixturenames:
+            return request.getfixturevalue(name)
     return build_app(settings)
 
 
@@ -48,7 +55,8 @@ async def test_database_down_is_a_fast_503(api, unreachable_db_app):
     assert me.code == 503
     ready = await api.get("/readyz")
     assert ready.code == 503
-    assert ready.json["checks"] == {"database": "unreachable"} and ready.json["error"]["code"] == "unavailable"
+    assert ready.json["checks"] == {"database": "unreachable", "storage": "ok"}
+    assert ready.json["error"] == {"code": "unavailable", "message": "database: unreachable"}
     assert time.monotonic() - started < 5  # not a 30 s pool timeout
     assert (await api.get("/healthz")).code == 200  # the process itself is alive
 
@@ -101,3 +109,13 @@ async def test_metrics_count_requests_uploads_and_texts(api, user, outbox):
     assert "demo_upload_bytes_total 12.0" in text
     for gauge in ("demo_requests_in_flight", "demo_db_pool_in_use", "demo_executor_queue_depth"):
         assert f"# TYPE {gauge} gauge" in text
+
+
+@gen_test
+async def test_an_unreachable_image_store_makes_the_host_unready_fast(api, unreachable_store_app):
+    """A load balancer stops sending uploads to a host that cannot reach its S3 store."""
+    started = time.monotonic()
+    ready = await api.get("/readyz")
+    assert time.monotonic() - started < 2
+    assert ready.code == 503 and ready.json["checks"] == {"database": "ok", "storage": "unreachable"}
+    assert ready.json["error"] == {"code": "unavailable", "message": "storage: unreachable"}
