@@ -5,6 +5,9 @@ explicit replacements; a token that is no longer in the shipped file fails the t
 follows the file), makes a self-signed certificate with openssl, starts two ``demo/main.py``
 processes on a fresh MariaDB database and one shared media folder, and runs Debian's nginx
 (/usr/sbin/nginx) in front of them. The tests talk HTTPS to nginx as a phone would.
+``s3_stack`` is the same on the S3 backend (SeaweedFS, a prefix of its own), nginx fetching the
+images from the store through a ``StoreRelay`` that keeps what nginx sent; the image tests run on
+both (``images``: ids ``[local]``, ``[s3]``).
 
 Skipped when nginx, openssl or MariaDB is missing, unless DEMO_REQUIRE_MYSQL=1 (CI): then it fails.
 The systemd, supervisor and logrotate samples are checked here too.
@@ -28,22 +31,30 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import obstore
 import pytest
+from obstore.store import S3Store
 from PIL import Image
 
 from demo.conf import settings as config
 from tests.helpers import (
     ROOT,
+    S3_BUCKET,
+    S3_CREDENTIALS,
     HttpClient,
     LoopbackHTTPSConnection,
     Nginx,
     Response,
+    SeaweedFS,
     ThrowawayDatabase,
     free_port,
     replace_all,
@@ -97,6 +108,20 @@ def test_nginx_keeps_idle_connections_shorter_than_the_app():
     shipped = NGINX_CONF.read_text()
     keepalive = int(re.search(r"^\s*keepalive_timeout (\d+)s;", shipped, re.M).group(1))
     assert keepalive < config.defaults().idle_timeout
+
+
+def test_the_store_s_host_is_the_same_in_both_places_it_is_named():
+    """nginx connects to the store's upstream and signs nothing: the Host it sends must be the one the
+    app signed for (DEMO_S3_ENDPOINT's host:port). As shipped, both KEEP IN SYNC lines name one store."""
+    shipped = NGINX_CONF.read_text()
+    upstream = re.search(r"upstream demo_store \{\s*server ([^;\s]+);", shipped).group(1)
+    host = re.search(r'set \$demo_store_host "([^"]+)";', shipped).group(1)
+    assert upstream == host
+    store = shipped[shipped.index("location /_store/ {") :]
+    store = store[: store.index("\n    }\n")]
+    for line in ("internal;", "proxy_pass_request_headers off;", 'proxy_set_header Authorization "";'):
+        assert line in store, line
+    assert 'proxy_set_header Cookie "";' in store and "proxy_max_temp_file_size 0;" in store
 
 
 def systemd_units() -> list[Path]:
@@ -273,8 +298,87 @@ class Worker:
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("demo.log*")))
 
 
+class StoreRelay:
+    """A TCP relay between nginx and the store: keeps every byte nginx sent (its requests to the store),
+    can be stopped (the store unreachable for nginx, while the app still reaches it) and can spoil the
+    presigned URLs' signatures on the way (the store then refuses them with a 403)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.spoil = False
+        self._sent = bytearray()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+
+    def sent(self) -> bytes:
+        with self._lock:
+            return bytes(self._sent)
+
+    def start(self) -> None:
+        if self._listener is not None:
+            return
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones (nginx's idle keep-alive connections included)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                store = socket.create_connection(("127.0.0.1", self.target_port), timeout=WAIT)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, store]
+            threading.Thread(target=self._pump, args=(client, store, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(store, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_nginx: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_nginx:
+                    with self._lock:
+                        self._sent += data
+                    if self.spoil:
+                        data = data.replace(b"X-Amz-Signature=", b"X-Amz-Signature=0")
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:  # one side closed: close both (the other pump then stops too)
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            with self._lock:
+                self._open = [sock for sock in self._open if sock not in (source, sink)]
+
+
 class Stack:
-    def __init__(self, tmp: Path, database_url: str, nginx: type[Nginx]) -> None:
+    def __init__(self, tmp: Path, database_url: str, nginx: type[Nginx], store: SeaweedFS | None = None) -> None:
         self.tmp = tmp
         self.database_url = database_url
         self.outbox = tmp / "outbox.jsonl"
@@ -291,6 +395,15 @@ class Stack:
                 "DEMO_IMAGE_LOOKUP_TTL": str(TEST_LOOKUP_SECONDS),
             }
         )
+        # On the S3 backend: a prefix of the test bucket of its own, and a relay in front of the store
+        # for nginx (the app reaches the store directly, as it signs for DEMO_S3_ENDPOINT).
+        self.store, self.relay, self.backend = store, None, "local"
+        if store is not None:
+            self.backend = "s3"
+            self.prefix = f"prod-{uuid.uuid4().hex[:12]}"
+            self.env.update({f"DEMO_{name.upper()}": value for name, value in store.settings(self.prefix).items()})
+            self.env.update(S3_CREDENTIALS)
+            self.relay = StoreRelay(store.ports["-s3.port"])
         self.workers = [Worker(self, free_port()), Worker(self, free_port())]
         # The shipped config with test ports and folders (rendered as for the benchmark), the app's own
         # static folder, and a short image cache so expiry can be watched.
@@ -304,6 +417,8 @@ class Stack:
                 # phone on another 127.x address plays the public.
                 ("allow 127.0.0.0/8;", "allow 127.0.0.1;"),
             ],
+            store_endpoint=store.endpoint if store else None,
+            store_address=self.relay.address if self.relay else None,
         )
         self.https_port, self.http_port = self.nginx.https_port, self.nginx.http_port
         self.base_url = self.nginx.base_url
@@ -312,6 +427,8 @@ class Stack:
 
     # -- set-up ---------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.relay is not None:
+            self.relay.start()
         for worker in self.workers:  # at once: the two processes race to migrate the fresh database
             worker.start()
         self.nginx.start()
@@ -357,6 +474,8 @@ class Stack:
 
     def stop(self) -> None:
         self.nginx.stop()
+        if self.relay is not None:
+            self.relay.stop()
         for worker in self.workers:
             if worker.running():
                 worker.proc.send_signal(signal.SIGTERM)
@@ -379,6 +498,11 @@ class Stack:
     def sms_code(self, phone: str) -> str:
         return sms_code(self.outbox, phone)
 
+    def images_log(self) -> str:
+        """nginx's log of the loopback image server: one line per image the cache asked for."""
+        path = self.nginx_dir / "logs" / "demo.images.log"
+        return path.read_text() if path.exists() else ""
+
     def app_log(self) -> str:
         return "".join(worker.log() for worker in self.workers)
 
@@ -393,13 +517,13 @@ class Stack:
         return log
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx: type[Nginx]):
-    """nginx with the shipped sample, two server processes, a fresh MariaDB database; torn down after."""
+def running_stack(
+    tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx: type[Nginx], store: SeaweedFS | None
+) -> Iterator[Stack]:
     running: Stack | None = None
     with ThrowawayDatabase(mysql_server_url, "demo_prod") as database:
         try:
-            running = Stack(tmp_path_factory.mktemp("production"), database.url, nginx)
+            running = Stack(tmp_path_factory.mktemp("production"), database.url, nginx, store)
             running.start()
             yield running
         finally:
@@ -407,11 +531,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx
                 running.stop()
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx: type[Nginx]) -> Iterator[Stack]:
+    """nginx with the shipped sample, two server processes, a fresh MariaDB database, images in a local
+    folder; torn down after."""
+    yield from running_stack(tmp_path_factory, mysql_server_url, nginx, None)
+
+
+@pytest.fixture(scope="module")
+def s3_stack(
+    tmp_path_factory: pytest.TempPathFactory, mysql_server_url: str, nginx: type[Nginx], s3_server: SeaweedFS
+) -> Iterator[Stack]:
+    """The same with the images on SeaweedFS (a prefix of their own), nginx reaching it through a relay."""
+    yield from running_stack(tmp_path_factory, mysql_server_url, nginx, s3_server)
+
+
 @pytest.fixture
 def live(stack: Stack) -> Stack:
     """The stack with both workers up, whatever the previous test did to them."""
     stack.ensure_workers()
     return stack
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def images(request: pytest.FixtureRequest) -> Stack:
+    """``live`` on the local folder, then on the S3 store: for the tests of image delivery."""
+    running: Stack = request.getfixturevalue("stack" if request.param == "local" else "s3_stack")
+    running.ensure_workers()
+    if running.relay is not None:  # as a test that stopped or spoiled it may have left it
+        running.relay.spoil = False
+        running.relay.start()
+    return running
 
 
 # -- HTTPS at the door -------------------------------------------------------------------------------
@@ -553,20 +703,23 @@ def test_forwarded_headers_are_believed_so_the_app_must_listen_on_loopback_only(
 # -- images from nginx --------------------------------------------------------------------------------
 
 
-def test_images_come_from_nginx_with_the_contract_headers(live):
-    phone = live.client("127.0.0.41")
+def test_images_come_from_nginx_with_the_contract_headers(images):
+    phone = images.client("127.0.0.41")
     session = phone.register()
     uploaded = phone.upload(session["token"], png(600, 400))
     assert uploaded.code == 201, uploaded.body
     image = uploaded.json["image"]
-    prefix = f"https://localhost:{live.https_port}/images/{image['id']}.png"
+    prefix = f"https://localhost:{images.https_port}/images/{image['id']}.png"
     assert image["url"] == prefix and uploaded.header("Location") == prefix
     assert image["thumbnails"] == {w: f"{prefix}?w={w}" for w in ("160", "320", "640", "1280")}
     path = f"/images/{image['id']}.png"
-    reference = live.direct(live.workers[0], path)  # what the app itself sends
+    reference = images.direct(images.workers[0], path)  # what the app itself sends
     assert reference.code == 200
 
-    first, second = phone.get(path), phone.get(path)
+    # The phone's cookie and token travel with the first request, which fills the cache: they must not
+    # reach the store.
+    first = phone.get(path, token=session["token"], headers={"Cookie": f"demo_h5={SECRET_COOKIE}"})
+    second = phone.get(path)
     assert first.header("X-Cache-Status") == "MISS" and second.header("X-Cache-Status") == "HIT"
     for answer in (first, second):
         assert answer.code == 200 and answer.body == reference.body
@@ -597,7 +750,7 @@ def test_images_come_from_nginx_with_the_contract_headers(live):
     assert int(head.header("Content-Length")) == len(reference.body)
 
     # A thumbnail is its own cache entry; a Range on the very first request (MISS) works too.
-    thumb = live.direct(live.workers[1], f"{path}?w=160")
+    thumb = images.direct(images.workers[1], f"{path}?w=160")
     thumb_range = phone.get(f"{path}?w=160", headers={"Range": "bytes=0-99"})
     assert thumb_range.code == 206 and thumb_range.header("X-Cache-Status") == "MISS"
     assert thumb_range.body == thumb.body[:100] and thumb_range.header("ETag") == thumb.header("ETag")
@@ -608,16 +761,54 @@ def test_images_come_from_nginx_with_the_contract_headers(live):
     assert beyond.header("Content-Range") == f"bytes */{len(reference.body)}"
     assert "no-store" in beyond.all("Cache-Control")
 
-    # Six requests for the image went through nginx, yet the app sent it twice only: once straight
+    # Six requests for the image went through nginx, yet the app answered twice only: once straight
     # to this test, once to fill the cache. The same for the thumbnail.
-    live.logged(rf"GET {re.escape(path)} ", 2)
-    live.logged(rf"GET {re.escape(path)}\?w=160 ", 2)
+    images.logged(rf"GET {re.escape(path)} ", 2)
+    images.logged(rf"GET {re.escape(path)}\?w=160 ", 2)
+    # And on S3 the app sent none of the bytes of the fills: the store did.
+    filled_from(images, path, image["sha256"], None, len(reference.body))
+    filled_from(images, f"{path}?w=160", image["sha256"], 160, len(thumb.body))
+    if images.relay is not None:
+        nothing_of_the_phone_reached_the_store(images, [session["token"], SECRET_COOKIE])
 
 
-def test_the_image_cache_keeps_one_entry_per_path_and_width(live):
+SECRET_COOKIE = "the-phone-s-own-cookie"
+
+
+def filled_from(stack: Stack, path: str, sha256: str, width: int | None, size: int) -> None:
+    """The image server's log line of the cache fill of ``path``. With the local folder the app sent the
+    bytes; on S3 the app answered with X-Accel-Redirect (no body: the line's URI is the store's object,
+    its upstreams the app, then, after " : ", the store) and the store sent the ``size`` bytes."""
+    if stack.relay is None:
+        uri = path.split("?")[0]  # the log has the path without its query (see log_format)
+        line = rf'"GET {re.escape(uri)} HTTP/1\.1" 200 {size} \S+ up=127\.0\.0\.1:\d+/200/'
+    else:
+        kind, suffix = ("blobs", "") if width is None else ("thumbs", f"-w{width}")
+        name = f"{S3_BUCKET}/{stack.prefix}/{kind}/{sha256[:2]}/{sha256[2:4]}/{sha256}{suffix}"
+        upstreams = rf"127\.0\.0\.1:\d+ : {re.escape(stack.relay.address)}/200 : 200/"
+        line = rf'"GET /_store/{re.escape(name)} HTTP/1\.1" 200 {size} \S+ up={upstreams}'
+    wait_until(lambda: re.search(line, stack.images_log()), f"{line!r} in the image server's log", timeout=10)
+    assert len(re.findall(line, stack.images_log())) == 1, stack.images_log()
+
+
+def nothing_of_the_phone_reached_the_store(stack: Stack, secrets_sent: list[str]) -> None:
+    """nginx's requests to the store carry the signed Host and nothing else of the phone's request."""
+    assert stack.store is not None and stack.relay is not None
+    host = urlsplit(stack.store.endpoint).netloc  # what the app signed for: any other would be a 403
+    requests = [r for r in stack.relay.sent().split(b"\r\n\r\n") if r.startswith(b"GET ")]
+    assert requests
+    for request in requests:
+        line, *fields = request.decode().split("\r\n")
+        assert line.startswith(f"GET /{S3_BUCKET}/{stack.prefix}/") and "X-Amz-Signature=" in line, line
+        assert fields == [f"Host: {host}"], request  # no Cookie, Authorization, X-Forwarded-*, Range...
+    for secret in secrets_sent:
+        assert secret.encode() not in stack.relay.sent()
+
+
+def test_the_image_cache_keeps_one_entry_per_path_and_width(images):
     """Other parameters and spellings of an image URL use the entry of the plain URL, and the app is
     asked for exactly what the key names: no spelling stores one answer under another's key."""
-    phone = live.client("127.0.0.43")
+    phone = images.client("127.0.0.43")
     session = phone.register()
     image = phone.upload(session["token"], png(400, 300)).json["image"]
     path = f"/images/{image['id']}.png"
@@ -631,21 +822,21 @@ def test_the_image_cache_keeps_one_entry_per_path_and_width(live):
     for spelling in (f"{path}?junk=1&w=160", f"{path}?w=160&w=320"):
         again = phone.get(spelling)
         assert again.header("X-Cache-Status") == "HIT" and again.body == thumb.body, spelling
-    live.logged(rf"GET {re.escape(path)} ", 1)
-    live.logged(rf"GET {re.escape(path)}\?w=160 ", 1)
+    images.logged(rf"GET {re.escape(path)} ", 1)
+    images.logged(rf"GET {re.escape(path)}\?w=160 ", 1)
 
     # A first request spelled "W=320" (nginx's $arg_w ignores letter case; Tornado does not) fills
     # the entry of w=320 with the 320 thumbnail, not with the full image.
     first = phone.get(f"{path}?W=320")
     assert first.header("X-Cache-Status") == "MISS"
-    expected = live.direct(live.workers[0], f"{path}?w=320").body
+    expected = images.direct(images.workers[0], f"{path}?w=320").body
     assert first.body == expected and phone.get(f"{path}?w=320").body == expected
 
 
-def test_many_ranges_get_the_whole_file_never_a_multipart_answer(live):
+def test_many_ranges_get_the_whole_file_never_a_multipart_answer(images):
     """A Range with hundreds of parts made nginx send each part with its own headers: a multipart
     answer many times the file's size. More than one range: the whole file, once."""
-    phone = live.client("127.0.0.45")
+    phone = images.client("127.0.0.45")
     session = phone.register()
     uploaded = phone.upload(session["token"], png(40, 40))
     assert uploaded.code == 201, uploaded.body
@@ -661,8 +852,8 @@ def test_many_ranges_get_the_whole_file_never_a_multipart_answer(live):
     assert single.code == 206 and len(single.body) == 10
 
 
-def test_a_deleted_image_is_gone_once_both_caches_expired(live):
-    phone = live.client("127.0.0.51")
+def test_a_deleted_image_is_gone_once_both_caches_expired(images):
+    phone = images.client("127.0.0.51")
     session = phone.register()
     uploaded = phone.upload(session["token"], png(64, 64))
     assert uploaded.code == 201, uploaded.body
@@ -682,6 +873,59 @@ def test_a_deleted_image_is_gone_once_both_caches_expired(live):
     gone = wait_until(gone_from_cache, "the deleted image to leave the caches", timeout=bound + 5, every=0.2)
     assert time.monotonic() - deleted_at <= bound + 1.5
     assert gone.error == "not_found" and gone.header("Content-Type").startswith("application/json")
+
+
+@pytest.mark.s3
+def test_a_store_nginx_cannot_use_is_a_503_and_a_lost_object_a_404(s3_stack):
+    """What nginx does when the store fails it (the app still reaching the store): unreachable, or
+    refusing the presigned URL (an expired or spoiled signature: 403), is the contract's 503 in JSON
+    and is not cached; an object gone from the store is the JSON 404. Never the image's headers."""
+    live, relay = s3_stack, s3_stack.relay
+    live.ensure_workers()
+    phone = live.client("127.0.0.53")
+    session = phone.register()
+    uploaded = [phone.upload(session["token"], png(32 + n, 32)) for n in range(3)]
+    assert [u.code for u in uploaded] == [201] * 3, [u.body for u in uploaded]
+    down, refused, lost = (f"/images/{u.json['image']['id']}.png" for u in uploaded)
+
+    def is_json_error(answer: Response, code: int, error: str) -> None:
+        assert (answer.code, answer.error) == (code, error), (answer.code, answer.body[:300])
+        assert answer.header("Content-Type") == "application/json"
+        assert IMMUTABLE not in answer.all("Cache-Control") and answer.header("ETag") is None
+        assert answer.header("Content-Security-Policy") is None
+
+    try:
+        relay.stop()
+        started = time.monotonic()
+        is_json_error(phone.get(down), 503, "unavailable")
+        assert time.monotonic() - started < 3  # refused at once: no waiting on a dead store
+        relay.spoil = True
+        relay.start()
+        is_json_error(phone.get(refused), 503, "unavailable")
+    finally:
+        relay.spoil = False
+        relay.start()
+    for path in (down, refused):  # the store is back: the 503s were not cached
+        again = phone.get(path)
+        assert again.code == 200 and again.header("X-Cache-Status") == "MISS", again.body[:300]
+        assert again.body == live.direct(live.workers[0], path).body
+
+    sha256 = uploaded[2].json["image"]["sha256"]
+    store = S3Store(
+        S3_BUCKET,
+        prefix=live.prefix,
+        config={"endpoint": live.store.endpoint, "region": "us-east-1", **aws_keys()},
+        client_options={"allow_http": True},
+    )
+    obstore.delete(store, f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}")
+    is_json_error(phone.get(lost), 404, "not_found")
+
+
+def aws_keys() -> dict[str, str]:
+    return {
+        "access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }
 
 
 # -- nginx's own answers -------------------------------------------------------------------------------
