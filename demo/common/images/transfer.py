@@ -238,9 +238,7 @@ def copy_media(
     each object. DeploymentMismatch before anything is copied when the store belongs to another
     deployment; StoreUnavailable (what is copied stays, a rerun continues) when the store stops answering.
     """
-    if isinstance(store, LocalImageStore) and store.root.resolve() == source.root.resolve():
-        raise SourceError(f"{source.root} is the destination itself: set storage (or media_root) to another store")
-    _check_identity(store, source)
+    check_destination(source, store)
     summary = Summary()
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy-media")
     pending: set[Future[Outcome]] = set()
@@ -276,7 +274,11 @@ def copy_media(
     return summary
 
 
-def _check_identity(store: ImageStore, source: Source) -> None:
+def check_destination(source: Source, store: ImageStore) -> None:
+    """SourceError when ``store`` is the folder itself, DeploymentMismatch when it belongs to another
+    deployment, StoreUnavailable when it does not answer: what can be told before copying anything."""
+    if isinstance(store, LocalImageStore) and store.root.resolve() == source.root.resolve():
+        raise SourceError(f"{source.root} is the destination itself: set storage (or media_root) to another store")
     found = store.identity()
     if found is not None and found != source.identity:
         raise DeploymentMismatch(_mismatch(store, found, source))
