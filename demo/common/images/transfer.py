@@ -1,0 +1,291 @@
+"""Copying a media folder (the local store's layout) into another image store, verified: the logic
+behind ``python -m demo.admin copy-media``, without a command line.
+
+Every object is checked on both sides: a blob's source bytes must hash to its name (a corrupt one is
+reported and left out), and what the destination holds afterwards is read back and hashed, streaming.
+A thumbnail is checked by size only (its name is not a hash; the app rebuilds one from its blob anyway).
+An object the destination already holds is verified the same way and skipped, so a rerun after a kill
+carries on where the last one stopped; the store's conditional put never replaces what is there.
+
+The folder's deployment id is claimed in the destination last, after every object checked out: until
+then the server refuses to start on the new store (it carries no id), so a half copy cannot be served.
+A destination that belongs to another deployment is refused before anything is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from demo.common.images.imaging import MIME_TYPES, sniff_format
+from demo.common.images.local_store import LocalImageStore
+from demo.common.images.storage import IDENTITY, ImageStore, object_name
+
+CHUNK = 1 << 20  # bytes read, hashed and written at a time: memory stays flat in the file's size
+_BLOB = re.compile(r"[0-9a-f]{64}")
+_THUMB = re.compile(r"(?P<sha256>[0-9a-f]{64})-w(?P<width>[1-9][0-9]{0,5})")
+
+
+class SourceError(Exception):
+    """The folder cannot be copied: missing, not a media folder, or bound to no deployment."""
+
+
+class DeploymentMismatch(Exception):
+    """The destination store belongs to another deployment than the folder."""
+
+
+@dataclass(frozen=True)
+class MediaObject:
+    """One file of the folder: a blob (``width`` None) or a thumbnail."""
+
+    sha256: str
+    width: int | None
+    path: Path
+    size: int
+
+    @property
+    def name(self) -> str:
+        return object_name(self.sha256, self.width)
+
+
+class Result(enum.Enum):
+    COPIED = "copied"
+    SKIPPED = "skipped"  # already in the destination, and verified
+    CORRUPT = "corrupt"  # the folder's bytes do not hash to the blob's name: not copied
+    DIFFERS = "differs"  # the destination holds other bytes under that name: it keeps them
+
+
+@dataclass(frozen=True)
+class Outcome:
+    obj: MediaObject
+    result: Result
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.result in (Result.CORRUPT, Result.DIFFERS)
+
+
+@dataclass
+class Summary:
+    copied: int = 0
+    skipped: int = 0
+    corrupt: int = 0
+    differs: int = 0
+    bytes_copied: int = 0
+    claimed: str | None = None  # the deployment id the destination carries at the end, once claimed
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return self.corrupt + self.differs
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.result is Result.COPIED:
+            self.copied += 1
+            self.bytes_copied += outcome.obj.size
+        elif outcome.result is Result.SKIPPED:
+            self.skipped += 1
+        else:
+            if outcome.result is Result.CORRUPT:
+                self.corrupt += 1
+            else:
+                self.differs += 1
+            self.problems.append(f"{outcome.result.value}: {outcome.obj.name}: {outcome.detail}")
+
+    def line(self) -> str:
+        end = f"deployment {self.claimed} claimed" if self.claimed else "deployment id not claimed"
+        return (
+            f"copied {self.copied}, skipped {self.skipped}, corrupt {self.corrupt}, differing {self.differs}, "
+            f"{self.bytes_copied} bytes copied; {end}"
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A media folder as the local store writes it: ``blobs/``, ``thumbs/`` and ``DEPLOYMENT``."""
+
+    root: Path
+    identity: str
+    count: int  # files to copy
+    size: int  # their bytes
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Source:
+        """The folder checked, its deployment id read and its files counted (one walk; ``objects``
+        walks again, so that a folder of millions of files is never held in memory)."""
+        root = Path(folder)
+        if not root.is_dir():
+            raise SourceError(f"{root}: no such folder")
+        if not (root / "blobs").is_dir():
+            raise SourceError(f"{root}: not a media folder (it has no blobs/ folder)")
+        try:
+            identity = (root / IDENTITY).read_text().strip()
+        except FileNotFoundError:
+            identity = ""
+        except OSError as error:
+            raise SourceError(f"{root / IDENTITY}: {error.strerror or error}") from None
+        if not identity:
+            # Without it the destination could be claimed by any database: the server writes it on its
+            # first start on the folder (an upgrade adopts the folder), so start it once first.
+            raise SourceError(
+                f"{root}: carries no deployment id ({IDENTITY}); start the server on it once to bind it to its database"
+            )
+        count = size = 0
+        for obj in _scan(root):
+            count += 1
+            size += obj.size
+        return cls(root, identity, count, size)
+
+    def objects(self) -> Iterator[MediaObject]:
+        """Every blob and thumbnail, blobs first (a thumbnail is worth nothing without its blob)."""
+        return _scan(self.root)
+
+
+def _scan(root: Path) -> Iterator[MediaObject]:
+    for kind in ("blobs", "thumbs"):
+        for path in sorted((root / kind).glob("??/??/*")):
+            obj = _media_object(root, path)
+            if obj is not None:
+                yield obj
+
+
+def _media_object(root: Path, path: Path) -> MediaObject | None:
+    """The object ``path`` holds, or None for a file that is not one (wrong name or folder)."""
+    if match := _BLOB.fullmatch(path.name):
+        sha256, width = match.group(0), None
+    elif match := _THUMB.fullmatch(path.name):
+        sha256, width = match.group("sha256"), int(match.group("width"))
+    else:
+        return None
+    if path.relative_to(root).as_posix() != object_name(sha256, width):
+        return None  # in another object's folder: not a name the store would ever read
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return MediaObject(sha256, width, path, stat.st_size) if path.is_file() else None
+
+
+def copy_object(store: ImageStore, obj: MediaObject) -> Outcome:
+    """Copy one object unless the destination holds it, and verify what the destination holds then.
+    Blocks (disk and network); StoreUnavailable when the store stops answering."""
+    if store.size(obj.sha256, obj.width) is not None:
+        verdict = _verify(store, obj)
+        return Outcome(obj, Result.SKIPPED) if verdict is None else Outcome(obj, Result.DIFFERS, verdict)
+    fd, temp = store.temp_file()  # put() moves a file in and removes it: the folder's own stays
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest, head = _stage(obj.path, out)
+        if obj.width is None and digest != obj.sha256:
+            return Outcome(obj, Result.CORRUPT, f"its bytes in {obj.path} hash to {digest}")
+        content_type = MIME_TYPES.get(sniff_format(head) or "", "application/octet-stream")
+        store.put(obj.sha256, temp, content_type=content_type, width=obj.width)
+    except FileNotFoundError:
+        return Outcome(obj, Result.CORRUPT, f"{obj.path} went away while it was copied")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    verdict = _verify(store, obj)
+    return Outcome(obj, Result.COPIED) if verdict is None else Outcome(obj, Result.DIFFERS, verdict)
+
+
+def _stage(path: Path, out: IO[bytes]) -> tuple[str, bytes]:
+    """Copy ``path`` into the open file ``out``, hashing as it goes: (the sha256, its first bytes)."""
+    digest, head = hashlib.sha256(), b""
+    with open(path, "rb") as src:
+        while block := src.read(CHUNK):
+            digest.update(block)
+            head = head or block[:16]
+            out.write(block)
+    return digest.hexdigest(), head
+
+
+def _verify(store: ImageStore, obj: MediaObject) -> str | None:
+    """None when the destination's object is the folder's one (blobs: size and SHA-256, read back in
+    pieces; thumbnails: size), else what is wrong with it."""
+    found = store.size(obj.sha256, obj.width)
+    if found is None:
+        return "not in the store after its put"
+    if found != obj.size:
+        return f"the store holds {found} bytes under this name, the folder {obj.size}; delete the object and rerun"
+    if obj.width is not None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for chunk in store.chunks(obj.sha256, None, 0, found, CHUNK):
+            digest.update(chunk)
+    except FileNotFoundError:
+        return "went from the store while it was read back"
+    if digest.hexdigest() != obj.sha256:
+        return f"the store's bytes hash to {digest.hexdigest()}; delete the object and rerun"
+    return None
+
+
+def copy_media(
+    source: Source, store: ImageStore, *, jobs: int = 4, done: Callable[[Outcome], None] | None = None
+) -> Summary:
+    """Copy every object of ``source`` into ``store`` on ``jobs`` threads, then, if all of them
+    verified, claim the folder's deployment id in the store. ``done`` is called (on this thread) after
+    each object. DeploymentMismatch before anything is copied when the store belongs to another
+    deployment; StoreUnavailable (what is copied stays, a rerun continues) when the store stops answering.
+    """
+    check_destination(source, store)
+    summary = Summary()
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy-media")
+    pending: set[Future[Outcome]] = set()
+
+    def collect(futures: set[Future[Outcome]]) -> None:
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                outcome = future.result()
+            except BaseException as raised:  # noqa: BLE001 - re-raised below, once the others are counted
+                error = error or raised
+                continue
+            summary.add(outcome)
+            if done is not None:
+                done(outcome)
+        if error is not None:
+            raise error  # a worker's StoreUnavailable: stop here
+
+    try:
+        for obj in source.objects():
+            if len(pending) >= 2 * jobs:  # a short queue: the listing is never held whole
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                collect(finished)
+            pending.add(pool.submit(copy_object, store, obj))
+        finished, pending = wait(pending)
+        collect(finished)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error: the puts under way finish, no new ones
+    if summary.failed == 0:
+        summary.claimed = store.claim_identity(source.identity)
+        if summary.claimed != source.identity:  # another claimer came first
+            raise DeploymentMismatch(_mismatch(store, summary.claimed, source))
+    return summary
+
+
+def check_destination(source: Source, store: ImageStore) -> None:
+    """SourceError when ``store`` is the folder itself, DeploymentMismatch when it belongs to another
+    deployment, StoreUnavailable when it does not answer: what can be told before copying anything."""
+    if isinstance(store, LocalImageStore) and store.root.resolve() == source.root.resolve():
+        raise SourceError(f"{source.root} is the destination itself: set storage (or media_root) to another store")
+    found = store.identity()
+    if found is not None and found != source.identity:
+        raise DeploymentMismatch(_mismatch(store, found, source))
+
+
+def _mismatch(store: ImageStore, found: str, source: Source) -> str:
+    return (
+        f"the store {store} belongs to deployment {found}, not to the folder's ({source.identity}): "
+        "copy into a store (or prefix) of its own"
+    )

@@ -1,0 +1,158 @@
+"""Copying a media folder into a store (demo/common/images/transfer.py), into both kinds of
+destination: another folder (``local``) and a fresh prefix on SeaweedFS (``s3``)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from demo.common.images import transfer
+from demo.common.images.storage import ImageStore, StoreUnavailable, make_store, object_name
+from demo.common.images.transfer import Result, Source
+from demo.conf import settings as config
+from tests.common.images.folders import MediaFolder, media_folder, put_file
+from tests.helpers import S3_CREDENTIALS, SeaweedFS, require_s3
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> MediaFolder:
+    return media_folder(tmp_path / "source", big=True)
+
+
+@pytest.fixture
+def destination(storage: dict[str, Any], tmp_path: Path) -> ImageStore:
+    """The store the settings name: the folder media_root, or a fresh prefix on SeaweedFS."""
+    return make_store(config.defaults(media_root=str(tmp_path / "destination"), **storage))
+
+
+def test_copies_every_blob_and_thumbnail_then_claims_the_deployment(folder, destination):
+    source = Source.open(folder.root)
+    assert (source.count, source.size) == (len(folder.objects), sum(map(len, folder.objects.values())))
+    seen = []
+
+    def done(outcome: transfer.Outcome) -> None:
+        assert destination.identity() is None  # not before every object is in and verified
+        seen.append(outcome)
+
+    summary = transfer.copy_media(source, destination, jobs=3, done=done)
+
+    folder.assert_copied_to(destination)
+    assert {o.result for o in seen} == {Result.COPIED} and len(seen) == len(folder.objects)
+    assert (summary.copied, summary.skipped, summary.failed) == (len(folder.objects), 0, 0)
+    assert summary.bytes_copied == source.size
+    assert summary.claimed == folder.identity == destination.identity()
+    assert sorted(destination.blobs()) == sorted(folder.blobs)
+    assert not os.listdir(destination.temp_dir())  # every staged copy was moved in or removed
+
+
+def test_a_rerun_verifies_what_is_there_and_copies_nothing(folder, destination):
+    source = Source.open(folder.root)
+    transfer.copy_media(source, destination)
+    again = transfer.copy_media(source, destination)
+    assert (again.copied, again.skipped, again.failed, again.bytes_copied) == (0, len(folder.objects), 0, 0)
+    assert again.claimed == folder.identity
+
+
+def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(folder, destination):
+    bad = folder.blobs[0]
+    data = bytearray(folder.objects[(bad, None)])
+    data[-20] ^= 0xFF  # same size, other bytes: only the hash can tell
+    folder.path(bad).write_bytes(bytes(data))
+
+    summary = transfer.copy_media(Source.open(folder.root), destination)
+
+    assert (summary.corrupt, summary.differs, summary.claimed) == (1, 0, None)
+    assert summary.copied == len(folder.objects) - 1
+    digest = sha256(data).hexdigest()
+    assert summary.problems == [f"corrupt: {object_name(bad)}: its bytes in {folder.path(bad)} hash to {digest}"]
+    assert not destination.exists(bad) and destination.identity() is None
+    # Put right (restored from a backup), a rerun completes.
+    folder.path(bad).write_bytes(folder.objects[(bad, None)])
+    summary = transfer.copy_media(Source.open(folder.root), destination)
+    assert (summary.copied, summary.failed, summary.claimed) == (1, 0, folder.identity)
+    folder.assert_copied_to(destination)
+
+
+def test_other_bytes_under_a_name_in_the_store_fail_verification_and_stay(folder, destination):
+    blob, thumbnail = folder.blobs[0], (folder.blobs[1], 16)
+    put_file(destination, b"\x89PNG not these bytes" + bytes(len(folder.objects[(blob, None)]) - 20), sha256=blob)
+    put_file(destination, b"\x89PNG shorter", sha256=thumbnail[0], width=thumbnail[1])
+
+    summary = transfer.copy_media(Source.open(folder.root), destination)
+
+    assert (summary.differs, summary.corrupt, summary.claimed) == (2, 0, None)
+    assert any(p.startswith(f"differs: {object_name(blob)}: the store's bytes hash to ") for p in summary.problems)
+    assert any(p.startswith(f"differs: {object_name(*thumbnail)}: the store holds 12 bytes") for p in summary.problems)
+    assert destination.read(*thumbnail) == b"\x89PNG shorter"  # never overwritten
+    assert destination.identity() is None
+
+
+def test_a_store_of_another_deployment_is_refused_before_anything_is_copied(folder, destination):
+    destination.claim_identity("another-deployment")
+    with pytest.raises(transfer.DeploymentMismatch, match="belongs to deployment another-deployment"):
+        transfer.copy_media(Source.open(folder.root), destination)
+    assert list(destination.blobs()) == []
+
+
+def test_the_source_folder_must_be_a_bound_media_folder(tmp_path):
+    with pytest.raises(transfer.SourceError, match="no such folder"):
+        Source.open(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(transfer.SourceError, match="not a media folder"):
+        Source.open(tmp_path / "plain")
+    (tmp_path / "plain" / "blobs").mkdir()
+    with pytest.raises(transfer.SourceError, match="carries no deployment id"):
+        Source.open(tmp_path / "plain")
+
+
+def test_files_that_are_not_objects_are_left_out(folder):
+    sha256 = folder.blobs[0]
+    (folder.root / "tmp" / "up-1-x.tmp").write_bytes(b"an upload in progress")
+    (folder.root / "blobs" / "00" / "00").mkdir(parents=True)
+    (folder.root / "blobs" / "00" / "00" / sha256).write_bytes(b"in the wrong folder")
+    (folder.path(sha256).parent / "notes.txt").write_bytes(b"not a blob")
+    source = Source.open(folder.root)
+    assert source.count == len(folder.objects)
+    assert {(o.sha256, o.width) for o in source.objects()} == set(folder.objects)
+
+
+def test_the_folder_itself_is_not_a_destination(folder):
+    same = make_store(config.defaults(media_root=str(folder.root), storage=""))
+    with pytest.raises(transfer.SourceError, match="is the destination itself"):
+        transfer.copy_media(Source.open(folder.root), same)
+
+
+@pytest.mark.s3
+def test_a_copy_cut_off_by_the_store_going_down_completes_on_a_rerun(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    server: SeaweedFS = require_s3(tmp_path / "weed")  # a store of this test's own, to stop
+    try:
+        folder = media_folder(tmp_path / "source", images=8)
+        settings = config.defaults(media_root=str(tmp_path / "temp"), **server.settings(uuid.uuid4().hex[:12]))
+        store = make_store(settings.replace(s3_timeout=3.0))
+        finished = []
+
+        def done(outcome: transfer.Outcome) -> None:
+            finished.append(outcome)
+            if len(finished) == 5:
+                server.stop()  # as a kill would: the objects put so far stay, the rest never come
+
+        with pytest.raises(StoreUnavailable):
+            transfer.copy_media(Source.open(folder.root), store, jobs=2, done=done)
+        server.start()
+        assert store.identity() is None  # the half copy cannot be served
+        present = [key for key in folder.objects if store.exists(*key)]
+        assert 5 <= len(present) < len(folder.objects)
+
+        summary = transfer.copy_media(Source.open(folder.root), store, jobs=2)
+        assert summary.skipped == len(present) and summary.copied == len(folder.objects) - len(present)
+        assert (summary.failed, summary.claimed) == (0, folder.identity)
+        folder.assert_copied_to(store)
+    finally:
+        server.stop()
