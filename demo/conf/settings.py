@@ -37,7 +37,7 @@ Value = str | int | float | bool
 _V = TypeVar("_V", str, int, float, bool)
 
 
-def option(default: _V, help: str, *, group: str, low: int = 0, high: int | None = None) -> _V:
+def option(default: _V, help: str, *, group: str, low: float = 0, high: float | None = None) -> _V:
     """One setting: a dataclass field whose metadata carries its help text, its ``--help`` group and,
     for a number, the range demo/conf/validate.py holds it to (``low`` 1 where a zero would refuse
     everything or spin)."""
@@ -280,8 +280,8 @@ class Declared:
     default: Value
     help: str
     group: str
-    low: int  # numbers only
-    high: int | None
+    low: float  # numbers only
+    high: float | None
 
 
 def _declared() -> tuple[Declared, ...]:

@@ -136,7 +136,7 @@ def test_the_rules_take_their_settings_from_settings_and_repeat_no_default():
     sender = SenderRules.from_settings(settings)
     assert (sender.attempts, sender.retry_delay, sender.lease) == (2, 5.0, 120.0)  # a claim outlives a send
     assert SenderRules.from_settings(config.defaults()).lease == 60.0
-    not_settings = {ImageRules: {"memory_cache_item"}, SenderRules: {"lease", "batch"}}
+    not_settings = {ImageRules: {"memory_cache_item", "variant_lease"}, SenderRules: {"lease", "batch"}}
     for rules in (AccountRules, H5Rules, ImageRules, SenderRules):
         with_default = {
             field.name

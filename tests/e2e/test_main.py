@@ -405,11 +405,22 @@ def test_a_bad_setting_is_one_line_naming_the_option_before_any_migration(tmp_pa
     assert not (tmp_path / "db.sqlite3").exists()
 
 
+def refused_after_migrating(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """A start that gets past the checks and the migration, then stops: (status, its last line)."""
+    proc = start(tmp_path, f"--port={free_port()}", "--log_dir=", *args, env=server_env(tmp_path))
+    out = finish(proc, 30)
+    assert "Traceback" not in out, out
+    return proc.returncode, out.strip().splitlines()[-1]
+
+
 def test_an_unreachable_s3_store_is_one_line_with_status_5(tmp_path, s3_server):
     started = time.monotonic()
-    status, line = refuse(tmp_path, "--storage=s3://demo-test/down", "--s3_endpoint=http://127.0.0.1:9")
+    status, line = refused_after_migrating(
+        tmp_path, "--storage=s3://demo-test/down", "--s3_endpoint=http://127.0.0.1:9"
+    )
     assert status == 5, line
-    assert "--storage s3://demo-test/down" in line and S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in line
+    assert "refusing to start: --storage s3://demo-test/down" in line
+    assert S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in line
     assert time.monotonic() - started < 20  # one quick retry, not obstore's minutes of back-off
 
 
@@ -424,10 +435,10 @@ def test_an_s3_store_of_another_deployment_is_refused(tmp_path, s3_server):
     try:
         assert wait_for(f"http://127.0.0.1:{port}/readyz", proc)["checks"] == {"database": "ok", "storage": "ok"}
     finally:
-        assert stop(proc) is not None
-    status, line = refuse(second, *store)
+        stop(proc)
+    status, line = refused_after_migrating(second, *store)
     assert status == 2, line
-    assert "belongs to deployment" in line
+    assert "refusing to start" in line and "belongs to deployment" in line
 
 
 def test_a_bad_environment_value_names_the_variable(tmp_path):

@@ -985,7 +985,7 @@ def test_readiness_is_answered_to_internal_addresses_only(live):
         assert hidden.code == 404 and hidden.error == "not_found", path
         assert hidden.header("Content-Type") == "application/json"
     ready = live.client().get("/readyz")  # the load balancer's address (here 127.0.0.1)
-    assert ready.code == 200 and ready.json["checks"] == {"database": "ok"}
+    assert ready.code == 200 and ready.json["checks"] == {"database": "ok", "storage": "ok"}
 
 
 def test_text_is_compressed_and_static_files_come_from_disk(live):

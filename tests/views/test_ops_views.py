@@ -34,7 +34,7 @@ def unreachable_db_app(settings, build_app):
 @pytest.fixture
 def unreachable_store_app(settings, build_app, s3_server):
     # The S3 store's endpoint on port 9: refused at once, like a stopped store.
-    return build_app(settings.replace(**s3_server.settings("ready"), s3_endpoint="http://127.0.0.1:9"))
+    return build_app(settings.replace(**{**s3_server.settings("ready"), "s3_endpoint": "http://127.0.0.1:9"}))
 
 
 @pytest.fixture
