@@ -15,7 +15,7 @@ import sys
 import textwrap
 from typing import Any
 
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 from demo.common.images import transfer
 from demo.common.images.storage import ImageStore, StoreError, StoreUnavailable, make_store
