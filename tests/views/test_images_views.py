@@ -1,7 +1,9 @@
 """The images routes (views/images_*): upload, its checks and limits, delivery, thumbnails, listing,
 deletion, quotas, as a client sees them over HTTP.
 
-Every image is made with Pillow right here; every test runs on SQLite and MariaDB.
+Every image is made with Pillow right here; every test runs on SQLite and MariaDB, and on both image
+stores (``local``: a folder, ``s3``: SeaweedFS): what is stored is checked through the store's own API
+or listing, so the same assertion holds on either.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import io
 import os
 import re
 import secrets
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,6 +22,7 @@ from PIL import Image as PILImage
 
 from demo.common.errors import InvalidImage
 from demo.common.images import imaging
+from demo.common.images.storage import object_name
 from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
 from demo.models import Image, ImageBlob
 from tests.common.images.support import (
@@ -28,21 +30,18 @@ from tests.common.images.support import (
     MIME,
     animation,
     assert_error,
-    assert_no_temp_files,
-    assert_nothing_stored,
+    assert_store_empty,
     blob_refs,
     chunked,
     count,
     encode,
     fetch,
-    files,
     gif_of,
     gif_with_frames,
     gif_with_screen,
     gradient,
     jpeg,
     json_error,
-    media,
     multipart,
     noise,
     open_image,
@@ -50,6 +49,10 @@ from tests.common.images.support import (
     png,
     png_claiming,
     second_user,
+    stored_blobs,
+    stored_objects,
+    stored_thumbnails,
+    temp_files,
     upload,
     uploaded,
     webp_canvas,
@@ -60,6 +63,9 @@ gen_test = pytest.mark.gen_test(timeout=60)
 WIDTHS = ("160", "320", "640", "1280")
 IMAGE_KEYS = {"id", "url", "width", "height", "format", "bytes", "sha256", "created_at", "thumbnails"}
 IMMUTABLE = "public, max-age=31536000, immutable"
+
+# Every test here on both image stores: the ids read e.g. [sqlite-local], [mysql-s3].
+pytestmark = pytest.mark.usefixtures("storage")
 
 
 # -- upload: the response contract -----------------------------------------------------------------
@@ -85,7 +91,7 @@ async def test_multipart_upload_answers_201_with_the_image_object_and_location(a
     assert image["sha256"] == hashlib.sha256(served.body).hexdigest()
     assert image["bytes"] == len(served.body)
     assert count(app, Image) == 1 and count(app, ImageBlob) == 1
-    assert_no_temp_files(app)
+    assert temp_files(app) == []
 
 
 @gen_test
@@ -96,7 +102,7 @@ async def test_raw_body_upload_is_accepted(api, user, app):
     assert (image["width"], image["height"]) == (30, 20)
     served = await fetch(api, image["url"])
     assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == image["sha256"]
-    assert_no_temp_files(app)
+    assert temp_files(app) == []
 
 
 @gen_test
@@ -163,7 +169,7 @@ SVG = (
 async def test_non_images_named_jpg_are_415(api, user, app, body, raw):
     response = await upload(api, user.token, body, filename="cute.jpg", content_type="image/jpeg", raw=raw)
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +189,7 @@ async def test_raw_bodies_must_be_images_by_content(api, user, app, content_type
     body = SVG if "svg" in content_type else HTML
     response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +212,7 @@ async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, mak
     response = await upload(api, user.token, make())
     assert response.code == 422 and response.error == "invalid_image", (why, response.body)
     assert response.json["error"]["field"] == "image"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.settings(max_image_pixels=100 * 100)
@@ -214,7 +220,7 @@ async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, mak
 async def test_pixel_limit_is_a_setting(api, user, app):
     response = await upload(api, user.token, jpeg((101, 100)))
     assert response.code == 422 and response.error == "invalid_image"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
     assert (await upload(api, user.token, jpeg((100, 100)))).code == 201
 
 
@@ -223,7 +229,7 @@ async def test_pixel_limit_is_a_setting(api, user, app):
 async def test_empty_body_is_422(api, user, app, raw):
     response = await upload(api, user.token, b"", raw=raw)
     assert response.code == 422 and response.error == "invalid_image"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +246,7 @@ async def test_malformed_multipart_is_422(api, user, app, body, why):
         "/images", body=body, token=user.token, headers={"Content-Type": "multipart/form-data; boundary=abc"}
     )
     assert response.code == 422 and response.error == "invalid_field", why
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @gen_test
@@ -248,7 +254,7 @@ async def test_multipart_without_the_image_field_is_422(api, user, app):
     body, content_type = multipart(jpeg(), field="photo")
     response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
     assert_error(response, 422, "invalid_field", "image")
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 HOSTILE_NAMES = [
@@ -265,7 +271,7 @@ HOSTILE_NAMES = [
 async def test_hostile_file_names_carrying_html_are_415_and_touch_nothing(api, user, app, tmp_path, filename):
     response = await upload(api, user.token, HTML, filename=filename)
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
     assert not list(tmp_path.rglob("escaped*"))
 
 
@@ -277,9 +283,9 @@ async def test_hostile_file_names_are_never_used(api, user, app, tmp_path, filen
     assert response.code == 201, response.body
     image = response.json["image"]
     assert b"escaped" not in response.body and b"passwd" not in response.body
-    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(image["sha256"]))]
+    assert stored_objects(app.services.settings) == [object_name(image["sha256"])]
     assert not list(tmp_path.rglob("escaped*"))
-    assert_no_temp_files(app)
+    assert temp_files(app) == []
 
 
 # -- size limits: 413 up front and mid-stream ------------------------------------------------------
@@ -316,7 +322,7 @@ async def test_declared_length_over_the_limit_is_413_before_the_body(app, user, 
     status, headers, body = await raw_http(http_port, head)  # no body sent: the answer cannot wait for it
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -326,7 +332,7 @@ async def test_body_over_the_limit_is_413(api, user, app, raw):
     data = b"\xff\xd8\xff\xe0" + os.urandom(LIMIT + 20 * KIB)
     response = await upload(api, user.token, data, raw=raw)
     assert response.code == 413 and response.error == "too_large"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -358,7 +364,7 @@ async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_por
     status, headers, body = await raw_http(http_port, head, pieces)
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
     await assert_handlers_end(before)
 
 
@@ -370,7 +376,7 @@ async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
     status, _, body = await raw_http(http_port, head, pieces)
     assert status == 201, body
     assert count(app, Image) == 1
-    assert_no_temp_files(app)
+    assert temp_files(app) == []
 
 
 @gen_test
@@ -381,12 +387,12 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
         # Declared too long to be held in memory: the body goes to a temp file.
         await conn.send(request_head(user.token, "image/jpeg", length=IN_MEMORY_MAX + 1) + sent)
         for _ in range(200):
-            if files(media(app) / "tmp"):
+            if temp_files(app):
                 break
             await asyncio.sleep(0.05)
-        assert len(files(media(app) / "tmp")) == 1  # the upload in progress
+        assert len(temp_files(app)) == 1  # the upload in progress (spooled locally on either backend)
     await assert_handlers_end(before)  # the client went away mid-body
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.fixture
@@ -420,7 +426,7 @@ async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, u
     await uploaded(api, user.token, small, raw=True)
     assert sum(disk_writes) == len(small) and held.in_use == 99_000
     held.give_back(99_000)
-    assert_no_temp_files(app)
+    assert temp_files(app) == []
 
 
 @gen_test
@@ -436,7 +442,7 @@ async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, use
         assert held.in_use == 100_000  # the upload in progress
     await assert_handlers_end(before)  # the client went away mid-body
     assert held.in_use == 0 and disk_writes == []
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 # -- delivery: headers, 304, Range, 404 ------------------------------------------------------------
@@ -577,7 +583,7 @@ async def test_thumbnails_have_the_asked_width(api, user, app):
         ranged = await fetch(api, image["thumbnails"][width], headers={"Range": "bytes=0-9"})
         assert ranged.code == 206 and ranged.body == response.body[:10]
     assert len(etags) == 4
-    assert len(files(media(app) / "thumbs")) == 4
+    assert stored_thumbnails(app, image["sha256"]) == [160, 320, 640, 1280]
 
 
 @gen_test
@@ -590,7 +596,7 @@ async def test_thumbnails_never_upscale(api, user, app):
         response = await fetch(api, image["thumbnails"][width])
         assert response.code == 200 and response.body == original.body
         assert response.headers["ETag"] == original.headers["ETag"]
-    assert len(files(media(app) / "thumbs")) == 1
+    assert stored_thumbnails(app, image["sha256"]) == [160]
 
 
 # Only the spellings the links use: nginx's cache keys on the raw argument ("0160" would miss it).
@@ -646,10 +652,9 @@ async def test_a_thumbnail_is_made_once_even_when_asked_for_concurrently(api, us
     assert len({r.body for r in responses}) == 1
     assert open_image(responses[0].body).width == 320
     assert len(made) == 1
-    assert len(files(media(app) / "thumbs")) == 1
-    thumb = files(media(app) / "thumbs")[0]
-    assert thumb.read_bytes() == responses[0].body
-    assert_no_temp_files(app)
+    assert stored_thumbnails(app, image["sha256"]) == [320]
+    assert app.services.store.read(image["sha256"], 320) == responses[0].body
+    assert temp_files(app) == []
 
 
 # -- auth on every call ----------------------------------------------------------------------------
@@ -670,8 +675,8 @@ async def test_every_images_api_call_needs_a_valid_token(api, user, app, authori
     ]
     for response in await asyncio.gather(*calls):
         assert response.code == 401 and response.error == "unauthorized"
-    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
-    assert_no_temp_files(app)
+    assert count(app, Image) == 1 and len(stored_blobs(app)) == 1
+    assert temp_files(app) == []
 
 
 @gen_test
@@ -679,7 +684,7 @@ async def test_a_logged_out_token_cannot_upload(api, user, app):
     assert (await api.post("/users/logout", token=user.token)).code == 204
     response = await upload(api, user.token, jpeg())
     assert response.code == 401 and response.error == "unauthorized"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -688,7 +693,7 @@ async def test_token_is_checked_before_the_body_is_read(app, user, http_port):
     head = request_head("wrong-token", "image/jpeg", length=LIMIT)  # no body follows
     status, _, body = await raw_http(http_port, head)
     assert status == 401 and json_error(body) == "unauthorized"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -811,7 +816,7 @@ async def test_delete_own_image(api, user, app):
     assert (await api.get("/images", token=user.token)).json["images"] == []
     again = await api.delete(f"/images/{image['id']}", token=user.token)
     assert again.code == 404 and again.error == "not_found"
-    assert_nothing_stored(app)
+    assert_store_empty(app)
 
 
 @gen_test
@@ -840,26 +845,28 @@ async def test_shared_blob_and_its_thumbnails_go_with_the_last_image(api, user, 
     second = await uploaded(api, other_token, data)
     assert first["sha256"] == second["sha256"] and first["id"] != second["id"]
     sha = first["sha256"]
-    blob = Path(app.services.store.local_path(sha))
-    assert files(media(app) / "blobs") == [blob]
+    store = app.services.store
+    assert stored_blobs(app) == [sha]
     assert blob_refs(app, sha) == 2
     assert (await fetch(api, first["thumbnails"]["160"])).code == 200
     assert (await fetch(api, second["thumbnails"]["320"])).code == 200
-    assert len(files(media(app) / "thumbs")) == 2
+    assert stored_objects(app.services.settings) == sorted(
+        [object_name(sha), object_name(sha, 160), object_name(sha, 320)]
+    )
 
     assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
-    assert blob.exists() and len(files(media(app) / "thumbs")) == 2
+    assert store.exists(sha) and stored_thumbnails(app, sha) == [160, 320]
     assert blob_refs(app, sha) == 1
     assert (await fetch(api, first["url"])).code == 404
     assert (await fetch(api, second["url"])).code == 200
 
     assert (await api.delete(f"/images/{second['id']}", token=other_token)).code == 204
-    assert not blob.exists()
-    assert_nothing_stored(app)
+    assert not store.exists(sha) and stored_thumbnails(app, sha) == []
+    assert_store_empty(app)
 
     # The same bytes again: stored afresh and served.
     again = await uploaded(api, user.token, data)
-    assert again["sha256"] == sha and blob.exists() and blob_refs(app, sha) == 1
+    assert again["sha256"] == sha and store.exists(sha) and blob_refs(app, sha) == 1
     assert (await fetch(api, again["url"])).code == 200
 
 
@@ -872,8 +879,8 @@ async def test_the_same_image_uploaded_ten_times_concurrently_is_one_blob_and_te
     assert len({i["id"] for i in images}) == 10 and len({i["sha256"] for i in images}) == 1
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
     assert blob_refs(app, images[0]["sha256"]) == 10
-    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(images[0]["sha256"]))]
-    assert_no_temp_files(app)
+    assert stored_objects(app.services.settings) == [object_name(images[0]["sha256"])]
+    assert temp_files(app) == []
     listed = await api.get("/images?limit=100", token=user.token)
     assert len(listed.json["images"]) == 10
 
@@ -885,7 +892,7 @@ async def test_concurrent_uploads_of_the_same_bytes_by_different_users(api, user
     responses = await asyncio.gather(*(upload(api, token, data) for token in [user.token, other_token] * 5))
     assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
-    assert len(files(media(app) / "blobs")) == 1
+    assert len(stored_blobs(app)) == 1
 
 
 @gen_test
@@ -920,8 +927,8 @@ async def test_count_quota(api, user, app):
     await uploaded(api, user.token, jpeg((21, 20)))
     response = await upload(api, user.token, jpeg((22, 20)))
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 2 and len(files(media(app) / "blobs")) == 2
-    assert_no_temp_files(app)
+    assert count(app, Image) == 2 and len(stored_blobs(app)) == 2
+    assert temp_files(app) == []
     assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
     assert (await upload(api, user.token, jpeg((22, 20)))).code == 201
 
@@ -933,8 +940,8 @@ async def test_count_quota_holds_under_concurrent_uploads(api, user, app):
     codes = sorted(r.code for r in responses)
     assert codes == [201] * 3 + [403] * 5
     assert all(r.error == "quota_exceeded" for r in responses if r.code == 403)
-    assert count(app, Image) == 3 and len(files(media(app) / "blobs")) == 3
-    assert_no_temp_files(app)
+    assert count(app, Image) == 3 and len(stored_blobs(app)) == 3
+    assert temp_files(app) == []
 
 
 @pytest.mark.settings(image_quota_count=1)
@@ -952,8 +959,8 @@ async def test_byte_quota(api, user, app):
     b_data = encode(noise((40, 40), seed=2), "PNG")
     response = await upload(api, user.token, b_data, content_type="image/png")
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
-    assert_no_temp_files(app)
+    assert count(app, Image) == 1 and len(stored_blobs(app)) == 1
+    assert temp_files(app) == []
     assert (await api.delete(f"/images/{a['id']}", token=user.token)).code == 204
     b = await uploaded(api, user.token, b_data, content_type="image/png")
     assert a["bytes"] + b["bytes"] > 8 * KIB  # the refusal was the sum, not either image alone
@@ -979,7 +986,7 @@ async def test_profile_reports_image_count(api, user, outbox):
 @gen_test
 async def test_a_missing_blob_is_a_json_404_and_logs_an_error(api, user, app, caplog):
     image = await uploaded(api, user.token, jpeg((400, 300)))
-    Path(app.services.store.local_path(image["sha256"])).unlink()
+    app.services.store.delete(image["sha256"], [])  # the store lost the blob; the rows still point at it
     for url in (image["url"], image["thumbnails"]["160"]):
         assert_error(await fetch(api, url), 404, "not_found")
     missing = [r for r in caplog.records if r.levelname == "ERROR" and "missing from the media store" in r.getMessage()]
@@ -1048,7 +1055,7 @@ async def test_a_thumbnail_waits_for_room_in_the_decode_budget(api, user, app):
     async with budget.reserve(budget.capacity):  # uploads are decoding all the budget allows
         thumbnail = asyncio.ensure_future(fetch(api, image["thumbnails"]["160"]))
         await asyncio.sleep(0.5)
-        assert not thumbnail.done() and files(media(app) / "thumbs") == []
+        assert not thumbnail.done() and stored_thumbnails(app, image["sha256"]) == []
     response = await thumbnail
     assert response.code == 200 and open_image(response.body).n_frames > 1
 
@@ -1056,17 +1063,19 @@ async def test_a_thumbnail_waits_for_room_in_the_decode_budget(api, user, app):
 @gen_test
 async def test_concurrent_requests_for_a_new_thumbnail_make_it_once_in_one_build(api, user, app, monkeypatch):
     image = await uploaded(api, user.token, animation("GIF", 30, (400, 300)), content_type="image/gif")
-    store, builds = app.services.store, []
-    make_variant = store.make_variant
+    store, put = app.services.store, []
+    real_put = store.put
 
-    def counting(*args: Any) -> str:
-        builds.append(args)  # every call takes a worker thread (and would wait there on the lock file)
-        return make_variant(*args)
+    # The real store, watched: every build puts its thumbnail (a PUT on S3, on a worker thread); the
+    # waiters share the first request's build instead of each making and storing their own.
+    def putting(*args: Any, **kwargs: Any) -> None:
+        put.append(kwargs.get("width"))
+        real_put(*args, **kwargs)
 
-    monkeypatch.setattr(store, "make_variant", counting)
+    monkeypatch.setattr(store, "put", putting)
     responses = await asyncio.gather(*(fetch(api, image["thumbnails"]["320"]) for _ in range(8)))
     assert [r.code for r in responses] == [200] * 8 and len({r.body for r in responses}) == 1
-    assert len(builds) == 1
+    assert put == [320] and stored_thumbnails(app, image["sha256"]) == [320]
 
 
 # -- the same upload again -------------------------------------------------------------------------
@@ -1093,11 +1102,11 @@ async def test_the_same_bytes_uploaded_again_are_stored_without_a_second_decode(
         }
         assert (await fetch(api, image["url"])).code == 200
 
-    # The blob's file gone (whatever the reason): the upload is decoded again and the file is back.
-    blob = Path(app.services.store.local_path(first["sha256"]))
-    blob.unlink()
+    # The blob gone from the store (whatever the reason): the upload is decoded again and the blob is back.
+    store = app.services.store
+    store.delete(first["sha256"], [])
     image = await uploaded(api, user.token, data, content_type="image/gif")
-    assert len(decoded) == 2 and image["sha256"] == first["sha256"] and blob.exists()
+    assert len(decoded) == 2 and image["sha256"] == first["sha256"] and store.exists(first["sha256"])
     assert blob_refs(app, first["sha256"]) == 5
 
 
