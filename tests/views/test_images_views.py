@@ -14,8 +14,10 @@ import io
 import os
 import re
 import secrets
+import urllib.error
+import urllib.request
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from PIL import Image as PILImage
@@ -558,6 +560,138 @@ async def test_an_image_id_in_another_letter_case_is_404(api, user, app):
     assert (await fetch(api, image["url"])).code == 200 and count(app, Image) == 1
 
 
+@gen_test
+async def test_a_large_image_is_streamed_from_the_store_whole_and_in_ranges(api, user, app):
+    """Above the memory cache's item limit (512 KiB) the bytes come from the store in chunks, never held
+    whole: every header, 304, 206 (across chunk boundaries), 416 and HEAD as for a small one."""
+    data = encode(noise((600, 600), seed=3), "PNG")  # incompressible: about 1 MiB once re-encoded
+    image = await uploaded(api, user.token, data, content_type="image/png")
+    size = image["bytes"]
+    assert size > 2 * 512 * KIB
+    images = app.services.images
+    original = await images.file_for(await images.find(image["id"]), None)
+    assert await images.contents(original) is None  # too large for memory: streamed
+
+    served = await fetch(api, image["url"])
+    assert served.code == 200 and len(served.body) == size
+    assert hashlib.sha256(served.body).hexdigest() == image["sha256"]
+    assert served.headers["Content-Length"] == str(size)
+    assert served.headers["Content-Type"] == "image/png" and served.headers["Cache-Control"] == IMMUTABLE
+    assert served.headers["ETag"] == f'"{image["sha256"]}"' and served.headers["Content-Security-Policy"] == "sandbox"
+    assert served.headers["Accept-Ranges"] == "bytes" and served.headers["X-Content-Type-Options"] == "nosniff"
+
+    chunk = 256 * KIB
+    for first, last in ((chunk - 10, 3 * chunk + 5), (0, chunk), (size - 7, size - 1), (chunk, chunk)):
+        ranged = await fetch(api, image["url"], headers={"Range": f"bytes={first}-{last}"})
+        assert ranged.code == 206 and ranged.body == served.body[first : last + 1], (first, last)
+        assert ranged.headers["Content-Range"] == f"bytes {first}-{last}/{size}"
+    suffix = await fetch(api, image["url"], headers={"Range": f"bytes=-{chunk + 1}"})
+    assert suffix.code == 206 and suffix.body == served.body[-(chunk + 1) :]
+    assert_error(await fetch(api, image["url"], headers={"Range": f"bytes={size}-"}), 416, "range_not_satisfiable")
+
+    again = await fetch(api, image["url"], headers={"If-None-Match": served.headers["ETag"]})
+    assert again.code == 304 and again.body == b""
+    head = await api.request("HEAD", path_of(image["url"]))
+    assert head.code == 200 and head.body == b"" and head.headers["Content-Length"] == str(size)
+
+
+# -- behind nginx: the internal redirect to the store (X-Accel-Redirect) --------------------------
+
+STORE_LOCATION = {"X-Demo-Store-Location": "/_store/"}  # what nginx's image location sends the app
+# One backend for a test about that backend (the id still reads [sqlite-s3] or [sqlite-local]).
+s3_only = pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+local_only = pytest.mark.parametrize("storage", ["local"], indirect=True)
+
+
+def redirect_target(response, s3_server) -> str:
+    """The presigned URL an X-Accel-Redirect answer hands nginx, as a URL of the store itself."""
+    location = response.headers["X-Accel-Redirect"]
+    assert location.startswith("/_store/"), location
+    return f"{s3_server.endpoint}/{location.removeprefix('/_store/')}"
+
+
+def get_directly(url: str) -> tuple[int, bytes]:
+    """GET without any credential but the URL's own signature (as nginx's internal location does)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def assert_image_headers(response, image: dict[str, Any], etag: str) -> None:
+    assert response.headers["Content-Type"] == MIME_OF[image["format"]]
+    assert response.headers["Cache-Control"] == IMMUTABLE
+    assert response.headers["ETag"] == etag
+    assert response.headers["Content-Security-Policy"] == "sandbox"
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+MIME_OF = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp"}
+
+
+@s3_only
+@pytest.mark.settings(trusted_proxies="127.0.0.0/8,::1")
+@gen_test
+async def test_behind_the_proxy_an_s3_image_is_an_internal_redirect_to_a_presigned_url(api, user, app, s3_server):
+    image = await uploaded(api, user.token, jpeg((800, 600)))
+    sha, prefix = image["sha256"], app.services.settings.storage.removeprefix("s3://")
+    streamed = await fetch(api, image["url"])  # no header: the bytes themselves
+    assert streamed.code == 200 and hashlib.sha256(streamed.body).hexdigest() == sha
+
+    for url, etag, width in (
+        (image["url"], f'"{sha}"', None),
+        (image["thumbnails"]["160"], f'"{sha}-w160"', 160),  # the thumbnail is made on the way
+    ):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and response.body == b"", response.body
+        assert_image_headers(response, image, etag)
+        location = response.headers["X-Accel-Redirect"]
+        assert location.startswith(f"/_store/{prefix}/{object_name(sha, width)}?"), location
+        query = parse_qs(urlsplit(location).query)
+        assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Signature"]
+        # What nginx's internal location fetches: the exact stored bytes, on the URL's signature alone.
+        status, body = get_directly(redirect_target(response, s3_server))
+        assert status == 200 and body == app.services.store.read(sha, width)
+    status, body = get_directly(redirect_target(await fetch(api, image["url"], headers=STORE_LOCATION), s3_server))
+    assert status == 200 and body == streamed.body
+
+    # A revalidation is the app's own 304, and HEAD its own headers: neither sends nginx to the store.
+    cached = await fetch(api, image["url"], headers={**STORE_LOCATION, "If-None-Match": f'"{sha}"'})
+    assert cached.code == 304 and cached.body == b"" and "X-Accel-Redirect" not in cached.headers
+    head = await api.request("HEAD", path_of(image["url"]), headers=STORE_LOCATION)
+    assert head.code == 200 and head.body == b"" and "X-Accel-Redirect" not in head.headers
+    assert head.headers["Content-Length"] == str(image["bytes"])
+    assert_image_headers(head, image, f'"{sha}"')
+
+
+@s3_only
+@pytest.mark.settings(trusted_proxies="192.0.2.1")  # a proxy elsewhere: the test client is not it
+@gen_test
+async def test_the_store_location_header_from_an_untrusted_peer_is_ignored(api, user):
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    for url in (image["url"], image["thumbnails"]["160"]):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
+        assert response.body and response.headers["Content-Length"] == str(len(response.body))
+    full = await fetch(api, image["url"], headers=STORE_LOCATION)
+    assert hashlib.sha256(full.body).hexdigest() == image["sha256"]
+
+
+@local_only
+@pytest.mark.settings(trusted_proxies="127.0.0.0/8,::1")
+@gen_test
+async def test_a_local_store_always_streams_even_behind_the_proxy(api, user):
+    """A folder has no URL nginx could fetch: the app sends the bytes itself, header or not."""
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    for url in (image["url"], image["thumbnails"]["160"]):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
+        assert response.body and response.headers["Content-Length"] == str(len(response.body))
+        assert open_image(response.body).format == "JPEG"
+
+
 # -- thumbnails ------------------------------------------------------------------------------------
 
 
@@ -893,6 +1027,36 @@ async def test_concurrent_uploads_of_the_same_bytes_by_different_users(api, user
     assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
     assert len(stored_blobs(app)) == 1
+
+
+@gen_test
+async def test_two_users_uploading_the_same_bytes_at_once_share_one_object_until_both_are_deleted(
+    api, user, app, outbox
+):
+    """Content-addressed on either store: one object (the S3 put is conditional), exact references, and
+    the object with its thumbnails removed from the store only with the last image that uses it."""
+    other_token = await second_user(api, outbox)
+    data = jpeg((500, 400))
+    responses = await asyncio.gather(upload(api, user.token, data), upload(api, other_token, data))
+    assert [r.code for r in responses] == [201, 201], [r.body for r in responses]
+    mine, theirs = (r.json["image"] for r in responses)
+    sha = mine["sha256"]
+    assert theirs["sha256"] == sha and mine["id"] != theirs["id"]
+    assert stored_objects(app.services.settings) == [object_name(sha)] and blob_refs(app, sha) == 2
+    for image in (mine, theirs):
+        assert (await fetch(api, image["thumbnails"]["160"])).code == 200
+    assert (await fetch(api, theirs["thumbnails"]["640"])).code == 200
+    everything = sorted([object_name(sha), object_name(sha, 160), object_name(sha, 640)])
+    assert stored_objects(app.services.settings) == everything
+
+    assert (await api.delete(f"/images/{mine['id']}", token=user.token)).code == 204
+    assert stored_objects(app.services.settings) == everything and blob_refs(app, sha) == 1
+    served = await fetch(api, theirs["url"])
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == sha
+
+    assert (await api.delete(f"/images/{theirs['id']}", token=other_token)).code == 204
+    assert blob_refs(app, sha) is None
+    assert_store_empty(app)
 
 
 @gen_test
