@@ -208,15 +208,35 @@ def blob_refs(app, sha256: str) -> int | None:
     return app.services.db.run_sync(refs)
 
 
+def stored(app, under: str) -> list[str]:
+    """The names of the objects under ``under`` ("blobs", "thumbs") in the app's store, either backend
+    (as ``storage.object_name`` spells them)."""
+    return sorted(app.services.store.names(under))
+
+
+def temp_files(app) -> list[Path]:
+    """This host's temp files of the app's store (uploads in progress, thumbnails being made)."""
+    return files(Path(app.services.store.temp_dir()))
+
+
+def put_object(app, sha256: str, data: bytes, width: int | None = None) -> None:
+    """Put ``data`` in the app's store as blob ``sha256`` (or its ``width`` thumbnail), behind the rules' back."""
+    store = app.services.store
+    fd, path = store.temp_file()
+    with open(fd, "wb") as f:
+        f.write(data)
+    store.put(sha256, path, content_type="image/jpeg", width=width)
+
+
 def assert_nothing_stored(app) -> None:
-    assert files(media(app) / "tmp") == []
-    assert files(media(app) / "blobs") == []
-    assert files(media(app) / "thumbs") == []
+    assert temp_files(app) == []
+    assert stored(app, "blobs") == []
+    assert stored(app, "thumbs") == []
     assert count(app, Image) == 0 and count(app, ImageBlob) == 0
 
 
 def assert_no_temp_files(app) -> None:
-    assert files(media(app) / "tmp") == []
+    assert temp_files(app) == []
 
 
 MIB = 1024 * 1024
