@@ -8,6 +8,7 @@ registrations (on both image stores), and a database and an object store that go
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import hashlib
 import io
@@ -33,6 +34,7 @@ from tests.common.images.support import fetch, open_image, storage_env, stored_o
 from tests.helpers import (
     GENEROUS_LIMITS,
     REQUIRE_MYSQL,
+    S3_BUCKET,
     SeaweedFS,
     call,
     finish,
@@ -464,6 +466,30 @@ def private_s3(s3_server, tmp_path):
     server.stop()
 
 
+def wait_writable(server: SeaweedFS, timeout: float = 30) -> None:
+    """Until a PUT through the S3 gateway lands (with a client of our own, outside the app's prefix):
+    a restarted SeaweedFS answers reads before it takes writes, and may hold the first ones for
+    seconds, which would be the store's delay, not the app's."""
+    import obstore
+    from obstore.exceptions import BaseError
+    from obstore.store import S3Store
+
+    probe = S3Store(
+        S3_BUCKET,
+        config={"endpoint": server.endpoint, "region": "us-east-1"},
+        client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
+        retry_config={"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=2)},
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            obstore.put(probe, "readiness-probe", b"ok")
+            return
+        except BaseError:
+            assert time.monotonic() < deadline, f"SeaweedFS took no write within {timeout:.0f} s:\n{server.log()}"
+            time.sleep(0.1)
+
+
 def rows(app) -> tuple[int, int]:
     """(images, blob rows)."""
 
@@ -480,21 +506,23 @@ def rows(app) -> tuple[int, int]:
 async def test_store_outage_is_a_fast_503_leaves_nothing_half_made_and_heals_without_a_restart(
     api, user, app, private_s3
 ):
-    async def post_png(seed: int):
-        body = noise_png((300, 200), seed=seed)  # about 180 KiB: held in memory once read
+    async def post_png(seed: int, size: tuple[int, int] = (300, 200)):
+        body = noise_png(size, seed=seed)  # 300x200: about 180 KiB, held in memory once read
         return await api.post("/images", body=body, token=user.token, headers={"Content-Type": "image/png"})
 
     shown = (await post_png(1)).json["image"]  # served once: its bytes are in the app's memory now
     unseen = (await post_png(2)).json["image"]  # never served: its bytes are only in the store
+    large = (await post_png(4, (600, 600))).json["image"]  # about 1 MiB: always streamed from the store
     assert (await fetch(api, shown["url"])).code == 200
     before, objects = rows(app), stored_objects(app.services.settings)
-    assert before == (2, 2) and len(objects) == 2
+    assert before == (3, 3) and len(objects) == 3
 
     private_s3.stop()
     calls = {
         "new upload": lambda: post_png(3),
         "known upload": lambda: post_png(1),  # the same bytes as `shown`: its blob is checked in the store
         "image": lambda: fetch(api, unseen["url"]),
+        "large image": lambda: fetch(api, large["url"]),  # the first piece fails: nothing sent yet
         "new thumbnail": lambda: fetch(api, shown["thumbnails"]["160"]),
     }
     for name, request in calls.items():
@@ -514,18 +542,20 @@ async def test_store_outage_is_a_fast_503_leaves_nothing_half_made_and_heals_wit
     assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == shown["sha256"]
 
     private_s3.start()  # the same folder and ports: the app, never restarted, finds it again
+    wait_writable(private_s3)
     assert app.services.images.collect_unused() == blobs - before[1]  # the housekeeping sweep
     assert rows(app) == before
     started = time.monotonic()
     fresh = await post_png(3)
     assert fresh.code == 201, fresh.body
-    again = await fetch(api, unseen["url"])
-    assert again.code == 200 and hashlib.sha256(again.body).hexdigest() == unseen["sha256"]
+    for image in (unseen, large):
+        again = await fetch(api, image["url"])
+        assert again.code == 200 and hashlib.sha256(again.body).hexdigest() == image["sha256"]
     thumbnail = await fetch(api, shown["thumbnails"]["160"])  # the failed build left no claim to wait out
     assert thumbnail.code == 200 and open_image(thumbnail.body).width == 160
     assert time.monotonic() - started < 10
     sha = fresh.json["image"]["sha256"]
-    assert rows(app) == (3, 3)
+    assert rows(app) == (4, 4)
     made = [object_name(sha), object_name(shown["sha256"], 160)]
     assert stored_objects(app.services.settings) == sorted([*objects, *made])
     assert temp_files(app) == []
