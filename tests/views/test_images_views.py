@@ -32,7 +32,8 @@ from tests.common.images.support import (
     MIME,
     animation,
     assert_error,
-    assert_store_empty,
+    assert_no_temp_files,
+    assert_nothing_stored,
     blob_refs,
     chunked,
     count,
@@ -51,7 +52,7 @@ from tests.common.images.support import (
     png,
     png_claiming,
     second_user,
-    stored_blobs,
+    stored,
     stored_objects,
     stored_thumbnails,
     temp_files,
@@ -93,7 +94,7 @@ async def test_multipart_upload_answers_201_with_the_image_object_and_location(a
     assert image["sha256"] == hashlib.sha256(served.body).hexdigest()
     assert image["bytes"] == len(served.body)
     assert count(app, Image) == 1 and count(app, ImageBlob) == 1
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 @gen_test
@@ -104,7 +105,7 @@ async def test_raw_body_upload_is_accepted(api, user, app):
     assert (image["width"], image["height"]) == (30, 20)
     served = await fetch(api, image["url"])
     assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == image["sha256"]
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 @gen_test
@@ -171,7 +172,7 @@ SVG = (
 async def test_non_images_named_jpg_are_415(api, user, app, body, raw):
     response = await upload(api, user.token, body, filename="cute.jpg", content_type="image/jpeg", raw=raw)
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,7 @@ async def test_raw_bodies_must_be_images_by_content(api, user, app, content_type
     body = SVG if "svg" in content_type else HTML
     response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +215,7 @@ async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, mak
     response = await upload(api, user.token, make())
     assert response.code == 422 and response.error == "invalid_image", (why, response.body)
     assert response.json["error"]["field"] == "image"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.settings(max_image_pixels=100 * 100)
@@ -222,7 +223,7 @@ async def test_corrupt_truncated_or_oversized_images_are_422(api, user, app, mak
 async def test_pixel_limit_is_a_setting(api, user, app):
     response = await upload(api, user.token, jpeg((101, 100)))
     assert response.code == 422 and response.error == "invalid_image"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
     assert (await upload(api, user.token, jpeg((100, 100)))).code == 201
 
 
@@ -231,7 +232,7 @@ async def test_pixel_limit_is_a_setting(api, user, app):
 async def test_empty_body_is_422(api, user, app, raw):
     response = await upload(api, user.token, b"", raw=raw)
     assert response.code == 422 and response.error == "invalid_image"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +249,7 @@ async def test_malformed_multipart_is_422(api, user, app, body, why):
         "/images", body=body, token=user.token, headers={"Content-Type": "multipart/form-data; boundary=abc"}
     )
     assert response.code == 422 and response.error == "invalid_field", why
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @gen_test
@@ -256,7 +257,7 @@ async def test_multipart_without_the_image_field_is_422(api, user, app):
     body, content_type = multipart(jpeg(), field="photo")
     response = await api.post("/images", body=body, token=user.token, headers={"Content-Type": content_type})
     assert_error(response, 422, "invalid_field", "image")
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 HOSTILE_NAMES = [
@@ -273,7 +274,7 @@ HOSTILE_NAMES = [
 async def test_hostile_file_names_carrying_html_are_415_and_touch_nothing(api, user, app, tmp_path, filename):
     response = await upload(api, user.token, HTML, filename=filename)
     assert response.code == 415 and response.error == "unsupported_media_type"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
     assert not list(tmp_path.rglob("escaped*"))
 
 
@@ -287,7 +288,7 @@ async def test_hostile_file_names_are_never_used(api, user, app, tmp_path, filen
     assert b"escaped" not in response.body and b"passwd" not in response.body
     assert stored_objects(app.services.settings) == [object_name(image["sha256"])]
     assert not list(tmp_path.rglob("escaped*"))
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 # -- size limits: 413 up front and mid-stream ------------------------------------------------------
@@ -324,7 +325,7 @@ async def test_declared_length_over_the_limit_is_413_before_the_body(app, user, 
     status, headers, body = await raw_http(http_port, head)  # no body sent: the answer cannot wait for it
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -334,7 +335,7 @@ async def test_body_over_the_limit_is_413(api, user, app, raw):
     data = b"\xff\xd8\xff\xe0" + os.urandom(LIMIT + 20 * KIB)
     response = await upload(api, user.token, data, raw=raw)
     assert response.code == 413 and response.error == "too_large"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -366,7 +367,7 @@ async def test_chunked_body_over_the_limit_is_413_mid_stream(app, user, http_por
     status, headers, body = await raw_http(http_port, head, pieces)
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json_error(body) == "too_large"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
     await assert_handlers_end(before)
 
 
@@ -378,7 +379,7 @@ async def test_chunked_upload_within_the_limit_is_stored(app, user, http_port):
     status, _, body = await raw_http(http_port, head, pieces)
     assert status == 201, body
     assert count(app, Image) == 1
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 @gen_test
@@ -394,7 +395,7 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
             await asyncio.sleep(0.05)
         assert len(temp_files(app)) == 1  # the upload in progress (spooled locally on either backend)
     await assert_handlers_end(before)  # the client went away mid-body
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.fixture
@@ -428,7 +429,7 @@ async def test_bodies_go_to_disk_when_upload_memory_is_taken_or_too_small(api, u
     await uploaded(api, user.token, small, raw=True)
     assert sum(disk_writes) == len(small) and held.in_use == 99_000
     held.give_back(99_000)
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 @gen_test
@@ -444,7 +445,7 @@ async def test_client_going_away_mid_small_upload_gives_the_memory_back(app, use
         assert held.in_use == 100_000  # the upload in progress
     await assert_handlers_end(before)  # the client went away mid-body
     assert held.in_use == 0 and disk_writes == []
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 # -- delivery: headers, 304, Range, 404 ------------------------------------------------------------
@@ -788,7 +789,7 @@ async def test_a_thumbnail_is_made_once_even_when_asked_for_concurrently(api, us
     assert len(made) == 1
     assert stored_thumbnails(app, image["sha256"]) == [320]
     assert app.services.store.read(image["sha256"], 320) == responses[0].body
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
 
 
 # -- auth on every call ----------------------------------------------------------------------------
@@ -809,8 +810,8 @@ async def test_every_images_api_call_needs_a_valid_token(api, user, app, authori
     ]
     for response in await asyncio.gather(*calls):
         assert response.code == 401 and response.error == "unauthorized"
-    assert count(app, Image) == 1 and len(stored_blobs(app)) == 1
-    assert temp_files(app) == []
+    assert count(app, Image) == 1 and len(stored(app, "blobs")) == 1
+    assert_no_temp_files(app)
 
 
 @gen_test
@@ -818,7 +819,7 @@ async def test_a_logged_out_token_cannot_upload(api, user, app):
     assert (await api.post("/users/logout", token=user.token)).code == 204
     response = await upload(api, user.token, jpeg())
     assert response.code == 401 and response.error == "unauthorized"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @pytest.mark.settings(max_upload_bytes=LIMIT)
@@ -827,7 +828,7 @@ async def test_token_is_checked_before_the_body_is_read(app, user, http_port):
     head = request_head("wrong-token", "image/jpeg", length=LIMIT)  # no body follows
     status, _, body = await raw_http(http_port, head)
     assert status == 401 and json_error(body) == "unauthorized"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -950,7 +951,7 @@ async def test_delete_own_image(api, user, app):
     assert (await api.get("/images", token=user.token)).json["images"] == []
     again = await api.delete(f"/images/{image['id']}", token=user.token)
     assert again.code == 404 and again.error == "not_found"
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @gen_test
@@ -980,7 +981,7 @@ async def test_shared_blob_and_its_thumbnails_go_with_the_last_image(api, user, 
     assert first["sha256"] == second["sha256"] and first["id"] != second["id"]
     sha = first["sha256"]
     store = app.services.store
-    assert stored_blobs(app) == [sha]
+    assert stored(app, "blobs") == [object_name(sha)]
     assert blob_refs(app, sha) == 2
     assert (await fetch(api, first["thumbnails"]["160"])).code == 200
     assert (await fetch(api, second["thumbnails"]["320"])).code == 200
@@ -996,7 +997,7 @@ async def test_shared_blob_and_its_thumbnails_go_with_the_last_image(api, user, 
 
     assert (await api.delete(f"/images/{second['id']}", token=other_token)).code == 204
     assert not store.exists(sha) and stored_thumbnails(app, sha) == []
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
     # The same bytes again: stored afresh and served.
     again = await uploaded(api, user.token, data)
@@ -1014,7 +1015,7 @@ async def test_the_same_image_uploaded_ten_times_concurrently_is_one_blob_and_te
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
     assert blob_refs(app, images[0]["sha256"]) == 10
     assert stored_objects(app.services.settings) == [object_name(images[0]["sha256"])]
-    assert temp_files(app) == []
+    assert_no_temp_files(app)
     listed = await api.get("/images?limit=100", token=user.token)
     assert len(listed.json["images"]) == 10
 
@@ -1026,7 +1027,7 @@ async def test_concurrent_uploads_of_the_same_bytes_by_different_users(api, user
     responses = await asyncio.gather(*(upload(api, token, data) for token in [user.token, other_token] * 5))
     assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
-    assert len(stored_blobs(app)) == 1
+    assert len(stored(app, "blobs")) == 1
 
 
 @gen_test
@@ -1056,7 +1057,7 @@ async def test_two_users_uploading_the_same_bytes_at_once_share_one_object_until
 
     assert (await api.delete(f"/images/{theirs['id']}", token=other_token)).code == 204
     assert blob_refs(app, sha) is None
-    assert_store_empty(app)
+    assert_nothing_stored(app)
 
 
 @gen_test
@@ -1091,8 +1092,8 @@ async def test_count_quota(api, user, app):
     await uploaded(api, user.token, jpeg((21, 20)))
     response = await upload(api, user.token, jpeg((22, 20)))
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 2 and len(stored_blobs(app)) == 2
-    assert temp_files(app) == []
+    assert count(app, Image) == 2 and len(stored(app, "blobs")) == 2
+    assert_no_temp_files(app)
     assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
     assert (await upload(api, user.token, jpeg((22, 20)))).code == 201
 
@@ -1104,8 +1105,8 @@ async def test_count_quota_holds_under_concurrent_uploads(api, user, app):
     codes = sorted(r.code for r in responses)
     assert codes == [201] * 3 + [403] * 5
     assert all(r.error == "quota_exceeded" for r in responses if r.code == 403)
-    assert count(app, Image) == 3 and len(stored_blobs(app)) == 3
-    assert temp_files(app) == []
+    assert count(app, Image) == 3 and len(stored(app, "blobs")) == 3
+    assert_no_temp_files(app)
 
 
 @pytest.mark.settings(image_quota_count=1)
@@ -1123,8 +1124,8 @@ async def test_byte_quota(api, user, app):
     b_data = encode(noise((40, 40), seed=2), "PNG")
     response = await upload(api, user.token, b_data, content_type="image/png")
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 1 and len(stored_blobs(app)) == 1
-    assert temp_files(app) == []
+    assert count(app, Image) == 1 and len(stored(app, "blobs")) == 1
+    assert_no_temp_files(app)
     assert (await api.delete(f"/images/{a['id']}", token=user.token)).code == 204
     b = await uploaded(api, user.token, b_data, content_type="image/png")
     assert a["bytes"] + b["bytes"] > 8 * KIB  # the refusal was the sum, not either image alone

@@ -282,11 +282,6 @@ def _gif_frame_blocks(size: tuple[int, int], colour: int) -> bytes:
 # -- the store, on either backend (the folder or the S3 bucket) ------------------------------------
 
 
-def stored_blobs(app) -> list[str]:
-    """The sha256 of every blob in the app's store, from the store's own listing."""
-    return sorted(app.services.store.blobs())
-
-
 def stored_thumbnails(app, sha256: str) -> list[int]:
     """The widths of the blob's thumbnails that are in the store."""
     from demo.common.images.rules import THUMBNAIL_WIDTHS
@@ -311,18 +306,6 @@ def stored_objects(settings) -> list[str]:
     config = {"endpoint": settings.s3_endpoint, "region": settings.s3_region or "us-east-1"}
     client = S3Store(bucket, prefix=prefix or None, config=config, client_options={"allow_http": True})
     return sorted(meta["path"] for page in obstore.list(client) for meta in page if meta["path"] != IDENTITY)
-
-
-def temp_files(app) -> list[Path]:
-    """Files in this host's temp folder (uploads in progress, thumbnails being made): local on both backends."""
-    return files(Path(app.services.store.temp_dir()))
-
-
-def assert_store_empty(app) -> None:
-    """No object, no temp file, no image or blob row: what a refused upload must leave, on either backend."""
-    assert temp_files(app) == []
-    assert stored_objects(app.services.settings) == []
-    assert count(app, Image) == 0 and count(app, ImageBlob) == 0
 
 
 def storage_env(storage: dict[str, Any]) -> dict[str, str]:
