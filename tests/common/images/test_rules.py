@@ -25,11 +25,11 @@ from demo.common.errors import InvalidField, InvalidImage, NotFound, QuotaExceed
 from demo.common.images import imaging, queries
 from demo.common.images.local_store import LocalImageStore
 from demo.common.images.rules import ImageFile, Images, StoreMismatch, bind_store, decode_cursor, encode_cursor
-from demo.common.images.storage import object_name
+from demo.common.images.storage import StoreUnavailable, object_name
 from demo.common.infra import migrate
 from demo.common.infra.db import Database
 from demo.models import Deployment, Image, ImageBlob, ImageVariant, User
-from tests.helpers import make_test_engine, sql_cursor
+from tests.helpers import SeaweedFS, make_test_engine, sql_cursor
 
 from .support import blob_refs, count, encode, jpeg, media, noise, open_image, png, put_object, stored, temp_files
 
@@ -318,6 +318,32 @@ async def test_a_thumbnail_in_the_store_without_a_row_is_adopted_not_made_again(
     thumb = await images.file_for(await images.find(record["id"]), 320)
     assert builds == [] and thumb.size == len(legacy) and await read_file(images, thumb) == legacy
     assert variant_rows(app) == [(record["sha256"], 320, "ready", len(legacy))]
+
+
+@pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+@gen_test
+async def test_a_store_outage_while_making_a_thumbnail_is_unavailable_at_once_and_recovers(
+    build_app, settings, tmp_path
+):
+    """A private SeaweedFS (never the session's) goes down with a thumbnail asked for: the claim is
+    given up (no waiting out a lease afterwards), nothing half-made stays, and it works once back."""
+    private = SeaweedFS(tmp_path / "weed").start()
+    try:
+        app = build_app(settings.replace(**private.settings("outage")))
+        images, owner = app.services.images, new_user(app, "+8618866668888")
+        record = await images.create(owner, jpeg((400, 300)))
+        found = await images.find(record["id"])
+        private.stop()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await images.file_for(found, 160)
+        assert time.monotonic() - started < 5
+        assert variant_rows(app) == [] and temp_files(app) == []
+        private.start()
+        thumb = await images.file_for(found, 160)
+        assert open_image(await read_file(images, thumb)).size == (160, 120)
+    finally:
+        private.stop()
 
 
 # -- delete and the blob's use --------------------------------------------------------------------------
