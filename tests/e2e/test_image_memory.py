@@ -1,5 +1,6 @@
 """Images and memory, end to end: animation bombs and the decode budget, measured on a real server
-process's peak resident memory (Pillow's C memory included).
+process's peak resident memory (Pillow's C memory included), on both image stores (an S3 thumbnail
+build downloads its original to a temp file: that must not cost memory either).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tests.common.images.support import (
     MIME,
     animation,
     open_image,
+    storage_env,
 )
 from tests.helpers import call, free_port, memory, register, reset_peak_memory, start, stop, wait_for
 
@@ -24,8 +26,8 @@ gen_test = pytest.mark.gen_test(timeout=120)
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A real server process (one process, SQLite) and a user's token: (port, pid, token)."""
+def server(tmp_path, storage):
+    """A real server process (one process, SQLite, the test's image store) and a user's token: (port, pid, token)."""
     port = free_port()
     env = {
         "DEMO_COOKIE_SECRET": "p" * 48,
@@ -33,6 +35,7 @@ def server(tmp_path):
         "DEMO_MEDIA_ROOT": str(tmp_path / "media"),
         "DEMO_SMS_BACKEND": f"file:{tmp_path / 'outbox.jsonl'}",
         "DEMO_SMS_TEST_NUMBERS": "+8618800000001:123456",
+        **storage_env(storage),
     }
     proc = start(tmp_path, f"--port={port}", "--processes=1", "--log_dir=", env=env)
     try:

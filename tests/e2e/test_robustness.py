@@ -1,13 +1,14 @@
 """Under faults demo keeps answering, answers correctly, and loses nothing it acknowledged.
 
 Slow and idle clients, a full disk (a real tmpfs), kill -9 in the middle of uploads and
-registrations, and a database that goes away and comes back (a private MariaDB instance, so the
-shared server is untouched).
+registrations (on both image stores), and a database and an object store that go away and come back
+(a private MariaDB instance and a private SeaweedFS, so the shared servers are untouched).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import hashlib
 import io
@@ -25,11 +26,16 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import create_engine, func, select, text
 
+from demo.common.images.storage import object_name
 from demo.common.infra.readiness import READY_TTL
+from demo.conf import settings as config
 from demo.models import Image, ImageBlob
+from tests.common.images.support import fetch, open_image, storage_env, stored_objects, temp_files
 from tests.helpers import (
     GENEROUS_LIMITS,
     REQUIRE_MYSQL,
+    S3_BUCKET,
+    SeaweedFS,
     call,
     finish,
     free_port,
@@ -112,6 +118,8 @@ def test_slow_and_idle_clients_do_not_starve_others(tmp_path):
 
 
 # -- a full disk -------------------------------------------------------------------------------------
+# The local store only: these fill (or fake filling) the media folder's own filesystem, which an S3
+# store does not have (its uploads in progress are spooled the same way on either backend).
 
 
 @pytest.fixture
@@ -132,9 +140,12 @@ def tiny_disk(tmp_path):
 
 @pytest.fixture
 def app(request, settings, build_app):
-    """The usual app; with ``tiny_disk``, its media folder lives on that small tmpfs."""
+    """The usual app; with ``tiny_disk``, its media folder lives on that small tmpfs; with
+    ``private_s3``, its images are stored there."""
     if "tiny_disk" in request.fixturenames:
         settings = settings.replace(media_root=str(request.getfixturevalue("tiny_disk") / "media"))
+    if "private_s3" in request.fixturenames:
+        settings = settings.replace(**request.getfixturevalue("private_s3").settings("outage"))
     return build_app(settings)
 
 
@@ -194,9 +205,9 @@ async def test_disk_full_while_storing_is_507_and_leaves_nothing(api, user, app,
 # -- kill -9 in the middle of traffic --------------------------------------------------------------
 
 
-def check_consistency(database_url: str, media: Path) -> None:
-    """No temp files; every row has its blob; every blob file has rows; no blob row is left unused."""
-    assert files_under(media / "tmp") == []
+def check_consistency(database_url: str, store: config.Settings) -> None:
+    """No temp files; every row has its blob; every stored blob has rows; no blob row is left unused."""
+    assert files_under(Path(store.media_root) / "tmp") == []
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -204,14 +215,13 @@ def check_consistency(database_url: str, media: Path) -> None:
             blobs = set(conn.execute(select(ImageBlob.sha256)).scalars())
     finally:
         engine.dispose()
-    on_disk = {p.name for p in (media / "blobs").glob("??/??/*")}
     assert blobs == used, "blob rows differ from the blobs images use"
-    assert on_disk == used, "blob files and image rows disagree"
+    assert stored_objects(store) == sorted(object_name(sha) for sha in used), "stored blobs and image rows disagree"
 
 
-def test_kill_9_mid_uploads_and_registrations_loses_nothing_acknowledged(tmp_path, database_url):
+def test_kill_9_mid_uploads_and_registrations_loses_nothing_acknowledged(tmp_path, database_url, storage):
     port = free_port()
-    env = server_env(tmp_path, database_url)
+    env = server_env(tmp_path, database_url, **storage_env(storage))
     proc = start(tmp_path, f"--port={port}", "--log_dir=", env=env)
     wait_for(f"http://127.0.0.1:{port}/healthz", proc)
     token = register(port, fixed_phone(0), "123456")
@@ -259,7 +269,7 @@ def test_kill_9_mid_uploads_and_registrations_loses_nothing_acknowledged(tmp_pat
     restarted = start(tmp_path, f"--port={port}", "--log_dir=", env=env)
     try:
         wait_for(f"http://127.0.0.1:{port}/readyz", restarted)
-        check_consistency(database_url, tmp_path / "media")
+        check_consistency(database_url, config.defaults(media_root=str(tmp_path / "media"), **storage))
         for image in images:  # every 201 the clients saw is still there, byte for byte
             status, body = call(port, "GET", image["url"].split(str(port), 1)[1])
             assert status == 200 and hashlib.sha256(body).hexdigest() == image["sha256"]
@@ -441,3 +451,111 @@ def test_database_outage_is_a_fast_503_and_recovery_needs_no_restart(tmp_path, p
         stop_traffic.set()
         stop(proc)
     assert proc.returncode == 0
+
+
+# -- the object store goes away and comes back ---------------------------------------------------
+
+
+@pytest.fixture
+def private_s3(s3_server, tmp_path):
+    """A SeaweedFS of this test's own, to stop and start again on the same folder and ports. The
+    session's ``s3_server`` (every other test's objects) is never stopped; asking for it puts the
+    credentials in the environment."""
+    server = SeaweedFS(tmp_path / "seaweedfs").start()
+    yield server
+    server.stop()
+
+
+def wait_writable(server: SeaweedFS, timeout: float = 30) -> None:
+    """Until a PUT through the S3 gateway lands (with a client of our own, outside the app's prefix):
+    a restarted SeaweedFS answers reads before it takes writes, and may hold the first ones for
+    seconds, which would be the store's delay, not the app's."""
+    import obstore
+    from obstore.exceptions import BaseError
+    from obstore.store import S3Store
+
+    probe = S3Store(
+        S3_BUCKET,
+        config={"endpoint": server.endpoint, "region": "us-east-1"},
+        client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
+        retry_config={"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=2)},
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            obstore.put(probe, "readiness-probe", b"ok")
+            return
+        except BaseError:
+            assert time.monotonic() < deadline, f"SeaweedFS took no write within {timeout:.0f} s:\n{server.log()}"
+            time.sleep(0.1)
+
+
+def rows(app) -> tuple[int, int]:
+    """(images, blob rows)."""
+
+    def count(model) -> int:
+        return app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(model)))
+
+    return count(Image), count(ImageBlob)
+
+
+# The store is the private one (the app fixture); the parameter makes the id read [sqlite-s3].
+@pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+@pytest.mark.usefixtures("storage")
+@gen_test
+async def test_store_outage_is_a_fast_503_leaves_nothing_half_made_and_heals_without_a_restart(
+    api, user, app, private_s3
+):
+    async def post_png(seed: int, size: tuple[int, int] = (300, 200)):
+        body = noise_png(size, seed=seed)  # 300x200: about 180 KiB, held in memory once read
+        return await api.post("/images", body=body, token=user.token, headers={"Content-Type": "image/png"})
+
+    shown = (await post_png(1)).json["image"]  # served once: its bytes are in the app's memory now
+    unseen = (await post_png(2)).json["image"]  # never served: its bytes are only in the store
+    large = (await post_png(4, (600, 600))).json["image"]  # about 1 MiB: always streamed from the store
+    assert (await fetch(api, shown["url"])).code == 200
+    before, objects = rows(app), stored_objects(app.services.settings)
+    assert before == (3, 3) and len(objects) == 3
+
+    private_s3.stop()
+    calls = {
+        "new upload": lambda: post_png(3),
+        "known upload": lambda: post_png(1),  # the same bytes as `shown`: its blob is checked in the store
+        "image": lambda: fetch(api, unseen["url"]),
+        "large image": lambda: fetch(api, large["url"]),  # the first piece fails: nothing sent yet
+        "new thumbnail": lambda: fetch(api, shown["thumbnails"]["160"]),
+    }
+    for name, request in calls.items():
+        started = time.monotonic()
+        response = await request()
+        took = time.monotonic() - started
+        assert response.code == 503 and response.error == "unavailable", (name, response.code, response.body)
+        assert took < 2, (name, took)
+    images, blobs = rows(app)
+    assert images == before[0], "a failed upload left an image row"
+    # The failed new upload's blob row may stay: it was committed before the put, so that an object
+    # the store may have kept (a PUT that timed out after landing) has a record; no image uses it, and
+    # the housekeeping sweep collects it once the store answers again (checked below).
+    assert blobs - before[1] in (0, 1)
+    assert temp_files(app) == []
+    served = await fetch(api, shown["url"])  # from memory: immutable bytes need no store
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == shown["sha256"]
+
+    private_s3.start()  # the same folder and ports: the app, never restarted, finds it again
+    wait_writable(private_s3)
+    assert app.services.images.collect_unused() == blobs - before[1]  # the housekeeping sweep
+    assert rows(app) == before
+    started = time.monotonic()
+    fresh = await post_png(3)
+    assert fresh.code == 201, fresh.body
+    for image in (unseen, large):
+        again = await fetch(api, image["url"])
+        assert again.code == 200 and hashlib.sha256(again.body).hexdigest() == image["sha256"]
+    thumbnail = await fetch(api, shown["thumbnails"]["160"])  # the failed build left no claim to wait out
+    assert thumbnail.code == 200 and open_image(thumbnail.body).width == 160
+    assert time.monotonic() - started < 10
+    sha = fresh.json["image"]["sha256"]
+    assert rows(app) == (4, 4)
+    made = [object_name(sha), object_name(shown["sha256"], 160)]
+    assert stored_objects(app.services.settings) == sorted([*objects, *made])
+    assert temp_files(app) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -203,6 +204,7 @@ async def test_one_database_update_per_view(api, user, app, monkeypatch):
     assert statements == ["SELECT", "UPDATE"]
 
 
+@pytest.mark.usefixtures("storage")  # stores an image: on both stores
 @gen_test
 async def test_home_page_lists_own_images(api, user, outbox, clock):
     buffer = io.BytesIO()
@@ -408,6 +410,7 @@ async def test_same_origin_posts_pass(api, user, base_url, origin):
     assert (await logout(api, cookie, xsrf_from(page), headers, cookies=set_by(page))).code == 302
 
 
+@pytest.mark.usefixtures("storage")  # stores an image: on both stores
 @gen_test
 async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api, user):
     cookie = await open_h5(api, user.body["h5_url"])
@@ -422,6 +425,8 @@ async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api,
         "/h5/images", body=body, headers={**form, "Cookie": f"demo_h5={cookie}{jar}", "X-XSRFToken": token}
     )
     assert ok.code == 201 and ok.json["image"]["format"] == "jpeg"
+    served = await api.get(path_of(ok.json["image"]["url"]))
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == ok.json["image"]["sha256"]
     assert (
         await api.post("/images", body=jpeg_bytes(), token=user.token, headers={"Content-Type": "image/jpeg"})
     ).code == 201  # no XSRF for Bearer calls
@@ -430,6 +435,7 @@ async def test_page_upload_needs_cookie_and_xsrf_while_bearer_api_is_exempt(api,
 
 
 @pytest.mark.settings(max_upload_bytes=64 * 1024, image_quota_count=1)
+@pytest.mark.usefixtures("storage")  # stores an image: on both stores
 @gen_test
 async def test_page_upload_errors_are_json_like_its_success(api, user):
     """The page's XHR reads one form: the image object on 201, the contract's error object otherwise,

@@ -1,7 +1,9 @@
 """The images routes (views/images_*): upload, its checks and limits, delivery, thumbnails, listing,
 deletion, quotas, as a client sees them over HTTP.
 
-Every image is made with Pillow right here; every test runs on SQLite and MariaDB.
+Every image is made with Pillow right here; every test runs on SQLite and MariaDB, and on both image
+stores (``local``: a folder, ``s3``: SeaweedFS): what is stored is checked through the store's own API
+or listing, so the same assertion holds on either.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import io
 import os
 import re
 import secrets
-from pathlib import Path
+import urllib.error
+import urllib.request
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from PIL import Image as PILImage
 
 from demo.common.errors import InvalidImage
 from demo.common.images import imaging
+from demo.common.images.storage import object_name
 from demo.common.images.uploads import IN_MEMORY_MAX, SPOOL_WRITE_BYTES, UploadSpool
 from demo.models import Image, ImageBlob
 from tests.common.images.support import (
@@ -35,14 +39,12 @@ from tests.common.images.support import (
     count,
     encode,
     fetch,
-    files,
     gif_of,
     gif_with_frames,
     gif_with_screen,
     gradient,
     jpeg,
     json_error,
-    media,
     multipart,
     noise,
     open_image,
@@ -50,6 +52,10 @@ from tests.common.images.support import (
     png,
     png_claiming,
     second_user,
+    stored,
+    stored_objects,
+    stored_thumbnails,
+    temp_files,
     upload,
     uploaded,
     webp_canvas,
@@ -60,6 +66,9 @@ gen_test = pytest.mark.gen_test(timeout=60)
 WIDTHS = ("160", "320", "640", "1280")
 IMAGE_KEYS = {"id", "url", "width", "height", "format", "bytes", "sha256", "created_at", "thumbnails"}
 IMMUTABLE = "public, max-age=31536000, immutable"
+
+# Every test here on both image stores: the ids read e.g. [sqlite-local], [mysql-s3].
+pytestmark = pytest.mark.usefixtures("storage")
 
 
 # -- upload: the response contract -----------------------------------------------------------------
@@ -277,7 +286,7 @@ async def test_hostile_file_names_are_never_used(api, user, app, tmp_path, filen
     assert response.code == 201, response.body
     image = response.json["image"]
     assert b"escaped" not in response.body and b"passwd" not in response.body
-    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(image["sha256"]))]
+    assert stored_objects(app.services.settings) == [object_name(image["sha256"])]
     assert not list(tmp_path.rglob("escaped*"))
     assert_no_temp_files(app)
 
@@ -381,10 +390,10 @@ async def test_client_going_away_mid_upload_leaves_no_temp_file(app, user, http_
         # Declared too long to be held in memory: the body goes to a temp file.
         await conn.send(request_head(user.token, "image/jpeg", length=IN_MEMORY_MAX + 1) + sent)
         for _ in range(200):
-            if files(media(app) / "tmp"):
+            if temp_files(app):
                 break
             await asyncio.sleep(0.05)
-        assert len(files(media(app) / "tmp")) == 1  # the upload in progress
+        assert len(temp_files(app)) == 1  # the upload in progress (spooled locally on either backend)
     await assert_handlers_end(before)  # the client went away mid-body
     assert_nothing_stored(app)
 
@@ -552,6 +561,138 @@ async def test_an_image_id_in_another_letter_case_is_404(api, user, app):
     assert (await fetch(api, image["url"])).code == 200 and count(app, Image) == 1
 
 
+@gen_test
+async def test_a_large_image_is_streamed_from_the_store_whole_and_in_ranges(api, user, app):
+    """Above the memory cache's item limit (512 KiB) the bytes come from the store in chunks, never held
+    whole: every header, 304, 206 (across chunk boundaries), 416 and HEAD as for a small one."""
+    data = encode(noise((600, 600), seed=3), "PNG")  # incompressible: about 1 MiB once re-encoded
+    image = await uploaded(api, user.token, data, content_type="image/png")
+    size = image["bytes"]
+    assert size > 2 * 512 * KIB
+    images = app.services.images
+    original = await images.file_for(await images.find(image["id"]), None)
+    assert await images.contents(original) is None  # too large for memory: streamed
+
+    served = await fetch(api, image["url"])
+    assert served.code == 200 and len(served.body) == size
+    assert hashlib.sha256(served.body).hexdigest() == image["sha256"]
+    assert served.headers["Content-Length"] == str(size)
+    assert served.headers["Content-Type"] == "image/png" and served.headers["Cache-Control"] == IMMUTABLE
+    assert served.headers["ETag"] == f'"{image["sha256"]}"' and served.headers["Content-Security-Policy"] == "sandbox"
+    assert served.headers["Accept-Ranges"] == "bytes" and served.headers["X-Content-Type-Options"] == "nosniff"
+
+    chunk = 256 * KIB
+    for first, last in ((chunk - 10, 3 * chunk + 5), (0, chunk), (size - 7, size - 1), (chunk, chunk)):
+        ranged = await fetch(api, image["url"], headers={"Range": f"bytes={first}-{last}"})
+        assert ranged.code == 206 and ranged.body == served.body[first : last + 1], (first, last)
+        assert ranged.headers["Content-Range"] == f"bytes {first}-{last}/{size}"
+    suffix = await fetch(api, image["url"], headers={"Range": f"bytes=-{chunk + 1}"})
+    assert suffix.code == 206 and suffix.body == served.body[-(chunk + 1) :]
+    assert_error(await fetch(api, image["url"], headers={"Range": f"bytes={size}-"}), 416, "range_not_satisfiable")
+
+    again = await fetch(api, image["url"], headers={"If-None-Match": served.headers["ETag"]})
+    assert again.code == 304 and again.body == b""
+    head = await api.request("HEAD", path_of(image["url"]))
+    assert head.code == 200 and head.body == b"" and head.headers["Content-Length"] == str(size)
+
+
+# -- behind nginx: the internal redirect to the store (X-Accel-Redirect) --------------------------
+
+STORE_LOCATION = {"X-Demo-Store-Location": "/_store/"}  # what nginx's image location sends the app
+# One backend for a test about that backend (the id still reads [sqlite-s3] or [sqlite-local]).
+s3_only = pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+local_only = pytest.mark.parametrize("storage", ["local"], indirect=True)
+
+
+def redirect_target(response, s3_server) -> str:
+    """The presigned URL an X-Accel-Redirect answer hands nginx, as a URL of the store itself."""
+    location = response.headers["X-Accel-Redirect"]
+    assert location.startswith("/_store/"), location
+    return f"{s3_server.endpoint}/{location.removeprefix('/_store/')}"
+
+
+def get_directly(url: str) -> tuple[int, bytes]:
+    """GET without any credential but the URL's own signature (as nginx's internal location does)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def assert_image_headers(response, image: dict[str, Any], etag: str) -> None:
+    assert response.headers["Content-Type"] == MIME_OF[image["format"]]
+    assert response.headers["Cache-Control"] == IMMUTABLE
+    assert response.headers["ETag"] == etag
+    assert response.headers["Content-Security-Policy"] == "sandbox"
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+MIME_OF = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp"}
+
+
+@s3_only
+@pytest.mark.settings(trusted_proxies="127.0.0.0/8,::1")
+@gen_test
+async def test_behind_the_proxy_an_s3_image_is_an_internal_redirect_to_a_presigned_url(api, user, app, s3_server):
+    image = await uploaded(api, user.token, jpeg((800, 600)))
+    sha, prefix = image["sha256"], app.services.settings.storage.removeprefix("s3://")
+    streamed = await fetch(api, image["url"])  # no header: the bytes themselves
+    assert streamed.code == 200 and hashlib.sha256(streamed.body).hexdigest() == sha
+
+    for url, etag, width in (
+        (image["url"], f'"{sha}"', None),
+        (image["thumbnails"]["160"], f'"{sha}-w160"', 160),  # the thumbnail is made on the way
+    ):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and response.body == b"", response.body
+        assert_image_headers(response, image, etag)
+        location = response.headers["X-Accel-Redirect"]
+        assert location.startswith(f"/_store/{prefix}/{object_name(sha, width)}?"), location
+        query = parse_qs(urlsplit(location).query)
+        assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Signature"]
+        # What nginx's internal location fetches: the exact stored bytes, on the URL's signature alone.
+        status, body = get_directly(redirect_target(response, s3_server))
+        assert status == 200 and body == app.services.store.read(sha, width)
+    status, body = get_directly(redirect_target(await fetch(api, image["url"], headers=STORE_LOCATION), s3_server))
+    assert status == 200 and body == streamed.body
+
+    # A revalidation is the app's own 304, and HEAD its own headers: neither sends nginx to the store.
+    cached = await fetch(api, image["url"], headers={**STORE_LOCATION, "If-None-Match": f'"{sha}"'})
+    assert cached.code == 304 and cached.body == b"" and "X-Accel-Redirect" not in cached.headers
+    head = await api.request("HEAD", path_of(image["url"]), headers=STORE_LOCATION)
+    assert head.code == 200 and head.body == b"" and "X-Accel-Redirect" not in head.headers
+    assert head.headers["Content-Length"] == str(image["bytes"])
+    assert_image_headers(head, image, f'"{sha}"')
+
+
+@s3_only
+@pytest.mark.settings(trusted_proxies="192.0.2.1")  # a proxy elsewhere: the test client is not it
+@gen_test
+async def test_the_store_location_header_from_an_untrusted_peer_is_ignored(api, user):
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    for url in (image["url"], image["thumbnails"]["160"]):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
+        assert response.body and response.headers["Content-Length"] == str(len(response.body))
+    full = await fetch(api, image["url"], headers=STORE_LOCATION)
+    assert hashlib.sha256(full.body).hexdigest() == image["sha256"]
+
+
+@local_only
+@pytest.mark.settings(trusted_proxies="127.0.0.0/8,::1")
+@gen_test
+async def test_a_local_store_always_streams_even_behind_the_proxy(api, user):
+    """A folder has no URL nginx could fetch: the app sends the bytes itself, header or not."""
+    image = await uploaded(api, user.token, jpeg((400, 300)))
+    for url in (image["url"], image["thumbnails"]["160"]):
+        response = await fetch(api, url, headers=STORE_LOCATION)
+        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
+        assert response.body and response.headers["Content-Length"] == str(len(response.body))
+        assert open_image(response.body).format == "JPEG"
+
+
 # -- thumbnails ------------------------------------------------------------------------------------
 
 
@@ -577,7 +718,7 @@ async def test_thumbnails_have_the_asked_width(api, user, app):
         ranged = await fetch(api, image["thumbnails"][width], headers={"Range": "bytes=0-9"})
         assert ranged.code == 206 and ranged.body == response.body[:10]
     assert len(etags) == 4
-    assert len(files(media(app) / "thumbs")) == 4
+    assert stored_thumbnails(app, image["sha256"]) == [160, 320, 640, 1280]
 
 
 @gen_test
@@ -590,7 +731,7 @@ async def test_thumbnails_never_upscale(api, user, app):
         response = await fetch(api, image["thumbnails"][width])
         assert response.code == 200 and response.body == original.body
         assert response.headers["ETag"] == original.headers["ETag"]
-    assert len(files(media(app) / "thumbs")) == 1
+    assert stored_thumbnails(app, image["sha256"]) == [160]
 
 
 # Only the spellings the links use: nginx's cache keys on the raw argument ("0160" would miss it).
@@ -646,9 +787,8 @@ async def test_a_thumbnail_is_made_once_even_when_asked_for_concurrently(api, us
     assert len({r.body for r in responses}) == 1
     assert open_image(responses[0].body).width == 320
     assert len(made) == 1
-    assert len(files(media(app) / "thumbs")) == 1
-    thumb = files(media(app) / "thumbs")[0]
-    assert thumb.read_bytes() == responses[0].body
+    assert stored_thumbnails(app, image["sha256"]) == [320]
+    assert app.services.store.read(image["sha256"], 320) == responses[0].body
     assert_no_temp_files(app)
 
 
@@ -670,7 +810,7 @@ async def test_every_images_api_call_needs_a_valid_token(api, user, app, authori
     ]
     for response in await asyncio.gather(*calls):
         assert response.code == 401 and response.error == "unauthorized"
-    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
+    assert count(app, Image) == 1 and len(stored(app, "blobs")) == 1
     assert_no_temp_files(app)
 
 
@@ -840,26 +980,28 @@ async def test_shared_blob_and_its_thumbnails_go_with_the_last_image(api, user, 
     second = await uploaded(api, other_token, data)
     assert first["sha256"] == second["sha256"] and first["id"] != second["id"]
     sha = first["sha256"]
-    blob = Path(app.services.store.local_path(sha))
-    assert files(media(app) / "blobs") == [blob]
+    store = app.services.store
+    assert stored(app, "blobs") == [object_name(sha)]
     assert blob_refs(app, sha) == 2
     assert (await fetch(api, first["thumbnails"]["160"])).code == 200
     assert (await fetch(api, second["thumbnails"]["320"])).code == 200
-    assert len(files(media(app) / "thumbs")) == 2
+    assert stored_objects(app.services.settings) == sorted(
+        [object_name(sha), object_name(sha, 160), object_name(sha, 320)]
+    )
 
     assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
-    assert blob.exists() and len(files(media(app) / "thumbs")) == 2
+    assert store.exists(sha) and stored_thumbnails(app, sha) == [160, 320]
     assert blob_refs(app, sha) == 1
     assert (await fetch(api, first["url"])).code == 404
     assert (await fetch(api, second["url"])).code == 200
 
     assert (await api.delete(f"/images/{second['id']}", token=other_token)).code == 204
-    assert not blob.exists()
+    assert not store.exists(sha) and stored_thumbnails(app, sha) == []
     assert_nothing_stored(app)
 
     # The same bytes again: stored afresh and served.
     again = await uploaded(api, user.token, data)
-    assert again["sha256"] == sha and blob.exists() and blob_refs(app, sha) == 1
+    assert again["sha256"] == sha and store.exists(sha) and blob_refs(app, sha) == 1
     assert (await fetch(api, again["url"])).code == 200
 
 
@@ -872,7 +1014,7 @@ async def test_the_same_image_uploaded_ten_times_concurrently_is_one_blob_and_te
     assert len({i["id"] for i in images}) == 10 and len({i["sha256"] for i in images}) == 1
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
     assert blob_refs(app, images[0]["sha256"]) == 10
-    assert files(media(app) / "blobs") == [Path(app.services.store.local_path(images[0]["sha256"]))]
+    assert stored_objects(app.services.settings) == [object_name(images[0]["sha256"])]
     assert_no_temp_files(app)
     listed = await api.get("/images?limit=100", token=user.token)
     assert len(listed.json["images"]) == 10
@@ -885,7 +1027,37 @@ async def test_concurrent_uploads_of_the_same_bytes_by_different_users(api, user
     responses = await asyncio.gather(*(upload(api, token, data) for token in [user.token, other_token] * 5))
     assert [r.code for r in responses] == [201] * 10, [r.body for r in responses if r.code != 201]
     assert count(app, Image) == 10 and count(app, ImageBlob) == 1
-    assert len(files(media(app) / "blobs")) == 1
+    assert len(stored(app, "blobs")) == 1
+
+
+@gen_test
+async def test_two_users_uploading_the_same_bytes_at_once_share_one_object_until_both_are_deleted(
+    api, user, app, outbox
+):
+    """Content-addressed on either store: one object (the S3 put is conditional), exact references, and
+    the object with its thumbnails removed from the store only with the last image that uses it."""
+    other_token = await second_user(api, outbox)
+    data = jpeg((500, 400))
+    responses = await asyncio.gather(upload(api, user.token, data), upload(api, other_token, data))
+    assert [r.code for r in responses] == [201, 201], [r.body for r in responses]
+    mine, theirs = (r.json["image"] for r in responses)
+    sha = mine["sha256"]
+    assert theirs["sha256"] == sha and mine["id"] != theirs["id"]
+    assert stored_objects(app.services.settings) == [object_name(sha)] and blob_refs(app, sha) == 2
+    for image in (mine, theirs):
+        assert (await fetch(api, image["thumbnails"]["160"])).code == 200
+    assert (await fetch(api, theirs["thumbnails"]["320"])).code == 200
+    everything = sorted([object_name(sha), object_name(sha, 160), object_name(sha, 320)])
+    assert stored_objects(app.services.settings) == everything
+
+    assert (await api.delete(f"/images/{mine['id']}", token=user.token)).code == 204
+    assert stored_objects(app.services.settings) == everything and blob_refs(app, sha) == 1
+    served = await fetch(api, theirs["url"])
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == sha
+
+    assert (await api.delete(f"/images/{theirs['id']}", token=other_token)).code == 204
+    assert blob_refs(app, sha) is None
+    assert_nothing_stored(app)
 
 
 @gen_test
@@ -920,7 +1092,7 @@ async def test_count_quota(api, user, app):
     await uploaded(api, user.token, jpeg((21, 20)))
     response = await upload(api, user.token, jpeg((22, 20)))
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 2 and len(files(media(app) / "blobs")) == 2
+    assert count(app, Image) == 2 and len(stored(app, "blobs")) == 2
     assert_no_temp_files(app)
     assert (await api.delete(f"/images/{first['id']}", token=user.token)).code == 204
     assert (await upload(api, user.token, jpeg((22, 20)))).code == 201
@@ -933,7 +1105,7 @@ async def test_count_quota_holds_under_concurrent_uploads(api, user, app):
     codes = sorted(r.code for r in responses)
     assert codes == [201] * 3 + [403] * 5
     assert all(r.error == "quota_exceeded" for r in responses if r.code == 403)
-    assert count(app, Image) == 3 and len(files(media(app) / "blobs")) == 3
+    assert count(app, Image) == 3 and len(stored(app, "blobs")) == 3
     assert_no_temp_files(app)
 
 
@@ -952,7 +1124,7 @@ async def test_byte_quota(api, user, app):
     b_data = encode(noise((40, 40), seed=2), "PNG")
     response = await upload(api, user.token, b_data, content_type="image/png")
     assert response.code == 403 and response.error == "quota_exceeded"
-    assert count(app, Image) == 1 and len(files(media(app) / "blobs")) == 1
+    assert count(app, Image) == 1 and len(stored(app, "blobs")) == 1
     assert_no_temp_files(app)
     assert (await api.delete(f"/images/{a['id']}", token=user.token)).code == 204
     b = await uploaded(api, user.token, b_data, content_type="image/png")
@@ -979,10 +1151,10 @@ async def test_profile_reports_image_count(api, user, outbox):
 @gen_test
 async def test_a_missing_blob_is_a_json_404_and_logs_an_error(api, user, app, caplog):
     image = await uploaded(api, user.token, jpeg((400, 300)))
-    Path(app.services.store.local_path(image["sha256"])).unlink()
+    app.services.store.delete(image["sha256"], [])  # the store lost the blob; the rows still point at it
     for url in (image["url"], image["thumbnails"]["160"]):
         assert_error(await fetch(api, url), 404, "not_found")
-    missing = [r for r in caplog.records if r.levelname == "ERROR" and "missing from the media store" in r.getMessage()]
+    missing = [r for r in caplog.records if r.levelname == "ERROR" and "missing from the store" in r.getMessage()]
     assert len(missing) == 2
 
 
@@ -1048,7 +1220,7 @@ async def test_a_thumbnail_waits_for_room_in_the_decode_budget(api, user, app):
     async with budget.reserve(budget.capacity):  # uploads are decoding all the budget allows
         thumbnail = asyncio.ensure_future(fetch(api, image["thumbnails"]["160"]))
         await asyncio.sleep(0.5)
-        assert not thumbnail.done() and files(media(app) / "thumbs") == []
+        assert not thumbnail.done() and stored_thumbnails(app, image["sha256"]) == []
     response = await thumbnail
     assert response.code == 200 and open_image(response.body).n_frames > 1
 
@@ -1056,17 +1228,19 @@ async def test_a_thumbnail_waits_for_room_in_the_decode_budget(api, user, app):
 @gen_test
 async def test_concurrent_requests_for_a_new_thumbnail_make_it_once_in_one_build(api, user, app, monkeypatch):
     image = await uploaded(api, user.token, animation("GIF", 30, (400, 300)), content_type="image/gif")
-    store, builds = app.services.store, []
-    make_variant = store.make_variant
+    store, put = app.services.store, []
+    real_put = store.put
 
-    def counting(*args: Any) -> str:
-        builds.append(args)  # every call takes a worker thread (and would wait there on the lock file)
-        return make_variant(*args)
+    # The real store, watched: every build puts its thumbnail (a PUT on S3, on a worker thread); the
+    # waiters share the first request's build instead of each making and storing their own.
+    def putting(*args: Any, **kwargs: Any) -> None:
+        put.append(kwargs.get("width"))
+        real_put(*args, **kwargs)
 
-    monkeypatch.setattr(store, "make_variant", counting)
+    monkeypatch.setattr(store, "put", putting)
     responses = await asyncio.gather(*(fetch(api, image["thumbnails"]["320"]) for _ in range(8)))
     assert [r.code for r in responses] == [200] * 8 and len({r.body for r in responses}) == 1
-    assert len(builds) == 1
+    assert put == [320] and stored_thumbnails(app, image["sha256"]) == [320]
 
 
 # -- the same upload again -------------------------------------------------------------------------
@@ -1093,11 +1267,11 @@ async def test_the_same_bytes_uploaded_again_are_stored_without_a_second_decode(
         }
         assert (await fetch(api, image["url"])).code == 200
 
-    # The blob's file gone (whatever the reason): the upload is decoded again and the file is back.
-    blob = Path(app.services.store.local_path(first["sha256"]))
-    blob.unlink()
+    # The blob gone from the store (whatever the reason): the upload is decoded again and the blob is back.
+    store = app.services.store
+    store.delete(first["sha256"], [])
     image = await uploaded(api, user.token, data, content_type="image/gif")
-    assert len(decoded) == 2 and image["sha256"] == first["sha256"] and blob.exists()
+    assert len(decoded) == 2 and image["sha256"] == first["sha256"] and store.exists(first["sha256"])
     assert blob_refs(app, first["sha256"]) == 5
 
 

@@ -277,3 +277,37 @@ def _gif_frame_blocks(size: tuple[int, int], colour: int) -> bytes:
     start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 128 else 0)
     assert data[start : start + 1] == b"," and not data[start + 9] & 128  # a descriptor, no frame palette
     return data[start:-1]
+
+
+# -- the store, on either backend (the folder or the S3 bucket) ------------------------------------
+
+
+def stored_thumbnails(app, sha256: str) -> list[int]:
+    """The widths of the blob's thumbnails that are in the store."""
+    from demo.common.images.rules import THUMBNAIL_WIDTHS
+
+    return [width for width in THUMBNAIL_WIDTHS if app.services.store.exists(sha256, width)]
+
+
+def stored_objects(settings) -> list[str]:
+    """Every object name under the store's root but its deployment id: blobs and thumbnails alike, read
+    past the app (the folder walked, or the bucket prefix listed with a client of our own), so a stray
+    object the app does not know of shows too."""
+    import obstore
+    from obstore.store import S3Store
+
+    from demo.common.images.storage import IDENTITY
+
+    if not settings.storage:
+        root = Path(settings.media_root)
+        found = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        return sorted(name for name in found if name != IDENTITY and not name.startswith("tmp/"))
+    bucket, _, prefix = settings.storage.removeprefix("s3://").partition("/")
+    config = {"endpoint": settings.s3_endpoint, "region": settings.s3_region or "us-east-1"}
+    client = S3Store(bucket, prefix=prefix or None, config=config, client_options={"allow_http": True})
+    return sorted(meta["path"] for page in obstore.list(client) for meta in page if meta["path"] != IDENTITY)
+
+
+def storage_env(storage: dict[str, Any]) -> dict[str, str]:
+    """The ``storage`` fixture's settings as a server process's DEMO_* environment."""
+    return {f"DEMO_{name.upper()}": str(value) for name, value in storage.items()}
