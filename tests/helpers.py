@@ -964,7 +964,8 @@ class SeaweedFS:
             connection = http.client.HTTPConnection("127.0.0.1", self.ports["-filer.port"], timeout=2)
             try:  # a bucket is a folder under the filer's /buckets (a form body would be an upload)
                 connection.request("POST", f"/buckets/{S3_BUCKET}/", headers={"Content-Length": "0"})
-                return connection.getresponse().status in (200, 201, 409) and self.answers()  # 409: made before
+                made = connection.getresponse().status in (200, 201, 409)  # 409: made before
+                return made and self.takes_writes()
             except OSError:
                 return False
             finally:
@@ -979,6 +980,31 @@ class SeaweedFS:
         except urllib.error.HTTPError:
             return True  # 403 to an unsigned request: the S3 gateway is up
         except OSError:
+            return False
+        return True
+
+    def takes_writes(self) -> bool:
+        """Whether a PUT through the S3 gateway lands now (outside any test's prefix). A (re)started
+        SeaweedFS answers reads before it takes writes, and may hold the first ones for seconds:
+        that would be the store's delay, not the app's."""
+        import obstore
+        from obstore.exceptions import BaseError
+        from obstore.store import S3Store
+
+        probe = S3Store(
+            S3_BUCKET,
+            config={
+                "endpoint": self.endpoint,
+                "region": "us-east-1",
+                "access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            },
+            client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
+            retry_config={"max_retries": 0, "retry_timeout": dt.timedelta(seconds=2)},
+        )
+        try:
+            obstore.put(probe, "readiness-probe", b"ok")
+        except BaseError:
             return False
         return True
 

@@ -8,7 +8,6 @@ registrations (on both image stores), and a database and an object store that go
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import hashlib
 import io
@@ -34,7 +33,6 @@ from tests.common.images.support import fetch, open_image, storage_env, stored_o
 from tests.helpers import (
     GENEROUS_LIMITS,
     REQUIRE_MYSQL,
-    S3_BUCKET,
     SeaweedFS,
     call,
     finish,
@@ -44,6 +42,7 @@ from tests.helpers import (
     start,
     stop,
     wait_for,
+    wait_until,
 )
 
 gen_test = pytest.mark.gen_test(timeout=120)
@@ -466,30 +465,6 @@ def private_s3(s3_server, tmp_path):
     server.stop()
 
 
-def wait_writable(server: SeaweedFS, timeout: float = 30) -> None:
-    """Until a PUT through the S3 gateway lands (with a client of our own, outside the app's prefix):
-    a restarted SeaweedFS answers reads before it takes writes, and may hold the first ones for
-    seconds, which would be the store's delay, not the app's."""
-    import obstore
-    from obstore.exceptions import BaseError
-    from obstore.store import S3Store
-
-    probe = S3Store(
-        S3_BUCKET,
-        config={"endpoint": server.endpoint, "region": "us-east-1"},
-        client_options={"allow_http": True, "timeout": "2s", "connect_timeout": "1s"},
-        retry_config={"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=2)},
-    )
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            obstore.put(probe, "readiness-probe", b"ok")
-            return
-        except BaseError:
-            assert time.monotonic() < deadline, f"SeaweedFS took no write within {timeout:.0f} s:\n{server.log()}"
-            time.sleep(0.1)
-
-
 def rows(app) -> tuple[int, int]:
     """(images, blob rows)."""
 
@@ -542,7 +517,6 @@ async def test_store_outage_is_a_fast_503_leaves_nothing_half_made_and_heals_wit
     assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == shown["sha256"]
 
     private_s3.start()  # the same folder and ports: the app, never restarted, finds it again
-    wait_writable(private_s3)
     assert app.services.images.collect_unused() == blobs - before[1]  # the housekeeping sweep
     assert rows(app) == before
     started = time.monotonic()
@@ -559,3 +533,33 @@ async def test_store_outage_is_a_fast_503_leaves_nothing_half_made_and_heals_wit
     made = [object_name(sha), object_name(shown["sha256"], 160)]
     assert stored_objects(app.services.settings) == sorted([*objects, *made])
     assert temp_files(app) == []
+
+
+@pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+@pytest.mark.usefixtures("storage")
+@pytest.mark.settings(s3_timeout=1.0)
+@gen_test
+async def test_a_frozen_store_is_a_503_within_its_timeout_and_heals_when_it_thaws(api, user, app, private_s3):
+    """A store that accepts connections but never answers (SIGSTOP: a hung host, a cut link) costs each
+    request s3_timeout, not obstore's minutes of retries; thawed, the same app serves again."""
+    body = noise_png((300, 200), seed=7)
+    image = (await api.post("/images", body=body, token=user.token, headers={"Content-Type": "image/png"})).json
+    assert private_s3.proc is not None
+    os.killpg(private_s3.proc.pid, signal.SIGSTOP)
+    try:
+        for name, request in {
+            "image": lambda: fetch(api, image["image"]["url"]),
+            "upload": lambda: api.post(
+                "/images", body=noise_png((300, 200), seed=8), token=user.token, headers={"Content-Type": "image/png"}
+            ),
+        }.items():
+            started = time.monotonic()
+            response = await request()
+            took = time.monotonic() - started
+            assert response.code == 503 and response.error == "unavailable", (name, response.code, response.body)
+            assert took < 1.0 * 2 + 1, (name, took)  # one attempt within the timeout (a retry would double it)
+    finally:
+        os.killpg(private_s3.proc.pid, signal.SIGCONT)
+    wait_until(private_s3.takes_writes, "SeaweedFS to thaw")
+    served = await fetch(api, image["image"]["url"])
+    assert served.code == 200 and hashlib.sha256(served.body).hexdigest() == image["image"]["sha256"]
