@@ -667,17 +667,22 @@ async def test_behind_the_proxy_an_s3_image_is_an_internal_redirect_to_a_presign
     assert_image_headers(head, image, f'"{sha}"')
 
 
-@s3_only
-@pytest.mark.settings(trusted_proxies="192.0.2.1")  # a proxy elsewhere: the test client is not it
-@gen_test
-async def test_the_store_location_header_from_an_untrusted_peer_is_ignored(api, user):
-    image = await uploaded(api, user.token, jpeg((400, 300)))
+async def assert_streamed_by_the_app(api, image) -> None:
+    """The original and a thumbnail come from the app itself, not as a redirect to the store."""
     for url in (image["url"], image["thumbnails"]["160"]):
         response = await fetch(api, url, headers=STORE_LOCATION)
         assert response.code == 200 and "X-Accel-Redirect" not in response.headers
         assert response.body and response.headers["Content-Length"] == str(len(response.body))
+        assert open_image(response.body).format == "JPEG"
     full = await fetch(api, image["url"], headers=STORE_LOCATION)
     assert hashlib.sha256(full.body).hexdigest() == image["sha256"]
+
+
+@s3_only
+@pytest.mark.settings(trusted_proxies="192.0.2.1")  # a proxy elsewhere: the test client is not it
+@gen_test
+async def test_the_store_location_header_from_an_untrusted_peer_is_ignored(api, user):
+    await assert_streamed_by_the_app(api, await uploaded(api, user.token, jpeg((400, 300))))
 
 
 @local_only
@@ -685,12 +690,7 @@ async def test_the_store_location_header_from_an_untrusted_peer_is_ignored(api, 
 @gen_test
 async def test_a_local_store_always_streams_even_behind_the_proxy(api, user):
     """A folder has no URL nginx could fetch: the app sends the bytes itself, header or not."""
-    image = await uploaded(api, user.token, jpeg((400, 300)))
-    for url in (image["url"], image["thumbnails"]["160"]):
-        response = await fetch(api, url, headers=STORE_LOCATION)
-        assert response.code == 200 and "X-Accel-Redirect" not in response.headers
-        assert response.body and response.headers["Content-Length"] == str(len(response.body))
-        assert open_image(response.body).format == "JPEG"
+    await assert_streamed_by_the_app(api, await uploaded(api, user.token, jpeg((400, 300))))
 
 
 # -- thumbnails ------------------------------------------------------------------------------------
