@@ -149,6 +149,22 @@ class ImageBlob(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class ImageVariant(Base):
+    """A thumbnail of a blob, by width: the row decides which host makes it (one claim per variant,
+    across every host), and once ``ready`` it holds the object's size, so delivery never asks the
+    store. ``building`` rows older than the rules' lease are taken over (their builder died)."""
+
+    __tablename__ = "image_variants"
+
+    sha256: Mapped[str] = mapped_column(
+        String(64), ForeignKey("image_blobs.sha256", ondelete="CASCADE"), primary_key=True
+    )
+    width: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(8))  # building | ready
+    claimed_at: Mapped[dt.datetime] = mapped_column(Timestamp)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # set when ready
+
+
 class Image(Base):
     """One upload: an opaque public id, its owner and the blob it points at."""
 

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import re
+from urllib.parse import urlsplit
 
+from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
 from demo.common.images import imaging
-from demo.common.images.rules import THUMBNAIL_WIDTHS
+from demo.common.images.rules import THUMBNAIL_WIDTHS, ImageFile
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import public, requires_session
+from demo.common.web.httpserver import STORE_LOCATION
 from demo.common.web.uploads import UploadStream, image_json
 
 log = logging.getLogger("demo.images")
-CHUNK = 256 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
 DECIMAL = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit also takes "²" and "٣")
 WIDTH_SPELLINGS = {str(width): width for width in THUMBNAIL_WIDTHS}
@@ -74,7 +76,9 @@ class ImageItemHandler(ApiHandler):
 
 
 class ImageFileHandler(ApiHandler):
-    """The image bytes: immutable, strong ETag, 304 and single-range 206; read off the loop."""
+    """The image bytes: immutable, strong ETag, 304 and single-range 206. Behind nginx with an object
+    store, an internal redirect to the store (nginx fetches and caches the bytes); else read off the
+    loop and sent from here."""
 
     @public
     async def get(self, image_id: str, ext: str) -> None:
@@ -91,19 +95,20 @@ class ImageFileHandler(ApiHandler):
         image = await self.images.find(image_id)
         if imaging.EXTENSIONS[image.format] != ext:
             raise NotFound()
-        path = await self.images.file_for(image, width)
-        thumb = width is not None and width < image.width
-        etag = f'"{image.sha256}-w{width}"' if thumb else f'"{image.sha256}"'
+        file = await self.images.file_for(image, width)
         self.set_header("Content-Type", imaging.MIME_TYPES[image.format])
         self.set_header("Cache-Control", IMMUTABLE)
-        self.set_header("ETag", etag)
+        self.set_header("ETag", file.etag)
         self.set_header("Content-Security-Policy", "sandbox")
         self.set_header("Accept-Ranges", "bytes")
-        if _none_match(self.request.headers.get("If-None-Match"), etag):
+        if _none_match(self.request.headers.get("If-None-Match"), file.etag):
             self.set_status(304)
             self.finish()
             return
-        size, data = await self.images.contents(path)  # small files: from memory, no thread hop
+        if body and self._redirect_to_store(file):
+            self.finish()
+            return
+        size = file.size
         start, end = 0, size
         requested = parse_range(self.request.headers.get("Range"), size)
         if isinstance(requested, str):  # "unsatisfiable"
@@ -113,11 +118,28 @@ class ImageFileHandler(ApiHandler):
             self.set_status(206)
             self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.set_header("Content-Length", str(end - start))
-        if body and data is not None:
-            self.write(data[start:end])
-        elif body:
-            await self._stream_file(path, start, end)
+        if body:
+            data = await self.images.contents(file)  # small files: from memory after the first read
+            if data is not None:
+                self.write(data[start:end])
+            else:
+                await self._stream(file, start, end)
         self.finish()
+
+    def _redirect_to_store(self, file: ImageFile) -> bool:
+        """Hand the body to nginx (X-Accel-Redirect into its internal location that proxies to the
+        store, with a presigned URL) when nginx said where that location is and the store signs URLs.
+        The header reaches a handler only from a trusted proxy (httpserver strips it otherwise)."""
+        location = self.request.headers.get(STORE_LOCATION)
+        if not location:
+            return False
+        url = self.images.redirect_url(file)
+        if url is None:
+            return False
+        parts = urlsplit(url)
+        target = location + parts.path.lstrip("/") + (f"?{parts.query}" if parts.query else "")
+        self.set_header("X-Accel-Redirect", target)
+        return True
 
     def _width(self) -> int | None:
         raw = self.get_query_argument("w", None, strip=False)
@@ -129,23 +151,22 @@ class ImageFileHandler(ApiHandler):
             raise InvalidField(f"w must be one of {', '.join(WIDTH_SPELLINGS)}.", field="w")
         return WIDTH_SPELLINGS[raw]
 
-    async def _stream_file(self, path: str, start: int, end: int) -> None:
-        """A large file in chunks read on the I/O pool (nginx's micro-cache takes this off the hot path)."""
-        io = self.services.offloader.io
-        handle = await io(open, path, "rb")
-        try:
-            remaining = end - start
-            offset = start
-            while remaining > 0:
-                chunk = await io(os.pread, handle.fileno(), min(CHUNK, remaining), offset)
-                offset += len(chunk)
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                self.write(chunk)
-                await self.flush()  # back-pressure: a slow client holds one chunk, not the file
-        finally:
-            await io(handle.close)
+    async def _stream(self, file: ImageFile, start: int, end: int) -> None:
+        """A large file in pieces read off the loop; a slow client holds one piece, not the file. A
+        store failing before the first piece is the error map's answer (nothing was sent yet); after
+        it, the headers are gone and only closing the connection tells the client the body is cut."""
+        sent = False
+        async with contextlib.aclosing(self.images.chunks(file, start, end)) as pieces:
+            try:
+                async for piece in pieces:
+                    self.write(piece)
+                    await self.flush()  # back-pressure
+                    sent = True
+            except Exception as error:
+                if not sent or isinstance(error, StreamClosedError):  # nothing sent yet; the client left
+                    raise
+                log.warning("image %s cut after its headers went: %r", file.etag, error)
+                self.request.connection.close()  # type: ignore[union-attr]
 
     def compute_etag(self) -> None:
         return None

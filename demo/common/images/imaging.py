@@ -119,8 +119,9 @@ def measure_upload(src: str | bytes, max_pixels: int, max_animation_pixels: int)
         return 0
 
 
-def thumbnail_cost(src: str, fmt: str, width: int) -> int:
-    """The decode budget ``make_thumbnail(src, fmt, width, ...)`` needs, from the header only."""
+def thumbnail_cost(src: str | IO[bytes], fmt: str, width: int) -> int:
+    """The decode budget ``make_thumbnail(src, fmt, width, ...)`` needs, from the header only (``src``:
+    a path or a seekable file, left open)."""
     with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
         frames = _frame_count(im, fmt)
         size = _thumbnail_size(im.size, width)
@@ -174,8 +175,9 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int, max_animati
     return ProcessedImage(out, file_sha256(out), fmt, width, height, os.path.getsize(out))
 
 
-def make_thumbnail(src: str, fmt: str, width: int, dst: str) -> None:
-    """Write a ``width``-wide copy of the stored image ``src`` to ``dst`` (atomically, same format)."""
+def make_thumbnail(src: str | IO[bytes], fmt: str, width: int, dst: str) -> None:
+    """Write a ``width``-wide copy of the stored image ``src`` (a path, or a seekable file: Pillow
+    reads from its start and leaves it open) to ``dst`` (atomically, same format)."""
     with Image.open(src, formats=[PILLOW_NAMES[fmt]]) as im:
         size = _thumbnail_size(im.size, width)
         colour = _Colour(im.info.get("icc_profile"))

@@ -17,6 +17,8 @@ from demo.common.images.storage import IDENTITY, STRAY_AGE, ImageStore, object_n
 
 
 class LocalImageStore(ImageStore):
+    listed_at_start = True
+
     def __init__(self, root: str) -> None:
         self.root = Path(root)
         super().__init__(str(self.root / "tmp"))
@@ -98,12 +100,21 @@ class LocalImageStore(ImageStore):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def delete_variant(self, sha256: str, width: int) -> None:
+        self._path(sha256, width).unlink(missing_ok=True)
+
     # -- sweeps --------------------------------------------------------------------------------
 
     def blobs(self) -> Iterator[str]:
         for path in (self.root / "blobs").glob("??/??/*"):
             if len(path.name) == 64:
                 yield path.name
+
+    def names(self, under: str) -> Iterator[str]:
+        folder = self.root / under
+        for path in folder.rglob("*"):
+            if path.is_file():
+                yield path.relative_to(self.root).as_posix()
 
     def sweep_temp(self) -> int:
         removed = super().sweep_temp()

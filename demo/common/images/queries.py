@@ -13,14 +13,14 @@ import datetime as dt
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from demo.common.errors import QuotaExceeded
 from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
-from demo.models import Deployment, Image, ImageBlob
+from demo.models import Deployment, Image, ImageBlob, ImageVariant
 
 # -- statements --------------------------------------------------------------------------------------
 
@@ -62,7 +62,18 @@ NEW_IMAGE = Sql(
     "INSERT INTO images (id, owner_id, sha256, format, width, height, bytes, created_at)"
     " VALUES (:id, :owner_id, :sha256, :format, :width, :height, :bytes, :now)"
 )
-FIND = Sql("SELECT sha256, format, width FROM images WHERE id = :id")
+FIND = Sql("SELECT sha256, format, width, bytes FROM images WHERE id = :id")
+# A thumbnail's row, locked until commit on MariaDB (SQLite: the write transaction holds the lock).
+_VARIANT = "SELECT state, claimed_at, bytes FROM image_variants WHERE sha256 = :sha256 AND width = :width"
+VARIANT = Sql(sqlite=_VARIANT, mysql=f"{_VARIANT} FOR UPDATE", datetimes=("claimed_at",))
+BLOB_EXISTS = Sql("SELECT sha256 FROM image_blobs WHERE sha256 = :sha256")
+NEW_VARIANT = Sql(
+    "INSERT INTO image_variants (sha256, width, state, claimed_at, bytes)"
+    " VALUES (:sha256, :width, 'building', :now, NULL)"
+)
+TAKE_OVER_VARIANT = Sql(
+    "UPDATE image_variants SET claimed_at = :now WHERE sha256 = :sha256 AND width = :width AND state = 'building'"
+)
 
 
 # -- what the rules hand over -------------------------------------------------------------------------
@@ -92,6 +103,16 @@ class NewImage:
     bytes: int
     source: str  # the sha256 of the uploaded bytes
     decoded: bool  # a fresh decode (remember what it found), not a known upload's blob
+
+
+@dataclass(frozen=True)
+class VariantClaim:
+    """What ``claim_variant`` found: ``ready`` (made, ``bytes`` long), ``mine`` (the caller makes it
+    now), ``building`` (another builder has it since ``claimed_at``), ``gone`` (the blob has no row)."""
+
+    state: Literal["ready", "mine", "building", "gone"]
+    bytes: int | None = None
+    claimed_at: dt.datetime | None = None
 
 
 # -- upload (fast path) ------------------------------------------------------------------------------
@@ -166,8 +187,64 @@ def new_image_id() -> str:
 
 @sql_unit
 def find(c: SqlCursor, image_id: str) -> Row | None:
-    """(sha256, format, width) of an image id, or None."""
+    """(sha256, format, width, bytes) of an image id, or None."""
     return c.first(FIND, {"id": image_id})
+
+
+@sql_unit
+def claim_variant(c: SqlCursor, sha256: str, width: int, now: dt.datetime, stale_before: dt.datetime) -> VariantClaim:
+    """Who makes the ``width`` thumbnail of ``sha256``: the caller if nobody claimed it, or if its
+    builder claimed it before ``stale_before`` (taken over: that builder is presumed dead). Two
+    first claimers at once: one of them fails with a conflict (the primary key) and asks again."""
+    key = {"sha256": sha256, "width": width, "now": now}
+    row = c.first(VARIANT, key)
+    if row is None:
+        if c.first(BLOB_EXISTS, key) is None:
+            return VariantClaim("gone")
+        c.execute(NEW_VARIANT, key)  # a blob deleted meanwhile fails the foreign key: a conflict too
+        return VariantClaim("mine", claimed_at=now)
+    if row.state == "ready":
+        return VariantClaim("ready", bytes=int(row.bytes))
+    if row.claimed_at < stale_before:
+        c.execute(TAKE_OVER_VARIANT, key)
+        return VariantClaim("mine", claimed_at=now)
+    return VariantClaim("building", claimed_at=row.claimed_at)
+
+
+def finish_variant(
+    s: Session, sha256: str, width: int, size: int, now: dt.datetime, remove: Callable[[], None]
+) -> bool:
+    """Under the blob row lock: mark the thumbnail ready with its ``size``; False (after ``remove``,
+    which deletes the object just put) if the blob has no row any more (its image was deleted while
+    the thumbnail was being made; the delete did not see the object, which came after)."""
+    locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
+    if locked is None:
+        remove()
+        return False
+    row = s.get(ImageVariant, (sha256, width), with_for_update=True)
+    if row is None:  # the blob went and came back (the same bytes uploaded again) while this was made
+        s.add(ImageVariant(sha256=sha256, width=width, state="ready", claimed_at=now, bytes=size))
+    elif row.state != "ready":
+        row.state, row.bytes = "ready", size
+    return True
+
+
+def release_variant(s: Session, sha256: str, width: int, claimed_at: dt.datetime) -> None:
+    """Give up the claim taken at ``claimed_at`` (the build failed): the next asker builds at once
+    instead of waiting out the lease. A claim taken over by another builder since is left alone."""
+    s.execute(
+        delete(ImageVariant).where(
+            ImageVariant.sha256 == sha256,
+            ImageVariant.width == width,
+            ImageVariant.state == "building",
+            ImageVariant.claimed_at == claimed_at,
+        )
+    )
+
+
+def forget_variant(s: Session, sha256: str, width: int) -> None:
+    """The store lost a thumbnail its row calls ready: drop the row, so the next asker makes it again."""
+    s.execute(delete(ImageVariant).where(ImageVariant.sha256 == sha256, ImageVariant.width == width))
 
 
 def page(s: Session, user_id: int, limit: int, before: int | None) -> list[Image]:

@@ -11,6 +11,9 @@ rows as the only record of who uses it (no counter that images going another way
   committed row ever points at a missing file. Images that go any other way (a user deleted, by the
   API or by SQL, cascades to its images) leave a blob row nobody uses: the housekeeping and start-up
   sweeps collect it the same way.
+- thumbnails: one row per variant (``image_variants``) decides, across every host, who makes it;
+  the others wait for it (see ``Images._variant``). A builder whose image was deleted meanwhile
+  removes what it put (``queries.finish_variant``), so no thumbnail outlives its blob.
 - The sweeps delete only what this deployment provably wrote: the store must carry this database's
   deployment id (``bind_store``) and the blob must have a row here. A file without a row (bytes of
   another deployment) is counted and logged, never deleted.
@@ -26,13 +29,13 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.images import imaging, queries
-from demo.common.images.storage import IDENTITY_FILE, ImageStore
+from demo.common.images.storage import IDENTITY, ImageStore
 from demo.common.infra.caches import Cache
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Conflict, Database
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("demo.images")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
+CHUNK = 256 * 1024  # bytes per piece when a file is streamed: one read off the loop each
 
 
 @trims_after  # decoding allocates and frees tens of MB: hand those pages back once it is done
@@ -57,8 +61,16 @@ def _process_upload(
 
 
 @trims_after
-def _make_variant(store: ImageStore, *args: Any) -> str:
-    return store.make_variant(*args)
+def _make_thumbnail(store: ImageStore, src: IO[bytes], fmt: str, width: int) -> tuple[str, int]:
+    """The thumbnail of the open original ``src``, in a new temp file of the store: (path, size)."""
+    fd, path = store.temp_file()
+    os.close(fd)
+    try:
+        imaging.make_thumbnail(src, fmt, width, path)
+        return path, os.path.getsize(path)
+    except BaseException:
+        _remove(path)
+        raise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +90,9 @@ class ImageRules:
     decode_budget: int  # pixels decoding at once in one process
     max_animation_pixels: int  # all frames of one animation, decoded
     upload_memory: int  # upload bodies held in memory at once (see UploadSpool)
+    # Not a setting: a thumbnail claimed longer ago than this is taken over (its builder died); making
+    # one takes a second or two even for the largest image allowed.
+    variant_lease: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageRules:
@@ -101,6 +116,26 @@ class StoredImage:
     sha256: str
     format: str
     width: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One object to deliver: an image as stored (``width`` None) or one of its thumbnails, with its
+    size from the database (delivery never asks the store for it)."""
+
+    sha256: str
+    width: int | None
+    size: int
+    format: str
+
+    @property
+    def thumbnail(self) -> bool:
+        return self.width is not None
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.sha256}-w{self.width}"' if self.thumbnail else f'"{self.sha256}"'
 
 
 class Images:
@@ -111,9 +146,12 @@ class Images:
         self._quota = queries.Quota(rules.quota_count, rules.quota_bytes)
         self.clock = clock or Clock()
         self._found: Cache[str, StoredImage] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
-        self._variants: Cache[tuple[str, int], str] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
-        self._bytes: Cache[str, bytes] = Cache.sized(rules.memory_cache_bytes, rules.memory_cache_item)
-        self._building: dict[tuple[str, int], asyncio.Future[str]] = {}  # thumbnails being made here
+        # Thumbnail sizes of ready variants (a ready row never changes until its blob goes).
+        self._variants: Cache[tuple[str, int], int] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._bytes: Cache[tuple[str, int | None], bytes] = Cache.sized(
+            rules.memory_cache_bytes, rules.memory_cache_item
+        )
+        self._building: dict[tuple[str, int], asyncio.Future[int]] = {}  # thumbnails asked for here
         # Per process: pixels being decoded at once, and bytes of upload bodies held in memory.
         self.decoding = Budget(rules.decode_budget)
         self.upload_memory = Budget(rules.upload_memory)
@@ -149,14 +187,17 @@ class Images:
             await self.db.run(queries.claim_blob, processed.sha256, now)
             return await self._store(user_id, processed, source, now)
         except BaseException:
-            await offloader.io(_remove, processed.path)  # stored, it would have been moved
+            await offloader.io(_remove, processed.path)  # put() removes it, but it may not have run
             await self._drop_claim(processed.sha256)
             raise
+
+    def _delete_objects(self, sha256: str) -> None:
+        self.store.delete(sha256, THUMBNAIL_WIDTHS)
 
     async def _drop_claim(self, sha256: str) -> None:
         """After a failed store: the blob row (and a file that landed) go unless an image uses them."""
         try:
-            if await self.db.run(queries.drop_blob_if_unused, sha256, self.store.delete):
+            if await self.db.run(queries.drop_blob_if_unused, sha256, self._delete_objects):
                 self._forget_blob(sha256)
         except Exception:
             log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
@@ -186,7 +227,7 @@ class Images:
 
         def place() -> None:  # under the blob row lock: see the module docstring
             if image.path is not None:
-                self.store.put(image.sha256, image.path)
+                self.store.put(image.sha256, image.path, content_type=imaging.MIME_TYPES[image.format])
             elif not self.store.exists(image.sha256):
                 raise _BlobGone()  # rolls back the reference just added
 
@@ -211,60 +252,142 @@ class Images:
             row = await self.db.run(queries.find, image_id)
             if row is None:
                 raise NotFound()
-            found = StoredImage(row.sha256, row.format, row.width)
+            found = StoredImage(row.sha256, row.format, row.width, int(row.bytes))
             self._found.put(image_id, found)
         return found
 
-    async def file_for(self, image: StoredImage, width: int | None) -> str:
-        """Path of the bytes to serve: the blob, or its thumbnail (made once, never upscaled)."""
+    async def file_for(self, image: StoredImage, width: int | None) -> ImageFile:
+        """The object to serve: the image as stored, or its thumbnail (made once across all hosts,
+        never upscaled). NotFound if the store lost the image; StoreUnavailable if it is down."""
         if width is None or width >= image.width:
-            return self.store.local_path(image.sha256)
+            return ImageFile(image.sha256, None, image.bytes, image.format)
         if width not in THUMBNAIL_WIDTHS:
             raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
         key = (image.sha256, width)
-        path = self._variants.get(key)
-        if path is None:
-            # One build per variant in this process: concurrent requests wait for it (across processes,
-            # the store's lock file does the same).
+        size = self._variants.get(key)
+        if size is None:
+            # One claim per variant in this process: concurrent requests wait for it (across
+            # processes and hosts, the variant's row does the same).
             building = self._building.get(key)
             if building is None:
-                building = self._building[key] = asyncio.ensure_future(self._make_variant(image, width))
+                building = self._building[key] = asyncio.ensure_future(self._variant(image, width))
                 building.add_done_callback(lambda _: self._building.pop(key, None))
+            size = await asyncio.shield(building)  # a client going away does not cancel the others' build
+            self._variants.put(key, size)
+        return ImageFile(image.sha256, width, size, image.format)
+
+    async def _variant(self, image: StoredImage, width: int) -> int:
+        """The size of the ``width`` thumbnail: made here if this process wins its row's claim, else
+        waited for (polling with a backoff) until it is ready or its builder's lease runs out."""
+        pause = 0.02
+        while True:
+            now = self.clock.now()
+            stale_before = now - dt.timedelta(seconds=self.rules.variant_lease)
             try:
-                path = await asyncio.shield(building)  # a client going away does not cancel the others' build
-            except FileNotFoundError:
-                raise _missing(self.store.local_path(image.sha256)) from None
-            self._variants.put(key, path)
-        return path
+                claim = await self.db.run(queries.claim_variant, image.sha256, width, now, stale_before)
+            except Conflict:  # another host claimed it at the same moment (or the blob just went)
+                continue
+            if claim.state == "ready":
+                assert claim.bytes is not None
+                return claim.bytes
+            if claim.state == "gone":
+                raise NotFound()  # deleted since it was looked up
+            if claim.state == "mine":
+                assert claim.claimed_at is not None
+                return await self._build(image, width, claim.claimed_at)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
-    async def _make_variant(self, image: StoredImage, width: int) -> str:
-        """The thumbnail file, made (within the decode budget) unless it is there already."""
+    async def _build(self, image: StoredImage, width: int, claimed_at: dt.datetime) -> int:
+        """Make the thumbnail this process claimed, put it in the store and mark its row ready (or
+        adopt one already there: a folder from before variants had rows, or a builder that died
+        between its put and its row); on failure, give the claim up for the next asker."""
+        offloader, sha256 = self.db.offloader, image.sha256
+        try:
+            size = await offloader.io(self.store.size, sha256, width)
+            if size is None:
+                await self._make(image, width)
+                # Asked again, not taken from the file made: a conditional put keeps the bytes
+                # that were there first (another builder's, or another release's encoder).
+                size = await offloader.io(self.store.size, sha256, width)
+                if size is None:
+                    raise NotFound()  # deleted (with its image) as soon as it was put
+
+            def remove() -> None:  # only the thumbnail: the same bytes uploaded again may be landing
+                self.store.delete_variant(sha256, width)
+
+            if not await self.db.run(queries.finish_variant, sha256, width, size, self.clock.now(), remove):
+                raise NotFound()  # its image was deleted meanwhile: what was put is gone again
+            return size
+        except BaseException:
+            with contextlib.suppress(Exception):  # the database may be what failed: the lease then ends it
+                await self.db.run(queries.release_variant, sha256, width, claimed_at)
+            raise
+
+    async def _make(self, image: StoredImage, width: int) -> None:
+        """Make the thumbnail (within the decode budget) from the original and put it in the store."""
         offloader = self.db.offloader
-        path, cost = await offloader.io(_variant_or_cost, self.store, image, width)
-        if path is not None:
-            return path
-        async with self.decoding.reserve(cost):
-            return await offloader.cpu(
-                _make_variant,
-                self.store,
-                image.sha256,
-                width,
-                lambda src, dst: imaging.make_thumbnail(src, image.format, width, dst),
-            )
+        try:
+            src = await offloader.io(self.store.open, image.sha256)
+        except FileNotFoundError:
+            raise _missing(image.sha256) from None
+        try:
+            cost = await offloader.io(imaging.thumbnail_cost, src, image.format, width)
+            async with self.decoding.reserve(cost):
+                path, _ = await offloader.cpu(_make_thumbnail, self.store, src, image.format, width)
+        finally:
+            await offloader.io(src.close)  # a remote original's temp copy goes with it
+        # put() removes the temp file whatever happens
+        await offloader.io(
+            self.store.put, image.sha256, path, content_type=imaging.MIME_TYPES[image.format], width=width
+        )
 
-    async def contents(self, path: str) -> tuple[int, bytes | None]:
-        """(size, bytes) of a stored file: small ones from memory after the first read (they never
-        change), large ones as (size, None) for the caller to stream."""
-        data = self._bytes.get(path)
+    async def contents(self, file: ImageFile) -> bytes | None:
+        """The whole file, from memory after the first read (it never changes: a blob is named by its
+        hash), when it is at most ``memory_cache_item`` bytes; None for a larger one (stream it)."""
+        if file.size > self.rules.memory_cache_item:
+            return None
+        key = (file.sha256, file.width)
+        data = self._bytes.get(key)
         if data is None:
             try:
-                size, data = await self.db.offloader.io(_read_if_small, path, self.rules.memory_cache_item)
+                data = await self.db.offloader.io(self.store.read, file.sha256, file.width)
             except FileNotFoundError:
-                raise _missing(path) from None
-            if data is None:
-                return size, None
-            self._bytes.put(path, data)
-        return len(data), data
+                raise await self._lost(file) from None
+            self._bytes.put(key, data)
+        return data
+
+    async def chunks(self, file: ImageFile, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes ``start`` to ``end`` (exclusive) of the file in pieces of about CHUNK, each read off
+        the loop. NotFound or StoreUnavailable may come at any piece (before the first: nothing sent)."""
+        io = self.db.offloader.io
+        pieces = await io(self.store.chunks, file.sha256, file.width, start, end, CHUNK)
+        try:
+            while True:
+                try:
+                    piece = await io(next, pieces, None)
+                except FileNotFoundError:
+                    raise await self._lost(file) from None
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                await io(close)  # a generator's file or stream, on the thread that may block
+
+    def redirect_url(self, file: ImageFile) -> str | None:
+        """Where the proxy may fetch the file itself (a presigned URL), or None (a local folder)."""
+        return self.store.redirect_url(file.sha256, file.width)
+
+    async def _lost(self, file: ImageFile) -> NotFound:
+        """A row points at an object the store has lost. A thumbnail's row goes, so that the next
+        request makes it again; an original is an operator's problem."""
+        if file.width is not None:
+            self._variants.pop((file.sha256, file.width))
+            with contextlib.suppress(Exception):
+                await self.db.run(queries.forget_variant, file.sha256, file.width)
+        return _missing(file.sha256 if file.width is None else f"{file.sha256} (w{file.width})")
 
     # -- deleting ------------------------------------------------------------------------------
 
@@ -276,13 +399,12 @@ class Images:
         if sha256 is None:
             raise NotFound()
         self._found.pop(image_id)  # gone at once here; other processes notice within lookup_ttl
-        if await self.db.run(queries.drop_blob_if_unused, sha256, self.store.delete):
+        if await self.db.run(queries.drop_blob_if_unused, sha256, self._delete_objects):
             self._forget_blob(sha256)
 
     def _forget_blob(self, sha256: str) -> None:
-        """Drop this process's cached bytes and thumbnail paths of a removed blob."""
-        paths = {self.store.local_path(sha256)} | {self.store.local_path(sha256, w) for w in THUMBNAIL_WIDTHS}
-        self._bytes.pop_where(paths.__contains__)
+        """Drop this process's cached bytes and thumbnail sizes of a removed blob."""
+        self._bytes.pop_where(lambda key: key[0] == sha256)
         for width in THUMBNAIL_WIDTHS:
             self._variants.pop((sha256, width))
 
@@ -300,16 +422,19 @@ class Images:
         """
         self.bind()  # never delete from a store that belongs to another database
         unused = self.db.run_sync(queries.unused_blobs)
-        dropped = [sha for sha in unused if self.db.run_sync(queries.drop_blob_if_unused, sha, self.store.delete)]
+        dropped = [sha for sha in unused if self.db.run_sync(queries.drop_blob_if_unused, sha, self._delete_objects)]
         for sha256 in dropped:
             self._forget_blob(sha256)
         return len(dropped)
 
     def sweep(self) -> dict[str, int]:
-        """At start-up: remove stray temp files, unused blobs and orphan thumbnails; count (and keep)
-        the files this deployment has no row for."""
+        """At start-up: remove stray temp files, unused blobs and (in a folder) orphan thumbnails;
+        count (and keep) the files this deployment has no row for. A remote store is not listed
+        (see ImageStore.listed_at_start): its unclaimed and orphan counts are 0."""
         unused = self.collect_unused()  # binds first: nothing is removed from another deployment's store
         temp = self.store.sweep_temp()
+        if not self.store.listed_at_start:
+            return {"temp_files": temp, "unused_blobs": unused, "unclaimed_files": 0, "orphan_thumbnails": 0}
         known = self.db.run_sync(queries.blob_hashes)
         unclaimed = sum(1 for sha256 in self.store.blobs() if sha256 not in known)
         if unclaimed:
@@ -347,7 +472,7 @@ def bind_store(db: Database, store: ImageStore, now: dt.datetime) -> str:
         raise StoreMismatch(
             f"the media store {store} carries no deployment id, but this database's images are in the store "
             f"of deployment {row.deployment_id}: point media_root at that store (if its files were moved "
-            f"here, copy its {IDENTITY_FILE} file too)"
+            f"here, copy its {IDENTITY} file too)"
         )
     if found != row.deployment_id:
         raise StoreMismatch(
@@ -406,16 +531,10 @@ def decode_cursor(cursor: str) -> int:
     raise InvalidField("cursor is not one this server gave out.", field="cursor")
 
 
-def _missing(path: str) -> NotFound:
-    """A row points at a file the store has lost: the client gets a 404; the operator, an error."""
-    log.error("image file missing from the media store: %s", path)
+def _missing(what: str) -> NotFound:
+    """A row points at an object the store has lost: the client gets a 404; the operator, an error."""
+    log.error("image object missing from the store: %s", what)
     return NotFound()
-
-
-def _read_if_small(path: str, limit: int) -> tuple[int, bytes | None]:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return size, (f.read() if size <= limit else None)
 
 
 def _measure(src: str | bytes, rules: ImageRules) -> tuple[str, int]:
@@ -423,14 +542,6 @@ def _measure(src: str | bytes, rules: ImageRules) -> tuple[str, int]:
     waiting for the budget)."""
     source = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else imaging.file_sha256(src)
     return source, imaging.measure_upload(src, rules.max_pixels, rules.max_animation_pixels)
-
-
-def _variant_or_cost(store: ImageStore, image: StoredImage, width: int) -> tuple[str | None, int]:
-    """(path, 0) if the variant exists, else (None, the decode budget making it needs)."""
-    path = store.local_path(image.sha256, width)
-    if os.path.exists(path):
-        return path, 0
-    return None, imaging.thumbnail_cost(store.local_path(image.sha256), image.format, width)
 
 
 class _BlobGone(Exception):

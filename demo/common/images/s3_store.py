@@ -185,6 +185,10 @@ class S3ImageStore(ImageStore):
         names = [object_name(sha256), *(object_name(sha256, w) for w in widths)]
         obstore.delete(self._store, names)  # one DeleteObjects request; absent names are fine
 
+    @_unavailable_on_error
+    def delete_variant(self, sha256: str, width: int) -> None:
+        obstore.delete(self._store, object_name(sha256, width))  # absent is fine (S3 answers 204)
+
     def redirect_url(self, sha256: str, width: int | None = None) -> str | None:
         # Signed locally (no request to the store): valid for presign_ttl, used by nginx at once.
         return obstore.sign(self._store, "GET", object_name(sha256, width), self._presign_ttl)
@@ -198,6 +202,12 @@ class S3ImageStore(ImageStore):
                 name = meta["path"].rsplit("/", 1)[-1]
                 if len(name) == 64:
                     yield name
+
+    def names(self, under: str) -> Iterator[str]:
+        pages = _unavailable_on_error(obstore.list)(self._store, prefix=under, chunk_size=LIST_PAGE)
+        while (page := _next(pages)) is not None:
+            for meta in page:
+                yield meta["path"]
 
 
 @_unavailable_on_error

@@ -61,6 +61,10 @@ class ImageStore(abc.ABC):
     ``put`` moves them in; that folder is this host's own, even when the objects are shared.
     """
 
+    # Whether the start-up sweep lists every blob to count those without a row: cheap in a folder;
+    # against a shared remote store every start of every host would page through the whole bucket.
+    listed_at_start = False
+
     def __init__(self, temp_root: str) -> None:
         self._temp = Path(temp_root)
         self._temp.mkdir(parents=True, exist_ok=True)
@@ -109,6 +113,10 @@ class ImageStore(abc.ABC):
     def delete(self, sha256: str, widths: Iterable[int]) -> None:
         """Remove the blob and its variants of these ``widths`` (absent ones are fine)."""
 
+    @abc.abstractmethod
+    def delete_variant(self, sha256: str, width: int) -> None:
+        """Remove one variant, and not its blob (absent is fine)."""
+
     def redirect_url(self, sha256: str, width: int | None = None) -> str | None:
         """A short-lived URL the proxy may fetch the object from (X-Accel-Redirect); None when the
         store has none (the app then sends the bytes itself)."""
@@ -119,6 +127,11 @@ class ImageStore(abc.ABC):
     @abc.abstractmethod
     def blobs(self) -> Iterator[str]:
         """The sha256 of every stored blob (a full listing: for the start-up sweep and tools)."""
+
+    @abc.abstractmethod
+    def names(self, under: str) -> Iterator[str]:
+        """The name of every object under the folder ``under`` (``blobs``, ``thumbs``), as
+        ``object_name`` spells them (a full listing: for tools and tests)."""
 
     def sweep_variants(self, known: set[str]) -> int:
         """Remove variants whose blob is gone and not in ``known``; how many. Only a store whose

@@ -17,12 +17,16 @@ from demo.common.web.errors import error_body
 from demo.common.web.proxies import TrustedProxies
 
 NO_PROXIES = TrustedProxies(())
+# nginx tells the app where its internal location to the object store is (see images_views): the app
+# then answers with an internal redirect there. Believed from trusted proxies only, like X-Forwarded-*:
+# anyone else could make the app hand out presigned URLs to the store.
+STORE_LOCATION = "X-Demo-Store-Location"
 
 
 class DemoHTTPServer(HTTPServer):
     """``xheaders=True`` applies only to requests whose TCP peer is in ``trusted_proxies``: from any
     other peer, the connection's own address and scheme count, whatever headers it sends (by default,
-    no peer is trusted)."""
+    no peer is trusted), and its ``STORE_LOCATION`` header is removed before any handler sees it."""
 
     def initialize(self, *args: Any, trusted_proxies: TrustedProxies = NO_PROXIES, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
@@ -32,9 +36,10 @@ class DemoHTTPServer(HTTPServer):
         # The context still holds the peer's own address here: Tornado applies the headers (and
         # undoes them after each request) only inside the delegate that super() wraps around ours.
         peer = request_conn.context.remote_ip  # type: ignore[attr-defined]
-        if self.xheaders and peer not in self.trusted_proxies:
-            return self.request_callback.start_request(server_conn, request_conn)  # type: ignore[union-attr]
-        return super().start_request(server_conn, request_conn)
+        if self.xheaders and peer in self.trusted_proxies:
+            return super().start_request(server_conn, request_conn)
+        delegate = self.request_callback.start_request(server_conn, request_conn)  # type: ignore[union-attr]
+        return _Untrusted(delegate)
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if type(stream) is IOStream:  # plain TCP, as behind nginx (TLS would be an SSLIOStream: left alone)
@@ -42,6 +47,29 @@ class DemoHTTPServer(HTTPServer):
                 stream.socket, max_buffer_size=stream.max_buffer_size, read_chunk_size=stream.read_chunk_size
             )
         super().handle_stream(stream, address)
+
+
+class _Untrusted(httputil.HTTPMessageDelegate):
+    """A request from a peer that is no trusted proxy: the headers only a proxy may send are dropped."""
+
+    def __init__(self, delegate: httputil.HTTPMessageDelegate) -> None:
+        self.delegate = delegate
+
+    def headers_received(
+        self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine, headers: httputil.HTTPHeaders
+    ) -> Awaitable[None] | None:
+        if STORE_LOCATION in headers:
+            del headers[STORE_LOCATION]  # every copy of it
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
 
 
 def headers_too_large_response() -> bytes:
