@@ -662,14 +662,31 @@ def render_shipped_nginx(
     upstream_ports: list[int],
     static_dir: Path,
     extra: list[tuple[str, str]] | None = None,
+    images_port: int | None = None,
+    store_endpoint: str | None = None,
+    store_address: str | None = None,
 ) -> Path:
     """demo/conf/nginx/demo.conf with local ports, a test certificate in ``tls`` and folders under
     ``folder``, inside a main file like Debian's /etc/nginx/nginx.conf; returns that main file.
-    Shared by the benchmark and tests/e2e/test_production.py, so both run the file operators get."""
+    ``images_port`` is the loopback image server's port (a free one by default); ``store_endpoint``
+    the S3 store's URL (DEMO_S3_ENDPOINT) put where the file says KEEP IN SYNC (None: as shipped, for
+    the local folder), ``store_address`` (host:port) where nginx connects to reach it when that is not
+    the endpoint itself (a relay in between). Shared by the benchmark and tests/e2e/test_production.py,
+    so both run the file operators get."""
     d = folder
     for sub in ("logs", "temp", "cache", "acme/.well-known/acme-challenge"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     a, b = upstream_ports
+    images = images_port or free_port()
+    store: list[tuple[str, str]] = []
+    if store_endpoint is not None:
+        endpoint = urlsplit(store_endpoint)
+        if endpoint.scheme != "http" or not endpoint.port:
+            raise HarnessError(f"the tests render a plain-HTTP store with a port, not {store_endpoint!r}")
+        store = [
+            ("server 127.0.0.1:8333;", f"server {store_address or endpoint.netloc};"),
+            ('set $demo_store_host "127.0.0.1:8333";', f'set $demo_store_host "{endpoint.netloc}";'),
+        ]
     site = replace_all(
         NGINX_CONF.read_text(),
         [
@@ -687,6 +704,9 @@ def render_shipped_nginx(
             ("/var/log/nginx/", f"{d / 'logs'}/"),
             ("/var/www/letsencrypt", str(d / "acme")),
             ("/opt/demo/demo/static/", f"{static_dir}/"),
+            ("server 127.0.0.1:8008;", f"server 127.0.0.1:{images};"),
+            ("listen 127.0.0.1:8008;", f"listen 127.0.0.1:{images};"),
+            *store,
             *(extra or []),
         ],
         NGINX_CONF.name,
@@ -732,9 +752,17 @@ class Nginx:
     replacements (e.g. a shorter cache time). Its own process group: ``stop`` takes its workers along."""
 
     def __init__(
-        self, folder: Path, upstream_ports: list[int], static_dir: Path, extra: list[tuple[str, str]] | None = None
+        self,
+        folder: Path,
+        upstream_ports: list[int],
+        static_dir: Path,
+        extra: list[tuple[str, str]] | None = None,
+        store_endpoint: str | None = None,
+        store_address: str | None = None,
     ) -> None:
         self.dir = folder / "nginx"
+        # The S3 store nginx fetches images from (None: the local folder), and where it connects for it.
+        self.store_endpoint, self.store_address = store_endpoint, store_address
         self.tls = folder / "tls"
         self.cert = self.tls / "cert.pem"
         self.static_dir = static_dir
@@ -742,6 +770,7 @@ class Nginx:
         self.extra = extra or []
         self.https_port = free_port()
         self.http_port = free_port()
+        self.images_port = free_port()  # the loopback image server behind the cache
         self.base_url = f"https://localhost:{self.https_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf: Path | None = None
@@ -785,7 +814,16 @@ class Nginx:
             raise HarnessError(reason)
         make_certificate(self.tls)
         self.conf = render_shipped_nginx(
-            self.dir, self.tls, self.http_port, self.https_port, self.upstream_ports, self.static_dir, self.extra
+            self.dir,
+            self.tls,
+            self.http_port,
+            self.https_port,
+            self.upstream_ports,
+            self.static_dir,
+            self.extra,
+            images_port=self.images_port,
+            store_endpoint=self.store_endpoint,
+            store_address=self.store_address,
         )
         checked = subprocess.run(self.command("-t"), check=False, capture_output=True, text=True, timeout=30)
         if checked.returncode != 0:
