@@ -1092,17 +1092,18 @@ class Bench:
                     counts[line.split(" cache=", 1)[1].split(" ", 1)[0]] += 1
         return dict(counts)
 
-    def store_fetches(self, path: str) -> int:
-        """Requests for ``path`` that nginx's loopback image server passed on to the store (its access
-        log shows the app, then after " : " the store, when the app answered with X-Accel-Redirect)."""
+    def store_fetches(self, image: bytes) -> int:
+        """Requests for ``image`` that nginx fetched from the store: lines of the loopback image server's
+        access log for its internal /_store/ location and its blob (named by the bytes' SHA-256), whose
+        upstreams are the app, then (after " : ", an internal redirect) the store."""
         assert self.nginx is not None and self.seaweedfs is not None
         log = self.nginx.dir / "logs" / "demo.images.log"
-        store = urlsplit(self.seaweedfs.endpoint).netloc
+        blob = f"/{hashlib.sha256(image).hexdigest()} "
+        store = f" : {urlsplit(self.seaweedfs.endpoint).netloc}/"
         if not log.exists():
             return 0
-        return sum(
-            1 for line in log.read_text(errors="replace").splitlines() if f" {path} " in line and f" : {store}" in line
-        )
+        lines = log.read_text(errors="replace").splitlines()
+        return sum(1 for line in lines if " /_store/" in line and blob in line and store in line)
 
     # -- phase 4: the object store (issue 15) ----------------------------------------------------------
     def phase_s3(self) -> None:
@@ -1200,7 +1201,7 @@ class Bench:
             client = self.start_nginx(folder, both, s3.image_bytes, extra, store_endpoint=self.seaweedfs.endpoint)
             try:
                 cache_status = self.prime_image(client, image_path, cached=name == "image_nginx_s3")
-                if not self.store_fetches(image_path):
+                if not self.store_fetches(s3.image_bytes):
                     raise HarnessError(
                         f"{name}: nginx did not fetch the image from the store (no X-Accel-Redirect from the app?)"
                     )
@@ -1208,11 +1209,11 @@ class Bench:
                     self.measure_nginx_static(both)
                 if name == "image_nginx_s3_cold" and "s3_direct" not in self.results["ceilings"]:
                     self.ceiling_s3_direct(s3)
-                cache_before, store_before = self.cache_log_counts(image_path), self.store_fetches(image_path)
+                cache_before, store_before = self.cache_log_counts(image_path), self.store_fetches(s3.image_bytes)
                 result = self.wrk_measure(name, self.nginx.base_url + image_path, both)
                 cache_after = self.cache_log_counts(image_path)
                 statuses = {k: cache_after.get(k, 0) - cache_before.get(k, 0) for k in cache_after}
-                fetched = self.store_fetches(image_path) - store_before
+                fetched = self.store_fetches(s3.image_bytes) - store_before
                 self.record(name, result, x_cache_status=cache_status, cache_statuses=statuses, store_fetches=fetched)
             finally:
                 self.stop_nginx()
