@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -28,11 +29,12 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -51,7 +53,7 @@ from bench.stack import (
     proc_status_kib,
     wait_idle,
 )
-from tests.helpers import HttpClient, Nginx, wait_until
+from tests.helpers import S3_CREDENTIALS, HttpClient, Nginx, SeaweedFS, wait_until
 from tests.helpers import reset_peak_memory as reset_peak_rss
 
 MIB = 1024 * 1024
@@ -60,6 +62,13 @@ PASSWORD = "bench-password-8472"
 SMS_CODE = "246810"
 HUGE = str(10**12)
 PY_SPY = Path(sys.executable).parent / "py-spy"
+S3_PREFIX = "bench"  # the bench's objects in SeaweedFS's bucket: s3://<bucket>/bench/...
+
+LOCAL_MEASURES = (
+    "healthz", "image_direct", "thumbnail", "h5_home", "login", "upload", "loop_health",
+    "memory", "memory_animated", "image_nginx", "h5_home_nginx", "login_nginx",
+)  # fmt: skip
+S3_MEASURES = ("image_direct_s3", "upload_s3", "memory_s3", "image_nginx_s3", "image_nginx_s3_cold")
 
 # name -> (label, ceiling it is compared with)
 MEASURES: dict[str, tuple[str, str | None]] = {
@@ -75,12 +84,22 @@ MEASURES: dict[str, tuple[str, str | None]] = {
     "image_nginx": ("GET /images/{id}.jpg through nginx (warm), 2 processes", "nginx_static"),
     "h5_home_nginx": ("GET /h5/home through nginx, 2 processes", "hello"),
     "login_nginx": ("POST /users/login through nginx, 2 processes", "argon2"),
+    # The object store (issue 15): the same image and upload with storage=s3://... on SeaweedFS.
+    "image_direct_s3": ("GET /images/{id}.jpg direct, S3 store, memory cache off, 1 process", "hello"),
+    "upload_s3": ("POST /images 1 MiB JPEG, S3 store, 1 process", "pillow"),
+    "memory_s3": ("RSS growth, {n} concurrent 8 MiB uploads, S3 store, 1 process", None),
+    "image_nginx_s3": ("GET /images/{id}.jpg through nginx (warm), S3 store, 2 processes", "nginx_static"),
+    "image_nginx_s3_cold": (
+        "GET /images/{id}.jpg through nginx, cache off (X-Accel-Redirect to S3), 2 processes",
+        "s3_direct",
+    ),
 }
 CEILINGS = {
     "hello": "Tornado hello world (framework)",
     "nginx_static": "nginx static file (HTTP)",
     "argon2": "argon2 hash (login)",
     "pillow": "Pillow decode + re-encode (upload)",
+    "s3_direct": "S3 GET from SeaweedFS (presigned URL)",
 }
 
 
@@ -106,6 +125,10 @@ TARGETS = [
     Target("loop_health", "p99_ms", 25.0, "p99 < 25 ms"),
     Target("memory", "growth_mib", 64.0, "< 64 MiB"),
     Target("memory_animated", "growth_mib", 112.0, "< 112 MiB"),  # bench/README.md, step 5
+    Target("upload_s3", "ratio", 0.60, ">= 60% of Pillow ceiling"),
+    Target("memory_s3", "growth_mib", 64.0, "< 64 MiB"),
+    Target("image_nginx_s3", "ratio", 0.80, ">= 80% of nginx static"),
+    Target("image_nginx_s3_cold", "ratio", 0.50, ">= 50% of S3 direct GET"),
 ]
 TARGET_OF = {t.measure: t for t in TARGETS}
 
@@ -138,6 +161,22 @@ class User:
     phone: str
     token: str
     cookie: str = ""  # "demo_h5=<value>", once the H5 page was opened
+
+
+@dataclass
+class Deployment:
+    """One database and the image store bound to it, with what the set-up made there through the API.
+
+    A database is bound to one store (demo.common.images.rules.bind_store refuses another), so the
+    local folder and the S3 store each get a database of their own, with their own users."""
+
+    backend: str  # "local" (media_root) or "s3" (SeaweedFS)
+    db: BenchDatabase
+    storage_env: dict[str, str]  # DEMO_STORAGE & co. and the credentials; empty for the folder
+    home_users: list[User] = field(default_factory=list)
+    upload_users: list[User] = field(default_factory=list)
+    image_id: str = ""
+    image_bytes: bytes = b""
 
 
 def set_cookie(headers: http.client.HTTPMessage, name: str, what: str) -> str:
@@ -203,13 +242,10 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="demo-bench-"))
         self.servers: list[Server] = []
         self.nginx: Nginx | None = None
-        self.db: BenchDatabase | None = None
+        self.seaweedfs: SeaweedFS | None = None
+        self.deployments: list[Deployment] = []
         self.results: dict[str, Any] = {"ceilings": {}, "measures": {}, "notes": []}
         self.files: dict[str, Path] = {}
-        self.home_users: list[User] = []
-        self.upload_users: list[User] = []
-        self.image_id = ""
-        self.image_bytes = b""
         self.spinners: list[subprocess.Popen] = []
         self.ceiling_timers: dict[str, Callable[[], float]] = {}  # ceiling name -> its rate, measured anew
         self.ceiling_brackets: dict[str, dict[str, float]] = {}
@@ -279,17 +315,18 @@ class Bench:
             "demo_tree_modified": bool(dirty),
         }
 
-    def server_env(self) -> dict[str, str]:
-        """What every demo process gets: the bench database, a temp media folder, test numbers with a
-        fixed code for the bench users, and quotas and limits nobody reaches in a benchmark."""
+    def server_env(self, deployment: Deployment) -> dict[str, str]:
+        """What every demo process gets: the deployment's database and store (a temp media folder: the
+        images, or with S3 only the uploads in progress), test numbers with a fixed code for the bench
+        users, and quotas and limits nobody reaches in a benchmark."""
         numbers = ",".join(f"{phone}:{SMS_CODE}" for phone in self.phones("home") + self.phones("upload"))
-        assert self.db is not None
         overrides = {f"DEMO_{name.upper()}": value for name, value in self.args.set}
         return {
             **overrides,
+            **deployment.storage_env,
             "DEMO_COOKIE_SECRET": "bench-" + "k" * 42,  # 48 characters
-            "DEMO_DATABASE_URL": self.db.url,
-            "DEMO_MEDIA_ROOT": str(self.tmp / "media"),
+            "DEMO_DATABASE_URL": deployment.db.url,
+            "DEMO_MEDIA_ROOT": str(self.tmp / f"media-{deployment.backend}"),
             "DEMO_SMS_TEST_NUMBERS": numbers,
             "DEMO_IMAGE_QUOTA_COUNT": HUGE,
             "DEMO_IMAGE_QUOTA_BYTES": HUGE,
@@ -299,7 +336,11 @@ class Bench:
             "DEMO_CODE_CHECKS_IP_HOURLY": HUGE,
             "DEMO_SMS_PHONE_DAILY": HUGE,
             "DEMO_SMS_IP_HOURLY": HUGE,
-        } | {k: v for k, v in overrides.items() if k not in ("DEMO_DATABASE_URL", "DEMO_MEDIA_ROOT")}
+        } | {
+            k: v
+            for k, v in overrides.items()
+            if k not in ("DEMO_DATABASE_URL", "DEMO_MEDIA_ROOT", *deployment.storage_env)
+        }
 
     def phones(self, group: str) -> list[str]:
         base = {"home": 1000, "upload": 2000}[group]
@@ -341,21 +382,35 @@ class Bench:
             self.ceiling_pillow()
         if self.wanted("hello"):
             self.ceiling_hello()
-        if not self.any_wanted(*MEASURES, "nginx_static"):
-            return
-        self.db = BenchDatabase().create()
-        self.results["environment"]["mariadb"] = self.db.version()
-        self.results["config"]["demo_settings"] = self.demo_settings()
-        self.phase_one_process()
-        if self.any_wanted("memory", "memory_animated"):
-            self.phase_memory()
-        if self.any_wanted("nginx_static", "image_nginx", "h5_home_nginx", "login_nginx"):
-            self.phase_nginx()
+        local_nginx = self.any_wanted("image_nginx", "h5_home_nginx", "login_nginx") or self.named("nginx_static")
+        if self.any_wanted(*LOCAL_MEASURES) or local_nginx:
+            local = self.deployment("local", {})
+            self.phase_one_process(local)
+            if self.any_wanted("memory", "memory_animated"):
+                self.phase_memory(local, ["memory", "memory_animated"])
+            if local_nginx:
+                self.phase_nginx(local)
+        if self.any_wanted(*S3_MEASURES, "s3_direct"):
+            self.phase_s3()
 
-    def demo_settings(self) -> dict[str, Any]:
+    def named(self, name: str) -> bool:
+        """``name`` is part of the run by itself (all run, or --only names it), not only as a ceiling."""
+        return self.only is None or name in self.only
+
+    def deployment(self, backend: str, storage_env: dict[str, str]) -> Deployment:
+        """A fresh bench database for ``backend`` (dropped at the end, also on failure)."""
+        deployment = Deployment(backend, BenchDatabase(), storage_env)
+        deployment.db.create()
+        self.deployments.append(deployment)
+        self.results["environment"].setdefault("mariadb", deployment.db.version())
+        key = "demo_settings" if backend == "local" else f"demo_settings_{backend}"
+        self.results["config"][key] = self.demo_settings(deployment)
+        return deployment
+
+    def demo_settings(self, deployment: Deployment) -> dict[str, Any]:
         from demo.conf import settings as config
 
-        s = config.load([], environ=self.server_env())  # every setting the demo processes run with
+        s = config.load([], environ=self.server_env(deployment))  # every setting the demo processes run with
         return {k: v for k, v in s.items() if k not in ("cookie_secret", "sms_test_numbers", "config")}
 
     def warmup_seconds(self) -> int:
@@ -476,8 +531,8 @@ class Bench:
             if server in self.servers:
                 self.servers.remove(server)
 
-    def demo(self, name: str, port: int | None = None) -> DemoServer:
-        return DemoServer(name, self.tmp, self.server_env(), port)
+    def demo(self, name: str, deployment: Deployment, port: int | None = None) -> DemoServer:
+        return DemoServer(name, self.tmp, self.server_env(deployment), port)
 
     # -- set-up through the API ------------------------------------------------------------------
     def register(self, client: Http, phone: str) -> tuple[User, str]:
@@ -506,50 +561,64 @@ class Bench:
         )
         return json.loads(body)["image"]
 
-    def set_up_users(self, client: Http) -> None:
+    def set_up_users(self, client: Http, deployment: Deployment) -> None:
         """Two groups of users: "home" users (H5 page and login; each owns 3 small images, so every
         home page is the same size) and "upload" users (the upload measures; their image count grows).
         Requests rotate over several users as real traffic does: one user would measure the lock on
-        one users row, not the server."""
-        for phone in self.phones("home"):
-            user, h5_url = self.register(client, phone)
-            user.cookie = self.open_h5(client, h5_url)
-            for _ in range(3):
-                image = self.upload(client, user, self.files["small"])
-                self.image_id = self.image_id or image["id"]
-            self.home_users.append(user)
+        one users row, not the server. The S3 deployment measures no page and no login: its set-up is
+        the upload users and one small image (the first upload user's)."""
+        d = deployment
+        if d.backend == "local":
+            for phone in self.phones("home"):
+                user, h5_url = self.register(client, phone)
+                user.cookie = self.open_h5(client, h5_url)
+                for _ in range(3):
+                    image = self.upload(client, user, self.files["small"])
+                    d.image_id = d.image_id or image["id"]
+                d.home_users.append(user)
         for phone in self.phones("upload"):
-            self.upload_users.append(self.register(client, phone)[0])
-        _, self.image_bytes = client.expect(200, "GET", f"/images/{self.image_id}.jpg")
-        client.expect(200, "GET", f"/images/{self.image_id}.jpg?w=320")  # the thumbnail exists from now on
-        for user in self.home_users:  # every cookie opens the page
+            d.upload_users.append(self.register(client, phone)[0])
+        if not d.image_id:
+            d.image_id = self.upload(client, d.upload_users[0], self.files["small"])["id"]
+        _, d.image_bytes = client.expect(200, "GET", f"/images/{d.image_id}.jpg")
+        client.expect(200, "GET", f"/images/{d.image_id}.jpg?w=320")  # the thumbnail exists from now on
+        for user in d.home_users:  # every cookie opens the page
             client.expect(200, "GET", "/h5/home", headers={"Cookie": user.cookie})
-        self.results["delivery_image"] = {"id": self.image_id, "stored_bytes": len(self.image_bytes)}
+        key = "delivery_image" if d.backend == "local" else f"delivery_image_{d.backend}"
+        self.results[key] = {"id": d.image_id, "stored_bytes": len(d.image_bytes)}
         self.log(
-            f"set-up: {len(self.home_users)} home users, {len(self.upload_users)} upload users, "
-            f"image {self.image_id} ({len(self.image_bytes) / 1024:.1f} KiB stored)"
+            f"set-up ({d.backend}): {len(d.home_users)} home users, {len(d.upload_users)} upload users, "
+            f"image {d.image_id} ({len(d.image_bytes) / 1024:.1f} KiB stored)"
         )
 
     # -- wrk -----------------------------------------------------------------------------------------
-    def lua_env(self, script: str | None) -> dict[str, str]:
+    def lua_env(self, script: str | None, deployment: Deployment | None) -> dict[str, str]:
+        if script is None or deployment is None:
+            return {}
         if script == "cookie.lua":
-            return {"BENCH_COOKIES": ",".join(u.cookie for u in self.home_users)}
+            return {"BENCH_COOKIES": ",".join(u.cookie for u in deployment.home_users)}
         if script == "login.lua":
-            return {"BENCH_PHONES": ",".join(u.phone for u in self.home_users), "BENCH_PASSWORD": PASSWORD}
+            return {"BENCH_PHONES": ",".join(u.phone for u in deployment.home_users), "BENCH_PASSWORD": PASSWORD}
         if script == "upload.lua":
             return {
-                "BENCH_TOKENS": ",".join(u.token for u in self.upload_users),
+                "BENCH_TOKENS": ",".join(u.token for u in deployment.upload_users),
                 "BENCH_BODY_FILE": str(self.files["upload"]),
             }
-        return {}
+        raise HarnessError(f"no environment for the wrk script {script}")
 
     def wrk_measure(
-        self, name: str, url: str, servers: list[Server], script: str | None = None, connections: int | None = None
+        self,
+        name: str,
+        url: str,
+        servers: list[Server],
+        script: str | None = None,
+        deployment: Deployment | None = None,
+        connections: int | None = None,
     ) -> wrk.WrkResult:
         """Settle, warm up, then one timed wrk run (with py-spy alongside when --profile is set)."""
         connections = connections or self.connections
-        pids = [s.pid for s in servers]
-        kw = {"connections": connections, "script": script, "env": self.lua_env(script), "timeout_s": 30}
+        pids = [s.pid for s in servers] + self.store_pids()
+        kw = {"connections": connections, "script": script, "env": self.lua_env(script, deployment), "timeout_s": 30}
         wait_idle(pids)
         self.wait_quiet(name)
         if self.warmup_seconds():
@@ -592,7 +661,10 @@ class Bench:
             time.sleep(1.0)
 
     def spinner_group(self) -> dict[str, list[int]]:
-        return {"spinners": [p.pid for p in self.spinners]} if self.spinners else {}
+        """The bench's own background processes, which are not foreign load: the --busy-cpus loops and
+        SeaweedFS (idle between measures, but never at zero)."""
+        groups = {"spinners": [p.pid for p in self.spinners]} if self.spinners else {}
+        return groups | ({"seaweedfs": self.store_pids()} if self.store_pids() else {})
 
     def start_spinners(self) -> None:
         """--busy-cpus: one lowest-priority busy loop per CPU, so that no CPU ever goes idle. On a VM an
@@ -605,10 +677,16 @@ class Bench:
         self.log(f"--busy-cpus: {CORES} nice-19 busy loops keep every CPU awake")
 
     def cpu_meter(self, servers: list[Server]) -> CpuMeter:
+        # SeaweedFS (in spinner_group) shares the cores: its CPU is counted, apart from demo's.
         groups = {"servers": [s.pid for s in servers], **self.spinner_group()}
         if self.nginx is not None and self.nginx.proc is not None and self.nginx.proc.poll() is None:
             groups["nginx"] = [self.nginx.proc.pid, *self.nginx.worker_pids()]
         return CpuMeter(groups)
+
+    def store_pids(self) -> list[int]:
+        """The running SeaweedFS (one ``weed mini`` process), if any."""
+        weed = self.seaweedfs
+        return [weed.proc.pid] if weed is not None and weed.proc is not None and weed.proc.poll() is None else []
 
     def record(self, name: str, result: wrk.WrkResult, **extra: Any) -> None:
         label, ceiling = MEASURES[name]
@@ -675,30 +753,30 @@ class Bench:
                 out.with_suffix(".summary.txt").write_text(summarise(out) + "\n")
 
     # -- phase 1: one demo process, direct -------------------------------------------------------
-    def phase_one_process(self) -> None:
-        server = self.start(self.demo("demo-1"))
-        self.log(f"demo (1 process) on {server.url}, database {self.db.name}")
+    def phase_one_process(self, local: Deployment) -> None:
+        server = self.start(self.demo("demo-1", local))
+        self.log(f"demo (1 process) on {server.url}, database {local.db.name}")
         try:
             client = Http(server.url)
-            self.set_up_users(client)
+            self.set_up_users(client, local)
             one = [server]
             plan = [
                 ("healthz", "/healthz", None),
-                ("image_direct", f"/images/{self.image_id}.jpg", None),
-                ("thumbnail", f"/images/{self.image_id}.jpg?w=320", None),
+                ("image_direct", f"/images/{local.image_id}.jpg", None),
+                ("thumbnail", f"/images/{local.image_id}.jpg?w=320", None),
                 ("h5_home", "/h5/home", "cookie.lua"),
                 ("login", "/users/login", "login.lua"),
                 ("upload", "/images", "upload.lua"),
             ]
             for name, path, script in plan:
                 if self.wanted(name):
-                    self.record(name, self.wrk_measure(name, server.url + path, one, script))
+                    self.record(name, self.wrk_measure(name, server.url + path, one, script, local))
             if self.wanted("loop_health"):
-                self.measure_loop_health(server)
+                self.measure_loop_health(server, local)
         finally:
             self.stop(server)
 
-    def measure_loop_health(self, server: DemoServer) -> None:
+    def measure_loop_health(self, server: DemoServer, local: Deployment) -> None:
         """Logins and uploads saturate the process (two wrk runs, half the connections each) while a
         probe sends GET /healthz every 10 ms, one at a time, on a keep-alive connection."""
         wait_idle([server.pid])
@@ -713,7 +791,7 @@ class Bench:
                 duration=duration,
                 connections=half,
                 script=script,
-                env=self.lua_env(script),
+                env=self.lua_env(script, local),
                 timeout_s=30,
             )
             for path, script in (("/users/login", "login.lua"), ("/images", "upload.lua"))
@@ -748,21 +826,22 @@ class Bench:
         )
 
     # -- phase 2: memory -----------------------------------------------------------------------------
-    def phase_memory(self) -> None:
+    def phase_memory(self, deployment: Deployment, names: list[str]) -> None:
         """For each case a fresh process (warmed by one small upload): RSS before, peak RSS (VmHWM,
-        reset first) during its bursts. "memory": N concurrent raw uploads of the 8 MiB JPEG by N
-        different users. "memory_animated": N concurrent uploads of an animated GIF (each with other
-        bytes), then N concurrent requests for their 160-wide thumbnails (made then)."""
-        for name in ("memory", "memory_animated"):
+        reset first) during its bursts. "memory" (and "memory_s3", on the S3 store): N concurrent raw
+        uploads of the 8 MiB JPEG by N different users. "memory_animated": N concurrent uploads of an
+        animated GIF (each with other bytes), then N concurrent requests for their 160-wide thumbnails
+        (made then)."""
+        for name in names:
             if not self.wanted(name):
                 continue
-            server = self.start(self.demo(f"demo-{name}"))
+            server = self.start(self.demo(f"demo-{name}", deployment))
             try:
                 client = Http(server.url, timeout=300)
-                users = (self.upload_users * self.memory_uploads)[: self.memory_uploads]
+                users = (deployment.upload_users * self.memory_uploads)[: self.memory_uploads]
                 self.upload(client, users[0], self.files["small"])  # imports, thread pools, DB connections
                 client.expect(200, "GET", "/healthz")
-                if name == "memory":
+                if name in ("memory", "memory_s3"):
                     body = self.files["large"].read_bytes()
                     self.memory_case(
                         server,
@@ -894,46 +973,100 @@ class Bench:
         )
 
     # -- phase 3: two processes behind the shipped nginx config -----------------------------------
-    def phase_nginx(self) -> None:
-        a, b = self.demo("demo-a"), self.demo("demo-b")
-        static = self.tmp / "static"
-        shutil.copytree(ROOT / "demo" / "static", static)
-        (static / "bench.jpg").write_bytes(self.image_bytes)  # byte for byte the image nginx caches
+    def phase_nginx(self, deployment: Deployment) -> None:
+        """Two demo processes on the deployment's database and store behind the shipped nginx config.
+        Local: the static ceiling, the image (warm), the H5 page and logins. S3: the image warm, then
+        with nginx's image cache off (see phase_s3)."""
+        d = deployment
+        suffix = "" if d.backend == "local" else f"-{d.backend}"
+        a, b = self.demo(f"demo{suffix}-a", d), self.demo(f"demo{suffix}-b", d)
         self.start(a, b)
-        self.nginx = Nginx(self.tmp, [a.port, b.port], static).start()
+        try:
+            if d.backend == "local":
+                self.nginx_local(d, [a, b])
+            else:
+                self.nginx_s3(d, [a, b])
+        finally:
+            self.stop(a, b)
+
+    def start_nginx(
+        self,
+        folder: Path,
+        servers: list[Server],
+        image: bytes,
+        extra: list[tuple[str, str]] | None = None,
+        store_endpoint: str | None = None,
+    ) -> Http:
+        """nginx with the shipped config (plus ``extra`` replacements) in front of ``servers``, serving
+        ``image`` from /static/bench.jpg for the static ceiling, which from now on is also measured
+        beside the targeted measures through this nginx; a client for it."""
+        static = folder / "static"
+        shutil.copytree(ROOT / "demo" / "static", static)
+        (static / "bench.jpg").write_bytes(image)  # byte for byte the image nginx caches
+        ports = [s.port for s in servers]
+        self.nginx = (
+            Nginx(folder, ports, static, extra, store_endpoint=store_endpoint)
+            if store_endpoint
+            else Nginx(folder, ports, static, extra)
+        ).start()
         tls = ssl.create_default_context(cafile=str(self.nginx.tls / "cert.pem"))
         client = Http(self.nginx.base_url, tls)
+        nginx = self.nginx
 
         def nginx_up() -> bool:
-            if self.nginx.proc.poll() is not None:
-                raise HarnessError(f"nginx exited:\n{self.nginx.logs()}")
+            if nginx.proc.poll() is not None:
+                raise HarnessError(f"nginx exited:\n{nginx.logs()}")
             try:
                 return client.call("GET", "/healthz")[0] == 200
             except OSError:
                 return False
 
         wait_until(nginx_up, "nginx to answer", timeout=30, every=0.1, error=HarnessError)
-        self.log(f"nginx {self.nginx.base_url} -> demo :{a.port}, :{b.port}")
+        self.log(f"nginx {nginx.base_url} -> demo {', '.join(f':{s.port}' for s in servers)}")
+        static_url = nginx.base_url + "/static/bench.jpg"
+        self.ceiling_timers["nginx_static"] = lambda: (
+            wrk.run(static_url, duration=1 if self.smoke else 3, connections=self.connections, timeout_s=30).rps
+        )
+        return client
+
+    def stop_nginx(self) -> None:
+        if self.nginx is not None:
+            self.nginx.stop()
+        self.ceiling_timers.pop("nginx_static", None)
+
+    def prime_image(self, client: Http, image_path: str, cached: bool) -> str | None:
+        """Fetch the image twice (the first fills nginx's cache when it has one: the second must then be
+        a HIT) and check that it is byte for byte the static ceiling's file; its X-Cache-Status."""
+        client.expect(200, "GET", image_path)
+        headers, body = client.expect(200, "GET", image_path)
+        _, static_body = client.expect(200, "GET", "/static/bench.jpg")
+        if body != static_body:
+            raise HarnessError("the static ceiling file differs from the image served through nginx")
+        cache_status = headers.get("X-Cache-Status")
+        if cached and cache_status is not None and cache_status != "HIT":
+            raise HarnessError(f"second request for the image was not a cache HIT: {cache_status}")
+        if not cached and cache_status == "HIT":
+            raise HarnessError("the image came from nginx's cache, which this measure turns off")
+        return cache_status
+
+    def measure_nginx_static(self, servers: list[Server]) -> None:
+        assert self.nginx is not None
+        result = self.wrk_measure("nginx_static", self.nginx.base_url + "/static/bench.jpg", servers)
+        self.results["ceilings"]["nginx_static"] = {
+            "label": CEILINGS["nginx_static"],
+            **result.as_dict(),
+            "how": "wrk over TLS to the rendered shipped config, /static/ location, a file byte-identical "
+            "to the cached image",
+        }
+        self.log(f"nginx_static: {result.rps:.0f} req/s")
+
+    def nginx_local(self, local: Deployment, both: list[Server]) -> None:
+        client = self.start_nginx(self.tmp, both, local.image_bytes)
         try:
-            image_path = f"/images/{self.image_id}.jpg"
-            client.expect(200, "GET", image_path)  # prime the micro-cache
-            headers, cached = client.expect(200, "GET", image_path)
-            _, static_body = client.expect(200, "GET", "/static/bench.jpg")
-            if cached != static_body:
-                raise HarnessError("the static ceiling file differs from the image served through nginx")
-            cache_status = headers.get("X-Cache-Status")
-            if cache_status is not None and cache_status != "HIT":
-                raise HarnessError(f"second request for the image was not a cache HIT: {cache_status}")
-            both = [a, b]
-            if self.wanted("nginx_static"):
-                result = self.wrk_measure("nginx_static", self.nginx.base_url + "/static/bench.jpg", both)
-                self.results["ceilings"]["nginx_static"] = {
-                    "label": CEILINGS["nginx_static"],
-                    **result.as_dict(),
-                    "how": "wrk over TLS to the rendered shipped config, /static/ location, a file byte-identical "
-                    "to the cached image",
-                }
-                self.log(f"nginx_static: {result.rps:.0f} req/s")
+            image_path = f"/images/{local.image_id}.jpg"
+            cache_status = self.prime_image(client, image_path, cached=True)
+            if self.named("nginx_static"):
+                self.measure_nginx_static(both)
             if self.wanted("image_nginx"):
                 before = self.cache_log_counts(image_path)
                 result = self.wrk_measure("image_nginx", self.nginx.base_url + image_path, both)
@@ -945,10 +1078,9 @@ class Bench:
                 ("login_nginx", "/users/login", "login.lua"),
             ):
                 if self.wanted(name):
-                    self.record(name, self.wrk_measure(name, self.nginx.base_url + path, both, script))
+                    self.record(name, self.wrk_measure(name, self.nginx.base_url + path, both, script, local))
         finally:
-            self.nginx.stop()
-            self.stop(a, b)
+            self.stop_nginx()
 
     def cache_log_counts(self, path: str) -> dict[str, int]:
         """cache=HIT/MISS/... counts for ``path`` in nginx's access log (the shipped log format)."""
@@ -960,6 +1092,135 @@ class Bench:
                     counts[line.split(" cache=", 1)[1].split(" ", 1)[0]] += 1
         return dict(counts)
 
+    def store_fetches(self, image: bytes) -> int:
+        """Requests for ``image`` that nginx fetched from the store: lines of the loopback image server's
+        access log for its internal /_store/ location and its blob (named by the bytes' SHA-256), whose
+        upstreams are the app, then (after " : ", an internal redirect) the store."""
+        assert self.nginx is not None and self.seaweedfs is not None
+        log = self.nginx.dir / "logs" / "demo.images.log"
+        blob = f"/{hashlib.sha256(image).hexdigest()} "
+        store = f" : {urlsplit(self.seaweedfs.endpoint).netloc}/"
+        if not log.exists():
+            return 0
+        lines = log.read_text(errors="replace").splitlines()
+        return sum(1 for line in lines if " /_store/" in line and blob in line and store in line)
+
+    # -- phase 4: the object store (issue 15) ----------------------------------------------------------
+    def phase_s3(self) -> None:
+        """The same image and upload on the S3 backend: SeaweedFS (tests/helpers.py's, one ``weed mini``
+        process on loopback, sharing the cores; its CPU is counted apart) and a database of its own.
+        One process: the direct-from-store ceiling, the image direct, the upload; then the memory case;
+        then two processes behind nginx, warm (cache hits) and with the image cache off."""
+        reason = SeaweedFS.missing()
+        if reason:
+            raise HarnessError(reason)
+        self.seaweedfs = SeaweedFS(self.tmp / "seaweedfs")
+        try:
+            self.seaweedfs.start()
+        except AssertionError:
+            raise HarnessError(f"SeaweedFS exited:\n{self.seaweedfs.log()}") from None
+        self.log(f"SeaweedFS (pid {self.seaweedfs.proc.pid}) S3 on {self.seaweedfs.endpoint}")
+        settings = self.seaweedfs.settings(S3_PREFIX)
+        storage_env = {f"DEMO_{name.upper()}": str(value) for name, value in settings.items()} | S3_CREDENTIALS
+        s3 = self.deployment("s3", storage_env)
+        # Without its in-memory copy of small files the process reads the store for every image
+        # request: image_direct_s3 measures that path (the upload does not use the copy).
+        env = {"DEMO_IMAGE_MEMORY_CACHE": "0"} | self.server_env(s3)
+        server = self.start(DemoServer("demo-s3", self.tmp, env))
+        self.log(f"demo (1 process, S3 store {settings['storage']}) on {server.url}, database {s3.db.name}")
+        try:
+            self.set_up_users(Http(server.url), s3)
+            if self.wanted("s3_direct"):
+                self.ceiling_s3_direct(s3)
+            for name, path, script in (
+                ("image_direct_s3", f"/images/{s3.image_id}.jpg", None),
+                ("upload_s3", "/images", "upload.lua"),
+            ):
+                if self.wanted(name):
+                    self.record(name, self.wrk_measure(name, server.url + path, [server], script, s3))
+        finally:
+            self.stop(server)
+        if self.wanted("memory_s3"):
+            self.phase_memory(s3, ["memory_s3"])
+        if self.any_wanted("image_nginx_s3", "image_nginx_s3_cold"):
+            self.phase_nginx(s3)
+
+    def presigned_url(self, s3: Deployment) -> str:
+        """A presigned GET URL for the delivery image's blob, valid for an hour, signed here with the
+        bench's credentials (the form the app signs for nginx, with a longer life)."""
+        import obstore
+        from obstore.store import S3Store
+
+        from demo.common.images.storage import object_name
+
+        assert self.seaweedfs is not None
+        bucket, _, prefix = s3.storage_env["DEMO_STORAGE"].removeprefix("s3://").partition("/")
+        store = S3Store(
+            bucket,
+            config={
+                "endpoint": self.seaweedfs.endpoint,
+                "region": s3.storage_env["DEMO_S3_REGION"],
+                "access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            },
+            client_options={"allow_http": True},
+        )
+        sha256 = hashlib.sha256(s3.image_bytes).hexdigest()  # blobs are named by the hash of their bytes
+        return obstore.sign(store, "GET", f"{prefix}/{object_name(sha256)}", dt.timedelta(hours=1))
+
+    def ceiling_s3_direct(self, s3: Deployment) -> None:
+        """wrk GETs the delivery image's object straight from SeaweedFS with a presigned URL (plain
+        HTTP on loopback, one connection per wrk connection, as nginx's keep-alive upstream does)."""
+        url = self.presigned_url(s3)
+        _, body = Http(url).expect(200, "GET", url)
+        if body != s3.image_bytes:
+            raise HarnessError("the presigned URL's object differs from the image the app serves")
+        result = self.wrk_measure("s3_direct", url, [])
+
+        def rate() -> float:
+            return wrk.run(url, duration=1 if self.smoke else 3, connections=self.connections, timeout_s=30).rps
+
+        self.ceiling_timers["s3_direct"] = rate
+        self.results["ceilings"]["s3_direct"] = {
+            "label": CEILINGS["s3_direct"],
+            **result.as_dict(),
+            "how": "wrk, plain HTTP to SeaweedFS's S3 port, a presigned GET of the blob of the image measured "
+            "through nginx (same object); SeaweedFS shares the cores",
+        }
+        self.log(f"s3_direct: {result.rps:.0f} req/s")
+
+    def nginx_s3(self, s3: Deployment, both: list[Server]) -> None:
+        """Warm: the shipped config, the image from nginx's cache (the path is the local folder's: the
+        store is not touched). Cold: the same config with the image location's ``proxy_cache off;``, so
+        every request goes nginx -> app (X-Accel-Redirect, no body) -> nginx -> SeaweedFS (presigned)."""
+        assert self.seaweedfs is not None
+        image_path = f"/images/{s3.image_id}.jpg"
+        for name, folder, extra in (
+            ("image_nginx_s3", self.tmp / "nginx-s3-warm", []),
+            ("image_nginx_s3_cold", self.tmp / "nginx-s3-cold", [("proxy_cache demo_images;", "proxy_cache off;")]),
+        ):
+            if not self.wanted(name):
+                continue
+            client = self.start_nginx(folder, both, s3.image_bytes, extra, store_endpoint=self.seaweedfs.endpoint)
+            try:
+                cache_status = self.prime_image(client, image_path, cached=name == "image_nginx_s3")
+                if not self.store_fetches(s3.image_bytes):
+                    raise HarnessError(
+                        f"{name}: nginx did not fetch the image from the store (no X-Accel-Redirect from the app?)"
+                    )
+                if name == "image_nginx_s3" and "nginx_static" not in self.results["ceilings"]:
+                    self.measure_nginx_static(both)
+                if name == "image_nginx_s3_cold" and "s3_direct" not in self.results["ceilings"]:
+                    self.ceiling_s3_direct(s3)
+                cache_before, store_before = self.cache_log_counts(image_path), self.store_fetches(s3.image_bytes)
+                result = self.wrk_measure(name, self.nginx.base_url + image_path, both)
+                cache_after = self.cache_log_counts(image_path)
+                statuses = {k: cache_after.get(k, 0) - cache_before.get(k, 0) for k in cache_after}
+                fetched = self.store_fetches(s3.image_bytes) - store_before
+                self.record(name, result, x_cache_status=cache_status, cache_statuses=statuses, store_fetches=fetched)
+            finally:
+                self.stop_nginx()
+
     # -- teardown ------------------------------------------------------------------------------------
     def teardown(self, failed: bool) -> None:
         if failed:
@@ -967,6 +1228,8 @@ class Bench:
                 print(server.logs(), file=sys.stderr)
             if self.nginx is not None:
                 print(self.nginx.logs(), file=sys.stderr)
+            if self.seaweedfs is not None:
+                print(f"--- SeaweedFS ---\n{self.seaweedfs.log()}", file=sys.stderr)
         if self.nginx is not None:
             try:
                 self.nginx.stop()
@@ -977,9 +1240,14 @@ class Bench:
                 self.stop(server)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
-        if self.db is not None:
+        if self.seaweedfs is not None:
             try:
-                self.db.drop()
+                self.seaweedfs.stop()  # SIGKILL to its process group: its state is in the temp folder
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        for deployment in self.deployments:
+            try:
+                deployment.db.drop()
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
         for spinner in self.spinners:
@@ -1147,10 +1415,10 @@ def cpu_table(results: dict[str, Any]) -> str:
     """CPU per request by process group, and the machine's load from others during each run."""
     lines = [
         (
-            "| run | demo/hello ms CPU/req | MariaDB ms/req | nginx ms/req | wrk+bench ms/req | "
+            "| run | demo/hello ms CPU/req | MariaDB ms/req | nginx ms/req | SeaweedFS ms/req | wrk+bench ms/req | "
             "interrupts ms/req | foreign cores |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in [*results["ceilings"].values(), *results["measures"].values()]:
         per, cpu = m.get("cpu_ms_per_request"), m.get("cpu")
@@ -1158,7 +1426,7 @@ def cpu_table(results: dict[str, Any]) -> str:
             continue
         cells = [
             f"{per[key]:.3f}" if key in per else "—"
-            for key in ("servers", "mariadb", "nginx", "wrk+bench", "interrupts")
+            for key in ("servers", "mariadb", "nginx", "seaweedfs", "wrk+bench", "interrupts")
         ]
         lines.append(f"| {m['label']} | {' | '.join(cells)} | {cpu['foreign_cores']:.2f} |")
     return "\n".join(lines)
@@ -1198,7 +1466,11 @@ def report(results: dict[str, Any]) -> str:
                 f"{'; '.join(noisy)}. Those numbers are low; rerun on a quiet machine."
             ),
         ]
-    for name, what in (("memory", "uploads"), ("memory_animated", "animated GIF uploads, then their thumbnails")):
+    for name, what in (
+        ("memory", "uploads"),
+        ("memory_animated", "animated GIF uploads, then their thumbnails"),
+        ("memory_s3", "uploads to the S3 store"),
+    ):
         mem = results["measures"].get(name)
         if mem:
             out += [
