@@ -252,7 +252,8 @@ class Settings:
     upload_memory: int = option(
         32 * MIB,
         "bytes of upload bodies one process may hold in memory at once: a body declared at most 4 MiB "
-        "long stays in memory while this allows (no temp file); others stream to a temp file",
+        "long stays in memory while this allows (no temp file); others stream to a temp file. Puts to "
+        "an S3 store (each holds its file in memory) wait for room in it too",
         group=IMAGES,
     )
     image_quota_count: int = option(1000, "images one user may keep", group=IMAGES)

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -89,7 +90,7 @@ class ImageRules:
     memory_cache_item: int = 512 * 1024  # not a setting: files above it are never kept in memory
     decode_budget: int  # pixels decoding at once in one process
     max_animation_pixels: int  # all frames of one animation, decoded
-    upload_memory: int  # upload bodies held in memory at once (see UploadSpool)
+    upload_memory: int  # upload bodies (see UploadSpool) and S3 puts held in memory at once
     # Not a setting: a thumbnail claimed longer ago than this is taken over (its builder died); making
     # one takes a second or two even for the largest image allowed.
     variant_lease: float = 60.0
@@ -231,8 +232,16 @@ class Images:
             elif not self.store.exists(image.sha256):
                 raise _BlobGone()  # rolls back the reference just added
 
-        values = await self.db.run(queries.store_image, new, self._quota, now, place)
+        async with self._putting(image.bytes if image.path is not None else 0):
+            values = await self.db.run(queries.store_image, new, self._quota, now, place)
         return {**values, "created_at": isoformat(now)}
+
+    def _putting(self, size: int) -> AbstractAsyncContextManager[None]:
+        """Room in the upload memory budget for a put of ``size`` bytes, where the store holds a put's
+        bytes in memory: concurrent S3 puts cannot add up past the budget."""
+        if not (size and self.store.put_in_memory):
+            return contextlib.nullcontext()  # never queued: a request may still hold its body's share
+        return self.upload_memory.reserve(size)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -338,9 +347,11 @@ class Images:
         finally:
             await offloader.io(src.close)  # a remote original's temp copy goes with it
         # put() removes the temp file whatever happens
-        await offloader.io(
-            self.store.put, image.sha256, path, content_type=imaging.MIME_TYPES[image.format], width=width
-        )
+        size = await offloader.io(os.path.getsize, path) if self.store.put_in_memory else 0
+        async with self._putting(size):
+            await offloader.io(
+                self.store.put, image.sha256, path, content_type=imaging.MIME_TYPES[image.format], width=width
+            )
 
     async def contents(self, file: ImageFile) -> bytes | None:
         """The whole file, from memory after the first read (it never changes: a blob is named by its

@@ -52,6 +52,8 @@ def _unavailable_on_error(method: Callable[P, T]) -> Callable[P, T]:
 
 
 class S3ImageStore(ImageStore):
+    put_in_memory = True  # obstore sends a non-multipart PUT from one buffer
+
     def __init__(
         self,
         bucket: str,

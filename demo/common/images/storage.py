@@ -64,6 +64,9 @@ class ImageStore(abc.ABC):
     # Whether the start-up sweep lists every blob to count those without a row: cheap in a folder;
     # against a shared remote store every start of every host would page through the whole bucket.
     listed_at_start = False
+    # Whether put() holds the whole file in memory while it sends it (an S3 PUT is one request with
+    # a known length): the rules then count it in the upload memory budget.
+    put_in_memory = False
 
     def __init__(self, temp_root: str) -> None:
         self._temp = Path(temp_root)

@@ -152,6 +152,36 @@ async def test_the_byte_quota_counts_stored_bytes(app, images, owner):
 # -- list and find -----------------------------------------------------------------------------------
 
 
+@pytest.mark.settings(upload_memory=1)  # room for one put at a time (a share is at most the budget)
+@gen_test
+async def test_puts_that_hold_their_file_in_memory_wait_for_room_in_the_upload_memory(app, images, owner, monkeypatch):
+    """An S3 put sends its file from one buffer: concurrent uploads hold at most the budget in puts.
+    A folder's put is a rename and never waits."""
+    store, real_put, lock = app.services.store, app.services.store.put, threading.Lock()
+    at_once, most = [0], [0]
+
+    def counting_put(*args: Any, **kwargs: Any) -> None:
+        with lock:
+            at_once[0] += 1
+            most[0] = max(most[0], at_once[0])
+        try:
+            time.sleep(0.05)  # long enough for the other uploads to arrive meanwhile
+            real_put(*args, **kwargs)
+        finally:
+            with lock:
+                at_once[0] -= 1
+
+    monkeypatch.setattr(store, "put", counting_put)
+    owners = [owner, *(new_user(app, f"+861886666880{n}") for n in range(3))]  # one user's uploads queue anyway
+    made = await asyncio.gather(*(images.create(user, png((60 + n, 40))) for n, user in enumerate(owners)))
+    assert len({image["sha256"] for image in made}) == 4
+    if store.put_in_memory:
+        assert most[0] == 1
+    elif app.services.settings.database_url.startswith("mysql"):  # SQLite runs one write at a time anyway
+        assert most[0] > 1
+    assert images.upload_memory.in_use == 0
+
+
 @gen_test
 async def test_list_pages_own_images_newest_first(images, owner, app):
     made = [await images.create(owner, jpeg((20 + i, 20))) for i in range(5)]
