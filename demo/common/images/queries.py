@@ -212,21 +212,32 @@ def claim_variant(c: SqlCursor, sha256: str, width: int, now: dt.datetime, stale
 
 
 def finish_variant(
-    s: Session, sha256: str, width: int, size: int, now: dt.datetime, remove: Callable[[], None]
-) -> bool:
-    """Under the blob row lock: mark the thumbnail ready with its ``size``; False (after ``remove``,
-    which deletes the object just put) if the blob has no row any more (its image was deleted while
-    the thumbnail was being made; the delete did not see the object, which came after)."""
+    s: Session,
+    sha256: str,
+    width: int,
+    size: int,
+    now: dt.datetime,
+    remove: Callable[[], None],
+    present: Callable[[], bool],
+) -> str:
+    """Under the blob row lock: mark the thumbnail ready with its ``size`` ("ready"). "gone" (after
+    ``remove``, which deletes the object just put) if the blob has no row any more: its image was
+    deleted while the thumbnail was being made, and the delete did not see the object, which came
+    after. "lost" if the claim's row went too (the blob was deleted and the same bytes uploaded again
+    meanwhile: that delete may have taken the object just put), and ``present`` finds no object: the
+    caller claims again and makes it anew."""
     locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
     if locked is None:
         remove()
-        return False
+        return "gone"
     row = s.get(ImageVariant, (sha256, width), with_for_update=True)
-    if row is None:  # the blob went and came back (the same bytes uploaded again) while this was made
+    if row is None:
+        if not present():
+            return "lost"
         s.add(ImageVariant(sha256=sha256, width=width, state="ready", claimed_at=now, bytes=size))
     elif row.state != "ready":
         row.state, row.bytes = "ready", size
-    return True
+    return "ready"
 
 
 def release_variant(s: Session, sha256: str, width: int, claimed_at: dt.datetime) -> None:

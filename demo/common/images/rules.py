@@ -196,7 +196,8 @@ class Images:
         self.store.delete(sha256, THUMBNAIL_WIDTHS)
 
     async def _drop_claim(self, sha256: str) -> None:
-        """After a failed store: the blob row (and a file that landed) go unless an image uses them."""
+        """After a failed store or a delete: the blob row (and its objects) go unless an image uses
+        them; a failure here is logged, and the housekeeping sweep collects the blob later."""
         try:
             if await self.db.run(queries.drop_blob_if_unused, sha256, self._delete_objects):
                 self._forget_blob(sha256)
@@ -303,11 +304,14 @@ class Images:
                 raise NotFound()  # deleted since it was looked up
             if claim.state == "mine":
                 assert claim.claimed_at is not None
-                return await self._build(image, width, claim.claimed_at)
+                size = await self._build(image, width, claim.claimed_at)
+                if size is not None:
+                    return size
+                continue  # what was made was lost to a delete meanwhile: claim and make it again
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
-    async def _build(self, image: StoredImage, width: int, claimed_at: dt.datetime) -> int:
+    async def _build(self, image: StoredImage, width: int, claimed_at: dt.datetime) -> int | None:
         """Make the thumbnail this process claimed, put it in the store and mark its row ready (or
         adopt one already there: a folder from before variants had rows, or a builder that died
         between its put and its row); on failure, give the claim up for the next asker."""
@@ -325,9 +329,14 @@ class Images:
             def remove() -> None:  # only the thumbnail: the same bytes uploaded again may be landing
                 self.store.delete_variant(sha256, width)
 
-            if not await self.db.run(queries.finish_variant, sha256, width, size, self.clock.now(), remove):
+            def present() -> bool:
+                return self.store.exists(sha256, width)
+
+            now = self.clock.now()
+            finished = await self.db.run(queries.finish_variant, sha256, width, size, now, remove, present)
+            if finished == "gone":
                 raise NotFound()  # its image was deleted meanwhile: what was put is gone again
-            return size
+            return size if finished == "ready" else None
         except BaseException:
             with contextlib.suppress(Exception):  # the database may be what failed: the lease then ends it
                 await self.db.run(queries.release_variant, sha256, width, claimed_at)
@@ -410,8 +419,7 @@ class Images:
         if sha256 is None:
             raise NotFound()
         self._found.pop(image_id)  # gone at once here; other processes notice within lookup_ttl
-        if await self.db.run(queries.drop_blob_if_unused, sha256, self._delete_objects):
-            self._forget_blob(sha256)
+        await self._drop_claim(sha256)  # the image is deleted: a store that is down now leaves the blob to the sweeps
 
     def _forget_blob(self, sha256: str) -> None:
         """Drop this process's cached bytes and thumbnail sizes of a removed blob."""

@@ -340,6 +340,56 @@ async def test_a_thumbnail_finished_after_its_image_was_deleted_leaves_nothing(a
 
 
 @gen_test
+async def test_a_thumbnail_whose_object_a_delete_took_while_the_same_bytes_came_back_is_made_again(
+    app, images, owner, monkeypatch
+):
+    """Between a builder's put and its finish, another host deletes the image (and with it the
+    thumbnail just put) and the same bytes are uploaded again: the builder must not mark a thumbnail
+    ready that is not in the store (behind nginx nothing would ever notice); it makes it again."""
+    db, data = app.services.db, encode(noise((800, 600)), "JPEG", quality=90)
+    record = await images.create(owner, data)
+    real, raced = queries.finish_variant, []
+
+    def racing(s: Session, sha256: str, *args: Any) -> str:
+        if not raced:
+            raced.append(sha256)
+            assert db.run_sync(queries.unlink_image, owner, record["id"]) == sha256
+            assert db.run_sync(queries.drop_blob_if_unused, sha256, images._delete_objects)
+            assert images.store.size(sha256, 160) is None  # the delete took the thumbnail just put
+            again = asyncio.run_coroutine_threadsafe(images.create(owner, data), loop).result(30)
+            replaced.append(again)
+        return real(s, sha256, *args)
+
+    loop, replaced = asyncio.get_running_loop(), []
+    monkeypatch.setattr(queries, "finish_variant", racing)
+    thumb = await images.file_for(await images.find(record["id"]), 160)
+    assert raced and replaced
+    assert images.store.size(thumb.sha256, 160) == thumb.size
+    assert variant_rows(app) == [(thumb.sha256, 160, "ready", thumb.size)]
+
+
+@gen_test
+async def test_a_delete_while_the_store_is_down_succeeds_and_leaves_the_blob_to_the_sweep(
+    app, images, owner, monkeypatch
+):
+    """The image row is gone once the delete commits: the client must hear so (not a 503 whose retry
+    is a 404); the objects wait for the housekeeping sweep."""
+    record = await images.create(owner, jpeg((400, 300)))
+
+    def down(*args: Any) -> None:
+        raise StoreUnavailable()
+
+    monkeypatch.setattr(images.store, "delete", down)
+    await images.delete(owner, record["id"])
+    with pytest.raises(NotFound):
+        await images.find(record["id"])
+    assert count(app, ImageBlob) == 1 and images.store.exists(record["sha256"])
+    monkeypatch.undo()
+    assert images.collect_unused() == 1
+    assert count(app, ImageBlob) == 0 and not images.store.exists(record["sha256"])
+
+
+@gen_test
 async def test_a_thumbnail_in_the_store_without_a_row_is_adopted_not_made_again(app, images, owner, builds):
     """A folder from the release before variants had rows (or a builder that died after its put)."""
     record = await images.create(owner, jpeg((400, 300)))
