@@ -214,6 +214,14 @@ class Settings:
         group=IMAGES,
     )
     s3_connect_timeout: float = option(2.0, "seconds to connect to the S3 store", group=IMAGES, low=0.1, high=60)
+    s3_url_ttl: float = option(
+        300.0,
+        "seconds a presigned URL handed to nginx stays valid (reused for half of it); longer than the "
+        "clock difference between the app hosts and the store",
+        group=IMAGES,
+        low=10,
+        high=3600,
+    )
     s3_timeout: float = option(
         10.0,
         "seconds one request to the S3 store may take before the client gets a 503",

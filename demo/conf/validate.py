@@ -120,6 +120,7 @@ def _public_url(settings: Settings) -> None:
 
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rule for bucket names
+_PREFIX = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 def _storage(settings: Settings) -> None:
@@ -130,8 +131,11 @@ def _storage(settings: Settings) -> None:
         raise ValueError(f"{settings.storage!r}: empty (the folder media_root) or s3://bucket/prefix")
     if not _BUCKET.fullmatch(parts.netloc):
         raise ValueError(f"{parts.netloc!r} is not an S3 bucket name (3-63 lower-case letters, digits, dots, hyphens)")
-    if "//" in parts.path or any(part in (".", "..") for part in parts.path.split("/")):
-        raise ValueError(f"{parts.path!r}: a prefix of plain names separated by single slashes")
+    prefix = parts.path.strip("/")
+    if (prefix and not _PREFIX.fullmatch(prefix)) or any(part in (".", "..") for part in prefix.split("/")):
+        # Names nginx passes on as they are: a character it would escape differently from the
+        # signer would fail every presigned URL.
+        raise ValueError(f"{parts.path!r}: a prefix of letters, digits, '.', '_' and '-', separated by single slashes")
 
 
 def _s3_endpoint(settings: Settings) -> None:

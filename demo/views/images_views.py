@@ -105,7 +105,7 @@ class ImageFileHandler(ApiHandler):
             self.set_status(304)
             self.finish()
             return
-        if body and self._redirect_to_store(file):
+        if body and await self._redirect_to_store(file):
             self.finish()
             return
         size = file.size
@@ -126,14 +126,14 @@ class ImageFileHandler(ApiHandler):
                 await self._stream(file, start, end)
         self.finish()
 
-    def _redirect_to_store(self, file: ImageFile) -> bool:
+    async def _redirect_to_store(self, file: ImageFile) -> bool:
         """Hand the body to nginx (X-Accel-Redirect into its internal location that proxies to the
         store, with a presigned URL) when nginx said where that location is and the store signs URLs.
         The header reaches a handler only from a trusted proxy (httpserver strips it otherwise)."""
         location = self.request.headers.get(STORE_LOCATION)
         if not location:
             return False
-        url = self.images.redirect_url(file)
+        url = await self.images.redirect_url(file)
         if url is None:
             return False
         parts = urlsplit(url)

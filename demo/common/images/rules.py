@@ -32,7 +32,7 @@ import re
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded
 from demo.common.images import imaging, queries
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from demo.models import Deployment, Image
 
 log = logging.getLogger("demo.images")
+T = TypeVar("T")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
 CHUNK = 256 * 1024  # bytes per piece when a file is streamed: one read off the loop each
 
@@ -91,6 +92,7 @@ class ImageRules:
     decode_budget: int  # pixels decoding at once in one process
     max_animation_pixels: int  # all frames of one animation, decoded
     upload_memory: int  # upload bodies (see UploadSpool) and S3 puts held in memory at once
+    store_units: int  # units of work calling a remote store at once (half the database threads)
     # Not a setting: a thumbnail claimed longer ago than this is taken over (its builder died); making
     # one takes a second or two even for the largest image allowed.
     variant_lease: float = 60.0
@@ -107,6 +109,7 @@ class ImageRules:
             decode_budget=settings.image_decode_budget,
             max_animation_pixels=settings.max_animation_pixels,
             upload_memory=settings.upload_memory,
+            store_units=max(1, settings.db_pool_size // 2),
         )
 
 
@@ -149,12 +152,18 @@ class Images:
         self._found: Cache[str, StoredImage] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
         # Thumbnail sizes of ready variants (a ready row never changes until its blob goes).
         self._variants: Cache[tuple[str, int], int] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        self._urls: Cache[tuple[str, int | None], str] = Cache.expiring(
+            max_items=100_000, ttl=max(store.url_ttl / 2, 1.0)
+        )
         self._bytes: Cache[tuple[str, int | None], bytes] = Cache.sized(
             rules.memory_cache_bytes, rules.memory_cache_item
         )
         self._building: dict[tuple[str, int], asyncio.Future[int]] = {}  # thumbnails asked for here
         # Per process: pixels being decoded at once, and bytes of upload bodies held in memory.
         self.decoding = Budget(rules.decode_budget)
+        self._store_units: AbstractAsyncContextManager[Any] = (
+            asyncio.Semaphore(rules.store_units) if store.remote else contextlib.nullcontext()
+        )
         self.upload_memory = Budget(rules.upload_memory)
 
     # -- upload --------------------------------------------------------------------------------
@@ -199,7 +208,7 @@ class Images:
         """After a failed store or a delete: the blob row (and its objects) go unless an image uses
         them; a failure here is logged, and the housekeeping sweep collects the blob later."""
         try:
-            if await self.db.run(queries.drop_blob_if_unused, sha256, self._delete_objects):
+            if await self._run_with_store(queries.drop_blob_if_unused, sha256, self._delete_objects):
                 self._forget_blob(sha256)
         except Exception:
             log.warning("could not drop the unused blob %s now; the sweeps will", sha256, exc_info=True)
@@ -234,8 +243,15 @@ class Images:
                 raise _BlobGone()  # rolls back the reference just added
 
         async with self._putting(image.bytes if image.path is not None else 0):
-            values = await self.db.run(queries.store_image, new, self._quota, now, place)
+            values = await self._run_with_store(queries.store_image, new, self._quota, now, place)
         return {**values, "created_at": isoformat(now)}
+
+    async def _run_with_store(self, unit: Callable[..., T], *args: Any) -> T:
+        """A unit of work that calls the store while it holds a blob row lock. A remote store that
+        hangs holds that database thread (and the lock) up to s3_timeout: at most half the database
+        threads may wait on it at once, so the rest keep serving logins and pages meanwhile."""
+        async with self._store_units:
+            return await self.db.run(unit, *args)
 
     def _putting(self, size: int) -> AbstractAsyncContextManager[None]:
         """Room in the upload memory budget for a put of ``size`` bytes, where the store holds a put's
@@ -333,7 +349,7 @@ class Images:
                 return self.store.exists(sha256, width)
 
             now = self.clock.now()
-            finished = await self.db.run(queries.finish_variant, sha256, width, size, now, remove, present)
+            finished = await self._run_with_store(queries.finish_variant, sha256, width, size, now, remove, present)
             if finished == "gone":
                 raise NotFound()  # its image was deleted meanwhile: what was put is gone again
             return size if finished == "ready" else None
@@ -396,9 +412,20 @@ class Images:
             if close is not None:
                 await io(close)  # a generator's file or stream, on the thread that may block
 
-    def redirect_url(self, file: ImageFile) -> str | None:
-        """Where the proxy may fetch the file itself (a presigned URL), or None (a local folder)."""
-        return self.store.redirect_url(file.sha256, file.width)
+    async def redirect_url(self, file: ImageFile) -> str | None:
+        """Where the proxy may fetch the file itself (a presigned URL), or None (a local folder). A
+        URL is reused for half its life: nginx fetches at once, and most requests then cost no
+        signature and no thread hop."""
+        if not self.store.url_ttl:
+            return None
+        key = (file.sha256, file.width)
+        url = self._urls.get(key)
+        if url is None:
+            url = await self.db.offloader.io(self.store.redirect_url, file.sha256, file.width)
+            if url is None:
+                return None
+            self._urls.put(key, url)
+        return url
 
     async def _lost(self, file: ImageFile) -> NotFound:
         """A row points at an object the store has lost. A thumbnail's row goes, so that the next
@@ -424,6 +451,7 @@ class Images:
     def _forget_blob(self, sha256: str) -> None:
         """Drop this process's cached bytes and thumbnail sizes of a removed blob."""
         self._bytes.pop_where(lambda key: key[0] == sha256)
+        self._urls.pop_where(lambda key: key[0] == sha256)
         for width in THUMBNAIL_WIDTHS:
             self._variants.pop((sha256, width))
 

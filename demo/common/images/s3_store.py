@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ def _unavailable_on_error(method: Callable[P, T]) -> Callable[P, T]:
 
 class S3ImageStore(ImageStore):
     put_in_memory = True  # obstore sends a non-multipart PUT from one buffer
+    remote = True
 
     def __init__(
         self,
@@ -65,7 +67,7 @@ class S3ImageStore(ImageStore):
         virtual_hosted: bool = False,
         connect_timeout: float = 2.0,
         timeout: float = 10.0,
-        presign_ttl: float = 60.0,
+        presign_ttl: float = 300.0,
     ) -> None:
         super().__init__(temp_root)
         self.bucket, self.prefix = bucket, prefix
@@ -79,7 +81,8 @@ class S3ImageStore(ImageStore):
             prefix=prefix or None,
             config=config,  # type: ignore[arg-type]
             client_options={
-                "allow_http": endpoint.startswith("http://"),
+                # Plain HTTP only where the endpoint says so (a store on the same network).
+                "allow_http": (endpoint or os.environ.get("AWS_ENDPOINT_URL", "")).startswith("http://"),
                 "connect_timeout": f"{connect_timeout}s",
                 "timeout": f"{timeout}s",
             },
@@ -96,6 +99,7 @@ class S3ImageStore(ImageStore):
             },
         )
         self._presign_ttl = dt.timedelta(seconds=presign_ttl)
+        self.url_ttl = presign_ttl
 
     @classmethod
     def from_url(cls, url: str, *, temp_root: str, **options: Any) -> S3ImageStore:
@@ -191,8 +195,10 @@ class S3ImageStore(ImageStore):
     def delete_variant(self, sha256: str, width: int) -> None:
         obstore.delete(self._store, object_name(sha256, width))  # absent is fine (S3 answers 204)
 
+    @_unavailable_on_error
     def redirect_url(self, sha256: str, width: int | None = None) -> str | None:
-        # Signed locally (no request to the store): valid for presign_ttl, used by nginx at once.
+        # Signed here, without a request to the store, once the credentials are known (static keys;
+        # an instance role's are fetched over HTTP first, and refreshed before they expire).
         return obstore.sign(self._store, "GET", object_name(sha256, width), self._presign_ttl)
 
     # -- sweeps --------------------------------------------------------------------------------

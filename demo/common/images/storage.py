@@ -67,6 +67,8 @@ class ImageStore(abc.ABC):
     # Whether put() holds the whole file in memory while it sends it (an S3 PUT is one request with
     # a known length): the rules then count it in the upload memory budget.
     put_in_memory = False
+    # Whether the objects are across a network (calls may hang up to a timeout), not on a local disk.
+    remote = False
 
     def __init__(self, temp_root: str) -> None:
         self._temp = Path(temp_root)
@@ -120,9 +122,12 @@ class ImageStore(abc.ABC):
     def delete_variant(self, sha256: str, width: int) -> None:
         """Remove one variant, and not its blob (absent is fine)."""
 
+    # Seconds a redirect_url stays valid; 0 when the store has no such URLs (the app sends the bytes).
+    url_ttl = 0.0
+
     def redirect_url(self, sha256: str, width: int | None = None) -> str | None:
-        """A short-lived URL the proxy may fetch the object from (X-Accel-Redirect); None when the
-        store has none (the app then sends the bytes itself)."""
+        """A URL, valid ``url_ttl`` seconds, the proxy may fetch the object from (X-Accel-Redirect);
+        None when the store has none. May fetch credentials (an instance role): not on the loop."""
         return None
 
     # -- sweeps --------------------------------------------------------------------------------
@@ -186,6 +191,7 @@ def make_store(settings: Settings) -> ImageStore:
             virtual_hosted=settings.s3_virtual_hosted,
             connect_timeout=settings.s3_connect_timeout,
             timeout=settings.s3_timeout,
+            presign_ttl=settings.s3_url_ttl,
         )
     raise StoreError(f"storage must be empty (the folder media_root) or s3://bucket/prefix, not {storage!r}")
 

@@ -182,6 +182,39 @@ async def test_puts_that_hold_their_file_in_memory_wait_for_room_in_the_upload_m
     assert images.upload_memory.in_use == 0
 
 
+# A remote store on a server database: the deployment this is for. (A folder does not hang like this;
+# SQLite runs one write at a time, so every upload waits for the hung one there anyway.)
+@pytest.mark.parametrize("storage", [pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+@pytest.mark.parametrize("database_url", [pytest.param("mysql", marks=pytest.mark.mysql)], indirect=True)
+@gen_test
+async def test_a_hung_remote_store_holds_at_most_half_the_database_threads(app, images, owner, monkeypatch):
+    """Puts run under the blob row lock on a database thread: a store that hangs must leave the other
+    half of the threads to logins and pages (db_pool_size 4: two waiting puts at most)."""
+    store, release, waiting = app.services.store, threading.Event(), []
+    real_put = store.put
+
+    def hung_put(*args: Any, **kwargs: Any) -> None:
+        waiting.append(1)
+        release.wait(20)
+        real_put(*args, **kwargs)
+
+    monkeypatch.setattr(store, "put", hung_put)
+    owners = [owner, *(new_user(app, f"+861886666881{n}") for n in range(3))]
+    uploads = [asyncio.ensure_future(images.create(user, png((50 + n, 40)))) for n, user in enumerate(owners)]
+    try:
+        while len(waiting) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await asyncio.wait_for(app.services.db.ping(), 2)  # a free database thread answers at once
+        assert time.monotonic() - started < 1
+        assert len(waiting) == 2  # the other two uploads wait outside the database
+    finally:
+        release.set()
+    made = await asyncio.gather(*uploads)
+    assert len({image["sha256"] for image in made}) == 4
+
+
 @gen_test
 async def test_list_pages_own_images_newest_first(images, owner, app):
     made = [await images.create(owner, jpeg((20 + i, 20))) for i in range(5)]
@@ -247,7 +280,9 @@ async def test_contents_are_kept_in_memory_up_to_an_item_size_and_larger_files_a
     assert b"".join(pieces) == app.services.store.read(large["sha256"])[1000:]
     if isinstance(app.services.store, LocalImageStore):  # obstore hands on what arrived, at least CHUNK
         assert len(pieces) == 2
-    assert images.redirect_url(file) == app.services.store.redirect_url(large["sha256"])
+    url = await images.redirect_url(file)
+    assert url == app.services.store.redirect_url(large["sha256"])  # signed in the same second: the same
+    assert await images.redirect_url(file) == url  # reused for half its life
 
 
 @gen_test
