@@ -7,9 +7,11 @@ A thumbnail is checked by size only (its name is not a hash; the app rebuilds on
 An object the destination already holds is verified the same way and skipped, so a rerun after a kill
 carries on where the last one stopped; the store's conditional put never replaces what is there.
 
-The folder's deployment id is claimed in the destination last, after every object checked out: until
-then the server refuses to start on the new store (it carries no id), so a half copy cannot be served.
-A destination that belongs to another deployment is refused before anything is copied.
+The folder's deployment id is claimed in the destination only by the final run (``final``: the one
+after the old servers stopped, so that nothing new can come into the folder), and last, after every
+object checked out. Until then the server refuses to start on the new store (it carries no id): a
+first run made while the old servers still serve, and still take uploads, cannot be served as it
+stands. A destination that belongs to another deployment is refused before anything is copied.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Summary:
     differs: int = 0
     bytes_copied: int = 0
     claimed: str | None = None  # the deployment id the destination carries at the end, once claimed
+    final: bool = False  # the run may claim the id (the old servers are stopped)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -102,7 +105,12 @@ class Summary:
             self.problems.append(f"{outcome.result.value}: {outcome.obj.name}: {outcome.detail}")
 
     def line(self) -> str:
-        end = f"deployment {self.claimed} claimed" if self.claimed else "deployment id not claimed"
+        if self.claimed:
+            end = f"deployment {self.claimed} claimed"
+        elif not self.final and self.failed == 0:
+            end = "not claimed: rerun with --final once the servers are stopped"
+        else:
+            end = "deployment id not claimed"
         return (
             f"copied {self.copied}, skipped {self.skipped}, corrupt {self.corrupt}, differing {self.differs}, "
             f"{self.bytes_copied} bytes copied; {end}"
@@ -231,15 +239,20 @@ def _verify(store: ImageStore, obj: MediaObject) -> str | None:
 
 
 def copy_media(
-    source: Source, store: ImageStore, *, jobs: int = 4, done: Callable[[Outcome], None] | None = None
+    source: Source,
+    store: ImageStore,
+    *,
+    jobs: int = 4,
+    final: bool = False,
+    done: Callable[[Outcome], None] | None = None,
 ) -> Summary:
-    """Copy every object of ``source`` into ``store`` on ``jobs`` threads, then, if all of them
-    verified, claim the folder's deployment id in the store. ``done`` is called (on this thread) after
-    each object. DeploymentMismatch before anything is copied when the store belongs to another
+    """Copy every object of ``source`` into ``store`` on ``jobs`` threads, then, on the ``final`` run
+    and if all of them verified, claim the folder's deployment id in the store. ``done`` is called (on
+    this thread) after each object. DeploymentMismatch before anything is copied when the store belongs to another
     deployment; StoreUnavailable (what is copied stays, a rerun continues) when the store stops answering.
     """
     check_destination(source, store)
-    summary = Summary()
+    summary = Summary(final=final)
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy-media")
     pending: set[Future[Outcome]] = set()
 
@@ -267,7 +280,7 @@ def copy_media(
         collect(finished)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error: the puts under way finish, no new ones
-    if summary.failed == 0:
+    if final and summary.failed == 0:
         summary.claimed = store.claim_identity(source.identity)
         if summary.claimed != source.identity:  # another claimer came first
             raise DeploymentMismatch(_mismatch(store, summary.claimed, source))

@@ -30,7 +30,7 @@ def destination(storage: dict[str, Any], tmp_path: Path) -> ImageStore:
     return make_store(config.defaults(media_root=str(tmp_path / "destination"), **storage))
 
 
-def test_copies_every_blob_and_thumbnail_then_claims_the_deployment(folder, destination):
+def test_the_final_run_copies_every_blob_and_thumbnail_then_claims_the_deployment(folder, destination):
     source = Source.open(folder.root)
     assert (source.count, source.size) == (len(folder.objects), sum(map(len, folder.objects.values())))
     seen = []
@@ -39,7 +39,7 @@ def test_copies_every_blob_and_thumbnail_then_claims_the_deployment(folder, dest
         assert destination.identity() is None  # not before every object is in and verified
         seen.append(outcome)
 
-    summary = transfer.copy_media(source, destination, jobs=3, done=done)
+    summary = transfer.copy_media(source, destination, jobs=3, final=True, done=done)
 
     folder.assert_copied_to(destination)
     assert {o.result for o in seen} == {Result.COPIED} and len(seen) == len(folder.objects)
@@ -50,12 +50,24 @@ def test_copies_every_blob_and_thumbnail_then_claims_the_deployment(folder, dest
     assert not os.listdir(destination.temp_dir())  # every staged copy was moved in or removed
 
 
+def test_a_run_without_final_copies_and_verifies_but_never_claims(folder, destination):
+    # The first run, made while the old servers still serve: a server must not start on this copy,
+    # which misses every image uploaded after it.
+    summary = transfer.copy_media(Source.open(folder.root), destination)
+
+    folder.assert_copied_to(destination)
+    assert (summary.copied, summary.failed, summary.claimed) == (len(folder.objects), 0, None)
+    assert destination.identity() is None
+    assert summary.line().endswith("; not claimed: rerun with --final once the servers are stopped")
+
+
 def test_a_rerun_verifies_what_is_there_and_copies_nothing(folder, destination):
     source = Source.open(folder.root)
     transfer.copy_media(source, destination)
-    again = transfer.copy_media(source, destination)
+    again = transfer.copy_media(source, destination, final=True)
     assert (again.copied, again.skipped, again.failed, again.bytes_copied) == (0, len(folder.objects), 0, 0)
     assert again.claimed == folder.identity
+    assert again.line().endswith(f"; deployment {folder.identity} claimed")
 
 
 def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(folder, destination):
@@ -64,7 +76,7 @@ def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(fo
     data[-20] ^= 0xFF  # same size, other bytes: only the hash can tell
     folder.path(bad).write_bytes(bytes(data))
 
-    summary = transfer.copy_media(Source.open(folder.root), destination)
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
 
     assert (summary.corrupt, summary.differs, summary.claimed) == (1, 0, None)
     assert summary.copied == len(folder.objects) - 1
@@ -73,7 +85,7 @@ def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(fo
     assert not destination.exists(bad) and destination.identity() is None
     # Put right (restored from a backup), a rerun completes.
     folder.path(bad).write_bytes(folder.objects[(bad, None)])
-    summary = transfer.copy_media(Source.open(folder.root), destination)
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
     assert (summary.copied, summary.failed, summary.claimed) == (1, 0, folder.identity)
     folder.assert_copied_to(destination)
 
@@ -83,7 +95,7 @@ def test_other_bytes_under_a_name_in_the_store_fail_verification_and_stay(folder
     put_file(destination, b"\x89PNG not these bytes" + bytes(len(folder.objects[(blob, None)]) - 20), sha256=blob)
     put_file(destination, b"\x89PNG shorter", sha256=thumbnail[0], width=thumbnail[1])
 
-    summary = transfer.copy_media(Source.open(folder.root), destination)
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
 
     assert (summary.differs, summary.corrupt, summary.claimed) == (2, 0, None)
     assert any(p.startswith(f"differs: {object_name(blob)}: the store's bytes hash to ") for p in summary.problems)
@@ -144,13 +156,13 @@ def test_a_copy_cut_off_by_the_store_going_down_completes_on_a_rerun(tmp_path, m
                 server.stop()  # as a kill would: the objects put so far stay, the rest never come
 
         with pytest.raises(StoreUnavailable):
-            transfer.copy_media(Source.open(folder.root), store, jobs=2, done=done)
+            transfer.copy_media(Source.open(folder.root), store, jobs=2, final=True, done=done)
         server.start()
         assert store.identity() is None  # the half copy cannot be served
         present = [key for key in folder.objects if store.exists(*key)]
         assert 5 <= len(present) < len(folder.objects)
 
-        summary = transfer.copy_media(Source.open(folder.root), store, jobs=2)
+        summary = transfer.copy_media(Source.open(folder.root), store, jobs=2, final=True)
         assert summary.skipped == len(present) and summary.copied == len(folder.objects) - len(present)
         assert (summary.failed, summary.claimed) == (0, folder.identity)
         folder.assert_copied_to(store)
