@@ -161,6 +161,7 @@ def test_help_lists_the_settings_it_reads_and_the_exit_statuses():
     done = admin("copy-media", "--help")
     assert done.returncode == 0 and done.stderr == ""
     assert "--from FOLDER" in done.stdout and "--quiet" in done.stdout and "--final" in done.stdout
+    assert "--verify-existing" in done.stdout
     for name in ("--storage", "--s3_endpoint", "--s3_region", "--media_root"):
         assert f"\n  {name}\n" in done.stdout
     statuses = done.stdout.split("exit statuses:")[1]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from hashlib import sha256
+from hashlib import md5, sha256
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 
 from demo.common.images import transfer
+from demo.common.images.local_store import LocalImageStore
 from demo.common.images.storage import ImageStore, StoreUnavailable, make_store, object_name
 from demo.common.images.transfer import Result, Source
 from demo.conf import settings as config
@@ -68,6 +70,85 @@ def test_a_rerun_verifies_what_is_there_and_copies_nothing(folder, destination):
     assert (again.copied, again.skipped, again.failed, again.bytes_copied) == (0, len(folder.objects), 0, 0)
     assert again.claimed == folder.identity
     assert again.line().endswith(f"; deployment {folder.identity} claimed")
+
+
+def reads(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None]]:
+    """The objects read back from ``store`` from now on (each call of its real ``chunks``)."""
+    seen: list[tuple[str, int | None]] = []
+    real = store.chunks
+
+    def chunks(sha256: str, width: int | None, start: int, end: int, chunk_size: int) -> Any:
+        seen.append((sha256, width))
+        return real(sha256, width, start, end, chunk_size)
+
+    monkeypatch.setattr(store, "chunks", chunks)
+    return seen
+
+
+def test_s3_objects_are_verified_by_their_etag_and_a_folder_s_by_their_bytes(folder, destination, monkeypatch):
+    read, count = reads(destination, monkeypatch), len(folder.objects)
+    source = Source.open(folder.root)
+
+    first = transfer.copy_media(source, destination)
+    again = transfer.copy_media(source, destination, final=True)
+
+    assert (first.copied, again.skipped, again.failed, again.claimed) == (count, count, 0, folder.identity)
+    if isinstance(destination, LocalImageStore):
+        assert sorted(read, key=str) == sorted(
+            [*folder.objects, *folder.objects], key=str
+        )  # each run hashes every file
+    else:
+        assert read == []  # a single PUT's ETag is the MD5 of its bytes: the final run downloads nothing
+    read.clear()
+    forced = transfer.copy_media(source, destination, verify_existing=True)
+    assert (forced.skipped, forced.failed) == (count, 0)
+    assert sorted(read, key=str) == sorted(folder.objects, key=str)
+
+
+def test_a_thumbnail_of_the_same_size_with_other_bytes_differs(folder, destination):
+    sha, width = folder.blobs[0], 16
+    data = bytearray(folder.objects[(sha, width)])
+    data[-20] ^= 0xFF  # same size: only its bytes (or the ETag made of them) can tell
+    put_file(destination, bytes(data), sha256=sha, width=width)
+
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
+
+    theirs, ours = md5(data).hexdigest(), md5(folder.objects[(sha, width)]).hexdigest()
+    assert summary.problems == [
+        f"differs: {object_name(sha, width)}: the store's bytes differ from the folder's (MD5 {theirs}, not {ours}); "
+        "delete the object and rerun"
+    ]
+    assert (summary.differs, summary.claimed) == (1, None) and destination.read(sha, width) == bytes(data)
+
+
+def test_a_blob_gone_bad_in_the_folder_after_its_copy_is_judged_by_the_store_s_bytes(folder, destination):
+    source = Source.open(folder.root)
+    transfer.copy_media(source, destination)
+    bad = folder.blobs[0]
+    folder.path(bad).write_bytes(b"\x00" * len(folder.objects[(bad, None)]))  # a disk fault after the first run
+
+    summary = transfer.copy_media(source, destination, final=True)
+
+    assert (summary.skipped, summary.failed, summary.claimed) == (len(folder.objects), 0, folder.identity)
+    folder.assert_copied_to(destination)
+
+
+@pytest.mark.s3
+def test_an_etag_that_is_no_md5_makes_the_copy_read_the_object_back(s3_server, folder, tmp_path, monkeypatch):
+    store = make_store(config.defaults(media_root=str(tmp_path / "m"), **s3_server.settings(uuid.uuid4().hex[:12])))
+    big = max(folder.blobs, key=lambda sha: len(folder.objects[(sha, None)]))
+    good, thumbnail = folder.objects[(big, None)], folder.objects[(folder.blobs[0], 16)]
+    # A multipart upload's ETag is "<md5 of the parts' md5s>-<parts>": how another tool may have put it.
+    obstore.put(store._store, object_name(big), good, use_multipart=True, chunk_size=5 << 20)
+    obstore.put(store._store, object_name(folder.blobs[0], 16), thumbnail, use_multipart=True, chunk_size=5 << 20)
+    assert store.head(big).etag.endswith('-1"')
+    read = reads(store, monkeypatch)
+
+    summary = transfer.copy_media(Source.open(folder.root), store)
+
+    assert (big, None) in read and (folder.blobs[0], 16) in read
+    assert (summary.skipped, summary.failed) == (2, 0)  # the bytes were the folder's
+    folder.assert_copied_to(store)
 
 
 def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(folder, destination):
