@@ -52,7 +52,7 @@ misses the images uploaded since the first run.
 EXIT_STATUSES = """\
 exit statuses:
   0    every object is in the store and verified (with --final: the deployment id claimed)
-  1    some object failed verification (listed on stderr); the id is not claimed
+  1    some object failed verification or could not be read (listed on stderr); the id is not claimed
   2    bad arguments or settings: no such folder, not a media folder, a bad storage URL,
        or a store that belongs to another deployment
   5    the store cannot be reached (or the local temp folder under media_root not written)

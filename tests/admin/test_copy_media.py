@@ -105,6 +105,21 @@ def test_a_corrupt_blob_exits_1_names_it_and_leaves_the_store_unclaimed(folder, 
     assert not store.exists(bad) and store.identity() is None
 
 
+def test_an_unreadable_file_exits_1_in_one_line_and_leaves_the_store_unclaimed(folder, target):
+    args, store = target
+    bad = folder.blobs[0]
+    folder.path(bad).unlink()
+    folder.path(bad).symlink_to("/proc/self/mem")  # reading it fails with EIO
+
+    done = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
+
+    assert done.returncode == 1
+    name, path = folder.path(bad).relative_to(folder.root), folder.path(bad)
+    assert done.stderr == f"copy-media: unreadable: {name}: {path}: Input/output error\n"
+    assert ", unreadable 1, " in done.stdout and "deployment id not claimed" in done.stdout
+    assert not store.exists(bad) and store.identity() is None
+
+
 def test_a_store_of_another_deployment_exits_2_before_copying(folder, target):
     args, store = target
     store.claim_identity("another-deployment")

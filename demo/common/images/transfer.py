@@ -66,6 +66,7 @@ class Result(enum.Enum):
     SKIPPED = "skipped"  # already in the destination, and verified
     CORRUPT = "corrupt"  # the folder's bytes do not hash to the blob's name: not copied
     DIFFERS = "differs"  # the destination holds other bytes under that name: it keeps them
+    UNREADABLE = "unreadable"  # the folder's file cannot be read (permissions, a disk error): not copied
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.result in (Result.CORRUPT, Result.DIFFERS)
+        return self.result in (Result.CORRUPT, Result.DIFFERS, Result.UNREADABLE)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Summary:
     skipped: int = 0
     corrupt: int = 0
     differs: int = 0
+    unreadable: int = 0
     bytes_copied: int = 0
     claimed: str | None = None  # the deployment id the destination carries at the end, once claimed
     final: bool = False  # the run may claim the id (the old servers are stopped)
@@ -92,7 +94,7 @@ class Summary:
 
     @property
     def failed(self) -> int:
-        return self.corrupt + self.differs
+        return self.corrupt + self.differs + self.unreadable
 
     def add(self, outcome: Outcome) -> None:
         if outcome.result is Result.COPIED:
@@ -103,6 +105,8 @@ class Summary:
         else:
             if outcome.result is Result.CORRUPT:
                 self.corrupt += 1
+            elif outcome.result is Result.UNREADABLE:
+                self.unreadable += 1
             else:
                 self.differs += 1
             self.problems.append(f"{outcome.result.value}: {outcome.obj.name}: {outcome.detail}")
@@ -114,9 +118,10 @@ class Summary:
             end = "not claimed: rerun with --final once the servers are stopped"
         else:
             end = "deployment id not claimed"
+        unreadable = f", unreadable {self.unreadable}" if self.unreadable else ""
         return (
-            f"copied {self.copied}, skipped {self.skipped}, corrupt {self.corrupt}, differing {self.differs}, "
-            f"{self.bytes_copied} bytes copied; {end}"
+            f"copied {self.copied}, skipped {self.skipped}, corrupt {self.corrupt}, differing {self.differs}"
+            f"{unreadable}, {self.bytes_copied} bytes copied; {end}"
         )
 
 
@@ -196,6 +201,8 @@ def copy_object(store: ImageStore, obj: MediaObject, *, verify_existing: bool = 
             digests = _stage(obj.path, None)
         except FileNotFoundError:
             return Outcome(obj, Result.CORRUPT, f"{obj.path} went away while it was read")
+        except _Unreadable as error:
+            return Outcome(obj, Result.UNREADABLE, str(error))
         # A source blob that does not hash to its name has no MD5 worth comparing: the store's bytes
         # are then read back and judged by the name alone (a good copy there is all that matters).
         read_back = verify_existing or (obj.width is None and digests.sha256 != obj.sha256)
@@ -211,6 +218,8 @@ def copy_object(store: ImageStore, obj: MediaObject, *, verify_existing: bool = 
         store.put(obj.sha256, temp, content_type=content_type, width=obj.width)
     except FileNotFoundError:
         return Outcome(obj, Result.CORRUPT, f"{obj.path} went away while it was copied")
+    except _Unreadable as error:
+        return Outcome(obj, Result.UNREADABLE, str(error))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -230,14 +239,30 @@ class _Digests:
 def _stage(path: Path, out: IO[bytes] | None) -> _Digests:
     """Read ``path`` (into the open file ``out``, if any) and hash it as it goes, in pieces."""
     sha256, md5, head = hashlib.sha256(), hashlib.md5(usedforsecurity=False), b""
-    with open(path, "rb") as src:
-        while block := src.read(CHUNK):
-            sha256.update(block)
-            md5.update(block)
-            head = head or block[:16]
-            if out is not None:
-                out.write(block)
+    for block in _blocks(path):
+        sha256.update(block)
+        md5.update(block)
+        head = head or block[:16]
+        if out is not None:
+            out.write(block)  # an error writing the temp copy is the destination's: it is not caught here
     return _Digests(sha256.hexdigest(), md5.hexdigest(), head)
+
+
+class _Unreadable(Exception):
+    """A file of the folder could not be read (its message says which, and why)."""
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The file's bytes in pieces; FileNotFoundError when it went away, _Unreadable for any other
+    error of the folder's disk (permissions, EIO), so that one bad file is one line, not a traceback."""
+    try:
+        with open(path, "rb") as src:
+            while block := src.read(CHUNK):
+                yield block
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise _Unreadable(f"{path}: {error.strerror or error}") from error
 
 
 def _plain_md5(etag: str | None) -> str | None:

@@ -171,6 +171,19 @@ def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(fo
     folder.assert_copied_to(destination)
 
 
+def test_an_unreadable_file_is_reported_not_copied_and_the_deployment_not_claimed(folder, destination):
+    bad = folder.blobs[0]
+    folder.path(bad).unlink()
+    folder.path(bad).symlink_to("/proc/self/mem")  # a file whose read fails with EIO, as a failing disk's
+
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
+
+    assert summary.problems == [f"unreadable: {object_name(bad)}: {folder.path(bad)}: Input/output error"]
+    assert (summary.unreadable, summary.failed, summary.claimed) == (1, 1, None)
+    assert summary.copied == len(folder.objects) - 1 and ", unreadable 1, " in summary.line()
+    assert not destination.exists(bad) and destination.identity() is None
+
+
 def test_other_bytes_under_a_name_in_the_store_fail_verification_and_stay(folder, destination):
     blob, thumbnail = folder.blobs[0], (folder.blobs[1], 16)
     put_file(destination, b"\x89PNG not these bytes" + bytes(len(folder.objects[(blob, None)]) - 20), sha256=blob)
