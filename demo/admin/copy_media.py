@@ -46,7 +46,9 @@ reads every one of them back).
 To move: run it while the old servers still serve (most bytes move), stop them, then run it again
 with --final. Only --final writes the folder's deployment id to the store, last, once every object
 checked out; until then the server refuses to start on the store, so it never serves a copy that
-misses the images uploaded since the first run.
+misses the images uploaded since the first run. Before that, --final deletes the store's blobs and
+thumbnails that the folder no longer has (images deleted since the first run), unless the store is
+claimed by this deployment already (it is live: nothing is deleted).
 """
 
 EXIT_STATUSES = """\

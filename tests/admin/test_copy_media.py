@@ -69,12 +69,17 @@ def test_copies_the_folder_with_a_progress_bar_and_a_summary_then_the_final_reru
     folder.assert_copied_to(store)
     assert store.identity() is None  # the old servers may still take uploads: no server starts on it yet
 
+    # The old servers stopped after deleting an image (its blob and two thumbnails): gone from the store too.
+    deleted = folder.blobs[0]
+    for width in (None, 16, 32):
+        folder.path(deleted, width).unlink()
     again = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
     assert (again.returncode, again.stderr) == (0, "")
     assert again.stdout.endswith(
-        f": copied 0, skipped {count}, corrupt 0, differing 0, 0 bytes copied; deployment {folder.identity} claimed\n"
+        f": copied 0, skipped {count - 3}, corrupt 0, differing 0, 0 bytes copied, deleted 3 not in the folder; "
+        f"deployment {folder.identity} claimed\n"
     )
-    assert store.identity() == folder.identity
+    assert store.identity() == folder.identity and not store.exists(deleted) and not store.exists(deleted, 16)
 
 
 def test_settings_come_from_the_environment_and_the_config_file_as_for_the_server(folder, target, tmp_path):

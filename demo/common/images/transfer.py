@@ -13,7 +13,10 @@ The folder's deployment id is claimed in the destination only by the final run (
 after the old servers stopped, so that nothing new can come into the folder), and last, after every
 object checked out. Until then the server refuses to start on the new store (it carries no id): a
 first run made while the old servers still serve, and still take uploads, cannot be served as it
-stands. A destination that belongs to another deployment is refused before anything is copied.
+stands. Before it claims, the final run deletes the destination's blobs and thumbnails that the folder
+no longer has (images deleted since the first run), unless the destination is claimed by this
+deployment already: then it is live, and its servers may have stored what the folder never had.
+A destination that belongs to another deployment is refused before anything is copied.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class Summary:
     bytes_copied: int = 0
     claimed: str | None = None  # the deployment id the destination carries at the end, once claimed
     final: bool = False  # the run may claim the id (the old servers are stopped)
+    deleted: int = 0  # objects of the destination the folder no longer has, deleted by the final run
+    live: bool = False  # the final run found the store claimed by this deployment already: nothing deleted
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -119,9 +124,13 @@ class Summary:
         else:
             end = "deployment id not claimed"
         unreadable = f", unreadable {self.unreadable}" if self.unreadable else ""
+        if self.live:
+            cleaned = "; nothing deleted: the store was claimed already, it is live"
+        else:
+            cleaned = f", deleted {self.deleted} not in the folder" if self.claimed else ""
         return (
             f"copied {self.copied}, skipped {self.skipped}, corrupt {self.corrupt}, differing {self.differs}"
-            f"{unreadable}, {self.bytes_copied} bytes copied; {end}"
+            f"{unreadable}, {self.bytes_copied} bytes copied{cleaned}; {end}"
         )
 
 
@@ -345,10 +354,44 @@ def copy_media(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error: the puts under way finish, no new ones
     if final and summary.failed == 0:
+        # Images deleted since the first run must not come back with the store. A store claimed by
+        # this deployment already is live: its servers may have stored what the folder never had.
+        summary.live = store.identity() == source.identity
+        if not summary.live:
+            summary.deleted = delete_stale(source, store)
         summary.claimed = store.claim_identity(source.identity)
         if summary.claimed != source.identity:  # another claimer came first
             raise DeploymentMismatch(_mismatch(store, summary.claimed, source))
     return summary
+
+
+def delete_stale(source: Source, store: ImageStore) -> int:
+    """Delete the blobs and thumbnails of ``store`` that ``source`` does not have; how many. Names that
+    are no object's (and everything outside blobs/ and thumbs/, DEPLOYMENT first) are left alone."""
+    stale: list[tuple[str, int | None]] = []  # gathered first: a listing is not changed as it is paged
+    for under in ("blobs", "thumbs"):
+        for name in store.names(under):
+            key = _object_key(name)
+            if key is not None and not (source.root / name).is_file():
+                stale.append(key)
+    for sha256, width in stale:
+        if width is None:
+            store.delete(sha256, ())
+        else:
+            store.delete_variant(sha256, width)
+    return len(stale)
+
+
+def _object_key(name: str) -> tuple[str, int | None] | None:
+    """(sha256, width) of the object ``name`` is, or None when no object has that name."""
+    base = name.rsplit("/", 1)[-1]
+    if match := _BLOB.fullmatch(base):
+        key: tuple[str, int | None] = (match.group(0), None)
+    elif match := _THUMB.fullmatch(base):
+        key = (match.group("sha256"), int(match.group("width")))
+    else:
+        return None
+    return key if object_name(*key) == name else None
 
 
 def check_destination(source: Source, store: ImageStore) -> None:

@@ -151,6 +151,48 @@ def test_an_etag_that_is_no_md5_makes_the_copy_read_the_object_back(s3_server, f
     folder.assert_copied_to(store)
 
 
+def forget(folder: MediaFolder, sha: str) -> list[tuple[str, int | None]]:
+    """Delete an image's blob and thumbnails from the folder, as the server deletes an image; their keys."""
+    keys = [key for key in folder.objects if key[0] == sha]
+    for key in keys:
+        folder.path(*key).unlink()
+        del folder.objects[key]
+    return keys
+
+
+def test_the_final_run_deletes_what_the_folder_lost_since_the_first(folder, destination):
+    transfer.copy_media(Source.open(folder.root), destination)
+    gone = forget(folder, folder.blobs[0])  # an image deleted while the old servers still served
+    put_file(destination, b"not an object's name", sha256="ab" * 32, width=None)  # named as one: stale too
+
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
+
+    assert (summary.deleted, summary.claimed) == (len(gone) + 1, folder.identity)
+    assert summary.line().endswith(f", deleted {len(gone) + 1} not in the folder; deployment {folder.identity} claimed")
+    assert not any(destination.exists(*key) for key in gone) and not destination.exists("ab" * 32)
+    names = sorted([*destination.names("blobs"), *destination.names("thumbs")])
+    assert names == sorted(object_name(*key) for key in folder.objects)
+    assert destination.identity() == folder.identity
+
+
+def test_a_run_without_final_deletes_nothing(folder, destination):
+    transfer.copy_media(Source.open(folder.root), destination)
+    gone = forget(folder, folder.blobs[0])
+    summary = transfer.copy_media(Source.open(folder.root), destination)
+    assert summary.deleted == 0 and all(destination.exists(*key) for key in gone)
+
+
+def test_a_store_claimed_by_the_deployment_is_live_and_nothing_is_deleted(folder, destination):
+    transfer.copy_media(Source.open(folder.root), destination, final=True)
+    gone = forget(folder, folder.blobs[0])  # or: uploaded to the new store, never in the folder
+
+    summary = transfer.copy_media(Source.open(folder.root), destination, final=True)
+
+    assert (summary.live, summary.deleted, summary.claimed) == (True, 0, folder.identity)
+    assert "; nothing deleted: the store was claimed already, it is live;" in summary.line()
+    assert all(destination.exists(*key) for key in gone)
+
+
 def test_a_corrupt_blob_is_reported_not_copied_and_the_deployment_not_claimed(folder, destination):
     bad = folder.blobs[0]
     data = bytearray(folder.objects[(bad, None)])
