@@ -1,6 +1,7 @@
-"""``python -m demo.admin copy-media --from=FOLDER``: copy a media folder into the store the settings name.
+"""``python -m demo.admin copy-media --from=FOLDER [--final]``: copy a media folder into the store the
+settings name.
 
-The copy itself (verification, resumption, the deployment id claimed last) is
+The copy itself (verification, resumption, the deployment id claimed by the final run) is
 demo/common/images/transfer.py; this module reads the arguments and settings, draws the progress bar
 and turns each way of failing into one line and an exit status.
 """
@@ -36,17 +37,24 @@ name, e.g. --storage=s3://bucket/prefix --s3_endpoint=https://... with AWS_ACCES
 AWS_SECRET_ACCESS_KEY in the environment. Settings are read as python -m demo.main reads them
 (--name=value, DEMO_NAME, --config=FILE): pass the server's own.
 
-Every blob's bytes must hash to its name (a corrupt one is reported, not copied), and each object
-is read back from the store and checked (blobs: SHA-256; thumbnails: size). Objects already in the
-store are checked and skipped, never replaced: run it again after an interruption and it carries on.
-The folder's deployment id is written to the store last, once every object checked out; until then
-the server refuses to start on the store.
+Every blob's bytes must hash to its name (a corrupt one is reported, not copied), and each object in
+the store must be the folder's: by its ETag where that is the MD5 of the bytes (S3 single PUTs: no
+bytes downloaded), else read back and hashed. Objects already in the store are checked so and
+skipped, never replaced: run it again after an interruption and it carries on (--verify-existing
+reads every one of them back).
+
+To move: run it while the old servers still serve (most bytes move), stop them, then run it again
+with --final. Only --final writes the folder's deployment id to the store, last, once every object
+checked out; until then the server refuses to start on the store, so it never serves a copy that
+misses the images uploaded since the first run. Before that, --final deletes the store's blobs and
+thumbnails that the folder no longer has (images deleted since the first run), unless the store is
+claimed by this deployment already (it is live: nothing is deleted).
 """
 
 EXIT_STATUSES = """\
 exit statuses:
-  0    every object is in the store and verified, the deployment id claimed
-  1    some object failed verification (listed on stderr); the id is not claimed
+  0    every object is in the store and verified (with --final: the deployment id claimed)
+  1    some object failed verification or could not be read (listed on stderr); the id is not claimed
   2    bad arguments or settings: no such folder, not a media folder, a bad storage URL,
        or a store that belongs to another deployment
   5    the store cannot be reached (or the local temp folder under media_root not written)
@@ -72,6 +80,16 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--from", dest="source", required=True, metavar="FOLDER", help="the media folder, e.g. /var/lib/demo/media"
     )
+    parser.add_argument(
+        "--final",
+        action="store_true",
+        help="the run after the old servers stopped: claim the store for the folder's deployment",
+    )
+    parser.add_argument(
+        "--verify-existing",
+        action="store_true",
+        help="read back and hash the objects already in the store, even those whose ETag vouches for them",
+    )
     parser.add_argument("--jobs", type=int, default=JOBS, help=f"objects copied at once (default {JOBS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (problems and the summary still print)")
     parser.set_defaults(run=run)
@@ -96,10 +114,12 @@ def run(args: argparse.Namespace, settings_args: list[str]) -> int:
         return fail(BAD_SETTINGS, str(error))
     except OSError as error:  # the temp folder of uploads under media_root
         return fail(UNREACHABLE, f"--media_root: {error.strerror or error}: {error.filename or settings.media_root}")
-    return copy(source, store, quiet=args.quiet, jobs=args.jobs)
+    return copy(source, store, quiet=args.quiet, jobs=args.jobs, final=args.final, verify_existing=args.verify_existing)
 
 
-def copy(source: transfer.Source, store: ImageStore, *, quiet: bool, jobs: int) -> int:
+def copy(
+    source: transfer.Source, store: ImageStore, *, quiet: bool, jobs: int, final: bool, verify_existing: bool
+) -> int:
     try:
         transfer.check_destination(source, store)  # the quick refusals, before a bar is drawn
     except (transfer.DeploymentMismatch, transfer.SourceError, StoreUnavailable) as error:
@@ -119,7 +139,9 @@ def copy(source: transfer.Source, store: ImageStore, *, quiet: bool, jobs: int) 
 
     try:
         with bar:
-            summary = transfer.copy_media(source, store, jobs=jobs, done=done)
+            summary = transfer.copy_media(
+                source, store, jobs=jobs, final=final, verify_existing=verify_existing, done=done
+            )
     except (transfer.DeploymentMismatch, transfer.SourceError, StoreUnavailable, KeyboardInterrupt) as error:
         return fail(*_failure(error, store))  # the bar is closed by now: the line stands alone
     print(f"{NAME} {source.root} -> {store}: {summary.line()}")

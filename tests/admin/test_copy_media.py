@@ -54,7 +54,7 @@ def target(storage: dict[str, Any], tmp_path: Path) -> tuple[list[str], ImageSto
     return options(settings), make_store(config.defaults(**settings))
 
 
-def test_copies_the_folder_with_a_progress_bar_and_a_summary_then_a_rerun_copies_nothing(folder, target):
+def test_copies_the_folder_with_a_progress_bar_and_a_summary_then_the_final_rerun_claims_it(folder, target):
     args, store = target
     count, size = len(folder.objects), sum(map(len, folder.objects.values()))
 
@@ -63,15 +63,23 @@ def test_copies_the_folder_with_a_progress_bar_and_a_summary_then_a_rerun_copies
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith(
         f": copied {count}, skipped 0, corrupt 0, differing 0, {size} bytes copied; "
-        f"deployment {folder.identity} claimed\n"
+        "not claimed: rerun with --final once the servers are stopped\n"
     )
     assert "copy-media: 100%" in done.stderr and f"{count}/{count} files" in done.stderr  # the bar, on stderr
     folder.assert_copied_to(store)
-    assert store.identity() == folder.identity
+    assert store.identity() is None  # the old servers may still take uploads: no server starts on it yet
 
-    again = admin("copy-media", f"--from={folder.root}", "--quiet", *args)
+    # The old servers stopped after deleting an image (its blob and two thumbnails): gone from the store too.
+    deleted = folder.blobs[0]
+    for width in (None, 16, 32):
+        folder.path(deleted, width).unlink()
+    again = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
     assert (again.returncode, again.stderr) == (0, "")
-    assert f": copied 0, skipped {count}, corrupt 0, differing 0, 0 bytes copied;" in again.stdout
+    assert again.stdout.endswith(
+        f": copied 0, skipped {count - 3}, corrupt 0, differing 0, 0 bytes copied, deleted 3 not in the folder; "
+        f"deployment {folder.identity} claimed\n"
+    )
+    assert store.identity() == folder.identity and not store.exists(deleted) and not store.exists(deleted, 16)
 
 
 def test_settings_come_from_the_environment_and_the_config_file_as_for_the_server(folder, target, tmp_path):
@@ -92,13 +100,28 @@ def test_a_corrupt_blob_exits_1_names_it_and_leaves_the_store_unclaimed(folder, 
     bad = folder.blobs[1]
     folder.path(bad).write_bytes(folder.objects[(bad, None)][:-1] + b"\x00")
 
-    done = admin("copy-media", f"--from={folder.root}", "--quiet", *args)
+    done = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
 
     assert done.returncode == 1
     assert re.fullmatch(
         rf"copy-media: corrupt: blobs/../../{bad}: its bytes in \S+ hash to [0-9a-f]{{64}}\n", done.stderr
     )
     assert "corrupt 1," in done.stdout and "deployment id not claimed" in done.stdout
+    assert not store.exists(bad) and store.identity() is None
+
+
+def test_an_unreadable_file_exits_1_in_one_line_and_leaves_the_store_unclaimed(folder, target):
+    args, store = target
+    bad = folder.blobs[0]
+    folder.path(bad).unlink()
+    folder.path(bad).symlink_to("/proc/self/mem")  # reading it fails with EIO
+
+    done = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
+
+    assert done.returncode == 1
+    name, path = folder.path(bad).relative_to(folder.root), folder.path(bad)
+    assert done.stderr == f"copy-media: unreadable: {name}: {path}: Input/output error\n"
+    assert ", unreadable 1, " in done.stdout and "deployment id not claimed" in done.stdout
     assert not store.exists(bad) and store.identity() is None
 
 
@@ -157,7 +180,8 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, args, says):
 def test_help_lists_the_settings_it_reads_and_the_exit_statuses():
     done = admin("copy-media", "--help")
     assert done.returncode == 0 and done.stderr == ""
-    assert "--from FOLDER" in done.stdout and "--quiet" in done.stdout
+    assert "--from FOLDER" in done.stdout and "--quiet" in done.stdout and "--final" in done.stdout
+    assert "--verify-existing" in done.stdout
     for name in ("--storage", "--s3_endpoint", "--s3_region", "--media_root"):
         assert f"\n  {name}\n" in done.stdout
     statuses = done.stdout.split("exit statuses:")[1]
@@ -200,11 +224,14 @@ async def test_a_folder_made_by_the_app_is_served_by_a_server_on_the_store_after
     }
     port = free_port()
 
-    # Before the copy, the server refuses the store: it carries no deployment id.
+    # After a first copy (the old server still serving), the server refuses the store: it carries no
+    # deployment id until the final run.
+    first = admin("copy-media", f"--from={settings.media_root}", "--quiet", *options(s3))
+    assert first.returncode == 0, first.stderr
     refused = start(tmp_path, f"--port={port}", "--log_dir=", env=server_env)
     assert "carries no deployment id" in finish(refused) and refused.returncode == 2
 
-    done = admin("copy-media", f"--from={settings.media_root}", "--quiet", *options(s3))
+    done = admin("copy-media", f"--from={settings.media_root}", "--quiet", "--final", *options(s3))
     assert done.returncode == 0, done.stderr
     store = make_store(config.defaults(media_root=str(tmp_path / "check"), **s3))
     for obj in source.objects():

@@ -26,7 +26,14 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError
 from obstore.store import S3Store
 
-from demo.common.images.storage import IDENTITY, ImageStore, StoreError, StoreUnavailable, object_name
+from demo.common.images.storage import (
+    IDENTITY,
+    ImageStore,
+    ObjectHead,
+    StoreError,
+    StoreUnavailable,
+    object_name,
+)
 
 log = logging.getLogger("demo.images")
 P = ParamSpec("P")
@@ -151,6 +158,14 @@ class S3ImageStore(ImageStore):
             return int(obstore.head(self._store, object_name(sha256, width))["size"])
         except (FileNotFoundError, NotFoundError):
             return None
+
+    @_unavailable_on_error
+    def head(self, sha256: str, width: int | None = None) -> ObjectHead | None:
+        try:
+            meta = obstore.head(self._store, object_name(sha256, width))
+        except (FileNotFoundError, NotFoundError):
+            return None
+        return ObjectHead(int(meta["size"]), meta["e_tag"])
 
     @_unavailable_on_error
     def read(self, sha256: str, width: int | None = None, start: int = 0, end: int | None = None) -> bytes:

@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -43,6 +44,14 @@ class StoreUnavailable(Unavailable):
 
 class StoreError(Exception):
     """The ``storage`` setting names a store that cannot work (bad URL, no bucket, no credentials)."""
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """What the store tells of an object without sending its bytes."""
+
+    size: int
+    etag: str | None  # as the store sends it (quotes and all); None where the store has none (a folder)
 
 
 def object_name(sha256: str, width: int | None = None) -> str:
@@ -98,6 +107,11 @@ class ImageStore(abc.ABC):
 
     def exists(self, sha256: str, width: int | None = None) -> bool:
         return self.size(sha256, width) is not None
+
+    def head(self, sha256: str, width: int | None = None) -> ObjectHead | None:
+        """The object's size and ETag (one request, no bytes); None if it is not there."""
+        size = self.size(sha256, width)
+        return None if size is None else ObjectHead(size, None)
 
     @abc.abstractmethod
     def read(self, sha256: str, width: int | None = None, start: int = 0, end: int | None = None) -> bytes:

@@ -212,3 +212,17 @@ def test_a_store_that_is_down_fails_fast_leaves_nothing_and_recovers_without_a_r
         assert not store.exists(hashlib.sha256(b"new").hexdigest())  # nothing half-written
     finally:
         private.stop()
+
+
+# -- heads (added for the copy's verification, images/transfer.py) -----------------------------------
+
+
+def test_a_head_gives_the_size_and_on_s3_the_md5_etag_of_a_single_put(store):
+    assert store.head(SHA) is None
+    store.put(SHA, spool(store, DATA), content_type=JPEG)
+    head = store.head(SHA)
+    assert head is not None and head.size == len(DATA)
+    if isinstance(store, LocalImageStore):
+        assert head.etag is None  # a folder has none: the copy hashes its bytes instead
+    else:
+        assert head.etag == f'"{hashlib.md5(DATA).hexdigest()}"'
