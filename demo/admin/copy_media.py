@@ -14,13 +14,18 @@ import io
 import logging
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
-from demo.common.images import transfer
+from demo.common.errors import Unavailable
+from demo.common.images import queries, transfer
 from demo.common.images.storage import ImageStore, StoreError, StoreUnavailable, make_store
-from demo.common.infra.startup import ConfigError, StorageUnusable
+from demo.common.infra.db import Database, make_engine
+from demo.common.infra.offload import Offloader
+from demo.common.infra.startup import ConfigError, DatabaseUnavailable, StorageUnusable, masked_url, reason
 from demo.conf import settings as config
 
 NAME = "copy-media"
@@ -48,15 +53,19 @@ with --final. Only --final writes the folder's deployment id to the store, last,
 checked out; until then the server refuses to start on the store, so it never serves a copy that
 misses the images uploaded since the first run. Before that, --final deletes the store's blobs and
 thumbnails that the folder no longer has (images deleted since the first run), unless the store is
-claimed by this deployment already (it is live: nothing is deleted).
+claimed by this deployment already (it is live: nothing is deleted), and it checks that every blob
+the server's database (database_url) uses is in the folder: one that is not would be an image lost for
+good once the store is live.
 """
 
 EXIT_STATUSES = """\
 exit statuses:
   0    every object is in the store and verified (with --final: the deployment id claimed)
-  1    some object failed verification or could not be read (listed on stderr); the id is not claimed
+  1    some object failed verification or could not be read, or (--final) the database's images use a
+       blob the folder lacks (listed on stderr); the id is not claimed
   2    bad arguments or settings: no such folder, not a media folder, a bad storage URL,
        or a store that belongs to another deployment
+  3    --final: the database (database_url) does not answer
   5    the store cannot be reached (or the local temp folder under media_root not written)
   130  interrupted; run it again to continue
 """
@@ -67,7 +76,7 @@ def add_parser(commands: Any) -> None:
     helps = {d.name: d.help for d in config.DECLARED}
     settings = "\n".join(
         f"  --{name}\n" + textwrap.fill(helps[name], 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
-        for name in (*STORE_SETTINGS, "media_root")
+        for name in (*STORE_SETTINGS, "media_root", "database_url")
     )
     parser = commands.add_parser(
         NAME,
@@ -114,11 +123,52 @@ def run(args: argparse.Namespace, settings_args: list[str]) -> int:
         return fail(BAD_SETTINGS, str(error))
     except OSError as error:  # the temp folder of uploads under media_root
         return fail(UNREACHABLE, f"--media_root: {error.strerror or error}: {error.filename or settings.media_root}")
-    return copy(source, store, quiet=args.quiet, jobs=args.jobs, final=args.final, verify_existing=args.verify_existing)
+    missing_blobs = _database_check(settings) if args.final else None
+    return copy(
+        source,
+        store,
+        quiet=args.quiet,
+        jobs=args.jobs,
+        final=args.final,
+        verify_existing=args.verify_existing,
+        missing_blobs=missing_blobs,
+    )
+
+
+def _database_check(settings: config.Settings) -> Callable[[Callable[[str], bool]], list[str]]:
+    """The final run's last check, on the server's database (``database_url``): the blobs its images
+    use that the folder lacks. DatabaseUnavailable when it does not answer (exit 3, as the server)."""
+
+    def missing_blobs(present: Callable[[str], bool]) -> list[str]:
+        engine = make_engine(
+            settings.database_url,
+            pool_size=1,
+            connect_timeout=settings.db_connect_timeout,
+            pool_recycle=settings.db_pool_recycle,
+            io_timeout=settings.db_io_timeout,
+        )
+        offloader = Offloader(db_threads=1)  # unused: the check runs on this thread (run_sync)
+        try:
+            return Database(engine, offloader).run_sync(queries.blobs_missing, present)
+        except (SQLAlchemyError, Unavailable) as error:
+            cause = error.__cause__ or error
+            raise DatabaseUnavailable(f"database {masked_url(settings.database_url)}: {reason(cause)}") from None
+        finally:
+            offloader.shutdown()
+            engine.dispose()
+
+    return missing_blobs
 
 
 def copy(
-    source: transfer.Source, store: ImageStore, *, quiet: bool, jobs: int, final: bool, verify_existing: bool
+    source: transfer.Source,
+    store: ImageStore,
+    *,
+    quiet: bool,
+    jobs: int,
+    final: bool,
+    verify_existing: bool,
+    missing_blobs: Callable[[Callable[[str], bool]], list[str]] | None = None,
 ) -> int:
     try:
         transfer.check_destination(source, store)  # the quick refusals, before a bar is drawn
@@ -140,10 +190,21 @@ def copy(
     try:
         with bar:
             summary = transfer.copy_media(
-                source, store, jobs=jobs, final=final, verify_existing=verify_existing, done=done
+                source,
+                store,
+                jobs=jobs,
+                final=final,
+                verify_existing=verify_existing,
+                done=done,
+                missing_blobs=missing_blobs,
             )
+    except DatabaseUnavailable as error:
+        return fail(error.status, str(error))
     except (transfer.DeploymentMismatch, transfer.SourceError, StoreUnavailable, KeyboardInterrupt) as error:
         return fail(*_failure(error, store))  # the bar is closed by now: the line stands alone
+    for problem in summary.problems:
+        if problem.startswith("missing: "):  # the others were written as their objects finished
+            print(f"{NAME}: {problem}", file=sys.stderr)
     print(f"{NAME} {source.root} -> {store}: {summary.line()}")
     return DONE if summary.failed == 0 else FAILED
 

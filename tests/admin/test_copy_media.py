@@ -3,6 +3,7 @@ into a folder (``local``) and into SeaweedFS (``s3``); then the server on the co
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import subprocess
@@ -14,14 +15,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy.orm import Session
 
 from demo.common.images.storage import ImageStore, make_store
 from demo.common.images.transfer import Source
+from demo.common.infra import migrate
 from demo.conf import settings as config
+from demo.models import Image, ImageBlob, User
 from tests.common.images.folders import MediaFolder, media_folder
 from tests.common.images.support import jpeg, upload
 from tests.conftest import COOKIE_SECRET
-from tests.helpers import ROOT, S3_CREDENTIALS, HttpClient, SeaweedFS, finish, free_port, start, stop, wait_for
+from tests.helpers import (
+    ROOT,
+    S3_CREDENTIALS,
+    HttpClient,
+    SeaweedFS,
+    finish,
+    free_port,
+    make_test_engine,
+    start,
+    stop,
+    wait_for,
+)
 
 
 def admin(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -49,8 +64,13 @@ def folder(tmp_path: Path) -> MediaFolder:
 
 @pytest.fixture
 def target(storage: dict[str, Any], tmp_path: Path) -> tuple[list[str], ImageStore]:
-    """The command line naming the destination (a folder, or a fresh prefix on SeaweedFS), and that store."""
-    settings = {**storage, "media_root": str(tmp_path / "destination")}
+    """The command line naming the destination (a folder, or a fresh prefix on SeaweedFS) and a migrated
+    database without images (the final run checks the database's blobs), and that store."""
+    database = f"sqlite:///{tmp_path / 'server.sqlite3'}"
+    engine = make_test_engine(database)
+    migrate.upgrade(engine)
+    engine.dispose()
+    settings = {**storage, "media_root": str(tmp_path / "destination"), "database_url": database}
     return options(settings), make_store(config.defaults(**settings))
 
 
@@ -108,6 +128,53 @@ def test_a_corrupt_blob_exits_1_names_it_and_leaves_the_store_unclaimed(folder, 
     )
     assert "corrupt 1," in done.stdout and "deployment id not claimed" in done.stdout
     assert not store.exists(bad) and store.identity() is None
+
+
+def test_a_blob_the_database_uses_but_the_folder_lacks_stops_the_final_run(folder, target):
+    """The folder of the wrong host, or a blob lost from it: going live would lose those images for good."""
+    args, store = target
+    database = next(arg.split("=", 1)[1] for arg in args if arg.startswith("--database_url="))
+    lost = "ab" * 32
+    engine = make_test_engine(database)
+    with Session(engine) as s, s.begin():
+        now = dt.datetime(2026, 11, 29)
+        user = User(phone="+8618866668888", password_hash="-", created_at=now)
+        s.add_all([user, ImageBlob(sha256=lost, refs=1, created_at=now)])
+        s.flush()
+        s.add(
+            Image(
+                id="i-lost-0000000000000000",
+                owner_id=user.id,
+                sha256=lost,
+                format="jpeg",
+                width=10,
+                height=10,
+                bytes=100,
+                created_at=now,
+            )
+        )
+    engine.dispose()
+    done = admin("copy-media", f"--from={folder.root}", "--quiet", "--final", *args)
+    assert done.returncode == 1, done.stderr
+    assert f"copy-media: missing: blobs/ab/ab/{lost}: images in the database use it" in done.stderr
+    assert ", missing 1," in done.stdout and "deployment id not claimed" in done.stdout
+    assert store.identity() is None
+
+
+def test_the_final_run_with_an_unreachable_database_exits_3(folder, target):
+    args, store = target
+    args = [arg for arg in args if not arg.startswith("--database_url=")]
+    done = admin(
+        "copy-media",
+        f"--from={folder.root}",
+        "--quiet",
+        "--final",
+        *args,
+        "--database_url=mysql+mysqldb://root:pw-secret@127.0.0.1:9/x",
+    )
+    assert done.returncode == 3, done.stderr
+    assert "database mysql+mysqldb://root:***@127.0.0.1:9/x" in done.stderr and "pw-secret" not in done.stderr
+    assert "Traceback" not in done.stderr and store.identity() is None
 
 
 def test_an_unreadable_file_exits_1_in_one_line_and_leaves_the_store_unclaimed(folder, target):
@@ -182,13 +249,14 @@ def test_help_lists_the_settings_it_reads_and_the_exit_statuses():
     assert done.returncode == 0 and done.stderr == ""
     assert "--from FOLDER" in done.stdout and "--quiet" in done.stdout and "--final" in done.stdout
     assert "--verify-existing" in done.stdout
-    for name in ("--storage", "--s3_endpoint", "--s3_region", "--media_root"):
+    for name in ("--storage", "--s3_endpoint", "--s3_region", "--media_root", "--database_url"):
         assert f"\n  {name}\n" in done.stdout
     statuses = done.stdout.split("exit statuses:")[1]
     assert [line.split()[0] for line in statuses.splitlines() if line[2:4].strip()] == [
         "0",
         "1",
         "2",
+        "3",
         "5",
         "130",
     ]
@@ -231,7 +299,8 @@ async def test_a_folder_made_by_the_app_is_served_by_a_server_on_the_store_after
     refused = start(tmp_path, f"--port={port}", "--log_dir=", env=server_env)
     assert "carries no deployment id" in finish(refused) and refused.returncode == 2
 
-    done = admin("copy-media", f"--from={settings.media_root}", "--quiet", "--final", *options(s3))
+    final = ["--final", f"--database_url={settings.database_url}"]  # its images' blobs are all in the folder
+    done = admin("copy-media", f"--from={settings.media_root}", "--quiet", *final, *options(s3))
     assert done.returncode == 0, done.stderr
     store = make_store(config.defaults(media_root=str(tmp_path / "check"), **s3))
     for obj in source.objects():

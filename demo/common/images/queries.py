@@ -295,6 +295,13 @@ def unused_blobs(s: Session) -> list[str]:
     return list(s.scalars(select(ImageBlob.sha256).where(~exists().where(Image.sha256 == ImageBlob.sha256))))
 
 
+def blobs_missing(s: Session, present: Callable[[str], bool]) -> list[str]:
+    """The sha256 of every blob an image uses that ``present`` says is missing (streamed: a big table
+    is never held whole)."""
+    used = s.scalars(select(Image.sha256).distinct().execution_options(yield_per=1000))
+    return [sha256 for sha256 in used if not present(sha256)]
+
+
 def blob_hashes(s: Session) -> set[str]:
     return set(s.scalars(select(ImageBlob.sha256)))
 

@@ -90,6 +90,7 @@ class Summary:
     corrupt: int = 0
     differs: int = 0
     unreadable: int = 0
+    missing: int = 0  # blobs the database's images use that the folder lacks (the final run checks)
     bytes_copied: int = 0
     claimed: str | None = None  # the deployment id the destination carries at the end, once claimed
     final: bool = False  # the run may claim the id (the old servers are stopped)
@@ -99,7 +100,7 @@ class Summary:
 
     @property
     def failed(self) -> int:
-        return self.corrupt + self.differs + self.unreadable
+        return self.corrupt + self.differs + self.unreadable + self.missing
 
     def add(self, outcome: Outcome) -> None:
         if outcome.result is Result.COPIED:
@@ -124,6 +125,7 @@ class Summary:
         else:
             end = "deployment id not claimed"
         unreadable = f", unreadable {self.unreadable}" if self.unreadable else ""
+        unreadable += f", missing {self.missing}" if self.missing else ""
         if self.live:
             cleaned = "; nothing deleted: the store was claimed already, it is live"
         else:
@@ -317,10 +319,13 @@ def copy_media(
     final: bool = False,
     verify_existing: bool = False,
     done: Callable[[Outcome], None] | None = None,
+    missing_blobs: Callable[[Callable[[str], bool]], list[str]] | None = None,
 ) -> Summary:
     """Copy every object of ``source`` into ``store`` on ``jobs`` threads, then, on the ``final`` run
     and if all of them verified, claim the folder's deployment id in the store. ``done`` is called (on
     this thread) after each object; ``verify_existing`` reads back the objects that were there.
+    ``missing_blobs`` (the final run, with the database): given "is this blob in the folder?", the
+    blobs the database's images use that are not; any of them stops the claim.
     DeploymentMismatch before anything is copied when the store belongs to another deployment;
     StoreUnavailable (what is copied stays, a rerun continues) when the store stops answering.
     """
@@ -353,6 +358,12 @@ def copy_media(
         collect(finished)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on an error: the puts under way finish, no new ones
+    if final and summary.failed == 0 and missing_blobs is not None:
+        # Every copied blob was verified: one the folder has is in the store. One it lacks would be an
+        # image the copy loses for good once the store goes live.
+        for sha256 in missing_blobs(lambda sha256: (source.root / object_name(sha256)).is_file()):
+            summary.missing += 1
+            summary.problems.append(f"missing: {object_name(sha256)}: images in the database use it")
     if final and summary.failed == 0:
         # Images deleted since the first run must not come back with the store. A store claimed by
         # this deployment already is live: its servers may have stored what the folder never had.
