@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from demo.common.infra.db import make_engine
+from demo.common.infra.migrate import include_name
 from demo.conf import settings as demo_settings
 from demo.models import Base
 
@@ -26,6 +27,7 @@ with engine.connect() as connection:
         target_metadata=Base.metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite can only ALTER via table copies
         compare_type=True,
+        include_name=include_name,  # the migration lock's table is made outside Alembic, not a model
     )
     with context.begin_transaction():
         context.run_migrations()
