@@ -12,6 +12,7 @@ with ``--check``, 1 when a target is missed; otherwise 0 (the table is the produ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
@@ -50,6 +51,7 @@ from bench.stack import (
     HarnessError,
     HelloServer,
     Server,
+    cpu_seconds,
     proc_status_kib,
     wait_idle,
 )
@@ -65,7 +67,7 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 S3_PREFIX = "bench"  # the bench's objects in SeaweedFS's bucket: s3://<bucket>/bench/...
 
 LOCAL_MEASURES = (
-    "healthz", "image_direct", "thumbnail", "h5_home", "login", "upload", "loop_health",
+    "healthz", "healthz_2proc", "image_direct", "thumbnail", "h5_home", "login", "upload", "loop_health",
     "memory", "memory_animated", "image_nginx", "h5_home_nginx", "login_nginx",
 )  # fmt: skip
 S3_MEASURES = ("image_direct_s3", "upload_s3", "memory_s3", "image_nginx_s3", "image_nginx_s3_cold")
@@ -73,6 +75,7 @@ S3_MEASURES = ("image_direct_s3", "upload_s3", "memory_s3", "image_nginx_s3", "i
 # name -> (label, ceiling it is compared with)
 MEASURES: dict[str, tuple[str, str | None]] = {
     "healthz": ("GET /healthz, 1 process", "hello"),
+    "healthz_2proc": ("GET /healthz, --processes=2 on one port", None),  # compared with healthz: report()
     "image_direct": ("GET /images/{id}.jpg direct, 1 process", "hello"),
     "thumbnail": ("GET /images/{id}.jpg?w=320 (thumbnail) direct, 1 process", "hello"),
     "h5_home": ("GET /h5/home (cookie), 1 process", "hello"),
@@ -225,6 +228,25 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times), times
+
+
+def connections_held(port: int, pids: list[int]) -> list[int]:
+    """How many established TCP connections to local ``port`` each of ``pids`` holds (by socket inode)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()  # sl, local address:port (hex), remote, state (01: established), ..., inode
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    inodes.add(f"socket:[{fields[9]}]")
+    held = []
+    for pid in pids:
+        links = []
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                links.append(os.readlink(fd))
+        held.append(sum(link in inodes for link in links))
+    return held
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -386,6 +408,8 @@ class Bench:
         if self.any_wanted(*LOCAL_MEASURES) or local_nginx:
             local = self.deployment("local", {})
             self.phase_one_process(local)
+            if self.wanted("healthz_2proc"):
+                self.measure_two_workers(local)
             if self.any_wanted("memory", "memory_animated"):
                 self.phase_memory(local, ["memory", "memory_animated"])
             if local_nginx:
@@ -614,10 +638,16 @@ class Bench:
         script: str | None = None,
         deployment: Deployment | None = None,
         connections: int | None = None,
+        workers: list[int] | None = None,
+        midway: Callable[[], None] | None = None,
     ) -> wrk.WrkResult:
-        """Settle, warm up, then one timed wrk run (with py-spy alongside when --profile is set)."""
+        """Settle, warm up, then one timed wrk run (with py-spy alongside when --profile is set).
+        ``workers``: the forked workers of ``servers`` (counted with them), each one's CPU seconds
+        during the run also apart, in ``cpu["worker_cpu_s"]``. ``midway``: called once, halfway
+        through the timed run (in another thread)."""
         connections = connections or self.connections
-        pids = [s.pid for s in servers] + self.store_pids()
+        workers = workers or []
+        pids = [s.pid for s in servers] + workers + self.store_pids()
         kw = {"connections": connections, "script": script, "env": self.lua_env(script, deployment), "timeout_s": 30}
         wait_idle(pids)
         self.wait_quiet(name)
@@ -627,10 +657,17 @@ class Bench:
         timer = self.ceiling_timers.get(MEASURES[name][1]) if name in TARGET_OF else None
         before = self.time_ceiling(timer, pids) if timer else None
         profiler = self.start_profiler(name, servers)
-        with self.cpu_meter(servers) as meter:
+        with self.cpu_meter(servers, workers) as meter:
+            before_each = [cpu_seconds(pid) for pid in workers]
+            halfway = threading.Timer(self.duration / 2, midway) if midway else None
+            if halfway:
+                halfway.start()
             result = wrk.run(url, duration=self.duration, **kw)
+            if halfway:
+                halfway.join()
+            split = [cpu_seconds(pid) - before for pid, before in zip(workers, before_each, strict=True)]
         self.finish_profiler(profiler)
-        result.cpu = meter.result
+        result.cpu = {**meter.result, **({"worker_cpu_s": split} if workers else {})}
         if timer:
             wait_idle(pids)
             self.ceiling_brackets[name] = {"before_rps": before, "after_rps": self.time_ceiling(timer, pids)}
@@ -676,9 +713,9 @@ class Bench:
             self.spinners.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL))
         self.log(f"--busy-cpus: {CORES} nice-19 busy loops keep every CPU awake")
 
-    def cpu_meter(self, servers: list[Server]) -> CpuMeter:
+    def cpu_meter(self, servers: list[Server], workers: list[int] | None = None) -> CpuMeter:
         # SeaweedFS (in spinner_group) shares the cores: its CPU is counted, apart from demo's.
-        groups = {"servers": [s.pid for s in servers], **self.spinner_group()}
+        groups = {"servers": [s.pid for s in servers] + (workers or []), **self.spinner_group()}
         if self.nginx is not None and self.nginx.proc is not None and self.nginx.proc.poll() is None:
             groups["nginx"] = [self.nginx.proc.pid, *self.nginx.worker_pids()]
         return CpuMeter(groups)
@@ -773,6 +810,38 @@ class Bench:
                     self.record(name, self.wrk_measure(name, server.url + path, one, script, local))
             if self.wanted("loop_health"):
                 self.measure_loop_health(server, local)
+        finally:
+            self.stop(server)
+
+    def measure_two_workers(self, local: Deployment) -> None:
+        """healthz_2proc: GET /healthz on one port served by ``--processes=2`` (a SO_REUSEPORT socket
+        per worker), with each worker's CPU seconds: workers sharing one accepting socket left one of
+        them doing nearly all the work (issue 16, point 5); an even split shows the kernel's spread."""
+        server = DemoServer("demo-2proc", self.tmp, {**self.server_env(local), "DEMO_PROCESSES": "2"})
+        self.start(server)
+        try:
+
+            def forked() -> bool:
+                children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+                return len(children) == 2
+
+            wait_until(forked, "two workers", timeout=30, every=0.1, error=HarnessError)
+            workers = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+            Http(server.url).expect(200, "GET", "/healthz")
+            held: list[int] = []
+
+            def count() -> None:
+                held.extend(connections_held(server.port, workers))
+
+            result = self.wrk_measure("healthz_2proc", server.url + "/healthz", [server], workers=workers, midway=count)
+            split = result.cpu["worker_cpu_s"]
+            one = self.results["measures"].get("healthz", {}).get("rps")
+            self.record("healthz_2proc", result, vs_healthz=result.rps / one if one else None, connections_held=held)
+            self.log(
+                f"healthz_2proc: wrk's connections per worker {' / '.join(map(str, held))}, workers' CPU "
+                f"{' / '.join(f'{s:.1f}' for s in split)} s in {self.duration} s"
+                + (f", {result.rps / one:.2f}x the 1-process healthz" if one else "")
+            )
         finally:
             self.stop(server)
 
@@ -1443,6 +1512,19 @@ def report(results: dict[str, Any]) -> str:
         f"{' (SMOKE: targets not enforced)' if cfg.get('smoke') else ''}"
     )
     out = [head, "", table(results), "", ceilings_table(results), "", cpu_table(results)]
+    two = results["measures"].get("healthz_2proc")
+    if two:
+        split, wall = two["cpu"]["worker_cpu_s"], two["cpu"]["wall_s"]
+        versus = f", {two['vs_healthz']:.2f}x GET /healthz on 1 process" if two.get("vs_healthz") else ""
+        held = " and ".join(map(str, two.get("connections_held") or [])) or "—"
+        out += [
+            "",
+            (
+                f"--processes=2 on one port: the workers held {held} of wrk's {two['connections']} connections "
+                f"(halfway) and used {' and '.join(f'{s:.1f}' for s in split)} CPU seconds "
+                f"({sum(split) / wall:.2f} cores) in {wall:.0f} s; {fmt_rps(two['rps'])} req/s{versus}."
+            ),
+        ]
     loop = results["measures"].get("loop_health")
     if loop:
         load = loop["load"]

@@ -2,9 +2,9 @@
 
 main() resolves and checks the settings, binds, migrates the database (once, under a lock), checks
 that the media store belongs to that database, then serves in this process or in ``--processes``
-forked workers sharing the socket. A refusal to start is one line on stderr and an exit status per
-kind of problem (demo/common/infra/startup.py). SIGTERM/SIGINT: stop accepting, let in-flight
-requests finish within ``shutdown_grace``, close the pools, exit 0.
+forked workers on one port (a SO_REUSEPORT socket each). A refusal to start is one line on stderr
+and an exit status per kind of problem (demo/common/infra/startup.py). SIGTERM/SIGINT: stop
+accepting, let in-flight requests finish within ``shutdown_grace``, close the pools, exit 0.
 SIGHUP: reopen the log files (logrotate). make_app() builds the application; the tests use it.
 """
 
@@ -134,10 +134,23 @@ def make_server(app: DemoApplication) -> HTTPServer:
     )
 
 
-def listen(settings: Settings) -> list[socket.socket]:
-    """The listening sockets (before migrating: a port in use is found in a moment, not after)."""
+def listen(settings: Settings, workers: int = 1) -> list[list[socket.socket]]:
+    """The listening sockets, one set per worker (before migrating: a port in use is found in a moment, not after).
+
+    One process: one set, as ever. Several: one ``SO_REUSEPORT`` set per worker, so that the kernel
+    spreads new connections across the workers by a hash of the client's address and port. Workers
+    sharing one socket took whatever the first to wake up accepted: one took 42 to 50 of wrk's 50
+    connections, and two processes did 1.0 to 1.3 cores of work (bench/README.md, healthz_2proc).
+    """
     try:
-        return bind_sockets(settings.port, settings.address)
+        if workers == 1:
+            return [bind_sockets(settings.port, settings.address)]
+        # A plain bind first, closed at once: SO_REUSEPORT would join any group of this user's sockets on
+        # the port (another demo, on another database, would silently get half of our connections),
+        # while a plain bind fails on every socket bound there, grouped or not.
+        for probe in bind_sockets(settings.port, settings.address):
+            probe.close()
+        return [bind_sockets(settings.port, settings.address, reuse_port=True) for _ in range(workers)]
     except OSError as error:  # in use, not an address of this machine, a privileged port
         raise CannotListen(
             f"cannot listen on {settings.address}:{settings.port} (--address, --port): {error.strerror or error}"
@@ -231,8 +244,18 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     log.info("stopped")
 
 
-def supervise(settings: Settings, sockets: list[socket.socket], workers: int) -> int:
-    """Fork ``workers`` serving processes; restart any that dies; forward SIGTERM/SIGINT/SIGHUP."""
+def supervise(settings: Settings, slots: list[list[socket.socket]]) -> int:
+    """Fork one serving process per slot (its own SO_REUSEPORT sockets); restart any that dies, on
+    the same slot; forward SIGTERM/SIGINT/SIGHUP.
+
+    The supervisor keeps every slot's sockets open and never accepts on them. A worker that dies
+    leaves its slot's sockets listening: the kernel keeps hashing about 1/N of the new connections
+    to them, and they wait in that socket's queue (up to its backlog of 128; beyond, the kernel drops
+    the SYN and the client sends it again) until the replacement, handed the same sockets, accepts
+    them: answered, not refused, RESTART_BACKOFF plus a worker's start-up later (1.1 s in the tests).
+    A socket closed instead would reset the connections in its queue, and a replacement binding a new
+    socket beside a dead one still open would leave that one's connections hanging for good.
+    """
     metrics.enable_multiprocess(tempfile.mkdtemp(prefix="demo-metrics-"))
     children: dict[int, int] = {}  # pid -> slot
     state = {"stopping": False}
@@ -245,9 +268,15 @@ def supervise(settings: Settings, sockets: list[socket.socket], workers: int) ->
             # Until serve() installs its own: SIGHUP's default action would kill a starting worker
             # (logrotate's postrotate, forwarded by the supervisor, can come at any moment).
             signal.signal(signal.SIGHUP, lambda _signum, _frame: reopen_logs())
+            # Only the supervisor and this slot's worker hold its sockets: a worker left running by a
+            # killed supervisor must not keep another slot's sockets listening with nobody accepting.
+            for other, sockets in enumerate(slots):
+                if other != slot:
+                    for sock in sockets:
+                        sock.close()
             code = 0
             try:
-                asyncio.run(serve(settings, sockets))
+                asyncio.run(serve(settings, slots[slot]))
             except BaseException:  # report, then leave without running the parent's code
                 log.exception("worker crashed")
                 code = 1
@@ -268,7 +297,7 @@ def supervise(settings: Settings, sockets: list[socket.socket], workers: int) ->
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    for slot in range(workers):
+    for slot in range(len(slots)):
         spawn(slot)
     while children:
         try:
@@ -309,15 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     workers = worker_count(settings)
     setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
-        sockets = listen(settings)
+        slots = listen(settings, workers)
         prepare_database(settings)  # once, before any worker exists (and any sweep)
     except StartupError as error:
         log.error("refusing to start: %s", error)
         return error.status
     if workers == 1:
-        asyncio.run(serve(settings, sockets))
+        asyncio.run(serve(settings, slots[0]))
         return 0
-    return supervise(settings, sockets, workers)
+    return supervise(settings, slots)
 
 
 if __name__ == "__main__":
