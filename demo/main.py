@@ -139,8 +139,8 @@ def listen(settings: Settings, workers: int = 1) -> list[list[socket.socket]]:
 
     One process: one set, as ever. Several: one ``SO_REUSEPORT`` set per worker, so that the kernel
     spreads new connections across the workers by a hash of the client's address and port. Workers
-    sharing one socket took whatever the first to wake up accepted: one took 42 to 50 of wrk's 50
-    connections, and two processes did 1.0 to 1.3 cores of work (bench/README.md, healthz_2proc).
+    sharing one socket took whatever the first to wake up accepted: one held 45 of wrk's 50
+    connections, and its queue made the p99 nearly three times longer (bench/README.md, healthz_2proc).
     """
     try:
         if workers == 1:
