@@ -39,7 +39,7 @@ from demo.common.images.rules import StoreMismatch, bind_store
 from demo.common.images.storage import StoreError, StoreUnavailable, make_store
 from demo.common.infra import metrics, migrate
 from demo.common.infra.clock import Clock
-from demo.common.infra.db import Database, make_engine
+from demo.common.infra.db import Database, engine_for
 from demo.common.infra.logs import log_request, reopen_logs, setup_logging, stop_writer
 from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import (
@@ -159,13 +159,7 @@ def listen(settings: Settings, workers: int = 1) -> list[list[socket.socket]]:
 
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
-    engine = make_engine(
-        settings.database_url,
-        pool_size=2,  # start-up runs one unit at a time
-        connect_timeout=settings.db_connect_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        io_timeout=settings.db_io_timeout,
-    )
+    engine = engine_for(settings, pool_size=2)  # start-up runs one unit at a time
     offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from demo.common.errors import Unavailable
 from demo.common.images import queries, transfer
 from demo.common.images.storage import ImageStore, StoreError, StoreUnavailable, make_store
-from demo.common.infra.db import Database, make_engine
+from demo.common.infra.db import Database, engine_for
 from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import ConfigError, DatabaseUnavailable, StorageUnusable, masked_url, reason
 from demo.conf import settings as config
@@ -140,13 +140,7 @@ def _database_check(settings: config.Settings) -> Callable[[Callable[[str], bool
     use that the folder lacks. DatabaseUnavailable when it does not answer (exit 3, as the server)."""
 
     def missing_blobs(present: Callable[[str], bool]) -> list[str]:
-        engine = make_engine(
-            settings.database_url,
-            pool_size=1,
-            connect_timeout=settings.db_connect_timeout,
-            pool_recycle=settings.db_pool_recycle,
-            io_timeout=settings.db_io_timeout,
-        )
+        engine = engine_for(settings, pool_size=1)
         offloader = Offloader(db_threads=1)  # unused: the check runs on this thread (run_sync)
         try:
             return Database(engine, offloader).run_sync(queries.blobs_missing, present)

@@ -15,7 +15,7 @@ from demo.common.images import imaging
 from demo.common.images.rules import ImageRules, Images
 from demo.common.images.storage import ImageStore, make_store
 from demo.common.infra.clock import Clock
-from demo.common.infra.db import Database, make_engine
+from demo.common.infra.db import Database, engine_for
 from demo.common.infra.metrics import Metrics
 from demo.common.infra.offload import Offloader
 from demo.common.infra.readiness import Readiness
@@ -83,13 +83,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or Clock()
     app_metrics = Metrics()
     offloader = Offloader(db_threads=settings.db_pool_size, cpu_threads=settings.cpu_workers)
-    engine = make_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        connect_timeout=settings.db_connect_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        io_timeout=settings.db_io_timeout,
-    )
+    engine = engine_for(settings)
     db = Database(engine, offloader)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:

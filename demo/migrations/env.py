@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from demo.common.infra.db import make_engine
+from demo.common.infra.db import engine_for
 from demo.common.infra.migrate import include_name
 from demo.conf import settings as demo_settings
 from demo.models import Base
@@ -13,13 +13,7 @@ config = context.config
 engine = config.attributes.get("engine")
 if engine is None:  # the alembic CLI: same resolution as the server (env, defaults)
     settings = demo_settings.load(argv=[])
-    engine = make_engine(
-        settings.database_url,
-        pool_size=1,
-        connect_timeout=settings.db_connect_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        io_timeout=settings.db_io_timeout,
-    )
+    engine = engine_for(settings, pool_size=1)
 
 with engine.connect() as connection:
     context.configure(

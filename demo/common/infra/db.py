@@ -26,7 +26,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine, make_url
@@ -34,6 +34,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from demo.common.errors import Unavailable
 from demo.common.infra.offload import Offloader
+
+if TYPE_CHECKING:
+    from demo.conf.settings import Settings
 
 T = TypeVar("T")
 U = TypeVar("U", bound=Callable[..., Any])
@@ -76,6 +79,18 @@ def make_engine(url: str, *, pool_size: int, connect_timeout: int, pool_recycle:
             )
         )
     return create_engine(parsed, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
+
+
+def engine_for(settings: Settings, pool_size: int | None = None) -> Engine:
+    """``make_engine`` on the settings' database and connection options; ``pool_size`` for a process
+    that needs fewer connections than a server's (start-up, a command)."""
+    return make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size if pool_size is None else pool_size,
+        connect_timeout=settings.db_connect_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        io_timeout=settings.db_io_timeout,
+    )
 
 
 def _ping_idle_connections(engine: Engine) -> Engine:
