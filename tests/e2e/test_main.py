@@ -88,13 +88,12 @@ def test_sigint_also_stops_cleanly(tmp_path, signum):
     assert proc.returncode == 0, out
 
 
-def start_workers(tmp_path: Path, port: int) -> subprocess.Popen:
+DEBUG_LOG = "--log_level=debug"  # every answer in the access log, with the answering worker's pid
+
+
+def start_workers(tmp_path: Path, port: int, *more: str) -> subprocess.Popen:
     return start(
-        tmp_path,
-        f"--port={port}",
-        "--processes=2",
-        f"--log_dir={tmp_path / 'log'}",
-        env=server_env(tmp_path),
+        tmp_path, f"--port={port}", "--processes=2", f"--log_dir={tmp_path / 'log'}", *more, env=server_env(tmp_path)
     )
 
 
@@ -252,17 +251,6 @@ def fair_share(answered: dict[int, int], workers: set[int]) -> None:
     assert all(share >= len(answered) / 4 for share in shares.values()), shares
 
 
-def start_debug_workers(tmp_path: Path, port: int) -> subprocess.Popen:
-    return start(
-        tmp_path,
-        f"--port={port}",
-        "--processes=2",
-        f"--log_dir={tmp_path / 'log'}",
-        "--log_level=debug",  # every answer in the access log, with the answering worker's pid
-        env=server_env(tmp_path),
-    )
-
-
 def serving(log: Path, pid: int) -> bool:
     return log.exists() and f"[{pid}] demo: demo listening on" in log.read_text()
 
@@ -270,7 +258,7 @@ def serving(log: Path, pid: int) -> bool:
 def test_two_workers_each_answer_a_fair_share_of_keep_alive_connections(tmp_path):
     port = free_port()
     log = tmp_path / "log" / "demo.log"
-    proc = start_debug_workers(tmp_path, port)
+    proc = start_workers(tmp_path, port, DEBUG_LOG)
     try:
         workers = set(worker_pids(tmp_path, 2))
         for pid in workers:
@@ -288,7 +276,7 @@ def test_a_killed_worker_is_replaced_on_its_own_socket_and_no_connection_hangs(t
     it open) and the replacement answers them; once it serves, every connection is answered at once."""
     port = free_port()
     log = tmp_path / "log" / "demo.log"
-    proc = start_debug_workers(tmp_path, port)
+    proc = start_workers(tmp_path, port, DEBUG_LOG)
     try:
         survivor, killed = worker_pids(tmp_path, 2)
         for pid in (survivor, killed):
