@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from tornado.web import stream_request_body
-
 from demo.common.h5.rules import SwitchOffer
 from demo.common.images import imaging
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import authenticates_itself, requires_h5_session, requires_session
 from demo.common.web.base import H5_COOKIE
 from demo.common.web.pages import H5PageHandler, check_h5_form
-from demo.common.web.uploads import UploadStream
+from demo.common.web.uploads import UploadHandler
 
 
 class TicketHandler(ApiHandler):
@@ -52,35 +50,13 @@ class HomeHandler(H5PageHandler):
         self.redirect("/h5/home")  # the ticket leaves the address bar (and the history)
 
 
-@stream_request_body
-class PageUploadHandler(ApiHandler):
+class PageUploadHandler(UploadHandler):
     """The home page's upload (an XHR with the X-XSRFToken header): the /images upload (an
     ``UploadStream``) with the H5 cookie instead of a bearer token. The page's script reads JSON: the
     image object on success, the contract's error object otherwise (401 and 403 included), like every upload."""
 
-    def initialize(self) -> None:
-        super().initialize()
-        self.upload = UploadStream(self)
-
     def check_xsrf_cookie(self) -> None:
         check_h5_form(self)  # a cookie-authenticated post: the H5 pages' XSRF check
-
-    async def prepare(self) -> None:
-        pending = super().prepare()  # the cookie is checked before a byte of the body is read
-        if pending is not None:
-            await pending
-        await self.upload.start()
-
-    async def data_received(self, chunk: bytes) -> None:
-        await self.upload.data_received(chunk)
-
-    def on_finish(self) -> None:
-        self.upload.abandon()
-        super().on_finish()
-
-    def on_connection_close(self) -> None:
-        self.upload.abandon()
-        super().on_connection_close()
 
     @requires_h5_session
     async def post(self) -> None:

@@ -8,7 +8,6 @@ import re
 from urllib.parse import urlsplit
 
 from tornado.iostream import StreamClosedError
-from tornado.web import stream_request_body
 
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
 from demo.common.images import imaging
@@ -16,7 +15,7 @@ from demo.common.images.rules import THUMBNAIL_WIDTHS, ImageFile
 from demo.common.web.api import ApiHandler
 from demo.common.web.auth import public, requires_session
 from demo.common.web.httpserver import STORE_LOCATION
-from demo.common.web.uploads import UploadStream, image_json
+from demo.common.web.uploads import UploadHandler, image_json
 
 log = logging.getLogger("demo.images")
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -24,30 +23,8 @@ DECIMAL = re.compile(r"[0-9]{1,9}")  # ASCII digits only (str.isdigit also takes
 WIDTH_SPELLINGS = {str(width): width for width in THUMBNAIL_WIDTHS}
 
 
-@stream_request_body
-class ImageCollectionHandler(ApiHandler):
+class ImageCollectionHandler(UploadHandler):
     """/images: the streamed upload (bearer; an ``UploadStream`` takes the body) and the list of own images."""
-
-    def initialize(self) -> None:
-        super().initialize()
-        self.upload = UploadStream(self)
-
-    async def prepare(self) -> None:
-        pending = super().prepare()  # the credential is checked before a byte of the body is read
-        if pending is not None:
-            await pending
-        await self.upload.start()
-
-    async def data_received(self, chunk: bytes) -> None:
-        await self.upload.data_received(chunk)
-
-    def on_finish(self) -> None:
-        self.upload.abandon()
-        super().on_finish()
-
-    def on_connection_close(self) -> None:
-        self.upload.abandon()
-        super().on_connection_close()  # fails the body future, so the handler's _execute ends too
 
     @requires_session
     async def post(self) -> None:

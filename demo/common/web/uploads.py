@@ -1,14 +1,17 @@
 """The streamed upload of one image, as a handler sees it: ``UploadStream`` wires a request to an
 ``UploadReceiver`` (images/receiver.py). Both upload handlers (the API's /images and the H5 page's
-/h5/images) hold one and delegate to it: ``start`` from ``prepare`` (after the credential check, before
-a byte of the body), ``data_received``, ``finish`` from ``post`` (the 201 with the image object), and
-``abandon`` from ``on_finish``/``on_connection_close``. Errors are the contract's JSON, like the 201.
+/h5/images) derive from ``UploadHandler``, which holds one and delegates to it: ``start`` from
+``prepare`` (after the credential check, before a byte of the body), ``data_received``, ``abandon``
+from ``on_finish``/``on_connection_close``; their ``post`` calls ``finish`` (the 201 with the image
+object). Errors are the contract's JSON, like the 201.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Any
+
+from tornado.web import stream_request_body
 
 from demo.common.images import imaging
 from demo.common.images.receiver import UploadReceiver
@@ -79,3 +82,29 @@ class UploadStream:
         """The request is over (answered, or the client went away): the receiver lets the body go."""
         if self.receiver is not None:
             self.receiver.abandon()
+
+
+@stream_request_body
+class UploadHandler(ApiHandler):
+    """An ``ApiHandler`` whose request body streams into an ``UploadStream`` (``self.upload``)."""
+
+    def initialize(self) -> None:
+        super().initialize()
+        self.upload = UploadStream(self)
+
+    async def prepare(self) -> None:
+        pending = super().prepare()  # the credential is checked before a byte of the body is read
+        if pending is not None:
+            await pending
+        await self.upload.start()
+
+    async def data_received(self, chunk: bytes) -> None:
+        await self.upload.data_received(chunk)
+
+    def on_finish(self) -> None:
+        self.upload.abandon()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self.upload.abandon()
+        super().on_connection_close()  # fails the body future, so the handler's _execute ends too
