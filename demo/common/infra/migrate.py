@@ -145,7 +145,7 @@ def _take(engine: Engine, holder: str, timeout: float, lease: float) -> None:
         if time.monotonic() >= deadline:
             raise MigrationLockTimeout("another process has held the migration lock for too long")
         if row is not None:  # else it was released in between: try again at once
-            time.sleep(LOCK_POLL)
+            time.sleep(LOCK_POLL)  # start-up (or a command), before any event loop runs
 
 
 def _attempt(engine: Engine, statement: TextClause, params: dict[str, object], *, updates: bool = False) -> bool:
