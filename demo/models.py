@@ -47,9 +47,19 @@ class User(Base):
 
 
 class AuthSession(Base):
-    """An app login. Only the SHA-256 of the bearer token is stored."""
+    """An app login: a device, as the user sees it in their list of sessions. Only the SHA-256 of the
+    bearer token is stored; its H5 tickets and cookie sessions live only while it does.
+
+    ``public_id``, ``last_used_at``, ``user_agent`` and ``ip`` came with the list of sessions: NULL in
+    sessions made before (or by the previous release during a rolling upgrade), which get a public id
+    the first time they are listed. ``last_used_at`` is kept to the minute (the token check writes it
+    at most once a minute); ``ip`` is the network the login came from (IPv4 /24, IPv6 /48), never the
+    address itself."""
 
     __tablename__ = "auth_sessions"
+    # A unique index rather than a constraint: SQLite adds it without copying the table (a copy would
+    # drop the table the H5 rows point at, and their ON DELETE CASCADE would empty them).
+    __table_args__ = (Index("ix_auth_sessions_public_id", "public_id", unique=True),)
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -57,6 +67,10 @@ class AuthSession(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    public_id: Mapped[str | None] = mapped_column(PublicId, nullable=True)  # the id clients see
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    ip: Mapped[str | None] = mapped_column(String(64), nullable=True)  # "203.0.113.0/24", "2001:db8:1::/48"
 
 
 class SmsCode(Base):

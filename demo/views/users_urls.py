@@ -1,4 +1,5 @@
-"""Accounts (scenario 1): SMS codes, registration, login, logout, password reset, profile."""
+"""Accounts (scenario 1): SMS codes, registration, login, logout, password reset, profile, the list of
+sessions, password and phone changes."""
 
 from tornado.web import url
 
@@ -10,5 +11,9 @@ urls = [
     url(r"/users/login", v.LoginHandler, name="users.login"),
     url(r"/users/logout", v.LogoutHandler, name="users.logout"),
     url(r"/users/password/reset", v.PasswordResetHandler, name="users.password_reset"),
+    url(r"/users/password", v.PasswordChangeHandler, name="users.password"),
+    url(r"/users/phone", v.PhoneChangeHandler, name="users.phone"),
     url(r"/users/me", v.MeHandler, name="users.me"),
+    url(r"/users/me/sessions", v.SessionsHandler, name="users.sessions"),
+    url(r"/users/me/sessions/([A-Za-z0-9_-]{1,64})", v.SessionHandler, name="users.session"),
 ]

@@ -10,6 +10,11 @@ from demo.common.web.auth import public, requires_session
 
 
 class AccountsHandler(ApiHandler):
+    @property
+    def user_agent(self) -> str | None:
+        """The client's User-Agent, for the list of sessions."""
+        return self.request.headers.get("User-Agent")
+
     def session_body(self, grant: Grant) -> dict[str, Any]:
         return {
             "user": grant.user,
@@ -23,7 +28,7 @@ class AccountsHandler(ApiHandler):
 class CodeHandler(AccountsHandler):
     @public
     async def post(self) -> None:
-        """Send an SMS code for registration or password reset."""
+        """Send an SMS code for registration, password reset or a phone change."""
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         purpose = text_field(body, "purpose", default="regist", max_length=16)
@@ -38,7 +43,7 @@ class RegistHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
         code = text_field(body, "code", max_length=16)
-        grant = await self.accounts.register(phone, password, code, self.client_ip)
+        grant = await self.accounts.register(phone, password, code, self.client_ip, user_agent=self.user_agent)
         self.write_json(self.session_body(grant), status=201)
 
 
@@ -49,7 +54,7 @@ class LoginHandler(AccountsHandler):
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
-        grant = await self.accounts.login(phone, password, self.client_ip)
+        grant = await self.accounts.login(phone, password, self.client_ip, user_agent=self.user_agent)
         self.write_json(self.session_body(grant))
 
 
@@ -80,3 +85,50 @@ class MeHandler(AccountsHandler):
     async def get(self) -> None:
         """The calling user's profile."""
         self.write_json({"user": await self.accounts.profile(self.principal)})
+
+
+class PasswordChangeHandler(AccountsHandler):
+    @requires_session
+    async def post(self) -> None:
+        """Replace the password, given the current one; every other session ends."""
+        body = self.json_body()
+        old_password = text_field(body, "old_password", max_length=4096)
+        password = text_field(body, "password", max_length=4096)
+        await self.accounts.change_password(self.principal, old_password, password, self.client_ip)
+        self.set_status(204)
+        self.finish()
+
+
+class PhoneChangeHandler(AccountsHandler):
+    @requires_session
+    async def post(self) -> None:
+        """Move the account to a new phone, with a ``phone`` code sent to it and the password."""
+        body = self.json_body()
+        phone = text_field(body, "phone", max_length=32)
+        code = text_field(body, "code", max_length=16)
+        password = text_field(body, "password", max_length=4096)
+        user = await self.accounts.change_phone(self.principal, phone, code, password, self.client_ip)
+        self.write_json({"user": user})
+
+
+class SessionsHandler(AccountsHandler):
+    @requires_session
+    async def get(self) -> None:
+        """The caller's live sessions (devices), the most recently used first."""
+        self.write_json({"sessions": await self.accounts.sessions(self.principal)})
+
+    @requires_session
+    async def delete(self) -> None:
+        """Sign out every other session of the caller."""
+        await self.accounts.end_other_sessions(self.principal)
+        self.set_status(204)
+        self.finish()
+
+
+class SessionHandler(AccountsHandler):
+    @requires_session
+    async def delete(self, session_id: str) -> None:
+        """End one of the caller's sessions (404 for any id that is not one of theirs)."""
+        await self.accounts.end_session(self.principal, session_id)
+        self.set_status(204)
+        self.finish()

@@ -1,8 +1,14 @@
-"""The SQL of accounts (SMS codes, users, app sessions): named units of work for ``Database.run``.
+"""The SQL of accounts (SMS codes, users, app sessions and their list, password and phone changes):
+named units of work for ``Database.run``.
 
 All on the fast path (``@sql_unit``, hand-written ``Sql``): the token check and the login run on
 every call, and one style keeps the rest easy to follow. A unit raises ``RateLimited`` where a limit
 refuses the request: the unit rolls back, so a refused request counts nowhere.
+
+The units that change a user's sessions or credentials (sign-outs, password and phone changes) lock
+the user's row first, as a login's ``record_login`` does with its UPDATE: one user's changes and
+logins take their turns there, so none sees another half done, and (on MariaDB) no two of them lock
+the same rows in opposite orders.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import datetime as dt
 import hmac
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from demo.common.errors import RateLimited
+from demo.common.accounts.tokens import new_public_id
+from demo.common.errors import RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
@@ -24,10 +31,17 @@ from demo.common.sms import queries as sms_queries
 # -- statements --------------------------------------------------------------------------------------
 
 TOKEN = Sql(
-    "SELECT auth_sessions.id, auth_sessions.user_id, users.phone"
+    "SELECT auth_sessions.id, auth_sessions.user_id, users.phone,"
+    " (auth_sessions.last_used_at IS NULL OR auth_sessions.last_used_at < :stale) AS stale"
     " FROM auth_sessions JOIN users ON users.id = auth_sessions.user_id"
     " WHERE auth_sessions.token_hash = :token_hash AND auth_sessions.revoked_at IS NULL"
     " AND auth_sessions.expires_at > :now"
+)
+# Written by the token check only when the session's last use is older than :stale (once a minute):
+# the SELECT above, which says whether it is (a flag, not the time: nothing to parse), is what every
+# request costs.
+TOUCH_SESSION = Sql(
+    "UPDATE auth_sessions SET last_used_at = :now WHERE id = :id AND (last_used_at IS NULL OR last_used_at < :stale)"
 )
 USER_ID = Sql("SELECT id FROM users WHERE phone = :phone")
 NEW_USER = Sql(
@@ -41,12 +55,43 @@ PROFILE = Sql(
     datetimes=["created_at", "last_login_at"],
 )
 NEW_SESSION = Sql(
-    "INSERT INTO auth_sessions (user_id, token_hash, created_at, expires_at)"
-    " VALUES (:user_id, :token_hash, :now, :expires_at)"
+    "INSERT INTO auth_sessions (user_id, token_hash, created_at, expires_at, public_id, last_used_at, user_agent, ip)"
+    " VALUES (:user_id, :token_hash, :now, :expires_at, :public_id, :now, :user_agent, :ip)"
 )
 REVOKE_SESSION = Sql("UPDATE auth_sessions SET revoked_at = :now WHERE id = :id")
 REVOKE_SESSIONS = Sql("UPDATE auth_sessions SET revoked_at = :now WHERE user_id = :user_id AND revoked_at IS NULL")
 SET_PASSWORD = Sql("UPDATE users SET password_hash = :password_hash WHERE id = :user_id")
+# The user's row, locked to the commit (SQLite: the unit's BEGIN IMMEDIATE already holds the database).
+_USER_ROW = "SELECT id FROM users WHERE id = :user_id"
+LOCK_USER = Sql(sqlite=_USER_ROW, mysql=f"{_USER_ROW} FOR UPDATE")
+LIVE_SESSION = Sql(
+    "SELECT id FROM auth_sessions WHERE id = :id AND user_id = :user_id AND revoked_at IS NULL AND expires_at > :now"
+)
+# The list of sessions shows at most this many, the most recently used first.
+SESSIONS_LISTED = 100
+LIST_SESSIONS = Sql(
+    "SELECT id, public_id, created_at, COALESCE(last_used_at, created_at) AS last_used_at, user_agent, ip"
+    " FROM auth_sessions WHERE user_id = :user_id AND revoked_at IS NULL AND expires_at > :now"
+    f" ORDER BY COALESCE(last_used_at, created_at) DESC, id DESC LIMIT {SESSIONS_LISTED}",
+    datetimes=["created_at", "last_used_at"],
+)
+NAME_SESSION = Sql("UPDATE auth_sessions SET public_id = :public_id WHERE id = :id AND public_id IS NULL")
+END_OWN_SESSION = Sql(
+    "UPDATE auth_sessions SET revoked_at = :now WHERE public_id = :public_id AND user_id = :user_id"
+    " AND revoked_at IS NULL AND expires_at > :now"
+)
+END_OTHER_SESSIONS = Sql(
+    "UPDATE auth_sessions SET revoked_at = :now WHERE user_id = :user_id AND id <> :keep AND revoked_at IS NULL"
+)
+# Only while the hash is the one verified: of two changes that verified the same old password, the
+# first wins and the second matches no row.
+CHANGE_PASSWORD = Sql(
+    "UPDATE users SET password_hash = :new_hash WHERE id = :user_id AND password_hash = :verified_hash"
+)
+# The same, and only from the phone the caller had: a taken phone breaks the unique key (Conflict).
+CHANGE_PHONE = Sql(
+    "UPDATE users SET phone = :new_phone WHERE id = :user_id AND phone = :old_phone AND password_hash = :verified_hash"
+)
 SWEEP_SESSIONS = Sql("DELETE FROM auth_sessions WHERE expires_at < :before")
 
 LAST_CODE = Sql("SELECT MAX(created_at) AS created_at FROM sms_codes WHERE phone = :phone", datetimes=["created_at"])
@@ -100,12 +145,27 @@ RECORD_LOGIN = Sql(
 
 @dataclass(frozen=True)
 class NewGrant:
-    """An app session and its first H5 ticket to create (only hashes of the secrets are stored)."""
+    """An app session and its first H5 ticket to create (only hashes of the secrets are stored), with
+    what the list of sessions shows of it: its public id, the client's user agent and network."""
 
     token_hash: str
     expires_at: dt.datetime
     ticket_hash: str
     ticket_expires_at: dt.datetime
+    public_id: str = field(default_factory=new_public_id)
+    user_agent: str | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A text without a code to queue (e.g. to the old phone after a change): ``text`` None writes the
+    outbox row as skipped. ``expires_at`` is how long it may wait for the gateway before it is dropped."""
+
+    phone: str
+    purpose: str
+    text: str | None
+    expires_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -172,7 +232,16 @@ def claim_code(
 def add_grant(c: SqlCursor, user_id: int, grant: NewGrant, now: dt.datetime) -> int:
     """Create ``grant`` for ``user_id``; the app session's id."""
     session_id = c.insert(
-        NEW_SESSION, {"user_id": user_id, "token_hash": grant.token_hash, "now": now, "expires_at": grant.expires_at}
+        NEW_SESSION,
+        {
+            "user_id": user_id,
+            "token_hash": grant.token_hash,
+            "now": now,
+            "expires_at": grant.expires_at,
+            "public_id": grant.public_id,
+            "user_agent": grant.user_agent,
+            "ip": grant.ip,
+        },
     )
     h5_queries.add_ticket(c, session_id, grant.ticket_hash, now, grant.ticket_expires_at)
     return session_id
@@ -261,9 +330,14 @@ def reset_password(
 
 
 @sql_unit
-def session_of_token(c: SqlCursor, token_hash: str, now: dt.datetime) -> Row | None:
-    """The live app session of a token: its id, user_id and the user's phone; or None."""
-    return c.first(TOKEN, {"token_hash": token_hash, "now": now})
+def session_of_token(c: SqlCursor, token_hash: str, now: dt.datetime, touch_before: dt.datetime) -> Row | None:
+    """The live app session of a token: its id, user_id and the user's phone; or None. A last use
+    before ``touch_before`` is moved to ``now``: one more statement in the unit, once in a while,
+    instead of a write on every request."""
+    row = c.first(TOKEN, {"token_hash": token_hash, "now": now, "stale": touch_before})
+    if row is not None and row.stale:
+        c.execute(TOUCH_SESSION, {"id": row.id, "now": now, "stale": touch_before})
+    return row
 
 
 @sql_unit
@@ -285,3 +359,100 @@ def sweep_codes(c: SqlCursor, before: dt.datetime) -> int:
 def sweep_sessions(c: SqlCursor, before: dt.datetime) -> int:
     """Delete app sessions expired before ``before`` (their tickets and H5 sessions go with them)."""
     return c.execute(SWEEP_SESSIONS, {"before": before})
+
+
+# -- the list of sessions, password and phone changes -----------------------------------------------
+
+
+def _lock_user_with_session(c: SqlCursor, user_id: int, session_id: int, now: dt.datetime) -> None:
+    """Lock the user's row, then check that the caller's session still lives: Unauthorized if another
+    request ended it meanwhile (nothing is then changed)."""
+    c.first(LOCK_USER, {"user_id": user_id})
+    if c.first(LIVE_SESSION, {"id": session_id, "user_id": user_id, "now": now}) is None:
+        raise Unauthorized()
+
+
+@sql_unit
+def list_sessions(c: SqlCursor, user_id: int, now: dt.datetime) -> list[Row]:
+    """The user's live app sessions (``LIST_SESSIONS``' columns), the most recently used first. Sessions
+    made before public ids existed get one here, once."""
+    rows = c.all(LIST_SESSIONS, {"user_id": user_id, "now": now})
+    named = []
+    for row in rows:
+        if row.public_id is None:
+            public_id = new_public_id()
+            c.execute(NAME_SESSION, {"id": row.id, "public_id": public_id})
+            row = row._replace(public_id=public_id)
+        named.append(row)
+    return named
+
+
+@sql_unit
+def end_session(c: SqlCursor, user_id: int, public_id: str, now: dt.datetime) -> bool:
+    """End the live session ``public_id`` of ``user_id`` (its H5 tickets and cookies die with it: they
+    are only good while it lives); False if the user has no such live session."""
+    c.first(LOCK_USER, {"user_id": user_id})
+    return c.execute(END_OWN_SESSION, {"public_id": public_id, "user_id": user_id, "now": now}) == 1
+
+
+@sql_unit
+def end_other_sessions(c: SqlCursor, user_id: int, session_id: int, now: dt.datetime) -> int:
+    """End every session of ``user_id`` but ``session_id`` (which must still live: Unauthorized); how
+    many ended."""
+    _lock_user_with_session(c, user_id, session_id, now)
+    return c.execute(END_OTHER_SESSIONS, {"user_id": user_id, "keep": session_id, "now": now})
+
+
+@sql_unit
+def change_password(
+    c: SqlCursor,
+    user_id: int,
+    session_id: int,
+    verified_hash: str,
+    new_hash: str,
+    attempt: dict[str, Any],
+    now: dt.datetime,
+) -> bool:
+    """Replace the password whose hash is ``verified_hash``, give back the login attempt counted for the
+    check (``attempt``: ``reserve_login``'s params) and end every other session. False, and nothing
+    written, when the password changed since it was verified (another change won); Unauthorized when
+    the caller's session ended meanwhile."""
+    if not c.execute(CHANGE_PASSWORD, {"user_id": user_id, "verified_hash": verified_hash, "new_hash": new_hash}):
+        return False  # another change (or a reset) came first; this UPDATE also locked the user's row
+    _lock_user_with_session(c, user_id, session_id, now)
+    ratelimit.refund(c, attempt, LOGIN_WINDOWS)
+    c.execute(END_OTHER_SESSIONS, {"user_id": user_id, "keep": session_id, "now": now})
+    return True
+
+
+@sql_unit
+def change_phone(
+    c: SqlCursor,
+    user_id: int,
+    session_id: int,
+    old_phone: str,
+    new_phone: str,
+    verified_hash: str,
+    checks: Window,
+    checked_at: dt.datetime,
+    attempt: dict[str, Any],
+    notice: Notice,
+    now: dt.datetime,
+) -> Row | None:
+    """Move the user from ``old_phone`` to ``new_phone`` (the password checked was ``verified_hash``),
+    give back the code check (``checks`` at ``checked_at``) and the login attempt (``attempt``), and
+    queue ``notice`` to the old phone; the user's profile (``PROFILE``). None, and nothing written,
+    when the password or phone changed since they were checked; ``Conflict`` when another account has
+    ``new_phone``; Unauthorized when the caller's session ended meanwhile."""
+    params = {"user_id": user_id, "old_phone": old_phone, "new_phone": new_phone, "verified_hash": verified_hash}
+    if not c.execute(CHANGE_PHONE, params):
+        return None
+    _lock_user_with_session(c, user_id, session_id, now)
+    ratelimit.refund_one(c, checks, checked_at)
+    ratelimit.refund(c, attempt, LOGIN_WINDOWS)
+    # A code row without a code (its hash never matches) carries the text through the outbox and its
+    # sender, as every text goes; its expiry is how long the text may wait for the gateway.
+    code = {"phone": notice.phone, "purpose": notice.purpose, "now": now, "expires_at": notice.expires_at}
+    code_id = c.insert(NEW_CODE, {**code, "code_hash": ""})
+    sms_queries.enqueue(c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None)
+    return c.first(PROFILE, {"user_id": user_id})

@@ -1,4 +1,5 @@
-"""Scenario 1 rules: SMS codes, registration, login, logout, password reset, token checks.
+"""Scenario 1 rules: SMS codes, registration, login, logout, password reset, token checks, the list of
+sessions (devices), password and phone changes.
 
 No Tornado here: handlers call these coroutines with plain values and get plain values or a
 ``DemoError`` back. Database work runs through ``Database.run`` and hashing through the CPU pool.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from demo.common.accounts import queries, tokens
+from demo.common.accounts.devices import clean_user_agent, coarse_ip
 from demo.common.accounts.passwords import Passwords, check_password_policy
 from demo.common.accounts.phones import normalize_phone, parse_regions, require_region
 from demo.common.accounts.principal import Principal
@@ -20,6 +22,8 @@ from demo.common.errors import (
     InvalidCode,
     InvalidCredentials,
     InvalidField,
+    InvalidPhone,
+    NotFound,
     PhoneTaken,
     Unauthorized,
 )
@@ -33,7 +37,12 @@ from demo.common.sms import outbox
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
 
-PURPOSES = ("regist", "reset")
+PURPOSES = ("regist", "reset", "phone")
+# A session's last use is written by the token check at most this often (the check is every request's).
+TOUCH_EVERY = dt.timedelta(seconds=60)
+# How long the notice to the old phone of a phone change may wait for the SMS gateway: a security
+# notice is worth sending late, unlike a code.
+NOTICE_TTL = dt.timedelta(days=1)
 
 
 class LoginWindows(NamedTuple):
@@ -134,7 +143,7 @@ class Accounts:
         depend on the SMS gateway, nor on whether the phone has an account."""
         phone = self.phone(raw_phone)
         if purpose not in PURPOSES:
-            raise InvalidField("purpose must be 'regist' or 'reset'.", field="purpose")
+            raise InvalidField("purpose must be 'regist', 'reset' or 'phone'.", field="purpose")
         if phone not in self.test_numbers:  # test numbers are never texted
             require_region(phone, self.rules.sms_regions)
         now, r = self.clock.now(), self.rules
@@ -155,6 +164,11 @@ class Accounts:
         code: str | None = self.test_numbers.get(phone) or f"{secrets.randbelow(10**6):06d}"
         if purpose == "regist" and registered:
             code, text = None, "This number already has a demo account. Sign in, or reset your password."
+        elif purpose == "phone" and registered:
+            # As for "regist": the answer is the same either way, only the number's holder learns that
+            # it has an account (which "regist" would tell them too), and no code is spent on a change
+            # that the taken number would refuse.
+            code, text = None, "This number already has a demo account, so no account can be moved to it."
         elif purpose == "reset" and not registered:
             code, text = None, None  # nothing to reset; answer exactly as if a code went out
         else:
@@ -179,13 +193,15 @@ class Accounts:
         if not await self.db.run(queries.claim_code, phone, purpose, code_hash, checks, self.rules.max_attempts, now):
             raise InvalidCode(field="code")
 
-    async def register(self, raw_phone: Any, password: str, code: str, client_ip: str) -> Grant:
+    async def register(
+        self, raw_phone: Any, password: str, code: str, client_ip: str, *, user_agent: str | None = None
+    ) -> Grant:
         phone = self.phone(raw_phone)
         check_password_policy(password)
         checks, now = self._code_checks(client_ip), self.clock.now()
         await self._claim_code(phone, "regist", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now)
+        public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now, client_ip, user_agent)
         try:
             session_id = await self.db.run(queries.register, public_id, phone, password_hash, checks, now, grant, now)
         except Conflict:  # another request registered the phone first
@@ -218,19 +234,27 @@ class Accounts:
         """Where a client's successful logins to ``phone`` are remembered (see login_windows)."""
         return Window(f"{_login_phone_key(phone)}:from:{ratelimit.client_key(client_ip)}:ok", 1, TRUST_SECONDS)
 
-    async def login(self, raw_phone: Any, password: str, client_ip: str) -> Grant:
-        phone = self.phone(raw_phone)
-        windows, now = self.login_windows(phone, client_ip), self.clock.now()
+    async def _reserve_attempt(self, phone: str, client_ip: str, now: dt.datetime) -> tuple[Row, dict[str, Any]]:
+        """Count a password check for ``phone`` as a login attempt, before the password is checked (a
+        refused attempt counts nowhere: RateLimited); the user by phone (``LOGIN_LOOKUP``'s row) and
+        the parameters of the windows counted (to give the attempt back when it succeeds)."""
+        windows = self.login_windows(phone, client_ip)
         counted = ratelimit.window_params(windows, now)
         known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
         remembered = {
             **ratelimit.window_params([known], now, queries.TRUSTED),
             **ratelimit.window_params([known], later, queries.TRUSTED_NEXT),
         }
-        # Counted before the password is checked; a refused attempt counts nowhere.
         found = await self.db.run(
             queries.reserve_login, phone, {**counted, **remembered}, lambda found: _admit_login(windows, found, now)
         )
+        return found, counted
+
+    async def login(self, raw_phone: Any, password: str, client_ip: str, *, user_agent: str | None = None) -> Grant:
+        phone = self.phone(raw_phone)
+        windows, now = self.login_windows(phone, client_ip), self.clock.now()
+        known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
+        found, counted = await self._reserve_attempt(phone, client_ip, now)
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
         if not ok or found.id is None:
@@ -244,7 +268,7 @@ class Accounts:
         remember = None
         if found.trusted_next is None:
             remember = {**ratelimit.window_params([known], now), **ratelimit.window_params([known], later, 1)}
-        token, ticket, grant = self._new_grant(now)
+        token, ticket, grant = self._new_grant(now, client_ip, user_agent)
         session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
         if session_id is None:
             raise InvalidCredentials()  # the password changed since it was verified: no session
@@ -271,7 +295,8 @@ class Accounts:
         """The caller behind a bearer token, or Unauthorized (missing, unknown, expired, revoked)."""
         if not tokens.looks_like_token(token):
             raise Unauthorized()
-        row = await self.db.run(queries.session_of_token, tokens.digest(token), self.clock.now())
+        now = self.clock.now()
+        row = await self.db.run(queries.session_of_token, tokens.digest(token), now, now - TOUCH_EVERY)
         if row is None:
             raise Unauthorized()
         return Principal(user_id=row.user_id, session_id=row.id, phone=row.phone)
@@ -280,17 +305,126 @@ class Accounts:
         user = await self.db.run(queries.profile, principal.user_id)
         if user is None:
             raise Unauthorized()  # deleted since the token was checked
-        return {**public_user(user), "last_login_at": isoformat(user.last_login_at), "image_count": user.image_count}
+        return profile_body(user)
 
-    def _new_grant(self, now: dt.datetime) -> tuple[str, str, queries.NewGrant]:
-        """The secrets of a new app session and of its first H5 ticket, and what to store of them."""
+    def _new_grant(self, now: dt.datetime, client_ip: str, user_agent: str | None) -> tuple[str, str, queries.NewGrant]:
+        """The secrets of a new app session and of its first H5 ticket, and what to store of them (with
+        the device as the list of sessions shows it)."""
         token, token_hash = tokens.new_secret()
         ticket, ticket_hash, ticket_expires_at = new_ticket(now, self.rules.h5_ticket_ttl)
         expires_at = now + dt.timedelta(seconds=self.rules.token_ttl)
-        return token, ticket, queries.NewGrant(token_hash, expires_at, ticket_hash, ticket_expires_at)
+        grant = queries.NewGrant(
+            token_hash,
+            expires_at,
+            ticket_hash,
+            ticket_expires_at,
+            user_agent=clean_user_agent(user_agent),
+            ip=coarse_ip(client_ip),
+        )
+        return token, ticket, grant
 
     def _grant(self, user: dict[str, Any], token: str, ticket: str, session_id: int) -> Grant:
         return Grant(user=user, token=token, expires_in=self.rules.token_ttl, session_id=session_id, h5_ticket=ticket)
+
+    # -- the list of sessions (devices) -----------------------------------------------------------
+
+    async def sessions(self, principal: Principal) -> list[dict[str, Any]]:
+        """The caller's live sessions, the most recently used first (at most queries.SESSIONS_LISTED)."""
+        rows = await self.db.run(queries.list_sessions, principal.user_id, self.clock.now())
+        return [
+            {
+                "id": row.public_id,
+                "created_at": isoformat(row.created_at),
+                "last_used_at": isoformat(row.last_used_at),
+                "user_agent": row.user_agent,
+                "ip": row.ip,
+                "current": row.id == principal.session_id,
+            }
+            for row in rows
+        ]
+
+    async def end_session(self, principal: Principal, public_id: str) -> None:
+        """End one of the caller's sessions (the current one too: that is a logout); NotFound for an id
+        that is not a live session of theirs, whoever's it is."""
+        if not await self.db.run(queries.end_session, principal.user_id, public_id, self.clock.now()):
+            raise NotFound("No such session.")
+
+    async def end_other_sessions(self, principal: Principal) -> None:
+        """Sign out every session of the caller but the current one."""
+        await self.db.run(queries.end_other_sessions, principal.user_id, principal.session_id, self.clock.now())
+
+    # -- password and phone changes ---------------------------------------------------------------
+
+    async def _check_password(
+        self, principal: Principal, password: str, client_ip: str, field: str, now: dt.datetime
+    ) -> tuple[Row, dict[str, Any]]:
+        """The caller's password check, limited and answered as a login with it is (InvalidCredentials,
+        RateLimited): the user's row and the attempt's windows, to give back once the change is done."""
+        found, counted = await self._reserve_attempt(principal.phone, client_ip, now)
+        ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
+        if not ok or found.id != principal.user_id:  # the phone changed hands since the token check
+            raise InvalidCredentials("Wrong password.", field=field)  # already counted
+        return found, counted
+
+    async def change_password(self, principal: Principal, old_password: str, password: str, client_ip: str) -> None:
+        """Replace the caller's password (``old_password`` checked as a login checks it); every other
+        session ends. Of changes made at once, one wins; the others find the old password wrong."""
+        check_password_policy(password)
+        now = self.clock.now()
+        found, counted = await self._check_password(principal, old_password, client_ip, "old_password", now)
+        new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
+        user_id, session_id = principal.user_id, principal.session_id
+        if not await self.db.run(
+            queries.change_password, user_id, session_id, found.password_hash, new_hash, counted, now
+        ):
+            raise InvalidCredentials("Wrong password.", field="old_password")  # changed since it was checked
+
+    async def change_phone(
+        self, principal: Principal, raw_phone: Any, code: str, password: str, client_ip: str
+    ) -> dict[str, Any]:
+        """Move the caller's account to a new phone, proved by a ``phone`` code sent to it, and the
+        password; the old phone gets a notice. The code is checked first (a wrong one costs no hash),
+        then the password as a login checks it; a phone another account has is PhoneTaken, whatever
+        made it taken (held at the code request: no code was sent; registered since: the database's
+        unique key)."""
+        phone = self.phone(raw_phone)
+        if phone == principal.phone:
+            raise InvalidPhone("This is already your phone number.", field="phone")
+        checks, now = self._code_checks(client_ip), self.clock.now()
+        await self._claim_code(phone, "phone", code, checks, now)
+        found, counted = await self._check_password(principal, password, client_ip, "password", now)
+        notice = queries.Notice(principal.phone, "phone_notice", self._notice_text(principal.phone), now + NOTICE_TTL)
+        try:
+            user = await self.db.run(
+                queries.change_phone,
+                principal.user_id,
+                principal.session_id,
+                principal.phone,
+                phone,
+                found.password_hash,
+                checks,
+                now,
+                counted,
+                notice,
+                now,
+            )
+        except Conflict:
+            raise PhoneTaken(field="phone") from None
+        if user is None:
+            raise InvalidCredentials("Wrong password.", field="password")  # changed since it was checked
+        self.sender.wake()
+        return profile_body(user)
+
+    def _notice_text(self, old_phone: str) -> str | None:
+        """The text telling the old phone that the account left it (None: not texted, as test numbers
+        and numbers in countries texts no longer go to are not)."""
+        if old_phone in self.test_numbers:
+            return None
+        try:
+            require_region(old_phone, self.rules.sms_regions)
+        except InvalidPhone:
+            return None
+        return "The demo account of this number was moved to another number. If you did not do this, contact support."
 
 
 def _login_phone_key(phone: str) -> str:
@@ -304,6 +438,11 @@ def _admit_login(windows: LoginWindows, found: Row, now: dt.datetime) -> None:
     # The phone is slowed down, not locked; never for a client that signed in to it before.
     if found.by_phone_count > windows.by_phone.limit and found.trusted is None:
         ratelimit.refuse_if_over(windows.pace, found.pace_count, now)
+
+
+def profile_body(user: Row) -> dict[str, Any]:
+    """The profile as the contract shows it (``queries.PROFILE``'s row)."""
+    return {**public_user(user), "last_login_at": isoformat(user.last_login_at), "image_count": user.image_count}
 
 
 def public_user(user: Any) -> dict[str, Any]:

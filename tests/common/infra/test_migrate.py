@@ -72,6 +72,41 @@ def test_existing_users_get_distinct_random_public_ids(empty_database_url):
         engine.dispose()
 
 
+def test_session_devices_keep_every_session_and_its_h5_rows(empty_database_url):
+    """0009 adds the list-of-sessions columns in place: on SQLite a table copy of auth_sessions would
+    have emptied h5_tickets and h5_sessions through their ON DELETE CASCADE."""
+    engine = make_test_engine(empty_database_url)
+    now = dt.datetime(2026, 1, 1)
+    rows = [
+        "INSERT INTO users (public_id, phone, password_hash, created_at, h5_visit_count)"
+        " VALUES ('pub', '+8618866668888', 'x', :now, 0)",
+        "INSERT INTO auth_sessions (user_id, token_hash, created_at, expires_at) VALUES (1, 't', :now, :now)",
+        "INSERT INTO h5_tickets (ticket_hash, auth_session_id, created_at, expires_at) VALUES ('k', 1, :now, :now)",
+        "INSERT INTO h5_sessions (cookie_hash, auth_session_id, ticket_id, created_at, expires_at)"
+        " VALUES ('c', 1, 1, :now, :now)",
+    ]
+    counts = text(
+        "SELECT (SELECT COUNT(*) FROM auth_sessions), (SELECT COUNT(*) FROM h5_tickets),"
+        " (SELECT COUNT(*) FROM h5_sessions)"
+    )
+    try:
+        migrate.upgrade(engine, "0008")
+        with engine.begin() as conn:
+            for row in rows:
+                conn.execute(text(row), {"now": now})
+        migrate.upgrade(engine, "0009")
+        with engine.connect() as conn:
+            assert tuple(conn.execute(counts).one()) == (1, 1, 1)
+            session = conn.execute(text("SELECT public_id, last_used_at, user_agent, ip FROM auth_sessions")).one()
+        assert tuple(session) == (None, None, None, None)  # named when first listed
+        command.downgrade(migrate.alembic_config(engine), "0008")
+        with engine.connect() as conn:
+            assert tuple(conn.execute(counts).one()) == (1, 1, 1)
+        assert "public_id" not in {c["name"] for c in inspect(engine).get_columns("auth_sessions")}
+    finally:
+        engine.dispose()
+
+
 # -- once per deployment ---------------------------------------------------------------------------
 
 MIGRATOR = """
