@@ -44,6 +44,9 @@ class User(Base):
     last_login_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     h5_visit_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     h5_last_visit_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Set by DELETE /users/me: the account is purged by housekeeping from then on, unless a login
+    # before it clears it (the grace period). Indexed: housekeeping looks for the ones that are due.
+    deletion_due_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
 
 
 class AuthSession(Base):

@@ -1,4 +1,5 @@
-"""Periodic clean-up of rows that no rule reads any more, and of blobs no image uses (run by main.py)."""
+"""Periodic clean-up of rows that no rule reads any more, of accounts whose deletion is final, and of
+blobs no image uses (run by main.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,27 @@ from demo.common.infra.db import Database, SqlCursor, sql_unit
 from demo.common.sms import queries as sms
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
+# Accounts purged per round at most: a round stays short however many deletions fell due at once (the
+# rest wait for the next round; logins already treat them as gone).
+PURGE_BATCH = 100
 
 
 async def run(db: Database, images: Images, now: dt.datetime) -> dict[str, int]:
-    """One round, off the loop. Blobs are collected here too: images also go without the API (a user
-    deleted by SQL cascades to its images), and their blobs must not wait for a restart."""
+    """One round, off the loop. Blobs are collected here too, after the purge: images also go without
+    the API (an account purged, a user deleted by SQL), and their blobs must not wait for a restart."""
     counts = await db.run(sweep, now)
+    counts["purged_users"] = await purge_deleted(db, now)
     counts["unused_blobs"] = await db.offloader.db(images.collect_unused)
     return counts
+
+
+async def purge_deleted(db: Database, now: dt.datetime) -> int:
+    """Purge the accounts whose deletion is final (at most ``PURGE_BATCH``), one unit of work each; how
+    many. Their blobs are left to ``Images.collect_unused``."""
+    purged = 0
+    for user_id in await db.run(accounts.due_deletions, now, PURGE_BATCH):
+        purged += await db.run(accounts.purge_user, user_id, now)
+    return purged
 
 
 @sql_unit

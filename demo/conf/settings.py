@@ -154,6 +154,15 @@ class Settings:
         "both together (one budget: alternating must not double it); good ones are not counted",
         group=ACCOUNTS,
     )
+    account_deletion_grace: int = option(
+        7 * 24 * 3600,
+        "seconds between DELETE /users/me and the purge of the account; signing in again meanwhile "
+        "undoes the deletion (0: purged by the next housekeeping round)",
+        group=ACCOUNTS,
+    )
+    sms_login: bool = option(
+        True, "allow signing in with an SMS code (purpose 'login') instead of the password", group=ACCOUNTS
+    )
     h5_ticket_ttl: int = option(
         120, "seconds an H5 ticket (h5_url) stays valid; at most 120", group=ACCOUNTS, low=1, high=120
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from demo.common.accounts.rules import Grant
+from demo.common.errors import InvalidField
+from demo.common.infra.clock import isoformat
 from demo.common.web.api import ApiHandler, text_field
 from demo.common.web.auth import public, requires_session
 
@@ -28,7 +30,7 @@ class AccountsHandler(ApiHandler):
 class CodeHandler(AccountsHandler):
     @public
     async def post(self) -> None:
-        """Send an SMS code for registration, password reset or a phone change."""
+        """Send an SMS code for registration, password reset, a phone change, a login or a deletion."""
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         purpose = text_field(body, "purpose", default="regist", max_length=16)
@@ -50,12 +52,19 @@ class RegistHandler(AccountsHandler):
 class LoginHandler(AccountsHandler):
     @public
     async def post(self) -> None:
-        """Exchange phone and password for a bearer token."""
+        """Exchange phone and password, or phone and a ``login`` SMS code, for a bearer token."""
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
-        password = text_field(body, "password", max_length=4096)
-        grant = await self.accounts.login(phone, password, self.client_ip, user_agent=self.user_agent)
-        self.write_json(self.session_body(grant))
+        if "code" in body and "password" in body:
+            raise InvalidField("Send either 'password' or 'code', not both.", field="code")
+        if "code" in body:
+            code = text_field(body, "code", max_length=16)
+            grant = await self.accounts.login_with_code(phone, code, self.client_ip, user_agent=self.user_agent)
+        else:
+            password = text_field(body, "password", max_length=4096)
+            grant = await self.accounts.login(phone, password, self.client_ip, user_agent=self.user_agent)
+        # Only a login can undo a deletion: the client tells its user the account is back.
+        self.write_json({**self.session_body(grant), "deletion_cancelled": grant.deletion_cancelled})
 
 
 class LogoutHandler(AccountsHandler):
@@ -85,6 +94,17 @@ class MeHandler(AccountsHandler):
     async def get(self) -> None:
         """The calling user's profile."""
         self.write_json({"user": await self.accounts.profile(self.principal)})
+
+    @requires_session
+    async def delete(self) -> None:
+        """Schedule the deletion of the account, proved by the password or a ``delete`` code; 202."""
+        body = self.json_body()
+        password = text_field(body, "password", max_length=4096) if "password" in body else None
+        code = text_field(body, "code", max_length=16) if "code" in body else None
+        final_at = await self.accounts.delete_account(
+            self.principal, password=password, code=code, client_ip=self.client_ip
+        )
+        self.write_json({"final_at": isoformat(final_at)}, status=202)
 
 
 class PasswordChangeHandler(AccountsHandler):

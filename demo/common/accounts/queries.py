@@ -5,10 +5,14 @@ All on the fast path (``@sql_unit``, hand-written ``Sql``): the token check and 
 every call, and one style keeps the rest easy to follow. A unit raises ``RateLimited`` where a limit
 refuses the request: the unit rolls back, so a refused request counts nowhere.
 
-The units that change a user's sessions or credentials (sign-outs, password and phone changes) lock
-the user's row first, as a login's ``record_login`` does with its UPDATE: one user's changes and
-logins take their turns there, so none sees another half done, and (on MariaDB) no two of them lock
-the same rows in opposite orders.
+The units that change a user's sessions or credentials (sign-outs, password and phone changes, a
+deletion and its purge) lock the user's row first, as a login's ``record_login`` does with its UPDATE:
+one user's changes and logins take their turns there, so none sees another half done, and (on
+MariaDB) no two of them lock the same rows in opposite orders.
+
+An account whose deletion is final (``deletion_due_at`` passed) is gone for logins at once, though
+housekeeping purges it a little later: ``LOGIN_LOOKUP`` does not see it and ``RECORD_LOGIN`` does not
+match it. Before that, a login clears the deletion (the grace period).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from demo.common.accounts.tokens import new_public_id
 from demo.common.errors import RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
+from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
 from demo.common.infra.ratelimit import Window
@@ -118,26 +123,58 @@ SWEEP_CODES = Sql(
     " WHERE sms_outbox.sms_code_id = sms_codes.id AND sms_outbox.status IN (:pending, :sending))"
 )
 
+
+# Counters of one phone (the per-phone SMS quota, the login counters and every key under it): the rules
+# build their windows on these keys, and a purged account's are deleted by them.
+def sms_phone_key(phone: str) -> str:
+    return f"sms:phone:{phone}"
+
+
+def login_phone_key(phone: str) -> str:
+    return f"login:phone:{phone}"
+
+
 # A login attempt is counted in LOGIN_WINDOWS windows (ratelimit.window_params 0..3, in key order)
 # before the password is checked; a client's remembered successes are windows 4 (now) and 5 (later).
 LOGIN_WINDOWS = 4
 TRUSTED, TRUSTED_NEXT = LOGIN_WINDOWS, LOGIN_WINDOWS + 1
-# The user by phone (NULLs when there is none: the one-row table makes the row), then the counts of the
-# login's windows, this attempt included, and of the client's remembered successes (NULL: none).
+# An account not deleted, or still in its deletion's grace period (a final one is gone for logins).
+_NOT_DELETED = "(users.deletion_due_at IS NULL OR users.deletion_due_at > :now)"
+# The user by phone (NULLs when there is none: the one-row table makes the row), whether a deletion
+# waits (that this login undoes), then the counts of the login's windows, this attempt included, and
+# of the client's remembered successes (NULL: none).
 LOGIN_LOOKUP = Sql(
     "SELECT users.id, users.public_id, users.phone, users.password_hash, users.created_at,"
+    " (users.deletion_due_at IS NOT NULL) AS deletion_pending,"
     f" {ratelimit.count_of(0)} AS by_client_count, {ratelimit.count_of(1)} AS by_phone_count,"
     f" {ratelimit.count_of(2)} AS by_phone_client_count, {ratelimit.count_of(3)} AS pace_count,"
     f" {ratelimit.count_of(TRUSTED)} AS trusted, {ratelimit.count_of(TRUSTED_NEXT)} AS trusted_next"
-    " FROM (SELECT 1 AS one) AS one_row LEFT OUTER JOIN users ON users.phone = :phone",
+    f" FROM (SELECT 1 AS one) AS one_row LEFT OUTER JOIN users ON users.phone = :phone AND {_NOT_DELETED}",
     datetimes=["created_at"],
 )
 # Only while the hash is the one verified: a reset between the check and here leaves no row to match,
-# so a login with the old password cannot outlive the reset that revoked the sessions.
+# so a login with the old password cannot outlive the reset that revoked the sessions. A login undoes a
+# deletion in its grace period, never a final one (housekeeping may be purging it right now).
 RECORD_LOGIN = Sql(
-    "UPDATE users SET last_login_at = :now, password_hash = COALESCE(:new_hash, password_hash)"
-    " WHERE id = :user_id AND password_hash = :verified_hash"
+    "UPDATE users SET last_login_at = :now, password_hash = COALESCE(:new_hash, password_hash),"
+    " deletion_due_at = NULL"
+    f" WHERE id = :user_id AND password_hash = :verified_hash AND {_NOT_DELETED}"
 )
+
+# -- account deletion ---------------------------------------------------------------------------------
+# Only while the password is the one verified (NULL: proved by a code instead), and not twice.
+SCHEDULE_DELETION = Sql(
+    "UPDATE users SET deletion_due_at = :due_at WHERE id = :user_id AND deletion_due_at IS NULL"
+    " AND (:verified_hash IS NULL OR password_hash = :verified_hash)"
+)
+DUE_DELETIONS = Sql("SELECT id FROM users WHERE deletion_due_at <= :now ORDER BY deletion_due_at, id LIMIT :limit")
+# The account to purge, locked to the commit, if its deletion is (still) final: a login that got in
+# first has cleared it.
+_DUE_USER = "SELECT id, phone FROM users WHERE id = :user_id AND deletion_due_at <= :now"
+DUE_USER = Sql(sqlite=_DUE_USER, mysql=f"{_DUE_USER} FOR UPDATE")
+DELETE_SESSIONS = Sql("DELETE FROM auth_sessions WHERE user_id = :user_id")  # their H5 rows go by cascade
+DELETE_CODES = Sql("DELETE FROM sms_codes WHERE phone = :phone")  # their outbox rows go by cascade
+DELETE_USER = Sql("DELETE FROM users WHERE id = :user_id")
 
 
 # -- what the rules hand over -------------------------------------------------------------------------
@@ -267,16 +304,52 @@ def register(
 
 
 @sql_unit
-def reserve_login(c: SqlCursor, phone: str, params: dict[str, Any], admit: Callable[[Row], None]) -> Row:
+def reserve_login(
+    c: SqlCursor, phone: str, params: dict[str, Any], admit: Callable[[Row], None], now: dt.datetime
+) -> Row:
     """Count a login attempt in its windows (``params``: windows 0..3, and the client's remembered
-    successes as windows 4 and 5), then return the user (NULLs when none) with the counts
-    (``LOGIN_LOOKUP``), once ``admit`` accepted them (it raises RateLimited otherwise). The counters'
-    rows stay locked to the commit: parallel attempts queue here, each sees the others, none slips
-    past a limit."""
+    successes as windows 4 and 5), then return the user (NULLs when none, or when its deletion is
+    final at ``now``) with the counts (``LOGIN_LOOKUP``), once ``admit`` accepted them (it raises
+    RateLimited otherwise). The counters' rows stay locked to the commit: parallel attempts queue
+    here, each sees the others, none slips past a limit."""
+    return _reserve_login(c, phone, params, admit, now)
+
+
+def _reserve_login(
+    c: SqlCursor, phone: str, params: dict[str, Any], admit: Callable[[Row], None], now: dt.datetime
+) -> Row:
     ratelimit.reserve(c, params, LOGIN_WINDOWS)
-    found = c.first(LOGIN_LOOKUP, {"phone": phone, **params})
+    found = c.first(LOGIN_LOOKUP, {"phone": phone, "now": now, **params})
     assert found is not None  # the one-row table makes a row
     admit(found)
+    return found
+
+
+@sql_unit
+def reserve_code_login(
+    c: SqlCursor,
+    phone: str,
+    params: dict[str, Any],
+    admit: Callable[[Row], None],
+    code_hash: str,
+    max_attempts: int,
+    now: dt.datetime,
+) -> Row | None:
+    """A login with an SMS code: count the attempt as ``reserve_login`` does, then spend the phone's live
+    ``login`` code if ``code_hash`` is its hash. The user (``LOGIN_LOOKUP``'s row), or None: no such
+    user, or a wrong, spent or dead code (a wrong guess counts against the code, and the attempt stays
+    counted). A phone without an account has no code with a hash (none was issued), so it takes the
+    same steps as a wrong guess."""
+    found = _reserve_login(c, phone, params, admit, now)
+    row = c.first(LIVE_CODE, {"phone": phone, "purpose": "login", "now": now})
+    if row is None or row.attempts >= max_attempts:
+        return None
+    if not (row.code_hash and hmac.compare_digest(row.code_hash, code_hash)):
+        c.execute(WRONG_GUESS, {"id": row.id})
+        return None
+    if found.id is None:  # purged since the code was sent: keep the code unspent, as nothing was done
+        return None
+    c.execute(USE_CODE, {"id": row.id, "now": now})
     return found
 
 
@@ -298,7 +371,7 @@ def record_login(
     if not c.execute(
         RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash, "now": now, "new_hash": new_hash}
     ):
-        return None
+        return None  # the password changed since, or the account's deletion became final
     ratelimit.refund(c, params, LOGIN_WINDOWS)
     if forget is not None:
         ratelimit.forget(c, forget)
@@ -456,3 +529,58 @@ def change_phone(
     code_id = c.insert(NEW_CODE, {**code, "code_hash": ""})
     sms_queries.enqueue(c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None)
     return c.first(PROFILE, {"user_id": user_id})
+
+
+# -- account deletion ---------------------------------------------------------------------------------
+
+
+@sql_unit
+def schedule_deletion(
+    c: SqlCursor,
+    user_id: int,
+    session_id: int,
+    verified_hash: str | None,
+    refunds: list[tuple[dict[str, Any], int]],
+    due_at: dt.datetime,
+    now: dt.datetime,
+) -> bool:
+    """Schedule the deletion of ``user_id`` at ``due_at`` and end every session of theirs (their H5
+    tickets and cookies die with them), giving back the proof's counted attempt (``refunds``:
+    ``ratelimit.refund``'s params and size). ``verified_hash``: the password checked (None: a code
+    proved it). False, and nothing written, when the password changed since it was checked;
+    Unauthorized when the caller's session ended meanwhile (a deletion scheduled by another request
+    ends them all)."""
+    _lock_user_with_session(c, user_id, session_id, now)
+    if not c.execute(SCHEDULE_DELETION, {"user_id": user_id, "verified_hash": verified_hash, "due_at": due_at}):
+        return False  # a live session means no deletion waits: the password changed
+    for params, size in refunds:
+        ratelimit.refund(c, params, size)
+    c.execute(REVOKE_SESSIONS, {"user_id": user_id, "now": now})
+    return True
+
+
+@sql_unit
+def due_deletions(c: SqlCursor, now: dt.datetime, limit: int) -> list[int]:
+    """The ids of at most ``limit`` accounts whose deletion is final at ``now``, the oldest first."""
+    return [row.id for row in c.all(DUE_DELETIONS, {"now": now, "limit": limit})]
+
+
+@sql_unit
+def purge_user(c: SqlCursor, user_id: int, now: dt.datetime) -> bool:
+    """Delete everything of an account whose deletion is final at ``now``: its images (their blobs'
+    legacy counts go down; a blob no image uses any more is left to ``Images.collect_unused``, which
+    removes its objects in whichever store under the blob's lock), sessions (and their H5 rows), the
+    SMS codes and texts of its phone, the phone's counters, and the user row; the phone can register
+    anew. False if there is nothing to purge (a login undid the deletion, another process purged it)."""
+    user = c.first(DUE_USER, {"user_id": user_id, "now": now})
+    if user is None:
+        return False
+    # Lock order: users, image_blobs, images (as an upload), then sessions, counters, codes (as a
+    # code request: counters before codes).
+    image_queries.release_all(c, user_id)
+    c.execute(DELETE_SESSIONS, {"user_id": user_id})
+    ratelimit.forget(c, sms_phone_key(user.phone))
+    ratelimit.forget_family(c, login_phone_key(user.phone))
+    c.execute(DELETE_CODES, {"phone": user.phone})
+    c.execute(DELETE_USER, {"user_id": user_id})
+    return True

@@ -1,5 +1,5 @@
-"""Scenario 1 rules: SMS codes, registration, login, logout, password reset, token checks, the list of
-sessions (devices), password and phone changes.
+"""Scenario 1 rules: SMS codes, registration, login (with the password or an SMS code), logout, password
+reset, token checks, the list of sessions (devices), password and phone changes, account deletion.
 
 No Tornado here: handlers call these coroutines with plain values and get plain values or a
 ``DemoError`` back. Database work runs through ``Database.run`` and hashing through the CPU pool.
@@ -37,7 +37,10 @@ from demo.common.sms import outbox
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
 
-PURPOSES = ("regist", "reset", "phone")
+PURPOSES = ("regist", "reset", "phone", "login", "delete")
+# Purposes whose code only an account can use: for a phone without one, nothing is sent (as for
+# "reset"), and the answer is the same.
+FOR_ACCOUNTS = ("reset", "login", "delete")
 # A session's last use is written by the token check at most this often (the check is every request's).
 TOUCH_EVERY = dt.timedelta(seconds=60)
 # How long the notice to the old phone of a phone change may wait for the SMS gateway: a security
@@ -78,6 +81,8 @@ class AccountRules:
     login_slowdown: int
     code_checks_ip_hourly: int
     h5_ticket_ttl: int  # the ticket a login hands out with its session
+    deletion_grace: int  # seconds from DELETE /users/me to the purge; a login meanwhile undoes it
+    sms_login: bool  # a login may prove the phone with a "login" code instead of the password
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccountRules:
@@ -98,6 +103,8 @@ class AccountRules:
             login_slowdown=settings.login_slowdown,
             code_checks_ip_hourly=settings.code_checks_ip_hourly,
             h5_ticket_ttl=settings.h5_ticket_ttl,
+            deletion_grace=settings.account_deletion_grace,
+            sms_login=settings.sms_login,
         )
 
 
@@ -110,6 +117,7 @@ class Grant:
     expires_in: int
     session_id: int
     h5_ticket: str
+    deletion_cancelled: bool = False  # the login undid a deletion in its grace period
 
 
 class Accounts:
@@ -135,6 +143,11 @@ class Accounts:
     def phone(self, raw: Any) -> str:
         return normalize_phone(raw, self.rules.default_region)
 
+    @property
+    def purposes(self) -> tuple[str, ...]:
+        """The code purposes this server issues ("login" only while SMS login is on)."""
+        return PURPOSES if self.rules.sms_login else tuple(p for p in PURPOSES if p != "login")
+
     # -- SMS codes -----------------------------------------------------------------------------
 
     async def request_code(self, raw_phone: Any, purpose: Any, client_ip: str) -> dict[str, int]:
@@ -142,15 +155,16 @@ class Accounts:
         without one). The answer comes once both are committed, before anything is sent: it cannot
         depend on the SMS gateway, nor on whether the phone has an account."""
         phone = self.phone(raw_phone)
-        if purpose not in PURPOSES:
-            raise InvalidField("purpose must be 'regist', 'reset' or 'phone'.", field="purpose")
+        if purpose not in self.purposes:
+            named = ", ".join(f"'{p}'" for p in self.purposes)
+            raise InvalidField(f"purpose must be one of {named}.", field="purpose")
         if phone not in self.test_numbers:  # test numbers are never texted
             require_region(phone, self.rules.sms_regions)
         now, r = self.clock.now(), self.rules
         request = queries.CodeRequest(
             phone,
             purpose,
-            by_phone=Window(f"sms:phone:{phone}", r.phone_daily, 86400),
+            by_phone=Window(queries.sms_phone_key(phone), r.phone_daily, 86400),
             by_client=Window(f"sms:ip:{ratelimit.client_key(client_ip)}", r.ip_hourly, 3600),
             resend_after=r.resend_after,
             expires_at=now + dt.timedelta(seconds=r.code_ttl),
@@ -169,11 +183,18 @@ class Accounts:
             # it has an account (which "regist" would tell them too), and no code is spent on a change
             # that the taken number would refuse.
             code, text = None, "This number already has a demo account, so no account can be moved to it."
-        elif purpose == "reset" and not registered:
-            code, text = None, None  # nothing to reset; answer exactly as if a code went out
+        elif purpose in FOR_ACCOUNTS and not registered:
+            code, text = None, None  # no account to act on; answer exactly as if a code went out
         else:
             minutes = self.rules.code_ttl // 60
             text = f"Your demo verification code is {code}. It expires in {minutes} minutes."
+            if purpose == "delete":
+                text = (
+                    f"Your demo code to DELETE your account is {code}. It expires in {minutes} minutes."
+                    " If you did not ask for it, ignore this text and never share the code."
+                )
+            elif purpose == "login":
+                text = f"Your demo sign-in code is {code}. It expires in {minutes} minutes. Never share it."
         code_hash = tokens.keyed_digest(self.code_key, phone, purpose, code) if code else ""
         if phone in self.test_numbers:
             code = text = None  # test numbers are never texted
@@ -234,26 +255,35 @@ class Accounts:
         """Where a client's successful logins to ``phone`` are remembered (see login_windows)."""
         return Window(f"{_login_phone_key(phone)}:from:{ratelimit.client_key(client_ip)}:ok", 1, TRUST_SECONDS)
 
-    async def _reserve_attempt(self, phone: str, client_ip: str, now: dt.datetime) -> tuple[Row, dict[str, Any]]:
-        """Count a password check for ``phone`` as a login attempt, before the password is checked (a
-        refused attempt counts nowhere: RateLimited); the user by phone (``LOGIN_LOOKUP``'s row) and
-        the parameters of the windows counted (to give the attempt back when it succeeds)."""
-        windows = self.login_windows(phone, client_ip)
-        counted = ratelimit.window_params(windows, now)
+    def _login_params(self, phone: str, client_ip: str, now: dt.datetime) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The parameters of a login attempt's windows (to count, and give back when it succeeds), and
+        those of the windows read with them (the client's remembered successes)."""
+        counted = ratelimit.window_params(self.login_windows(phone, client_ip), now)
         known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
         remembered = {
             **ratelimit.window_params([known], now, queries.TRUSTED),
             **ratelimit.window_params([known], later, queries.TRUSTED_NEXT),
         }
+        return counted, remembered
+
+    async def _reserve_attempt(self, phone: str, client_ip: str, now: dt.datetime) -> tuple[Row, dict[str, Any]]:
+        """Count a password check for ``phone`` as a login attempt, before the password is checked (a
+        refused attempt counts nowhere: RateLimited); the user by phone (``LOGIN_LOOKUP``'s row) and
+        the parameters of the windows counted (to give the attempt back when it succeeds)."""
+        windows = self.login_windows(phone, client_ip)
+        counted, remembered = self._login_params(phone, client_ip, now)
         found = await self.db.run(
-            queries.reserve_login, phone, {**counted, **remembered}, lambda found: _admit_login(windows, found, now)
+            queries.reserve_login,
+            phone,
+            {**counted, **remembered},
+            lambda found: _admit_login(windows, found, now),
+            now,
         )
         return found, counted
 
     async def login(self, raw_phone: Any, password: str, client_ip: str, *, user_agent: str | None = None) -> Grant:
         phone = self.phone(raw_phone)
-        windows, now = self.login_windows(phone, client_ip), self.clock.now()
-        known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
+        now = self.clock.now()
         found, counted = await self._reserve_attempt(phone, client_ip, now)
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
@@ -262,8 +292,56 @@ class Accounts:
         new_hash = None
         if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
+        grant = await self._record_login(found, new_hash, counted, phone, client_ip, user_agent, now)
+        if grant is None:
+            raise InvalidCredentials()  # the password changed since it was verified: no session
+        return grant
+
+    async def login_with_code(
+        self, raw_phone: Any, code: str, client_ip: str, *, user_agent: str | None = None
+    ) -> Grant:
+        """Sign in with a ``login`` code sent to the phone instead of the password: counted in the login's
+        windows as a password is (a wrong code is a failed login, and a wrong guess at the code). A
+        phone without an account got no code: any code is wrong for it, with the same answer
+        (``400 invalid_code``), the same steps and no hash on either side."""
+        if not self.rules.sms_login:
+            raise InvalidField("Signing in with an SMS code is turned off here; send the password.", field="code")
+        phone = self.phone(raw_phone)
+        now = self.clock.now()
+        windows = self.login_windows(phone, client_ip)
+        counted, remembered = self._login_params(phone, client_ip, now)
+        found = await self.db.run(
+            queries.reserve_code_login,
+            phone,
+            {**counted, **remembered},
+            lambda found: _admit_login(windows, found, now),
+            tokens.keyed_digest(self.code_key, phone, "login", code),
+            self.rules.max_attempts,
+            now,
+        )
+        if found is None:
+            raise InvalidCode(field="code")  # already counted
+        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now)
+        if grant is None:
+            raise InvalidCode(field="code")  # reset or deleted for good since the code was checked
+        return grant
+
+    async def _record_login(
+        self,
+        found: Row,
+        new_hash: str | None,
+        counted: dict[str, Any],
+        phone: str,
+        client_ip: str,
+        user_agent: str | None,
+        now: dt.datetime,
+    ) -> Grant | None:
+        """A good login of ``found``: its session (it undoes a deletion in its grace period), or None when
+        the password changed, or the deletion became final, since ``found`` was read."""
         # A good login is not a failure: its attempt is given back, and it clears this client's earlier
         # failures for the phone; the client is remembered (once per TRUST_SECONDS, not every login).
+        windows = self.login_windows(phone, client_ip)
+        known, later = self.known_client(phone, client_ip), now + dt.timedelta(seconds=TRUST_SECONDS)
         forget = windows.by_phone_client.key if found.by_phone_client_count > 1 else None
         remember = None
         if found.trusted_next is None:
@@ -271,8 +349,8 @@ class Accounts:
         token, ticket, grant = self._new_grant(now, client_ip, user_agent)
         session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
         if session_id is None:
-            raise InvalidCredentials()  # the password changed since it was verified: no session
-        return self._grant(public_user(found), token, ticket, session_id)
+            return None
+        return self._grant(public_user(found), token, ticket, session_id, bool(found.deletion_pending))
 
     async def logout(self, principal: Principal) -> None:
         await self.db.run(queries.revoke_session, principal.session_id, self.clock.now())
@@ -323,8 +401,17 @@ class Accounts:
         )
         return token, ticket, grant
 
-    def _grant(self, user: dict[str, Any], token: str, ticket: str, session_id: int) -> Grant:
-        return Grant(user=user, token=token, expires_in=self.rules.token_ttl, session_id=session_id, h5_ticket=ticket)
+    def _grant(
+        self, user: dict[str, Any], token: str, ticket: str, session_id: int, deletion_cancelled: bool = False
+    ) -> Grant:
+        return Grant(
+            user=user,
+            token=token,
+            expires_in=self.rules.token_ttl,
+            session_id=session_id,
+            h5_ticket=ticket,
+            deletion_cancelled=deletion_cancelled,
+        )
 
     # -- the list of sessions (devices) -----------------------------------------------------------
 
@@ -415,6 +502,34 @@ class Accounts:
         self.sender.wake()
         return profile_body(user)
 
+    # -- account deletion -----------------------------------------------------------------------------
+
+    async def delete_account(
+        self, principal: Principal, *, password: str | None, code: str | None, client_ip: str
+    ) -> dt.datetime:
+        """Schedule the deletion of the caller's account, proved by the password (checked as a login
+        checks it) or by a ``delete`` code sent to the account's phone (checked as a registration's
+        code); every session ends at once. The time the deletion becomes final: until then a login
+        undoes it, after it housekeeping purges the account."""
+        if (password is None) == (code is None):
+            raise InvalidField("Send either 'password' or 'code'.", field="password" if password is None else "code")
+        now = self.clock.now()
+        due_at = now + dt.timedelta(seconds=self.rules.deletion_grace)
+        verified_hash, refunds = None, []
+        if code is not None:
+            checks = self._code_checks(client_ip)
+            await self._claim_code(principal.phone, "delete", code, checks, now)
+            refunds.append((ratelimit.window_params([checks], now), 1))  # only failed checks count
+        else:
+            assert password is not None
+            found, counted = await self._check_password(principal, password, client_ip, "password", now)
+            verified_hash = found.password_hash
+            refunds.append((counted, queries.LOGIN_WINDOWS))  # a good password is not a failed login
+        user_id, session_id = principal.user_id, principal.session_id
+        if not await self.db.run(queries.schedule_deletion, user_id, session_id, verified_hash, refunds, due_at, now):
+            raise InvalidCredentials("Wrong password.", field="password")  # changed since it was checked
+        return due_at
+
     def _notice_text(self, old_phone: str) -> str | None:
         """The text telling the old phone that the account left it (None: not texted, as test numbers
         and numbers in countries texts no longer go to are not)."""
@@ -428,7 +543,7 @@ class Accounts:
 
 
 def _login_phone_key(phone: str) -> str:
-    return f"login:phone:{phone}"
+    return queries.login_phone_key(phone)
 
 
 def _admit_login(windows: LoginWindows, found: Row, now: dt.datetime) -> None:

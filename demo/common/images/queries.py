@@ -75,6 +75,15 @@ TAKE_OVER_VARIANT = Sql(
     "UPDATE image_variants SET claimed_at = :now WHERE sha256 = :sha256 AND width = :width AND state = 'building'"
 )
 
+# An account's purge (accounts.queries.purge_user): its images go, and their blobs' legacy counts (read
+# by the previous release only) go down by as many; the blobs themselves are the sweeps' to collect.
+RELEASE_REFS = Sql(
+    "UPDATE image_blobs SET refs = refs - (SELECT COUNT(images.pk) FROM images"
+    " WHERE images.owner_id = :user_id AND images.sha256 = image_blobs.sha256)"
+    " WHERE sha256 IN (SELECT images.sha256 FROM images WHERE images.owner_id = :user_id)"
+)
+DELETE_OWNED = Sql("DELETE FROM images WHERE owner_id = :user_id")
+
 
 # -- what the rules hand over -------------------------------------------------------------------------
 
@@ -277,6 +286,15 @@ def unlink_image(s: Session, user_id: int, image_id: str) -> str | None:
     s.delete(row)
     s.execute(update(ImageBlob).where(ImageBlob.sha256 == row.sha256).values(refs=ImageBlob.refs - 1))
     return row.sha256
+
+
+def release_all(c: SqlCursor, user_id: int) -> int:
+    """Delete every image of ``user_id`` (inside the caller's unit: an account's purge, which holds the
+    user's row); how many. Their blob rows stay: ``Images.collect_unused`` (housekeeping, start-up)
+    drops each one no image uses any more, with its objects in whichever store, under the blob's lock,
+    as it does after any delete that happened without the API. A blob another image still uses stays."""
+    c.execute(RELEASE_REFS, {"user_id": user_id})
+    return c.execute(DELETE_OWNED, {"user_id": user_id})
 
 
 def drop_blob_if_unused(s: Session, sha256: str, remove: Callable[[str], None]) -> bool:

@@ -187,7 +187,7 @@ def login_params() -> dict:
 def test_reserve_login_counts_the_attempt_and_reads_the_user_and_the_counts(db):
     new_user(db)
     admitted = []
-    found = db.run_sync(queries.reserve_login, PHONE, login_params(), admitted.append)
+    found = db.run_sync(queries.reserve_login, PHONE, login_params(), admitted.append, NOW)
     assert admitted == [found]
     assert (found.phone, found.password_hash, found.created_at) == (PHONE, "hash", NOW)
     assert (
@@ -198,9 +198,9 @@ def test_reserve_login_counts_the_attempt_and_reads_the_user_and_the_counts(db):
         found.trusted,
         found.trusted_next,
     ) == (1, 1, 1, 1, None, None)
-    again = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    again = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     assert again.by_phone_count == 2
-    stranger = db.run_sync(queries.reserve_login, "+8613900000000", login_params(), lambda row: None)
+    stranger = db.run_sync(queries.reserve_login, "+8613900000000", login_params(), lambda row: None, NOW)
     assert stranger.id is None and stranger.password_hash is None
 
 
@@ -209,14 +209,14 @@ def test_a_refused_login_counts_nowhere(db):
         raise RateLimited(1)
 
     with pytest.raises(RateLimited):
-        db.run_sync(queries.reserve_login, PHONE, login_params(), refuse)
-    assert db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None).by_client_count == 1
+        db.run_sync(queries.reserve_login, PHONE, login_params(), refuse, NOW)
+    assert db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW).by_client_count == 1
 
 
 def test_record_login_gives_the_attempt_back_and_signs_in(db):
     new_user(db)
-    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
-    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
+    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     remember = {**ratelimit.window_params([KNOWN], NOW), **ratelimit.window_params([KNOWN], NOW, 1)}
     later = NOW + dt.timedelta(seconds=5)
     session_id = db.run_sync(
@@ -232,14 +232,14 @@ def test_record_login_gives_the_attempt_back_and_signs_in(db):
     assert token_check(db, "s" * 64, later).id == session_id
     user = db.run_sync(lambda s: s.scalars(select(User)).one())
     assert (user.password_hash, user.last_login_at) == ("rehashed", later)
-    after = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    after = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     # by_client: 2 attempts - 1 given back + this one; by_phone_client forgotten; the client remembered.
     assert (after.by_client_count, after.by_phone_client_count, after.trusted) == (2, 1, 2)
 
 
 def test_record_login_writes_nothing_once_the_password_changed(db):
     new_user(db)
-    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     db.run_sync(queries.reset_password, PHONE, "new", CHECKS, NOW, f"login:phone:{PHONE}", NOW)
     assert db.run_sync(queries.record_login, found, None, login_params(), None, None, grant("s" * 64), NOW) is None
     assert token_check(db, "s" * 64, NOW) is None
@@ -247,7 +247,7 @@ def test_record_login_writes_nothing_once_the_password_changed(db):
 
 def test_reset_password_revokes_sessions_and_forgets_the_phones_login_counters(db):
     session_id = new_user(db)
-    db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     assert (
         db.run_sync(queries.reset_password, "+8613900000000", "new", CHECKS, NOW, "login:phone:+8613900000000", NOW)
         is False
@@ -255,7 +255,7 @@ def test_reset_password_revokes_sessions_and_forgets_the_phones_login_counters(d
     assert db.run_sync(queries.reset_password, PHONE, "new", CHECKS, NOW, f"login:phone:{PHONE}", NOW) is True
     assert db.run_sync(lambda s: s.get(AuthSession, session_id)).revoked_at == NOW
     assert db.run_sync(lambda s: s.scalar(select(User.password_hash))) == "new"
-    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None)
+    found = db.run_sync(queries.reserve_login, PHONE, login_params(), lambda row: None, NOW)
     assert (found.by_client_count, found.by_phone_count, found.by_phone_client_count) == (2, 1, 1)  # by ip kept
 
 
@@ -343,7 +343,7 @@ def test_the_list_holds_only_the_users_live_sessions(db):
 
 def login_args(db, token_hash: str) -> tuple:
     """``record_login``'s arguments for a good login of PHONE's user (no counters to touch)."""
-    found = db.run_sync(queries.reserve_login, PHONE, ratelimit.window_params(WINDOWS, NOW), lambda found: None)
+    found = db.run_sync(queries.reserve_login, PHONE, ratelimit.window_params(WINDOWS, NOW), lambda found: None, NOW)
     return found, None, ratelimit.window_params(WINDOWS[:4], NOW), None, None, grant(token_hash, token_hash), NOW
 
 
