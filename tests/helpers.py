@@ -1129,6 +1129,8 @@ class PrivateMariaDB:
                 f"--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:{gmcast}",
                 "--binlog-format=ROW",
                 "--innodb-autoinc-lock-mode=2",
+                # Stricter than a default node: a table without a primary key cannot even be made.
+                "--wsrep-mode=REQUIRED_PRIMARY_KEY,STRICT_REPLICATION",
             ]
         return args
 
