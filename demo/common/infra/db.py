@@ -26,6 +26,7 @@ own with the long io timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
@@ -38,7 +39,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine, make_url
@@ -65,6 +66,7 @@ PING_AFTER_IDLE = 5.0
 # about RETRY_PAUSE, doubled each time (20, 40, 80 ms: a deadlock's winner commits in milliseconds).
 RETRIES = 3
 RETRY_PAUSE = 0.02
+WATCH_EVERY = 0.05  # seconds: a request given up at its deadline answers at most this much later
 DEADLOCK = 1213  # InnoDB's deadlock victim; also how Galera reports a transaction that failed certification
 GALERA_NOT_READY = 1047  # "WSREP has not yet prepared node for application use": a node outside the primary component
 # Galera's read causality for the app's connections (wsrep_sync_wait bit 1: SELECT, SHOW, BEGIN). A
@@ -488,6 +490,9 @@ class Database:
         self._long_sessions = (
             self._sessions if long_engine is None else sessionmaker(long_engine, expire_on_commit=False)
         )
+        self._watched: collections.deque[_Call] = collections.deque()  # on the loop only
+        self._watcher: asyncio.TimerHandle | None = None
+        self._watcher_loop: asyncio.AbstractEventLoop | None = None
 
     def run_sync(self, unit: Callable[..., T], *args: Any) -> T:
         """Run one unit of work in this thread (see the module's docstring): commit on success, roll back
@@ -625,32 +630,41 @@ class Database:
         the rest); a ``@long_work`` unit not at all."""
         if self.deadline is None or is_marked(unit, "long_work"):
             return await self.offloader.db(self._run, unit, args, None)
-        call = _Call(time.monotonic() + self.deadline)
-        if is_marked(unit, "calls_store"):
-            loop = asyncio.get_running_loop()
-            running = loop.run_in_executor(
-                self.offloader.db_pool, functools.partial(self._start_then_run, unit, args, call)
-            )
-            done, _ = await asyncio.wait((running,), timeout=self.deadline)
-            if not done and call.give_up_unless_started():
-                running.cancel()
-                self._gave_up(unit)
-            return await running
-        timeout = asyncio.timeout(self.deadline)
+        loop = asyncio.get_running_loop()
+        store = is_marked(unit, "calls_store")
+        call = _Call(time.monotonic() + self.deadline, until_started=store)
+        work = functools.partial(self._start_then_run if store else self._run, unit, args, call)
+        call.future = future = loop.run_in_executor(self.offloader.db_pool, work)
+        self._watch(loop, call)
         try:
-            async with timeout:
-                return await self.offloader.db(self._run, unit, args, call)
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the unit's own TimeoutError
-            call.abandoned = True
-            self._gave_up(unit)
+            return await future
+        except asyncio.CancelledError:
+            if not call.abandoned:
+                raise  # the request itself was cancelled
+            if self.metrics is not None:
+                self.metrics.db_deadline.inc()
+            log.warning("%s: no answer from the database within %.1f s", _name(unit), self.deadline)
+            raise Unavailable() from None
+        finally:
+            call.finished = True
 
-    def _gave_up(self, unit: Callable[..., Any]) -> NoReturn:
-        if self.metrics is not None:
-            self.metrics.db_deadline.inc()
-        log.warning("%s: no answer from the database within %.1f s", _name(unit), self.deadline)
-        raise Unavailable() from None
+    def _watch(self, loop: asyncio.AbstractEventLoop, call: _Call) -> None:
+        """Have ``call`` given up at its deadline. One timer per process looks every WATCH_EVERY
+        seconds, rather than one per unit (asyncio.timeout cost 15 us of CPU per unit, measured)."""
+        if self._watcher_loop is not loop:  # a Database used again on another loop (tests)
+            self._watched.clear()
+            self._watcher, self._watcher_loop = None, loop
+        self._watched.append(call)  # in deadline order: every call's deadline is now + self.deadline
+        if self._watcher is None:
+            self._watcher = loop.call_later(WATCH_EVERY, self._look, loop)
+
+    def _look(self, loop: asyncio.AbstractEventLoop) -> None:
+        watched, now = self._watched, time.monotonic()
+        while watched and (watched[0].finished or watched[0].ends <= now):
+            call = watched.popleft()
+            if not call.finished and call.give_up() and call.future is not None:
+                call.future.cancel()  # its awaiting request answers 503 now
+        self._watcher = loop.call_later(WATCH_EVERY, self._look, loop) if watched else None
 
     def _start_then_run(self, unit: Callable[..., T], args: tuple[Any, ...], call: _Call) -> T:
         """A ``@calls_store`` unit: not started if its request gave up waiting for a thread, else run
@@ -670,13 +684,17 @@ class Database:
 
 class _Call:
     """One ``Database.run`` under a deadline: ``ends`` (time.monotonic()), ``abandoned`` once its
-    request stopped waiting (set on the loop, read on the DB thread: a plain attribute suffices)."""
+    request stopped waiting (set on the loop, read on the DB thread: a plain attribute suffices), or
+    for a unit bounded only ``until_started``, once it stopped waiting for a thread."""
 
-    __slots__ = ("abandoned", "ends", "_lock", "_started")
+    __slots__ = ("abandoned", "ends", "finished", "future", "until_started", "_lock", "_started")
 
-    def __init__(self, ends: float) -> None:
+    def __init__(self, ends: float, *, until_started: bool) -> None:
         self.ends = ends
+        self.until_started = until_started
         self.abandoned = False
+        self.finished = False  # answered (on the loop)
+        self.future: asyncio.Future[Any] | None = None
         self._started = False
         self._lock = threading.Lock()
 
@@ -686,10 +704,12 @@ class _Call:
             self._started = not self.abandoned
             return self._started
 
-    def give_up_unless_started(self) -> bool:
-        """On the loop, at the deadline: True (abandoned) if no thread has taken the unit yet."""
+    def give_up(self) -> bool:
+        """On the loop, at the deadline: whether the request stops waiting (always, unless the unit
+        is bounded only until it starts and has started)."""
         with self._lock:
-            self.abandoned = not self._started
+            if not (self.until_started and self._started):
+                self.abandoned = True
             return self.abandoned
 
 
