@@ -9,6 +9,8 @@ import asyncio
 import time
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from demo.common.errors import Unavailable
 from demo.common.infra import migrate
@@ -115,3 +117,20 @@ async def test_a_unit_given_up_on_rolls_back_instead_of_committing_and_long_work
     finally:
         offloader.shutdown()
         db.dispose()
+
+
+def test_a_statement_longer_than_the_io_timeout_fails_on_the_request_path_and_not_for_long_work(settings):
+    assert settings.db_io_timeout == 2 and settings.db_long_io_timeout >= 60
+    request_path = engine_for(settings, pool_size=1)
+    long_work_engine = engine_for(settings, pool_size=1, long_work=True)  # migrations, copy-media, sweeps
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as lost, request_path.connect() as conn:
+            conn.execute(text("SELECT SLEEP(3)"))
+        assert lost.value.orig.args[0] == 2013  # lost connection: the client gave up
+        assert 1.5 < time.monotonic() - started < 2.9
+        with long_work_engine.connect() as conn:
+            assert conn.execute(text("SELECT SLEEP(3)")).scalar() == 0
+    finally:
+        request_path.dispose()
+        long_work_engine.dispose()
