@@ -59,7 +59,7 @@ log = logging.getLogger("demo.db")
 # A pooled connection is pinged before use only after sitting idle this long. Pinging every checkout
 # (pool_pre_ping) cost a round trip per unit of work; a busy pool's connections were used
 # milliseconds ago. A connection that dies while in steady use fails its unit with Unavailable (503)
-# once and is replaced.
+# once and is replaced (an @idempotent unit runs again on a new connection instead).
 PING_AFTER_IDLE = 5.0
 # A unit of work that deadlocked, lost Galera's certification, met a node that is not ready, or (an
 # @idempotent one) lost its connection runs again from the start, at most this often, after a pause of
@@ -454,9 +454,9 @@ def long_work(unit: U) -> U:
 
 def calls_store(unit: U) -> U:
     """Mark ``unit`` as calling the object store inside its transaction: a request's deadline bounds
-    its wait for a DB thread, not its run (the store's own timeout bounds that, and a request that
-    gave up on a put would leave an object its retry does not know). Its calls must be safe to repeat:
-    a deadlock runs the unit again from the start."""
+    its wait for a DB thread, not its run, as the put of a large image to a remote store may well take
+    longer than that deadline (the store's own timeout, s3_timeout, bounds it). Its calls must be safe
+    to repeat: a deadlock runs the unit again from the start."""
     unit.__dict__["calls_store"] = True
     return unit
 
@@ -482,7 +482,7 @@ class Database:
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
-        self.long_engine = long_engine or engine
+        self.long_engine = engine if long_engine is None else long_engine
         self.offloader = offloader
         self.deadline = deadline
         self.metrics = metrics
