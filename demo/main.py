@@ -159,7 +159,7 @@ def listen(settings: Settings, workers: int = 1) -> list[list[socket.socket]]:
 
 def prepare_database(settings: Settings) -> None:
     """Migrate, then bind the media store to this database (ConfigError if it belongs to another)."""
-    engine = engine_for(settings, pool_size=2)  # start-up runs one unit at a time
+    engine = engine_for(settings, pool_size=2, long_work=True)  # one unit at a time; migrations are long
     offloader = Offloader(db_threads=1)  # unused: start-up runs its units in this thread (run_sync)
     try:
         migrate.upgrade(engine)

@@ -331,3 +331,28 @@ def fail_a_skip_under_ci(report: pytest.TestReport | pytest.CollectReport, confi
     report.longrepr = (
         f"skipped under CI=true, which allows only the skips listed in ci_allowed_skips (setup.cfg): {reason}"
     )
+
+
+# -- MariaDB servers of a test module's own ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_mariadb() -> Iterator[Any]:
+    """A mariadbd of the module's own (``tests.helpers.PrivateMariaDB``), which its tests may freeze;
+    skipped when mariadbd is missing, unless DEMO_REQUIRE_MYSQL=1 makes that a failure."""
+    from tests.helpers import require_private_mariadb  # here: this end of the file is appended to
+
+    server = require_private_mariadb()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def galera_node() -> Iterator[Any]:
+    """A one-node MariaDB Galera cluster of the module's own (``tests.helpers.PrivateMariaDB``);
+    skipped when galera-4 is missing, unless DEMO_REQUIRE_CLUSTER=1 makes that a failure."""
+    from tests.helpers import require_private_mariadb
+
+    server = require_private_mariadb(galera=True)
+    yield server
+    server.stop()

@@ -1068,3 +1068,161 @@ def require_s3(folder: Path) -> SeaweedFS:
             pytest.fail(f"DEMO_REQUIRE_S3=1 but {reason}")
         pytest.skip(reason)
     return SeaweedFS(folder).start()
+
+
+# -- a MariaDB server of a test's own (to freeze it; a single-node Galera cluster) -----------------------
+
+MARIADBD = "/usr/sbin/mariadbd"
+MARIADB_INSTALL_DB = "/usr/bin/mariadb-install-db"
+GALERA_PROVIDER = "/usr/lib/galera/libgalera_smm.so"
+REQUIRE_CLUSTER = os.environ.get("DEMO_REQUIRE_CLUSTER") == "1"
+
+
+class PrivateMariaDB:
+    """A mariadbd of its own, never the shared one: a fresh data folder (mariadb-install-db), free
+    loopback ports, its own socket; ``freeze``/``thaw`` stop and resume it (SIGSTOP/SIGCONT), as a hung
+    host does. ``galera=True`` makes it a one-node Galera cluster (wsrep on, the cluster bootstrapped
+    by ``gcomm://``, its group port free too). Root without a password, like the shared server."""
+
+    def __init__(self, *, galera: bool = False) -> None:
+        self.galera = galera
+        import tempfile  # here, not at the top: this end of the module is appended to by one owner
+
+        # Not under pytest's tmp_path: a unix socket's path must stay under 108 bytes.
+        self.folder = Path(tempfile.mkdtemp(prefix="demo-mariadb-"))
+        self.folder.chmod(0o755)  # the mysql user's fallback below must reach it
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing(*, galera: bool = False) -> str | None:
+        for path in (MARIADBD, MARIADB_INSTALL_DB, *([GALERA_PROVIDER] if galera else [])):
+            if not os.path.exists(path):
+                return f"{path} is missing ({'galera-4' if path == GALERA_PROVIDER else 'mariadb-server'})"
+        return None
+
+    @property
+    def server_url(self) -> str:
+        return f"mysql+mysqldb://root@127.0.0.1:{self.port}"
+
+    def _args(self, user: str) -> list[str]:
+        data = self.folder / "data"
+        args = [
+            MARIADBD,
+            "--no-defaults",
+            f"--datadir={data}",
+            f"--socket={self.folder / 'sock'}",
+            f"--pid-file={self.folder / 'pid'}",
+            f"--log-error={self.folder / 'error.log'}",
+            "--bind-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--user={user}",
+            "--innodb-buffer-pool-size=64M",
+        ]
+        if self.galera:
+            gmcast = free_port()
+            args += [
+                "--wsrep-on=ON",
+                f"--wsrep-provider={GALERA_PROVIDER}",
+                "--wsrep-cluster-address=gcomm://",  # no peers: this node bootstraps the cluster
+                "--wsrep-node-address=127.0.0.1",
+                f"--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:{gmcast}",
+                "--binlog-format=ROW",
+                "--innodb-autoinc-lock-mode=2",
+                # Stricter than a default node: a table without a primary key cannot even be made.
+                "--wsrep-mode=REQUIRED_PRIMARY_KEY,STRICT_REPLICATION",
+            ]
+        return args
+
+    def start(self, timeout: float = 60) -> Self:
+        install = [MARIADB_INSTALL_DB, "--no-defaults", f"--datadir={self.folder / 'data'}"]
+        install += ["--auth-root-authentication-method=normal", "--skip-test-db", "--user=root"]
+        with open(self.folder / "install.log", "wb") as log:
+            subprocess.run(install, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=120)
+        self.port = free_port()
+        if not self._launch("root", [], timeout):
+            # Some builds refuse root: run as the mysql user, who must own the folder then.
+            subprocess.run(["chown", "-R", "mysql:mysql", str(self.folder)], check=True)
+            self.port = free_port()
+            if not self._launch("mysql", ["runuser", "-u", "mysql", "--"], timeout):
+                raise HarnessError(f"mariadbd did not start:\n{self.log()}")
+        return self
+
+    def _launch(self, user: str, prefix: list[str], timeout: float) -> bool:
+        with open(self.folder / "mariadbd.out", "ab") as out:
+            self.proc = subprocess.Popen(
+                [*prefix, *self._args(user)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if mysql_unreachable_reason(self.server_url, timeout=1) is None:
+                return True
+            time.sleep(0.2)
+        self.stop()
+        return False
+
+    def log(self) -> str:
+        path = self.folder / "error.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no error log)"
+
+    def database(self, name: str) -> str:
+        """The URL of a new, empty database ``name`` on this server."""
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(self.server_url + "/", connect_args={"connect_timeout": 5})
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+        finally:
+            admin.dispose()
+        return f"{self.server_url}/{name}"
+
+    def execute(self, sql: str) -> Any:
+        """One statement from a connection of its own (``SET GLOBAL ...``); the first value of a result."""
+        import MySQLdb
+
+        conn = MySQLdb.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=5)
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql)
+            row = cursor.fetchone() if cursor.description else None
+            return row[0] if row else None
+        finally:
+            conn.close()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def require_private_mariadb(*, galera: bool = False) -> PrivateMariaDB:
+    """A started ``PrivateMariaDB``; a skip when mariadbd (or galera-4) is missing, unless
+    DEMO_REQUIRE_MYSQL=1 (DEMO_REQUIRE_CLUSTER=1 for Galera) makes that a failure."""
+    import pytest
+
+    reason = PrivateMariaDB.missing(galera=galera)
+    if reason:
+        if REQUIRE_CLUSTER if galera else REQUIRE_MYSQL:
+            pytest.fail(f"{'DEMO_REQUIRE_CLUSTER' if galera else 'DEMO_REQUIRE_MYSQL'}=1 but {reason}")
+        pytest.skip(reason)
+    return PrivateMariaDB(galera=galera).start()

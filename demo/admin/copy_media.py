@@ -140,7 +140,7 @@ def _database_check(settings: config.Settings) -> Callable[[Callable[[str], bool
     use that the folder lacks. DatabaseUnavailable when it does not answer (exit 3, as the server)."""
 
     def missing_blobs(present: Callable[[str], bool]) -> list[str]:
-        engine = engine_for(settings, pool_size=1)
+        engine = engine_for(settings, pool_size=1, long_work=True)
         offloader = Offloader(db_threads=1)  # unused: the check runs on this thread (run_sync)
         try:
             return Database(engine, offloader).run_sync(queries.blobs_missing, present)

@@ -8,7 +8,7 @@ import datetime as dt
 from demo.common.accounts import queries as accounts
 from demo.common.images.rules import Images
 from demo.common.infra import ratelimit
-from demo.common.infra.db import Database, SqlCursor, sql_unit
+from demo.common.infra.db import Database, SqlCursor, idempotent, long_work, sql_unit
 from demo.common.sms import queries as sms
 
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
@@ -36,6 +36,8 @@ async def purge_deleted(db: Database, now: dt.datetime) -> int:
 
 
 @sql_unit
+@idempotent  # deletes expired rows: a re-run finds fewer (the counts are only logged)
+@long_work
 def sweep(c: SqlCursor, now: dt.datetime) -> dict[str, int]:
     """One unit of work: the rows of each feature that expired (``KEEP`` ago for the kept ones)."""
     return {

@@ -15,7 +15,7 @@ from demo.common.images import imaging
 from demo.common.images.rules import ImageRules, Images
 from demo.common.images.storage import ImageStore, make_store
 from demo.common.infra.clock import Clock
-from demo.common.infra.db import Database, engine_for
+from demo.common.infra.db import Database, database_for
 from demo.common.infra.metrics import Metrics
 from demo.common.infra.offload import Offloader
 from demo.common.infra.readiness import Readiness
@@ -83,8 +83,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or Clock()
     app_metrics = Metrics()
     offloader = Offloader(db_threads=settings.db_pool_size, cpu_threads=settings.cpu_workers)
-    engine = engine_for(settings)
-    db = Database(engine, offloader)
+    db = database_for(settings, offloader, app_metrics)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:
         backend = make_backend(

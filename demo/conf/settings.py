@@ -105,11 +105,30 @@ class Settings:
         8, "connections kept in the pool; the DB thread pool has the same size", group=DATABASE, low=1
     )
     db_connect_timeout: int = option(
-        2, "seconds to wait for a new MySQL connection before answering 503", group=DATABASE, low=1
+        2,
+        "seconds to wait for a new MySQL connection (its TCP connect and the server's greeting) before giving up on it",
+        group=DATABASE,
+        low=1,
+    )
+    db_request_timeout: float = option(
+        1.5,
+        "seconds a request waits for one unit of work (for a database thread, then for the database) "
+        "before it answers 503: a frozen or cut-off database costs this, not a timeout of minutes; a "
+        "unit given up on rolls back instead of committing",
+        group=DATABASE,
+        low=0.1,
     )
     db_io_timeout: int = option(
-        30,
-        "seconds a MySQL read or write may hang (a frozen server) before the request answers 503",
+        2,
+        "seconds one MySQL read or write of the request path may hang (a frozen server, a dead link) "
+        "before its connection is dropped and replaced; whole seconds (the client library's unit)",
+        group=DATABASE,
+        low=1,
+    )
+    db_long_io_timeout: int = option(
+        3600,
+        "the same for long work: migrations (an ALTER TABLE on a big table), copy-media, the "
+        "housekeeping sweeps over whole tables",
         group=DATABASE,
         low=1,
     )

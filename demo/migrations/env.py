@@ -14,7 +14,7 @@ config = context.config
 engine = config.attributes.get("engine")
 if engine is None:  # the alembic CLI: same resolution as the server (env, defaults)
     settings = demo_settings.load(argv=[])
-    engine = engine_for(settings, pool_size=1)
+    engine = engine_for(settings, pool_size=1, long_work=True)
 
 
 def set_sqlite_foreign_keys(connection: Connection, on: bool) -> None:

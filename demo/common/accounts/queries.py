@@ -29,7 +29,7 @@ from demo.common.errors import RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
-from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
 from demo.common.infra.ratelimit import Window
 from demo.common.sms import queries as sms_queries
 
@@ -403,6 +403,7 @@ def reset_password(
 
 
 @sql_unit
+@idempotent  # the touch sets last use to now only where it is stale: a second run changes nothing
 def session_of_token(c: SqlCursor, token_hash: str, now: dt.datetime, touch_before: dt.datetime) -> Row | None:
     """The live app session of a token: its id, user_id and the user's phone; or None. A last use
     before ``touch_before`` is moved to ``now``: one more statement in the unit, once in a while,
@@ -414,11 +415,13 @@ def session_of_token(c: SqlCursor, token_hash: str, now: dt.datetime, touch_befo
 
 
 @sql_unit
+@idempotent  # sets the same time again
 def revoke_session(c: SqlCursor, session_id: int, now: dt.datetime) -> None:
     c.execute(REVOKE_SESSION, {"id": session_id, "now": now})
 
 
 @sql_unit
+@idempotent
 def profile(c: SqlCursor, user_id: int) -> Row | None:
     """The user's public_id, phone, created_at, last_login_at and image_count; None if there is none."""
     return c.first(PROFILE, {"user_id": user_id})

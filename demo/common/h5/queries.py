@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
 
 HOME_IMAGES = 60  # newest images shown on the home page
 
@@ -145,6 +145,7 @@ def switch(c: SqlCursor, ticket_hash: str, now: dt.datetime, session: NewSession
 
 
 @sql_unit
+@idempotent
 def live_session(c: SqlCursor, cookie_hash: str, now: dt.datetime) -> Row | None:
     """The visitor behind a cookie (``LIVE_SESSION``'s columns), or None."""
     return c.first(LIVE_SESSION, {"cookie_hash": cookie_hash, "now": now})
@@ -161,5 +162,6 @@ def visit_home(c: SqlCursor, cookie_hash: str, now: dt.datetime) -> list[Row]:
 
 
 @sql_unit
+@idempotent  # sets the same time again
 def end_session(c: SqlCursor, h5_session_id: int | None, now: dt.datetime) -> None:
     c.execute(END_SESSION, {"id": h5_session_id, "now": now})

@@ -19,7 +19,7 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from demo.common.errors import QuotaExceeded
-from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+from demo.common.infra.db import Row, Sql, SqlCursor, calls_store, idempotent, long_work, sql_unit
 from demo.models import Deployment, Image, ImageBlob, ImageVariant
 
 # -- statements --------------------------------------------------------------------------------------
@@ -128,22 +128,26 @@ class VariantClaim:
 
 
 @sql_unit
+@idempotent
 def usage(c: SqlCursor, user_id: int) -> Usage:
     return _usage(c, user_id)
 
 
 @sql_unit
+@idempotent
 def known_upload(c: SqlCursor, source: str, user_id: int) -> Row | None:
     """(sha256, format, width, height, bytes) of the user's own blob made from these bytes, or None."""
     return c.first(KNOWN_UPLOAD, {"source": source, "user_id": user_id})
 
 
 @sql_unit
+@idempotent  # a repeated claim finds the row and changes nothing
 def claim_blob(c: SqlCursor, sha256: str, now: dt.datetime) -> None:
     c.execute(CLAIM_BLOB, {"sha256": sha256, "now": now})
 
 
 @sql_unit
+@calls_store
 def store_image(
     c: SqlCursor, image: NewImage, quota: Quota, now: dt.datetime, place: Callable[[], None]
 ) -> dict[str, Any]:
@@ -195,6 +199,7 @@ def new_image_id() -> str:
 
 
 @sql_unit
+@idempotent
 def find(c: SqlCursor, image_id: str) -> Row | None:
     """(sha256, format, width, bytes) of an image id, or None."""
     return c.first(FIND, {"id": image_id})
@@ -220,6 +225,7 @@ def claim_variant(c: SqlCursor, sha256: str, width: int, now: dt.datetime, stale
     return VariantClaim("building", claimed_at=row.claimed_at)
 
 
+@calls_store
 def finish_variant(
     s: Session,
     sha256: str,
@@ -249,6 +255,7 @@ def finish_variant(
     return "ready"
 
 
+@idempotent  # deletes only the claim taken at claimed_at, once
 def release_variant(s: Session, sha256: str, width: int, claimed_at: dt.datetime) -> None:
     """Give up the claim taken at ``claimed_at`` (the build failed): the next asker builds at once
     instead of waiting out the lease. A claim taken over by another builder since is left alone."""
@@ -262,11 +269,13 @@ def release_variant(s: Session, sha256: str, width: int, claimed_at: dt.datetime
     )
 
 
+@idempotent  # a delete: done twice, the row is still gone
 def forget_variant(s: Session, sha256: str, width: int) -> None:
     """The store lost a thumbnail its row calls ready: drop the row, so the next asker makes it again."""
     s.execute(delete(ImageVariant).where(ImageVariant.sha256 == sha256, ImageVariant.width == width))
 
 
+@idempotent
 def page(s: Session, user_id: int, limit: int, before: int | None) -> list[Image]:
     """At most ``limit`` of the user's images, newest first, older than pk ``before`` if given."""
     query = select(Image).where(Image.owner_id == user_id)
@@ -297,6 +306,7 @@ def release_all(c: SqlCursor, user_id: int) -> int:
     return c.execute(DELETE_OWNED, {"user_id": user_id})
 
 
+@calls_store
 def drop_blob_if_unused(s: Session, sha256: str, remove: Callable[[str], None]) -> bool:
     """Under the blob row lock: if no image uses the blob, ``remove`` its files and delete the row."""
     locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
@@ -308,11 +318,15 @@ def drop_blob_if_unused(s: Session, sha256: str, remove: Callable[[str], None]) 
     return True
 
 
+@idempotent
+@long_work
 def unused_blobs(s: Session) -> list[str]:
     """The sha256 of every blob row no image uses."""
     return list(s.scalars(select(ImageBlob.sha256).where(~exists().where(Image.sha256 == ImageBlob.sha256))))
 
 
+@idempotent
+@long_work
 def blobs_missing(s: Session, present: Callable[[str], bool]) -> list[str]:
     """The sha256 of every blob an image uses that ``present`` says is missing (streamed: a big table
     is never held whole)."""
@@ -320,6 +334,8 @@ def blobs_missing(s: Session, present: Callable[[str], bool]) -> list[str]:
     return [sha256 for sha256 in used if not present(sha256)]
 
 
+@idempotent
+@long_work
 def blob_hashes(s: Session) -> set[str]:
     return set(s.scalars(select(ImageBlob.sha256)))
 
@@ -327,6 +343,7 @@ def blob_hashes(s: Session) -> set[str]:
 # -- the deployment the store belongs to ----------------------------------------------------------------
 
 
+@idempotent  # a re-run finds the row the first run made
 def deployment(s: Session, now: dt.datetime) -> Deployment:
     """The database's one deployment row, created with a fresh random id if there is none yet (a
     concurrent creator makes this unit fail with a conflict: read it again then)."""
@@ -337,5 +354,6 @@ def deployment(s: Session, now: dt.datetime) -> Deployment:
     return row
 
 
+@idempotent  # sets the same time again
 def mark_store_bound(s: Session, now: dt.datetime) -> None:
     s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))

@@ -34,7 +34,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from demo.common.errors import InvalidField, NotFound, QuotaExceeded
+from demo.common.errors import InvalidField, NotFound, QuotaExceeded, Unavailable
 from demo.common.images import imaging, queries
 from demo.common.images.storage import IDENTITY, ImageStore
 from demo.common.infra.caches import Cache
@@ -236,10 +236,17 @@ class Images:
             decoded=image.path is not None,
         )
 
+        placed = False
+
         def place() -> None:  # under the blob row lock: see the module docstring
-            if image.path is not None:
+            nonlocal placed
+            if image.path is not None and not placed:
                 self.store.put(image.sha256, image.path, content_type=imaging.MIME_TYPES[image.format])
+                # put() took the file: a re-run of the unit (a deadlock after this) checks the object.
+                placed = True
             elif not self.store.exists(image.sha256):
+                if placed:  # removed between the two runs by a sweep of the then unused blob: the
+                    raise Unavailable()  # file is gone with it; the client sends the upload again
                 raise _BlobGone()  # rolls back the reference just added
 
         async with self._putting(image.bytes if image.path is not None else 0):

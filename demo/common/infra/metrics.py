@@ -49,6 +49,18 @@ class Metrics:
         self.executor_queue = Gauge(
             "demo_executor_queue_depth", "Tasks waiting for a worker thread", multiprocess_mode="livesum", registry=r
         )
+        self.db_retries = Counter(
+            "demo_db_retries",
+            "Units of work run again: deadlock (or a lost Galera certification), not_ready (a Galera node "
+            "outside the primary component), lost (an idempotent unit's connection died)",
+            ["reason"],
+            registry=r,
+        )
+        self.db_deadline = Counter(
+            "demo_db_deadline_exceeded",
+            "Units of work a request stopped waiting for at db_request_timeout (answered 503)",
+            registry=r,
+        )
         self.upload_bytes = Counter("demo_upload_bytes", "Bytes of image uploads received", registry=r)
         self.sms_sent = Counter("demo_sms_sent", "Texts handed to the SMS backend", registry=r)
         self.sms_failed = Counter(

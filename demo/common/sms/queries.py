@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from demo.common.infra.db import Row, Sql, SqlCursor, sql_unit
+from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
@@ -93,6 +93,7 @@ def enqueue(
 
 
 @sql_unit
+@idempotent
 def backlog(c: SqlCursor) -> int:
     """Texts not yet sent nor given up (the ``demo_sms_outbox_pending`` gauge)."""
     row = c.first(BACKLOG)
@@ -100,6 +101,7 @@ def backlog(c: SqlCursor) -> int:
 
 
 @sql_unit
+@idempotent  # deletes old rows: a re-run finds fewer (the count is only logged)
 def sweep(c: SqlCursor, before: dt.datetime) -> int:
     """Delete finished rows created before ``before`` (their texts were blanked when they finished)."""
     return c.execute(SWEEP, {"before": before})
