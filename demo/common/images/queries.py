@@ -19,14 +19,12 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from demo.common.errors import QuotaExceeded
+from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, calls_store, idempotent, long_work, sql_unit
 from demo.models import Deployment, Image, ImageBlob, ImageVariant
 
 # -- statements --------------------------------------------------------------------------------------
 
-_LOCK_OWNER = "SELECT id FROM users WHERE id = :user_id"
-# Serialises one user's uploads (SQLite: every write transaction holds the database's write lock).
-LOCK_OWNER = Sql(sqlite=_LOCK_OWNER, mysql=f"{_LOCK_OWNER} FOR UPDATE")
 USAGE = Sql(
     "SELECT COUNT(pk) AS image_count, COALESCE(SUM(bytes), 0) AS used_bytes FROM images WHERE owner_id = :user_id"
 )
@@ -146,6 +144,11 @@ def claim_blob(c: SqlCursor, sha256: str, now: dt.datetime) -> None:
     c.execute(CLAIM_BLOB, {"sha256": sha256, "now": now})
 
 
+def upload_lock(user_id: int) -> ratelimit.Window:
+    """The counter row that one user's uploads take in turn (never a limit: it only serialises them)."""
+    return ratelimit.Window(f"upload-lock:{user_id}", limit=2**31 - 1, seconds=86400)
+
+
 @sql_unit
 @calls_store
 def store_image(
@@ -154,8 +157,11 @@ def store_image(
     """Insert the image under the owner's quota, holding the blob row lock while ``place`` puts (or
     checks) its file; the new row's fields (without ``created_at``: ``now``). QuotaExceeded (or what
     ``place`` raises) rolls back."""
-    # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota.
-    c.execute(LOCK_OWNER, {"user_id": image.owner_id})
+    # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota: count
+    # one in a per-user row. A write, not a SELECT ... FOR UPDATE: on Galera a row lock holds only on the
+    # node that takes it, while two writes of one row through two nodes fail certification and the unit
+    # runs again (Database.run_sync), now seeing the other upload.
+    ratelimit.reserve(c, ratelimit.window_params([upload_lock(image.owner_id)], now), 1)
     used = _usage(c, image.owner_id)
     if used.count + 1 > quota.count or used.used + image.bytes > quota.bytes:
         raise QuotaExceeded()
