@@ -14,10 +14,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
-import signal
 import sys
 import time
 from pathlib import Path
@@ -166,10 +166,9 @@ class AppHost:
     def stop(self) -> None:
         """SIGTERM to the supervisor, as systemd stops the unit: requests in flight finish."""
         for proc in self.net.procs:
-            if self.net.namespace(self.host) in proc.args:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=30)
+            if self.net.namespace(self.host) in proc.args and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
 
     def kill(self) -> None:
         """SIGKILL the parent and both workers at once: a host that loses power."""
@@ -308,7 +307,15 @@ class Deployment:
         log = self.folder / "migrate.log"
         proc = self.net.spawn(
             "app1",
-            [sys.executable, "-m", "alembic", "-c", str(ROOT / "demo" / "migrations" / "alembic.ini"), "upgrade", "head"],
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(ROOT / "demo" / "migrations" / "alembic.ini"),
+                "upgrade",
+                "head",
+            ],
             log,
             env=env,
             cwd=ROOT,

@@ -173,7 +173,7 @@ class Network:
     @contextmanager
     def entered(self, host: str) -> Iterator[None]:
         """This thread inside ``host``'s namespace for the block (setns(2) changes only the calling thread)."""
-        home = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{self.namespace(host)}", os.O_RDONLY)
         try:
             _setns(target)
