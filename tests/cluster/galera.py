@@ -9,7 +9,7 @@ again finds its position in its datadir and catches up from the others' write-se
 takes a full copy when it cannot.
 
 haproxy runs ``demo/conf/haproxy/demo-db.cfg`` as shipped, with only the addresses and the paths of
-this run put in.
+this run put in, and its health check is the shipped ``galera-check``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ GALERA = "/usr/lib/galera/libgalera_smm.so"
 MARIADBD = "/usr/sbin/mariadbd"
 HAPROXY = "/usr/sbin/haproxy"
 HAPROXY_SAMPLE = ROOT / "demo" / "conf" / "haproxy" / "demo-db.cfg"
+GALERA_CHECK = ROOT / "demo" / "conf" / "haproxy" / "galera-check"
 DB_USER, DB_PASSWORD = "demo", "demo-cluster-pw"
-# The user haproxy's `option mysql-check` logs in as (no password, no privileges), from the sample.
+# The user haproxy's check (galera-check) logs in as (no password, no privileges), from the sample.
 CHECK_USER = "haproxy_check"
 
 
@@ -207,18 +208,22 @@ class Galera:
         return f"mysql+mysqldb://{DB_USER}:{DB_PASSWORD}@{self.nodes[host].address}:3306/{database}"
 
 
-def render_haproxy(folder: Path, listen: str, nodes: list[str], check_user: str = CHECK_USER) -> Path:
-    """The shipped sample with this run's addresses (and a stats socket path); nothing else changes."""
+def render_haproxy(folder: Path, listen: str, nodes: list[str]) -> Path:
+    """The shipped sample with this run's addresses, stats socket and check path; nothing else changes."""
     text = HAPROXY_SAMPLE.read_text()
-    replacements = [("10.0.0.10:3306", f"{listen}:3306"), ("/run/haproxy/demo-db.sock", str(folder / "stats.sock"))]
+    replacements = [
+        ("10.0.0.10:3306", f"{listen}:3306"),
+        ("/run/haproxy/demo-db.sock", str(folder / "stats.sock")),
+        ("/etc/haproxy/galera-check", str(GALERA_CHECK)),  # the shipped script, where it lies
+    ]
     for number, address in enumerate(nodes, 1):
         replacements.append((f"10.0.0.{10 + number}:3306", f"{address}:3306"))
     for old, new in replacements:
         if old not in text:
             raise AssertionError(f"{old!r} is no longer in {HAPROXY_SAMPLE}: update tests/cluster/galera.py")
         text = text.replace(old, new)
-    if f"user {check_user}" not in text:
-        raise AssertionError(f"the sample's mysql-check user is not {check_user}")
+    if f"--user={CHECK_USER}" not in GALERA_CHECK.read_text():
+        raise AssertionError(f"{GALERA_CHECK} no longer logs in as {CHECK_USER}: update tests/cluster/galera.py")
     path = folder / "haproxy.cfg"
     path.write_text(text)
     return path
