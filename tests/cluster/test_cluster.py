@@ -300,13 +300,13 @@ def check_the_database_and_the_store_agree(d: Deployment, traffic: Traffic) -> N
     # Every blob an image uses, and each of its thumbnails, is in the store.
     used = {s for (s,) in d.sql("SELECT DISTINCT sha256 FROM images")}
     stored = set(d.net.in_client(d.store.keys, "demo/"))
+    variants = [(s, int(w)) for s, w in d.sql("SELECT sha256, width FROM image_variants")]
     missing = [s for s in used if blob_key(s) not in stored]
-    missing += [
-        f"{s} w{w}" for s, w in d.sql("SELECT sha256, width FROM image_variants") if thumb_key(s, int(w)) not in stored
-    ]
-    assert missing == [], f"rows whose object is not in the store: {missing[:10]}"
-    # Blob rows no image uses (an upload that failed after claiming its row) are the sweeps' to
-    # collect: the start-up sweep of a host rolled as in an upgrade takes them, objects included.
+    missing += [f"{s} w{w}" for s, w in variants if s in used and thumb_key(s, w) not in stored]
+    assert missing == [], f"rows of images in use whose object is not in the store: {missing[:10]}"
+    # Blob rows no image uses (an upload that failed after claiming its row, a delete whose clean-up
+    # lost the database after removing the objects) are the sweeps' to collect: the start-up sweep of
+    # a host rolled as in an upgrade takes them, their thumbnails' rows with them.
     unused = d.sql("SELECT b.sha256 FROM image_blobs b LEFT JOIN images i ON i.sha256 = b.sha256 WHERE i.pk IS NULL")
     if unused:
         app = d.apps["app2"]
@@ -315,6 +315,10 @@ def check_the_database_and_the_store_agree(d: Deployment, traffic: Traffic) -> N
         app.wait_ready()
         left = d.sql("SELECT b.sha256 FROM image_blobs b LEFT JOIN images i ON i.sha256 = b.sha256 WHERE i.pk IS NULL")
         assert left == [], f"unused blob rows the start-up sweep left: {left[:10]}"
+        stored = set(d.net.in_client(d.store.keys, "demo/"))
+        variants = [(s, int(w)) for s, w in d.sql("SELECT sha256, width FROM image_variants")]
+        missing = [f"{s} w{w}" for s, w in variants if thumb_key(s, w) not in stored]
+        assert missing == [], f"thumbnail rows whose object is not in the store: {missing[:10]}"
     # No orphan objects: each object in the store has its row. The one exception the app cannot
     # avoid: a PUT that timed out while the store restarted and landed after the app had given up
     # and cleaned up (its log says so); no sweep lists an S3 store, so such an object stays. Those
