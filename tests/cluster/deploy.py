@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -349,7 +348,3 @@ class Deployment:
             parts.append(f"--- {host} ---\n{app.output()}")
         parts.append(f"--- s3 ---\n{self.store.log()[-1500:]}")
         return "\n".join(parts)
-
-
-def run_quietly(args: list[str]) -> str:
-    return subprocess.run(args, capture_output=True, text=True, check=False).stdout

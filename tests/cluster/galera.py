@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from tests.cluster.net import Network
@@ -259,7 +258,3 @@ class HAProxy:
     def log(self) -> str:
         path = self.dir / "haproxy.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
-def wait_time(since: float) -> float:
-    return time.monotonic() - since

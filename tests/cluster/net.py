@@ -19,9 +19,9 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -169,19 +169,6 @@ class Network:
     def kill_host(self, host: str) -> None:
         """SIGKILL everything running on ``host``: what a machine that loses power does to its processes."""
         kill_namespace_processes(self.namespace(host))
-
-    @contextmanager
-    def entered(self, host: str) -> Iterator[None]:
-        """This thread inside ``host``'s namespace for the block (setns(2) changes only the calling thread)."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.namespace(host)}", os.O_RDONLY)
-        try:
-            _setns(target)
-            yield
-        finally:
-            _setns(home)
-            os.close(home)
-            os.close(target)
 
     def client_pool(self, threads: int) -> ThreadPoolExecutor:
         """Threads living in the ``client`` host for good (they are thrown away with the pool)."""
