@@ -311,6 +311,32 @@ def supervise(settings: Settings, slots: list[list[socket.socket]]) -> int:
     return 0
 
 
+def prepare_database_in_child(settings: Settings) -> int:
+    """``prepare_database`` in a child process; its exit status (0, or the StartupError's).
+
+    The S3 store's client (obstore) runs a tokio runtime whose threads do not survive fork(): a
+    supervisor that had used the store itself would fork workers whose every store call hangs for
+    good (seen on the cluster test: no worker ever answered /readyz). The child that binds the store
+    takes that runtime with it when it exits, so the workers start their own."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            prepare_database(settings)
+        except StartupError as error:
+            log.error("refusing to start: %s", error)
+            code = error.status
+        except BaseException:  # report, then leave without running the parent's code
+            log.exception("preparing the database failed")
+            code = 1
+        stop_writer()  # os._exit skips atexit: write out the queued lines first
+        logging.shutdown()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 1  # killed by a signal: no status of ours to give
+
+
 def checked_settings(argv: list[str] | None) -> Settings:
     """The settings, every one checked, and the folders they name ready: nothing else touched yet."""
     try:
@@ -333,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_dir, settings.log_level, self_rotating=workers == 1)
     try:
         slots = listen(settings, workers)
-        prepare_database(settings)  # once, before any worker exists (and any sweep)
+        if workers == 1:
+            prepare_database(settings)  # before serving (and the start-up sweep)
+        else:
+            status = prepare_database_in_child(settings)  # once, before any worker exists
+            if status:
+                return status
     except StartupError as error:
         log.error("refusing to start: %s", error)
         return error.status
