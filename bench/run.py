@@ -1647,9 +1647,10 @@ def lb_table(results: dict[str, Any]) -> str | None:
         "",
         (
             "| run | req/s | vs 1 host | p99 | app ms CPU/view | vs 1 host | nginx ms/view | MariaDB ms/view | "
-            "app cores | views per host (nginx log) | CPU s per worker | nginx connections per worker |"
+            f"app cores | machine busy (of {CORES}) | views per host (nginx log) | CPU s per worker | "
+            "nginx connections per worker |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for _name, m in runs:
         app, cpu, hosts = per(m, "servers"), m.get("cpu") or {}, len(m.get("hosts", []))
@@ -1664,6 +1665,7 @@ def lb_table(results: dict[str, Any]) -> str | None:
             number(per(m, "nginx")),
             number(per(m, "mariadb")),
             f"{cpu.get('servers_cores', 0):.2f}",
+            f"{cpu.get('machine_busy_cores', 0):.2f}",
             views or "—",
             " / ".join(f"{x:.1f}" for x in cpu.get("worker_cpu_s", [])),
             " / ".join(map(str, m.get("connections_held", []))) or "—",
