@@ -435,9 +435,9 @@ class Bench:
             self.phase_s3()
 
     def skip_without_mariadb(self) -> None:
-        """The load balancer measures need MariaDB (hosts share one database, which SQLite cannot be
-        across processes on two addresses as a real deployment has it): without it they are skipped,
-        with a line saying so, and the rest of the run goes on."""
+        """The load balancer measures need MariaDB: the hosts share one database over the network, as
+        a deployment's hosts do (SQLite is one host's file). Without it they are skipped with a note
+        under the tables instead of failing the harness (the other local measures still need it)."""
         wanted = [name for name in LB_MEASURES if self.wanted(name)]
         if not wanted:
             return
