@@ -3,10 +3,11 @@
 
 One run measures the ceilings of this machine (Tornado hello world, nginx serving a static file,
 one argon2 hash, one Pillow decode + re-encode) and then demo on MariaDB - one process directly,
-two processes behind the shipped nginx config - with wrk on loopback, and compares each scenario
-with its ceiling measured in the same run. Prints one markdown table, writes every raw number as
-JSON. Exit status: 2 when the harness itself breaks (a server does not start, wrk is missing);
-with ``--check``, 1 when a target is missed; otherwise 0 (the table is the product).
+two processes behind the shipped nginx config, one and two ``--processes=2`` hosts behind it - with
+wrk on loopback, and compares each scenario with its ceiling (or the one-host run) from the same
+run. Prints one markdown table, writes every raw number as JSON. Exit status: 2 when the harness
+itself breaks (a server does not start, wrk is missing); with ``--check``, 1 when a target is
+missed; otherwise 0 (the table is the product).
 """
 
 from __future__ import annotations
