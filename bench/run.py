@@ -3,10 +3,11 @@
 
 One run measures the ceilings of this machine (Tornado hello world, nginx serving a static file,
 one argon2 hash, one Pillow decode + re-encode) and then demo on MariaDB - one process directly,
-two processes behind the shipped nginx config - with wrk on loopback, and compares each scenario
-with its ceiling measured in the same run. Prints one markdown table, writes every raw number as
-JSON. Exit status: 2 when the harness itself breaks (a server does not start, wrk is missing);
-with ``--check``, 1 when a target is missed; otherwise 0 (the table is the product).
+two processes behind the shipped nginx config, one and two ``--processes=2`` hosts behind it - with
+wrk on loopback, and compares each scenario with its ceiling (or the one-host run) from the same
+run. Prints one markdown table, writes every raw number as JSON. Exit status: 2 when the harness
+itself breaks (a server does not start, wrk is missing); with ``--check``, 1 when a target is
+missed; otherwise 0 (the table is the product).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py`: make `bench` and `demo` 
 from bench import images as bench_images
 from bench import wrk
 from bench.stack import (
+    MYSQL_SERVER,
     BenchDatabase,
     CpuMeter,
     DemoServer,
@@ -52,10 +54,12 @@ from bench.stack import (
     HelloServer,
     Server,
     cpu_seconds,
+    forked_workers,
+    free_port_on,
     proc_status_kib,
     wait_idle,
 )
-from tests.helpers import S3_CREDENTIALS, HttpClient, Nginx, SeaweedFS, wait_until
+from tests.helpers import S3_CREDENTIALS, HttpClient, Nginx, SeaweedFS, mysql_unreachable_reason, wait_until
 from tests.helpers import reset_peak_memory as reset_peak_rss
 
 MIB = 1024 * 1024
@@ -68,8 +72,13 @@ S3_PREFIX = "bench"  # the bench's objects in SeaweedFS's bucket: s3://<bucket>/
 
 LOCAL_MEASURES = (
     "healthz", "healthz_2proc", "image_direct", "thumbnail", "h5_home", "login", "upload", "loop_health",
-    "memory", "memory_animated", "image_nginx", "h5_home_nginx", "login_nginx",
+    "memory", "memory_animated", "image_nginx", "h5_home_nginx", "login_nginx", "h5_home_lb_1host",
+    "h5_home_lb_2hosts",
 )  # fmt: skip
+# The load balancer measures (issue 16, point 6): app "hosts" on loopback addresses of their own (all of
+# 127.0.0.0/8 is on ``lo``), each ``--processes=2``, behind the shipped nginx config's upstream.
+LB_MEASURES = ("h5_home_lb_1host", "h5_home_lb_2hosts")
+LB_HOSTS = ("127.0.0.2", "127.0.0.3")
 S3_MEASURES = ("image_direct_s3", "upload_s3", "memory_s3", "image_nginx_s3", "image_nginx_s3_cold")
 
 # name -> (label, ceiling it is compared with)
@@ -87,6 +96,9 @@ MEASURES: dict[str, tuple[str, str | None]] = {
     "image_nginx": ("GET /images/{id}.jpg through nginx (warm), 2 processes", "nginx_static"),
     "h5_home_nginx": ("GET /h5/home through nginx, 2 processes", "hello"),
     "login_nginx": ("POST /users/login through nginx, 2 processes", "argon2"),
+    # No ceiling: the one-host run is what the two-host run is compared with (report(), lb_table).
+    "h5_home_lb_1host": ("GET /h5/home through nginx, 1 host x --processes=2", None),
+    "h5_home_lb_2hosts": ("GET /h5/home through nginx, 2 hosts x --processes=2", None),
     # The object store (issue 15): the same image and upload with storage=s3://... on SeaweedFS.
     "image_direct_s3": ("GET /images/{id}.jpg direct, S3 store, memory cache off, 1 process", "hello"),
     "upload_s3": ("POST /images 1 MiB JPEG, S3 store, 1 process", "pillow"),
@@ -261,6 +273,7 @@ class Bench:
         self.users_per_group = 4 if self.smoke else 16
         self.memory_uploads = args.memory_uploads or (4 if self.smoke else 16)
         self.only = set(args.only.split(",")) if args.only else None
+        self.skipped: set[str] = set()  # measures that cannot run here (the reason is in results["notes"])
         self.tmp = Path(tempfile.mkdtemp(prefix="demo-bench-"))
         self.servers: list[Server] = []
         self.nginx: Nginx | None = None
@@ -275,6 +288,8 @@ class Bench:
 
     # -- selection ---------------------------------------------------------------------------------
     def wanted(self, name: str) -> bool:
+        if name in self.skipped:
+            return False
         if self.only is None or name in self.only:
             return True
         if name in CEILINGS:  # a ceiling is measured when a selected measure is compared with it
@@ -393,6 +408,7 @@ class Bench:
                 f"WARNING: other processes keep {idle.result['foreign_cores']:.1f} of {CORES} cores busy: "
                 "numbers will be low and ratios unreliable (see 'foreign CPU' below the table)"
             )
+        self.skip_without_mariadb()
         self.make_images()
         if self.args.busy_cpus:
             self.start_spinners()
@@ -414,8 +430,24 @@ class Bench:
                 self.phase_memory(local, ["memory", "memory_animated"])
             if local_nginx:
                 self.phase_nginx(local)
+            if self.any_wanted(*LB_MEASURES):
+                self.phase_load_balancer(local)
         if self.any_wanted(*S3_MEASURES, "s3_direct"):
             self.phase_s3()
+
+    def skip_without_mariadb(self) -> None:
+        """The load balancer measures need MariaDB: the hosts share one database over the network, as
+        a deployment's hosts do (SQLite is one host's file). Without it they are skipped with a note
+        under the tables instead of failing the harness (the other local measures still need it)."""
+        wanted = [name for name in LB_MEASURES if self.wanted(name)]
+        if not wanted:
+            return
+        reason = mysql_unreachable_reason(MYSQL_SERVER, timeout=5)
+        if reason:
+            self.skipped.update(wanted)
+            note = f"skipped {', '.join(wanted)}: {reason} (the app hosts must share one MariaDB database)"
+            self.results["notes"].append(note)
+            self.log(note)
 
     def named(self, name: str) -> bool:
         """``name`` is part of the run by itself (all run, or --only names it), not only as a ceiling."""
@@ -820,13 +852,7 @@ class Bench:
         server = DemoServer("demo-2proc", self.tmp, {**self.server_env(local), "DEMO_PROCESSES": "2"})
         self.start(server)
         try:
-
-            def forked() -> bool:
-                children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-                return len(children) == 2
-
-            wait_until(forked, "two workers", timeout=30, every=0.1, error=HarnessError)
-            workers = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+            workers = forked_workers(server.pid, 2)
             Http(server.url).expect(200, "GET", "/healthz")
             held: list[int] = []
 
@@ -1065,14 +1091,16 @@ class Bench:
         image: bytes,
         extra: list[tuple[str, str]] | None = None,
         store_endpoint: str | None = None,
+        ports: list[int] | None = None,
     ) -> Http:
-        """nginx with the shipped config (plus ``extra`` replacements) in front of ``servers``, serving
-        ``image`` from /static/bench.jpg for the static ceiling, which from now on is also measured
-        beside the targeted measures through this nginx; a client for it."""
+        """nginx with the shipped config (plus ``extra`` replacements) in front of ``servers`` (or of
+        ``ports``, the two the shipped upstream names, when ``extra`` rewrites it), serving ``image``
+        from /static/bench.jpg for the static ceiling, which from now on is also measured beside the
+        targeted measures through this nginx; a client for it."""
         static = folder / "static"
         shutil.copytree(ROOT / "demo" / "static", static)
         (static / "bench.jpg").write_bytes(image)  # byte for byte the image nginx caches
-        ports = [s.port for s in servers]
+        ports = ports or [s.port for s in servers]
         self.nginx = (
             Nginx(folder, ports, static, extra, store_endpoint=store_endpoint)
             if store_endpoint
@@ -1091,7 +1119,7 @@ class Bench:
                 return False
 
         wait_until(nginx_up, "nginx to answer", timeout=30, every=0.1, error=HarnessError)
-        self.log(f"nginx {nginx.base_url} -> demo {', '.join(f':{s.port}' for s in servers)}")
+        self.log(f"nginx {nginx.base_url} -> demo {', '.join(f'{s.address}:{s.port}' for s in servers)}")
         static_url = nginx.base_url + "/static/bench.jpg"
         self.ceiling_timers["nginx_static"] = lambda: (
             wrk.run(static_url, duration=1 if self.smoke else 3, connections=self.connections, timeout_s=30).rps
@@ -1160,6 +1188,98 @@ class Bench:
                 if f" {path} " in line and " cache=" in line:
                     counts[line.split(" cache=", 1)[1].split(" ", 1)[0]] += 1
         return dict(counts)
+
+    # -- phase 3b: app hosts behind the load balancer (issue 16, point 6) ---------------------------------
+    def phase_load_balancer(self, local: Deployment) -> None:
+        """GET /h5/home through nginx (the shipped config) to two app hosts, then to one: each host a
+        ``--processes=2`` server on a loopback address of its own (127.0.0.2, 127.0.0.3), all on the
+        local deployment's MariaDB database with the same cookie secret (the cookies the set-up made
+        work on every host). Each view checks the session, records the visit (an UPDATE) and reads the
+        user's images: the page the app's WebView opens, and a real write to the shared database.
+
+        The two-host run goes first, then the second host stops and the same nginx upstream is
+        rendered with the first host alone: a host not in a measure must not be running during it
+        (its idle CPU would count as foreign). The cores are shared by everything here, so a second
+        host adds no CPU to the machine: CPU per request is the comparison, not req/s."""
+        env = {**self.server_env(local), "DEMO_PROCESSES": "2"}
+        count = 2 if self.wanted("h5_home_lb_2hosts") else 1
+        hosts = [DemoServer(f"demo-host{n + 1}", self.tmp, env, address=LB_HOSTS[n]) for n in range(count)]
+        self.start(*hosts)
+        try:
+            workers = {host.name: forked_workers(host.pid, 2) for host in hosts}
+            for name, serving in (("h5_home_lb_2hosts", hosts), ("h5_home_lb_1host", hosts[:1])):
+                if not self.wanted(name):
+                    continue
+                self.stop(*[host for host in hosts if host not in serving])
+                self.measure_load_balancer(name, local, serving, workers)
+        finally:
+            self.stop(*hosts)
+
+    def measure_load_balancer(
+        self, name: str, local: Deployment, hosts: list[DemoServer], workers: dict[str, list[int]]
+    ) -> None:
+        """One wrk run on GET /h5/home through nginx to ``hosts``; the app CPU is every worker's and
+        supervisor's, each worker's also apart; nginx's access log says how many views each host served."""
+        # The shipped upstream names two servers (127.0.0.1:8001 and :8002): each becomes a host's
+        # address and port; with one host the second line is commented out (the shipped file's advice
+        # for one --processes=N server: a single server line).
+        second = hosts[1].port if len(hosts) > 1 else free_port_on("127.0.0.1")
+        extra = [(f"server 127.0.0.1:{hosts[0].port} ", f"server {hosts[0].address}:{hosts[0].port} ")]
+        if len(hosts) > 1:
+            extra.append((f"server 127.0.0.1:{second} ", f"server {hosts[1].address}:{second} "))
+        else:
+            extra.append((f"server 127.0.0.1:{second} ", f"# one host (bench): server 127.0.0.1:{second} "))
+        folder = self.tmp / f"nginx-lb-{len(hosts)}"
+        self.start_nginx(folder, list(hosts), local.image_bytes, extra, ports=[hosts[0].port, second])
+        assert self.nginx is not None
+        try:
+            before = self.upstream_counts("/h5/home")
+            pids = [pid for host in hosts for pid in workers[host.name]]
+            held: list[int] = []
+
+            def count() -> None:  # nginx's connections to each worker (its keep-alive pool), halfway
+                for host in hosts:
+                    held.extend(connections_held(host.port, workers[host.name]))
+
+            result = self.wrk_measure(
+                name, self.nginx.base_url + "/h5/home", list(hosts), "cookie.lua", local, workers=pids, midway=count
+            )
+            after = self.upstream_counts("/h5/home")
+        finally:
+            self.stop_nginx()
+        served = {addr: after.get(addr, 0) - before.get(addr, 0) for addr in after}
+        expected = {f"{host.address}:{host.port}" for host in hosts}
+        if set(served) - expected or any(not served.get(addr) for addr in expected):
+            raise HarnessError(f"{name}: views per upstream {served}, expected some on each of {sorted(expected)} only")
+        split = result.cpu["worker_cpu_s"]
+        host_cpu = [sum(split[n * 2 : n * 2 + 2]) for n in range(len(hosts))]
+        self.record(
+            name,
+            result,
+            hosts=[{"address": h.address, "port": h.port, "processes": 2, "workers": workers[h.name]} for h in hosts],
+            views_per_host=served,
+            host_cpu_s=host_cpu,
+            connections_held=held,
+        )
+        self.log(
+            f"{name}: views per host (nginx log, warm-up included) "
+            + ", ".join(f"{addr} {n}" for addr, n in sorted(served.items()))
+            + f"; nginx's connections per worker {' / '.join(map(str, held))}"
+            + f", workers' CPU {' / '.join(f'{s:.1f}' for s in split)} s in {self.duration} s"
+        )
+
+    def upstream_counts(self, path: str) -> Counter[str]:
+        """Requests for ``path`` in nginx's access log (the shipped format) by the upstream that
+        answered (``up=<address:port>/...``; the last one when nginx tried several)."""
+        assert self.nginx is not None
+        counts: Counter[str] = Counter()
+        log = self.nginx.dir / "logs" / "demo.access.log"
+        if log.exists():
+            for line in log.read_text(errors="replace").splitlines():
+                if f" {path} " in line and " up=" in line:
+                    upstream = line.split(" up=", 1)[1].split("/", 1)[0]
+                    counts[upstream.rsplit(", ", 1)[-1]] += 1
+        return counts
 
     def store_fetches(self, image: bytes) -> int:
         """Requests for ``image`` that nginx fetched from the store: lines of the loopback image server's
@@ -1501,6 +1621,60 @@ def cpu_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def lb_table(results: dict[str, Any]) -> str | None:
+    """The load balancer runs side by side (issue 16, point 6): req/s and CPU per view, the two-host
+    run also as a multiple of the one-host run."""
+    runs = [(name, results["measures"][name]) for name in LB_MEASURES if name in results["measures"]]
+    if not runs:
+        return None
+    one = results["measures"].get("h5_home_lb_1host")
+
+    def per(m: dict[str, Any], key: str) -> float | None:
+        return (m.get("cpu_ms_per_request") or {}).get(key)
+
+    def times(value: float | None, base: float | None) -> str:
+        return f"{value / base:.2f}x" if value and base else "—"
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    lines = [
+        (
+            "GET /h5/home through the load balancer (the shipped nginx config), every host `--processes=2` on "
+            "a loopback address of its own, one MariaDB database. The hosts share this machine's cores with "
+            "nginx, MariaDB and wrk, so a second host adds processes, not CPU: req/s cannot double here, and "
+            "**CPU per view** is the honest comparison (app = every worker of every host)."
+        ),
+        "",
+        (
+            "| run | req/s | vs 1 host | p99 | app ms CPU/view | vs 1 host | nginx ms/view | MariaDB ms/view | "
+            f"app cores | machine busy (of {CORES}) | views per host (nginx log) | CPU s per worker | "
+            "nginx connections per worker |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for _name, m in runs:
+        app, cpu, hosts = per(m, "servers"), m.get("cpu") or {}, len(m.get("hosts", []))
+        views = ", ".join(f"{addr}: {n:,}" for addr, n in sorted(m.get("views_per_host", {}).items()))
+        cells = [
+            f"{hosts} host{'s' if hosts > 1 else ''}",
+            fmt_rps(m.get("rps")),
+            times(m.get("rps"), one and one.get("rps")),
+            fmt_ms(m.get("p99_ms")),
+            number(app),
+            times(app, one and per(one, "servers")),
+            number(per(m, "nginx")),
+            number(per(m, "mariadb")),
+            f"{cpu.get('servers_cores', 0):.2f}",
+            f"{cpu.get('machine_busy_cores', 0):.2f}",
+            views or "—",
+            " / ".join(f"{x:.1f}" for x in cpu.get("worker_cpu_s", [])),
+            " / ".join(map(str, m.get("connections_held", []))) or "—",
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def report(results: dict[str, Any]) -> str:
     env, cfg = results.get("environment", {}), results.get("config", {})
     head = (
@@ -1512,6 +1686,8 @@ def report(results: dict[str, Any]) -> str:
         f"{' (SMOKE: targets not enforced)' if cfg.get('smoke') else ''}"
     )
     out = [head, "", table(results), "", ceilings_table(results), "", cpu_table(results)]
+    if results.get("notes"):
+        out += ["", *(f"Note: {note}." for note in results["notes"])]
     two = results["measures"].get("healthz_2proc")
     if two:
         split, wall = two["cpu"]["worker_cpu_s"], two["cpu"]["wall_s"]
@@ -1525,6 +1701,9 @@ def report(results: dict[str, Any]) -> str:
                 f"({sum(split) / wall:.2f} cores) in {wall:.0f} s; {fmt_rps(two['rps'])} req/s{versus}."
             ),
         ]
+    balanced = lb_table(results)
+    if balanced:
+        out += ["", balanced]
     loop = results["measures"].get("loop_health")
     if loop:
         load = loop["load"]

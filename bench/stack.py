@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,15 +149,40 @@ class CpuMeter:
 # -- processes -------------------------------------------------------------------------------------
 
 
+def free_port_on(address: str) -> int:
+    """A port free on ``address`` (another loopback address than 127.0.0.1: a "host" of the load
+    balancer measures; the whole 127.0.0.0/8 is on ``lo``)."""
+    if address == "127.0.0.1":
+        return free_port()
+    with socket.socket() as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def forked_workers(pid: int, count: int, timeout: float = 30) -> list[int]:
+    """The ``count`` workers a ``--processes`` supervisor forked (its children, once all are there)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    wait_until(
+        lambda: len(children.read_text().split()) == count,
+        f"{count} workers of process {pid}",
+        timeout=timeout,
+        every=0.1,
+        error=HarnessError,
+    )
+    return [int(child) for child in children.read_text().split()]
+
+
 class Server:
-    """One server process on 127.0.0.1:<port>, output to ``<tmp>/<name>.out``."""
+    """One server process on <address>:<port> (127.0.0.1 unless told), output to ``<tmp>/<name>.out``."""
 
     ready_path = "/healthz"
 
-    def __init__(self, name: str, tmp: Path, port: int | None = None) -> None:
+    def __init__(self, name: str, tmp: Path, port: int | None = None, address: str = "127.0.0.1") -> None:
         self.name = name
         self.tmp = tmp
-        self.port = port or free_port()
+        self.address = address
+        self.port = port or free_port_on(address)
         self.output = tmp / f"{name}.out"
         self.proc: subprocess.Popen | None = None
 
@@ -173,7 +199,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     def start(self) -> Server:
         with open(self.output, "ab") as out:
@@ -225,10 +251,13 @@ class HelloServer(Server):
 
 
 class DemoServer(Server):
-    """``demo/main.py`` as demo@<port>.service runs it: one process, loopback, its own log folder."""
+    """``demo/main.py`` as demo@<port>.service runs it: one process (unless ``DEMO_PROCESSES`` in
+    ``env`` says more), on loopback, its own log folder."""
 
-    def __init__(self, name: str, tmp: Path, env: dict[str, str], port: int | None = None) -> None:
-        super().__init__(name, tmp, port)
+    def __init__(
+        self, name: str, tmp: Path, env: dict[str, str], port: int | None = None, address: str = "127.0.0.1"
+    ) -> None:
+        super().__init__(name, tmp, port, address)
         self.env = env
         self.log_dir = tmp / "log" / name
 
@@ -237,7 +266,7 @@ class DemoServer(Server):
             sys.executable,
             str(DEMO_MAIN),
             f"--port={self.port}",
-            "--address=127.0.0.1",
+            f"--address={self.address}",
             f"--log_dir={self.log_dir}",
         ]
 
