@@ -202,7 +202,7 @@ def test_cluster_keeps_every_acknowledged_write_while_hosts_and_nodes_fail(clust
     traffic.save(tmp_path / "requests.jsonl", windows)
     print(f"\n{timeline}\n(also in {tmp_path / 'timeline.txt'})")
 
-    wrong, _ = traffic.classify(windows)
+    wrong = traffic.unexplained(windows)
     t0 = traffic.started
     assert not wrong, "errors outside the failure windows:\n" + "\n".join(
         f"  {r.start - t0:.1f}..{r.end - t0:.1f} {r.target} {r.kind} {r.outcome}" for r in wrong[:40]
@@ -250,8 +250,7 @@ def check_every_acknowledged_write(d: Deployment, traffic: Traffic) -> None:
     with d.net.client_pool(6) as pool:
         jobs = [pool.submit(login_everywhere, p, pw) for p, pw in traffic.registered.items()]
         jobs += [pool.submit(image_everywhere, image) for image in kept]
-        # (Not those of KNOWN_STALE: another process may still believe in a thumbnail the delete removed.)
-        jobs += [pool.submit(thumbnail_everywhere, image) for image in kept if image["id"] not in traffic.reuploaded]
+        jobs += [pool.submit(thumbnail_everywhere, image) for image in kept]
         problems = [p for job in jobs for p in job.result()]
     assert not problems, "\n".join(problems[:40])
     # Deleted ones are gone (from the database: nginx may still hold a copy for its 30 s).

@@ -29,13 +29,9 @@ from PIL import Image, ImageDraw
 
 GRACE = 2.0  # seconds after a window's end during which requests that were in flight may still fail
 # A thumbnail of an image whose bytes had been deleted (the blob and its thumbnails went with the last
-# image on them) and then uploaded again. Another process may still hold the thumbnail's size in its
-# cache (up to DEMO_IMAGE_LOOKUP_TTL): it hands nginx a redirect to an object the delete removed, and
-# the client gets a 404 (which nginx keeps for 10 s). A defect of the app's caches, not of the
-# cluster: such 404s are counted and shown in the timeline instead of failing this test.
-KNOWN_STALE = (
-    "thumbnail_of_reupload"  # seconds after a window's end during which requests that were in flight may still fail
-)
+# image on them) and then uploaded again: counted apart in the timeline, as the processes that knew the
+# old image's thumbnail must make the new image's again, not send nginx to the removed object.
+REUPLOADED = "thumbnail_of_reupload"
 
 
 @dataclass
@@ -93,7 +89,7 @@ class Traffic:
         self.uncertain: set[str] = set()  # deletes that got no clear answer: either way is right
         self.codes_missing = 0
         # Images whose bytes this deployment had deleted (the blob and its thumbnails went) before they
-        # were uploaded again: see KNOWN_STALE below.
+        # were uploaded again: see REUPLOADED above.
         self.reuploaded: set[str] = set()
         self.random = random.Random(seed)
         self.phone_base = 18800000000 + self.random.randrange(0, 90_000_000)
@@ -268,7 +264,7 @@ class Traffic:
                 answer = self.fetch(target, image["url"], "image")
                 if answer is not None and answer.status == 200:
                     assert hashlib.sha256(answer.body).hexdigest() == image["sha256"], image["id"]
-                kind = KNOWN_STALE if image["id"] in self.reuploaded else "thumbnail"
+                kind = REUPLOADED if image["id"] in self.reuploaded else "thumbnail"
                 self.fetch(target, image["thumbnails"][rng.choice(["160", "320"])], kind)
             elif mine:
                 image = mine.pop(rng.randrange(len(mine)))
@@ -277,30 +273,24 @@ class Traffic:
 
     # -- the timeline -------------------------------------------------------------------------------------
 
-    def classify(self, windows: list[Window]) -> tuple[list[Record], list[Record]]:
-        """(unexplained, tolerated): the requests whose outcome no failure window explains, and those a
-        window explains only as a defect the timeline lists (``tolerated``).
-
-        Explained: a 503 inside a window (+ GRACE); a connection error to the app host killed in it.
-        Tolerated, and printed: a 4xx inside a window that touched the database (a read on one node of
-        what was just written on another: an H5 ticket refused with 401), a request that started inside
-        a window and got no answer within the client's 30 s (a thumbnail waiting on a build claimed while
-        the store was down). Anything else fails the test: a 4xx or a hang outside the windows, a 5xx
+    def unexplained(self, windows: list[Window]) -> list[Record]:
+        """The requests whose outcome no failure window explains. Explained: a 503 of a request in
+        flight during a window (+ GRACE); a connection error to the app host killed in it. Anything else
+        fails the test: any 4xx (a read on one node of what was just written on another would be one:
+        the app reads causally on Galera), a request without an answer within the client's 30 s, a 5xx
         other than 503, a 503 outside the windows, a connection error to a host nobody killed."""
-        unexplained, tolerated = [], []
+        unexplained = []
         for entry in self.records:
             code = entry.outcome
-            if code.startswith(("2", "3")) or (code == "404" and entry.kind == KNOWN_STALE):
-                continue  # KNOWN_STALE: counted in the timeline
+            if code.startswith(("2", "3")):
+                continue
             inside = [w for w in windows if entry.end >= w.start and entry.start <= w.end + GRACE]
             if code == "503" and inside:
                 continue
             if code.startswith("conn:") and any(w.host == entry.target for w in inside):
                 continue
-            stale_read = code.startswith("4") and any(w.database for w in inside)
-            hung = code == "conn:TimeoutError" and bool(inside)
-            (tolerated if stale_read or hung else unexplained).append(entry)
-        return unexplained, tolerated
+            unexplained.append(entry)
+        return unexplained
 
     def timeline(self, windows: list[Window]) -> str:
         t0 = self.started
@@ -318,15 +308,10 @@ class Traffic:
         outside = [r for r in self.records if not any(r.end >= w.start and r.start <= w.end + GRACE for w in windows)]
         seen = Counter(r.outcome for r in outside)
         lines.append(f"  outside the windows: {len(outside)} requests, outcomes {dict(sorted(seen.items()))}")
-        _, tolerated = self.classify(windows)
-        for r in tolerated:
-            lines.append(
-                f"  tolerated: {r.start - t0:.1f}..{r.end - t0:.1f} s {r.kind} through {r.target}: {r.outcome}"
-            )
-        stale = Counter(r.outcome for r in self.records if r.kind == KNOWN_STALE)
+        stale = Counter(r.outcome for r in self.records if r.kind == REUPLOADED)
         lines.append(
             f"  thumbnails of {len(self.reuploaded)} images uploaded again after their bytes were deleted: "
-            f"{dict(stale)} (404s: the stale thumbnail cache, see traffic.KNOWN_STALE)"
+            f"{dict(stale)}"
         )
         total = Counter(r.kind for r in self.records)
         lines.append(f"  all: {len(self.records)} requests over {self.duration():.0f} s: {dict(sorted(total.items()))}")

@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("demo.images")
 T = TypeVar("T")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
+# How long a request waits for another process's thumbnail build before it answers 503: a build takes
+# well under a second; one held longer has a builder that is stuck or dead, whose claim the lease
+# (variant_lease, a minute) ends. A client retries sooner than that.
+BUILDER_WAIT = 10.0
 CHUNK = 256 * 1024  # bytes per piece when a file is streamed: one read off the loop each
 
 
@@ -121,6 +126,7 @@ class StoredImage:
     format: str
     width: int
     bytes: int
+    id: str
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,10 @@ class Images:
         self._quota = queries.Quota(rules.quota_count, rules.quota_bytes)
         self.clock = clock or Clock()
         self._found: Cache[str, StoredImage] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
-        # Thumbnail sizes of ready variants (a ready row never changes until its blob goes).
-        self._variants: Cache[tuple[str, int], int] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
+        # Thumbnail sizes of ready variants (a ready row never changes until its blob goes), per image
+        # id too: when another process removes a blob and the same bytes come back as a new image, the
+        # new id must not find the old thumbnail's size here and redirect to an object that is gone.
+        self._variants: Cache[tuple[str, int, str], int] = Cache.expiring(max_items=100_000, ttl=rules.lookup_ttl)
         self._urls: Cache[tuple[str, int | None], str] = Cache.expiring(
             max_items=100_000, ttl=max(store.url_ttl / 2, 1.0)
         )
@@ -285,7 +293,7 @@ class Images:
             row = await self.db.run(queries.find, image_id)
             if row is None:
                 raise NotFound()
-            found = StoredImage(row.sha256, row.format, row.width, int(row.bytes))
+            found = StoredImage(row.sha256, row.format, row.width, int(row.bytes), image_id)
             self._found.put(image_id, found)
         return found
 
@@ -297,7 +305,7 @@ class Images:
         if width not in THUMBNAIL_WIDTHS:
             raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
         key = (image.sha256, width)
-        size = self._variants.get(key)
+        size = self._variants.get((*key, image.id))
         if size is None:
             # One claim per variant in this process: concurrent requests wait for it (across
             # processes and hosts, the variant's row does the same).
@@ -306,13 +314,14 @@ class Images:
                 building = self._building[key] = asyncio.ensure_future(self._variant(image, width))
                 building.add_done_callback(lambda _: self._building.pop(key, None))
             size = await asyncio.shield(building)  # a client going away does not cancel the others' build
-            self._variants.put(key, size)
+            self._variants.put((*key, image.id), size)
         return ImageFile(image.sha256, width, size, image.format)
 
     async def _variant(self, image: StoredImage, width: int) -> int:
         """The size of the ``width`` thumbnail: made here if this process wins its row's claim, else
-        waited for (polling with a backoff) until it is ready or its builder's lease runs out."""
-        pause = 0.02
+        waited for (polling with a backoff) until it is ready or its builder's lease runs out (Unavailable
+        after BUILDER_WAIT: the client retries)."""
+        pause, give_up_at = 0.02, time.monotonic() + BUILDER_WAIT
         while True:
             now = self.clock.now()
             stale_before = now - dt.timedelta(seconds=self.rules.variant_lease)
@@ -331,6 +340,8 @@ class Images:
                 if size is not None:
                     return size
                 continue  # what was made was lost to a delete meanwhile: claim and make it again
+            if time.monotonic() > give_up_at:
+                raise Unavailable()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
@@ -438,7 +449,7 @@ class Images:
         """A row points at an object the store has lost. A thumbnail's row goes, so that the next
         request makes it again; an original is an operator's problem."""
         if file.width is not None:
-            self._variants.pop((file.sha256, file.width))
+            self._variants.pop_where(lambda key: key[:2] == (file.sha256, file.width))
             with contextlib.suppress(Exception):
                 await self.db.run(queries.forget_variant, file.sha256, file.width)
         return _missing(file.sha256 if file.width is None else f"{file.sha256} (w{file.width})")
@@ -459,8 +470,7 @@ class Images:
         """Drop this process's cached bytes and thumbnail sizes of a removed blob."""
         self._bytes.pop_where(lambda key: key[0] == sha256)
         self._urls.pop_where(lambda key: key[0] == sha256)
-        for width in THUMBNAIL_WIDTHS:
-            self._variants.pop((sha256, width))
+        self._variants.pop_where(lambda key: key[0] == sha256)
 
     # -- sweeps --------------------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ from sqlalchemy import delete, text
 from sqlalchemy.orm import Session
 
 from demo.common import housekeeping
-from demo.common.errors import InvalidField, InvalidImage, NotFound, QuotaExceeded
-from demo.common.images import imaging, queries
+from demo.common.errors import InvalidField, InvalidImage, NotFound, QuotaExceeded, Unavailable
+from demo.common.images import imaging, queries, rules
 from demo.common.images.local_store import LocalImageStore
 from demo.common.images.rules import ImageFile, Images, StoreMismatch, bind_store, decode_cursor, encode_cursor
 from demo.common.images.storage import StoreUnavailable, object_name
@@ -335,6 +335,25 @@ async def test_hosts_asking_for_a_new_thumbnail_at_once_make_it_once(app, images
 
 
 @gen_test
+async def test_bytes_deleted_on_one_host_and_uploaded_again_get_their_thumbnail_on_another(
+    app, images, owner, build_app, settings
+):
+    """The other host knew the thumbnail of the first image; the blob went with that image (its
+    thumbnails with it) and the same bytes came back as a new image: the new id must not reuse the
+    old thumbnail's size (behind nginx: a redirect to an object that is gone, a 404)."""
+    data = encode(noise((400, 300)), "JPEG", quality=90)
+    first = await images.create(owner, data)
+    other = build_app(settings).services.images  # a second host: same database, same store
+    thumb = await other.file_for(await other.find(first["id"]), 160)
+    await images.delete(owner, first["id"])  # here: the blob and its thumbnails go
+    assert images.store.size(thumb.sha256, 160) is None
+    again = await images.create(owner, data)
+    remade = await other.file_for(await other.find(again["id"]), 160)
+    assert images.store.size(remade.sha256, 160) == remade.size
+    assert variant_rows(app) == [(remade.sha256, 160, "ready", remade.size)]
+
+
+@gen_test
 async def test_a_claim_whose_builder_died_is_taken_over_once_its_lease_is_over(app, images, owner, clock, builds):
     record = await images.create(owner, jpeg((400, 300)))
     sha, lease = record["sha256"], images.rules.variant_lease
@@ -347,6 +366,23 @@ async def test_a_claim_whose_builder_died_is_taken_over_once_its_lease_is_over(a
     assert not asking.done() and builds == []  # waiting for the other builder, within its lease
     clock.advance(2)
     thumb = await asyncio.wait_for(asking, 10)
+    assert builds == [160] and variant_rows(app) == [(sha, 160, "ready", thumb.size)]
+
+
+@gen_test
+async def test_a_request_waiting_on_a_stuck_builder_answers_unavailable_then_the_lease_ends_it(
+    app, images, owner, clock, builds, monkeypatch
+):
+    record = await images.create(owner, jpeg((400, 300)))
+    sha = record["sha256"]
+    claimed = ImageVariant(sha256=sha, width=160, state="building", claimed_at=clock.now())
+    app.services.db.run_sync(lambda s: s.add(claimed))  # a host that claimed it and hangs
+    monkeypatch.setattr(rules, "BUILDER_WAIT", 0.3)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(images.file_for(await images.find(record["id"]), 160), 5)
+    assert builds == []
+    clock.advance(images.rules.variant_lease + 1)
+    thumb = await images.file_for(await images.find(record["id"]), 160)
     assert builds == [160] and variant_rows(app) == [(sha, 160, "ready", thumb.size)]
 
 
