@@ -344,15 +344,13 @@ def reserve_code_login(
     code_hash: str,
     max_attempts: int,
     now: dt.datetime,
-    dormant_before: dt.datetime | None = None,
-    fresh_hash: str = "",
 ) -> Row | None:
     """A login with an SMS code: count the attempt as ``reserve_login`` does, then spend the phone's live
     ``login`` code if ``code_hash`` is its hash. The user (``LOGIN_LOOKUP``'s row), or None: no such
     user, or a wrong, spent or dead code (a wrong guess counts against the code, and the attempt stays
     counted). A phone without an account has no code with a hash (none was issued), so it takes the
-    same steps as a wrong guess. An account dormant at ``dormant_before`` is frozen, and the row is
-    then that of a fresh account of the phone, made with ``fresh_hash`` (a hash no password matches)."""
+    same steps as a wrong guess. (A dormant account is frozen by ``record_code_login``, which locks the
+    user before counters, as every unit does that takes both.)"""
     found = _reserve_login(c, phone, params, admit, now)
     row = c.first(LIVE_CODE, {"phone": phone, "purpose": "login", "now": now})
     if row is None or row.attempts >= max_attempts:
@@ -362,20 +360,6 @@ def reserve_code_login(
         return None
     if found.id is None:  # purged since the code was sent: keep the code unspent, as nothing was done
         return None
-    holder, froze = free_number(c, phone, dormant_before, now)
-    if froze:
-        public_id = new_public_id()
-        user_id = c.insert(NEW_USER, {"public_id": public_id, "phone": phone, "password_hash": fresh_hash, "now": now})
-        found = found._replace(
-            id=user_id, public_id=public_id, phone=phone, password_hash=fresh_hash, created_at=now, deletion_pending=0
-        )
-    elif holder is None:  # purged meanwhile
-        return None
-    elif holder.id != found.id:  # the number changed hands since the lookup: its account as it is now
-        current = c.first(ACCOUNT, {"user_id": holder.id})
-        if current is None:
-            return None
-        found = found._replace(**current._asdict())
     c.execute(USE_CODE, {"id": row.id, "now": now})
     return found
 
@@ -395,6 +379,19 @@ def record_login(
     its attempt back (``params``), forget the counter ``forget``, count a remembered success
     (``remember``: ``window_params`` of 2 windows) and create ``grant``; the app session's id. None, and
     nothing written, when the password changed since it was verified."""
+    return _record_login(c, found, new_hash, params, forget, remember, grant, now)
+
+
+def _record_login(
+    c: SqlCursor,
+    found: Row,
+    new_hash: str | None,
+    params: dict[str, Any],
+    forget: str | None,
+    remember: dict[str, Any] | None,
+    grant: NewGrant,
+    now: dt.datetime,
+) -> int | None:
     if not c.execute(
         RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash, "now": now, "new_hash": new_hash}
     ):
@@ -405,6 +402,42 @@ def record_login(
     if remember is not None:
         ratelimit.reserve(c, remember, 2)
     return add_grant(c, found.id, grant, now)
+
+
+@sql_unit
+def record_code_login(
+    c: SqlCursor,
+    found: Row,
+    params: dict[str, Any],
+    forget: str | None,
+    remember: dict[str, Any] | None,
+    grant: NewGrant,
+    now: dt.datetime,
+    dormant_before: dt.datetime | None,
+    fresh_hash: str,
+) -> tuple[int, Row] | None:
+    """``record_login`` for a login with a code to ``found.phone`` (``reserve_code_login``'s row): the
+    session's id and the account signed in. That is a fresh account, made with ``fresh_hash`` (a hash
+    no password matches), when the number's was dormant at ``dormant_before`` (it is frozen: see
+    free_number), and the number's account as it is now when it changed hands since ``found`` was read.
+    None, and nothing written, when no account holds the number any more, or its deletion is final."""
+    holder, froze = free_number(c, found.phone, dormant_before, now)
+    if froze:
+        public_id = new_public_id()
+        fresh = {"public_id": public_id, "phone": found.phone, "password_hash": fresh_hash, "now": now}
+        user_id = c.insert(NEW_USER, fresh)
+        found = found._replace(
+            id=user_id, public_id=public_id, password_hash=fresh_hash, created_at=now, deletion_pending=0
+        )
+    elif holder is None:
+        return None
+    elif holder.id != found.id:
+        current = c.first(ACCOUNT, {"user_id": holder.id})
+        if current is None:
+            return None
+        found = found._replace(**current._asdict())
+    session_id = _record_login(c, found, None, params, forget, remember, grant, now)
+    return None if session_id is None else (session_id, found)
 
 
 @sql_unit
@@ -422,10 +455,13 @@ def reset_password(
     login counters under ``login_family``; False if there is no such user (deleted since the code). A
     user dormant at ``dormant_before`` is frozen instead, and a fresh account of the phone gets the
     password (see free_number)."""
+    if c.first(HOLDER, {"phone": phone, "dormant_before": None, "now": now}) is None:
+        return False
+    # Counters, then the user: the order of register (and of this unit before recycled numbers).
+    ratelimit.refund_one(c, checks, checked_at)
     user, froze = free_number(c, phone, dormant_before, now)
     if user is None and not froze:
-        return False
-    ratelimit.refund_one(c, checks, checked_at)
+        return False  # purged meanwhile (the refund is harmless: the code was good)
     if user is None:
         c.insert(NEW_USER, {"public_id": new_public_id(), "phone": phone, "password_hash": password_hash, "now": now})
     else:

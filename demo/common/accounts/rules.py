@@ -339,7 +339,6 @@ class Accounts:
         now = self.clock.now()
         windows = self.login_windows(phone, client_ip)
         counted, remembered = self._login_params(phone, client_ip, now)
-        fresh_hash = await self.fresh_hash()  # for a dormant account's number (see queries.free_number)
         found = await self.db.run(
             queries.reserve_code_login,
             phone,
@@ -348,12 +347,10 @@ class Accounts:
             tokens.keyed_digest(self.code_key, phone, "login", code),
             self.rules.max_attempts,
             now,
-            self.dormant_before(now),
-            fresh_hash,
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
-        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now)
+        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now, by_code=True)
         if grant is None:
             raise InvalidCode(field="code")  # reset or deleted for good since the code was checked
         return grant
@@ -368,10 +365,12 @@ class Accounts:
         user_agent: str | None,
         now: dt.datetime,
         frozen: bool = False,
+        by_code: bool = False,
     ) -> Grant | None:
         """A good login of ``found`` (``frozen``: an account frozen off ``phone``): its session (it undoes a
         deletion in its grace period), or None when the password changed, or the deletion became final,
-        since ``found`` was read."""
+        since ``found`` was read. A login with a code (``by_code``) signs in to the number's account as
+        it is then: a fresh one when it was dormant (see queries.free_number)."""
         # A good login is not a failure: its attempt is given back, and it clears this client's earlier
         # failures for the phone; the client is remembered (once per TRUST_SECONDS, not every login).
         windows = self.login_windows(phone, client_ip)
@@ -381,7 +380,14 @@ class Accounts:
         if found.trusted_next is None:
             remember = {**ratelimit.window_params([known], now), **ratelimit.window_params([known], later, 1)}
         token, ticket, grant = self._new_grant(now, client_ip, user_agent)
-        session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
+        if by_code:
+            fresh_hash, dormant_before = await self.fresh_hash(), self.dormant_before(now)
+            done = await self.db.run(
+                queries.record_code_login, found, counted, forget, remember, grant, now, dormant_before, fresh_hash
+            )
+            session_id, found = done if done is not None else (None, found)
+        else:
+            session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
         if session_id is None:
             return None
         user = public_user(found, frozen=frozen)
