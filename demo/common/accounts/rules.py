@@ -84,7 +84,7 @@ class AccountRules:
     h5_ticket_ttl: int  # the ticket a login hands out with its session
     deletion_grace: int  # seconds from DELETE /users/me to the purge; a login meanwhile undoes it
     sms_login: bool  # a login may prove the phone with a "login" code instead of the password
-    dormant_after: int = 0  # seconds without activity that make an account dormant (0: never)
+    dormant_after: int  # seconds without activity that make an account dormant (0: never)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccountRules:
