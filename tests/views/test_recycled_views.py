@@ -141,6 +141,20 @@ async def test_a_frozen_account_gets_no_codes_and_moves_to_a_new_number_to_thaw(
 
 
 @gen_test
+async def test_an_account_moves_onto_a_dormant_number_which_freezes_its_old_account(api, user, app, clock, outbox):
+    clock.advance(DORMANT)
+    mover = (await api.register(outbox, OTHER, NEW_PASSWORD)).json
+    code = await code_for(api, outbox, clock, "phone")  # a code, not the "number taken" notice
+    body = {"phone": PHONE, "code": code, "password": NEW_PASSWORD}
+    moved = await api.post("/users/phone", body, token=mover["token"])
+    assert moved.code == 200, moved.body
+    assert moved.json["user"]["phone"] == E164 and moved.json["user"]["id"] == mover["user"]["id"]
+    assert accounts(app) == [(None, E164, True), (E164, None, False)]
+    assert (await login(api)).json["user"] == {**user.body["user"], "frozen": True}
+    assert (await login(api, password=NEW_PASSWORD)).json["user"]["id"] == mover["user"]["id"]
+
+
+@gen_test
 async def test_a_frozen_account_changes_its_password_and_deletes_itself_with_it(api, user, app, clock, outbox):
     clock.advance(DORMANT)
     assert (await reset(api, await code_for(api, outbox, clock, "reset"))).code == 204

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from demo.common.accounts.tokens import new_public_id
-from demo.common.errors import RateLimited, Unauthorized
+from demo.common.errors import InvalidCredentials, RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
@@ -642,7 +642,7 @@ def change_phone(
     c: SqlCursor,
     user_id: int,
     session_id: int,
-    old_phone: str,
+    old_phone: str | None,
     new_phone: str,
     verified_hash: str,
     checks: Window,
@@ -650,14 +650,20 @@ def change_phone(
     attempt: dict[str, Any],
     notice: Notice | None,
     now: dt.datetime,
+    dormant_before: dt.datetime | None = None,
 ) -> Row | None:
-    """Move the user from ``old_phone`` to ``new_phone`` (the password checked was ``verified_hash``),
-    give back the code check (``checks`` at ``checked_at``) and the login attempt (``attempt``), and
-    queue ``notice`` to the old phone; the user's profile (``PROFILE``). None, and nothing written,
-    when the password or phone changed since they were checked; ``Conflict`` when another account has
-    ``new_phone``; Unauthorized when the caller's session ended meanwhile."""
+    """Move the user from ``old_phone`` (None: a frozen account, which this unfreezes) to ``new_phone``
+    (the password checked was ``verified_hash``), give back the code check (``checks`` at
+    ``checked_at``) and the login attempt (``attempt``), and queue ``notice`` to the old phone; the
+    user's profile (``PROFILE``). An account of ``new_phone`` dormant at ``dormant_before`` is frozen
+    first (see free_number). None, and nothing written, when the password or phone changed since they
+    were checked; ``Conflict`` when another account has ``new_phone``; Unauthorized when the caller's
+    session ended meanwhile."""
     params = {"user_id": user_id, "old_phone": old_phone, "new_phone": new_phone, "verified_hash": verified_hash}
+    _, froze = free_number(c, new_phone, dormant_before, now)
     if not c.execute(CHANGE_PHONE, params):
+        if froze:  # the freeze is undone with the unit: the number must not be left without its account
+            raise InvalidCredentials("Wrong password.", field="password")
         return None
     _lock_user_with_session(c, user_id, session_id, now)
     ratelimit.refund_one(c, checks, checked_at)

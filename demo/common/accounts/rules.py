@@ -196,7 +196,7 @@ class Accounts:
         code: str | None = self.test_numbers.get(phone) or f"{secrets.randbelow(10**6):06d}"
         if purpose == "regist" and registered and not dormant:
             code, text = None, "This number already has a demo account. Sign in, or reset your password."
-        elif purpose == "phone" and registered:
+        elif purpose == "phone" and registered and not dormant:
             # As for "regist": the answer is the same either way, only the number's holder learns that
             # it has an account (which "regist" would tell them too), and no code is spent on a change
             # that the taken number would refuse.
@@ -519,7 +519,7 @@ class Accounts:
         password; the old phone gets a notice. The code is checked first (a wrong one costs no hash),
         then the password as a login checks it; a phone another account has is PhoneTaken, whatever
         made it taken (held at the code request: no code was sent; registered since: the database's
-        unique key)."""
+        unique key). A dormant account's number is taken over: that account is frozen."""
         phone = self.phone(raw_phone)
         if phone == principal.phone and not principal.frozen:
             raise InvalidPhone("This is already your phone number.", field="phone")
@@ -544,6 +544,7 @@ class Accounts:
                 counted,
                 notice,
                 now,
+                self.dormant_before(now),
             )
         except Conflict:
             raise PhoneTaken(field="phone") from None

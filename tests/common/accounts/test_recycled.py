@@ -13,6 +13,7 @@ from alembic import command
 from sqlalchemy import func, inspect, select, text, update
 
 from demo.common.accounts import queries, tokens
+from demo.common.errors import InvalidCredentials
 from demo.common.infra import migrate, ratelimit
 from demo.common.infra.db import Conflict
 from demo.models import AuthSession, RateCounter, SmsCode, User
@@ -137,6 +138,26 @@ def test_an_sms_login_on_a_dormant_number_signs_in_to_a_fresh_account(db):
     # The fresh account is active: the next code login is its own.
     issue_login_code(db, good)
     assert code_login(db, good, token="y")[1].id == fresh and len(users(db)) == 2
+
+
+def test_a_phone_change_onto_a_dormant_number_freezes_its_account_and_a_stale_one_undoes_it(db):
+    new_user(db)
+    mover_session = new_user(db, phone="+8618866669999", token_hash="m" * 64, ticket_hash="n" * 64)
+    mover = users(db)[1][0]
+    db.run_sync(lambda s: s.execute(update(AuthSession).values(expires_at=LATER + dt.timedelta(days=1))))
+    db.run_sync(lambda s: s.execute(update(AuthSession).where(AuthSession.user_id != mover).values(revoked_at=NOW)))
+    attempt = ratelimit.window_params(WINDOWS[:4], LATER)
+
+    def change(verified_hash: str):
+        args = (mover, mover_session, "+8618866669999", PHONE, verified_hash, CHECKS, LATER, attempt, None, LATER)
+        return db.run_sync(queries.change_phone, *args, LATER - dt.timedelta(days=1))
+
+    with pytest.raises(InvalidCredentials):  # the password changed since it was checked: nothing stays
+        change("an older hash")
+    assert [u[1:3] for u in users(db)] == [(PHONE, None), ("+8618866669999", None)]
+    # The mover's own session was used at LATER - 1 day at the latest: it is not dormant itself.
+    assert change("hash").phone == PHONE
+    assert [u[1:3] for u in users(db)] == [(None, PHONE), (PHONE, None)]
 
 
 def test_the_frozen_account_lookups(db):
