@@ -38,7 +38,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)  # internal: foreign keys only
     # The id clients see: a sequential one would tell anyone the number of users.
     public_id: Mapped[str] = mapped_column(PublicId, unique=True, default=new_public_id)
-    phone: Mapped[str] = mapped_column(String(16), unique=True)  # E.164, at most 15 digits and '+'
+    # E.164, at most 15 digits and '+'. NULL once the account is frozen: its number went to a new holder.
+    phone: Mapped[str | None] = mapped_column(String(16), unique=True, nullable=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     last_login_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
@@ -47,6 +48,12 @@ class User(Base):
     # Set by DELETE /users/me: the account is purged by housekeeping from then on, unless a login
     # before it clears it (the grace period). Indexed: housekeeping looks for the ones that are due.
     deletion_due_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
+    # A frozen account: dormant (no login for the settings' dormant_account_after) when a code for its
+    # number was used, so its number went to a fresh account of the code's holder (carriers recycle
+    # numbers). It keeps the number here, to sign in with it and its password; it receives no codes.
+    # Indexed: a password login that fails on the number's account tries the latest one frozen off it.
+    former_phone: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    frozen_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class AuthSession(Base):

@@ -179,6 +179,14 @@ class Settings:
         "undoes the deletion (0: purged by the next housekeeping round)",
         group=ACCOUNTS,
     )
+    dormant_account_after: int = option(
+        365 * 24 * 3600,
+        "seconds without a login (or a session's use) after which an account is dormant: carriers hand "
+        "numbers on, so a reset, login or registration code for its number gives the number's holder a "
+        "fresh account and freezes the dormant one (0: never)",
+        group=ACCOUNTS,
+        low=0,
+    )
     sms_login: bool = option(
         True, "allow signing in with an SMS code (purpose 'login') instead of the password", group=ACCOUNTS
     )

@@ -9,5 +9,6 @@ from dataclasses import dataclass
 class Principal:
     user_id: int
     session_id: int  # the app session (bearer token) this call rides on, directly or through H5
-    phone: str
+    phone: str  # a frozen account's is the number it had, and signs in with: another account has it now
     h5_session_id: int | None = None  # set when the call came with the H5 cookie
+    frozen: bool = False  # the account's number went to a new holder (recycled): no codes reach it

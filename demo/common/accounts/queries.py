@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from demo.common.accounts.tokens import new_public_id
-from demo.common.errors import RateLimited, Unauthorized
+from demo.common.errors import InvalidCredentials, RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
@@ -35,8 +35,10 @@ from demo.common.sms import queries as sms_queries
 
 # -- statements --------------------------------------------------------------------------------------
 
+# A frozen account's phone is the number it had (and signs in with); ``frozen`` says it is one.
 TOKEN = Sql(
-    "SELECT auth_sessions.id, auth_sessions.user_id, users.phone,"
+    "SELECT auth_sessions.id, auth_sessions.user_id, COALESCE(users.phone, users.former_phone) AS phone,"
+    " (users.phone IS NULL) AS frozen,"
     " (auth_sessions.last_used_at IS NULL OR auth_sessions.last_used_at < :stale) AS stale"
     " FROM auth_sessions JOIN users ON users.id = auth_sessions.user_id"
     " WHERE auth_sessions.token_hash = :token_hash AND auth_sessions.revoked_at IS NULL"
@@ -48,13 +50,13 @@ TOKEN = Sql(
 TOUCH_SESSION = Sql(
     "UPDATE auth_sessions SET last_used_at = :now WHERE id = :id AND (last_used_at IS NULL OR last_used_at < :stale)"
 )
-USER_ID = Sql("SELECT id FROM users WHERE phone = :phone")
 NEW_USER = Sql(
     "INSERT INTO users (public_id, phone, password_hash, created_at, last_login_at, h5_visit_count)"
     " VALUES (:public_id, :phone, :password_hash, :now, :now, 0)"
 )
 PROFILE = Sql(
-    "SELECT users.public_id, users.phone, users.created_at, users.last_login_at,"
+    "SELECT users.public_id, COALESCE(users.phone, users.former_phone) AS phone, (users.phone IS NULL) AS frozen,"
+    " users.created_at, users.last_login_at,"
     " (SELECT COUNT(images.pk) FROM images WHERE images.owner_id = users.id) AS image_count"
     " FROM users WHERE users.id = :user_id",
     datetimes=["created_at", "last_login_at"],
@@ -93,9 +95,11 @@ END_OTHER_SESSIONS = Sql(
 CHANGE_PASSWORD = Sql(
     "UPDATE users SET password_hash = :new_hash WHERE id = :user_id AND password_hash = :verified_hash"
 )
-# The same, and only from the phone the caller had: a taken phone breaks the unique key (Conflict).
+# The same, and only from the phone the caller had (None: a frozen account, which this unfreezes): a
+# taken phone breaks the unique key (Conflict).
 CHANGE_PHONE = Sql(
-    "UPDATE users SET phone = :new_phone WHERE id = :user_id AND phone = :old_phone AND password_hash = :verified_hash"
+    "UPDATE users SET phone = :new_phone, former_phone = NULL, frozen_at = NULL WHERE id = :user_id"
+    " AND (phone = :old_phone OR (:old_phone IS NULL AND phone IS NULL)) AND password_hash = :verified_hash"
 )
 SWEEP_SESSIONS = Sql("DELETE FROM auth_sessions WHERE expires_at < :before")
 
@@ -223,15 +227,17 @@ class CodeRequest:
     by_client: Window
     resend_after: int  # seconds between two codes to one phone
     expires_at: dt.datetime
+    dormant_before: dt.datetime | None = None  # an account last active before this is dormant (None: none is)
 
 
 # -- units of work ------------------------------------------------------------------------------------
 
 
 @sql_unit
-def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Callable[[bool], CodeText]) -> None:
+def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Callable[[bool, bool], CodeText]) -> None:
     """Count the request, refuse it within ``resend_after`` of the phone's last code, then store a new
-    code (replacing the live one) and its outbox row, as ``compose(registered)`` makes them."""
+    code (replacing the live one) and its outbox row, as ``compose(registered, dormant)`` makes them
+    (``dormant``: the phone's account is, so a code for it would give the number a fresh account)."""
     # The per-phone upsert comes first: it locks this phone's counter row, so concurrent requests
     # for one phone are serialised and the resend check below cannot be raced.
     ratelimit.hit(c, request.by_phone, now)
@@ -240,7 +246,8 @@ def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Ca
     if last_sent is not None and (wait := (last_sent - now).total_seconds() + request.resend_after) > 0:
         raise RateLimited(math.ceil(wait), "Wait before asking for another code.")
     ratelimit.hit(c, request.by_client, now)
-    made = compose(c.first(USER_ID, {"phone": request.phone}) is not None)
+    holder = c.first(HOLDER, {"phone": request.phone, "dormant_before": request.dormant_before, "now": now})
+    made = compose(holder is not None, bool(holder is not None and holder.dormant))
     params = {"phone": request.phone, "purpose": request.purpose, "now": now}
     c.execute(EXPIRE_CODES, params)
     code_id = c.insert(NEW_CODE, {**params, "code_hash": made.code_hash, "expires_at": request.expires_at})
@@ -294,11 +301,14 @@ def register(
     checked_at: dt.datetime,
     grant: NewGrant,
     now: dt.datetime,
+    dormant_before: dt.datetime | None = None,
 ) -> int:
     """A new user, signed in (``grant``); the app session's id. Refunds the code check counted at
-    ``checked_at`` (only failed checks count against the client). ``Conflict`` when the phone (or the
-    public id) is taken."""
+    ``checked_at`` (only failed checks count against the client). An account of the phone dormant at
+    ``dormant_before`` is frozen first (see free_number). ``Conflict`` when the phone (or the public
+    id) is taken."""
     ratelimit.refund_one(c, checks, checked_at)
+    free_number(c, phone, dormant_before, now)  # an active holder stays: the INSERT conflicts
     user_id = c.insert(NEW_USER, {"public_id": public_id, "phone": phone, "password_hash": password_hash, "now": now})
     return add_grant(c, user_id, grant, now)
 
@@ -339,7 +349,8 @@ def reserve_code_login(
     ``login`` code if ``code_hash`` is its hash. The user (``LOGIN_LOOKUP``'s row), or None: no such
     user, or a wrong, spent or dead code (a wrong guess counts against the code, and the attempt stays
     counted). A phone without an account has no code with a hash (none was issued), so it takes the
-    same steps as a wrong guess."""
+    same steps as a wrong guess. (A dormant account is frozen by ``record_code_login``, which locks the
+    user before counters, as every unit does that takes both.)"""
     found = _reserve_login(c, phone, params, admit, now)
     row = c.first(LIVE_CODE, {"phone": phone, "purpose": "login", "now": now})
     if row is None or row.attempts >= max_attempts:
@@ -368,6 +379,19 @@ def record_login(
     its attempt back (``params``), forget the counter ``forget``, count a remembered success
     (``remember``: ``window_params`` of 2 windows) and create ``grant``; the app session's id. None, and
     nothing written, when the password changed since it was verified."""
+    return _record_login(c, found, new_hash, params, forget, remember, grant, now)
+
+
+def _record_login(
+    c: SqlCursor,
+    found: Row,
+    new_hash: str | None,
+    params: dict[str, Any],
+    forget: str | None,
+    remember: dict[str, Any] | None,
+    grant: NewGrant,
+    now: dt.datetime,
+) -> int | None:
     if not c.execute(
         RECORD_LOGIN, {"user_id": found.id, "verified_hash": found.password_hash, "now": now, "new_hash": new_hash}
     ):
@@ -381,6 +405,42 @@ def record_login(
 
 
 @sql_unit
+def record_code_login(
+    c: SqlCursor,
+    found: Row,
+    params: dict[str, Any],
+    forget: str | None,
+    remember: dict[str, Any] | None,
+    grant: NewGrant,
+    now: dt.datetime,
+    dormant_before: dt.datetime | None,
+    fresh_hash: str,
+) -> tuple[int, Row] | None:
+    """``record_login`` for a login with a code to ``found.phone`` (``reserve_code_login``'s row): the
+    session's id and the account signed in. That is a fresh account, made with ``fresh_hash`` (a hash
+    no password matches), when the number's was dormant at ``dormant_before`` (it is frozen: see
+    free_number), and the number's account as it is now when it changed hands since ``found`` was read.
+    None, and nothing written, when no account holds the number any more, or its deletion is final."""
+    holder, froze = free_number(c, found.phone, dormant_before, now)
+    if froze:
+        public_id = new_public_id()
+        fresh = {"public_id": public_id, "phone": found.phone, "password_hash": fresh_hash, "now": now}
+        user_id = c.insert(NEW_USER, fresh)
+        found = found._replace(
+            id=user_id, public_id=public_id, password_hash=fresh_hash, created_at=now, deletion_pending=0
+        )
+    elif holder is None:
+        return None
+    elif holder.id != found.id:
+        current = c.first(ACCOUNT, {"user_id": holder.id})
+        if current is None:
+            return None
+        found = found._replace(**current._asdict())
+    session_id = _record_login(c, found, None, params, forget, remember, grant, now)
+    return None if session_id is None else (session_id, found)
+
+
+@sql_unit
 def reset_password(
     c: SqlCursor,
     phone: str,
@@ -389,17 +449,96 @@ def reset_password(
     checked_at: dt.datetime,
     login_family: str,
     now: dt.datetime,
+    dormant_before: dt.datetime | None = None,
 ) -> bool:
     """Set the password of ``phone``'s user, end their app sessions, refund the code check and reset the
-    login counters under ``login_family``; False if there is no such user (deleted since the code)."""
-    user = c.first(USER_ID, {"phone": phone})
-    if user is None:
+    login counters under ``login_family``; False if there is no such user (deleted since the code). A
+    user dormant at ``dormant_before`` is frozen instead, and a fresh account of the phone gets the
+    password (see free_number)."""
+    if c.first(HOLDER, {"phone": phone, "dormant_before": None, "now": now}) is None:
         return False
+    # Counters, then the user: the order of register (and of this unit before recycled numbers).
     ratelimit.refund_one(c, checks, checked_at)
-    c.execute(SET_PASSWORD, {"user_id": user.id, "password_hash": password_hash})
-    c.execute(REVOKE_SESSIONS, {"user_id": user.id, "now": now})
+    user, froze = free_number(c, phone, dormant_before, now)
+    if user is None and not froze:
+        return False  # purged meanwhile (the refund is harmless: the code was good)
+    if user is None:
+        c.insert(NEW_USER, {"public_id": new_public_id(), "phone": phone, "password_hash": password_hash, "now": now})
+    else:
+        c.execute(SET_PASSWORD, {"user_id": user.id, "password_hash": password_hash})
+        c.execute(REVOKE_SESSIONS, {"user_id": user.id, "now": now})
     ratelimit.forget_family(c, login_family)
     return True
+
+
+# -- recycled numbers ---------------------------------------------------------------------------------
+# Carriers hand a number on once its subscriber leaves it. An account of the number with no login, no
+# session used (the token check writes that once a minute) and no H5 visit since :dormant_before is
+# dormant (NULL: the rule is off, none is): a code for its number proves only that someone holds the
+# number now, so the reset, login or registration it comes with freezes the account off the number
+# (phone NULL, former_phone the number) and gives the number a fresh account. The frozen account signs
+# in with its former number and its password (a password login that fails on the number's account
+# tries the latest one frozen off it), and gets no codes: it has no number.
+_DORMANT = (
+    "(COALESCE(users.last_login_at, users.created_at) < :dormant_before"
+    " AND (users.h5_last_visit_at IS NULL OR users.h5_last_visit_at < :dormant_before)"
+    " AND NOT EXISTS (SELECT 1 FROM auth_sessions WHERE auth_sessions.user_id = users.id"
+    " AND auth_sessions.revoked_at IS NULL AND auth_sessions.expires_at > :now"
+    " AND COALESCE(auth_sessions.last_used_at, auth_sessions.created_at) >= :dormant_before))"
+)
+HOLDER = Sql(f"SELECT id, {_DORMANT} AS dormant FROM users WHERE phone = :phone")
+_HOLDER_NOW = "SELECT id FROM users WHERE phone = :phone"
+HOLDER_NOW = Sql(sqlite=_HOLDER_NOW, mysql=f"{_HOLDER_NOW} FOR UPDATE")
+# Only while it is still the number's account and still dormant: of two requests that found it so, one
+# freezes it; so does a login or a token check of its owner that commits first keep it.
+FREEZE = Sql(
+    "UPDATE users SET phone = NULL, former_phone = :phone, frozen_at = :now"
+    f" WHERE id = :user_id AND phone = :phone AND {_DORMANT}"
+)
+_ACCOUNT = (
+    "SELECT users.id, users.public_id, {phone} AS phone, users.password_hash, users.created_at,"
+    " (users.deletion_due_at IS NOT NULL) AS deletion_pending FROM users WHERE "
+)
+# A user as LOGIN_LOOKUP shows one, by id.
+ACCOUNT = Sql(_ACCOUNT.format(phone="users.phone") + "users.id = :user_id", datetimes=["created_at"])
+# The latest account frozen off :phone whose deletion is not final, as LOGIN_LOOKUP shows a user (with
+# the number it signs in with as its phone).
+FROZEN_ACCOUNT = Sql(
+    _ACCOUNT.format(phone="users.former_phone")
+    + f"users.former_phone = :phone AND {_NOT_DELETED} ORDER BY users.frozen_at DESC, users.id DESC LIMIT 1",
+    datetimes=["created_at"],
+)
+
+
+def free_number(
+    c: SqlCursor, phone: str, dormant_before: dt.datetime | None, now: dt.datetime
+) -> tuple[Row | None, bool]:
+    """The account that holds ``phone`` (its id), after freezing it if it was dormant: ``(None, True)``
+    then (its sessions end too, and the number is free for a fresh account), ``(None, False)`` when no
+    account holds the number."""
+    params = {"phone": phone, "dormant_before": dormant_before, "now": now}
+    holder = c.first(HOLDER, params)
+    if holder is None or not holder.dormant:
+        return holder, False
+    if c.execute(FREEZE, {**params, "user_id": holder.id}):
+        # Whoever holds its old sessions proves no more than the number's holder does: the owner signs
+        # in again with the password, and learns so that the account is frozen.
+        c.execute(REVOKE_SESSIONS, {"user_id": holder.id, "now": now})
+        return None, True
+    # Another request froze it first (and gave the number a fresh account), or its owner came back.
+    return c.first(HOLDER_NOW, {"phone": phone}), False
+
+
+@sql_unit
+def frozen_account(c: SqlCursor, phone: str, now: dt.datetime) -> Row | None:
+    """The latest account frozen off ``phone`` (``FROZEN_ACCOUNT``'s row), or None."""
+    return c.first(FROZEN_ACCOUNT, {"phone": phone, "now": now})
+
+
+@sql_unit
+def account(c: SqlCursor, user_id: int) -> Row | None:
+    """The user ``user_id`` (``ACCOUNT``'s row, its phone None when frozen), or None."""
+    return c.first(ACCOUNT, {"user_id": user_id})
 
 
 @sql_unit
@@ -506,31 +645,38 @@ def change_phone(
     c: SqlCursor,
     user_id: int,
     session_id: int,
-    old_phone: str,
+    old_phone: str | None,
     new_phone: str,
     verified_hash: str,
     checks: Window,
     checked_at: dt.datetime,
     attempt: dict[str, Any],
-    notice: Notice,
+    notice: Notice | None,
     now: dt.datetime,
+    dormant_before: dt.datetime | None = None,
 ) -> Row | None:
-    """Move the user from ``old_phone`` to ``new_phone`` (the password checked was ``verified_hash``),
-    give back the code check (``checks`` at ``checked_at``) and the login attempt (``attempt``), and
-    queue ``notice`` to the old phone; the user's profile (``PROFILE``). None, and nothing written,
-    when the password or phone changed since they were checked; ``Conflict`` when another account has
-    ``new_phone``; Unauthorized when the caller's session ended meanwhile."""
+    """Move the user from ``old_phone`` (None: a frozen account, which this unfreezes) to ``new_phone``
+    (the password checked was ``verified_hash``), give back the code check (``checks`` at
+    ``checked_at``) and the login attempt (``attempt``), and queue ``notice`` to the old phone; the
+    user's profile (``PROFILE``). An account of ``new_phone`` dormant at ``dormant_before`` is frozen
+    first (see free_number). None, and nothing written, when the password or phone changed since they
+    were checked; ``Conflict`` when another account has ``new_phone``; Unauthorized when the caller's
+    session ended meanwhile."""
     params = {"user_id": user_id, "old_phone": old_phone, "new_phone": new_phone, "verified_hash": verified_hash}
+    _, froze = free_number(c, new_phone, dormant_before, now)
     if not c.execute(CHANGE_PHONE, params):
+        if froze:  # the freeze is undone with the unit: the number must not be left without its account
+            raise InvalidCredentials("Wrong password.", field="password")
         return None
     _lock_user_with_session(c, user_id, session_id, now)
     ratelimit.refund_one(c, checks, checked_at)
     ratelimit.refund(c, attempt, LOGIN_WINDOWS)
-    # A code row without a code (its hash never matches) carries the text through the outbox and its
-    # sender, as every text goes; its expiry is how long the text may wait for the gateway.
-    code = {"phone": notice.phone, "purpose": notice.purpose, "now": now, "expires_at": notice.expires_at}
-    code_id = c.insert(NEW_CODE, {**code, "code_hash": ""})
-    sms_queries.enqueue(c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None)
+    if notice is not None:  # None: a frozen account, whose old number is another account's now
+        # A code row without a code (its hash never matches) carries the text through the outbox and its
+        # sender, as every text goes; its expiry is how long the text may wait for the gateway.
+        code = {"phone": notice.phone, "purpose": notice.purpose, "now": now, "expires_at": notice.expires_at}
+        code_id = c.insert(NEW_CODE, {**code, "code_hash": ""})
+        sms_queries.enqueue(c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None)
     return c.first(PROFILE, {"user_id": user_id})
 
 
@@ -582,8 +728,9 @@ def purge_user(c: SqlCursor, user_id: int, now: dt.datetime) -> bool:
     # code request: counters before codes).
     image_queries.release_all(c, user_id)
     c.execute(DELETE_SESSIONS, {"user_id": user_id})
-    ratelimit.forget(c, sms_phone_key(user.phone))
-    ratelimit.forget_family(c, login_phone_key(user.phone))
-    c.execute(DELETE_CODES, {"phone": user.phone})
+    if user.phone is not None:  # a frozen account's former number, its codes and counters are its new holder's
+        ratelimit.forget(c, sms_phone_key(user.phone))
+        ratelimit.forget_family(c, login_phone_key(user.phone))
+        c.execute(DELETE_CODES, {"phone": user.phone})
     c.execute(DELETE_USER, {"user_id": user_id})
     return True

@@ -1,5 +1,6 @@
 """Scenario 1 rules: SMS codes, registration, login (with the password or an SMS code), logout, password
-reset, token checks, the list of sessions (devices), password and phone changes, account deletion.
+reset, token checks, the list of sessions (devices), password and phone changes, account deletion, and
+recycled numbers (a dormant account is frozen, not handed to whoever holds its number now).
 
 No Tornado here: handlers call these coroutines with plain values and get plain values or a
 ``DemoError`` back. Database work runs through ``Database.run`` and hashing through the CPU pool.
@@ -83,6 +84,7 @@ class AccountRules:
     h5_ticket_ttl: int  # the ticket a login hands out with its session
     deletion_grace: int  # seconds from DELETE /users/me to the purge; a login meanwhile undoes it
     sms_login: bool  # a login may prove the phone with a "login" code instead of the password
+    dormant_after: int  # seconds without activity that make an account dormant (0: never)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccountRules:
@@ -105,6 +107,7 @@ class AccountRules:
             h5_ticket_ttl=settings.h5_ticket_ttl,
             deletion_grace=settings.account_deletion_grace,
             sms_login=settings.sms_login,
+            dormant_after=settings.dormant_account_after,
         )
 
 
@@ -139,6 +142,19 @@ class Accounts:
         self.rules = rules
         self.test_numbers = test_numbers or {}
         self.clock = clock or Clock()
+        self._fresh_hash: str | None = None  # see fresh_hash
+
+    def dormant_before(self, now: dt.datetime) -> dt.datetime | None:
+        """An account with no activity since this time is dormant (None: the rule is off)."""
+        return now - dt.timedelta(seconds=self.rules.dormant_after) if self.rules.dormant_after else None
+
+    async def fresh_hash(self) -> str:
+        """The password hash of an account an SMS login made (for a recycled number): the hash of a random
+        secret, forgotten at once, so no password matches it, yet checking one costs a full hash as for
+        any account (a quick refusal would tell that the account has no password). Made once per process."""
+        if self._fresh_hash is None:
+            self._fresh_hash = await self.db.offloader.cpu(self.passwords.hash, secrets.token_urlsafe(32))
+        return self._fresh_hash
 
     def phone(self, raw: Any) -> str:
         return normalize_phone(raw, self.rules.default_region)
@@ -168,17 +184,19 @@ class Accounts:
             by_client=Window(f"sms:ip:{ratelimit.client_key(client_ip)}", r.ip_hourly, 3600),
             resend_after=r.resend_after,
             expires_at=now + dt.timedelta(seconds=r.code_ttl),
+            dormant_before=self.dormant_before(now),
         )
         await self.db.run(queries.issue_code, request, now, functools.partial(self._code_text, phone, purpose))
         self.sender.wake()
         return {"expires_in": self.rules.code_ttl, "resend_after": self.rules.resend_after}
 
-    def _code_text(self, phone: str, purpose: str, registered: bool) -> queries.CodeText:
-        """The code and text of a code request (``registered``: the phone has an account)."""
+    def _code_text(self, phone: str, purpose: str, registered: bool, dormant: bool) -> queries.CodeText:
+        """The code and text of a code request (``registered``: the phone has an account; ``dormant``: a
+        dormant one, which a registration with the code freezes, as a reset or SMS login would)."""
         code: str | None = self.test_numbers.get(phone) or f"{secrets.randbelow(10**6):06d}"
-        if purpose == "regist" and registered:
+        if purpose == "regist" and registered and not dormant:
             code, text = None, "This number already has a demo account. Sign in, or reset your password."
-        elif purpose == "phone" and registered:
+        elif purpose == "phone" and registered and not dormant:
             # As for "regist": the answer is the same either way, only the number's holder learns that
             # it has an account (which "regist" would tell them too), and no code is spent on a change
             # that the taken number would refuse.
@@ -223,8 +241,11 @@ class Accounts:
         await self._claim_code(phone, "regist", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
         public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now, client_ip, user_agent)
+        dormant_before = self.dormant_before(now)
         try:
-            session_id = await self.db.run(queries.register, public_id, phone, password_hash, checks, now, grant, now)
+            session_id = await self.db.run(
+                queries.register, public_id, phone, password_hash, checks, now, grant, now, dormant_before
+            )
         except Conflict:  # another request registered the phone first
             raise PhoneTaken(field="phone") from None
         user = {"id": public_id, "phone": phone, "created_at": isoformat(now)}
@@ -287,12 +308,20 @@ class Accounts:
         found, counted = await self._reserve_attempt(phone, client_ip, now)
         # Unknown phone: the hasher verifies against a decoy, so both failures cost the same time.
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
+        frozen = False
         if not ok or found.id is None:
-            raise InvalidCredentials()  # already counted
+            # The latest account frozen off this number (recycled) may be the caller's. Every failure
+            # takes this second look and a second hash (on a decoy when there is none), so the time tells
+            # nobody whether the number was ever recycled.
+            former = await self.db.run(queries.frozen_account, phone, now)
+            ok = await self.db.offloader.cpu(self.passwords.verify, former.password_hash if former else None, password)
+            if not ok or former is None:
+                raise InvalidCredentials()  # already counted
+            found, frozen = found._replace(**former._asdict()), True
         new_hash = None
         if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        grant = await self._record_login(found, new_hash, counted, phone, client_ip, user_agent, now)
+        grant = await self._record_login(found, new_hash, counted, phone, client_ip, user_agent, now, frozen)
         if grant is None:
             raise InvalidCredentials()  # the password changed since it was verified: no session
         return grant
@@ -321,7 +350,7 @@ class Accounts:
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
-        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now)
+        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now, by_code=True)
         if grant is None:
             raise InvalidCode(field="code")  # reset or deleted for good since the code was checked
         return grant
@@ -335,9 +364,13 @@ class Accounts:
         client_ip: str,
         user_agent: str | None,
         now: dt.datetime,
+        frozen: bool = False,
+        by_code: bool = False,
     ) -> Grant | None:
-        """A good login of ``found``: its session (it undoes a deletion in its grace period), or None when
-        the password changed, or the deletion became final, since ``found`` was read."""
+        """A good login of ``found`` (``frozen``: an account frozen off ``phone``): its session (it undoes a
+        deletion in its grace period), or None when the password changed, or the deletion became final,
+        since ``found`` was read. A login with a code (``by_code``) signs in to the number's account as
+        it is then: a fresh one when it was dormant (see queries.free_number)."""
         # A good login is not a failure: its attempt is given back, and it clears this client's earlier
         # failures for the phone; the client is remembered (once per TRUST_SECONDS, not every login).
         windows = self.login_windows(phone, client_ip)
@@ -347,10 +380,18 @@ class Accounts:
         if found.trusted_next is None:
             remember = {**ratelimit.window_params([known], now), **ratelimit.window_params([known], later, 1)}
         token, ticket, grant = self._new_grant(now, client_ip, user_agent)
-        session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
+        if by_code:
+            fresh_hash, dormant_before = await self.fresh_hash(), self.dormant_before(now)
+            done = await self.db.run(
+                queries.record_code_login, found, counted, forget, remember, grant, now, dormant_before, fresh_hash
+            )
+            session_id, found = done if done is not None else (None, found)
+        else:
+            session_id = await self.db.run(queries.record_login, found, new_hash, counted, forget, remember, grant, now)
         if session_id is None:
             return None
-        return self._grant(public_user(found), token, ticket, session_id, bool(found.deletion_pending))
+        user = public_user(found, frozen=frozen)
+        return self._grant(user, token, ticket, session_id, bool(found.deletion_pending))
 
     async def logout(self, principal: Principal) -> None:
         await self.db.run(queries.revoke_session, principal.session_id, self.clock.now())
@@ -361,9 +402,11 @@ class Accounts:
         checks, now = self._code_checks(client_ip), self.clock.now()
         await self._claim_code(phone, "reset", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        # The owner proved who they are: failures of strangers no longer slow their logins down.
+        # The owner proved who they are: failures of strangers no longer slow their logins down. A
+        # dormant account is not handed over: the number's holder gets a fresh account with the password.
+        family, dormant_before = _login_phone_key(phone), self.dormant_before(now)
         if not await self.db.run(
-            queries.reset_password, phone, password_hash, checks, now, _login_phone_key(phone), now
+            queries.reset_password, phone, password_hash, checks, now, family, now, dormant_before
         ):
             raise InvalidCode(field="code")  # deleted since the code was sent
 
@@ -377,7 +420,7 @@ class Accounts:
         row = await self.db.run(queries.session_of_token, tokens.digest(token), now, now - TOUCH_EVERY)
         if row is None:
             raise Unauthorized()
-        return Principal(user_id=row.user_id, session_id=row.id, phone=row.phone)
+        return Principal(user_id=row.user_id, session_id=row.id, phone=row.phone, frozen=bool(row.frozen))
 
     async def profile(self, principal: Principal) -> dict[str, Any]:
         user = await self.db.run(queries.profile, principal.user_id)
@@ -448,6 +491,9 @@ class Accounts:
         """The caller's password check, limited and answered as a login with it is (InvalidCredentials,
         RateLimited): the user's row and the attempt's windows, to give back once the change is done."""
         found, counted = await self._reserve_attempt(principal.phone, client_ip, now)
+        if principal.frozen:  # the number's account is another's: check the caller's own password
+            own = await self.db.run(queries.account, principal.user_id)
+            found = found._replace(id=own.id, password_hash=own.password_hash) if own else found
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
         if not ok or found.id != principal.user_id:  # the phone changed hands since the token check
             raise InvalidCredentials("Wrong password.", field=field)  # already counted
@@ -473,20 +519,24 @@ class Accounts:
         password; the old phone gets a notice. The code is checked first (a wrong one costs no hash),
         then the password as a login checks it; a phone another account has is PhoneTaken, whatever
         made it taken (held at the code request: no code was sent; registered since: the database's
-        unique key)."""
+        unique key). A dormant account's number is taken over: that account is frozen."""
         phone = self.phone(raw_phone)
-        if phone == principal.phone:
+        if phone == principal.phone and not principal.frozen:
             raise InvalidPhone("This is already your phone number.", field="phone")
         checks, now = self._code_checks(client_ip), self.clock.now()
         await self._claim_code(phone, "phone", code, checks, now)
         found, counted = await self._check_password(principal, password, client_ip, "password", now)
-        notice = queries.Notice(principal.phone, "phone_notice", self._notice_text(principal.phone), now + NOTICE_TTL)
+        # A frozen account moves off no number (and unfreezes): its old one is another account's now.
+        old_phone = None if principal.frozen else principal.phone
+        notice = None
+        if old_phone is not None:
+            notice = queries.Notice(old_phone, "phone_notice", self._notice_text(old_phone), now + NOTICE_TTL)
         try:
             user = await self.db.run(
                 queries.change_phone,
                 principal.user_id,
                 principal.session_id,
-                principal.phone,
+                old_phone,
                 phone,
                 found.password_hash,
                 checks,
@@ -494,6 +544,7 @@ class Accounts:
                 counted,
                 notice,
                 now,
+                self.dormant_before(now),
             )
         except Conflict:
             raise PhoneTaken(field="phone") from None
@@ -516,6 +567,8 @@ class Accounts:
         now = self.clock.now()
         due_at = now + dt.timedelta(seconds=self.rules.deletion_grace)
         verified_hash, refunds = None, []
+        if code is not None and principal.frozen:
+            raise InvalidField("This account has no phone number to send a code to; send the password.", field="code")
         if code is not None:
             checks = self._code_checks(client_ip)
             await self._claim_code(principal.phone, "delete", code, checks, now)
@@ -557,9 +610,15 @@ def _admit_login(windows: LoginWindows, found: Row, now: dt.datetime) -> None:
 
 def profile_body(user: Row) -> dict[str, Any]:
     """The profile as the contract shows it (``queries.PROFILE``'s row)."""
-    return {**public_user(user), "last_login_at": isoformat(user.last_login_at), "image_count": user.image_count}
+    return {
+        **public_user(user, frozen=bool(user.frozen)),
+        "last_login_at": isoformat(user.last_login_at),
+        "image_count": user.image_count,
+    }
 
 
-def public_user(user: Any) -> dict[str, Any]:
-    """The user as the contract shows it: the random public id, never the internal sequential one."""
-    return {"id": user.public_id, "phone": user.phone, "created_at": isoformat(user.created_at)}
+def public_user(user: Any, *, frozen: bool = False) -> dict[str, Any]:
+    """The user as the contract shows it: the random public id, never the internal sequential one. A
+    frozen account shows the number it had (and signs in with), and ``"frozen": true``."""
+    body = {"id": user.public_id, "phone": user.phone, "created_at": isoformat(user.created_at)}
+    return {**body, "frozen": True} if frozen else body

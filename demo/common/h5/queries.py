@@ -19,7 +19,8 @@ NEW_TICKET = Sql(
 )
 # A ticket that is good: unused, unexpired, and its app session alive.
 GOOD_TICKET = Sql(
-    "SELECT h5_tickets.id, h5_tickets.auth_session_id, users.id AS user_id, users.phone"
+    "SELECT h5_tickets.id, h5_tickets.auth_session_id, users.id AS user_id,"
+    " COALESCE(users.phone, users.former_phone) AS phone"
     " FROM h5_tickets JOIN auth_sessions ON auth_sessions.id = h5_tickets.auth_session_id"
     " JOIN users ON users.id = auth_sessions.user_id"
     " WHERE h5_tickets.ticket_hash = :ticket_hash AND h5_tickets.used_at IS NULL AND h5_tickets.expires_at > :now"
@@ -32,9 +33,11 @@ NEW_SESSION = Sql(
     " VALUES (:cookie_hash, :auth_session_id, :ticket_id, :now, :expires_at)"
 )
 END_SESSION = Sql("UPDATE h5_sessions SET revoked_at = :now WHERE id = :id")
-# The visitor behind a cookie while both the cookie session and its app session are alive.
+# The visitor behind a cookie while both the cookie session and its app session are alive. A frozen
+# account (its number recycled, see accounts/queries.py) shows the number it had, as the app does.
 _VISITOR = (
-    "h5_sessions.id, auth_sessions.id AS auth_session_id, users.id AS user_id, users.phone,"
+    "h5_sessions.id, auth_sessions.id AS auth_session_id, users.id AS user_id,"
+    " COALESCE(users.phone, users.former_phone) AS phone,"
     " users.created_at, users.last_login_at, users.h5_visit_count"
 )
 _LIVE = (

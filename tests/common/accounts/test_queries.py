@@ -105,7 +105,7 @@ def request(phone: str = PHONE, resend_after: int = 60, phone_daily: int = 10) -
 def test_issue_code_stores_the_code_and_its_text_and_replaces_the_live_one(db):
     seen = []
 
-    def compose(registered: bool) -> queries.CodeText:
+    def compose(registered: bool, dormant: bool) -> queries.CodeText:
         seen.append(registered)
         return queries.CodeText("h" * 64, "text", "123456")
 
@@ -124,7 +124,7 @@ def test_issue_code_stores_the_code_and_its_text_and_replaces_the_live_one(db):
         queries.issue_code,
         request(resend_after=0),
         NOW + dt.timedelta(seconds=2),
-        lambda registered: queries.CodeText("", None, None),
+        lambda registered, dormant: queries.CodeText("", None, None),
     )
     assert (
         seen == [False, False]
@@ -134,7 +134,7 @@ def test_issue_code_stores_the_code_and_its_text_and_replaces_the_live_one(db):
 
 
 def test_issue_code_refuses_too_soon_and_past_the_limit_without_a_trace(db):
-    compose = lambda registered: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
+    compose = lambda registered, dormant: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
     db.run_sync(queries.issue_code, request(), NOW, compose)
     with pytest.raises(RateLimited) as refused:
         db.run_sync(queries.issue_code, request(), NOW + dt.timedelta(seconds=20), compose)
@@ -147,7 +147,7 @@ def test_issue_code_refuses_too_soon_and_past_the_limit_without_a_trace(db):
 
 
 def test_claim_code_spends_a_good_code_once_and_counts_wrong_guesses(db):
-    compose = lambda registered: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
+    compose = lambda registered, dormant: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
     db.run_sync(queries.issue_code, request(), NOW, compose)
     claim = lambda code_hash, max_attempts=5: db.run_sync(  # noqa: E731
         queries.claim_code, PHONE, "regist", code_hash, CHECKS, max_attempts, NOW
@@ -161,7 +161,7 @@ def test_claim_code_spends_a_good_code_once_and_counts_wrong_guesses(db):
 
 
 def test_claim_code_refused_by_the_client_limit_leaves_the_code_its_tries(db):
-    db.run_sync(queries.issue_code, request(), NOW, lambda registered: queries.CodeText("h" * 64, "t", "1"))
+    db.run_sync(queries.issue_code, request(), NOW, lambda registered, dormant: queries.CodeText("h" * 64, "t", "1"))
     with pytest.raises(RateLimited):
         db.run_sync(queries.claim_code, PHONE, "regist", "x" * 64, Window("code:ip:x", 0, 3600), 5, NOW)
     assert db.run_sync(lambda s: s.scalar(select(SmsCode.attempts))) == 0
@@ -261,7 +261,7 @@ def test_reset_password_revokes_sessions_and_forgets_the_phones_login_counters(d
 
 def test_sweeps_delete_only_what_expired(db):
     new_user(db, ttl=60)
-    compose = lambda registered: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
+    compose = lambda registered, dormant: queries.CodeText("h" * 64, "text", "1")  # noqa: E731
     db.run_sync(queries.issue_code, request(), NOW, compose)
     later = NOW + dt.timedelta(hours=1)
     assert db.run_sync(
