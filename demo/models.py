@@ -47,6 +47,9 @@ class User(Base):
     # Set by DELETE /users/me: the account is purged by housekeeping from then on, unless a login
     # before it clears it (the grace period). Indexed: housekeeping looks for the ones that are due.
     deletion_due_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
+    # Set by an operator (python -m demo.admin users disable): every session ended then, and a login
+    # with the right password or code is refused (403 account_disabled) until it is cleared again.
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class AuthSession(Base):

@@ -1,0 +1,29 @@
+"""users.disabled_at: an account an operator disabled (python -m demo.admin users disable)
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-11-29
+"""
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import mysql
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+def upgrade() -> None:
+    # A plain ADD COLUMN, no batch table copy (see 0010: on SQLite a copy of users would drop the table
+    # that sessions and images point at). Nullable, no backfill: no account is disabled before this
+    # release, and the previous release, beside this one during a rolling upgrade, inserts users
+    # without the column. No index: only the operator's commands and a login's own row read it.
+    op.add_column("users", sa.Column("disabled_at", Timestamp, nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("users", "disabled_at")  # SQLite 3.35+ drops a column in place, no table copy
