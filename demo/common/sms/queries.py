@@ -138,3 +138,24 @@ def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outc
             c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
             given_up.append(outcome)
     return given_up
+
+
+# -- statistics (python -m demo.admin sms stats) ------------------------------------------------------
+# Codes texted (their outbox row sent) and used, per day of the code and per phone prefix: a "+" and 3
+# digits, which hold the calling code whole (calling codes are 1 to 3 digits, and none is the start of
+# another), so the rows stay one per day and country whatever the traffic. Notices (no code: an empty
+# hash) are not codes.
+CODE_STATS = Sql(
+    "SELECT SUBSTR(CAST(sms_codes.created_at AS CHAR), 1, 10) AS day, SUBSTR(sms_codes.phone, 1, 4) AS prefix,"
+    " COUNT(sms_codes.id) AS sent, SUM(CASE WHEN sms_codes.used_at IS NULL THEN 0 ELSE 1 END) AS used"
+    " FROM sms_codes JOIN sms_outbox ON sms_outbox.sms_code_id = sms_codes.id"
+    " WHERE sms_outbox.status = 'sent' AND sms_codes.code_hash <> '' AND sms_codes.created_at >= :since"
+    " GROUP BY SUBSTR(CAST(sms_codes.created_at AS CHAR), 1, 10), SUBSTR(sms_codes.phone, 1, 4)"
+)
+
+
+@sql_unit
+def code_stats(c: SqlCursor, since: dt.datetime) -> list[Row]:
+    """Per day (``YYYY-MM-DD``, UTC) and phone prefix (``CODE_STATS``): codes texted since ``since``,
+    and how many of them were used."""
+    return c.all(CODE_STATS, {"since": since})
