@@ -176,8 +176,10 @@ class ExportHandler(AccountsHandler):
                     self.write(piece)
                     await self.flush()  # waits for the client to take it: one piece in memory at a time
                     sent = True
+            except StreamClosedError:
+                return  # the client left: nobody to answer
             except Exception as error:
-                if not sent or isinstance(error, StreamClosedError):  # nothing sent yet; the client left
+                if not sent:  # nothing went out: the error map's answer
                     raise
                 # The headers are gone: only a cut connection tells the client the zip is incomplete
                 # (finishing would end the chunked body as if it were whole).
