@@ -157,6 +157,13 @@ def output(args: argparse.Namespace, lines: list[str], document: dict[str, Any])
         print("\n".join(lines))
 
 
+def store_down(store: object, error: BaseException) -> CommandError:
+    """Exit 5 for a store that does not answer, with the first line of why (a client's error may
+    run to pages)."""
+    cause = (str(error.__cause__ or error).splitlines() or [type(error).__name__])[0]
+    return CommandError(STORE_DOWN, f"the store {store} does not answer ({cause})")
+
+
 def masked(phone: str) -> str:
     """``+8618800000001`` -> ``+86 188****0001``: enough to recognise a number, not to call it."""
     return f"+{phonenumbers.parse(phone).country_code} {mask_phone(phone)}"

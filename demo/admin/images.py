@@ -77,7 +77,7 @@ def _gc(args: argparse.Namespace, settings: Settings) -> int:
         except StoreMismatch as error:
             raise CommandError(BAD_INPUT, str(error)) from None
         except StoreUnavailable as error:
-            raise CommandError(STORE_DOWN, f"the store {store} does not answer ({error.__cause__ or error})") from None
+            raise cli.store_down(store, error) from None
         removed, freed, failed = 0, 0, []
 
         def remove(sha256: str) -> None:
@@ -93,7 +93,7 @@ def _gc(args: argparse.Namespace, settings: Settings) -> int:
                         removed, freed = removed + 1, freed + int(row.bytes or 0)
                 except StoreUnavailable as error:
                     failed.append(row.sha256)
-                    bar.write(f"images gc: {row.sha256}: the store does not answer ({error.__cause__ or error})")
+                    bar.write(f"images gc: {row.sha256}: {cli.store_down(store, error).message}")
                 bar.update(1)
     line = f"images gc: removed {removed} orphan blobs ({cli.human_bytes(freed)})"
     if failed:

@@ -228,7 +228,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
                 bar.update(min(len(piece), total - bar.n))
         os.replace(partial, out)
     except StoreUnavailable as error:
-        raise CommandError(STORE_DOWN, f"the store {store} does not answer ({error.__cause__ or error})") from None
+        raise cli.store_down(store, error) from None
     except OSError as error:
         raise CommandError(cli.FAILED, f"--out {out}: {error.strerror or error}") from None
     finally:
