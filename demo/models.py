@@ -121,6 +121,19 @@ class SmsOutbox(Base):
     last_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
+class SmsDailyCount(Base):
+    """Codes texted and used, per day of the code (UTC) and phone prefix ("+" and 3 digits: the calling
+    code is in it whole), added up by housekeeping as it deletes the texts a day after they went: the
+    statistics of python -m demo.admin sms stats outlive the texts. No phone number is kept."""
+
+    __tablename__ = "sms_daily_counts"
+
+    sent_on: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD
+    phone_prefix: Mapped[str] = mapped_column(String(4), primary_key=True)
+    sent: Mapped[int] = mapped_column(Integer)
+    used: Mapped[int] = mapped_column(Integer)
+
+
 class RateCounter(Base):
     """Fixed-window counters shared by every process (SMS quotas, login failures)."""
 

@@ -2,9 +2,10 @@
 conversion rate (used / sent): a country whose rate falls has a gateway or a fraud problem.
 
 A country is the one of the phone's calling code (phones are E.164); codes shared by several countries
-(+1, +7) count under their main one. Only the codes the database still holds count: housekeeping
-deletes finished texts a day after they were sent (demo/common/housekeeping.py, KEEP), so the last day
-or two are what there is to see.
+(+1, +7) count under their main one. Texts still in the database are counted from their rows; those
+housekeeping deleted (a day after they went) from the daily counts it kept of them (sms_daily_counts),
+so any day back to the release that brought them (migration 0011) counts. The texts of an account
+purged within a day of sending are gone uncounted, as the rest of it.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
         where = f"{d['country']} ({d['calling_code']})"
         lines.append(f"{d['day']:<12}{where:<13}{d['sent']:>8}{d['used']:>8}{_percent(d['conversion']):>12}")
     lines.append(f"{'total':<25}{sent:>8}{used:>8}{_percent(total['conversion']):>12}")
-    lines.append(f"(since {since:%Y-%m-%d} UTC; texts are kept about a day after they are sent)")
+    lines.append(f"(days in UTC, from {since:%Y-%m-%d})")
     cli.output(args, lines, {"since": f"{since:%Y-%m-%d}", "days": days, "total": total})
     return DONE
 

@@ -7,11 +7,12 @@ import datetime as dt
 import json
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from demo.common import housekeeping
 from demo.common.infra.clock import utcnow
-from demo.models import Image, ImageBlob, SmsCode, SmsOutbox
+from demo.models import Image, ImageBlob, SmsCode, SmsDailyCount, SmsOutbox
 from tests.admin.test_copy_media import admin
 from tests.common.images.support import fetch, jpeg, png, second_user, storage_env, uploaded
 from tests.helpers import free_port, make_test_engine
@@ -115,6 +116,30 @@ def test_sms_stats_count_sent_and_used_codes_per_day_and_country(database_url):
     assert lines[0].split() == ["day", "country", "sent", "used", "conversion"]
     assert f"{today.isoformat()}  CN (+86)" in human.stdout and "66.7%" in human.stdout
     assert lines[-2].split() == ["total", "6", "4", "66.7%"]
+
+
+def test_sms_stats_outlive_the_texts_housekeeping_deletes_counted_once(app, database_url):
+    cn, gb = "+8618800000001", "+447400123456"
+    add_texts(
+        database_url, [(cn, 3, "sent", True), (cn, 3, "sent", False), (gb, 3, "sent", True), (cn, 0, "sent", True)]
+    )
+    env = {"DEMO_DATABASE_URL": database_url}
+    before = json.loads(admin("sms", "stats", "--json", env=env).stdout)
+
+    # Two rounds: the first deletes the texts of three days ago (kept as counts), the second finds none.
+    db, now = app.services.db, utcnow()
+    first, second = db.run_sync(housekeeping.sweep, now), db.run_sync(housekeeping.sweep, now)
+
+    assert (first["sms_counted"], first["sms_outbox"], second["sms_counted"]) == (3, 3, 0)
+    after = json.loads(admin("sms", "stats", "--json", env=env).stdout)
+    assert after == before and after["total"] == {"sent": 4, "used": 3, "conversion": 0.75}
+    day = (utcnow().date() - dt.timedelta(days=3)).isoformat()
+    assert [(d["day"], d["country"], d["sent"], d["used"]) for d in after["days"]][:2] == [
+        (day, "GB", 1, 1),  # by calling code: +44, +86
+        (day, "CN", 2, 1),
+    ]
+    assert db.run_sync(lambda s: s.scalar(select(func.count()).select_from(SmsDailyCount))) == 2
+    assert json.loads(admin("sms", "stats", "--days=1", "--json", env=env).stdout)["total"]["sent"] == 1
 
 
 @pytest.mark.parametrize(
