@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from demo.common.accounts.phones import mask_phone
 from demo.common.errors import Unavailable
+from demo.common.images.storage import StoreUnavailable
 from demo.common.infra.db import Database, engine_for
 from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import ConfigError, DatabaseUnavailable, StorageUnusable, masked_url, reason
@@ -122,6 +123,8 @@ class Db:
         """One unit of work; CommandError(3) when the database does not answer."""
         try:
             return self.database.run_sync(_with_keywords(unit, kwargs) if kwargs else unit, *args)
+        except StoreUnavailable:
+            raise  # a unit that also calls the store (the blob sweep): the caller says which store
         except (SQLAlchemyError, Unavailable) as error:
             cause = error.__cause__ or error
             raise CommandError(DATABASE_DOWN, f"database {masked_url(self.url)}: {reason(cause)}") from None

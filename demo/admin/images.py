@@ -93,10 +93,16 @@ def _gc(args: argparse.Namespace, settings: Settings) -> int:
                         removed, freed = removed + 1, freed + int(row.bytes or 0)
                 except StoreUnavailable as error:
                     failed.append(row.sha256)
-                    bar.write(f"images gc: {row.sha256}: {cli.store_down(store, error).message}")
+                    bar.write(f"images gc: {row.sha256}: {cli.store_down(store, error).message}", file=sys.stderr)
+                except OSError as error:  # a folder's file that cannot be removed: its row stays too
+                    failed.append(row.sha256)
+                    bar.write(
+                        f"images gc: {row.sha256}: {error.strerror or error}: {error.filename or store}",
+                        file=sys.stderr,
+                    )
                 bar.update(1)
     line = f"images gc: removed {removed} orphan blobs ({cli.human_bytes(freed)})"
     if failed:
-        line += f"; {len(failed)} could not be removed (the store did not answer): run it again"
+        line += f"; {len(failed)} could not be removed (named above): run it again once fixed"
     cli.output(args, [line], {"orphan_blobs": len(unused), "removed": removed, "bytes": freed, "failed": failed})
     return FAILED if failed else DONE

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from demo.admin import cli
 from demo.admin.cli import BAD_INPUT, DONE, NOT_FOUND, STORE_DOWN, CommandError
 from demo.common.accounts import queries
-from demo.common.accounts.export import Exports, zip_pieces
+from demo.common.accounts.export import Export, zip_pieces
 from demo.common.accounts.phones import normalize_phone
 from demo.common.errors import InvalidPhone
 from demo.common.images.storage import StoreError, StoreUnavailable, make_store
@@ -211,11 +211,13 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(BAD_INPUT, str(error)) from None
     except OSError as error:  # the temp folder of uploads under media_root
         raise CommandError(STORE_DOWN, f"--media_root: {error.strerror or error}: {settings.media_root}") from None
+    now = Clock().now()
     with cli.database(settings) as db:
-        user = _user(db, args.id, Clock().now())
-        export = Exports(db.database, store).prepare_for_operator(user.id)
-    if export is None:
+        user = _user(db, args.id, now)
+        data = db.run(queries.export_data, user.id, None, now)  # not limited: the operator's
+    if data is None:  # deleted by another process between the two units
         raise CommandError(NOT_FOUND, f"no user {args.id}")
+    export = Export(data, now)
     total = sum(int(image.bytes) for image in export.data.images)
     # Written beside the target and renamed when whole: an interrupted export leaves no half zip.
     fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)

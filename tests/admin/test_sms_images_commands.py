@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from demo.common import housekeeping
+from demo.common.images.storage import object_name
 from demo.common.infra.clock import utcnow
 from demo.models import Image, ImageBlob, SmsCode, SmsDailyCount, SmsOutbox
 from tests.admin.test_copy_media import admin
@@ -200,6 +202,25 @@ async def test_images_stats_and_gc_remove_only_the_blobs_no_image_uses(api, user
     assert (await fetch(api, theirs["url"])).code == 200
     again = admin("images", "gc", "--json", env=env)
     assert json.loads(again.stdout) == {"orphan_blobs": 0, "removed": 0, "bytes": 0, "failed": []}
+
+
+@gen_test
+async def test_images_gc_names_a_blob_it_cannot_remove_keeps_its_row_and_exits_1(api, user, settings, app):
+    stuck, removable = await uploaded(api, user.token, png((40, 30))), await uploaded(api, user.token, jpeg((30, 20)))
+    app.services.db.run_sync(lambda s: s.execute(delete(Image)))
+    path = Path(settings.media_root) / object_name(stuck["sha256"])
+    path.unlink()
+    (path / "in-the-way").mkdir(parents=True)  # a folder where the file was: unlink fails
+
+    done = admin("images", "gc", "--quiet", env=env_of(settings))
+
+    assert done.returncode == 1
+    assert done.stderr == f"images gc: {stuck['sha256']}: Is a directory: {path}\n"
+    assert done.stdout.startswith("images gc: removed 1 orphan blobs (")
+    assert "; 1 could not be removed (named above): run it again once fixed" in done.stdout
+    assert not app.services.store.exists(removable["sha256"])
+    remaining = json.loads(admin("images", "stats", "--json", env=env_of(settings)).stdout)
+    assert (remaining["blobs"], remaining["orphan_blobs"]) == (1, 1)
 
 
 @pytest.mark.usefixtures("storage")

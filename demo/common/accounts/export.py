@@ -177,12 +177,6 @@ class Exports:
             raise Unauthorized()
         return Export(data, now, principal.session_id)
 
-    def prepare_for_operator(self, user_id: int) -> Export | None:
-        """Any user's export, not limited (python -m demo.admin, on its own thread); None: no such user."""
-        now = self.clock.now()
-        data = self.db.run_sync(queries.export_data, user_id, None, now)
-        return None if data is None else Export(data, now)
-
     async def stream(self, export: Export) -> AsyncGenerator[bytes, None]:
         """``zip_pieces`` pulled off the loop, one piece at a time."""
         io = self.db.offloader.io

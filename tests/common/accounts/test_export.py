@@ -121,11 +121,10 @@ def test_an_image_whose_original_is_lost_has_no_file(app, db):
 
 
 @pytest.mark.gen_test
-async def test_prepare_answers_unauthorized_for_an_account_gone_and_the_operator_none(app, db):
+async def test_prepare_answers_unauthorized_for_an_account_gone(app, db):
     exports = Exports(db, app.services.store, app.services.clock)
     with pytest.raises(Unauthorized):
         await exports.prepare(Principal(user_id=10**9, session_id=1, phone=PHONE))
-    assert exports.prepare_for_operator(10**9) is None
 
 
 def test_a_disabled_account_ends_its_sessions_and_its_logins_record_nothing(db):
