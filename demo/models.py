@@ -54,6 +54,9 @@ class User(Base):
     # Indexed: a password login that fails on the number's account tries the latest one frozen off it.
     former_phone: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
     frozen_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Set by an operator (python -m demo.admin users disable): every session ended then, and a login
+    # with the right password or code is refused (403 account_disabled) until it is cleared again.
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class AuthSession(Base):
@@ -123,6 +126,19 @@ class SmsOutbox(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     sent_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     last_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class SmsDailyCount(Base):
+    """Codes texted and used, per day of the code (UTC) and phone prefix ("+" and 3 digits: the calling
+    code is in it whole), added up by housekeeping as it deletes the texts a day after they went: the
+    statistics of python -m demo.admin sms stats outlive the texts. No phone number is kept."""
+
+    __tablename__ = "sms_daily_counts"
+
+    sent_on: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD
+    phone_prefix: Mapped[str] = mapped_column(String(4), primary_key=True)
+    sent: Mapped[int] = mapped_column(Integer)
+    used: Mapped[int] = mapped_column(Integer)
 
 
 class RateCounter(Base):

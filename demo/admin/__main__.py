@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from demo.admin import copy_media
+from demo.admin import copy_media, images, sms, users
 from demo.common.infra.startup import ConfigError
 
-COMMANDS = (copy_media,)
+COMMANDS = (copy_media, users, sms, images)
 
 
 class Parser(argparse.ArgumentParser):

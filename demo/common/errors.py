@@ -51,6 +51,10 @@ class Unauthorized(DemoError):
     code, message = "unauthorized", "Sign in again: the token is missing, expired or revoked."
 
 
+class AccountDisabled(DemoError):
+    code, message = "account_disabled", "This account is disabled; contact support."
+
+
 class NotFound(DemoError):
     code, message = "not_found", "Not found."
 

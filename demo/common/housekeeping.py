@@ -42,6 +42,7 @@ def sweep(c: SqlCursor, now: dt.datetime) -> dict[str, int]:
     """One unit of work: the rows of each feature that expired (``KEEP`` ago for the kept ones)."""
     return {
         "rate_counters": ratelimit.sweep(c, now),
+        "sms_counted": sms.keep_counts(c, now - KEEP),  # the codes of the texts deleted next, kept as counts
         "sms_outbox": sms.sweep(c, now - KEEP),
         "sms_codes": accounts.sweep_codes(c, now - KEEP),  # never one whose text is still waiting
         "auth_sessions": accounts.sweep_sessions(c, now - KEEP),

@@ -1,5 +1,5 @@
 """Accounts (scenario 1): SMS codes, registration, login, logout, password reset, profile, the list of
-sessions, password and phone changes."""
+sessions, password and phone changes, the export of one's data."""
 
 from tornado.web import url
 
@@ -14,6 +14,7 @@ urls = [
     url(r"/users/password", v.PasswordChangeHandler, name="users.password"),
     url(r"/users/phone", v.PhoneChangeHandler, name="users.phone"),
     url(r"/users/me", v.MeHandler, name="users.me"),
+    url(r"/users/me/export", v.ExportHandler, name="users.export"),
     url(r"/users/me/sessions", v.SessionsHandler, name="users.sessions"),
     url(r"/users/me/sessions/([A-Za-z0-9_-]{1,64})", v.SessionHandler, name="users.session"),
 ]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
+from tornado.iostream import StreamClosedError
+
+from demo.common.accounts.export import Exports
 from demo.common.accounts.rules import Grant
 from demo.common.errors import InvalidField
 from demo.common.infra.clock import isoformat
 from demo.common.web.api import ApiHandler, text_field
 from demo.common.web.auth import public, requires_session
+
+log = logging.getLogger("demo.accounts")
 
 
 class AccountsHandler(ApiHandler):
@@ -151,4 +158,32 @@ class SessionHandler(AccountsHandler):
         """End one of the caller's sessions (404 for any id that is not one of theirs)."""
         await self.accounts.end_session(self.principal, session_id)
         self.set_status(204)
+        self.finish()
+
+
+class ExportHandler(AccountsHandler):
+    @requires_session
+    async def get(self) -> None:
+        """A zip of the caller's data (profile.json and every original image), streamed as it is built."""
+        exports = Exports(self.services.db, self.services.store, self.services.clock)
+        export = await exports.prepare(self.principal)  # the hourly limit is counted here, before any work
+        self.set_header("Content-Type", "application/zip")
+        self.set_header("Content-Disposition", f'attachment; filename="{export.filename}"')
+        sent = False
+        async with contextlib.aclosing(exports.stream(export)) as pieces:
+            try:
+                async for piece in pieces:
+                    self.write(piece)
+                    await self.flush()  # waits for the client to take it: one piece in memory at a time
+                    sent = True
+            except StreamClosedError:
+                return  # the client left: nobody to answer
+            except Exception as error:
+                if not sent:  # nothing went out: the error map's answer
+                    raise
+                # The headers are gone: only a cut connection tells the client the zip is incomplete
+                # (finishing would end the chunked body as if it were whole).
+                log.warning("export of user %s cut after its headers went: %r", self.principal.user_id, error)
+                self.request.connection.close()  # type: ignore[union-attr]
+                return
         self.finish()

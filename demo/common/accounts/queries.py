@@ -149,7 +149,7 @@ _NOT_DELETED = "(users.deletion_due_at IS NULL OR users.deletion_due_at > :now)"
 # of the client's remembered successes (NULL: none).
 LOGIN_LOOKUP = Sql(
     "SELECT users.id, users.public_id, users.phone, users.password_hash, users.created_at,"
-    " (users.deletion_due_at IS NOT NULL) AS deletion_pending,"
+    " (users.deletion_due_at IS NOT NULL) AS deletion_pending, (users.disabled_at IS NOT NULL) AS disabled,"
     f" {ratelimit.count_of(0)} AS by_client_count, {ratelimit.count_of(1)} AS by_phone_count,"
     f" {ratelimit.count_of(2)} AS by_phone_client_count, {ratelimit.count_of(3)} AS pace_count,"
     f" {ratelimit.count_of(TRUSTED)} AS trusted, {ratelimit.count_of(TRUSTED_NEXT)} AS trusted_next"
@@ -158,11 +158,12 @@ LOGIN_LOOKUP = Sql(
 )
 # Only while the hash is the one verified: a reset between the check and here leaves no row to match,
 # so a login with the old password cannot outlive the reset that revoked the sessions. A login undoes a
-# deletion in its grace period, never a final one (housekeeping may be purging it right now).
+# deletion in its grace period, never a final one (housekeeping may be purging it right now). Nor
+# does it sign in an account an operator disabled since it was looked up.
 RECORD_LOGIN = Sql(
     "UPDATE users SET last_login_at = :now, password_hash = COALESCE(:new_hash, password_hash),"
     " deletion_due_at = NULL"
-    f" WHERE id = :user_id AND password_hash = :verified_hash AND {_NOT_DELETED}"
+    f" WHERE id = :user_id AND password_hash = :verified_hash AND {_NOT_DELETED} AND disabled_at IS NULL"
 )
 
 # -- account deletion ---------------------------------------------------------------------------------
@@ -497,7 +498,8 @@ FREEZE = Sql(
 )
 _ACCOUNT = (
     "SELECT users.id, users.public_id, {phone} AS phone, users.password_hash, users.created_at,"
-    " (users.deletion_due_at IS NOT NULL) AS deletion_pending FROM users WHERE "
+    " (users.deletion_due_at IS NOT NULL) AS deletion_pending, (users.disabled_at IS NOT NULL) AS disabled"
+    " FROM users WHERE "
 )
 # A user as LOGIN_LOOKUP shows one, by id.
 ACCOUNT = Sql(_ACCOUNT.format(phone="users.phone") + "users.id = :user_id", datetimes=["created_at"])
@@ -734,3 +736,93 @@ def purge_user(c: SqlCursor, user_id: int, now: dt.datetime) -> bool:
         c.execute(DELETE_CODES, {"phone": user.phone})
     c.execute(DELETE_USER, {"user_id": user_id})
     return True
+
+
+# -- the export of one's data, and the operator's commands (demo/admin/users.py) -----------------------
+
+_OPERATOR_VIEW = (
+    "SELECT users.id, users.public_id, users.phone, users.created_at, users.last_login_at,"
+    " users.h5_visit_count, users.h5_last_visit_at, users.deletion_due_at, users.disabled_at,"
+    " (SELECT COUNT(images.pk) FROM images WHERE images.owner_id = users.id) AS image_count,"
+    " (SELECT COALESCE(SUM(images.bytes), 0) FROM images WHERE images.owner_id = users.id) AS image_bytes,"
+    " (SELECT COUNT(auth_sessions.id) FROM auth_sessions WHERE auth_sessions.user_id = users.id"
+    " AND auth_sessions.revoked_at IS NULL AND auth_sessions.expires_at > :now) AS live_sessions"
+    " FROM users WHERE "
+)
+_VIEW_TIMES = ["created_at", "last_login_at", "h5_last_visit_at", "deletion_due_at", "disabled_at"]
+USER_BY_PUBLIC_ID = Sql(_OPERATOR_VIEW + "users.public_id = :value", datetimes=_VIEW_TIMES)
+USER_BY_PHONE = Sql(_OPERATOR_VIEW + "users.phone = :value", datetimes=_VIEW_TIMES)
+USER_BY_ID = Sql(_OPERATOR_VIEW + "users.id = :value", datetimes=_VIEW_TIMES)
+DISABLE_USER = Sql("UPDATE users SET disabled_at = :now WHERE id = :user_id AND disabled_at IS NULL")
+ENABLE_USER = Sql("UPDATE users SET disabled_at = NULL WHERE id = :user_id AND disabled_at IS NOT NULL")
+# An operator's deletion: as DELETE /users/me's, but an earlier one already scheduled stands.
+OPERATOR_DELETION = Sql(
+    "UPDATE users SET deletion_due_at = :due_at WHERE id = :user_id"
+    " AND (deletion_due_at IS NULL OR deletion_due_at > :due_at)"
+)
+DELETION_DUE = Sql("SELECT deletion_due_at FROM users WHERE id = :user_id", datetimes=["deletion_due_at"])
+EXPORTED_IMAGES = Sql(
+    "SELECT id, sha256, format, width, height, bytes, created_at FROM images WHERE owner_id = :user_id ORDER BY pk",
+    datetimes=["created_at"],
+)
+
+
+@dataclass(frozen=True)
+class ExportData:
+    """What an export holds of a user, read in one unit of work: the user (``USER_BY_PUBLIC_ID``'s
+    columns), their live sessions (``LIST_SESSIONS``') and their images (``EXPORTED_IMAGES``')."""
+
+    user: Row
+    sessions: list[Row]
+    images: list[Row]
+
+
+@sql_unit
+def find_user(c: SqlCursor, *, public_id: str | None = None, phone: str | None = None, now: dt.datetime) -> Row | None:
+    """The user by public id or by phone, as the operator sees them (``_OPERATOR_VIEW``), or None."""
+    sql, value = (USER_BY_PUBLIC_ID, public_id) if public_id is not None else (USER_BY_PHONE, phone)
+    return c.first(sql, {"value": value, "now": now})
+
+
+@sql_unit
+def export_data(c: SqlCursor, user_id: int, limit: Window | None, now: dt.datetime) -> ExportData | None:
+    """Count the export in ``limit`` (RateLimited past it; None: not limited, the operator's), then
+    read what it holds; None when the user is gone. The limit is counted first, before any work."""
+    if limit is not None:
+        ratelimit.hit(c, limit, now)
+    user = c.first(USER_BY_ID, {"value": user_id, "now": now})
+    if user is None:
+        return None
+    return ExportData(user, list_sessions(c, user.id, now), c.all(EXPORTED_IMAGES, {"user_id": user.id}))
+
+
+@sql_unit
+def set_disabled(c: SqlCursor, user_id: int, disabled: bool, now: dt.datetime) -> tuple[bool, int]:
+    """Disable (every session ends with it: app tokens, H5 tickets and cookies) or enable the user:
+    whether it changed, and how many sessions ended."""
+    c.first(LOCK_USER, {"user_id": user_id})
+    changed = bool(c.execute(DISABLE_USER if disabled else ENABLE_USER, {"user_id": user_id, "now": now}))
+    ended = c.execute(REVOKE_SESSIONS, {"user_id": user_id, "now": now}) if disabled else 0
+    return changed, ended
+
+
+@sql_unit
+def end_all_sessions(c: SqlCursor, user_id: int, now: dt.datetime) -> int:
+    """End every session of the user (their H5 tickets and cookies die with them); how many."""
+    c.first(LOCK_USER, {"user_id": user_id})
+    return c.execute(REVOKE_SESSIONS, {"user_id": user_id, "now": now})
+
+
+@sql_unit
+def schedule_deletion_by_operator(
+    c: SqlCursor, user_id: int, due_at: dt.datetime, now: dt.datetime
+) -> tuple[dt.datetime | None, int]:
+    """DELETE /users/me's deletion, asked by an operator: due at ``due_at`` (``now``: final at once,
+    for the purge) unless an earlier one is scheduled; every session ends. The time it is final (None:
+    no such user), and how many sessions ended."""
+    if c.first(LOCK_USER, {"user_id": user_id}) is None:
+        return None, 0
+    c.execute(OPERATOR_DELETION, {"user_id": user_id, "due_at": due_at})
+    ended = c.execute(REVOKE_SESSIONS, {"user_id": user_id, "now": now})
+    row = c.first(DELETION_DUE, {"user_id": user_id})
+    return (row.deletion_due_at if row is not None else None), ended

@@ -20,6 +20,7 @@ from demo.common.accounts.passwords import Passwords, check_password_policy
 from demo.common.accounts.phones import normalize_phone, parse_regions, require_region
 from demo.common.accounts.principal import Principal
 from demo.common.errors import (
+    AccountDisabled,
     InvalidCode,
     InvalidCredentials,
     InvalidField,
@@ -318,6 +319,10 @@ class Accounts:
             if not ok or former is None:
                 raise InvalidCredentials()  # already counted
             found, frozen = found._replace(**former._asdict()), True
+        if found.disabled:
+            # Only one who proved the password learns it (a stranger gets the 401 of any wrong
+            # password): the owner is told to contact support rather than reset a good password.
+            raise AccountDisabled()
         new_hash = None
         if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
@@ -350,6 +355,8 @@ class Accounts:
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
+        if found.disabled:
+            raise AccountDisabled()  # told only to one who proved the phone with its code
         grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now, by_code=True)
         if grant is None:
             raise InvalidCode(field="code")  # reset or deleted for good since the code was checked

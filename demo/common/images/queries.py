@@ -363,3 +363,33 @@ def deployment(s: Session, now: dt.datetime) -> Deployment:
 @idempotent  # sets the same time again
 def mark_store_bound(s: Session, now: dt.datetime) -> None:
     s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))
+
+
+# -- statistics and the blob sweep of the operator (python -m demo.admin images) ------------------------
+_UNUSED = "NOT EXISTS (SELECT 1 FROM images WHERE images.sha256 = image_blobs.sha256)"
+STATS = Sql(
+    "SELECT (SELECT COUNT(pk) FROM images) AS images, (SELECT COALESCE(SUM(bytes), 0) FROM images) AS image_bytes,"
+    " (SELECT COUNT(sha256) FROM image_blobs) AS blobs,"
+    " (SELECT COALESCE(SUM(bytes), 0) FROM image_blobs) AS blob_bytes,"
+    f" (SELECT COUNT(sha256) FROM image_blobs WHERE {_UNUSED}) AS orphan_blobs,"
+    f" (SELECT COALESCE(SUM(bytes), 0) FROM image_blobs WHERE {_UNUSED}) AS orphan_bytes,"
+    " (SELECT COUNT(sha256) FROM image_variants WHERE state = 'ready') AS thumbnails,"
+    " (SELECT COALESCE(SUM(bytes), 0) FROM image_variants WHERE state = 'ready') AS thumbnail_bytes"
+)
+UNUSED_BLOBS = Sql(f"SELECT sha256, bytes FROM image_blobs WHERE {_UNUSED} ORDER BY sha256")
+
+
+@sql_unit
+def stats(c: SqlCursor) -> Row:
+    """Images (uploads) and their bytes, blobs (stored originals: one per content) and theirs, orphan
+    blobs (no image uses them: the sweep removes them) and theirs, ready thumbnails and theirs. A blob
+    stored before sizes were kept counts 0 bytes."""
+    row = c.first(STATS)
+    assert row is not None  # a SELECT of aggregates has one row
+    return row
+
+
+@sql_unit
+def unused_blob_sizes(c: SqlCursor) -> list[Row]:
+    """The sha256 and size (NULL: not kept) of every blob no image uses, as ``unused_blobs`` finds them."""
+    return c.all(UNUSED_BLOBS)

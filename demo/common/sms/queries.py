@@ -140,3 +140,49 @@ def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outc
             c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
             given_up.append(outcome)
     return given_up
+
+
+# -- statistics (python -m demo.admin sms stats) ------------------------------------------------------
+# Codes texted (their outbox row sent) and used, per day of the code and per phone prefix: a "+" and 3
+# digits, which hold the calling code whole (calling codes are 1 to 3 digits, and none is the start of
+# another), so the rows stay one per day and country whatever the traffic. Notices (no code: an empty
+# hash) are not codes. Housekeeping adds up the texts it is about to delete into sms_daily_counts
+# (``keep_counts``, in the unit that deletes them: each is counted once, live or kept).
+_DAY = "SUBSTR(CAST(sms_codes.created_at AS CHAR), 1, 10)"
+_PREFIX = "SUBSTR(sms_codes.phone, 1, 4)"
+_CODE_COUNTS = (
+    f"SELECT {_DAY} AS day, {_PREFIX} AS prefix, COUNT(sms_codes.id) AS sent,"
+    " SUM(CASE WHEN sms_codes.used_at IS NULL THEN 0 ELSE 1 END) AS used"
+    " FROM sms_codes JOIN sms_outbox ON sms_outbox.sms_code_id = sms_codes.id"
+    " WHERE sms_outbox.status = 'sent' AND sms_codes.code_hash <> '' AND "
+)
+CODE_STATS = Sql(f"{_CODE_COUNTS}sms_codes.created_at >= :since GROUP BY {_DAY}, {_PREFIX}")
+# The texts ``SWEEP`` deletes at ``before`` (the sent ones among them).
+SWEPT_COUNTS = Sql(f"{_CODE_COUNTS}sms_outbox.created_at < :before GROUP BY {_DAY}, {_PREFIX}")
+KEEP_COUNTS = Sql(
+    sqlite="INSERT INTO sms_daily_counts (sent_on, phone_prefix, sent, used) VALUES (:day, :prefix, :sent, :used)"
+    " ON CONFLICT (sent_on, phone_prefix) DO UPDATE SET sent = sent + excluded.sent, used = used + excluded.used",
+    mysql="INSERT INTO sms_daily_counts (sent_on, phone_prefix, sent, used) VALUES (:day, :prefix, :sent, :used)"
+    " ON DUPLICATE KEY UPDATE sent = sent + VALUES(sent), used = used + VALUES(used)",
+)
+KEPT_STATS = Sql(
+    "SELECT sent_on AS day, phone_prefix AS prefix, sent, used FROM sms_daily_counts WHERE sent_on >= :since_day"
+)
+
+
+def keep_counts(c: SqlCursor, before: dt.datetime) -> int:
+    """Add the codes of the texts ``sweep(before)`` is about to delete to sms_daily_counts (call it
+    first, in the same unit of work); how many codes."""
+    counted = 0
+    for row in c.all(SWEPT_COUNTS, {"before": before}):
+        c.execute(KEEP_COUNTS, {"day": row.day, "prefix": row.prefix, "sent": int(row.sent), "used": int(row.used)})
+        counted += int(row.sent)
+    return counted
+
+
+@sql_unit
+def code_stats(c: SqlCursor, since: dt.datetime) -> list[Row]:
+    """Per day (``YYYY-MM-DD``, UTC) and phone prefix, from ``since`` (a midnight): codes texted
+    (``sent``) and used, kept and live; a day and prefix may come twice (add them up)."""
+    kept = c.all(KEPT_STATS, {"since_day": f"{since:%Y-%m-%d}"})
+    return kept + c.all(CODE_STATS, {"since": since})

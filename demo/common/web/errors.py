@@ -30,6 +30,7 @@ ERROR_STATUS: dict[str, int] = {
     "unsupported_media_type": 415,
     "invalid_image": 422,
     "quota_exceeded": 403,
+    "account_disabled": 403,
     "rate_limited": 429,
     "unavailable": 503,
     "range_not_satisfiable": 416,
