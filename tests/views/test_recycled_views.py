@@ -13,6 +13,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from demo.common.accounts import queries
 from demo.models import User
 from tests.views.test_account_deletion_views import code_for, delete_me, login
 from tests.views.test_h5_views import home, open_h5
@@ -281,3 +282,15 @@ async def test_parallel_logins_of_the_old_and_new_owner_each_reach_their_account
     ids = {a.json["user"]["id"] for a in answers if a.code == 200}
     assert len(ids) == 2 and user.id in ids
     assert app.services.db.run_sync(lambda s: s.scalar(select(func.count()).select_from(User))) == 2
+
+
+@gen_test
+async def test_a_frozen_account_an_operator_disabled_is_refused_to_its_owner(api, user, app, clock, outbox):
+    """The frozen account's own flag decides, not that of the number's fresh account."""
+    clock.advance(DORMANT)
+    assert (await reset(api, await code_for(api, outbox, clock, "reset"))).code == 204
+    frozen_id = app.services.db.run_sync(lambda s: s.scalar(select(User.id).where(User.former_phone == E164)))
+    await app.services.db.run(queries.set_disabled, frozen_id, True, clock.now())
+    refused = await login(api)
+    assert refused.code == 403 and refused.json["error"]["code"] == "account_disabled", refused.body
+    assert (await login(api, password=NEW_PASSWORD)).code == 200  # the fresh account is not disabled
