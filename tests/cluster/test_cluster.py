@@ -158,6 +158,24 @@ def freeze_writer_node(d: Deployment, window: Window) -> None:
     settled(d, window)
 
 
+def cut_writer_node(d: Deployment, window: Window) -> None:
+    """The writer's cable pulled (its veth down): no RST, no FIN, packets just vanish both ways, for
+    haproxy, the app hosts' pooled connections and the other nodes alike."""
+    node = d.galera.nodes["db1"]
+    window.database = True
+    d.net.cut("db1")
+    cut = time.monotonic()
+    wait_until(lambda: d.endpoint.servers().get("db1", "").startswith("DOWN"), "haproxy to mark db1 down", 10, 0.1)
+    window.notes.append(f"haproxy marked the cut-off db1 down after {time.monotonic() - cut:.1f} s")
+    time.sleep(max(0.0, 5 - (time.monotonic() - cut)))
+    d.net.mend("db1")
+    mended = time.monotonic()
+    node.wait_synced(90)
+    wait_until(lambda: d.endpoint.servers().get("db1") == "UP", "haproxy to take db1 back", 30, 0.1)
+    window.notes.append(f"db1's link up again after 5 s, back in haproxy {time.monotonic() - mended:.1f} s later")
+    settled(d, window)
+
+
 def restart_store(d: Deployment, window: Window) -> None:
     d.store.kill()
     time.sleep(2)
@@ -172,6 +190,7 @@ FAILURES = [
     ("app1 killed (SIGKILL: parent and both workers), restarted 3 s later", kill_app_host),
     ("db1, the writing Galera node, killed (SIGKILL), restarted 3 s later", kill_writer_node),
     ("db1 frozen (SIGSTOP) for 5 s, then SIGCONT", freeze_writer_node),
+    ("db1 cut off (its link down) for 5 s, then up", cut_writer_node),
     ("SeaweedFS killed (SIGKILL), started again 2 s later", restart_store),
 ]
 
