@@ -363,3 +363,37 @@ def deployment(s: Session, now: dt.datetime) -> Deployment:
 @idempotent  # sets the same time again
 def mark_store_bound(s: Session, now: dt.datetime) -> None:
     s.execute(update(Deployment).where(Deployment.id == 1).values(store_bound_at=now))
+
+
+# -- objects without their row (Images.collect_orphans) ---------------------------------------------------
+
+
+@idempotent
+def blob_rows(s: Session, hashes: list[str]) -> set[str]:
+    """Which of ``hashes`` have a blob row (one listing step's worth: a few thousand at most)."""
+    return set(s.scalars(select(ImageBlob.sha256).where(ImageBlob.sha256.in_(hashes)))) if hashes else set()
+
+
+@idempotent
+def variant_keys(s: Session, hashes: list[str]) -> set[tuple[str, int]]:
+    """(sha256, width) of every variant row, whatever its state, of the blobs ``hashes``."""
+    if not hashes:
+        return set()
+    rows = s.execute(select(ImageVariant.sha256, ImageVariant.width).where(ImageVariant.sha256.in_(hashes)))
+    return {(sha256, width) for sha256, width in rows}
+
+
+@calls_store
+def adopt_variant(s: Session, sha256: str, width: int, now: dt.datetime, measure: Callable[[], int | None]) -> bool:
+    """Under the blob row lock: a thumbnail in the store that has no row (its builder lost the database
+    after its put) gets a ready one with the size ``measure`` finds, as ``Images._build`` adopts one on
+    demand; False, changing nothing, if the blob has no row (its objects are garbage then), the variant
+    has a row (a builder holds it), or the object is gone."""
+    locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
+    if locked is None or s.get(ImageVariant, (sha256, width), with_for_update=True) is not None:
+        return False
+    size = measure()
+    if size is None:
+        return False
+    s.add(ImageVariant(sha256=sha256, width=width, state="ready", claimed_at=now, bytes=size))
+    return True
