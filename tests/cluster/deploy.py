@@ -133,6 +133,9 @@ class Store:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
+ORPHAN_GRACE = 20  # seconds: see Deployment.app_env
+
+
 class AppHost:
     """``demo/main.py --processes=2`` on its host, as a unit file would start it."""
 
@@ -274,6 +277,10 @@ class Deployment:
             # address the app hosts directly count as themselves).
             "DEMO_TRUSTED_PROXIES": self.net.address("front"),
             "DEMO_DB_POOL_SIZE": "4",  # 2 hosts x 2 workers x 4 against one node: small machine
+            # Housekeeping every few seconds, objects without a row removed once 20 s old (an hour in
+            # production): the sweeps run through the failures, and the test sees them finish after.
+            "DEMO_HOUSEKEEPING_INTERVAL": "5",
+            "DEMO_ORPHAN_GRACE": str(ORPHAN_GRACE),
         }
 
     def up(self) -> None:
