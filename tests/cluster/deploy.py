@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -346,6 +347,19 @@ class Deployment:
                     if "object store error in put" in line and f"/{BUCKET}/" in line:
                         found.add(line.split(f"/{BUCKET}/", 1)[1].split()[0])
         return found
+
+    def logged_orphan_sweeps(self) -> tuple[int, int]:
+        """Objects without their row the app hosts' housekeeping logged as removed, and as adopted."""
+        removed = adopted = 0
+        for app in self.apps.values():
+            for path in (app.dir / "log").glob("demo.log*"):
+                for line in path.read_text(errors="replace").splitlines():
+                    found = re.search(
+                        r"objects without their row in \S+: (\d+) removed, (\d+) thumbnails adopted", line
+                    )
+                    if found:
+                        removed, adopted = removed + int(found.group(1)), adopted + int(found.group(2))
+        return removed, adopted
 
     def logs(self) -> str:
         parts = [f"--- haproxy ---\n{self.endpoint.log()}" if hasattr(self, "endpoint") else ""]

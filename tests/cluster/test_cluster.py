@@ -344,13 +344,14 @@ def check_the_database_and_the_store_agree(d: Deployment, traffic: Traffic) -> N
     missing += [f"{s} w{w}" for s, w in variants if s in used and thumb_key(s, w) not in stored]
     assert missing == [], f"rows of images in use whose object the sweeps removed: {missing[:10]}"
     blobs = d.sql("SELECT COUNT(*) FROM image_blobs")[0][0]
+    removed, adopted = d.logged_orphan_sweeps()
     print(
         f"half-built thumbnails taken over after their lease: {len(building)}; "
         f"database and store agree: {len(ids)} images on {blobs} blobs, {len(variants)} thumbnails "
         f"(each node: {next(iter(counts.values()))}); unused blob rows swept at a restart: {len(unused)}; "
-        f"objects without a row after the traffic: {len(seen)} ({len(lost_answers)} by PUTs whose answer "
-        f"was lost while the store restarted), removed or adopted by housekeeping "
-        f"{time.monotonic() - began:.0f} s later: {sorted(seen)}"
+        f"objects without a row removed by housekeeping: {removed}, thumbnails adopted: {adopted} (after the "
+        f"traffic: {len(seen)}, {len(lost_answers)} by PUTs whose answer was lost while the store restarted, "
+        f"gone {time.monotonic() - began:.0f} s later: {sorted(seen)})"
     )
 
 
