@@ -61,7 +61,6 @@ from demo.conf.settings import PACKAGE_DIR, Settings
 from demo.conf.validate import check_values, prepare_folders, worker_count
 
 log = logging.getLogger("demo")
-HOUSEKEEPING_EVERY_MS = 10 * 60 * 1000
 GAUGES_EVERY_MS = 1000
 RESTART_BACKOFF = 1.0  # seconds between restarts of a worker that keeps dying
 
@@ -205,7 +204,10 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
             services.metrics.db_pool_in_use.set(pool.checkedout())
         services.metrics.executor_queue.set(services.offloader.queue_depth())
 
-    timers = [PeriodicCallback(sweep, HOUSEKEEPING_EVERY_MS), PeriodicCallback(sample_gauges, GAUGES_EVERY_MS)]
+    timers = [
+        PeriodicCallback(sweep, settings.housekeeping_interval * 1000),
+        PeriodicCallback(sample_gauges, GAUGES_EVERY_MS),
+    ]
     for timer in timers:
         timer.start()
     stopping = asyncio.Event()

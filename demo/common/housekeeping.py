@@ -1,5 +1,5 @@
-"""Periodic clean-up of rows that no rule reads any more, of accounts whose deletion is final, and of
-blobs no image uses (run by main.py)."""
+"""Periodic clean-up of rows that no rule reads any more, of accounts whose deletion is final, of
+blobs no image uses and of objects in the store without their row (run by main.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ async def run(db: Database, images: Images, now: dt.datetime) -> dict[str, int]:
     counts = await db.run(sweep, now)
     counts["purged_users"] = await purge_deleted(db, now)
     counts["unused_blobs"] = await db.offloader.db(images.collect_unused)
+    counts.update(await db.offloader.db(images.collect_orphans))  # after: what the purge left is collected first
     return counts
 
 

@@ -74,6 +74,13 @@ class Settings:
         "", "absolute base URL clients use (https://api.example.com); empty = from the request", group=SERVER
     )
     shutdown_grace: float = option(10.0, "seconds in-flight requests get to finish after SIGTERM", group=SERVER)
+    housekeeping_interval: float = option(
+        600.0,
+        "seconds between each process's housekeeping rounds (expired rows, purged accounts, unused blobs, "
+        "objects without a row)",
+        group=SERVER,
+        low=1,
+    )
     idle_timeout: int = option(
         75,
         "seconds a client may take to send request headers, and an idle keep-alive connection stays "
@@ -302,6 +309,20 @@ class Settings:
     )
     image_quota_count: int = option(1000, "images one user may keep", group=IMAGES)
     image_quota_bytes: int = option(1024**3, "bytes of images one user may keep", group=IMAGES)
+    orphan_grace: float = option(
+        3600.0,
+        "seconds an object in the store without its row (a put whose answer was lost, a thumbnail whose "
+        "builder lost the database) is kept before housekeeping removes it; far longer than any put or "
+        "thumbnail build, and than the clock difference between the app hosts and the store",
+        group=IMAGES,
+    )
+    orphan_sweep_batch: int = option(
+        5000,
+        "objects of the store each process lists per housekeeping round, looking for those without a row "
+        "(the next round goes on from there; a whole pass takes objects / this rounds)",
+        group=IMAGES,
+        low=1,
+    )
 
     def replace(self, **changes: Value) -> Settings:
         """These settings with ``changes`` (KeyError for a name that is not a setting)."""

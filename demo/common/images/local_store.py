@@ -7,13 +7,14 @@ place (a reader never sees half a file), and the folder is fsynced (the rename s
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from demo.common.images.storage import IDENTITY, STRAY_AGE, ImageStore, object_name
+from demo.common.images.storage import IDENTITY, STRAY_AGE, ImageStore, ListedObject, object_name
 
 
 class LocalImageStore(ImageStore):
@@ -55,6 +56,12 @@ class LocalImageStore(ImageStore):
         finally:
             os.unlink(temp)
         return self.identity() or ""
+
+    def identity_written(self) -> dt.datetime | None:
+        try:
+            return _modified((self.root / IDENTITY).stat().st_mtime)
+        except FileNotFoundError:
+            return None
 
     # -- objects -------------------------------------------------------------------------------
 
@@ -116,6 +123,40 @@ class LocalImageStore(ImageStore):
             if path.is_file():
                 yield path.relative_to(self.root).as_posix()
 
+    def listing(self, after: str | None, limit: int) -> list[ListedObject]:
+        found: list[ListedObject] = []
+        for name in self._names_after(after):
+            try:
+                found.append(ListedObject(name, _modified((self.root / name).stat().st_mtime)))
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            if len(found) >= limit:
+                break
+        return found
+
+    def _names_after(self, after: str | None) -> Iterator[str]:
+        """The objects' names after ``after``, in name order, walking the folders in order and skipping
+        every folder whose names all come before ``after`` (a step never rereads what passed)."""
+
+        def walk(folder: Path, prefix: str, depth: int) -> Iterator[str]:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            except FileNotFoundError:
+                return
+            for entry in entries:
+                name = prefix + entry.name
+                if depth < 3 and entry.is_dir(follow_symlinks=False):
+                    inside = name + "/"
+                    if after is None or after < inside or after.startswith(inside):
+                        yield from walk(Path(entry.path), inside, depth + 1)
+                elif depth == 3 and entry.is_file(follow_symlinks=False) and (after is None or name > after):
+                    yield name
+
+        for top in ("blobs", "thumbs"):  # in name order: what put() writes, nothing of tmp/ or locks/
+            inside = top + "/"
+            if after is None or after < inside or after.startswith(inside):
+                yield from walk(self.root / top, inside, 1)
+
     def sweep_temp(self) -> int:
         removed = super().sweep_temp()
         locks = self.root / "locks"  # thumbnail lock files of releases before variants had rows
@@ -137,6 +178,11 @@ class LocalImageStore(ImageStore):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _modified(mtime: float) -> dt.datetime:
+    """A file's modification time as the database holds times (naive UTC)."""
+    return dt.datetime.fromtimestamp(mtime, dt.UTC).replace(tzinfo=None)
 
 
 def _fsync(path: str | Path, flags: int) -> None:

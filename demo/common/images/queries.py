@@ -393,3 +393,37 @@ def stats(c: SqlCursor) -> Row:
 def unused_blob_sizes(c: SqlCursor) -> list[Row]:
     """The sha256 and size (NULL: not kept) of every blob no image uses, as ``unused_blobs`` finds them."""
     return c.all(UNUSED_BLOBS)
+
+
+# -- objects without their row (Images.collect_orphans) ---------------------------------------------------
+
+
+@idempotent
+def blob_rows(s: Session, hashes: list[str]) -> set[str]:
+    """Which of ``hashes`` have a blob row (one listing step's worth: a few thousand at most)."""
+    return set(s.scalars(select(ImageBlob.sha256).where(ImageBlob.sha256.in_(hashes)))) if hashes else set()
+
+
+@idempotent
+def variant_keys(s: Session, hashes: list[str]) -> set[tuple[str, int]]:
+    """(sha256, width) of every variant row, whatever its state, of the blobs ``hashes``."""
+    if not hashes:
+        return set()
+    rows = s.execute(select(ImageVariant.sha256, ImageVariant.width).where(ImageVariant.sha256.in_(hashes)))
+    return {(sha256, width) for sha256, width in rows}
+
+
+@calls_store
+def adopt_variant(s: Session, sha256: str, width: int, now: dt.datetime, measure: Callable[[], int | None]) -> bool:
+    """Under the blob row lock: a thumbnail in the store that has no row (its builder lost the database
+    after its put) gets a ready one with the size ``measure`` finds, as ``Images._build`` adopts one on
+    demand; False, changing nothing, if the blob has no row (its objects are garbage then), the variant
+    has a row (a builder holds it), or the object is gone."""
+    locked = s.scalar(select(ImageBlob.sha256).where(ImageBlob.sha256 == sha256).with_for_update())
+    if locked is None or s.get(ImageVariant, (sha256, width), with_for_update=True) is not None:
+        return False
+    size = measure()
+    if size is None:
+        return False
+    s.add(ImageVariant(sha256=sha256, width=width, state="ready", claimed_at=now, bytes=size))
+    return True

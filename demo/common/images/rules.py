@@ -15,8 +15,17 @@ rows as the only record of who uses it (no counter that images going another way
   the others wait for it (see ``Images._variant``). A builder whose image was deleted meanwhile
   removes what it put (``queries.finish_variant``), so no thumbnail outlives its blob.
 - The sweeps delete only what this deployment provably wrote: the store must carry this database's
-  deployment id (``bind_store``) and the blob must have a row here. A file without a row (bytes of
-  another deployment) is counted and logged, never deleted.
+  deployment id (``bind_store``), and the blob must have a row here or its object must have been
+  written after the store took that id (no other database can use the store since). An older file
+  without a row (bytes of another deployment, a store adopted or copied in) is never deleted (a
+  folder's start-up sweep counts and logs them).
+- Objects without their row: a put whose answer was lost may land after its upload's blob row was
+  cleaned up, and a thumbnail's builder may lose the database after its put. Nothing else lists a
+  remote store, so housekeeping walks it a step at a time (``collect_orphans``): such an object older
+  than orphan_grace goes under the same protocol as an upload's clean-up (its blob row claimed, then
+  dropped under the lock unless an image uses it: an upload of the same bytes racing it puts the file
+  back under that lock); a thumbnail of a blob that has its row is adopted instead (given a ready
+  row, as a request for it would).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded, Unavailable
 from demo.common.images import imaging, queries
-from demo.common.images.storage import IDENTITY, ImageStore
+from demo.common.images.storage import IDENTITY, ImageStore, parse_object_name
 from demo.common.infra.caches import Cache
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Conflict, Database
@@ -98,6 +107,8 @@ class ImageRules:
     max_animation_pixels: int  # all frames of one animation, decoded
     upload_memory: int  # upload bodies (see UploadSpool) and S3 puts held in memory at once
     store_units: int  # units of work calling a remote store at once (half the database threads)
+    orphan_grace: float  # seconds an object without its row is left alone (a put may still land)
+    orphan_batch: int  # objects listed per step of the pass for objects without their row
     # Not a setting: a thumbnail claimed longer ago than this is taken over (its builder died); making
     # one takes a second or two even for the largest image allowed.
     variant_lease: float = 60.0
@@ -115,6 +126,8 @@ class ImageRules:
             max_animation_pixels=settings.max_animation_pixels,
             upload_memory=settings.upload_memory,
             store_units=max(1, settings.db_pool_size // 2),
+            orphan_grace=settings.orphan_grace,
+            orphan_batch=settings.orphan_sweep_batch,
         )
 
 
@@ -173,6 +186,11 @@ class Images:
             asyncio.Semaphore(rules.store_units) if store.remote else contextlib.nullcontext()
         )
         self.upload_memory = Budget(rules.upload_memory)
+        # Where this process's pass over the store for objects without a row goes on (collect_orphans).
+        # Kept in memory: a restart only starts the pass over, and each process walking the store on
+        # its own costs one listing per process, which the batch bounds; nothing to keep in step.
+        self._orphans_after: str | None = None
+        self._bound_at: dt.datetime | None = None  # when the store took this deployment's id
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -490,6 +508,55 @@ class Images:
         for sha256 in dropped:
             self._forget_blob(sha256)
         return len(dropped)
+
+    def collect_orphans(self) -> dict[str, int]:
+        """One step of this process's pass over the store (housekeeping: see the module docstring): list
+        the next ``orphan_batch`` objects; remove those without a row that are older than orphan_grace
+        and were written since the store took this deployment's id; give a thumbnail of a blob that has
+        its row, but no row of its own, its ready row. How many objects went and were adopted.
+
+        Safe while other processes serve: every removal happens under the blob row lock, after the
+        check that no image uses the blob, as for ``collect_unused``.
+        """
+        self.bind()  # never delete from a store that belongs to another database
+        if self._bound_at is None:
+            self._bound_at = self.store.identity_written()
+        listed = self.store.listing(self._orphans_after, self.rules.orphan_batch)
+        # At the end of the store (a short step), the next step starts the pass over.
+        self._orphans_after = listed[-1].name if len(listed) >= self.rules.orphan_batch else None
+        now = self.clock.now()
+        old_before = now - dt.timedelta(seconds=self.rules.orphan_grace)
+        bound_at = self._bound_at or now  # (never None once bound: the identity was just read)
+        found: dict[str, list[int | None]] = {}  # old enough, and provably this deployment's
+        for item in listed:
+            parsed = parse_object_name(item.name)
+            if parsed is not None and bound_at <= item.modified <= old_before:
+                found.setdefault(parsed[0], []).append(parsed[1])
+        with_row = self.db.run_sync(queries.blob_rows, sorted(found))
+        removed = adopted = 0
+        for sha256 in sorted(found.keys() - with_row):
+            # Widths another release made (not THUMBNAIL_WIDTHS) go too, under the same lock.
+            widths = {w for w in found[sha256] if w is not None} | set(THUMBNAIL_WIDTHS)
+
+            def remove(sha256: str, widths: set[int] = widths) -> None:
+                self.store.delete(sha256, sorted(widths))
+
+            self.db.run_sync(queries.claim_blob, sha256, now)  # an upload of these bytes now waits on it
+            if self.db.run_sync(queries.drop_blob_if_unused, sha256, remove):
+                removed += len(found[sha256])
+                self._forget_blob(sha256)
+        thumbs = [(sha256, w) for sha256 in sorted(with_row) for w in found[sha256] if w in THUMBNAIL_WIDTHS]
+        rowed = self.db.run_sync(queries.variant_keys, sorted({sha256 for sha256, _ in thumbs}))
+        for sha256, width in thumbs:
+            if (sha256, width) not in rowed:
+
+                def measure(sha256: str = sha256, width: int = width) -> int | None:
+                    return self.store.size(sha256, width)
+
+                adopted += self.db.run_sync(queries.adopt_variant, sha256, width, now, measure)
+        if removed or adopted:
+            log.info("objects without their row in %s: %d removed, %d thumbnails adopted", self.store, removed, adopted)
+        return {"orphan_objects": removed, "adopted_thumbnails": adopted}
 
     def sweep(self) -> dict[str, int]:
         """At start-up: remove stray temp files, unused blobs and (in a folder) orphan thumbnails;

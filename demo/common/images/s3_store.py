@@ -29,9 +29,11 @@ from obstore.store import S3Store
 from demo.common.images.storage import (
     IDENTITY,
     ImageStore,
+    ListedObject,
     ObjectHead,
     StoreError,
     StoreUnavailable,
+    naive_utc,
     object_name,
 )
 
@@ -134,6 +136,13 @@ class S3ImageStore(ImageStore):
             obstore.put(self._store, IDENTITY, f"{identity}\n".encode(), mode="create")
         return self.identity() or ""
 
+    @_unavailable_on_error
+    def identity_written(self) -> dt.datetime | None:
+        try:
+            return naive_utc(obstore.head(self._store, IDENTITY)["last_modified"])
+        except (FileNotFoundError, NotFoundError):
+            return None
+
     # -- objects -------------------------------------------------------------------------------
 
     @_unavailable_on_error
@@ -225,6 +234,14 @@ class S3ImageStore(ImageStore):
                 name = meta["path"].rsplit("/", 1)[-1]
                 if len(name) == 64:
                     yield name
+
+    def listing(self, after: str | None, limit: int) -> list[ListedObject]:
+        # ListObjectsV2 with start-after: the bucket is read from ``after`` on, never from the start.
+        pages = _unavailable_on_error(obstore.list)(self._store, offset=after, chunk_size=min(limit, LIST_PAGE))
+        found: list[ListedObject] = []
+        while len(found) < limit and (page := _next(pages)) is not None:
+            found += (ListedObject(meta["path"], naive_utc(meta["last_modified"])) for meta in page)
+        return sorted(found, key=lambda listed: listed.name)[:limit]
 
     def names(self, under: str) -> Iterator[str]:
         pages = _unavailable_on_error(obstore.list)(self._store, prefix=under, chunk_size=LIST_PAGE)

@@ -20,6 +20,7 @@ cannot be reached raises ``StoreUnavailable`` (a 503 for the client); an object 
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import os
 import tempfile
 import time
@@ -54,6 +55,15 @@ class ObjectHead:
     etag: str | None  # as the store sends it (quotes and all); None where the store has none (a folder)
 
 
+@dataclass(frozen=True)
+class ListedObject:
+    """One object of a listing: its name (as ``object_name`` spells it) and when it was written, by the
+    store's clock (naive UTC, as the database holds times)."""
+
+    name: str
+    modified: dt.datetime
+
+
 def object_name(sha256: str, width: int | None = None) -> str:
     """The name of a blob (``width`` None) or of one of its thumbnails, relative to the store's root."""
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -61,6 +71,29 @@ def object_name(sha256: str, width: int | None = None) -> str:
     if width is None:
         return f"blobs/{sha256[:2]}/{sha256[2:4]}/{sha256}"
     return f"thumbs/{sha256[:2]}/{sha256[2:4]}/{sha256}-w{int(width)}"
+
+
+def parse_object_name(name: str) -> tuple[str, int | None] | None:
+    """(sha256, width) of a blob's (width None) or a thumbnail's name; None for any other name."""
+    folder, _, rest = name.partition("/")
+    base = rest.rpartition("/")[2]
+    width: int | None = None
+    if folder == "thumbs":
+        base, _, digits = base.partition("-w")
+        if not digits.isascii() or not digits.isdigit():
+            return None
+        width = int(digits)
+    elif folder != "blobs":
+        return None
+    try:
+        return (base, width) if object_name(base, width) == name else None  # the one spelling, nothing else
+    except ValueError:  # not a sha256
+        return None
+
+
+def naive_utc(moment: dt.datetime) -> dt.datetime:
+    """An aware time as the database and the app's clock hold it: naive UTC."""
+    return moment.astimezone(dt.UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 class ImageStore(abc.ABC):
@@ -93,6 +126,11 @@ class ImageStore(abc.ABC):
     def claim_identity(self, identity: str) -> str:
         """Write ``identity`` durably unless the store carries one already (atomic: of two claimers,
         one wins); returns the store's identity."""
+
+    @abc.abstractmethod
+    def identity_written(self) -> dt.datetime | None:
+        """When the store's identity was written (the store's clock, naive UTC); None without one. An
+        object written later was written by this deployment: no other database may use the store."""
 
     # -- objects -------------------------------------------------------------------------------
 
@@ -154,6 +192,11 @@ class ImageStore(abc.ABC):
     def names(self, under: str) -> Iterator[str]:
         """The name of every object under the folder ``under`` (``blobs``, ``thumbs``), as
         ``object_name`` spells them (a full listing: for tools and tests)."""
+
+    @abc.abstractmethod
+    def listing(self, after: str | None, limit: int) -> list[ListedObject]:
+        """Up to ``limit`` objects (any name, in name order) named after ``after`` (from the first when
+        None), with their times: one step of a pass over the whole store that may stop anywhere."""
 
     def sweep_variants(self, known: set[str]) -> int:
         """Remove variants whose blob is gone and not in ``known``; how many. Only a store whose
