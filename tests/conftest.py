@@ -44,7 +44,6 @@ from demo.common.infra import migrate
 from demo.common.sms import outbox as sms_outbox
 from demo.conf import settings as config
 from demo.main import make_app, make_server
-from demo.models import Base
 from tests.helpers import (
     MYSQL_SERVER,
     REQUIRE_MYSQL,
@@ -55,6 +54,7 @@ from tests.helpers import (
     SeaweedFS,
     chromium_browser,
     chromium_missing,
+    emptied,
     make_test_engine,
     new_mysql_database,
     require_mysql,
@@ -103,13 +103,7 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 def database_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty database: SQLite, then MariaDB."""
-    url = request.getfixturevalue(f"{request.param}_database_url")
-    engine = make_test_engine(url)
-    with engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(table.delete())
-    engine.dispose()
-    return url
+    return emptied(request.getfixturevalue(f"{request.param}_database_url"))
 
 
 @pytest.fixture(scope="session")

@@ -43,9 +43,11 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from demo.common.infra import migrate
 from demo.common.infra.clock import Clock, utcnow
 from demo.common.infra.db import SqlCursor, make_engine
 from demo.conf import settings as config
+from demo.models import Base
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "p" * 48
@@ -102,6 +104,28 @@ def make_test_engine(url: str, **options: int) -> Engine:
             **options,
         },
     )
+
+
+def migrated(url: str, **options: int) -> str:
+    """``url`` with demo's schema at head (through the migration lock, as a server's start does)."""
+    engine = make_test_engine(url, **options)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
+def emptied(url: str) -> str:
+    """``url`` with every table of demo's schema emptied, children first."""
+    engine = make_test_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+    finally:
+        engine.dispose()
+    return url
 
 
 def sql_cursor(session: Session) -> SqlCursor:

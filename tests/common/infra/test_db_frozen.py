@@ -13,11 +13,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from demo.common.errors import Unavailable
-from demo.common.infra import migrate
 from demo.common.infra.db import Database, Sql, SqlCursor, engine_for, long_work, sql_unit
 from demo.common.infra.offload import Offloader
-from demo.models import Base
-from tests.helpers import make_test_engine
+from tests.helpers import emptied, migrated
 
 pytestmark = pytest.mark.mysql
 
@@ -28,22 +26,13 @@ SLEEP = Sql("SELECT SLEEP(:seconds) AS slept")
 
 @pytest.fixture(scope="module")
 def migrated_url(private_mariadb) -> str:
-    url = private_mariadb.database("demo_frozen")
-    engine = make_test_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    return url
+    return migrated(private_mariadb.database("demo_frozen"))
 
 
 @pytest.fixture
 def database_url(migrated_url, private_mariadb):
     """This module's database on its own server (every test starts empty, and thawed)."""
-    engine = make_test_engine(migrated_url)
-    with engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(table.delete())
-    engine.dispose()
-    yield migrated_url
+    yield emptied(migrated_url)
     private_mariadb.thaw()  # whatever the test did
 
 

@@ -9,12 +9,10 @@ from sqlalchemy import text
 
 from demo.common.errors import Unavailable
 from demo.common.infra import db as db_module
-from demo.common.infra import migrate
 from demo.common.infra.db import Database, Sql, idempotent, sql_unit
 from demo.common.infra.metrics import Metrics
 from demo.common.infra.offload import Offloader
-from demo.models import Base
-from tests.helpers import make_test_engine
+from tests.helpers import emptied, make_test_engine, migrated
 
 pytestmark = pytest.mark.mysql
 
@@ -27,22 +25,13 @@ ONE = Sql("SELECT 1 AS one")
 
 @pytest.fixture(scope="module")
 def galera_url(galera_node) -> str:
-    url = galera_node.database("demo_galera")
-    engine = make_test_engine(url, pool_size=2)
-    migrate.upgrade(engine)  # the lock row: GET_LOCK() is not supported on Galera
-    engine.dispose()
-    return url
+    return migrated(galera_node.database("demo_galera"), pool_size=2)  # the lock row: no GET_LOCK() on Galera
 
 
 @pytest.fixture
 def database_url(galera_url, galera_node):
     """The app's database is on the Galera node (every test starts empty, and the node ready)."""
-    engine = make_test_engine(galera_url)
-    with engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(table.delete())
-    engine.dispose()
-    yield galera_url
+    yield emptied(galera_url)
     galera_node.execute("SET GLOBAL wsrep_reject_queries = NONE")
 
 
