@@ -82,18 +82,21 @@ def _user(db: cli.Db, public_id: str, now: dt.datetime) -> Row:
 def _status(user: Row) -> str:
     if user.deletion_due_at is not None:
         return "deletion scheduled"
-    return "disabled" if user.disabled_at is not None else "active"
+    if user.disabled_at is not None:
+        return "disabled"
+    return "frozen (its number went to a new holder)" if user.frozen_at is not None else "active"
 
 
 def describe(user: Row) -> dict[str, Any]:
     """The account as the commands print it (phone masked)."""
     return {
         "id": user.public_id,
-        "phone": cli.masked(user.phone),
+        "phone": cli.masked(user.phone or user.former_phone),  # a frozen account: the number it had
         "status": _status(user),
         "created_at": isoformat(user.created_at),
         "last_login_at": isoformat(user.last_login_at),
         "disabled_at": isoformat(user.disabled_at),
+        "frozen_at": isoformat(user.frozen_at),
         "deletion_final_at": isoformat(user.deletion_due_at),
         "live_sessions": int(user.live_sessions),
         "images": int(user.image_count),
@@ -109,6 +112,7 @@ def _lines(user: dict[str, Any]) -> list[str]:
         "created_at": "created",
         "last_login_at": "last login",
         "disabled_at": "disabled since",
+        "frozen_at": "frozen since",
         "deletion_final_at": "deletion final at",
         "live_sessions": "live sessions",
         "images": "images",
@@ -133,11 +137,16 @@ def _find(args: argparse.Namespace, settings: Settings) -> int:
         message = f"{args.phone!r}: not a mobile number (default_region {settings.default_region})"
         raise CommandError(BAD_INPUT, message) from None
     with cli.database(settings) as db:
-        row = db.run(queries.find_user, phone=phone, now=Clock().now())
-    if row is None:
+        now = Clock().now()
+        row = db.run(queries.find_user, phone=phone, now=now)
+        frozen = [describe(r) for r in db.run(queries.frozen_off, phone, now)]
+    if row is None and not frozen:
         raise CommandError(NOT_FOUND, f"no user with phone {cli.masked(phone)}")
-    user = describe(row)
-    cli.output(args, _lines(user), {"user": user})
+    user = None if row is None else describe(row)
+    lines = [] if user is None else _lines(user)
+    for account in frozen:  # the number's former holders (recycled numbers): listed after its holder
+        lines += _lines(account)
+    cli.output(args, lines, {"user": user, "frozen": frozen})
     return DONE
 
 

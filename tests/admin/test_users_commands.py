@@ -18,6 +18,7 @@ from demo.models import User
 from tests.admin.test_copy_media import admin as run_admin
 from tests.common.images.support import jpeg, png, storage_env, uploaded
 from tests.helpers import sent_phone
+from tests.views.test_account_deletion_views import code_for
 
 gen_test = pytest.mark.gen_test(timeout=120)
 PHONE, E164, MASKED, PASSWORD = "18866668888", "+8618866668888", "+86 188****8888", "demo123456"
@@ -61,6 +62,24 @@ async def test_find_shows_the_account_with_its_phone_masked(api, user, settings)
     assert found["id"] == user.id and found["phone"] == MASKED and found["status"] == "active"
     assert (found["images"], found["live_sessions"], found["h5_visit_count"]) == (1, 1, 0)
     assert found["image_bytes"] > 0 and found["disabled_at"] is None
+
+
+@gen_test
+async def test_find_lists_the_accounts_frozen_off_the_number_after_its_holder(api, user, settings, clock, outbox):
+    clock.advance(366 * 24 * 3600)  # dormant: a reset code for the number gives it a fresh account
+    code = await code_for(api, outbox, clock, "reset")
+    reset = await api.post("/users/password/reset", {"phone": PHONE, "code": code, "password": "new holder 4242"})
+    assert reset.code == 204, reset.body
+
+    done = await admin(settings, "users", "find", PHONE, "--json")
+
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["user"]["id"] != user.id and found["user"]["status"] == "active"
+    [frozen] = found["frozen"]
+    assert (frozen["id"], frozen["phone"]) == (user.id, MASKED) and frozen["status"].startswith("frozen")
+    shown = await admin(settings, "users", "show", user.id)
+    assert shown.returncode == 0 and f"user {user.id}  {MASKED}" in shown.stdout, shown.stderr
 
 
 @gen_test

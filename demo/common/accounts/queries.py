@@ -743,16 +743,21 @@ def purge_user(c: SqlCursor, user_id: int, now: dt.datetime) -> bool:
 _OPERATOR_VIEW = (
     "SELECT users.id, users.public_id, users.phone, users.created_at, users.last_login_at,"
     " users.h5_visit_count, users.h5_last_visit_at, users.deletion_due_at, users.disabled_at,"
+    " users.former_phone, users.frozen_at,"
     " (SELECT COUNT(images.pk) FROM images WHERE images.owner_id = users.id) AS image_count,"
     " (SELECT COALESCE(SUM(images.bytes), 0) FROM images WHERE images.owner_id = users.id) AS image_bytes,"
     " (SELECT COUNT(auth_sessions.id) FROM auth_sessions WHERE auth_sessions.user_id = users.id"
     " AND auth_sessions.revoked_at IS NULL AND auth_sessions.expires_at > :now) AS live_sessions"
     " FROM users WHERE "
 )
-_VIEW_TIMES = ["created_at", "last_login_at", "h5_last_visit_at", "deletion_due_at", "disabled_at"]
+_VIEW_TIMES = ["created_at", "last_login_at", "h5_last_visit_at", "deletion_due_at", "disabled_at", "frozen_at"]
 USER_BY_PUBLIC_ID = Sql(_OPERATOR_VIEW + "users.public_id = :value", datetimes=_VIEW_TIMES)
 USER_BY_PHONE = Sql(_OPERATOR_VIEW + "users.phone = :value", datetimes=_VIEW_TIMES)
 USER_BY_ID = Sql(_OPERATOR_VIEW + "users.id = :value", datetimes=_VIEW_TIMES)
+# The accounts frozen off a number (Recycled numbers in docs/API.md), the latest first.
+USERS_FROZEN_OFF = Sql(
+    _OPERATOR_VIEW + "users.former_phone = :value ORDER BY users.frozen_at DESC, users.id DESC", datetimes=_VIEW_TIMES
+)
 DISABLE_USER = Sql("UPDATE users SET disabled_at = :now WHERE id = :user_id AND disabled_at IS NULL")
 ENABLE_USER = Sql("UPDATE users SET disabled_at = NULL WHERE id = :user_id AND disabled_at IS NOT NULL")
 # An operator's deletion: as DELETE /users/me's, but an earlier one already scheduled stands.
@@ -782,6 +787,12 @@ def find_user(c: SqlCursor, *, public_id: str | None = None, phone: str | None =
     """The user by public id or by phone, as the operator sees them (``_OPERATOR_VIEW``), or None."""
     sql, value = (USER_BY_PUBLIC_ID, public_id) if public_id is not None else (USER_BY_PHONE, phone)
     return c.first(sql, {"value": value, "now": now})
+
+
+@sql_unit
+def frozen_off(c: SqlCursor, phone: str, now: dt.datetime) -> list[Row]:
+    """The accounts frozen off ``phone``, as the operator sees them (``_OPERATOR_VIEW``), latest first."""
+    return c.all(USERS_FROZEN_OFF, {"value": phone, "now": now})
 
 
 @sql_unit
