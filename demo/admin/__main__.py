@@ -8,6 +8,7 @@ read with the server's own loader (demo.conf.settings.load: command line, ``DEMO
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -39,8 +40,23 @@ def build_parser() -> Parser:
     return parser
 
 
+# A public id may begin with "-" (URL-safe base64), and argparse reads such a word as an option; a word
+# of exactly a public id's shape is moved after "--", where argparse reads only positionals. No option
+# or setting has that shape (settings are --name=value).
+_DASHED_ID = re.compile(r"-[A-Za-z0-9_-]{21}")
+
+
+def ids_as_positionals(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every word shaped like a public id that begins with "-" moved after "--"."""
+    if "--" in argv:
+        return list(argv)  # the operator separated them already
+    ids = [word for word in argv if _DASHED_ID.fullmatch(word)]
+    return [word for word in argv if word not in ids] + (["--", *ids] if ids else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args, settings_args = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    words = ids_as_positionals(sys.argv[1:] if argv is None else argv)
+    args, settings_args = build_parser().parse_known_args(words)
     status: int = args.run(args, settings_args)
     return status
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from demo.common.accounts.phones import mask_phone
 from demo.common.errors import Unavailable
 from demo.common.images.storage import StoreUnavailable
+from demo.common.infra import migrate
 from demo.common.infra.db import Database, engine_for
 from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import ConfigError, DatabaseUnavailable, StorageUnusable, masked_url, reason
@@ -136,6 +137,16 @@ def database(settings: config.Settings) -> Iterator[Db]:
         engine = engine_for(settings, pool_size=1)
     except (SQLAlchemyError, ValueError) as error:  # a URL SQLAlchemy cannot parse
         raise CommandError(BAD_INPUT, f"--database_url: {error}") from None
+    try:
+        current, head = migrate.schema_revision(engine)
+    except SQLAlchemyError as error:
+        engine.dispose()
+        raise CommandError(DATABASE_DOWN, f"database {masked_url(settings.database_url)}: {reason(error)}") from None
+    if current != head:  # the commands speak this release's schema: no table yet, or an older one
+        engine.dispose()
+        where = f"database {masked_url(settings.database_url)}"
+        needs = f"has schema {current or 'none'}, this release needs {head}"
+        raise CommandError(BAD_INPUT, f"{where} {needs}: migrate it first (README: Upgrades)")
     offloader = Offloader(db_threads=1, cpu_threads=1, io_threads=1)  # unused: units run on this thread
     try:
         yield Db(Database(engine, offloader), settings.database_url)

@@ -12,12 +12,12 @@ import zipfile
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from demo.models import User
 from tests.admin.test_copy_media import admin as run_admin
 from tests.common.images.support import jpeg, png, storage_env, uploaded
-from tests.helpers import sent_phone
+from tests.helpers import make_test_engine, sent_phone
 from tests.views.test_account_deletion_views import code_for
 
 gen_test = pytest.mark.gen_test(timeout=120)
@@ -280,3 +280,23 @@ def test_help_lists_the_commands_and_the_exit_statuses():
         "5",
         "130",
     ]
+
+
+def test_a_database_without_this_release_s_schema_is_one_line_and_status_2(tmp_path):
+    done = run_admin(
+        "users", "show", "Xq3vC0nT9bLmA2rE8sKd1w", env={"DEMO_DATABASE_URL": f"sqlite:///{tmp_path}/new.db"}
+    )
+    assert done.returncode == 2 and "has schema none, this release needs" in one_line(done)
+
+
+@gen_test
+async def test_an_id_that_begins_with_a_dash_is_an_id_not_an_option(api, user, settings):
+    dashed = "-" + user.id[1:]
+    engine = make_test_engine(settings.database_url)
+    with engine.begin() as conn:
+        rename = text("UPDATE users SET public_id = :dashed WHERE public_id = :id")
+        conn.execute(rename, {"dashed": dashed, "id": user.id})
+    engine.dispose()
+    done = await admin(settings, "users", "show", dashed, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["user"]["id"] == dashed

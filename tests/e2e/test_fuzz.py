@@ -107,6 +107,11 @@ CONTRACT_REJECTS_VALID_DATA = [
     # + code: a secret the server sent by SMS -> 400 invalid_code; password: not on the common-password
     # list -> 422 weak_password.
     (["register", "resetPassword"], ["400", "422"]),
+    # The same for the calls of a logged-in user that carry a code or a new password: the phone change
+    # (a code sent to the new phone), DELETE /users/me with a code, the login with an SMS code, and the
+    # password change (a new password on the common list -> 422 weak_password).
+    (["changePhone", "deleteMe", "login"], ["400", "422"]),
+    (["changePassword"], ["422"]),
     # the body: any bytes; the format is judged by content -> 415 unsupported_media_type, 422 invalid_image.
     (["uploadImage", "h5UploadImage"], ["415", "422"]),
     # cursor: opaque, only one the server gave out is accepted -> 422 invalid_field.

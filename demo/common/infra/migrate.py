@@ -31,6 +31,8 @@ from contextlib import contextmanager
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -74,6 +76,13 @@ def alembic_config(engine: Engine | None = None) -> Config:
     if engine is not None:
         config.attributes["engine"] = engine
     return config
+
+
+def schema_revision(engine: Engine) -> tuple[str | None, str | None]:
+    """(the database's schema revision, None before any migration; this release's head revision)."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision(), head
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
