@@ -4,6 +4,7 @@ blobs no image uses and of objects in the store without their row (run by main.p
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 from demo.common.accounts import queries as accounts
 from demo.common.images.rules import Images
@@ -11,6 +12,7 @@ from demo.common.infra import ratelimit
 from demo.common.infra.db import Database, SqlCursor, idempotent, long_work, sql_unit
 from demo.common.sms import queries as sms
 
+log = logging.getLogger("demo.housekeeping")
 KEEP = dt.timedelta(days=1)  # expired rows linger a day: enough for support to see what happened
 # Accounts purged per round at most: a round stays short however many deletions fell due at once (the
 # rest wait for the next round; logins already treat them as gone).
@@ -32,7 +34,10 @@ async def purge_deleted(db: Database, now: dt.datetime) -> int:
     many. Their blobs are left to ``Images.collect_unused``."""
     purged = 0
     for user_id in await db.run(accounts.due_deletions, now, PURGE_BATCH):
-        purged += await db.run(accounts.purge_user, user_id, now)
+        try:
+            purged += await db.run(accounts.purge_user, user_id, now)
+        except Exception:  # the next round tries it again; the others, and the sweeps after, go on
+            log.warning("purging user %s failed", user_id, exc_info=True)
     return purged
 
 

@@ -29,7 +29,7 @@ from demo.common.errors import InvalidCredentials, RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
-from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
+from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, long_work, sql_unit
 from demo.common.infra.ratelimit import Window
 from demo.common.sms import queries as sms_queries
 
@@ -83,6 +83,7 @@ LIST_SESSIONS = Sql(
     datetimes=["created_at", "last_used_at"],
 )
 NAME_SESSION = Sql("UPDATE auth_sessions SET public_id = :public_id WHERE id = :id AND public_id IS NULL")
+SESSION_PUBLIC_ID = Sql("SELECT public_id FROM auth_sessions WHERE id = :id")
 END_OWN_SESSION = Sql(
     "UPDATE auth_sessions SET revoked_at = :now WHERE public_id = :public_id AND user_id = :user_id"
     " AND revoked_at IS NULL AND expires_at > :now"
@@ -598,7 +599,10 @@ def list_sessions(c: SqlCursor, user_id: int, now: dt.datetime) -> list[Row]:
     for row in rows:
         if row.public_id is None:
             public_id = new_public_id()
-            c.execute(NAME_SESSION, {"id": row.id, "public_id": public_id})
+            if not c.execute(NAME_SESSION, {"id": row.id, "public_id": public_id}):
+                named_first = c.first(SESSION_PUBLIC_ID, {"id": row.id})  # by a parallel list
+                assert named_first is not None  # the row was just listed, in this transaction
+                public_id = named_first.public_id
             row = row._replace(public_id=public_id)
         named.append(row)
     return named
@@ -717,6 +721,7 @@ def due_deletions(c: SqlCursor, now: dt.datetime, limit: int) -> list[int]:
 
 
 @sql_unit
+@long_work  # a big account's images and sessions: housekeeping's, never a request's
 def purge_user(c: SqlCursor, user_id: int, now: dt.datetime) -> bool:
     """Delete everything of an account whose deletion is final at ``now``: its images (their blobs'
     legacy counts go down; a blob no image uses any more is left to ``Images.collect_unused``, which

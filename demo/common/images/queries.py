@@ -156,17 +156,18 @@ def store_image(
 ) -> dict[str, Any]:
     """Insert the image under the owner's quota, holding the blob row lock while ``place`` puts (or
     checks) its file; the new row's fields (without ``created_at``: ``now``). QuotaExceeded (or what
-    ``place`` raises) rolls back."""
-    # Serialise this user's uploads so two concurrent ones cannot both squeeze under the quota: count
-    # one in a per-user row. A write, not a SELECT ... FOR UPDATE: on Galera a row lock holds only on the
-    # node that takes it, while two writes of one row through two nodes fail certification and the unit
-    # runs again (Database.run_sync), now seeing the other upload.
+    ``place`` raises) rolls back (an object put meanwhile goes with the upload's claim: rules.py)."""
+    c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
+    place()  # under the blob row lock: see images/rules.py
+    # Then serialise this user's uploads, so two concurrent ones cannot both squeeze under the quota:
+    # count one in a per-user row, after the put, so that a user's second upload never waits on the
+    # first one's put (longer than a statement may wait: db_io_timeout). A write, not a SELECT ... FOR
+    # UPDATE: on Galera a row lock holds only on the node that takes it, while two writes of one row
+    # through two nodes fail certification and the unit runs again, now seeing the other upload.
     ratelimit.reserve(c, ratelimit.window_params([upload_lock(image.owner_id)], now), 1)
     used = _usage(c, image.owner_id)
     if used.count + 1 > quota.count or used.used + image.bytes > quota.bytes:
         raise QuotaExceeded()
-    c.execute(ADD_BLOB_REF, {"sha256": image.sha256, "now": now})
-    place()  # under the blob row lock: see images/rules.py
     if image.decoded:
         c.execute(
             REMEMBER_UPLOAD,

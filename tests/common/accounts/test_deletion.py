@@ -11,8 +11,9 @@ from sqlalchemy import inspect, select, text, update
 
 from demo.common import housekeeping
 from demo.common.accounts import queries, tokens
-from demo.common.errors import Unauthorized
+from demo.common.errors import Unauthorized, Unavailable
 from demo.common.infra import migrate, ratelimit
+from demo.common.infra.db import long_work, sql_unit
 from demo.models import AuthSession, Image, ImageBlob, RateCounter, SmsCode, User
 from tests.common.accounts.test_queries import CHECKS, NOW, PHONE, WINDOWS, count, login_args, new_user
 from tests.helpers import make_test_engine
@@ -200,6 +201,26 @@ async def test_housekeeping_purges_the_due_accounts_in_batches_and_then_their_bl
     assert (await housekeeping.run(db, app.services.images, NOW))["purged_users"] == 2
     assert (await housekeeping.run(db, app.services.images, NOW))["purged_users"] == 1
     assert db.run_sync(lambda s: s.scalars(select(User.phone)).all()) == [OTHER]
+
+
+@pytest.mark.gen_test
+async def test_a_purge_that_fails_leaves_the_others_and_the_sweeps_to_go_on(db, app, monkeypatch):
+    for n in range(2):
+        phone = f"+86188666600{n:02d}"
+        session_id = new_user(db, phone=phone, token_hash=f"{n}" * 64, ticket_hash=f"{n}k".ljust(64, "k"))
+        db.run_sync(queries.schedule_deletion, user_id(db, phone), session_id, None, [], NOW, NOW)
+    first = db.run_sync(queries.due_deletions, NOW, 10)[0]
+    real = queries.purge_user
+
+    def failing(c, user_id: int, now):
+        if user_id == first:
+            raise Unavailable()  # e.g. a lock this account's purge waits on
+        return real(c, user_id, now)
+
+    monkeypatch.setattr(queries, "purge_user", sql_unit(long_work(failing)))
+    counts = await housekeeping.run(db, app.services.images, NOW)
+    assert counts["purged_users"] == 1 and "unused_blobs" in counts
+    assert db.run_sync(queries.due_deletions, NOW, 10) == [first]  # tried again next round
 
 
 # -- migration 0010 ---------------------------------------------------------------------------------------
