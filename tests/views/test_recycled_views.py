@@ -294,3 +294,21 @@ async def test_a_frozen_account_an_operator_disabled_is_refused_to_its_owner(api
     refused = await login(api)
     assert refused.code == 403 and refused.json["error"]["code"] == "account_disabled", refused.body
     assert (await login(api, password=NEW_PASSWORD)).code == 200  # the fresh account is not disabled
+
+
+@gen_test
+async def test_an_sms_login_on_the_number_of_a_disabled_dormant_account_gives_its_holder_a_fresh_one(
+    api, user, app, clock, outbox
+):
+    """The operator disabled the old owner's account; the number's new holder is not refused for it."""
+    await app.services.db.run(queries.set_disabled, app_user_id(app), True, clock.now())
+    clock.advance(DORMANT)
+    code = await code_for(api, outbox, clock, "login")
+    fresh = await api.post("/users/login", {"phone": PHONE, "code": code})
+    assert fresh.code == 200, fresh.body
+    assert fresh.json["user"]["id"] != user.id and accounts(app) == [(None, E164, True), (E164, None, False)]
+    assert (await login(api)).code == 403  # the frozen owner's account is still disabled
+
+
+def app_user_id(app) -> int:
+    return app.services.db.run_sync(lambda s: s.scalar(select(User.id).where(User.phone == E164)))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from demo.common.accounts.tokens import new_public_id
-from demo.common.errors import InvalidCredentials, RateLimited, Unauthorized
+from demo.common.errors import AccountDisabled, InvalidCredentials, RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
@@ -429,7 +429,7 @@ def record_code_login(
         fresh = {"public_id": public_id, "phone": found.phone, "password_hash": fresh_hash, "now": now}
         user_id = c.insert(NEW_USER, fresh)
         found = found._replace(
-            id=user_id, public_id=public_id, password_hash=fresh_hash, created_at=now, deletion_pending=0
+            id=user_id, public_id=public_id, password_hash=fresh_hash, created_at=now, deletion_pending=0, disabled=0
         )
     elif holder is None:
         return None
@@ -438,6 +438,8 @@ def record_code_login(
         if current is None:
             return None
         found = found._replace(**current._asdict())
+    if found.disabled:  # decided on the account signed in: a disabled one frozen off the number is not the holder's
+        raise AccountDisabled()  # rolls back: told only to one who proved the phone with its code
     session_id = _record_login(c, found, None, params, forget, remember, grant, now)
     return None if session_id is None else (session_id, found)
 

@@ -355,8 +355,6 @@ class Accounts:
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
-        if found.disabled:
-            raise AccountDisabled()  # told only to one who proved the phone with its code
         grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now, by_code=True)
         if grant is None:
             raise InvalidCode(field="code")  # reset or deleted for good since the code was checked
