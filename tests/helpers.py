@@ -964,6 +964,19 @@ def _distinct_free_ports(names: list[str], avoid: set[int] | None = None) -> dic
     return ports
 
 
+def write_s3_config(path: Path) -> Path:
+    """SeaweedFS's ``-s3.config`` file at ``path``: one identity with the credentials S3_CREDENTIALS."""
+    identity = {
+        "name": "demo",
+        "credentials": [
+            {"accessKey": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+        ],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    path.write_text(json.dumps({"identities": [identity]}))
+    return path
+
+
 class SeaweedFS:
     """``weed mini`` (master, volume, filer and S3 gateway in one process) on free loopback ports, with
     the credentials S3_CREDENTIALS and one bucket, S3_BUCKET. ``endpoint`` is its S3 URL."""
@@ -999,15 +1012,7 @@ class SeaweedFS:
 
     def _start(self, timeout: float) -> SeaweedFS:
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
-        config = self.folder / "s3.json"
-        identity = {
-            "name": "demo",
-            "credentials": [
-                {"accessKey": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
-            ],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
+        config = write_s3_config(self.folder / "s3.json")
         args = [WEED, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += [f"-s3.config={config}", *(f"{flag}={port}" for flag, port in self.ports.items())]
         with open(self.folder / "weed.log", "ab") as log:

@@ -12,7 +12,6 @@ the front.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import signal
@@ -34,6 +33,7 @@ from tests.helpers import (
     make_certificate,
     render_shipped_nginx,
     wait_until,
+    write_s3_config,
 )
 
 HOSTS = {
@@ -65,15 +65,7 @@ class Store:
         self.endpoint = f"http://{self.address}:8333"
 
     def start(self) -> None:
-        config = self.dir / "s3.json"
-        identity = {
-            "name": "demo",
-            "credentials": [
-                {"accessKey": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
-            ],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
+        config = write_s3_config(self.dir / "s3.json")
         (self.dir / "data").mkdir(exist_ok=True)
         args = [WEED, "mini", f"-dir={self.dir / 'data'}", f"-ip={self.address}", f"-ip.bind={self.address}"]
         self.net.spawn("s3", [*args, f"-s3.config={config}"], self.dir / "weed.log")
