@@ -126,6 +126,9 @@ class SmsOutbox(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     sent_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
     last_error: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lang: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the text's language; NULL: default
+    provider: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the backend that took the text
+    message_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # that provider's id for it
 
 
 class SmsDailyCount(Base):
@@ -233,6 +236,7 @@ class H5Ticket(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
     used_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    lang: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the app's language; NULL: default
 
 
 class H5Session(Base):
@@ -247,3 +251,4 @@ class H5Session(Base):
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp)
     expires_at: Mapped[dt.datetime] = mapped_column(Timestamp, index=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(Timestamp, nullable=True)
+    lang: Mapped[str | None] = mapped_column(String(16), nullable=True)  # from its ticket; NULL: default
