@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.rules import AccountRules, Accounts
 from demo.common.h5.rules import H5, H5Rules
+from demo.common.i18n import Languages
 from demo.common.images import imaging
 from demo.common.images.rules import ImageRules, Images
 from demo.common.images.storage import ImageStore, make_store
@@ -42,6 +43,7 @@ class Services:
     h5: H5
     metrics: Metrics
     cookie_secret: str
+    languages: Languages  # the catalogues, loaded once: texts, pages and error messages
     readiness: Readiness = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
         account_rules = AccountRules.from_settings(settings)
         sender_rules = SenderRules.from_settings(settings)
+        languages = Languages(settings.default_language)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     sender = Sender(db, backend, app_metrics, clock, sender_rules)
@@ -109,11 +112,24 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         rules=account_rules,
         test_numbers=test_numbers,
         clock=clock,
+        languages=languages,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings)
     images = Images(db, store, ImageRules.from_settings(settings), clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
     return Services(
-        settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics, cookie_secret
+        settings,
+        clock,
+        offloader,
+        db,
+        passwords,
+        sender,
+        accounts,
+        store,
+        images,
+        h5,
+        app_metrics,
+        cookie_secret,
+        languages,
     )
