@@ -11,6 +11,11 @@ LOCKED`` on MariaDB (SQLite has a single writer), so two senders never send one 
 dies between claim and settle leaves the row to be retried once its lease runs out: delivery is at
 least once, and nothing is lost between the commit and the send. A text whose code died while it
 waited (expired, used or replaced: after an outage) is settled as failed, never sent.
+
+A try hands the text to the backends of ``sms_backend`` in order (``backends.Failover``): it fails only
+when every one failed, and is then retried until ``sms_send_attempts``; a provider that refuses the
+number itself ends it at once. A sent row keeps the provider that took it and its message id; any
+row keeps, in ``last_error``, what each provider that failed said.
 """
 
 from __future__ import annotations

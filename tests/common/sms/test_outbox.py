@@ -1,15 +1,21 @@
-"""demo/common/sms/outbox.py without HTTP: a ``Sender`` with a fake backend drains the outbox that
-``Accounts.request_code`` fills, on SQLite and MariaDB."""
+"""demo/common/sms/outbox.py: a ``Sender`` drains the outbox that ``Accounts.request_code`` fills, on
+SQLite and MariaDB, through a fake backend, then through the providers' stand-ins (failover, give-up,
+what the rows record; one test over HTTP with the sender running as the server runs it)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 
 import pytest
 from sqlalchemy import select, update
+from tornado.testing import bind_unused_port
 
 from demo.common.sms.outbox import Sender
+from demo.main import make_server
 from demo.models import SmsCode, SmsOutbox
+from tests.helpers import Api
 
 gen_test = pytest.mark.gen_test(timeout=60)
 E164 = "+8618866668888"
@@ -210,3 +216,28 @@ def user_phone_registered(providers_app, sms_providers, io_loop):
         sms_providers.tencent.accepted.clear()
 
     io_loop.run_sync(register)
+
+
+@gen_test
+async def test_over_http_the_code_a_provider_carried_registers(providers_app, sms_providers):
+    """The whole path: POST /users/code answers, the running sender hands the text to the stand-in,
+    and the code it carried registers."""
+    server = make_server(providers_app)
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    providers_app.services.sender.start()
+    api = Api(f"http://127.0.0.1:{port}")
+    try:
+        assert (await api.post("/users/code", {"phone": "18866668888"})).code == 200
+        deadline = time.monotonic() + 10
+        while not sms_providers.tencent.codes(E164):
+            assert time.monotonic() < deadline, "no text reached the stand-in"
+            await asyncio.sleep(0.01)
+        [code] = sms_providers.tencent.codes(E164)
+        registered = await api.post("/users/regist", {"phone": "18866668888", "password": "demo123456", "code": code})
+        assert registered.code == 201, registered.body
+    finally:
+        api.close()
+        server.stop()
+        await server.close_all_connections()
+        await providers_app.services.sender.stop()

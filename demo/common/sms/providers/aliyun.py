@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from demo.common.sms.backends import SmsFailed, SmsMessage, text_language
@@ -33,7 +33,7 @@ REJECTED = frozenset({"isv.MOBILE_NUMBER_ILLEGAL"})
 @dataclass(frozen=True, kw_only=True)
 class AliyunBackend:
     key_id: str
-    secret: str
+    secret: str = field(repr=False)  # never in a log line or a traceback
     endpoint: str
     sign_name: str
     templates: Templates

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from demo.common.sms.backends import SmsFailed, SmsMessage, text_language
@@ -37,7 +37,7 @@ REJECTED = frozenset(
 @dataclass(frozen=True, kw_only=True)
 class TencentBackend:
     secret_id: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a log line or a traceback
     endpoint: str
     region: str
     app_id: str
