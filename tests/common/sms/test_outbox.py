@@ -12,7 +12,9 @@ import pytest
 from sqlalchemy import select, update
 from tornado.testing import bind_unused_port
 
-from demo.common.sms.outbox import Sender
+from demo.common.sms.backends import text_language
+from demo.common.sms.outbox import Sender, SenderRules
+from demo.conf import settings as config
 from demo.main import make_server
 from demo.models import SmsCode, SmsOutbox
 from tests.helpers import Api
@@ -241,3 +243,10 @@ async def test_over_http_the_code_a_provider_carried_registers(providers_app, sm
         server.stop()
         await server.close_all_connections()
         await providers_app.services.sender.stop()
+
+
+def test_a_claim_outlives_every_backend_of_the_list_timing_out_in_turn():
+    rules = SenderRules.from_settings(config.defaults(sms_backend="tencent,aliyun,http", sms_gateway_timeout=20.0))
+    assert rules.lease == 3 * 4 * 20.0  # else another sender could claim a text still being tried, and send it twice
+    assert SenderRules.from_settings(config.defaults(sms_backend="aliyun")).lease == 60.0
+    assert rules.default_language == text_language(None, config.defaults())  # "en" until default_language exists
