@@ -86,14 +86,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = database_for(settings, offloader, app_metrics)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:
-        backend = make_backend(
-            settings.sms_backend,
-            offloader,
-            gateway_url=settings.sms_gateway_url,
-            gateway_body=settings.sms_gateway_body,
-            gateway_headers=settings.sms_gateway_headers,
-            gateway_timeout=settings.sms_gateway_timeout,
-        )
+        backend = make_backend(settings, offloader, app_metrics)
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
         account_rules = AccountRules.from_settings(settings)
         sender_rules = SenderRules.from_settings(settings)

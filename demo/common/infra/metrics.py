@@ -66,6 +66,21 @@ class Metrics:
         self.sms_failed = Counter(
             "demo_sms_failed", "Tries the SMS backend refused or lost (retried later)", registry=r
         )
+        # Per backend of sms_backend (tencent, aliyun, http, console, file): each attempt to hand it a
+        # text, by result (ok, error, timeout, rejected: the provider refused the number itself).
+        self.sms_provider_sends = Counter(
+            "demo_sms_provider_sends",
+            "Texts offered to each SMS backend, by result",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.sms_provider_seconds = Histogram(
+            "demo_sms_provider_duration_seconds",
+            "Time each SMS backend took to take or refuse a text",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Every process counts the same shared rows: the live maximum is the backlog, not a sum.
         self.sms_outbox_pending = Gauge(
             "demo_sms_outbox_pending",

@@ -31,7 +31,7 @@ SWEEP = Sql(f"DELETE FROM sms_outbox WHERE status IN {_FINISHED} AND created_at 
 # other senders; the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed
 # claims. Another sender's rows are skipped, never waited for (SQLite has a single writer).
 _DUE = (
-    "SELECT id, sms_code_id, phone, purpose, code, text, attempts, created_at,"
+    "SELECT id, sms_code_id, phone, purpose, code, text, lang, attempts, created_at,"
     " (SELECT expires_at FROM sms_codes WHERE sms_codes.id = sms_outbox.sms_code_id) AS code_expires_at"
     f" FROM sms_outbox WHERE status IN {_WAITING} AND next_attempt_at <= :now LIMIT :batch"
 )
@@ -43,8 +43,10 @@ CLAIM = Sql(
 _MINE = " WHERE id = :id AND status = 'sending' AND attempts = :attempts"
 GIVE_UP = Sql("UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error WHERE id = :id")
 SETTLE = {
+    # last_error stays on a sent row: the providers that failed before the one that took it.
     SENT: Sql(
-        "UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = NULL" + _MINE
+        "UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = :error,"
+        " provider = :provider, message_id = :message_id" + _MINE
     ),
     PENDING: Sql(f"UPDATE sms_outbox SET status = 'pending', next_attempt_at = :retry_at, last_error = :error{_MINE}"),
     FAILED: Sql(f"UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error{_MINE}"),
@@ -64,7 +66,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one claimed try ended: ``status`` SENT, PENDING (retry at ``retry_at``) or FAILED (given up)."""
+    """How one claimed try ended: ``status`` SENT (by ``provider``, its id ``message_id``), PENDING
+    (retry at ``retry_at``) or FAILED (given up); ``error`` says what failed on the way."""
 
     id: int
     attempts: int
@@ -72,6 +75,8 @@ class Outcome:
     status: str
     error: str | None = None
     retry_at: dt.datetime | None = None
+    provider: str | None = None
+    message_id: str | None = None
 
 
 def enqueue(
@@ -135,6 +140,8 @@ def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outc
             "now": now,
             "error": outcome.error,
             "retry_at": outcome.retry_at,
+            "provider": outcome.provider,
+            "message_id": outcome.message_id,
         }
         if c.execute(SETTLE[outcome.status], params) and outcome.status == FAILED:
             c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
