@@ -21,6 +21,7 @@ from demo.common.infra.offload import Offloader
 from demo.common.infra.readiness import Readiness
 from demo.common.infra.startup import ConfigError
 from demo.common.sms.backends import make_backend, parse_test_numbers
+from demo.common.sms.costguard import CostGuard, CostRules
 from demo.common.sms.outbox import Sender, SenderRules
 from demo.conf.settings import Settings
 
@@ -42,6 +43,7 @@ class Services:
     h5: H5
     metrics: Metrics
     cookie_secret: str
+    cost_guard: CostGuard
     readiness: Readiness = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         sender_rules = SenderRules.from_settings(settings)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    if not settings.sms_daily_budget and not settings.debug:
+        log.warning("sms_daily_budget is 0: nothing bounds what a day's texts may cost (set a budget)")
+    cost_guard = CostGuard(CostRules.from_settings(settings, test_numbers), db, app_metrics)
     sender = Sender(db, backend, app_metrics, clock, sender_rules)
     code_key = derived_key(cookie_secret, b"demo sms codes")
     accounts = Accounts(
@@ -102,11 +107,24 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         rules=account_rules,
         test_numbers=test_numbers,
         clock=clock,
+        cost_guard=cost_guard,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings)
     images = Images(db, store, ImageRules.from_settings(settings), clock)
     imaging.configure(settings.max_image_pixels, settings.image_decode_budget)
     return Services(
-        settings, clock, offloader, db, passwords, sender, accounts, store, images, h5, app_metrics, cookie_secret
+        settings,
+        clock,
+        offloader,
+        db,
+        passwords,
+        sender,
+        accounts,
+        store,
+        images,
+        h5,
+        app_metrics,
+        cookie_secret,
+        cost_guard,
     )

@@ -229,6 +229,39 @@ class Settings:
     sms_max_attempts: int = option(5, "wrong tries before a code is dead", group=SMS, low=1)
     sms_phone_daily: int = option(10, "texts per phone per UTC day", group=SMS)
     sms_ip_hourly: int = option(20, "texts requested per client per hour (an IPv4 address, an IPv6 /64)", group=SMS)
+    sms_daily_budget: int = option(
+        1000,
+        "texts (code requests, including those answered alike without a text) the whole deployment may "
+        "send per UTC day; past it /users/code answers 503 unavailable until midnight UTC (fails closed). "
+        "0 = no budget (a warning at start outside debug mode)",
+        group=SMS,
+    )
+    sms_breaker_prefix: int = option(
+        5,
+        "digits of a number after '+' (calling code included) that make one prefix for the conversion "
+        "breaker: 5 makes +86138 one prefix",
+        group=SMS,
+        low=3,
+        high=15,
+    )
+    sms_breaker_min_sent: int = option(
+        20,
+        "texts to a prefix over the last 30 to 60 minutes before the breaker judges its conversion",
+        group=SMS,
+        low=1,
+    )
+    sms_breaker_conversion: float = option(
+        0.2,
+        "codes used / codes sent below which a prefix is throttled (SMS pumping: texts nobody uses); "
+        "texts of the last 2 to 4 minutes are not judged yet (0 = the breaker is off)",
+        group=SMS,
+        high=1,
+    )
+    sms_breaker_hourly: int = option(
+        3,
+        "texts per hour a throttled prefix still gets, until its conversion recovers (0 = none)",
+        group=SMS,
+    )
     sms_gateway_url: str = option("", "HTTP gateway URL (sms_backend=http)", group=SMS)
     sms_gateway_body: str = option(
         '{"to": $phone, "text": $text}',

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from demo.common.errors import PrefixThrottled, RateLimited, SmsBudgetSpent
+from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
+
+if TYPE_CHECKING:
+    from demo.common.sms.costguard import SendGuard, UseGuard, Verdict
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
@@ -193,3 +199,58 @@ def code_stats(c: SqlCursor, since: dt.datetime) -> list[Row]:
     (``sent``) and used, kept and live; a day and prefix may come twice (add them up)."""
     kept = c.all(KEPT_STATS, {"since_day": f"{since:%Y-%m-%d}"})
     return kept + c.all(CODE_STATS, {"since": since})
+
+
+# -- the cost guard (costguard.py): the daily budget and the conversion breaker ---------------------------
+# A prefix's counts as ``SendGuard.counted`` numbers its windows: young texts, sent, used, the trip mark.
+BREAKER_COUNTS = Sql(
+    f"SELECT {ratelimit.count_of(0)} AS recent, {ratelimit.count_of(2)} AS sent,"
+    f" {ratelimit.count_of(4)} AS used, {ratelimit.count_of(5)} AS tripped"
+)
+# Today's budget row and every prefix counter of the windows read now (the caller sorts them out).
+COST_COUNTERS = Sql(
+    "SELECT `key`, window_start, count AS n FROM rate_counters WHERE (`key` = :budget_key AND window_start = :day)"
+    " OR (`key` LIKE :prefixes AND window_start IN (:span, :recent, :hour))"
+)
+
+
+def guard_send(c: SqlCursor, guard: SendGuard, now: dt.datetime) -> Verdict | None:
+    """Count a code request against the daily budget (``SmsBudgetSpent`` past it) and in its prefix's
+    breaker counters; when the prefix is throttled, mark it and count the text in its hourly allowance
+    (``PrefixThrottled`` past it). The breaker's verdict (None: the breaker is off). Raising rolls
+    the unit back: a refused request counts nowhere."""
+    budget = guard.budget
+    if budget is not None:
+        try:
+            ratelimit.hit(c, budget, now)
+        except RateLimited as refused:
+            raise SmsBudgetSpent(refused.retry_after) from None
+    if not guard.judging:
+        return None
+    params = guard.counted(now)
+    ratelimit.reserve(c, params, 4)  # locks the prefix's rows: its requests are judged one at a time
+    counts = c.first(BREAKER_COUNTS, params)
+    assert counts is not None  # a SELECT without FROM has its one row
+    verdict = guard.judge(counts)
+    if verdict.recovered:
+        ratelimit.forget(c, guard.mark.key)
+    if verdict.throttled:
+        ratelimit.reserve(c, guard.mark_params(now), 2)
+        try:
+            ratelimit.hit(c, guard.throttle, now)
+        except RateLimited as refused:
+            raise PrefixThrottled(refused.retry_after, guard.prefix) from None
+    return verdict
+
+
+def count_use(c: SqlCursor, guard: UseGuard, now: dt.datetime) -> None:
+    """A code was spent: count it in its prefix's ``used``."""
+    ratelimit.reserve(c, guard.params(now), 2)
+
+
+@sql_unit
+@idempotent
+def cost_counters(c: SqlCursor, params: dict[str, Any]) -> list[Row]:
+    """The counters ``costguard.snapshot`` reads (key, window_start, n: the count): ``params`` are
+    ``costguard.counter_params``'s."""
+    return c.all(COST_COUNTERS, params)
