@@ -18,6 +18,8 @@ The other real parts:
     storage        the image store of a test: ``local`` (a folder), then ``s3`` (a fresh prefix on s3_server);
                    a test (or module) that asks for it runs on both, and ``settings`` use it
     chromium       ``async with chromium() as browser``: Debian's headless Chromium through Playwright
+    sms_providers  stand-ins of Tencent Cloud SMS and Alibaba Cloud SMS that check signatures
+                   (``tests.sms_standins.ProviderStandIns``), their credentials in the environment
 A missing MariaDB, nginx, SeaweedFS or Chromium skips its tests, unless DEMO_REQUIRE_MYSQL=1 (MariaDB,
 nginx), DEMO_REQUIRE_S3=1 (SeaweedFS) or DEMO_REQUIRE_BROWSER=1 (Chromium) makes that a failure; under
 CI=true any skip fails (see the end).
@@ -60,6 +62,8 @@ from tests.helpers import (
     require_mysql,
     require_s3,
 )
+from tests.sms_standins import ENVIRON as STANDIN_ENVIRON
+from tests.sms_standins import ProviderStandIns
 
 COOKIE_SECRET = "test-secret-" + "x" * 40
 
@@ -153,6 +157,17 @@ def chromium() -> Callable[[], AbstractAsyncContextManager[Any]]:
             pytest.fail(f"DEMO_REQUIRE_BROWSER=1 but {reason}")
         pytest.skip(reason)
     return chromium_browser
+
+
+@pytest.fixture
+def sms_providers(io_loop, monkeypatch: pytest.MonkeyPatch) -> Iterator[ProviderStandIns]:
+    """Both SMS provider stand-ins on the test's loop; ``sms_providers.settings("tencent,aliyun")`` are
+    the settings that send through them."""
+    for name, value in STANDIN_ENVIRON.items():
+        monkeypatch.setenv(name, value)
+    stand_ins = ProviderStandIns.start()
+    yield stand_ins
+    io_loop.run_sync(stand_ins.stop)
 
 
 @pytest.fixture

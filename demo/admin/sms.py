@@ -1,5 +1,8 @@
 """``python -m demo.admin sms stats [--days N]``: codes texted and used, per day and country, and the
 conversion rate (used / sent): a country whose rate falls has a gateway or a fraud problem.
+``sms budget``: today's use of the daily SMS budget. ``sms breaker``: the conversion breaker's view,
+the last 30 to 60 minutes per number prefix and country, and which prefixes it throttles (see
+demo/common/sms/costguard.py).
 
 A country is the one of the phone's calling code (phones are E.164); codes shared by several countries
 (+1, +7) count under their main one. Texts still in the database are counted from their rows; those
@@ -14,12 +17,12 @@ import argparse
 import datetime as dt
 from typing import Any
 
-import phonenumbers
-
 from demo.admin import cli
 from demo.admin.cli import BAD_INPUT, DONE, CommandError
 from demo.common.infra.clock import Clock
-from demo.common.sms import queries
+from demo.common.sms import costguard, queries
+from demo.common.sms.backends import parse_test_numbers
+from demo.common.sms.countries import calling_code, country
 from demo.conf.settings import Settings
 
 NAME = "sms"
@@ -33,19 +36,15 @@ def add_parser(commands: Any) -> None:
         group, "stats", "codes texted and used per day and country, and the conversion rate", _stats, "sms stats"
     )
     stats.add_argument("--days", type=int, default=7, help=f"days back, today included (1 to {MAX_DAYS}; default 7)")
-
-
-def calling_code(prefix: str) -> int | None:
-    """The calling code an E.164 prefix (``+`` and up to 3 digits) starts with, or None."""
-    for length in (1, 2, 3):
-        code = int(prefix[1 : 1 + length]) if prefix[1 : 1 + length].isdigit() else 0
-        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
-            return code
-    return None
-
-
-def country(code: int | None) -> str:
-    return "??" if code is None else phonenumbers.region_code_for_country_code(code)
+    cli.add_command(group, "budget", "today's use of the daily SMS budget (UTC)", _budget, "sms budget")
+    cli.add_command(
+        group,
+        "breaker",
+        "the conversion breaker: texts and used codes of the last 30 to 60 minutes per number prefix and "
+        "country, and the prefixes it throttles",
+        _breaker,
+        "sms breaker",
+    )
 
 
 def _rate(sent: int, used: int) -> float | None:
@@ -90,3 +89,76 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def _percent(rate: Any) -> str:
     return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def _snapshot(settings: Settings) -> costguard.Snapshot:
+    try:
+        rules = costguard.CostRules.from_settings(settings, parse_test_numbers(settings.sms_test_numbers))
+    except ValueError as error:
+        raise CommandError(BAD_INPUT, str(error)) from None
+    now = Clock().now()
+    with cli.database(settings) as db:
+        rows = db.run(queries.cost_counters, costguard.counter_params(now))
+    return costguard.snapshot(rules, rows, now)
+
+
+def _budget(args: argparse.Namespace, settings: Settings) -> int:
+    state = _snapshot(settings)
+    day = f"{state.at:%Y-%m-%d}"
+    left = max(0, state.budget - state.spent) if state.budget else None
+    resets = f"resets in {state.resets_in // 3600}h {state.resets_in % 3600 // 60:02d}m (midnight UTC)"
+    if state.budget:
+        refused = "; code requests are refused until then" if left == 0 else ""
+        line = f"{day}: {state.spent} of {state.budget} texts, {left} left; {resets}{refused}"
+    else:
+        line = f"{day}: {state.spent} texts; no budget (sms_daily_budget=0)"
+    document = {"day": day, "budget": state.budget, "spent": state.spent, "left": left, "resets_in": state.resets_in}
+    cli.output(args, [line], document)
+    return DONE
+
+
+def _breaker(args: argparse.Namespace, settings: Settings) -> int:
+    state = _snapshot(settings)
+    prefixes = [
+        {
+            "prefix": f"+{p.prefix}",
+            "country": p.country,
+            "sent": p.sent,
+            "used": p.used,
+            "recent": p.recent,
+            "conversion": p.conversion,
+            "throttled": p.throttled,
+            "throttled_sent_this_hour": p.throttle_used if p.throttled else 0,
+        }
+        for p in sorted(state.prefixes, key=lambda p: (-p.sent, p.prefix))
+    ]
+    countries = [
+        {**totals, "country": where, "conversion": costguard.rate(totals["sent"], totals["used"])}
+        for where, totals in sorted(state.countries().items())
+    ]
+    rules = {
+        "min_sent": settings.sms_breaker_min_sent,
+        "conversion": settings.sms_breaker_conversion,
+        "hourly": settings.sms_breaker_hourly,
+    }
+    hourly = settings.sms_breaker_hourly
+    lines = [f"{'prefix':<14}{'country':<9}{'sent':>6}{'used':>6}{'conversion':>12}  state"]
+    for p in prefixes:
+        shown = "throttled" if p["throttled"] else "ok"
+        if p["throttled"]:
+            shown += f" ({p['throttled_sent_this_hour']} of {hourly} texts this hour)"
+        lines.append(
+            f"{p['prefix']:<14}{p['country']:<9}{p['sent']:>6}{p['used']:>6}{_percent(p['conversion']):>12}  {shown}"
+        )
+    for c in countries:
+        throttled = f"{c['throttled']} prefix(es) throttled" if c["throttled"] else "ok"
+        where = f"total {c['country']}"
+        lines.append(f"{where:<23}{c['sent']:>6}{c['used']:>6}{_percent(c['conversion']):>12}  {throttled}")
+    if settings.sms_breaker_conversion <= 0:
+        lines.append("(the breaker is off: sms_breaker_conversion=0)")
+    lines.append(
+        f"(the last 30 to 60 minutes; a prefix with {rules['min_sent']}+ texts older than a few minutes and "
+        f"under {rules['conversion'] * 100:.0f}% of them used is throttled to {hourly} texts an hour)"
+    )
+    cli.output(args, lines, {"prefixes": prefixes, "countries": countries, "rules": rules})
+    return DONE

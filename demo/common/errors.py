@@ -119,3 +119,24 @@ class InsufficientStorage(DemoError):
 
 class Unavailable(DemoError):
     code, message = "unavailable", N_("The service is temporarily unavailable; retry later.")
+
+
+class SmsBudgetSpent(Unavailable):
+    """The deployment's daily SMS budget is spent: texts stop until it resets (fails closed)."""
+
+    message = N_("Texts are paused for now; retry later.")
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__()
+        self.retry_after = max(1, int(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class PrefixThrottled(RateLimited):
+    """Texts to a number prefix whose codes go unused (SMS pumping) are throttled by the cost guard."""
+
+    def __init__(self, retry_after: int, prefix: str) -> None:
+        super().__init__(retry_after)
+        self.prefix = prefix

@@ -22,6 +22,7 @@ from demo.common.infra.offload import Offloader
 from demo.common.infra.readiness import Readiness
 from demo.common.infra.startup import ConfigError
 from demo.common.sms.backends import make_backend, parse_test_numbers
+from demo.common.sms.costguard import CostGuard, CostRules
 from demo.common.sms.outbox import Sender, SenderRules
 from demo.conf.settings import Settings
 
@@ -43,6 +44,7 @@ class Services:
     h5: H5
     metrics: Metrics
     cookie_secret: str
+    cost_guard: CostGuard
     languages: Languages  # the catalogues, loaded once: texts, pages and error messages
     readiness: Readiness = field(init=False)
 
@@ -88,20 +90,16 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = database_for(settings, offloader, app_metrics)
     passwords = Passwords(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
     try:
-        backend = make_backend(
-            settings.sms_backend,
-            offloader,
-            gateway_url=settings.sms_gateway_url,
-            gateway_body=settings.sms_gateway_body,
-            gateway_headers=settings.sms_gateway_headers,
-            gateway_timeout=settings.sms_gateway_timeout,
-        )
+        backend = make_backend(settings, offloader, app_metrics)
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
         account_rules = AccountRules.from_settings(settings)
         sender_rules = SenderRules.from_settings(settings)
         languages = Languages(settings.default_language)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    if not settings.sms_daily_budget and not settings.debug:
+        log.warning("sms_daily_budget is 0: nothing bounds what a day's texts may cost (set a budget)")
+    cost_guard = CostGuard(CostRules.from_settings(settings, test_numbers), db, app_metrics)
     sender = Sender(db, backend, app_metrics, clock, sender_rules)
     code_key = derived_key(cookie_secret, b"demo sms codes")
     accounts = Accounts(
@@ -112,6 +110,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         rules=account_rules,
         test_numbers=test_numbers,
         clock=clock,
+        cost_guard=cost_guard,
         languages=languages,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
@@ -131,5 +130,6 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         h5,
         app_metrics,
         cookie_secret,
+        cost_guard,
         languages,
     )

@@ -210,7 +210,13 @@ class Settings:
         24 * 3600, "seconds an H5 cookie session lives (it also ends with its app session)", group=ACCOUNTS, low=1
     )
     # -- SMS -------------------------------------------------------------------------------
-    sms_backend: str = option("console", "console | file:<path> | http (gateway, see sms_gateway_*)", group=SMS)
+    sms_backend: str = option(
+        "console",
+        "console | file:<path> | http | tencent | aliyun, or an ordered comma list of the last three (e.g. "
+        "tencent,aliyun): a provider that fails or does not answer hands the text to the next (http: the "
+        "gateway of sms_gateway_*)",
+        group=SMS,
+    )
     sms_test_numbers: str = option("", "comma list of phone:code pairs that get a fixed code and no text", group=SMS)
     sms_countries: str = option(
         "",
@@ -242,6 +248,39 @@ class Settings:
     sms_max_attempts: int = option(5, "wrong tries before a code is dead", group=SMS, low=1)
     sms_phone_daily: int = option(10, "texts per phone per UTC day", group=SMS)
     sms_ip_hourly: int = option(20, "texts requested per client per hour (an IPv4 address, an IPv6 /64)", group=SMS)
+    sms_daily_budget: int = option(
+        1000,
+        "texts (code requests, including those answered alike without a text) the whole deployment may "
+        "send per UTC day; past it /users/code answers 503 unavailable until midnight UTC (fails closed). "
+        "0 = no budget (a warning at start outside debug mode)",
+        group=SMS,
+    )
+    sms_breaker_prefix: int = option(
+        5,
+        "digits of a number after '+' (calling code included) that make one prefix for the conversion "
+        "breaker: 5 makes +86138 one prefix",
+        group=SMS,
+        low=3,
+        high=15,
+    )
+    sms_breaker_min_sent: int = option(
+        20,
+        "texts to a prefix over the last 30 to 60 minutes before the breaker judges its conversion",
+        group=SMS,
+        low=1,
+    )
+    sms_breaker_conversion: float = option(
+        0.2,
+        "codes used / codes sent below which a prefix is throttled (SMS pumping: texts nobody uses); "
+        "texts of the last 2 to 4 minutes are not judged yet (0 = the breaker is off)",
+        group=SMS,
+        high=1,
+    )
+    sms_breaker_hourly: int = option(
+        3,
+        "texts per hour a throttled prefix still gets, until its conversion recovers (0 = none)",
+        group=SMS,
+    )
     sms_gateway_url: str = option("", "HTTP gateway URL (sms_backend=http)", group=SMS)
     sms_gateway_body: str = option(
         '{"to": $phone, "text": $text}',
@@ -251,7 +290,39 @@ class Settings:
     sms_gateway_headers: str = option(
         "Content-Type: application/json", "extra request headers, 'Name: value' separated by ';'", group=SMS
     )
-    sms_gateway_timeout: float = option(5.0, "seconds before the gateway is given up", group=SMS)
+    sms_gateway_timeout: float = option(
+        5.0, "seconds before one SMS backend (the gateway or a provider) is given up for the next", group=SMS
+    )
+    # Provider credentials come from the environment only (the names the providers' SDKs read):
+    # TENCENTCLOUD_SECRET_ID/_KEY, ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET.
+    sms_tencent_app_id: str = option("", "Tencent Cloud SMS: the SmsSdkAppId of the SMS application", group=SMS)
+    sms_tencent_sign_name: str = option("", "Tencent Cloud SMS: the approved signature (SignName)", group=SMS)
+    sms_tencent_region: str = option("ap-guangzhou", "Tencent Cloud SMS: the API region (X-TC-Region)", group=SMS)
+    sms_tencent_endpoint: str = option(
+        "https://sms.tencentcloudapi.com",
+        "Tencent Cloud SMS: the API's base URL (plain http only to a loopback address, or under --debug)",
+        group=SMS,
+    )
+    sms_tencent_templates: str = option(
+        "",
+        "Tencent Cloud SMS: template ids, comma list of key[.language]=id, e.g. regist.zh-CN=1234567,regist.en=1234568;"
+        " keys regist, reset, login, phone, delete (parameters: code, minutes) and regist_notice, phone_taken,"
+        " phone_notice (none); each key needs one for the default language",
+        group=SMS,
+    )
+    sms_aliyun_sign_name: str = option("", "Alibaba Cloud SMS: the approved signature (SignName)", group=SMS)
+    sms_aliyun_endpoint: str = option(
+        "https://dysmsapi.aliyuncs.com",
+        "Alibaba Cloud SMS: the API's base URL, which also picks the region (plain http only to a loopback "
+        "address, or under --debug)",
+        group=SMS,
+    )
+    sms_aliyun_templates: str = option(
+        "",
+        "Alibaba Cloud SMS: template codes, as sms_tencent_templates (e.g. regist.zh-CN=SMS_123456789); the"
+        " code templates take ${code} and ${minutes}",
+        group=SMS,
+    )
     # -- images (scenario 2) -----------------------------------------------------------------
     storage: str = option(
         "",

@@ -21,9 +21,10 @@ from demo.common.accounts import texts
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.phones import parse_regions
 from demo.common.i18n import Languages
+from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
 from demo.common.services import resolve_cookie_secret
-from demo.common.sms.backends import HttpGatewayBackend, parse_backend, parse_test_numbers
+from demo.common.sms.backends import make_backend, parse_backend, parse_test_numbers
 from demo.common.sms.outbox import SenderRules
 from demo.common.web.proxies import TrustedProxies
 from demo.conf.settings import DECLARED, Declared, Settings
@@ -160,14 +161,13 @@ def _sms_gateway_timeout(settings: Settings) -> None:
 
 
 def _sms_backend(settings: Settings) -> None:
-    kind, _ = parse_backend(settings.sms_backend)
-    if kind == "http":  # constructing it checks what it needs, and sends nothing
-        HttpGatewayBackend(
-            settings.sms_gateway_url,
-            settings.sms_gateway_body,
-            settings.sms_gateway_headers,
-            settings.sms_gateway_timeout,
-        )
+    # Building the backends checks what they need (URLs, sign names, every template of the default
+    # language, the providers' credentials in the environment) and sends nothing.
+    pools = Offloader(db_threads=1, cpu_threads=1, io_threads=1)  # no thread starts before a task
+    try:
+        make_backend(settings, pools)
+    finally:
+        pools.shutdown()
 
 
 # Each check calls the parser the server itself uses, for its ValueError (what it returns is dropped).

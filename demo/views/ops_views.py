@@ -52,7 +52,8 @@ class OpenApiHandler(ApiHandler):
 
 class MetricsHandler(ApiHandler):
     @public
-    def get(self) -> None:
+    async def get(self) -> None:
         """Prometheus text format (nginx keeps this path off the public server)."""
+        await self.services.cost_guard.refresh_metrics(self.services.clock.now())
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.services.metrics.exposition())

@@ -209,7 +209,8 @@ def _contents(body: bytes) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("args", "status", "says"),
     [
-        (["users", "show", "{id}x"], 2, "users show: '{id}x': not a user id (22 letters, digits, - or _)\n"),
+        # "x" first: a word starting with "-" that is not an id's shape is an option to argparse
+        (["users", "show", "x{id}"], 2, "users show: 'x{id}': not a user id (22 letters, digits, - or _)\n"),
         (["users", "show", "A" * 22], 4, "users show: no user " + "A" * 22 + "\n"),
         (["users", "disable", "A" * 22], 4, "users disable: no user " + "A" * 22 + "\n"),
         (["users", "delete", "A" * 22, "--now"], 4, "users delete: no user " + "A" * 22 + "\n"),

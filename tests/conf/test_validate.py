@@ -196,3 +196,26 @@ def test_a_folder_this_user_cannot_write_to_is_named(tmp_path, monkeypatch):
 def test_not_a_number_is_out_of_every_range(name):
     with pytest.raises(ConfigError, match=re.escape(f"--{name}=nan")):
         check_values(good(**{name: float("nan")}))
+
+
+def test_the_sms_providers_settings_are_checked_at_start_not_at_send_time(sms_providers, monkeypatch):
+    """A provider list passes only with each provider's settings, every template of the default
+    language and its credentials in the environment; each problem names what to fix."""
+    providers = sms_providers.settings("tencent,aliyun")
+    check_values(good(**providers))
+    with pytest.raises(ConfigError, match=r"--sms_backend: sms_tencent_templates: no template for phone_notice"):
+        check_values(
+            good(
+                **providers
+                | {
+                    "sms_tencent_templates": "regist=1, reset=2, login=3, phone=4, delete=5,"
+                    " regist_notice=6, phone_taken=7, phone_notice.zh-CN=8"
+                }
+            )
+        )
+    with pytest.raises(ConfigError, match=r"--sms_backend: sms_aliyun_endpoint: .* plain http to another machine"):
+        check_values(good(**providers | {"sms_aliyun_endpoint": "http://dysmsapi.aliyuncs.com"}))
+    monkeypatch.delenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+    with pytest.raises(ConfigError, match="needs the environment variable ALIBABA_CLOUD_ACCESS_KEY_SECRET"):
+        check_values(good(**providers))
+    check_values(good(**providers | {"sms_backend": "tencent"}))  # the one listed is all that is needed

@@ -100,3 +100,20 @@ async def test_the_readme_s_curl_head_check_gets_200(api, path):
     assert answer.code == 200 and answer.body == b""
     assert answer.headers["Content-Type"].startswith("application/json")
     assert "curl -sI https://api.example.com/healthz    # 200" in ROOT.joinpath("README.md").read_text()
+
+
+def test_the_example_s_sms_providers_pass_the_start_up_checks_once_uncommented(tmp_path, monkeypatch):
+    """The commented provider block, uncommented as an operator would, loads and passes the checks
+    (every template of the default language is there) with the credentials in the environment."""
+    shipped = example_with_a_secret(tmp_path).read_text()
+    start = shipped.index('# sms_backend = "tencent,aliyun"')
+    end = shipped.index("\n\n", start)
+    block = "\n".join(line.removeprefix("# ") for line in shipped[start:end].splitlines())
+    (tmp_path / "demo.conf").write_text(shipped[:start] + block + shipped[end:])
+    for name in ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"):
+        monkeypatch.setenv(name, "from-the-environment")
+    for name in ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET"):
+        monkeypatch.setenv(name, "from-the-environment")
+    settings = config.load([f"--config={tmp_path / 'demo.conf'}"], environ={})
+    check_values(settings)
+    assert settings.sms_backend == "tencent,aliyun" and settings.sms_tencent_templates.count("=") == 10

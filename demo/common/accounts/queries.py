@@ -22,7 +22,7 @@ import hmac
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from demo.common.accounts.tokens import new_public_id
 from demo.common.errors import AccountDisabled, InvalidCredentials, RateLimited, Unauthorized
@@ -33,6 +33,9 @@ from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, long_work, sql_unit
 from demo.common.infra.ratelimit import Window
 from demo.common.sms import queries as sms_queries
+
+if TYPE_CHECKING:
+    from demo.common.sms.costguard import SendGuard, UseGuard, Verdict
 
 # -- statements --------------------------------------------------------------------------------------
 
@@ -234,16 +237,21 @@ class CodeRequest:
     resend_after: int  # seconds between two codes to one phone
     expires_at: dt.datetime
     dormant_before: dt.datetime | None = None  # an account last active before this is dormant (None: none is)
+    guard: SendGuard | None = None  # the SMS cost guard's counters (None: none, a test number)
 
 
 # -- units of work ------------------------------------------------------------------------------------
 
 
 @sql_unit
-def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Callable[[bool, bool], CodeText]) -> None:
+def issue_code(
+    c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Callable[[bool, bool], CodeText]
+) -> Verdict | None:
     """Count the request, refuse it within ``resend_after`` of the phone's last code, then store a new
     code (replacing the live one) and its outbox row, as ``compose(registered, dormant)`` makes them
-    (``dormant``: the phone's account is, so a code for it would give the number a fresh account)."""
+    (``dormant``: the phone's account is, so a code for it would give the number a fresh account),
+    and count it against the SMS cost guard (``request.guard``: the daily budget and the prefix's
+    breaker, whose verdict is returned; past either the unit rolls back with nothing stored)."""
     # The per-phone upsert comes first: it locks this phone's counter row, so concurrent requests
     # for one phone are serialised and the resend check below cannot be raced.
     ratelimit.hit(c, request.by_phone, now)
@@ -259,15 +267,25 @@ def issue_code(c: SqlCursor, request: CodeRequest, now: dt.datetime, compose: Ca
     code_id = c.insert(NEW_CODE, {**params, "code_hash": made.code_hash, "expires_at": request.expires_at})
     # The same row whether or not a text goes out, so both cost the same.
     sms_queries.enqueue(c, code_id, request.phone, request.purpose, now, text=made.text, code=made.code, lang=made.lang)
+    # Last, though nothing is queued until the commit anyway: the budget's row is every request's, and
+    # its lock is held from here to the commit only. (Codes, then these counters, in every unit.)
+    return sms_queries.guard_send(c, request.guard, now) if request.guard is not None else None
 
 
 @sql_unit
 def claim_code(
-    c: SqlCursor, phone: str, purpose: str, code_hash: str, checks: Window, max_attempts: int, now: dt.datetime
+    c: SqlCursor,
+    phone: str,
+    purpose: str,
+    code_hash: str,
+    checks: Window,
+    max_attempts: int,
+    now: dt.datetime,
+    used: UseGuard | None = None,
 ) -> bool:
     """Count a code check against the client (``checks``; refused without a trace: the code keeps its
     tries), then spend the live code if ``code_hash`` is its hash: True, or False (a wrong guess counts
-    against the code)."""
+    against the code). A spent code counts as used for the SMS cost guard's breaker (``used``)."""
     ratelimit.hit(c, checks, now)
     row = c.first(LIVE_CODE, {"phone": phone, "purpose": purpose, "now": now})
     if row is None or not row.code_hash or row.attempts >= max_attempts:
@@ -276,6 +294,8 @@ def claim_code(
         c.execute(WRONG_GUESS, {"id": row.id})
         return False
     c.execute(USE_CODE, {"id": row.id, "now": now})
+    if used is not None:
+        sms_queries.count_use(c, used, now)
     return True
 
 
@@ -350,13 +370,15 @@ def reserve_code_login(
     code_hash: str,
     max_attempts: int,
     now: dt.datetime,
+    used: UseGuard | None = None,
 ) -> Row | None:
     """A login with an SMS code: count the attempt as ``reserve_login`` does, then spend the phone's live
     ``login`` code if ``code_hash`` is its hash. The user (``LOGIN_LOOKUP``'s row), or None: no such
     user, or a wrong, spent or dead code (a wrong guess counts against the code, and the attempt stays
     counted). A phone without an account has no code with a hash (none was issued), so it takes the
-    same steps as a wrong guess. (A dormant account is frozen by ``record_code_login``, which locks the
-    user before counters, as every unit does that takes both.)"""
+    same steps as a wrong guess. A spent code counts as used for the cost guard (``used``). (A dormant
+    account is frozen by ``record_code_login``, which locks the user before counters, as every unit
+    does that takes both.)"""
     found = _reserve_login(c, phone, params, admit, now)
     row = c.first(LIVE_CODE, {"phone": phone, "purpose": "login", "now": now})
     if row is None or row.attempts >= max_attempts:
@@ -367,6 +389,8 @@ def reserve_code_login(
     if found.id is None:  # purged since the code was sent: keep the code unspent, as nothing was done
         return None
     c.execute(USE_CODE, {"id": row.id, "now": now})
+    if used is not None:
+        sms_queries.count_use(c, used, now)
     return found
 
 

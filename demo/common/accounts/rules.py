@@ -36,6 +36,7 @@ from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Conflict, Database, Row
 from demo.common.infra.ratelimit import Window
 from demo.common.sms import outbox
+from demo.common.sms.costguard import CostGuard
 
 if TYPE_CHECKING:
     from demo.conf.settings import Settings
@@ -141,8 +142,10 @@ class Accounts:
         test_numbers: dict[str, str] | None = None,
         clock: Clock | None = None,
         languages: Languages | None = None,
+        cost_guard: CostGuard | None = None,
     ) -> None:
         self.db = db
+        self.cost_guard = cost_guard or CostGuard(None)
         self.passwords = passwords
         self.sender = sender
         self.code_key = code_key
@@ -196,8 +199,10 @@ class Accounts:
             resend_after=r.resend_after,
             expires_at=now + dt.timedelta(seconds=r.code_ttl),
             dormant_before=self.dormant_before(now),
+            guard=self.cost_guard.send_guard(phone),
         )
-        await self.db.run(queries.issue_code, request, now, functools.partial(self._code_text, phone, purpose, lang))
+        compose = functools.partial(self._code_text, phone, purpose, lang)
+        await self.cost_guard.checked(self.db.run(queries.issue_code, request, now, compose), now)
         self.sender.wake()
         return {"expires_in": self.rules.code_ttl, "resend_after": self.rules.resend_after}
 
@@ -240,7 +245,10 @@ class Accounts:
         requests carrying one good code only the first gets past here. Raises InvalidCode (the wrong
         guess is counted against the code) or RateLimited (the client's checks are used up)."""
         code_hash = tokens.keyed_digest(self.code_key, phone, purpose, code)
-        if not await self.db.run(queries.claim_code, phone, purpose, code_hash, checks, self.rules.max_attempts, now):
+        used = self.cost_guard.use_guard(phone)
+        if not await self.db.run(
+            queries.claim_code, phone, purpose, code_hash, checks, self.rules.max_attempts, now, used
+        ):
             raise InvalidCode(field="code")
 
     async def register(
@@ -372,6 +380,7 @@ class Accounts:
             tokens.keyed_digest(self.code_key, phone, "login", code),
             self.rules.max_attempts,
             now,
+            self.cost_guard.use_guard(phone),
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted

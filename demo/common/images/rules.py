@@ -60,9 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("demo.images")
 T = TypeVar("T")
 THUMBNAIL_WIDTHS = (160, 320, 640, 1280)
-# How long a request waits for another process's thumbnail build before it answers 503: a build takes
-# well under a second; one held longer has a builder that is stuck or dead, whose claim the lease
-# (variant_lease, a minute) ends. A client retries sooner than that.
+# How long a request waits for another process's thumbnail build before it answers 503. A build takes
+# well under a second; a claim held longer than variant_lease (half of this, so that every waiter gets
+# its turn) has a builder that died or hangs on a store that is, or just was, down: a waiter takes it over.
 BUILDER_WAIT = 10.0
 CHUNK = 256 * 1024  # bytes per piece when a file is streamed: one read off the loop each
 
@@ -110,9 +110,13 @@ class ImageRules:
     store_units: int  # units of work calling a remote store at once (half the database threads)
     orphan_grace: float  # seconds an object without its row is left alone (a put may still land)
     orphan_batch: int  # objects listed per step of the pass for objects without their row
-    # Not a setting: a thumbnail claimed longer ago than this is taken over (its builder died); making
-    # one takes a second or two even for the largest image allowed.
-    variant_lease: float = 60.0
+    # Not a setting: a thumbnail claimed longer ago than this is taken over. Making one takes a second
+    # or two even for the largest image allowed; a builder past this died, or waits on a store call
+    # (up to s3_timeout) begun while the store was down, which would hold every asker of that thumbnail
+    # after the store is back. Taking over one that is only slow makes the thumbnail twice: the
+    # conditional put keeps the first bytes, finishing is idempotent, and a failing builder releases
+    # only its own claim.
+    variant_lease: float = BUILDER_WAIT / 2
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageRules:

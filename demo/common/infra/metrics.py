@@ -3,13 +3,20 @@
 With several workers (``--processes``) main.py points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
 before the workers start; every worker then writes its samples there and ``/metrics`` on any worker
 aggregates all of them. A single process keeps its metrics in memory.
+
+State the processes share (the SMS cost guard's counters, in the database) is not a per-process metric
+at all: whichever process is scraped reads it at scrape and shows it through ``shared``, a registry of
+its own, never written to the multi-process folder (where every process's copy would be added up).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,6 +31,19 @@ def enable_multiprocess(folder: str) -> None:
 def mark_worker_dead(pid: int) -> None:
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class SharedState(Collector):
+    """Metric families read elsewhere (the database) and shown as they were last read."""
+
+    def __init__(self) -> None:
+        self._families: list[Metric] = []
+
+    def show(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 class Metrics:
@@ -66,6 +86,21 @@ class Metrics:
         self.sms_failed = Counter(
             "demo_sms_failed", "Tries the SMS backend refused or lost (retried later)", registry=r
         )
+        # Per backend of sms_backend (tencent, aliyun, http, console, file): each attempt to hand it a
+        # text, by result (ok, error, timeout, rejected: the provider refused the number itself).
+        self.sms_provider_sends = Counter(
+            "demo_sms_provider_sends",
+            "Texts offered to each SMS backend, by result",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.sms_provider_seconds = Histogram(
+            "demo_sms_provider_duration_seconds",
+            "Time each SMS backend took to take or refuse a text",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Every process counts the same shared rows: the live maximum is the backlog, not a sum.
         self.sms_outbox_pending = Gauge(
             "demo_sms_outbox_pending",
@@ -73,6 +108,18 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.sms_budget_exhausted = Counter(
+            "demo_sms_budget_exhausted", "Code requests refused because the daily SMS budget is spent", registry=r
+        )
+        self.sms_breaker_refused = Counter(
+            "demo_sms_breaker_refused",
+            "Code requests refused because their number prefix is throttled by the conversion breaker",
+            ["country"],
+            registry=r,
+        )
+        self.shared_registry = CollectorRegistry()
+        self.shared = SharedState()
+        self.shared_registry.register(self.shared)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One answered request; ``route`` is its route's name (``name=`` in views/*_urls.py), so two
@@ -85,5 +132,5 @@ class Metrics:
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return generate_latest(registry) + generate_latest(self.shared_registry)
+        return generate_latest(self.registry) + generate_latest(self.shared_registry)

@@ -1,6 +1,9 @@
-"""SMS delivery backends, chosen by ``sms_backend``: ``console``, ``file:<path>``, ``http``.
+"""SMS delivery backends, chosen by ``sms_backend``: ``console`` or ``file:<path>`` alone, or an ordered
+list of providers (``tencent``, ``aliyun``, ``http``: e.g. ``tencent,aliyun``) tried in turn.
 
-A backend has one coroutine, ``send(message)``; it raises ``SmsFailed`` when the text did not go out.
+A backend has one coroutine, ``send(message)``: it returns the provider's id for the text (or None)
+once the provider took it, and raises ``SmsFailed`` when it did not. ``Failover`` runs the list: an
+error or a time-out of one backend moves the text to the next within the same try of the outbox.
 """
 
 from __future__ import annotations
@@ -9,15 +12,22 @@ import json
 import logging
 import os
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from string import Template
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from demo.common.infra.offload import Offloader
 
+if TYPE_CHECKING:
+    from demo.common.infra.metrics import Metrics
+    from demo.conf.settings import Settings
+
 log = logging.getLogger("demo.sms")
+PROVIDERS = ("tencent", "aliyun", "http")
 
 
 @dataclass(frozen=True)
@@ -27,14 +37,38 @@ class SmsMessage:
     code: str | None  # None when the text carries no code (e.g. "already registered")
     text: str
     sent_at: str
+    lang: str | None = None  # BCP 47 tag of the text's language (the outbox fills in the default)
 
 
 class SmsFailed(Exception):
-    """The text could not be handed to the provider."""
+    """The text could not be handed to the provider. ``timeout``: it did not answer in time;
+    ``rejected``: it refused this number for good (invalid, blacklisted), so no other provider nor a
+    later try is worth it."""
+
+    def __init__(self, message: str, *, timeout: bool = False, rejected: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.rejected = rejected
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Who took a text: the backend's name, its id for the text if it gave one, and what the backends
+    before it in the list said."""
+
+    provider: str
+    message_id: str | None = None
+    error: str | None = None
 
 
 class SmsBackend(Protocol):
-    async def send(self, message: SmsMessage) -> None: ...
+    async def send(self, message: SmsMessage) -> str | None: ...
+
+
+def text_language(row_lang: str | None, settings: Settings) -> str:
+    """The language of a text: its outbox row's, else the deployment's default ("en" until the
+    ``default_language`` setting exists)."""
+    return row_lang or str(getattr(settings, "default_language", "") or "en")
 
 
 class ConsoleBackend:
@@ -91,33 +125,114 @@ class HttpGatewayBackend:
                 request_timeout=self.timeout,
             )
         except (HTTPClientError, OSError) as error:  # non-2xx, timeout, refused, DNS
-            raise SmsFailed(f"gateway: {error}") from error
+            raise SmsFailed(f"gateway: {error}", timeout=getattr(error, "code", 0) == 599) from error
+
+
+class Failover:
+    """The backends of ``sms_backend`` in order: the first that takes a text ends the try.
+
+    Each backend's outcome is counted per provider (``ok``, ``error``, ``timeout``, ``rejected``) with
+    its latency. A refusal of the number itself (``SmsFailed.rejected``) ends the try at once: another
+    provider would refuse it too, or text a number that asked for nothing."""
+
+    def __init__(self, backends: Sequence[tuple[str, SmsBackend]], metrics: Metrics | None = None) -> None:
+        if not backends:
+            raise ValueError("sms_backend: no backend")
+        self.backends = list(backends)
+        self.metrics = metrics
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.backends]
+
+    async def send(self, message: SmsMessage) -> Delivery:
+        """The delivery, or SmsFailed naming every backend's failure (``rejected`` if one refused the
+        number, ``timeout`` if every one timed out)."""
+        failures: list[str] = []
+        timeouts = 0
+        for name, backend in self.backends:
+            started = time.monotonic()
+            try:
+                message_id = await backend.send(message)
+            except SmsFailed as error:
+                result = "rejected" if error.rejected else "timeout" if error.timeout else "error"
+                self._count(name, result, started)
+                failures.append(f"{name}: {error}")
+                timeouts += error.timeout
+                if error.rejected:
+                    raise SmsFailed("; ".join(failures), rejected=True) from error
+                if len(self.backends) > 1:
+                    log.warning("SMS provider %s failed (%s); trying the next one", name, error)
+                continue
+            except Exception as error:  # noqa: BLE001 - a bug or surprise in one backend must not stop the others
+                self._count(name, "error", started)
+                failures.append(f"{name}: {error.__class__.__name__}: {error}")
+                continue
+            self._count(name, "ok", started)
+            return Delivery(name, message_id, "; ".join(failures)[:255] or None)
+        raise SmsFailed("; ".join(failures), timeout=timeouts == len(self.backends))
+
+    def _count(self, name: str, result: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.sms_provider_sends.labels(name, result).inc()
+            self.metrics.sms_provider_seconds.labels(name).observe(time.monotonic() - started)
+
+
+def parse_backends(spec: str) -> list[tuple[str, str]]:
+    """``sms_backend`` -> [(kind, outbox path)]: [("console", "")], [("file", path)], or providers in
+    order ([("tencent", ""), ("aliyun", "")]). ValueError for an unknown, repeated or mixed entry."""
+    if spec == "console":
+        return [("console", "")]
+    if spec.startswith("file:"):
+        if len(spec) > 5:
+            return [("file", spec[5:])]
+        raise ValueError(f"unknown sms_backend {spec!r} (file:<path>)")
+    kinds = [part.strip() for part in spec.split(",")]
+    for kind in kinds:
+        if kind == "console" or kind.startswith("file:"):
+            raise ValueError(f"sms_backend {spec!r}: console and file:<path> stand alone, not in a list")
+        if kind not in PROVIDERS:
+            raise ValueError(
+                f"unknown sms_backend {kind!r} in {spec!r} (console, file:<path>, or a list of tencent, aliyun, http)"
+            )
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"sms_backend {spec!r} names a backend twice")
+    return [(kind, "") for kind in kinds]
 
 
 def parse_backend(spec: str) -> tuple[str, str]:
-    """``sms_backend`` -> (kind, outbox path): ("console", ""), ("file", path) or ("http", "")."""
-    if spec in ("console", "http"):
-        return spec, ""
-    if spec.startswith("file:") and len(spec) > 5:
-        return "file", spec[5:]
-    raise ValueError(f"unknown sms_backend {spec!r} (console, file:<path> or http)")
+    """The first backend of ``sms_backend`` (kind, outbox path); see ``parse_backends``."""
+    return parse_backends(spec)[0]
 
 
 def make_backend(
-    spec: str,
+    settings: Settings,
     offloader: Offloader,
-    *,
-    gateway_url: str = "",
-    gateway_body: str = "",
-    gateway_headers: str = "",
-    gateway_timeout: float = 5.0,
-) -> SmsBackend:
-    kind, path = parse_backend(spec)
-    if kind == "console":
-        return ConsoleBackend()
-    if kind == "file":
-        return FileBackend(path, offloader)
-    return HttpGatewayBackend(gateway_url, gateway_body, gateway_headers, gateway_timeout)
+    metrics: Metrics | None = None,
+    environ: dict[str, str] | None = None,
+) -> Failover:
+    """The backends of ``settings.sms_backend`` in order; ValueError naming the setting (or the
+    environment variable) that cannot work. Provider credentials come from ``environ`` (os.environ)."""
+    from demo.common.sms.providers import make_provider  # the providers import this module
+
+    backends: list[tuple[str, SmsBackend]] = []
+    for kind, path in parse_backends(settings.sms_backend):
+        backend: SmsBackend
+        if kind == "console":
+            backend = ConsoleBackend()
+        elif kind == "file":
+            backend = FileBackend(path, offloader)
+        elif kind == "http":
+            backend = HttpGatewayBackend(
+                settings.sms_gateway_url,
+                settings.sms_gateway_body,
+                settings.sms_gateway_headers,
+                settings.sms_gateway_timeout,
+            )
+        else:
+            backend = make_provider(kind, settings, dict(os.environ) if environ is None else environ)
+        backends.append((kind, backend))
+    return Failover(backends, metrics)
 
 
 def parse_test_numbers(spec: str) -> dict[str, str]:

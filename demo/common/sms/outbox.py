@@ -11,6 +11,11 @@ LOCKED`` on MariaDB (SQLite has a single writer), so two senders never send one 
 dies between claim and settle leaves the row to be retried once its lease runs out: delivery is at
 least once, and nothing is lost between the commit and the send. A text whose code died while it
 waited (expired, used or replaced: after an outage) is settled as failed, never sent.
+
+A try hands the text to the backends of ``sms_backend`` in order (``backends.Failover``): it fails only
+when every one failed, and is then retried until ``sms_send_attempts``; a provider that refuses the
+number itself ends it at once. A sent row keeps the provider that took it and its message id; any
+row keeps, in ``last_error``, what each provider that failed said.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Database
 from demo.common.infra.metrics import Metrics
 from demo.common.sms import queries
-from demo.common.sms.backends import SmsBackend, SmsMessage
+from demo.common.sms.backends import Delivery, SmsFailed, SmsMessage, parse_backends, text_language
 from demo.common.sms.queries import FAILED, PENDING, SENT, backlog
 
 if TYPE_CHECKING:
+    from demo.common.sms.backends import Failover, SmsBackend
     from demo.conf.settings import Settings
 
 __all__ = ["POLL_EVERY", "Claimed", "Sender", "SenderRules", "backlog"]  # backlog: a unit of work for Database.run
@@ -45,6 +51,7 @@ class SenderRules:
 
     attempts: int  # tries before a text is given up and its code voided
     retry_delay: float  # seconds before the first retry; doubles with each try
+    default_language: str  # the language of a text whose row names none
     lease: float = 60.0  # not a setting: seconds a claim holds a row, longer than any send may take
     batch: int = 10  # not a setting: rows claimed (and sent concurrently) at a time
 
@@ -54,8 +61,10 @@ class SenderRules:
         return cls(
             attempts=settings.sms_send_attempts,
             retry_delay=settings.sms_retry_delay,
-            # A claim must outlive the slowest send, or another process could send the same text again.
-            lease=max(cls.lease, 4 * settings.sms_gateway_timeout),
+            # A claim must outlive the slowest send (every backend of the list timing out in turn), or
+            # another process could send the same text again.
+            lease=max(cls.lease, 4 * settings.sms_gateway_timeout * len(parse_backends(settings.sms_backend))),
+            default_language=text_language(None, settings),
         )
 
     def __post_init__(self) -> None:
@@ -64,6 +73,16 @@ class SenderRules:
 
     def delay(self, attempts: int) -> dt.timedelta:
         return dt.timedelta(seconds=self.retry_delay * 2 ** (attempts - 1))
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One try of a text: who took it (None: nobody), what failed on the way, and whether the number
+    itself was refused (the text is then given up at once)."""
+
+    delivery: Delivery | None
+    error: str | None = None
+    rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,9 @@ class Claimed:
 class Sender:
     """Drains the outbox of one process; ``start`` and ``stop`` run on the event loop."""
 
-    def __init__(self, db: Database, backend: SmsBackend, metrics: Metrics, clock: Clock, rules: SenderRules) -> None:
+    def __init__(
+        self, db: Database, backend: Failover | SmsBackend, metrics: Metrics, clock: Clock, rules: SenderRules
+    ) -> None:
         self.db = db
         self.backend = backend
         self.metrics = metrics
@@ -159,23 +180,42 @@ class Sender:
                 row.id,
                 row.attempts,
                 row.sms_code_id,
-                SmsMessage(row.phone, row.purpose, row.code, row.text, isoformat(row.created_at) or ""),
+                SmsMessage(
+                    row.phone,
+                    row.purpose,
+                    row.code,
+                    row.text,
+                    isoformat(row.created_at) or "",
+                    row.lang or self.rules.default_language,
+                ),
             )
             for row in found.claimed
         ]
         return claimed, len(found.dead), found.backlog
 
-    async def settle(self, outcomes: list[tuple[Claimed, str | None]], now: dt.datetime) -> None:
-        """Record how each claimed try ended (``None``: sent, else why not)."""
+    async def settle(self, outcomes: list[tuple[Claimed, Tried]], now: dt.datetime) -> None:
+        """Record how each claimed try ended."""
         settled = []
-        for row, error in outcomes:
-            if error is None:
+        for row, tried in outcomes:
+            if tried.delivery is not None:
                 status, retry_at = SENT, None
-            elif row.attempts < self.rules.attempts:
+            elif row.attempts < self.rules.attempts and not tried.rejected:
                 status, retry_at = PENDING, now + self.rules.delay(row.attempts)
             else:
                 status, retry_at = FAILED, None
-            settled.append(queries.Outcome(row.id, row.attempts, row.sms_code_id, status, error, retry_at))
+            delivery = tried.delivery or Delivery("")
+            settled.append(
+                queries.Outcome(
+                    row.id,
+                    row.attempts,
+                    row.sms_code_id,
+                    status,
+                    tried.error,
+                    retry_at,
+                    delivery.provider or None,
+                    delivery.message_id,
+                )
+            )
         given_up = {outcome.id for outcome in await self.db.run(queries.settle, settled, now)}
         for row, _ in outcomes:
             if row.id in given_up:
@@ -183,19 +223,25 @@ class Sender:
                     "SMS to %s given up after %d tries; its code is void", mask_phone(row.message.phone), row.attempts
                 )
 
-    async def _send(self, row: Claimed) -> str | None:
-        """None when the backend took the text, else why not (logged and counted)."""
+    async def _send(self, row: Claimed) -> Tried:
+        """How this try went (logged and counted)."""
         try:
-            await self.backend.send(row.message)
+            delivered = await self.backend.send(row.message)
         except Exception as error:  # noqa: BLE001 - any failure of any backend is a failed try
             self.metrics.sms_failed.inc()
+            rejected = isinstance(error, SmsFailed) and error.rejected
             log.warning(
-                "SMS to %s failed (try %d of %d): %s",
+                "SMS to %s failed (try %d of %d%s): %s",
                 mask_phone(row.message.phone),
                 row.attempts,
                 self.rules.attempts,
+                ", the number refused: given up" if rejected else "",
                 error,
             )
-            return f"{error.__class__.__name__}: {error}"[:255]
+            # SmsFailed names the provider(s) and what each said; anything else is a bug: name its class.
+            why = str(error) if isinstance(error, SmsFailed) else f"{error.__class__.__name__}: {error}"
+            return Tried(None, why[:255], rejected)
         self.metrics.sms_sent.inc()
-        return None
+        if isinstance(delivered, Delivery):
+            return Tried(delivered, delivered.error)
+        return Tried(Delivery("", delivered), None)  # a lone backend (tests): no name to record

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from demo.common.errors import PrefixThrottled, RateLimited, SmsBudgetSpent
+from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
+
+if TYPE_CHECKING:
+    from demo.common.sms.costguard import SendGuard, UseGuard, Verdict
 
 PENDING, SENDING, SENT, FAILED, SKIPPED = "pending", "sending", "sent", "failed", "skipped"
 WAITING = (PENDING, SENDING)  # not finished: due now, later, or when a lease runs out
@@ -31,7 +37,7 @@ SWEEP = Sql(f"DELETE FROM sms_outbox WHERE status IN {_FINISHED} AND created_at 
 # other senders; the (status, next_attempt_at) index yields pending rows, oldest first, then lapsed
 # claims. Another sender's rows are skipped, never waited for (SQLite has a single writer).
 _DUE = (
-    "SELECT id, sms_code_id, phone, purpose, code, text, attempts, created_at,"
+    "SELECT id, sms_code_id, phone, purpose, code, text, lang, attempts, created_at,"
     " (SELECT expires_at FROM sms_codes WHERE sms_codes.id = sms_outbox.sms_code_id) AS code_expires_at"
     f" FROM sms_outbox WHERE status IN {_WAITING} AND next_attempt_at <= :now LIMIT :batch"
 )
@@ -43,8 +49,10 @@ CLAIM = Sql(
 _MINE = " WHERE id = :id AND status = 'sending' AND attempts = :attempts"
 GIVE_UP = Sql("UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error WHERE id = :id")
 SETTLE = {
+    # last_error stays on a sent row: the providers that failed before the one that took it.
     SENT: Sql(
-        "UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = NULL" + _MINE
+        "UPDATE sms_outbox SET status = 'sent', sent_at = :now, code = NULL, text = '', last_error = :error,"
+        " provider = :provider, message_id = :message_id" + _MINE
     ),
     PENDING: Sql(f"UPDATE sms_outbox SET status = 'pending', next_attempt_at = :retry_at, last_error = :error{_MINE}"),
     FAILED: Sql(f"UPDATE sms_outbox SET status = 'failed', code = NULL, text = '', last_error = :error{_MINE}"),
@@ -64,7 +72,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one claimed try ended: ``status`` SENT, PENDING (retry at ``retry_at``) or FAILED (given up)."""
+    """How one claimed try ended: ``status`` SENT (by ``provider``, its id ``message_id``), PENDING
+    (retry at ``retry_at``) or FAILED (given up); ``error`` says what failed on the way."""
 
     id: int
     attempts: int
@@ -72,6 +81,8 @@ class Outcome:
     status: str
     error: str | None = None
     retry_at: dt.datetime | None = None
+    provider: str | None = None
+    message_id: str | None = None
 
 
 def enqueue(
@@ -145,6 +156,8 @@ def settle(c: SqlCursor, outcomes: list[Outcome], now: dt.datetime) -> list[Outc
             "now": now,
             "error": outcome.error,
             "retry_at": outcome.retry_at,
+            "provider": outcome.provider,
+            "message_id": outcome.message_id,
         }
         if c.execute(SETTLE[outcome.status], params) and outcome.status == FAILED:
             c.execute(VOID_CODE, {"id": outcome.sms_code_id, "now": now})
@@ -196,3 +209,58 @@ def code_stats(c: SqlCursor, since: dt.datetime) -> list[Row]:
     (``sent``) and used, kept and live; a day and prefix may come twice (add them up)."""
     kept = c.all(KEPT_STATS, {"since_day": f"{since:%Y-%m-%d}"})
     return kept + c.all(CODE_STATS, {"since": since})
+
+
+# -- the cost guard (costguard.py): the daily budget and the conversion breaker ---------------------------
+# A prefix's counts as ``SendGuard.counted`` numbers its windows: young texts, sent, used, the trip mark.
+BREAKER_COUNTS = Sql(
+    f"SELECT {ratelimit.count_of(0)} AS recent, {ratelimit.count_of(2)} AS sent,"
+    f" {ratelimit.count_of(4)} AS used, {ratelimit.count_of(5)} AS tripped"
+)
+# Today's budget row and every prefix counter of the windows read now (the caller sorts them out).
+COST_COUNTERS = Sql(
+    "SELECT `key`, window_start, count AS n FROM rate_counters WHERE (`key` = :budget_key AND window_start = :day)"
+    " OR (`key` LIKE :prefixes AND window_start IN (:span, :recent, :hour))"
+)
+
+
+def guard_send(c: SqlCursor, guard: SendGuard, now: dt.datetime) -> Verdict | None:
+    """Count a code request against the daily budget (``SmsBudgetSpent`` past it) and in its prefix's
+    breaker counters; when the prefix is throttled, mark it and count the text in its hourly allowance
+    (``PrefixThrottled`` past it). The breaker's verdict (None: the breaker is off). Raising rolls
+    the unit back: a refused request counts nowhere."""
+    budget = guard.budget
+    if budget is not None:
+        try:
+            ratelimit.hit(c, budget, now)
+        except RateLimited as refused:
+            raise SmsBudgetSpent(refused.retry_after) from None
+    if not guard.judging:
+        return None
+    params = guard.counted(now)
+    ratelimit.reserve(c, params, 4)  # locks the prefix's rows: its requests are judged one at a time
+    counts = c.first(BREAKER_COUNTS, params)
+    assert counts is not None  # a SELECT without FROM has its one row
+    verdict = guard.judge(counts)
+    if verdict.recovered:
+        ratelimit.forget(c, guard.mark.key)
+    if verdict.throttled:
+        ratelimit.reserve(c, guard.mark_params(now), 2)
+        try:
+            ratelimit.hit(c, guard.throttle, now)
+        except RateLimited as refused:
+            raise PrefixThrottled(refused.retry_after, guard.prefix) from None
+    return verdict
+
+
+def count_use(c: SqlCursor, guard: UseGuard, now: dt.datetime) -> None:
+    """A code was spent: count it in its prefix's ``used``."""
+    ratelimit.reserve(c, guard.params(now), 2)
+
+
+@sql_unit
+@idempotent
+def cost_counters(c: SqlCursor, params: dict[str, Any]) -> list[Row]:
+    """The counters ``costguard.snapshot`` reads (key, window_start, n: the count): ``params`` are
+    ``costguard.counter_params``'s."""
+    return c.all(COST_COUNTERS, params)

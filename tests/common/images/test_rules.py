@@ -370,6 +370,43 @@ async def test_a_claim_whose_builder_died_is_taken_over_once_its_lease_is_over(a
 
 
 @gen_test
+async def test_a_builder_hung_past_its_lease_is_taken_over_and_both_finish_on_one_thumbnail(
+    app, images, owner, build_app, settings, clock, monkeypatch
+):
+    """A builder that hangs (a store call begun while the store was down) must not hold the other
+    hosts' askers once the store is back: after variant_lease one of them makes the thumbnail. When
+    the hung one comes back it finishes on the same row and the same bytes, without an error."""
+    assert images.rules.variant_lease <= rules.BUILDER_WAIT / 2  # every asker gets its turn to take over
+    record = await images.create(owner, jpeg((400, 300)))
+    other = build_app(settings).services.images  # a second host: same database, same store
+    started, go, real = threading.Event(), threading.Event(), imaging.make_thumbnail
+    made: list[str] = []
+
+    def hangs_once(src: Any, fmt: str, width: int, dst: str) -> None:
+        made.append(threading.current_thread().name)
+        if len(made) == 1:
+            started.set()
+            go.wait(10)
+        real(src, fmt, width, dst)
+
+    monkeypatch.setattr(imaging, "make_thumbnail", hangs_once)
+    hung = asyncio.ensure_future(images.file_for(await images.find(record["id"]), 160))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(other.file_for(await other.find(record["id"]), 160))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and len(made) == 1  # within the lease: the other host waits
+    clock.advance(images.rules.variant_lease + 0.5)
+    taken_over = await asyncio.wait_for(waiting, 10)
+    assert len(made) == 2 and not hung.done()
+    go.set()
+    late = await asyncio.wait_for(hung, 10)
+    assert late == taken_over
+    assert variant_rows(app) == [(record["sha256"], 160, "ready", late.size)]
+    assert stored(app, "thumbs") == [object_name(record["sha256"], 160)] and temp_files(app) == []
+
+
+@gen_test
 async def test_a_request_waiting_on_a_stuck_builder_answers_unavailable_then_the_lease_ends_it(
     app, images, owner, clock, builds, monkeypatch
 ):

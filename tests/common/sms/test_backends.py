@@ -1,5 +1,6 @@
 """SMS backends (sms/backends.py): the console, the outbox file, a provider's HTTP gateway (a local
-Tornado server here), and the parsers of their settings."""
+Tornado server here), the failover list, and the parsers of their settings. The signing providers
+have their own tests in providers/."""
 
 from __future__ import annotations
 
@@ -15,17 +16,23 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
+from demo.common.infra.metrics import Metrics
 from demo.common.infra.offload import Offloader
 from demo.common.sms.backends import (
     ConsoleBackend,
+    Delivery,
+    Failover,
     FileBackend,
     HttpGatewayBackend,
     SmsFailed,
     SmsMessage,
     make_backend,
     parse_backend,
+    parse_backends,
     parse_test_numbers,
+    text_language,
 )
+from demo.conf import settings as config
 
 MESSAGE = SmsMessage("+8618866668888", "register", "123456", '验证码 123456 "quoted"', "2026-01-01T00:00:00Z")
 TEMPLATE = '{"to": $phone, "content": $text, "code": $code, "sign": "$sign"}'
@@ -161,31 +168,121 @@ async def test_the_console_backend_logs_the_text(caplog):
 @pytest.mark.parametrize(
     ("spec", "parsed"),
     [
-        ("console", ("console", "")),
-        ("http", ("http", "")),
-        ("file:/tmp/out.jsonl", ("file", "/tmp/out.jsonl")),
-        ("file:relative:with:colons", ("file", "relative:with:colons")),
+        ("console", [("console", "")]),
+        ("http", [("http", "")]),
+        ("file:/tmp/out.jsonl", [("file", "/tmp/out.jsonl")]),
+        ("file:relative:with:colons", [("file", "relative:with:colons")]),
+        ("tencent,aliyun", [("tencent", ""), ("aliyun", "")]),
+        (" aliyun , http", [("aliyun", ""), ("http", "")]),
     ],
 )
-def test_parse_backend(spec, parsed):
-    assert parse_backend(spec) == parsed
+def test_parse_backends(spec, parsed):
+    assert parse_backends(spec) == parsed
+    assert parse_backend(spec) == parsed[0]
 
 
-@pytest.mark.parametrize("spec", ["", "file:", "file", "smtp", "Console", "http:"])
+@pytest.mark.parametrize("spec", ["", "file:", "file", "smtp", "Console", "http:", "tencent,", "tencent,sms"])
 def test_an_unknown_backend_is_refused_by_name(spec):
     with pytest.raises(ValueError, match="unknown sms_backend"):
-        parse_backend(spec)
+        parse_backends(spec)
 
 
-def test_make_backend_builds_the_kind_asked(tmp_path, offloader):
-    assert isinstance(make_backend("console", offloader), ConsoleBackend)
-    file_backend = make_backend(f"file:{tmp_path / 'o.jsonl'}", offloader)
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tencent,console", "console and file:<path> stand alone"),
+        ("aliyun,file:/tmp/o", "console and file:<path> stand alone"),  # (file:<path> first is one path)
+        ("tencent,aliyun,tencent", "names a backend twice"),
+    ],
+)
+def test_a_list_mixing_the_standalone_backends_or_naming_one_twice_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_backends(spec)
+
+
+def test_make_backend_builds_the_kinds_asked_in_order(tmp_path, offloader, sms_providers):
+    [(name, console)] = make_backend(config.defaults(sms_backend="console"), offloader).backends
+    assert name == "console" and isinstance(console, ConsoleBackend)
+    [(_, file_backend)] = make_backend(config.defaults(sms_backend=f"file:{tmp_path / 'o.jsonl'}"), offloader).backends
     assert isinstance(file_backend, FileBackend) and file_backend.path == str(tmp_path / "o.jsonl")
-    http = make_backend("http", offloader, gateway_url="http://gw/send", gateway_headers="K: v", gateway_timeout=3)
+    gateway = {"sms_gateway_url": "http://gw/send", "sms_gateway_headers": "K: v", "sms_gateway_timeout": 3.0}
+    chain = make_backend(config.defaults(**sms_providers.settings("aliyun,http,tencent", **gateway)), offloader)
+    assert chain.names == ["aliyun", "http", "tencent"]
+    _, http = chain.backends[1]
     assert isinstance(http, HttpGatewayBackend)
     assert (http.url, http.headers, http.timeout) == ("http://gw/send", {"K": "v"}, 3)
     with pytest.raises(ValueError, match="sms_gateway_url"):
-        make_backend("http", offloader)
+        make_backend(config.defaults(sms_backend="http"), offloader)
+
+
+def test_text_language_is_the_rows_else_the_default():
+    settings = config.defaults()
+    assert text_language("zh-CN", settings) == "zh-CN"
+    assert text_language(None, settings) == getattr(settings, "default_language", "en")
+
+
+# -- failover --------------------------------------------------------------------------------------
+
+
+class Scripted:
+    """A backend that answers as told: a message id, or raises."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+        self.sent: list[SmsMessage] = []
+
+    async def send(self, message: SmsMessage) -> str | None:
+        self.sent.append(message)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # type: ignore[return-value]
+
+
+def count(metrics: Metrics, provider: str, result: str) -> float:
+    value = metrics.registry.get_sample_value("demo_sms_provider_sends_total", {"provider": provider, "result": result})
+    return value or 0.0
+
+
+@pytest.mark.gen_test
+async def test_failover_hands_the_text_to_the_next_backend_and_counts_each():
+    metrics = Metrics()
+    down, up, spare = Scripted(SmsFailed("InternalError")), Scripted("id-7"), Scripted("id-8")
+    delivery = await Failover([("tencent", down), ("aliyun", up), ("http", spare)], metrics).send(MESSAGE)
+    assert delivery == Delivery("aliyun", "id-7", "tencent: InternalError")
+    assert (down.sent, up.sent, spare.sent) == ([MESSAGE], [MESSAGE], [])
+    assert (count(metrics, "tencent", "error"), count(metrics, "aliyun", "ok"), count(metrics, "http", "ok")) == (
+        1,
+        1,
+        0,
+    )
+    assert metrics.registry.get_sample_value("demo_sms_provider_duration_seconds_count", {"provider": "aliyun"}) == 1
+
+
+@pytest.mark.gen_test
+async def test_failover_fails_when_every_backend_failed_naming_each():
+    metrics = Metrics()
+    chain = Failover(
+        [("tencent", Scripted(SmsFailed("no answer", timeout=True))), ("aliyun", Scripted(RuntimeError("bug")))],
+        metrics,
+    )
+    with pytest.raises(SmsFailed, match=r"^tencent: no answer; aliyun: RuntimeError: bug$") as failed:
+        await chain.send(MESSAGE)
+    assert not (failed.value.timeout or failed.value.rejected)  # not all of them timed out
+    assert (count(metrics, "tencent", "timeout"), count(metrics, "aliyun", "error")) == (1, 1)
+    with pytest.raises(SmsFailed) as silent:
+        await Failover([("tencent", Scripted(SmsFailed("x", timeout=True)))]).send(MESSAGE)
+    assert silent.value.timeout
+
+
+@pytest.mark.gen_test
+async def test_a_number_refused_by_one_provider_is_not_offered_to_the_next():
+    metrics = Metrics()
+    spare = Scripted("id")
+    chain = Failover([("tencent", Scripted(SmsFailed("bad number", rejected=True))), ("aliyun", spare)], metrics)
+    with pytest.raises(SmsFailed, match="tencent: bad number") as refused:
+        await chain.send(MESSAGE)
+    assert refused.value.rejected and spare.sent == []
+    assert count(metrics, "tencent", "rejected") == 1
 
 
 def test_parse_test_numbers():

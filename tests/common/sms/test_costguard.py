@@ -1,0 +1,326 @@
+"""demo/common/sms/costguard.py: the daily SMS budget and the conversion breaker, through the account
+rules on SQLite and MariaDB (the HTTP answers are in tests/views/test_costguard_views.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+from sqlalchemy import select
+
+from demo.common.errors import PrefixThrottled, RateLimited, SmsBudgetSpent
+from demo.common.infra.startup import ConfigError
+from demo.common.sms import costguard
+from demo.common.sms.costguard import RECENT, SPAN, CostRules
+from demo.conf import settings as config
+from demo.conf.validate import check_values
+from demo.models import RateCounter, SmsCode, SmsOutbox
+
+gen_test = pytest.mark.gen_test(timeout=60)
+PASSWORD = "demo123456"
+RULES = CostRules(daily_budget=0, prefix_digits=5, min_sent=20, conversion=0.2, throttled_hourly=3)
+
+
+def pumped(n: int, prefix: str = "86138") -> list[str]:
+    """``n`` numbers of one prefix (CN mobiles: +86 138 ...)."""
+    return [f"+{prefix}{i:08d}" for i in range(n)]
+
+
+def client(i: int) -> str:
+    return f"198.51.100.{i % 250 + 1}"
+
+
+def to_window_start(clock, seconds: int, into: float = 5) -> None:
+    """Move the clock ``into`` seconds past the start of the next window of ``seconds``."""
+    clock.advance(seconds - clock.timestamp() % seconds + into)
+
+
+async def ask(app, phone: str, i: int = 0, purpose: str = "regist") -> None:
+    await app.services.accounts.request_code(phone, purpose, client(i))
+
+
+def code_of(app, phone: str) -> str:
+    """The code of the phone's latest text, read from its outbox row (no sender runs here)."""
+    return app.services.db.run_sync(
+        lambda s: s.scalars(
+            select(SmsOutbox.code).where(SmsOutbox.phone == phone).order_by(SmsOutbox.id.desc())
+        ).first()
+    )
+
+
+def counter(app, key: str) -> dict[int, int]:
+    rows = app.services.db.run_sync(
+        lambda s: s.execute(select(RateCounter).where(RateCounter.key == key)).scalars().all()
+    )
+    return {row.window_start: row.count for row in rows}
+
+
+# -- the rule, as numbers ------------------------------------------------------------------------------
+
+
+def test_a_prefix_trips_on_judged_texts_that_go_unused_and_a_healthy_burst_does_not():
+    assert RULES.throttled(sent=21, recent=1, used=3, marked=False)  # 20 judged, 15% used
+    assert not RULES.throttled(sent=21, recent=1, used=4, marked=False)  # 20%: the threshold is "below"
+    assert not RULES.throttled(sent=19, recent=0, used=0, marked=False)  # too few to judge
+    # A marketing push: 200 texts in two minutes, none used yet (too young to judge), then mostly used.
+    assert not RULES.throttled(sent=200, recent=200, used=0, marked=False)
+    assert not RULES.throttled(sent=260, recent=60, used=130, marked=False)
+
+
+def test_a_tripped_prefix_stays_throttled_while_its_texts_go_unused_and_recovers_when_they_are_used():
+    # Marked: a pumper's few throttled texts keep it closed below min_sent...
+    assert RULES.throttled(sent=3, recent=0, used=0, marked=True)
+    # ... until its texts are used, or its last hour has nothing left to judge.
+    assert not RULES.throttled(sent=3, recent=0, used=1, marked=True)
+    assert not RULES.throttled(sent=1, recent=1, used=0, marked=True)
+
+
+def test_the_breaker_is_off_at_conversion_0_and_the_prefix_holds_the_calling_code():
+    off = CostRules(daily_budget=0, prefix_digits=5, min_sent=1, conversion=0, throttled_hourly=0)
+    assert not off.throttled(sent=1000, recent=0, used=0, marked=True)
+    assert off.send_guard("+8613800000000") is None and off.use_guard("+8613800000000") is None
+    assert RULES.prefix("+8613800000000") == "86138" and RULES.prefix("+12015550123") == "12015"
+    exempt = CostRules(daily_budget=5, prefix_digits=5, min_sent=1, conversion=0.2, throttled_hourly=0, exempt={"+1"})
+    assert exempt.send_guard("+1") is None and exempt.use_guard("+1") is None
+
+
+# -- the budget -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.settings(sms_daily_budget=5, sms_ip_hourly=1000)
+@gen_test
+async def test_the_budget_holds_for_parallel_requests_of_two_processes(app, build_app, settings, clock):
+    other = build_app(settings)  # a second process on the same database
+    to_window_start(clock, 86400, into=60)
+    apps = [app, other]
+    results = await asyncio.gather(
+        *[apps[i % 2].services.accounts.request_code(phone, "regist", client(i)) for i, phone in enumerate(pumped(16))],
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(results) - len(refused) == 5 and all(isinstance(r, SmsBudgetSpent) for r in refused), refused
+    assert {abs(r.retry_after - (86400 - 60)) <= 1 for r in refused} == {True}  # to midnight UTC
+    assert app.services.db.run_sync(lambda s: len(s.scalars(select(SmsCode)).all())) == 5
+    assert list(counter(app, "sms:budget").values()) == [5]  # refused requests rolled back: never over
+    # The next UTC day has its own budget.
+    clock.advance(86400)
+    await ask(app, "+8613900000001")
+
+
+@pytest.mark.settings(sms_daily_budget=3, sms_ip_hourly=1000)
+@gen_test
+async def test_a_registered_and_an_unregistered_phone_cost_the_same(app, clock):
+    registered = "+8613800000001"
+    await ask(app, registered)
+    await app.services.accounts.register(registered, PASSWORD, code_of(app, registered), client(0))
+    clock.advance(61)
+    await ask(app, registered, 1, purpose="reset")  # texted
+    await ask(app, "+8613800000002", 2, purpose="reset")  # no account: a skipped row, answered alike
+    statuses = app.services.db.run_sync(lambda s: sorted(s.scalars(select(SmsOutbox.status)).all()))
+    assert statuses == ["pending", "pending", "skipped"]
+    with pytest.raises(SmsBudgetSpent):
+        await ask(app, "+8613800000003", 3, purpose="reset")
+    # Both counted in the breaker too: 3 texts, 1 used (the registration).
+    assert max(counter(app, "sms:prefix:86138:sent").values()) == 3
+    assert max(counter(app, "sms:prefix:86138:used").values()) == 1
+
+
+@pytest.mark.settings(sms_daily_budget=1, sms_test_numbers="+8618800000000:123456", sms_ip_hourly=1000)
+@gen_test
+async def test_test_numbers_count_nowhere(app, clock):
+    for _ in range(3):
+        await ask(app, "+8618800000000")
+        clock.advance(61)
+    await app.services.accounts.register("+8618800000000", PASSWORD, "123456", client(0))
+    assert counter(app, "sms:budget") == {} and counter(app, "sms:prefix:86188:used") == {}
+    await ask(app, "+8613800000001")  # the budget is whole
+    with pytest.raises(SmsBudgetSpent):
+        await ask(app, "+8613800000002")
+
+
+@pytest.mark.settings(sms_daily_budget=2, sms_ip_hourly=1000)
+@gen_test
+async def test_a_spent_budget_is_counted_each_time_and_logged_once_a_day(app, clock, caplog):
+    to_window_start(clock, 86400, into=60)
+    for i, phone in enumerate(pumped(2)):
+        await ask(app, phone, i)
+    with caplog.at_level(logging.ERROR, logger="demo.sms.costguard"):
+        for i, phone in enumerate(pumped(5)[2:]):
+            with pytest.raises(SmsBudgetSpent):
+                await ask(app, phone, i)
+    assert len(caplog.records) == 1
+    assert re.fullmatch(
+        r"SMS daily budget spent \(2 texts\): code requests are refused for 8634[01] s, until midnight UTC",
+        caplog.records[0].getMessage(),
+    )
+    assert app.services.metrics.sms_budget_exhausted._value.get() == 3
+
+
+# -- the breaker ---------------------------------------------------------------------------------------
+
+
+async def trip(app, clock, prefix: str = "86138") -> list[str]:
+    """Pump ``prefix``: 20 texts nobody uses, judged once they are no longer young, then the request
+    that trips the breaker (accepted: the first of the hourly allowance). The numbers texted."""
+    to_window_start(clock, SPAN)
+    phones = pumped(24, prefix)
+    for i, phone in enumerate(phones[:20]):
+        await ask(app, phone, i)
+    clock.advance(2 * RECENT + 1)
+    await ask(app, phones[20], 20)
+    return phones
+
+
+@pytest.mark.settings(sms_ip_hourly=1000)
+@gen_test
+async def test_a_pumped_prefix_trips_and_gets_its_hourly_allowance_under_parallel_requests(app, clock, caplog):
+    with caplog.at_level(logging.WARNING, logger="demo.sms.costguard"):
+        phones = await trip(app, clock)
+        # Two texts of the allowance left: of 8 parallel requests, 2 go out, the others are refused.
+        results = await asyncio.gather(
+            *[ask(app, f"+86138{900 + i:08d}", 100 + i) for i in range(8)], return_exceptions=True
+        )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 6 and all(isinstance(r, PrefixThrottled) for r in refused), refused
+    assert all(0 < r.retry_after <= 3600 and r.code == "rate_limited" for r in refused)
+    assert max(counter(app, "sms:prefix:86138:throttle").values()) == 3
+    texts = app.services.db.run_sync(
+        lambda s: len(s.scalars(select(SmsCode).where(SmsCode.phone.like("+86138%"))).all())
+    )
+    assert texts == 23  # 20 pumped, 3 allowed; refused requests stored nothing
+    # One line when it tripped (this process logs it once), none per refusal.
+    assert [r.getMessage() for r in caplog.records] == [
+        "SMS breaker: prefix +86138 (CN) tripped (21 texts, 0 codes used in the last 30-60 min): "
+        "throttled to 3 texts an hour until its codes are used"
+    ]
+    assert app.services.metrics.sms_breaker_refused.labels("CN")._value.get() == 6
+    # Another prefix of the same country is not throttled.
+    await ask(app, "+8613900000001", 200)
+    assert phones
+
+
+@pytest.mark.settings(sms_ip_hourly=1000, sms_breaker_hourly=0)
+@gen_test
+async def test_a_blocked_prefix_reopens_once_its_pumped_hour_has_passed(app, clock, caplog):
+    to_window_start(clock, SPAN)
+    for i, phone in enumerate(pumped(20)):
+        await ask(app, phone, i)
+    clock.advance(2 * RECENT + 1)
+    with caplog.at_level(logging.WARNING, logger="demo.sms.costguard"):
+        for i in range(3):
+            with pytest.raises(PrefixThrottled):
+                await ask(app, f"+86138{500 + i:08d}", 50 + i)
+        clock.advance(2 * SPAN)  # the pumped texts are out of the breaker's window
+        await ask(app, "+8613800000600", 60)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "tripped" in messages[0] and "recovered" in messages[1], messages
+
+
+@pytest.mark.settings(sms_ip_hourly=1000, sms_code_ttl=3600)
+@gen_test
+async def test_a_tripped_prefix_recovers_once_its_codes_are_used(app, clock, caplog):
+    phones = await trip(app, clock)
+    # A pumper's throttled texts keep it closed...
+    for i in range(2):
+        await ask(app, phones[21 + i], 21 + i)
+    with pytest.raises(RateLimited):
+        await ask(app, phones[23], 23)
+    # ... and real people using their codes reopen it: 5 of 20 judged texts used is 25%.
+    for i, phone in enumerate(phones[:5]):
+        await app.services.accounts.register(phone, PASSWORD, code_of(app, phone), client(i))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="demo.sms.costguard"):
+        clock.advance(2 * RECENT + 1)  # the throttled texts are judged too: 5 used of 23
+        await ask(app, phones[23], 23)
+        await ask(app, "+8613800000700", 70)  # no allowance any more
+    assert [r.getMessage() for r in caplog.records] == [
+        "SMS breaker: prefix +86138 (CN) recovered: 24 texts, 5 codes used in the last 30-60 min"
+    ]
+    assert counter(app, "sms:prefix:86138:tripped") == {}  # the mark is dropped
+
+
+@pytest.mark.settings(sms_ip_hourly=1000, sms_phone_daily=100, sms_resend_after=0)
+@gen_test
+async def test_a_healthy_burst_does_not_trip(app, clock):
+    """A marketing push: 60 people ask for a code within a minute, 45 of them use it within two."""
+    to_window_start(clock, SPAN)
+    phones = pumped(60)
+    await asyncio.gather(*[ask(app, phone, i) for i, phone in enumerate(phones)])
+    for i, phone in enumerate(phones[:45]):
+        if i % 15 == 0:
+            clock.advance(10)
+        await app.services.accounts.register(phone, PASSWORD, code_of(app, phone), client(i))
+    clock.advance(2 * RECENT + 1)
+    # The push goes on: every text is judged now, 75% used.
+    await asyncio.gather(*[ask(app, f"+86138{100 + i:08d}", 100 + i) for i in range(30)])
+    assert counter(app, "sms:prefix:86138:tripped") == {} and counter(app, "sms:prefix:86138:throttle") == {}
+
+
+@pytest.mark.settings(sms_ip_hourly=1000, sms_countries="CN,US", sms_daily_budget=100)
+@gen_test
+async def test_the_snapshot_shows_each_country_and_the_throttled_prefixes(app, clock):
+    await trip(app, clock)
+    for i, phone in enumerate(["+12015550123", "+12015550124"]):
+        await ask(app, phone, 30 + i)
+    await app.services.accounts.register("+12015550123", PASSWORD, code_of(app, "+12015550123"), client(0))
+    state = await app.services.cost_guard.snapshot(clock.now())
+    assert state is not None and (state.budget, state.spent) == (100, 23)
+    assert state.countries() == {
+        "CN": {"sent": 21, "used": 0, "throttled": 1},
+        "US": {"sent": 2, "used": 1, "throttled": 0},
+    }
+    cn = next(p for p in state.prefixes if p.prefix == "86138")
+    assert (cn.country, cn.throttled, cn.throttle_used, cn.conversion) == ("CN", True, 1, 0.0)
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("sms_breaker_prefix", 2, "--sms_breaker_prefix=2: must be from 3 to 15"),
+        ("sms_breaker_conversion", 1.5, "--sms_breaker_conversion=1.5: must be from 0 to 1"),
+        ("sms_breaker_min_sent", 0, "--sms_breaker_min_sent=0: must be at least 1"),
+        ("sms_daily_budget", -1, "--sms_daily_budget=-1: must be at least 0"),
+    ],
+)
+def test_bad_cost_guard_settings_are_refused(name, value, says):
+    with pytest.raises(ConfigError) as refused:
+        check_values(config.defaults(cookie_secret="x" * 40, **{name: value}))
+    assert str(refused.value) == says
+
+
+def test_no_budget_is_allowed_with_a_warning_outside_debug_mode(caplog, tmp_path):
+    from demo.common.services import build_services
+
+    for debug in (False, True):
+        caplog.clear()
+        settings = config.defaults(
+            cookie_secret="x" * 40,
+            sms_daily_budget=0,
+            debug=debug,
+            database_url=f"sqlite:///{tmp_path}/d.sqlite3",
+            media_root=str(tmp_path / "media"),
+        )
+        with caplog.at_level(logging.WARNING, logger="demo"):
+            services = build_services(settings)
+        services.close()
+        warned = [r.getMessage() for r in caplog.records if "sms_daily_budget" in r.getMessage()]
+        assert warned == (
+            [] if debug else ["sms_daily_budget is 0: nothing bounds what a day's texts may cost (set a budget)"]
+        )
+
+
+def test_the_defaults_are_a_budget_and_a_breaker():
+    rules = CostRules.from_settings(config.defaults())
+    assert (rules.daily_budget, rules.prefix_digits, rules.min_sent, rules.conversion, rules.throttled_hourly) == (
+        1000,
+        5,
+        20,
+        0.2,
+        3,
+    )
+    assert costguard.rate(0, 0) is None and costguard.rate(3, 1) == 0.3333
