@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: run test lint format clean lock
+.PHONY: run test lint format clean lock messages
 
 # Installs come from the locks (exact versions, hashes checked); the ranges in setup.cfg are for those
 # who install demo as a library. mysqlclient compiles against the MySQL/MariaDB client headers, so its
@@ -44,6 +44,18 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo/data .pytest_cache
+
+# The gettext catalogues (demo/locale, README "Languages"): extracts the msgids of the code (_() and N_())
+# and of the templates into demo.pot, merges them into each language's demo.po (a new one untranslated,
+# a changed one fuzzy, a dropped one obsolete) and compiles the .mo files the server reads. Translate
+# what is new or fuzzy in each demo.po, run it again, and commit the .pot, .po and .mo files: the tests
+# fail on a catalogue that is behind the code, untranslated, or not compiled from its .po.
+MESSAGES := $(BIN)/pybabel
+messages: $(STAMP)
+	$(MESSAGES) extract -F babel.cfg -k N_ --no-location --sort-output --project demo \
+		--copyright-holder "demo's authors" -o demo/locale/demo.pot .
+	$(MESSAGES) update -i demo/locale/demo.pot -d demo/locale -D demo
+	$(MESSAGES) compile -d demo/locale -D demo --statistics
 
 # Refreshes both locks from setup.cfg: the newest versions within its ranges, the MySQL lock held to the
 # versions of the other. The resolver is installed on demand into a throwaway folder, never into the

@@ -54,6 +54,7 @@ from demo.common.infra.startup import (
 from demo.common.services import Services, build_services
 from demo.common.web.api import StaticHandler
 from demo.common.web.httpserver import DemoHTTPServer
+from demo.common.web.locale import tornado_locales
 from demo.common.web.proxies import TrustedProxies
 from demo.common.web.routing import collect_routes, name_static_routes, route_names
 from demo.conf import settings as config
@@ -85,6 +86,7 @@ class DemoApplication(tornado.web.Application):
             xsrf_cookies=True,
             serve_traceback=False,  # errors never show internals, even in debug
         )
+        self.locales = tornado_locales(services.languages)  # the pages' locale per language (web/locale.py)
         name_static_routes(self.wildcard_router.rules, StaticHandler)
         self.route_names = route_names(self.wildcard_router.rules)  # the metrics' route label: every route named
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.rules import AccountRules, Accounts
 from demo.common.h5.rules import H5, H5Rules
+from demo.common.i18n import Languages
 from demo.common.images import imaging
 from demo.common.images.rules import ImageRules, Images
 from demo.common.images.storage import ImageStore, make_store
@@ -44,6 +45,7 @@ class Services:
     metrics: Metrics
     cookie_secret: str
     cost_guard: CostGuard
+    languages: Languages  # the catalogues, loaded once: texts, pages and error messages
     readiness: Readiness = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         test_numbers = parse_test_numbers(settings.sms_test_numbers)
         account_rules = AccountRules.from_settings(settings)
         sender_rules = SenderRules.from_settings(settings)
+        languages = Languages(settings.default_language)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if not settings.sms_daily_budget and not settings.debug:
@@ -108,6 +111,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         test_numbers=test_numbers,
         clock=clock,
         cost_guard=cost_guard,
+        languages=languages,
     )
     h5 = H5(db, H5Rules.from_settings(settings), clock, xsrf_key=derived_key(cookie_secret, b"demo h5 xsrf"))
     store = make_store(settings)
@@ -127,4 +131,5 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         app_metrics,
         cookie_secret,
         cost_guard,
+        languages,
     )

@@ -145,6 +145,12 @@ class Settings:
     cpu_workers: int = option(0, "threads for password hashing and image work (0 = one per core)", group=DATABASE)
     # -- accounts --------------------------------------------------------------------------
     default_region: str = option("CN", "region used to read national phone numbers (ISO 3166 code)", group=ACCOUNTS)
+    default_language: str = option(
+        "en",
+        "language (BCP 47 tag) of texts, pages and error messages for a client whose Accept-Language names "
+        "none of the supported ones (en, and each catalogue in demo/locale: zh-CN); zh-CN for a Chinese app",
+        group=ACCOUNTS,
+    )
     token_ttl: int = option(30 * 24 * 3600, "seconds an app token lives", group=ACCOUNTS, low=1)
     argon2_time_cost: int = option(2, "argon2id iterations (>= 2)", group=ACCOUNTS)
     argon2_memory_kib: int = option(19456, "argon2id memory in KiB (>= 19456)", group=ACCOUNTS)
@@ -225,6 +231,19 @@ class Settings:
         5.0, "seconds before a failed text is tried again; doubles with each try", group=SMS
     )
     sms_code_ttl: int = option(300, "seconds an SMS code is valid", group=SMS, low=1)
+    sms_android_app_hash: str = option(
+        "",
+        "the Android app's 11-character signature hash (SMS Retriever API): set, every text with a code "
+        "carries it on a line of its own, so the app reads the code without the SMS permission; empty = none",
+        group=SMS,
+    )
+    sms_otp_origin: str = option(
+        "",
+        "host name of the site or app the codes are for (example.com): set, every text with a code ends "
+        "with the line '@example.com #123456', the origin-bound one-time code format iOS and WebOTP "
+        "autofill from, only on that site and its apps (phishing resistance); empty = none",
+        group=SMS,
+    )
     sms_resend_after: int = option(60, "seconds between two texts to one phone", group=SMS)
     sms_max_attempts: int = option(5, "wrong tries before a code is dead", group=SMS, low=1)
     sms_phone_daily: int = option(10, "texts per phone per UTC day", group=SMS)

@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from demo.common.accounts import texts
 from demo.common.accounts.passwords import Passwords
 from demo.common.accounts.phones import parse_regions
+from demo.common.i18n import Languages
 from demo.common.infra.offload import Offloader
 from demo.common.infra.startup import ConfigError, StorageUnusable, masked_url
 from demo.common.services import resolve_cookie_secret
@@ -175,11 +177,14 @@ VALUE_CHECKS: list[tuple[str, Callable[[Settings], object]]] = [
     ("log_level", _log_level),
     ("database_url", _database_url),
     ("default_region", _default_region),
+    ("default_language", lambda s: Languages(s.default_language)),
     ("argon2_time_cost", lambda s: Passwords(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)),
     ("sms_gateway_timeout", _sms_gateway_timeout),
     ("sms_backend", _sms_backend),
     ("sms_test_numbers", lambda s: parse_test_numbers(s.sms_test_numbers)),
     ("sms_countries", lambda s: parse_regions(s.sms_countries or s.default_region)),
+    ("sms_android_app_hash", lambda s: texts.android_app_hash(s.sms_android_app_hash)),
+    ("sms_otp_origin", lambda s: texts.otp_origin(s.sms_otp_origin)),
     ("sms_send_attempts", SenderRules.from_settings),
     ("storage", _storage),
     ("s3_endpoint", _s3_endpoint),

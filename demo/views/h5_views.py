@@ -14,8 +14,8 @@ from demo.common.web.uploads import UploadHandler
 class TicketHandler(ApiHandler):
     @requires_session
     async def post(self) -> None:
-        """A fresh one-time H5 URL for the calling app session."""
-        ticket = await self.h5.issue_ticket(self.principal)
+        """A fresh one-time H5 URL for the calling app session; its pages are in the app's language."""
+        ticket = await self.h5.issue_ticket(self.principal, self.language)
         self.write_json({"h5_url": self.h5_url(ticket), "expires_in": self.h5.rules.ticket_ttl})
 
 
@@ -34,6 +34,7 @@ class HomeHandler(H5PageHandler):
             self.render("h5/signed_out.html")
             return
         self.principal, page = await self.h5.visit_home(cookie)
+        self.use_language(self.principal.lang)  # the session's (its ticket's: the app's) language
         images = []
         for image in page["images"]:
             path = f"/images/{image['id']}.{imaging.EXTENSIONS[image['format']]}"
@@ -44,6 +45,7 @@ class HomeHandler(H5PageHandler):
         """Spend the ticket: sign in and redirect, or, signed in as someone else, ask first."""
         granted = await self.h5.exchange(ticket, self.get_cookie(H5_COOKIE))
         if isinstance(granted, SwitchOffer):
+            self.use_language(granted.lang)  # the link's language, not the WebView's
             self.render("h5/switch.html", offer=granted)
             return
         self.set_session_cookie(granted)

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from tornado.iostream import StreamClosedError
 
 from demo.common.errors import InvalidField, NotFound, RangeNotSatisfiable
+from demo.common.i18n import N_
 from demo.common.images import imaging
 from demo.common.images.rules import THUMBNAIL_WIDTHS, ImageFile
 from demo.common.web.api import ApiHandler
@@ -37,7 +38,7 @@ class ImageCollectionHandler(UploadHandler):
         # Never stripped: a value is checked exactly as it came (strip would make "\x01" an empty cursor).
         limit = self.get_query_argument("limit", "20", strip=False)
         if not DECIMAL.fullmatch(limit) or not 1 <= int(limit) <= 100:
-            raise InvalidField("limit must be an integer from 1 to 100.", field="limit")
+            raise InvalidField(N_("limit must be an integer from 1 to 100."), field="limit")
         cursor = self.get_query_argument("cursor", None, strip=False) or None
         records, next_cursor = await self.images.list(self.principal.user_id, int(limit), cursor)
         self.write_json({"images": [image_json(self, r) for r in records], "next_cursor": next_cursor})
@@ -125,7 +126,9 @@ class ImageFileHandler(ApiHandler):
         # Exactly as the links spell them: nginx's cache keys on the raw argument, so "0160" would
         # be a second key for the same thumbnail, each one a miss that reaches the app.
         if raw not in WIDTH_SPELLINGS:
-            raise InvalidField(f"w must be one of {', '.join(WIDTH_SPELLINGS)}.", field="w")
+            raise InvalidField(
+                N_("w must be one of {widths}."), field="w", params={"widths": ", ".join(WIDTH_SPELLINGS)}
+            )
         return WIDTH_SPELLINGS[raw]
 
     async def _stream(self, file: ImageFile, start: int, end: int) -> None:

@@ -11,6 +11,7 @@ from tornado.iostream import StreamClosedError
 from demo.common.accounts.export import Exports
 from demo.common.accounts.rules import Grant
 from demo.common.errors import InvalidField
+from demo.common.i18n import N_
 from demo.common.infra.clock import isoformat
 from demo.common.web.api import ApiHandler, text_field
 from demo.common.web.auth import public, requires_session
@@ -41,7 +42,7 @@ class CodeHandler(AccountsHandler):
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         purpose = text_field(body, "purpose", default="regist", max_length=16)
-        self.write_json(await self.accounts.request_code(phone, purpose, self.client_ip))
+        self.write_json(await self.accounts.request_code(phone, purpose, self.client_ip, self.language))
 
 
 class RegistHandler(AccountsHandler):
@@ -52,7 +53,9 @@ class RegistHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         password = text_field(body, "password", max_length=4096)
         code = text_field(body, "code", max_length=16)
-        grant = await self.accounts.register(phone, password, code, self.client_ip, user_agent=self.user_agent)
+        grant = await self.accounts.register(
+            phone, password, code, self.client_ip, user_agent=self.user_agent, lang=self.language
+        )
         self.write_json(self.session_body(grant), status=201)
 
 
@@ -63,13 +66,17 @@ class LoginHandler(AccountsHandler):
         body = self.json_body()
         phone = text_field(body, "phone", max_length=32)
         if "code" in body and "password" in body:
-            raise InvalidField("Send either 'password' or 'code', not both.", field="code")
+            raise InvalidField(N_("Send either 'password' or 'code', not both."), field="code")
         if "code" in body:
             code = text_field(body, "code", max_length=16)
-            grant = await self.accounts.login_with_code(phone, code, self.client_ip, user_agent=self.user_agent)
+            grant = await self.accounts.login_with_code(
+                phone, code, self.client_ip, user_agent=self.user_agent, lang=self.language
+            )
         else:
             password = text_field(body, "password", max_length=4096)
-            grant = await self.accounts.login(phone, password, self.client_ip, user_agent=self.user_agent)
+            grant = await self.accounts.login(
+                phone, password, self.client_ip, user_agent=self.user_agent, lang=self.language
+            )
         # Only a login can undo a deletion: the client tells its user the account is back.
         self.write_json({**self.session_body(grant), "deletion_cancelled": grant.deletion_cancelled})
 
@@ -134,7 +141,7 @@ class PhoneChangeHandler(AccountsHandler):
         phone = text_field(body, "phone", max_length=32)
         code = text_field(body, "code", max_length=16)
         password = text_field(body, "password", max_length=4096)
-        user = await self.accounts.change_phone(self.principal, phone, code, password, self.client_ip)
+        user = await self.accounts.change_phone(self.principal, phone, code, password, self.client_ip, self.language)
         self.write_json({"user": user})
 
 

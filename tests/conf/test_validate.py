@@ -29,6 +29,10 @@ def test_the_defaults_pass_the_start_up_checks():
         ({"sms_backend": "smtp"}, "--sms_backend"),
         ({"sms_backend": "http"}, "sms_gateway_url"),
         ({"default_region": "XX"}, "--default_region"),
+        ({"default_language": "fr"}, "--default_language"),
+        ({"default_language": "zh"}, "--default_language"),
+        ({"sms_android_app_hash": "FA+9qCX9VS"}, "--sms_android_app_hash"),
+        ({"sms_otp_origin": "https://example.com"}, "--sms_otp_origin"),
         ({"trusted_proxies": "10.0.0.0/8,nope"}, "--trusted_proxies"),
         ({"public_url": "api.example.com"}, "--public_url"),
         ({"db_pool_size": 0}, "--db_pool_size"),
@@ -114,6 +118,7 @@ def test_more_bad_values_name_their_setting(changes, option):
         {"storage": "s3://demo-images"},
         {"storage": "s3://demo-images/prod/v1/", "s3_endpoint": "https://cos.ap-shanghai.myqcloud.com"},
         {"storage": "s3://demo.images", "s3_endpoint": "http://127.0.0.1:8333/"},
+        {"default_language": "zh-CN", "sms_android_app_hash": "FA+9qCX9VSu", "sms_otp_origin": "login.example.com"},
     ],
 )
 def test_good_values_pass(changes):

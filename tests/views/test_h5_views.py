@@ -622,7 +622,9 @@ def test_nginx_s_unavailable_page_is_the_h5_error_page_rendered():
     rendered = (
         Loader(str(ROOT / "demo" / "templates"))
         .load("h5/error.html")
-        .generate(static_url=lambda path: f"/static/{path}", status=503, code="unavailable", title=title, text=text)
+        .generate(
+            static_url=lambda path: f"/static/{path}", lang="en", status=503, code="unavailable", title=title, text=text
+        )
     )
     if rendered != shipped:
         fresh = ROOT / "test-artefacts" / "h5" / "unavailable.html"

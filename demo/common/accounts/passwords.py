@@ -13,6 +13,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from demo.common.errors import WeakPassword
+from demo.common.i18n import N_
 
 MIN_LENGTH, MAX_LENGTH = 8, 128
 OWASP_MIN_MEMORY_KIB, OWASP_MIN_TIME_COST = 19456, 2
@@ -30,7 +31,7 @@ def check_password_policy(password: str) -> None:
     if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
         raise WeakPassword(field="password")
     if password.lower().strip() in common_passwords():
-        raise WeakPassword("This password is too common; choose another.", field="password")
+        raise WeakPassword(N_("This password is too common; choose another."), field="password")
 
 
 class Passwords:

@@ -8,6 +8,7 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from demo.common.errors import InvalidPhone
+from demo.common.i18n import N_
 
 _MOBILE_TYPES = {PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE}
 
@@ -50,4 +51,8 @@ def require_region(e164: str, regions: frozenset[str]) -> None:
     region = phonenumbers.region_code_for_number(number) or phonenumbers.UNKNOWN_REGION
     if region not in regions:
         where = region if region in phonenumbers.SUPPORTED_REGIONS else "non-geographic numbers"
-        raise InvalidPhone(f"Texts are not offered to this country (+{number.country_code}, {where}).", field="phone")
+        raise InvalidPhone(
+            N_("Texts are not offered to this country (+{calling_code}, {region})."),
+            field="phone",
+            params={"calling_code": number.country_code, "region": where},
+        )

@@ -12,3 +12,4 @@ class Principal:
     phone: str  # a frozen account's is the number it had, and signs in with: another account has it now
     h5_session_id: int | None = None  # set when the call came with the H5 cookie
     frozen: bool = False  # the account's number went to a new holder (recycled): no codes reach it
+    lang: str | None = None  # an H5 session's: the language its pages are in (None: the default)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from demo.common.accounts.tokens import new_public_id
 from demo.common.errors import AccountDisabled, InvalidCredentials, RateLimited, Unauthorized
 from demo.common.h5 import queries as h5_queries
+from demo.common.i18n import N_
 from demo.common.images import queries as image_queries
 from demo.common.infra import ratelimit
 from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, long_work, sql_unit
@@ -201,6 +202,7 @@ class NewGrant:
     public_id: str = field(default_factory=new_public_id)
     user_agent: str | None = None
     ip: str | None = None
+    lang: str | None = None  # the app's language: its H5 ticket's (h5_tickets.lang)
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class Notice:
     purpose: str
     text: str | None
     expires_at: dt.datetime
+    lang: str | None = None  # the text's language (sms_outbox.lang)
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,7 @@ class CodeText:
     code_hash: str
     text: str | None
     code: str | None
+    lang: str | None = None  # the text's language (sms_outbox.lang)
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ def issue_code(
     last = c.first(LAST_CODE, {"phone": request.phone})
     last_sent = last.created_at if last is not None else None
     if last_sent is not None and (wait := (last_sent - now).total_seconds() + request.resend_after) > 0:
-        raise RateLimited(math.ceil(wait), "Wait before asking for another code.")
+        raise RateLimited(math.ceil(wait), N_("Wait before asking for another code."))
     ratelimit.hit(c, request.by_client, now)
     holder = c.first(HOLDER, {"phone": request.phone, "dormant_before": request.dormant_before, "now": now})
     made = compose(holder is not None, bool(holder is not None and holder.dormant))
@@ -262,7 +266,7 @@ def issue_code(
     c.execute(EXPIRE_CODES, params)
     code_id = c.insert(NEW_CODE, {**params, "code_hash": made.code_hash, "expires_at": request.expires_at})
     # The same row whether or not a text goes out, so both cost the same.
-    sms_queries.enqueue(c, code_id, request.phone, request.purpose, now, text=made.text, code=made.code)
+    sms_queries.enqueue(c, code_id, request.phone, request.purpose, now, text=made.text, code=made.code, lang=made.lang)
     # Last, though nothing is queued until the commit anyway: the budget's row is every request's, and
     # its lock is held from here to the commit only. (Codes, then these counters, in every unit.)
     return sms_queries.guard_send(c, request.guard, now) if request.guard is not None else None
@@ -309,7 +313,7 @@ def add_grant(c: SqlCursor, user_id: int, grant: NewGrant, now: dt.datetime) -> 
             "ip": grant.ip,
         },
     )
-    h5_queries.add_ticket(c, session_id, grant.ticket_hash, now, grant.ticket_expires_at)
+    h5_queries.add_ticket(c, session_id, grant.ticket_hash, now, grant.ticket_expires_at, grant.lang)
     return session_id
 
 
@@ -698,7 +702,7 @@ def change_phone(
     _, froze = free_number(c, new_phone, dormant_before, now)
     if not c.execute(CHANGE_PHONE, params):
         if froze:  # the freeze is undone with the unit: the number must not be left without its account
-            raise InvalidCredentials("Wrong password.", field="password")
+            raise InvalidCredentials(N_("Wrong password."), field="password")
         return None
     _lock_user_with_session(c, user_id, session_id, now)
     ratelimit.refund_one(c, checks, checked_at)
@@ -708,7 +712,9 @@ def change_phone(
         # sender, as every text goes; its expiry is how long the text may wait for the gateway.
         code = {"phone": notice.phone, "purpose": notice.purpose, "now": now, "expires_at": notice.expires_at}
         code_id = c.insert(NEW_CODE, {**code, "code_hash": ""})
-        sms_queries.enqueue(c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None)
+        sms_queries.enqueue(
+            c, code_id, notice.phone, notice.purpose, now, text=notice.text, code=None, lang=notice.lang
+        )
     return c.first(PROFILE, {"user_id": user_id})
 
 

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from demo.common.accounts import queries, tokens
+from demo.common.accounts import queries, texts, tokens
 from demo.common.accounts.devices import clean_user_agent, coarse_ip
 from demo.common.accounts.passwords import Passwords, check_password_policy
 from demo.common.accounts.phones import normalize_phone, parse_regions, require_region
@@ -30,6 +30,7 @@ from demo.common.errors import (
     Unauthorized,
 )
 from demo.common.h5.rules import new_ticket
+from demo.common.i18n import N_, Languages
 from demo.common.infra import ratelimit
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Conflict, Database, Row
@@ -87,10 +88,12 @@ class AccountRules:
     deletion_grace: int  # seconds from DELETE /users/me to the purge; a login meanwhile undoes it
     sms_login: bool  # a login may prove the phone with a "login" code instead of the password
     dormant_after: int  # seconds without activity that make an account dormant (0: never)
+    android_app_hash: str  # a line of its own in texts with a code (texts.py; "" none)
+    otp_origin: str  # texts with a code end with "@<otp_origin> #<code>" (texts.py; "" none)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccountRules:
-        """ValueError naming the setting for a bad ``sms_countries``."""
+        """ValueError naming the setting for a bad ``sms_countries``, ``sms_android_app_hash`` or ``sms_otp_origin``."""
         return cls(
             default_region=settings.default_region,
             sms_regions=parse_regions(settings.sms_countries or settings.default_region),
@@ -110,6 +113,8 @@ class AccountRules:
             deletion_grace=settings.account_deletion_grace,
             sms_login=settings.sms_login,
             dormant_after=settings.dormant_account_after,
+            android_app_hash=texts.android_app_hash(settings.sms_android_app_hash),
+            otp_origin=texts.otp_origin(settings.sms_otp_origin),
         )
 
 
@@ -136,6 +141,7 @@ class Accounts:
         rules: AccountRules,
         test_numbers: dict[str, str] | None = None,
         clock: Clock | None = None,
+        languages: Languages | None = None,
         cost_guard: CostGuard | None = None,
     ) -> None:
         self.db = db
@@ -146,6 +152,7 @@ class Accounts:
         self.rules = rules
         self.test_numbers = test_numbers or {}
         self.clock = clock or Clock()
+        self.languages = languages or Languages()  # the texts' words (English only: the source's)
         self._fresh_hash: str | None = None  # see fresh_hash
 
     def dormant_before(self, now: dt.datetime) -> dt.datetime | None:
@@ -170,14 +177,17 @@ class Accounts:
 
     # -- SMS codes -----------------------------------------------------------------------------
 
-    async def request_code(self, raw_phone: Any, purpose: Any, client_ip: str) -> dict[str, int]:
-        """Issue a code and queue its text (or, for a registered phone asking to register, a notice
-        without one). The answer comes once both are committed, before anything is sent: it cannot
-        depend on the SMS gateway, nor on whether the phone has an account."""
+    async def request_code(
+        self, raw_phone: Any, purpose: Any, client_ip: str, lang: str | None = None
+    ) -> dict[str, int]:
+        """Issue a code and queue its text in ``lang`` (the requester's; None: the default language), or,
+        for a registered phone asking to register, a notice without one. The answer comes once both are
+        committed, before anything is sent: it cannot depend on the SMS gateway, nor on whether the
+        phone has an account."""
         phone = self.phone(raw_phone)
         if purpose not in self.purposes:
             named = ", ".join(f"'{p}'" for p in self.purposes)
-            raise InvalidField(f"purpose must be one of {named}.", field="purpose")
+            raise InvalidField(N_("purpose must be one of {purposes}."), field="purpose", params={"purposes": named})
         if phone not in self.test_numbers:  # test numbers are never texted
             require_region(phone, self.rules.sms_regions)
         now, r = self.clock.now(), self.rules
@@ -191,38 +201,38 @@ class Accounts:
             dormant_before=self.dormant_before(now),
             guard=self.cost_guard.send_guard(phone),
         )
-        compose = functools.partial(self._code_text, phone, purpose)
+        compose = functools.partial(self._code_text, phone, purpose, lang)
         await self.cost_guard.checked(self.db.run(queries.issue_code, request, now, compose), now)
         self.sender.wake()
         return {"expires_in": self.rules.code_ttl, "resend_after": self.rules.resend_after}
 
-    def _code_text(self, phone: str, purpose: str, registered: bool, dormant: bool) -> queries.CodeText:
-        """The code and text of a code request (``registered``: the phone has an account; ``dormant``: a
-        dormant one, which a registration with the code freezes, as a reset or SMS login would)."""
+    def _code_text(
+        self, phone: str, purpose: str, lang: str | None, registered: bool, dormant: bool
+    ) -> queries.CodeText:
+        """The code and text of a code request, in ``lang`` (``registered``: the phone has an account;
+        ``dormant``: a dormant one, which a registration with the code freezes, as a reset or SMS login
+        would). A text with a code ends with the autofill lines (texts.py)."""
+        lang = self.languages.pick(lang)
         code: str | None = self.test_numbers.get(phone) or f"{secrets.randbelow(10**6):06d}"
+        text: str | None
         if purpose == "regist" and registered and not dormant:
-            code, text = None, "This number already has a demo account. Sign in, or reset your password."
+            code, text = None, self.languages.translate(lang, texts.REGISTERED)
         elif purpose == "phone" and registered and not dormant:
             # As for "regist": the answer is the same either way, only the number's holder learns that
             # it has an account (which "regist" would tell them too), and no code is spent on a change
             # that the taken number would refuse.
-            code, text = None, "This number already has a demo account, so no account can be moved to it."
+            code, text = None, self.languages.translate(lang, texts.PHONE_TAKEN)
         elif purpose in FOR_ACCOUNTS and not registered:
             code, text = None, None  # no account to act on; answer exactly as if a code went out
         else:
-            minutes = self.rules.code_ttl // 60
-            text = f"Your demo verification code is {code}. It expires in {minutes} minutes."
-            if purpose == "delete":
-                text = (
-                    f"Your demo code to DELETE your account is {code}. It expires in {minutes} minutes."
-                    " If you did not ask for it, ignore this text and never share the code."
-                )
-            elif purpose == "login":
-                text = f"Your demo sign-in code is {code}. It expires in {minutes} minutes. Never share it."
+            assert code is not None
+            words = texts.CODE_TEXTS.get(purpose, texts.CODE)
+            text = self.languages.translate(lang, words, {"code": code, "minutes": self.rules.code_ttl // 60})
+            text = texts.with_autofill(text, code, app_hash=self.rules.android_app_hash, origin=self.rules.otp_origin)
         code_hash = tokens.keyed_digest(self.code_key, phone, purpose, code) if code else ""
         if phone in self.test_numbers:
             code = text = None  # test numbers are never texted
-        return queries.CodeText(code_hash, text, code)
+        return queries.CodeText(code_hash, text, code, lang)
 
     # -- registration, login, logout, reset ------------------------------------------------------
 
@@ -242,14 +252,22 @@ class Accounts:
             raise InvalidCode(field="code")
 
     async def register(
-        self, raw_phone: Any, password: str, code: str, client_ip: str, *, user_agent: str | None = None
+        self,
+        raw_phone: Any,
+        password: str,
+        code: str,
+        client_ip: str,
+        *,
+        user_agent: str | None = None,
+        lang: str | None = None,
     ) -> Grant:
+        """A new account; its session's H5 ticket carries ``lang`` (the app's language) to the pages."""
         phone = self.phone(raw_phone)
         check_password_policy(password)
         checks, now = self._code_checks(client_ip), self.clock.now()
         await self._claim_code(phone, "regist", code, checks, now)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now, client_ip, user_agent)
+        public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now, client_ip, user_agent, lang)
         dormant_before = self.dormant_before(now)
         try:
             session_id = await self.db.run(
@@ -311,7 +329,9 @@ class Accounts:
         )
         return found, counted
 
-    async def login(self, raw_phone: Any, password: str, client_ip: str, *, user_agent: str | None = None) -> Grant:
+    async def login(
+        self, raw_phone: Any, password: str, client_ip: str, *, user_agent: str | None = None, lang: str | None = None
+    ) -> Grant:
         phone = self.phone(raw_phone)
         now = self.clock.now()
         found, counted = await self._reserve_attempt(phone, client_ip, now)
@@ -334,20 +354,20 @@ class Accounts:
         new_hash = None
         if self.passwords.needs_rehash(found.password_hash):
             new_hash = await self.db.offloader.cpu(self.passwords.hash, password)
-        grant = await self._record_login(found, new_hash, counted, phone, client_ip, user_agent, now, frozen)
+        grant = await self._record_login(found, new_hash, counted, phone, client_ip, user_agent, now, frozen, lang=lang)
         if grant is None:
             raise InvalidCredentials()  # the password changed since it was verified: no session
         return grant
 
     async def login_with_code(
-        self, raw_phone: Any, code: str, client_ip: str, *, user_agent: str | None = None
+        self, raw_phone: Any, code: str, client_ip: str, *, user_agent: str | None = None, lang: str | None = None
     ) -> Grant:
         """Sign in with a ``login`` code sent to the phone instead of the password: counted in the login's
         windows as a password is (a wrong code is a failed login, and a wrong guess at the code). A
         phone without an account got no code: any code is wrong for it, with the same answer
         (``400 invalid_code``), the same steps and no hash on either side."""
         if not self.rules.sms_login:
-            raise InvalidField("Signing in with an SMS code is turned off here; send the password.", field="code")
+            raise InvalidField(N_("Signing in with an SMS code is turned off here; send the password."), field="code")
         phone = self.phone(raw_phone)
         now = self.clock.now()
         windows = self.login_windows(phone, client_ip)
@@ -364,7 +384,9 @@ class Accounts:
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
-        grant = await self._record_login(found, None, counted, phone, client_ip, user_agent, now, by_code=True)
+        grant = await self._record_login(
+            found, None, counted, phone, client_ip, user_agent, now, by_code=True, lang=lang
+        )
         if grant is None:
             raise InvalidCode(field="code")  # reset or deleted for good since the code was checked
         return grant
@@ -380,6 +402,7 @@ class Accounts:
         now: dt.datetime,
         frozen: bool = False,
         by_code: bool = False,
+        lang: str | None = None,
     ) -> Grant | None:
         """A good login of ``found`` (``frozen``: an account frozen off ``phone``): its session (it undoes a
         deletion in its grace period), or None when the password changed, or the deletion became final,
@@ -393,7 +416,7 @@ class Accounts:
         remember = None
         if found.trusted_next is None:
             remember = {**ratelimit.window_params([known], now), **ratelimit.window_params([known], later, 1)}
-        token, ticket, grant = self._new_grant(now, client_ip, user_agent)
+        token, ticket, grant = self._new_grant(now, client_ip, user_agent, lang)
         if by_code:
             fresh_hash, dormant_before = await self.fresh_hash(), self.dormant_before(now)
             done = await self.db.run(
@@ -442,9 +465,11 @@ class Accounts:
             raise Unauthorized()  # deleted since the token was checked
         return profile_body(user)
 
-    def _new_grant(self, now: dt.datetime, client_ip: str, user_agent: str | None) -> tuple[str, str, queries.NewGrant]:
+    def _new_grant(
+        self, now: dt.datetime, client_ip: str, user_agent: str | None, lang: str | None = None
+    ) -> tuple[str, str, queries.NewGrant]:
         """The secrets of a new app session and of its first H5 ticket, and what to store of them (with
-        the device as the list of sessions shows it)."""
+        the device as the list of sessions shows it, and the app's language for the H5 pages)."""
         token, token_hash = tokens.new_secret()
         ticket, ticket_hash, ticket_expires_at = new_ticket(now, self.rules.h5_ticket_ttl)
         expires_at = now + dt.timedelta(seconds=self.rules.token_ttl)
@@ -455,6 +480,7 @@ class Accounts:
             ticket_expires_at,
             user_agent=clean_user_agent(user_agent),
             ip=coarse_ip(client_ip),
+            lang=self.languages.pick(lang),
         )
         return token, ticket, grant
 
@@ -491,7 +517,7 @@ class Accounts:
         """End one of the caller's sessions (the current one too: that is a logout); NotFound for an id
         that is not a live session of theirs, whoever's it is."""
         if not await self.db.run(queries.end_session, principal.user_id, public_id, self.clock.now()):
-            raise NotFound("No such session.")
+            raise NotFound(N_("No such session."))
 
     async def end_other_sessions(self, principal: Principal) -> None:
         """Sign out every session of the caller but the current one."""
@@ -510,7 +536,7 @@ class Accounts:
             found = found._replace(id=own.id, password_hash=own.password_hash) if own else found
         ok = await self.db.offloader.cpu(self.passwords.verify, found.password_hash, password)
         if not ok or found.id != principal.user_id:  # the phone changed hands since the token check
-            raise InvalidCredentials("Wrong password.", field=field)  # already counted
+            raise InvalidCredentials(N_("Wrong password."), field=field)  # already counted
         return found, counted
 
     async def change_password(self, principal: Principal, old_password: str, password: str, client_ip: str) -> None:
@@ -524,10 +550,10 @@ class Accounts:
         if not await self.db.run(
             queries.change_password, user_id, session_id, found.password_hash, new_hash, counted, now
         ):
-            raise InvalidCredentials("Wrong password.", field="old_password")  # changed since it was checked
+            raise InvalidCredentials(N_("Wrong password."), field="old_password")  # changed since it was checked
 
     async def change_phone(
-        self, principal: Principal, raw_phone: Any, code: str, password: str, client_ip: str
+        self, principal: Principal, raw_phone: Any, code: str, password: str, client_ip: str, lang: str | None = None
     ) -> dict[str, Any]:
         """Move the caller's account to a new phone, proved by a ``phone`` code sent to it, and the
         password; the old phone gets a notice. The code is checked first (a wrong one costs no hash),
@@ -536,7 +562,7 @@ class Accounts:
         unique key). A dormant account's number is taken over: that account is frozen."""
         phone = self.phone(raw_phone)
         if phone == principal.phone and not principal.frozen:
-            raise InvalidPhone("This is already your phone number.", field="phone")
+            raise InvalidPhone(N_("This is already your phone number."), field="phone")
         checks, now = self._code_checks(client_ip), self.clock.now()
         await self._claim_code(phone, "phone", code, checks, now)
         found, counted = await self._check_password(principal, password, client_ip, "password", now)
@@ -544,7 +570,10 @@ class Accounts:
         old_phone = None if principal.frozen else principal.phone
         notice = None
         if old_phone is not None:
-            notice = queries.Notice(old_phone, "phone_notice", self._notice_text(old_phone), now + NOTICE_TTL)
+            lang = self.languages.pick(lang)  # the mover's: the old number is theirs too
+            notice = queries.Notice(
+                old_phone, "phone_notice", self._notice_text(old_phone, lang), now + NOTICE_TTL, lang
+            )
         try:
             user = await self.db.run(
                 queries.change_phone,
@@ -563,7 +592,7 @@ class Accounts:
         except Conflict:
             raise PhoneTaken(field="phone") from None
         if user is None:
-            raise InvalidCredentials("Wrong password.", field="password")  # changed since it was checked
+            raise InvalidCredentials(N_("Wrong password."), field="password")  # changed since it was checked
         self.sender.wake()
         return profile_body(user)
 
@@ -577,12 +606,16 @@ class Accounts:
         code); every session ends at once. The time the deletion becomes final: until then a login
         undoes it, after it housekeeping purges the account."""
         if (password is None) == (code is None):
-            raise InvalidField("Send either 'password' or 'code'.", field="password" if password is None else "code")
+            raise InvalidField(
+                N_("Send either 'password' or 'code'."), field="password" if password is None else "code"
+            )
         now = self.clock.now()
         due_at = now + dt.timedelta(seconds=self.rules.deletion_grace)
         verified_hash, refunds = None, []
         if code is not None and principal.frozen:
-            raise InvalidField("This account has no phone number to send a code to; send the password.", field="code")
+            raise InvalidField(
+                N_("This account has no phone number to send a code to; send the password."), field="code"
+            )
         if code is not None:
             checks = self._code_checks(client_ip)
             await self._claim_code(principal.phone, "delete", code, checks, now)
@@ -594,10 +627,10 @@ class Accounts:
             refunds.append((counted, queries.LOGIN_WINDOWS))  # a good password is not a failed login
         user_id, session_id = principal.user_id, principal.session_id
         if not await self.db.run(queries.schedule_deletion, user_id, session_id, verified_hash, refunds, due_at, now):
-            raise InvalidCredentials("Wrong password.", field="password")  # changed since it was checked
+            raise InvalidCredentials(N_("Wrong password."), field="password")  # changed since it was checked
         return due_at
 
-    def _notice_text(self, old_phone: str) -> str | None:
+    def _notice_text(self, old_phone: str, lang: str) -> str | None:
         """The text telling the old phone that the account left it (None: not texted, as test numbers
         and numbers in countries texts no longer go to are not)."""
         if old_phone in self.test_numbers:
@@ -606,7 +639,7 @@ class Accounts:
             require_region(old_phone, self.rules.sms_regions)
         except InvalidPhone:
             return None
-        return "The demo account of this number was moved to another number. If you did not do this, contact support."
+        return self.languages.translate(lang, texts.MOVED)
 
 
 def _login_phone_key(phone: str) -> str:

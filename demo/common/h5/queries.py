@@ -14,12 +14,12 @@ from demo.common.infra.db import Row, Sql, SqlCursor, idempotent, sql_unit
 HOME_IMAGES = 60  # newest images shown on the home page
 
 NEW_TICKET = Sql(
-    "INSERT INTO h5_tickets (ticket_hash, auth_session_id, created_at, expires_at)"
-    " VALUES (:ticket_hash, :auth_session_id, :now, :expires_at)"
+    "INSERT INTO h5_tickets (ticket_hash, auth_session_id, created_at, expires_at, lang)"
+    " VALUES (:ticket_hash, :auth_session_id, :now, :expires_at, :lang)"
 )
 # A ticket that is good: unused, unexpired, and its app session alive.
 GOOD_TICKET = Sql(
-    "SELECT h5_tickets.id, h5_tickets.auth_session_id, users.id AS user_id,"
+    "SELECT h5_tickets.id, h5_tickets.auth_session_id, h5_tickets.lang, users.id AS user_id,"
     " COALESCE(users.phone, users.former_phone) AS phone"
     " FROM h5_tickets JOIN auth_sessions ON auth_sessions.id = h5_tickets.auth_session_id"
     " JOIN users ON users.id = auth_sessions.user_id"
@@ -29,14 +29,15 @@ GOOD_TICKET = Sql(
 # The conditional UPDATE is the single-use guarantee: of two racing exchanges, one wins.
 SPEND_TICKET = Sql("UPDATE h5_tickets SET used_at = :now WHERE id = :id AND used_at IS NULL")
 NEW_SESSION = Sql(
-    "INSERT INTO h5_sessions (cookie_hash, auth_session_id, ticket_id, created_at, expires_at)"
-    " VALUES (:cookie_hash, :auth_session_id, :ticket_id, :now, :expires_at)"
+    "INSERT INTO h5_sessions (cookie_hash, auth_session_id, ticket_id, created_at, expires_at, lang)"
+    " VALUES (:cookie_hash, :auth_session_id, :ticket_id, :now, :expires_at, :lang)"
 )
 END_SESSION = Sql("UPDATE h5_sessions SET revoked_at = :now WHERE id = :id")
-# The visitor behind a cookie while both the cookie session and its app session are alive. A frozen
-# account (its number recycled, see accounts/queries.py) shows the number it had, as the app does.
+# The visitor behind a cookie while both the cookie session and its app session are alive, and the
+# language of its pages (its ticket's). A frozen account (its number recycled, see accounts/queries.py)
+# shows the number it had, as the app does.
 _VISITOR = (
-    "h5_sessions.id, auth_sessions.id AS auth_session_id, users.id AS user_id,"
+    "h5_sessions.id, h5_sessions.lang, auth_sessions.id AS auth_session_id, users.id AS user_id,"
     " COALESCE(users.phone, users.former_phone) AS phone,"
     " users.created_at, users.last_login_at, users.h5_visit_count"
 )
@@ -81,16 +82,22 @@ class Exchange:
 
 
 @sql_unit
-def add_ticket(c: SqlCursor, auth_session_id: int, ticket_hash: str, now: dt.datetime, expires_at: dt.datetime) -> None:
-    """A new ticket for app session ``auth_session_id``."""
-    c.insert(
-        NEW_TICKET,
-        {"ticket_hash": ticket_hash, "auth_session_id": auth_session_id, "now": now, "expires_at": expires_at},
-    )
+def add_ticket(
+    c: SqlCursor,
+    auth_session_id: int,
+    ticket_hash: str,
+    now: dt.datetime,
+    expires_at: dt.datetime,
+    lang: str | None = None,
+) -> None:
+    """A new ticket for app session ``auth_session_id``, its pages in ``lang`` (the app's; None: the
+    default language)."""
+    params = {"ticket_hash": ticket_hash, "auth_session_id": auth_session_id, "now": now, "expires_at": expires_at}
+    c.insert(NEW_TICKET, {**params, "lang": lang})
 
 
 def spend_ticket(c: SqlCursor, ticket_hash: str, now: dt.datetime) -> Row | None:
-    """The good ticket (its id, app session, user id and phone), now spent; None if it was not good."""
+    """The good ticket (its id, app session, language, user id and phone), now spent; None if it was not good."""
     ticket = c.first(GOOD_TICKET, {"ticket_hash": ticket_hash, "now": now})
     if ticket is None or c.execute(SPEND_TICKET, {"id": ticket.id, "now": now}) != 1:
         return None
@@ -98,7 +105,8 @@ def spend_ticket(c: SqlCursor, ticket_hash: str, now: dt.datetime) -> Row | None
 
 
 def new_session(c: SqlCursor, spent: Row, session: NewSession, now: dt.datetime, replacing: int | None) -> None:
-    """A cookie session from a spent ticket. The one it replaces ends: the browser no longer holds it."""
+    """A cookie session from a spent ticket, in its language. The one it replaces ends: the browser no
+    longer holds it."""
     if replacing is not None:
         end_session(c, replacing, now)
     c.insert(
@@ -109,6 +117,7 @@ def new_session(c: SqlCursor, spent: Row, session: NewSession, now: dt.datetime,
             "ticket_id": spent.id,
             "now": now,
             "expires_at": session.expires_at,
+            "lang": spent.lang,
         },
     )
 
@@ -131,7 +140,7 @@ def exchange(
         return Exchange(None, None, offered=False)
     current = live_session(c, current_hash, now) if current_hash else None
     if current is not None and current.user_id != spent.user_id:
-        add_ticket(c, spent.auth_session_id, offer_hash, now, offer_expires_at)
+        add_ticket(c, spent.auth_session_id, offer_hash, now, offer_expires_at, spent.lang)
         return Exchange(spent, current, offered=True)
     new_session(c, spent, session, now, replacing=current.id if current else None)
     return Exchange(spent, current, offered=False)

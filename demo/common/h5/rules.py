@@ -25,6 +25,7 @@ from demo.common.accounts.phones import mask_phone
 from demo.common.accounts.principal import Principal
 from demo.common.errors import Unauthorized
 from demo.common.h5 import queries
+from demo.common.i18n import N_
 from demo.common.infra.clock import Clock, isoformat
 from demo.common.infra.db import Database, Row
 
@@ -64,6 +65,7 @@ class SwitchOffer:
     ticket: str
     link_phone: str  # masked: the account the link belongs to
     current_phone: str  # masked: the account the WebView stays signed in as
+    lang: str | None = None  # the link's (its app's) language: the choice page's
 
 
 class H5:
@@ -73,10 +75,11 @@ class H5:
         self.clock = clock or Clock()
         self.xsrf_key = xsrf_key
 
-    async def issue_ticket(self, principal: Principal) -> str:
+    async def issue_ticket(self, principal: Principal, lang: str | None = None) -> str:
+        """A ticket for the caller's app session; its pages are in ``lang`` (the app's language)."""
         now = self.clock.now()
         ticket, ticket_hash, expires_at = new_ticket(now, self.rules.ticket_ttl)
-        await self.db.run(queries.add_ticket, principal.session_id, ticket_hash, now, expires_at)
+        await self.db.run(queries.add_ticket, principal.session_id, ticket_hash, now, expires_at, lang)
         return ticket
 
     async def exchange(self, ticket: str, current_cookie: str | None = None) -> str | SwitchOffer:
@@ -93,7 +96,7 @@ class H5:
         if done.spent is None:
             raise _expired()
         if done.offered and done.current is not None:
-            return SwitchOffer(offer, mask_phone(done.spent.phone), mask_phone(done.current.phone))
+            return SwitchOffer(offer, mask_phone(done.spent.phone), mask_phone(done.current.phone), done.spent.lang)
         return cookie
 
     async def switch(self, ticket: str, current: Principal) -> str:
@@ -168,7 +171,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _expired() -> Unauthorized:
-    return Unauthorized("This link has expired or was already used. Open the page from the app again.")
+    return Unauthorized(N_("This link has expired or was already used. Open the page from the app again."))
 
 
 def _ticket_hash(ticket: str) -> str:
@@ -188,4 +191,6 @@ def _cookie_hash(cookie: str | None) -> str:
 
 
 def _principal(row: Row) -> Principal:
-    return Principal(user_id=row.user_id, session_id=row.auth_session_id, phone=row.phone, h5_session_id=row.id)
+    return Principal(
+        user_id=row.user_id, session_id=row.auth_session_id, phone=row.phone, h5_session_id=row.id, lang=row.lang
+    )

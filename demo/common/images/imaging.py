@@ -26,6 +26,7 @@ from typing import IO, Any
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
 from demo.common.errors import InvalidImage, UnsupportedMediaType
+from demo.common.i18n import N_
 
 # Pillow name -> (contract format, file extension, MIME type)
 FORMATS = {
@@ -150,7 +151,7 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int, max_animati
     ``work_dir``. Every frame is decoded (a truncated file fails), one at a time."""
     head = _head(src)
     if not head:
-        raise InvalidImage("The upload is empty.", field="image")
+        raise InvalidImage(N_("The upload is empty."), field="image")
     fmt = sniff_format(head)
     if fmt is None:
         raise UnsupportedMediaType(field="image")
@@ -169,7 +170,7 @@ def process_upload(src: str | bytes, work_dir: str, max_pixels: int, max_animati
             raise  # the disk is full, the image may be fine: not the client's fault (507)
         raise InvalidImage(field="image") from None
     except UnidentifiedImageError:
-        raise InvalidImage("The file claims to be an image but cannot be read.", field="image") from None
+        raise InvalidImage(N_("The file claims to be an image but cannot be read."), field="image") from None
     except DECODE_ERRORS:
         raise InvalidImage(field="image") from None
     return ProcessedImage(out, file_sha256(out), fmt, width, height, os.path.getsize(out))
@@ -247,7 +248,7 @@ def _gif_frames(fp: IO[bytes], size: tuple[int, int], limit: int) -> int:
                     break
                 x, y, width, height, local = struct.unpack("<HHHHB", descriptor)
                 if x + width > size[0] or y + height > size[1]:
-                    raise InvalidImage("A frame of the animation is larger than its canvas.", field="image")
+                    raise InvalidImage(N_("A frame of the animation is larger than its canvas."), field="image")
                 if local & 128:
                     fp.seek(3 << ((local & 7) + 1), os.SEEK_CUR)  # the frame's palette
                 fp.read(1)  # LZW code size
@@ -267,17 +268,19 @@ def _check_limits(im: ImageFile.ImageFile, fmt: str | None, max_pixels: int, max
     """The number of frames, once the image is known to fit the limits."""
     width, height = im.size
     if width < 1 or height < 1 or width * height > max_pixels:
-        raise InvalidImage(f"The image is larger than {max_pixels} pixels.", field="image")
+        raise InvalidImage(N_("The image is larger than {limit} pixels."), field="image", params={"limit": max_pixels})
     if fmt == "gif":
         assert im.fp is not None  # an image opened from a file, not yet closed
         frames = _gif_frames(im.fp, im.size, MAX_FRAMES)
     else:
         frames = _frame_count(im, fmt)
     if frames > MAX_FRAMES:
-        raise InvalidImage("The animation has too many frames.", field="image")
+        raise InvalidImage(N_("The animation has too many frames."), field="image")
     if frames > 1 and frames * width * height > max_animation_pixels:
         raise InvalidImage(
-            f"The animation is larger than {max_animation_pixels} pixels in all its frames.", field="image"
+            N_("The animation is larger than {limit} pixels in all its frames."),
+            field="image",
+            params={"limit": max_animation_pixels},
         )
     return frames
 
@@ -452,7 +455,7 @@ def _seek_within_canvas(im: Image.Image, index: int) -> None:
     size = im.size
     im.seek(index)
     if im.size != size:
-        raise InvalidImage("A frame of the animation is larger than its canvas.", field="image")
+        raise InvalidImage(N_("A frame of the animation is larger than its canvas."), field="image")
 
 
 def _write_temp(work_dir: str, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> str:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from demo.common.errors import InvalidField, NotFound, QuotaExceeded, Unavailable
+from demo.common.i18n import N_
 from demo.common.images import imaging, queries
 from demo.common.images.storage import IDENTITY, ImageStore, parse_object_name
 from demo.common.infra.caches import Cache
@@ -325,7 +326,9 @@ class Images:
         if width is None or width >= image.width:
             return ImageFile(image.sha256, None, image.bytes, image.format)
         if width not in THUMBNAIL_WIDTHS:
-            raise InvalidField(f"w must be one of {', '.join(map(str, THUMBNAIL_WIDTHS))}.", field="w")
+            raise InvalidField(
+                N_("w must be one of {widths}."), field="w", params={"widths": ", ".join(map(str, THUMBNAIL_WIDTHS))}
+            )
         key = (image.sha256, width)
         size = self._variants.get((*key, image.id))
         if size is None:
@@ -663,7 +666,7 @@ def decode_cursor(cursor: str) -> int:
         version, _, pk = raw.partition(":")
         if version == "v1" and _PK.fullmatch(pk) and encode_cursor(int(pk)) == cursor:
             return int(pk)
-    raise InvalidField("cursor is not one this server gave out.", field="cursor")
+    raise InvalidField(N_("cursor is not one this server gave out."), field="cursor")
 
 
 def _missing(what: str) -> NotFound:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from demo.common.errors import InvalidField, TooLarge, UnsupportedMediaType
+from demo.common.i18n import N_
 from demo.common.infra.memory import Budget
 
 FIELD = "image"
@@ -34,26 +35,26 @@ class UploadSink:
         if mime == "multipart/form-data":
             boundary = params.get(b"boundary")
             if not boundary:
-                raise InvalidField("multipart body without a boundary.", field=FIELD)
+                raise InvalidField(N_("multipart body without a boundary."), field=FIELD)
             self.multipart = _ImagePart(boundary)
             self.body_limit = max_bytes + MULTIPART_SLACK
         elif not mime.startswith("image/"):
-            raise UnsupportedMediaType("Send multipart/form-data (field 'image') or the raw image bytes.")
+            raise UnsupportedMediaType(N_("Send multipart/form-data (field 'image') or the raw image bytes."))
 
     def declared_length_ok(self, content_length: str | None) -> None:
         """Refuse up front when Content-Length already says too much."""
         if content_length and content_length.isdigit() and int(content_length) > self.body_limit:
-            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+            raise TooLarge(N_("Uploads are limited to {limit} bytes."), params={"limit": self.max_bytes})
 
     def feed(self, chunk: bytes) -> bytes:
         """The file bytes contained in ``chunk``; TooLarge as soon as a limit is passed."""
         self.body_bytes += len(chunk)
         if self.body_bytes > self.body_limit:
-            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+            raise TooLarge(N_("Uploads are limited to {limit} bytes."), params={"limit": self.max_bytes})
         data = chunk if self.multipart is None else self.multipart.feed(chunk)
         self.file_bytes += len(data)
         if self.file_bytes > self.max_bytes:
-            raise TooLarge(f"Uploads are limited to {self.max_bytes} bytes.")
+            raise TooLarge(N_("Uploads are limited to {limit} bytes."), params={"limit": self.max_bytes})
         return data
 
     def finish(self) -> None:
@@ -98,9 +99,9 @@ class _ImagePart:
         with _malformed_multipart():
             self._parser.finalize()
         if not self.found:
-            raise InvalidField("Put the file in the multipart field 'image'.", field=FIELD)
+            raise InvalidField(N_("Put the file in the multipart field 'image'."), field=FIELD)
         if not self.ended:
-            raise InvalidField("The multipart body ended early.", field=FIELD)
+            raise InvalidField(N_("The multipart body ended early."), field=FIELD)
 
     # -- parser callbacks --
     def _append(self, attr: str, data: bytes) -> None:
@@ -139,7 +140,9 @@ def _malformed_multipart() -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - the parser's exception classes are not a stable API
-        raise InvalidField(f"Malformed multipart body: {error.__class__.__name__}.", field=FIELD) from None
+        raise InvalidField(
+            N_("Malformed multipart body: {reason}."), field=FIELD, params={"reason": error.__class__.__name__}
+        ) from None
 
 
 SPOOL_WRITE_BYTES = 256 * 1024

@@ -27,8 +27,8 @@ _WAITING = _sql_list(WAITING)
 _FINISHED = _sql_list(FINISHED)
 
 ENQUEUE = Sql(
-    "INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, status, attempts, next_attempt_at,"
-    " created_at) VALUES (:sms_code_id, :phone, :purpose, :code, :text, :status, 0, :now, :now)"
+    "INSERT INTO sms_outbox (sms_code_id, phone, purpose, code, text, lang, status, attempts, next_attempt_at,"
+    " created_at) VALUES (:sms_code_id, :phone, :purpose, :code, :text, :lang, :status, 0, :now, :now)"
 )
 BACKLOG = Sql(f"SELECT COUNT(*) AS n FROM sms_outbox WHERE status IN {_WAITING}")
 SWEEP = Sql(f"DELETE FROM sms_outbox WHERE status IN {_FINISHED} AND created_at < :before")
@@ -86,9 +86,18 @@ class Outcome:
 
 
 def enqueue(
-    c: SqlCursor, code_id: int, phone: str, purpose: str, now: dt.datetime, *, text: str | None, code: str | None
+    c: SqlCursor,
+    code_id: int,
+    phone: str,
+    purpose: str,
+    now: dt.datetime,
+    *,
+    text: str | None,
+    code: str | None,
+    lang: str | None = None,
 ) -> None:
-    """Write the text of code ``code_id``; with ``text`` None, the same row as ``skipped``."""
+    """Write the text of code ``code_id``, in ``lang`` (a BCP 47 tag: the provider's template is chosen by
+    it; None: the default language); with ``text`` None, the same row as ``skipped``."""
     c.insert(
         ENQUEUE,
         {
@@ -97,6 +106,7 @@ def enqueue(
             "purpose": purpose,
             "code": code,
             "text": text or "",
+            "lang": lang,
             "status": SKIPPED if text is None else PENDING,
             "now": now,
         },

@@ -9,6 +9,7 @@ from typing import Any
 from tornado.web import HTTPError, StaticFileHandler
 
 from demo.common.errors import InvalidField, InvalidJson, TooLarge, UnsupportedMediaType
+from demo.common.i18n import N_
 from demo.common.web.auth import public
 from demo.common.web.base import BaseHandler
 
@@ -39,9 +40,9 @@ class ApiHandler(BaseHandler):
         """
         media_type = self.request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
         if media_type != JSON_MEDIA_TYPE:
-            raise UnsupportedMediaType("Send the body as Content-Type: application/json.")
+            raise UnsupportedMediaType(N_("Send the body as Content-Type: application/json."))
         if len(self.request.body) > MAX_JSON_BYTES:
-            raise TooLarge("JSON bodies are limited to 64 KiB.")
+            raise TooLarge(N_("JSON bodies are limited to 64 KiB."))
         try:
             body = json.loads(self.request.body or b"")
         except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nested too deep
@@ -59,6 +60,7 @@ class ApiHandler(BaseHandler):
         self.set_status(status)
         for name, value in headers.items():
             self.set_header(name, value)
+        self.set_language_headers()  # the message is in the client's language
         self.finish(json.dumps(body, ensure_ascii=False))
 
 
@@ -71,16 +73,16 @@ def text_field(body: dict[str, Any], name: str, *, default: str | None = None, m
     if name not in body:
         if default is not None:
             return default
-        raise InvalidField(f"'{name}' is required.", field=name)
+        raise InvalidField(N_("'{name}' is required."), field=name, params={"name": name})
     value = body[name]
     if not isinstance(value, str):
-        raise InvalidField(f"'{name}' must be a string.", field=name)
+        raise InvalidField(N_("'{name}' must be a string."), field=name, params={"name": name})
     if len(value) > max_length:
-        raise InvalidField(f"'{name}' is too long.", field=name)
+        raise InvalidField(N_("'{name}' is too long."), field=name, params={"name": name})
     try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 consumer (argon2, the database) takes
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidField(f"'{name}' is not valid Unicode text.", field=name) from None
+        raise InvalidField(N_("'{name}' is not valid Unicode text."), field=name, params={"name": name}) from None
     return value
 
 
@@ -90,7 +92,7 @@ class NotFoundHandler(ApiHandler):
     @public
     def get(self, *_: str) -> None:
         """Unknown route."""
-        raise HTTPError(404, "No such resource.")
+        raise HTTPError(404, N_("No such resource."))
 
     post = put = patch = delete = head = options = get
 

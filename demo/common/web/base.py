@@ -1,4 +1,5 @@
-"""The base of every handler: the auth decision enforced, the caller, the request id, error answers.
+"""The base of every handler: the auth decision enforced, the caller, the request id, the language of
+the answer, error answers.
 
 ``ApiHandler`` (api.py) answers JSON, ``H5PageHandler`` (pages.py) HTML. Handlers reach the process's
 long-lived objects through typed properties (``services``, ``accounts``, ``images``, ``h5``).
@@ -10,10 +11,11 @@ import logging
 import re
 import secrets
 from asyncio import Future
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import tornado.locale
 from tornado.web import HTTPError, RequestHandler
 
 from demo.common.accounts.principal import Principal
@@ -24,6 +26,7 @@ from demo.common.web.errors import ErrorAnswer, describe_error, is_disk_full
 if TYPE_CHECKING:
     from demo.common.accounts.rules import Accounts
     from demo.common.h5.rules import H5
+    from demo.common.i18n import Languages
     from demo.common.images.rules import Images
     from demo.common.services import Services
     from demo.main import DemoApplication
@@ -40,6 +43,8 @@ class BaseHandler(RequestHandler):
     application: DemoApplication
     _principal: Principal | None = None
     _counted = False
+    _language: str | None = None  # see language
+    _language_from_header = False
 
     def initialize(self) -> None:
         # Counted so a graceful stop can wait for in-flight requests (see main.serve).
@@ -75,6 +80,44 @@ class BaseHandler(RequestHandler):
     @property
     def h5(self) -> H5:
         return self.application.services.h5
+
+    @property
+    def languages(self) -> Languages:
+        return self.application.services.languages
+
+    # -- the language of the answer -------------------------------------------------------------------
+
+    @property
+    def language(self) -> str:
+        """The language (a supported BCP 47 tag) this answer's words are in: the one chosen for it
+        (``use_language``: an H5 session's), else the client's Accept-Language among the supported
+        ones, else ``default_language``. Worked out once, when first asked for: an answer without
+        words (an image, a success without a message) never parses the header."""
+        if self._language is None:
+            self._language = self.languages.negotiate(self.request.headers.get("Accept-Language"))
+            self._language_from_header = True
+        return self._language
+
+    def use_language(self, lang: str | None) -> None:
+        """Answer in ``lang`` (as stored: None or one no longer supported is the default language),
+        whatever the request's Accept-Language."""
+        self._language, self._language_from_header = self.languages.pick(lang), False
+        self.locale = self.get_user_locale()  # a locale taken before this (an early error) is replaced
+
+    def get_user_locale(self) -> tornado.locale.Locale:
+        """Tornado's locale of ``language`` (templates' ``locale`` and ``_``), made once per process."""
+        return self.application.locales[self.language]
+
+    def translate(self, message: str, params: Mapping[str, object] | None = None) -> str:
+        """``message`` (a msgid, ``N_``) in this answer's language, its ``{name}``s from ``params``."""
+        return self.languages.translate(self.language, message, params)
+
+    def set_language_headers(self) -> None:
+        """Content-Language for an answer with words in it; Vary when the client's header chose them
+        (a cache must not hand this answer to a client asking for another language)."""
+        self.set_header("Content-Language", self.language)
+        if self._language_from_header:
+            self.set_header("Vary", "Accept-Language")
 
     # -- the request ----------------------------------------------------------------------------------
 
@@ -121,6 +164,7 @@ class BaseHandler(RequestHandler):
 
     async def _authenticate_cookie(self) -> None:
         self.principal = await self.h5.authenticate(self.get_cookie(H5_COOKIE))
+        self.use_language(self.principal.lang)  # an H5 session answers in its app's language
 
     def bearer_token(self) -> str:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -170,6 +214,7 @@ class BaseHandler(RequestHandler):
             reason=self._reason,
             request_id=self.request_id,
             allowed_methods=self.allowed_methods,
+            translate=self.translate,
         )
 
     def allowed_methods(self) -> list[str]:

@@ -4,14 +4,15 @@ errors as pages, a strict CSP, and form tokens (XSRF) bound to the H5 session.""
 from __future__ import annotations
 
 import functools
+from asyncio import Future
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import cachetools
-import tornado.locale
 from tornado.web import HTTPError
 
+from demo.common.i18n import N_
 from demo.common.infra.caches import Cache
 from demo.common.web.auth import public
 from demo.common.web.base import H5_COOKIE, BaseHandler
@@ -24,19 +25,21 @@ class H5PageHandler(BaseHandler):
     """WebView pages: HTML in and out, errors rendered from templates, a strict CSP, XSRF on posts.
 
     Pages are rendered with Tornado's ``render``: templates get its namespace (``current_user``,
-    ``locale``, ``_``, ``static_url``, ``xsrf_form_html`` with this session's token, ...).
+    ``locale``, ``_``, ``static_url``, ``xsrf_form_html`` with this session's token, ...) and ``lang``,
+    the page's language: the H5 session's (its ticket's, the app's), else the WebView's Accept-Language.
     """
 
     ERROR_TITLES = {
         401: (
-            "Open this page from the app",
-            "Your session has ended or the link was already used. Go back to the app and open the page again.",
+            N_("Open this page from the app"),
+            N_("Your session has ended or the link was already used. Go back to the app and open the page again."),
         ),
-        404: ("Page not found", "There is nothing at this address."),
-        500: ("Something went wrong", "Please try again in a moment."),
+        404: (N_("Page not found"), N_("There is nothing at this address.")),
+        500: (N_("Something went wrong"), N_("Please try again in a moment.")),
         # The words of nginx's page (static/h5/unavailable.html) when no process answers at all.
-        503: ("Try again in a moment", "The service is restarting or busy. Please try again in a few seconds."),
+        503: (N_("Try again in a moment"), N_("The service is restarting or busy. Please try again in a few seconds.")),
     }
+    REFUSED = N_("Request refused")
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -46,13 +49,6 @@ class H5PageHandler(BaseHandler):
         # "Origin: null" with our own form posts, and the cross-site check must refuse that value.
         self.set_header("Referrer-Policy", "same-origin")
         self.set_header("Content-Security-Policy", self.content_security_policy())
-
-    def get_user_locale(self) -> tornado.locale.Locale:
-        """The default locale, without parsing Accept-Language: the pages exist in one language (no
-        translations are loaded, so Tornado's browser locale would be this one too), and cheaply: the
-        home page is the hot path (bench/README.md). The localisation work chooses here (the user's
-        choice, or ``get_browser_locale()``)."""
-        return tornado.locale.get()
 
     # -- form tokens ----------------------------------------------------------------------------------
 
@@ -99,15 +95,26 @@ class H5PageHandler(BaseHandler):
             _static_urls.put(path, url)
         return url
 
+    def get_template_namespace(self) -> dict[str, Any]:
+        namespace = super().get_template_namespace()
+        namespace["lang"] = self.language  # <html lang>
+        return namespace
+
+    def render(self, template_name: str, **kwargs: Any) -> Future[None]:
+        """Tornado's, with the page's Content-Language (and Vary when the WebView's header chose it)."""
+        self.set_language_headers()
+        return super().render(template_name, **kwargs)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        status, body, headers = self.describe_error(kwargs.get("exc_info"))
+        status, body, headers = self.describe_error(kwargs.get("exc_info"))  # the message is translated
         self.set_status(status)
         for name, value in headers.items():
             self.set_header(name, value)
         title, text = self.ERROR_TITLES.get(status, (None, None))
-        if title is None:
-            title, text = "Request refused", body["error"]["message"]
-        self.render("h5/error.html", status=status, title=title, text=text, code=body["error"]["code"])
+        if title is None or text is None:
+            title, text = self.REFUSED, None
+        words = {"title": self.translate(title), "text": self.translate(text) if text else body["error"]["message"]}
+        self.render("h5/error.html", status=status, code=body["error"]["code"], **words)
 
 
 def check_h5_form(handler: BaseHandler) -> None:
@@ -115,12 +122,12 @@ def check_h5_form(handler: BaseHandler) -> None:
     ``prepare``): not made by a browser for another site, and carrying the token of the H5 session its
     cookie names. Also for cookie-authenticated handlers that answer JSON (the page upload)."""
     if is_cross_site(handler.request.headers, own_origins(handler)):
-        raise HTTPError(403, "Cross-site requests are refused.")
+        raise HTTPError(403, N_("Cross-site requests are refused."))
     token = handler.get_argument("_xsrf", None) or handler.request.headers.get("X-XSRFToken")
     if not token:
-        raise HTTPError(403, "'_xsrf' argument missing from POST")
+        raise HTTPError(403, N_("'_xsrf' argument missing from POST"))
     if not handler.h5.xsrf_matches(handler.get_cookie(H5_COOKIE), token):
-        raise HTTPError(403, "The form token does not belong to this session.")
+        raise HTTPError(403, N_("The form token does not belong to this session."))
 
 
 def own_origins(handler: BaseHandler) -> frozenset[str]:

@@ -12,17 +12,19 @@
   var empty = document.getElementById("empty");
   var fileName = document.getElementById("file-name");
   var noFile = fileName.textContent;
+  // The words come with the page, in its language (home.html's data-msg-* attributes).
+  var words = form.dataset;
   // Errors come as JSON like the image itself: {"error": {"code": ..., "message": ...}}.
   var messages = {
-    unauthorized: "Your session has ended. Open this page from the app again.",
-    forbidden: "This page has expired. Reload it and try again.",
-    quota_exceeded: "Your image quota is used up.",
-    too_large: "That file is too large.",
-    unsupported_media_type: "Only JPEG, PNG, GIF and WebP images can be uploaded.",
-    invalid_image: "That image could not be read.",
-    invalid_field: "That image could not be read.",
-    insufficient_storage: "The service is out of space. Try again later.",
-    unavailable: "The service is busy. Try again in a moment."
+    unauthorized: words.msgUnauthorized,
+    forbidden: words.msgForbidden,
+    quota_exceeded: words.msgQuotaExceeded,
+    too_large: words.msgTooLarge,
+    unsupported_media_type: words.msgUnsupportedMediaType,
+    invalid_image: words.msgInvalidImage,
+    invalid_field: words.msgInvalidImage,
+    insufficient_storage: words.msgInsufficientStorage,
+    unavailable: words.msgUnavailable
   };
 
   function errorCode(xhr) {
@@ -49,7 +51,7 @@
     var img = document.createElement("img");
     link.href = image.url;
     img.src = image.thumbnails["320"];
-    img.alt = "Uploaded image";
+    img.alt = words.msgImage;
     img.decoding = "async";
     link.appendChild(img);
     item.appendChild(link);
@@ -66,7 +68,7 @@
   form.addEventListener("submit", function (event) {
     event.preventDefault();
     var file = input.files && input.files[0];
-    if (!file) { say("Choose an image first.", true); return; }
+    if (!file) { say(words.msgChoose, true); return; }
     var data = new FormData();
     data.append("image", file);
     var xhr = new XMLHttpRequest();
@@ -82,20 +84,20 @@
         show(JSON.parse(xhr.responseText).image);
         form.reset();
         showChosen();
-        say("Uploaded.", false);
+        say(words.msgUploaded, false);
       } else {
-        say(messages[errorCode(xhr)] || "Upload failed (" + xhr.status + ").", true);
+        say(messages[errorCode(xhr)] || words.msgFailed.replace("{status}", String(xhr.status)), true);
       }
     };
     xhr.onerror = function () {
       button.disabled = false;
       progress.hidden = true;
-      say("Network error. Try again.", true);
+      say(words.msgNetwork, true);
     };
     button.disabled = true;
     progress.value = 0;
     progress.hidden = false;
-    say("Uploading…", false);
+    say(words.msgUploading, false);
     xhr.send(data);
   });
 })();

@@ -74,3 +74,36 @@ def test_anything_else_is_500_with_the_request_id_only(error):
 
 def test_a_status_set_by_the_handler_keeps_its_reason():
     assert describe(None, 404, "Not Found") == (404, error_body("not_found", "Not Found"), {})
+
+
+def test_every_message_goes_through_translate_with_its_parameters():
+    """The one place messages are translated: a domain error's template and values, a Tornado error's
+    message or reason, the 500's; codes and fields stay as they are."""
+    asked: list[tuple[str, dict | None]] = []
+
+    def translate(message: str, params=None) -> str:
+        asked.append((message, params))
+        return f"<{message}>"
+
+    def answer(error, status=500, reason="Internal Server Error"):
+        return describe_error(
+            error,
+            status=status,
+            reason=reason,
+            request_id="rid-1",
+            allowed_methods=lambda: ["GET"],
+            translate=translate,
+        )
+
+    error = errors.InvalidField("'{name}' is required.", field="phone", params={"name": "phone"})
+    assert str(error) == error.message == "'phone' is required."  # the logs' English
+    assert answer(error).body == error_body("invalid_field", "<'{name}' is required.>", "phone")
+    assert asked[-1] == ("'{name}' is required.", {"name": "phone"})
+    assert answer(errors.PhoneTaken()).body["error"]["message"] == f"<{errors.PhoneTaken.message}>"
+    assert (
+        answer(HTTPError(404, "No such resource."), 404, "Not Found").body["error"]["message"] == "<No such resource.>"
+    )
+    assert answer(HTTPError(405), 405, "Method Not Allowed").body["error"]["message"] == "<Method Not Allowed>"
+    assert answer(None, 404, "Not Found").body["error"]["message"] == "<Not Found>"
+    assert answer(RuntimeError("boom")).body == error_body("internal_error", "<Internal error (request {request_id}).>")
+    assert asked[-1] == ("Internal error (request {request_id}).", {"request_id": "rid-1"})

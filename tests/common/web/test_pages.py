@@ -51,9 +51,20 @@ def test_templates_get_tornados_namespace_with_the_caller_and_the_locale(app):
     handler.principal = caller
     namespace = handler.get_template_namespace()
     assert namespace["current_user"] is caller and namespace["handler"] is handler
-    # One language (no translations loaded): the default locale, without parsing Accept-Language.
-    assert namespace["locale"] is tornado.locale.get() and namespace["_"]("Visits") == "Visits"
+    # No French catalogue: the default language, English, whose locale translates nothing.
+    assert namespace["lang"] == "en" and namespace["locale"] is app.locales["en"]
+    assert isinstance(namespace["locale"], tornado.locale.Locale) and namespace["_"]("Visits") == "Visits"
     assert namespace["static_url"]("h5/h5.css").startswith("/static/h5/h5.css?v=")
+
+
+def test_templates_speak_the_language_of_the_webview_or_the_one_chosen(app):
+    handler = page(app, **{"Accept-Language": "fr-FR,zh-CN;q=0.8,en;q=0.5"})
+    namespace = handler.get_template_namespace()
+    assert namespace["lang"] == "zh-CN" and namespace["_"]("Visits") == "访问次数"
+    handler = page(app, **{"Accept-Language": "zh-CN"})
+    handler.use_language("en")  # an H5 session's (its ticket's) language wins over the WebView's
+    namespace = handler.get_template_namespace()
+    assert namespace["lang"] == "en" and namespace["_"]("Visits") == "Visits"
 
 
 def test_the_form_token_is_the_h5_sessions(app):
