@@ -28,6 +28,13 @@ EMPTY_BODY_HASH = sha256_hex(b"")
 FORM = "application/x-www-form-urlencoded"  # what Tornado would add to a POST anyway: sent, so signed
 # Codes that no other provider or later try would change: the number itself is refused.
 REJECTED = frozenset({"isv.MOBILE_NUMBER_ILLEGAL"})
+# The number's own limit (SMS error codes, https://www.alibabacloud.com/help/en/sms/developer-reference/error-codes):
+# isv.BUSINESS_LIMIT_CONTROL, "触发业务流控", is the per-number flow control (by default a number gets
+# 1 code a minute, 5 an hour, 10 a day per signature). Final for the text: failing over or retrying
+# would text the number past a limit set to protect it. Not isv.DAY_LIMIT_CONTROL: despite its name it
+# is the account's daily volume cap set in the console ("已经达到您在控制台设置的短信日发送量限额值"),
+# not a number's, and another provider may rightly carry that text.
+LIMITED = frozenset({"isv.BUSINESS_LIMIT_CONTROL"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +95,8 @@ class AliyunBackend:
         status, answer = await post("aliyun", f"{self.endpoint}/?{query}", headers, b"", self.timeout)
         code = answer.get("Code")
         if code != "OK":
-            raise SmsFailed(f"{code}: {answer.get('Message')} (HTTP {status})", rejected=code in REJECTED)
+            raise SmsFailed(
+                f"{code}: {answer.get('Message')} (HTTP {status})", rejected=code in REJECTED, limited=code in LIMITED
+            )
         biz_id = answer.get("BizId")
         return str(biz_id) if biz_id else None

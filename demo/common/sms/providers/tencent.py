@@ -32,6 +32,20 @@ REJECTED = frozenset(
         "UnsupportedOperation.UnsupportedRegion",
     }
 )
+# The number's own limits, set in the SMS console (SendSms 2021-01-11 error codes,
+# https://cloud.tencent.com/document/api/382/55981 and the SMS error code list
+# https://cloud.tencent.com/document/api/382/59177): "单个手机号30秒内/1小时内/日下发短信条数超过设定的上限"
+# and "单个手机号下发相同内容超过设定的上限". Final for the text: failing over or retrying would text the
+# number past a limit set to protect it. Not LimitExceeded.DeliveryFrequencyLimit, AppDailyLimit,
+# DailyLimit: the application's own volume, which another provider may rightly carry.
+LIMITED = frozenset(
+    {
+        "LimitExceeded.PhoneNumberThirtySecondLimit",
+        "LimitExceeded.PhoneNumberOneHourLimit",
+        "LimitExceeded.PhoneNumberDailyLimit",
+        "LimitExceeded.PhoneNumberSameContentDailyLimit",
+    }
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +118,6 @@ class TencentBackend:
         outcome = statuses[0] if isinstance(statuses[0], dict) else {}
         code = outcome.get("Code")
         if code != "Ok":
-            raise SmsFailed(f"{code}: {outcome.get('Message')}", rejected=code in REJECTED)
+            raise SmsFailed(f"{code}: {outcome.get('Message')}", rejected=code in REJECTED, limited=code in LIMITED)
         serial = outcome.get("SerialNo")
         return str(serial) if serial else None

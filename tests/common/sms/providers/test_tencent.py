@@ -105,10 +105,20 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
     with pytest.raises(SmsFailed) as refused:
         await built.send(CODE)
     assert refused.value.rejected
-    sms_providers.tencent.reject_number = "LimitExceeded.PhoneNumberDailyLimit"  # the provider's own limit
-    with pytest.raises(SmsFailed) as limited:
+    for code in (
+        "LimitExceeded.PhoneNumberThirtySecondLimit",
+        "LimitExceeded.PhoneNumberOneHourLimit",
+        "LimitExceeded.PhoneNumberDailyLimit",
+        "LimitExceeded.PhoneNumberSameContentDailyLimit",
+    ):
+        sms_providers.tencent.reject_number = code  # the provider's own limit for the number: final too
+        with pytest.raises(SmsFailed, match=code) as limited:
+            await built.send(CODE)
+        assert limited.value.limited and limited.value.final and not limited.value.rejected
+    sms_providers.tencent.reject_number = "LimitExceeded.AppDailyLimit"  # the application's volume: not final
+    with pytest.raises(SmsFailed) as busy:
         await built.send(CODE)
-    assert not limited.value.rejected  # another provider may take it
+    assert not busy.value.final
     sms_providers.tencent.reject_number = None
     sms_providers.tencent.hang = 5
     with pytest.raises(SmsFailed, match="no answer within 0.3s") as silent:
