@@ -121,16 +121,19 @@ class Sender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Let the sends in flight finish (within ``timeout``), then stop; the rest wait in the database."""
-        if self._task is None:
-            return
-        self._stopping = True
-        self._wake.set()
-        try:
-            await asyncio.wait_for(self._task, timeout)
-        except TimeoutError:
-            log.warning("SMS outbox: sends still in flight at shutdown; they will be retried")
-        self._task = None
+        """Let the sends in flight finish (within ``timeout``), then stop; the rest wait in the database.
+        The backends' HTTP clients are closed last."""
+        if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.warning("SMS outbox: sends still in flight at shutdown; they will be retried")
+            self._task = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -222,6 +222,19 @@ async def test_a_number_over_a_providers_own_limit_is_given_up_at_once(build_app
 
 
 @gen_test
+async def test_stopping_the_sender_closes_the_providers_clients(providers_app, sms_providers):
+    await providers_app.services.accounts.request_code("18866668888", "regist", "127.0.0.1")
+    sender_ = providers_app.services.sender
+    sender_.start()
+    await sender_.drain()
+    [(_, tencent), _] = sender_.backend.backends
+    client = tencent.client._client
+    assert client is not None
+    await sender_.stop()
+    assert tencent.client._client is None and client._closed
+
+
+@gen_test
 async def test_a_notice_goes_out_with_its_own_template(providers_app, sms_providers, user_phone_registered):
     await providers_app.services.accounts.request_code("18866668888", "regist", "127.0.0.1")
     await providers_app.services.sender.drain()

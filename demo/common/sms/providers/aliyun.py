@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from demo.common.sms.backends import SmsFailed, SmsMessage, text_language
-from demo.common.sms.providers import check_endpoint, credential, host_of, post
+from demo.common.sms.providers import ProviderClient, check_endpoint, credential, host_of, post
 from demo.common.sms.providers.signing import acs3_authorization, acs3_query, sha256_hex
 from demo.common.sms.providers.templates import KEYS, Templates, template_key
 
@@ -48,6 +48,7 @@ class AliyunBackend:
     timeout: float
     now: Callable[[], float] = time.time
     nonce: Callable[[], str] = lambda: secrets.token_hex(16)
+    client: ProviderClient = field(default_factory=ProviderClient, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, environ: Mapping[str, str]) -> AliyunBackend:
@@ -90,9 +91,12 @@ class AliyunBackend:
         authorization = acs3_authorization(self.key_id, self.secret, "POST", query, signed, EMPTY_BODY_HASH)
         return query, signed | {"Authorization": authorization}
 
+    def close(self) -> None:
+        self.client.close()
+
     async def send(self, message: SmsMessage) -> str | None:
         query, headers = self.request(message)
-        status, answer = await post("aliyun", f"{self.endpoint}/?{query}", headers, b"", self.timeout)
+        status, answer = await post(self.client, f"{self.endpoint}/?{query}", headers, b"", self.timeout)
         code = answer.get("Code")
         if code != "OK":
             raise SmsFailed(

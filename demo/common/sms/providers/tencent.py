@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from demo.common.sms.backends import SmsFailed, SmsMessage, text_language
-from demo.common.sms.providers import check_endpoint, credential, host_of, post
+from demo.common.sms.providers import ProviderClient, check_endpoint, credential, host_of, post
 from demo.common.sms.providers.signing import tc3_authorization
 from demo.common.sms.providers.templates import KEYS, Templates, template_key
 
@@ -60,6 +60,7 @@ class TencentBackend:
     minutes: int  # a code's lifetime in minutes, the templates' second parameter
     timeout: float
     now: Callable[[], float] = time.time  # the signing time (tests sign in the past)
+    client: ProviderClient = field(default_factory=ProviderClient, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, environ: Mapping[str, str]) -> TencentBackend:
@@ -105,9 +106,12 @@ class TencentBackend:
         }
         return headers, body
 
+    def close(self) -> None:
+        self.client.close()
+
     async def send(self, message: SmsMessage) -> str | None:
         headers, body = self.request(message)
-        status, answer = await post("tencent", self.endpoint + "/", headers, body, self.timeout)
+        status, answer = await post(self.client, self.endpoint + "/", headers, body, self.timeout)
         response = answer.get("Response")
         if not isinstance(response, dict):
             raise SmsFailed(f"HTTP {status}, no Response in the answer")

@@ -3,6 +3,7 @@ Tencent Cloud does."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -124,6 +125,35 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
     with pytest.raises(SmsFailed, match="no answer within 0.3s") as silent:
         await built.send(CODE)
     assert silent.value.timeout
+
+
+@gen_test
+async def test_a_huge_answer_is_a_failed_send_not_a_stall(sms_providers):
+    sms_providers.tencent.bloat = 50_000_000  # 50 MB where a few hundred bytes are due
+    built = backend(sms_providers)
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:  # how long the loop goes without running this
+        last = time.monotonic()
+        while not done:
+            await asyncio.sleep(0.005)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticking = asyncio.ensure_future(ticker())
+    started = time.monotonic()
+    with pytest.raises(SmsFailed, match="over 64 KiB") as failed:
+        await built.send(CODE)
+    elapsed = time.monotonic() - started
+    done = True
+    await ticking
+    assert not (failed.value.timeout or failed.value.final)  # the next provider gets the text
+    assert elapsed < 0.5 and max(gaps) < 0.1, (elapsed, max(gaps))
+    sms_providers.tencent.bloat = 1000  # a little padding is fine
+    assert await built.send(CODE)
+    built.close()
+    built.close()  # twice is harmless (the sender closes at every stop)
 
 
 @pytest.mark.parametrize(
