@@ -140,6 +140,8 @@ class TencentHandler(RequestHandler):
             return self.refuse("AuthFailure.SignatureFailure", "The provided credentials could not be validated")
         if request.headers.get("X-TC-Action") != "SendSms" or request.headers.get("X-TC-Version") != "2021-01-11":
             return self.refuse("InvalidAction", "The action or version is not supported")
+        if not request.headers.get("X-TC-Region", "").strip():  # SendSms 2021-01-11 requires Region
+            return self.refuse("MissingParameter", "The request is missing a required parameter `Region`.")
         await state.wait_hang()
         if state.fail:
             return self.refuse(state.fail, "stand-in told to fail")

@@ -128,6 +128,17 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
 
 
 @gen_test
+async def test_the_region_is_sent_and_the_stand_in_requires_it(sms_providers):
+    built = backend(sms_providers, sms_tencent_region="ap-singapore")
+    headers, body = built.request(CODE)
+    assert headers["X-TC-Region"] == "ap-singapore"
+    without = {name: value for name, value in headers.items() if name != "X-TC-Region"}
+    assert (await post(built, without, body))["Error"]["Code"] == "MissingParameter"
+    assert sms_providers.tencent.accepted == []
+    assert "SendStatusSet" in await post(built, headers, body)
+
+
+@gen_test
 async def test_a_huge_answer_is_a_failed_send_not_a_stall(sms_providers):
     sms_providers.tencent.bloat = 50_000_000  # 50 MB where a few hundred bytes are due
     built = backend(sms_providers)
