@@ -48,11 +48,17 @@ def credential(environ: Mapping[str, str], name: str, provider: str) -> str:
 
 
 def check_endpoint(setting: str, url: str, *, debug: bool) -> str:
-    """``url`` as given, or ValueError: an http(s) base URL; plain http only to a loopback address
-    (a stand-in on this machine) unless --debug, since the request carries the phone number and code."""
+    """``url`` as given, or ValueError: an http(s) base URL, without user:password (a secret in a
+    setting, and in every log line naming the endpoint), query or fragment; plain http only to a
+    loopback address (a stand-in on this machine) unless --debug, since the request carries the phone
+    number and code."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(f"{setting}: {url!r} is not a base URL like https://sms.example.com")
+    if "@" in parts.netloc or "?" in url or "#" in url:
+        raise ValueError(
+            f"{setting}: a base URL has no user:password@, ?query or #fragment (like https://sms.example.com)"
+        )
     if parts.scheme == "http" and not debug and not _loopback(parts.hostname):
         raise ValueError(f"{setting}: {url!r} is plain http to another machine; use https")
     return url.rstrip("/")

@@ -119,6 +119,10 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
         ({"sms_aliyun_sign_name": ""}, "needs sms_aliyun_sign_name"),
         ({"sms_aliyun_templates": "regist=SMS_1"}, "sms_aliyun_templates: no template for reset"),
         ({"sms_aliyun_endpoint": "http://dysmsapi.aliyuncs.com"}, "plain http to another machine"),
+        (
+            {"sms_aliyun_endpoint": "https://LTAI:secret@dysmsapi.aliyuncs.com"},
+            "sms_aliyun_endpoint: a base URL has no",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_named(sms_providers, overrides, message):

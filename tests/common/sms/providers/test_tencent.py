@@ -170,6 +170,11 @@ async def test_a_huge_answer_is_a_failed_send_not_a_stall(sms_providers):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"sms_tencent_endpoint": "https://user:pw@sms.example.com"}, "no user:password@"),
+        ({"sms_tencent_endpoint": "https://@sms.example.com"}, "no user:password@"),
+        ({"sms_tencent_endpoint": "https://sms.example.com/?a=1"}, r"\?query"),
+        ({"sms_tencent_endpoint": "https://sms.example.com?"}, r"\?query"),
+        ({"sms_tencent_endpoint": "https://sms.example.com#top"}, "#fragment"),
         ({"sms_tencent_app_id": ""}, "needs sms_tencent_app_id"),
         ({"sms_tencent_sign_name": " "}, "needs sms_tencent_sign_name"),
         ({"sms_tencent_templates": "regist=1"}, "sms_tencent_templates: no template for reset, login"),
