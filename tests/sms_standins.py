@@ -6,7 +6,8 @@ the canonical request itself, never with demo's signing code, so a mistake there
 the Authorization header's form, the key id, the timestamp's age, the signed headers (Host among them,
 and it must be the stand-in's own), the body's hash and the signature. A refusal answers the
 provider's error JSON; an accepted text is recorded. A test can make it refuse (``fail``: the error
-code to answer), refuse the number (``reject_number``) or hang (``hang``: seconds before answering).
+code to answer), refuse the number (``reject_number``), hang (``hang``: seconds before answering) or
+bloat its answer (``bloat``: bytes of padding in an accepted text's answer).
 
 ``ProviderStandIns.settings()`` gives the demo settings that point at both; the ``sms_providers``
 fixture (tests/conftest.py) starts them and puts their credentials in the environment.
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
@@ -59,6 +61,7 @@ class StandIn:
     fail: str | None = None  # answer every request with this error code
     reject_number: str | None = None  # answer the number's status with this code (Tencent) / Code (Aliyun)
     hang: float = 0.0  # seconds to wait before answering
+    bloat: int = 0  # bytes of padding in the answer to an accepted text
     max_skew: float = 300.0  # seconds a request's time may be off
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends every hang at once (teardown)
     nonces: set[str] = field(default_factory=set)  # Aliyun's: each may sign one request only
@@ -137,6 +140,8 @@ class TencentHandler(RequestHandler):
             return self.refuse("AuthFailure.SignatureFailure", "The provided credentials could not be validated")
         if request.headers.get("X-TC-Action") != "SendSms" or request.headers.get("X-TC-Version") != "2021-01-11":
             return self.refuse("InvalidAction", "The action or version is not supported")
+        if not request.headers.get("X-TC-Region", "").strip():  # SendSms 2021-01-11 requires Region
+            return self.refuse("MissingParameter", "The request is missing a required parameter `Region`.")
         await state.wait_hang()
         if state.fail:
             return self.refuse(state.fail, "stand-in told to fail")
@@ -162,7 +167,25 @@ class TencentHandler(RequestHandler):
                 }
             )
             status |= {"Code": "Ok", "Message": "send success"}
-        self.finish({"Response": {"SendStatusSet": [status], "RequestId": str(uuid.uuid4())}})
+        answer = json.dumps({"Response": {"SendStatusSet": [status], "RequestId": str(uuid.uuid4())}}).encode()
+        if state.bloat:
+            await self.bloated(answer, state.bloat)
+        else:
+            self.finish(answer)
+
+    async def bloated(self, answer: bytes, size: int) -> None:
+        """``answer`` with ``size`` bytes of padding, streamed a megabyte at a time (so the stand-in
+        itself never holds the loop) until the client hangs up."""
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        chunk = b"x" * min(size, 1 << 20)
+        try:
+            self.write(answer[:-1] + b', "Padding": "')
+            for _ in range(size // len(chunk)):
+                self.write(chunk)
+                await self.flush()
+            await self.finish(b'"}')
+        except StreamClosedError:
+            pass  # the client stopped reading, as it should
 
 
 # -- Alibaba Cloud: dysmsapi SendSms, signature V3 (ACS3-HMAC-SHA256) -----------------------------------

@@ -3,7 +3,10 @@ list of providers (``tencent``, ``aliyun``, ``http``: e.g. ``tencent,aliyun``) t
 
 A backend has one coroutine, ``send(message)``: it returns the provider's id for the text (or None)
 once the provider took it, and raises ``SmsFailed`` when it did not. ``Failover`` runs the list: an
-error or a time-out of one backend moves the text to the next within the same try of the outbox.
+error or a time-out of one backend moves the text to the next within the same try of the outbox. A
+time-out is not a refusal: the provider may have sent the text all the same, so failing over on it can
+deliver one text twice. That is the chosen side (delivery is at least once): a code never sent locks
+the user out, a duplicate text does not.
 """
 
 from __future__ import annotations
@@ -42,13 +45,26 @@ class SmsMessage:
 
 class SmsFailed(Exception):
     """The text could not be handed to the provider. ``timeout``: it did not answer in time;
-    ``rejected``: it refused this number for good (invalid, blacklisted), so no other provider nor a
-    later try is worth it."""
+    ``rejected``: it refused this number for good (invalid, blacklisted); ``limited``: the number hit
+    the provider's own per-number limit (so many texts a minute, an hour, a day). Either of the last two
+    is ``final``: no other provider nor a later try may send this text."""
 
-    def __init__(self, message: str, *, timeout: bool = False, rejected: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, rejected: bool = False, limited: bool = False) -> None:
         super().__init__(message)
         self.timeout = timeout
         self.rejected = rejected
+        self.limited = limited
+
+    @property
+    def final(self) -> bool:
+        return self.rejected or self.limited
+
+    @property
+    def result(self) -> str:
+        """The ``result`` label of the provider metrics."""
+        if self.rejected or self.limited:
+            return "rejected" if self.rejected else "limited"
+        return "timeout" if self.timeout else "error"
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,11 @@ class HttpGatewayBackend:
 class Failover:
     """The backends of ``sms_backend`` in order: the first that takes a text ends the try.
 
-    Each backend's outcome is counted per provider (``ok``, ``error``, ``timeout``, ``rejected``) with
-    its latency. A refusal of the number itself (``SmsFailed.rejected``) ends the try at once: another
-    provider would refuse it too, or text a number that asked for nothing."""
+    Each backend's outcome is counted per provider (``ok``, ``error``, ``timeout``, ``rejected``,
+    ``limited``) with its latency. A refusal of the number itself (``SmsFailed.rejected``) ends the try
+    at once: another provider would refuse it too, or text a number that asked for nothing. So does a
+    provider's per-number limit (``SmsFailed.limited``): the next provider would text the number anyway,
+    and so would every retry, which is exactly what the limit is there to stop."""
 
     def __init__(self, backends: Sequence[tuple[str, SmsBackend]], metrics: Metrics | None = None) -> None:
         if not backends:
@@ -146,8 +164,8 @@ class Failover:
         return [name for name, _ in self.backends]
 
     async def send(self, message: SmsMessage) -> Delivery:
-        """The delivery, or SmsFailed naming every backend's failure (``rejected`` if one refused the
-        number, ``timeout`` if every one timed out)."""
+        """The delivery, or SmsFailed naming every backend's failure (``rejected``/``limited`` if one
+        refused the number or hit its limit for it, ``timeout`` if every one timed out)."""
         failures: list[str] = []
         timeouts = 0
         for name, backend in self.backends:
@@ -155,22 +173,33 @@ class Failover:
             try:
                 message_id = await backend.send(message)
             except SmsFailed as error:
-                result = "rejected" if error.rejected else "timeout" if error.timeout else "error"
+                result = error.result
                 self._count(name, result, started)
                 failures.append(f"{name}: {error}")
                 timeouts += error.timeout
-                if error.rejected:
-                    raise SmsFailed("; ".join(failures), rejected=True) from error
+                if error.final:
+                    why = "refused the number" if error.rejected else "is over its limit for the number"
+                    log.warning("SMS provider %s %s (%s); no other provider is tried", name, why, error)
+                    raise SmsFailed("; ".join(failures), rejected=error.rejected, limited=error.limited) from error
                 if len(self.backends) > 1:
                     log.warning("SMS provider %s failed (%s); trying the next one", name, error)
                 continue
-            except Exception as error:  # noqa: BLE001 - a bug or surprise in one backend must not stop the others
+            except Exception as error:
+                # A bug: last_error keeps one line, so the traceback goes to the log, once, here.
+                log.exception("SMS provider %s crashed", name)
                 self._count(name, "error", started)
                 failures.append(f"{name}: {error.__class__.__name__}: {error}")
                 continue
             self._count(name, "ok", started)
             return Delivery(name, message_id, "; ".join(failures)[:255] or None)
         raise SmsFailed("; ".join(failures), timeout=timeouts == len(self.backends))
+
+    def close(self) -> None:
+        """Release the backends' own HTTP clients (at shutdown, once no send is in flight)."""
+        for _, backend in self.backends:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
 
     def _count(self, name: str, result: str, started: float) -> None:
         if self.metrics is not None:

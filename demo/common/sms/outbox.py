@@ -14,8 +14,11 @@ waited (expired, used or replaced: after an outage) is settled as failed, never 
 
 A try hands the text to the backends of ``sms_backend`` in order (``backends.Failover``): it fails only
 when every one failed, and is then retried until ``sms_send_attempts``; a provider that refuses the
-number itself ends it at once. A sent row keeps the provider that took it and its message id; any
-row keeps, in ``last_error``, what each provider that failed said.
+number itself, or says the number hit its own per-number limit, ends it at once (no other provider, no
+retry, the code void). A provider that does not answer in time may have sent the text all the same:
+failing over (or retrying) after a time-out can deliver a text twice. That is deliberate, delivery is
+at least once: an unsent code is worse than a duplicate text. A sent row keeps the provider that took
+it and its message id; any row keeps, in ``last_error``, what each provider that failed said.
 """
 
 from __future__ import annotations
@@ -77,12 +80,12 @@ class SenderRules:
 
 @dataclass(frozen=True)
 class Tried:
-    """One try of a text: who took it (None: nobody), what failed on the way, and whether the number
-    itself was refused (the text is then given up at once)."""
+    """One try of a text: who took it (None: nobody), what failed on the way, and whether it was final
+    (the number refused, or over a provider's per-number limit: the text is then given up at once)."""
 
     delivery: Delivery | None
     error: str | None = None
-    rejected: bool = False
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,19 @@ class Sender:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Let the sends in flight finish (within ``timeout``), then stop; the rest wait in the database."""
-        if self._task is None:
-            return
-        self._stopping = True
-        self._wake.set()
-        try:
-            await asyncio.wait_for(self._task, timeout)
-        except TimeoutError:
-            log.warning("SMS outbox: sends still in flight at shutdown; they will be retried")
-        self._task = None
+        """Let the sends in flight finish (within ``timeout``), then stop; the rest wait in the database.
+        The backends' HTTP clients are closed last."""
+        if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.warning("SMS outbox: sends still in flight at shutdown; they will be retried")
+            self._task = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -199,7 +205,7 @@ class Sender:
         for row, tried in outcomes:
             if tried.delivery is not None:
                 status, retry_at = SENT, None
-            elif row.attempts < self.rules.attempts and not tried.rejected:
+            elif row.attempts < self.rules.attempts and not tried.final:
                 status, retry_at = PENDING, now + self.rules.delay(row.attempts)
             else:
                 status, retry_at = FAILED, None
@@ -227,20 +233,28 @@ class Sender:
         """How this try went (logged and counted)."""
         try:
             delivered = await self.backend.send(row.message)
-        except Exception as error:  # noqa: BLE001 - any failure of any backend is a failed try
+        except Exception as error:
             self.metrics.sms_failed.inc()
-            rejected = isinstance(error, SmsFailed) and error.rejected
+            failed = error if isinstance(error, SmsFailed) else None
+            final = (
+                ""
+                if failed is None or not failed.final
+                else ", the number refused: given up"
+                if failed.rejected
+                else ", over the provider's limit for the number: given up"
+            )
             log.warning(
                 "SMS to %s failed (try %d of %d%s): %s",
                 mask_phone(row.message.phone),
                 row.attempts,
                 self.rules.attempts,
-                ", the number refused: given up" if rejected else "",
+                final,
                 error,
+                exc_info=failed is None,  # not SmsFailed: a bug of a lone backend, its traceback once
             )
             # SmsFailed names the provider(s) and what each said; anything else is a bug: name its class.
-            why = str(error) if isinstance(error, SmsFailed) else f"{error.__class__.__name__}: {error}"
-            return Tried(None, why[:255], rejected)
+            why = str(error) if failed is not None else f"{error.__class__.__name__}: {error}"
+            return Tried(None, why[:255], bool(final))
         self.metrics.sms_sent.inc()
         if isinstance(delivered, Delivery):
             return Tried(delivered, delivered.error)

@@ -285,6 +285,49 @@ async def test_a_number_refused_by_one_provider_is_not_offered_to_the_next():
     assert count(metrics, "tencent", "rejected") == 1
 
 
+@pytest.mark.gen_test
+async def test_a_number_over_a_providers_limit_is_not_offered_to_the_next(caplog):
+    metrics = Metrics()
+    spare = Scripted("id")
+    limit = SmsFailed("LimitExceeded.PhoneNumberDailyLimit: over", limited=True)
+    chain = Failover([("tencent", Scripted(limit)), ("aliyun", spare)], metrics)
+    with caplog.at_level(logging.WARNING, logger="demo.sms"), pytest.raises(SmsFailed) as limited:
+        await chain.send(MESSAGE)
+    assert limited.value.limited and limited.value.final and not limited.value.rejected
+    assert str(limited.value) == "tencent: LimitExceeded.PhoneNumberDailyLimit: over"
+    assert spare.sent == []  # the next provider would text the number past the limit
+    assert (count(metrics, "tencent", "limited"), count(metrics, "tencent", "error")) == (1, 0)
+    assert any("is over its limit for the number" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gen_test
+async def test_a_crash_in_a_provider_is_logged_once_with_its_traceback(caplog):
+    class Odd:
+        async def send(self, message: SmsMessage) -> str:
+            return {}[0]  # a KeyError: 0, as an answer of an unexpected shape would raise
+
+    spare = Scripted("id-9")
+    with caplog.at_level(logging.WARNING, logger="demo.sms"):
+        delivery = await Failover([("tencent", Odd()), ("aliyun", spare)]).send(MESSAGE)
+    assert delivery == Delivery("aliyun", "id-9", "tencent: KeyError: 0")
+    [crash] = [r for r in caplog.records if r.exc_info]
+    assert crash.getMessage() == "SMS provider tencent crashed" and crash.exc_info[0] is KeyError
+    assert "return {}[0]" in caplog.text  # the traceback names the line
+
+
+@pytest.mark.gen_test
+async def test_close_closes_each_backend_that_has_a_client():
+    class Closable(Scripted):
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    first, plain = Closable("id"), Scripted("id")
+    Failover([("tencent", first), ("http", plain)]).close()
+    assert first.closed == 1
+
+
 def test_parse_test_numbers():
     assert parse_test_numbers("") == {}
     assert parse_test_numbers(" +8618800000000:123456 , +15550000000:000001,") == {

@@ -196,6 +196,44 @@ async def test_a_number_a_provider_refuses_is_given_up_at_once(providers_app, sm
     assert provider_count(providers_app, "tencent", "rejected") == 1
 
 
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [("tencent", "LimitExceeded.PhoneNumberOneHourLimit"), ("aliyun", "isv.BUSINESS_LIMIT_CONTROL")],
+)
+@gen_test
+async def test_a_number_over_a_providers_own_limit_is_given_up_at_once(build_app, settings, sms_providers, first, code):
+    other = "aliyun" if first == "tencent" else "tencent"
+    app = build_app(settings.replace(**sms_providers.settings(f"{first},{other}", sms_gateway_timeout=0.5)))
+    if first == "tencent":
+        sms_providers.tencent.reject_number = code  # Tencent says it in the number's status
+    else:
+        sms_providers.aliyun.fail = code  # Alibaba in the answer's Code
+    await app.services.accounts.request_code("18866668888", "regist", "127.0.0.1")
+    assert app.services.sender.rules.attempts == 5
+    assert await app.services.sender.drain() == 1
+    [row] = outbox_rows(app)
+    assert (row.status, row.attempts, row.code) == ("failed", 1, None)  # no retry
+    assert row.last_error.startswith(f"{first}: {code}")
+    spare = getattr(sms_providers, other)
+    assert spare.accepted == [] and spare.refused == []  # no other provider texted the number
+    sms_code = app.services.db.run_sync(lambda s: s.scalars(select(SmsCode)).one())
+    assert sms_code.expires_at == app.services.clock.now()  # the code is void
+    assert (provider_count(app, first, "limited"), provider_count(app, other, "ok")) == (1, 0)
+
+
+@gen_test
+async def test_stopping_the_sender_closes_the_providers_clients(providers_app, sms_providers):
+    await providers_app.services.accounts.request_code("18866668888", "regist", "127.0.0.1")
+    sender_ = providers_app.services.sender
+    sender_.start()
+    await sender_.drain()
+    [(_, tencent), _] = sender_.backend.backends
+    client = tencent.client._client
+    assert client is not None
+    await sender_.stop()
+    assert tencent.client._client is None and client._closed
+
+
 @gen_test
 async def test_a_notice_goes_out_with_its_own_template(providers_app, sms_providers, user_phone_registered):
     await providers_app.services.accounts.request_code("18866668888", "regist", "127.0.0.1")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from demo.common.sms.backends import SmsFailed, SmsMessage, text_language
-from demo.common.sms.providers import check_endpoint, credential, host_of, post
+from demo.common.sms.providers import ProviderClient, check_endpoint, credential, host_of, post
 from demo.common.sms.providers.signing import tc3_authorization
 from demo.common.sms.providers.templates import KEYS, Templates, template_key
 
@@ -32,6 +32,20 @@ REJECTED = frozenset(
         "UnsupportedOperation.UnsupportedRegion",
     }
 )
+# The number's own limits, set in the SMS console (SendSms 2021-01-11 error codes,
+# https://cloud.tencent.com/document/api/382/55981 and the SMS error code list
+# https://cloud.tencent.com/document/api/382/59177): "单个手机号30秒内/1小时内/日下发短信条数超过设定的上限"
+# and "单个手机号下发相同内容超过设定的上限". Final for the text: failing over or retrying would text the
+# number past a limit set to protect it. Not LimitExceeded.DeliveryFrequencyLimit, AppDailyLimit,
+# DailyLimit: the application's own volume, which another provider may rightly carry.
+LIMITED = frozenset(
+    {
+        "LimitExceeded.PhoneNumberThirtySecondLimit",
+        "LimitExceeded.PhoneNumberOneHourLimit",
+        "LimitExceeded.PhoneNumberDailyLimit",
+        "LimitExceeded.PhoneNumberSameContentDailyLimit",
+    }
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +60,7 @@ class TencentBackend:
     minutes: int  # a code's lifetime in minutes, the templates' second parameter
     timeout: float
     now: Callable[[], float] = time.time  # the signing time (tests sign in the past)
+    client: ProviderClient = field(default_factory=ProviderClient, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, environ: Mapping[str, str]) -> TencentBackend:
@@ -91,9 +106,12 @@ class TencentBackend:
         }
         return headers, body
 
+    def close(self) -> None:
+        self.client.close()
+
     async def send(self, message: SmsMessage) -> str | None:
         headers, body = self.request(message)
-        status, answer = await post("tencent", self.endpoint + "/", headers, body, self.timeout)
+        status, answer = await post(self.client, self.endpoint + "/", headers, body, self.timeout)
         response = answer.get("Response")
         if not isinstance(response, dict):
             raise SmsFailed(f"HTTP {status}, no Response in the answer")
@@ -104,6 +122,6 @@ class TencentBackend:
         outcome = statuses[0] if isinstance(statuses[0], dict) else {}
         code = outcome.get("Code")
         if code != "Ok":
-            raise SmsFailed(f"{code}: {outcome.get('Message')}", rejected=code in REJECTED)
+            raise SmsFailed(f"{code}: {outcome.get('Message')}", rejected=code in REJECTED, limited=code in LIMITED)
         serial = outcome.get("SerialNo")
         return str(serial) if serial else None

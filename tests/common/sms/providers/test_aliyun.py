@@ -89,10 +89,18 @@ async def test_a_wrong_secret_and_a_stale_date_are_refused(sms_providers, monkey
 @gen_test
 async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
     built = backend(sms_providers, sms_gateway_timeout=0.3)
-    sms_providers.aliyun.fail = "isv.BUSINESS_LIMIT_CONTROL"
-    with pytest.raises(SmsFailed, match="isv.BUSINESS_LIMIT_CONTROL") as failed:
+    sms_providers.aliyun.fail = "isp.SYSTEM_ERROR"
+    with pytest.raises(SmsFailed, match="isp.SYSTEM_ERROR") as failed:
         await built.send(CODE)
-    assert not (failed.value.rejected or failed.value.timeout)
+    assert not (failed.value.final or failed.value.timeout)
+    sms_providers.aliyun.fail = "isv.BUSINESS_LIMIT_CONTROL"  # the number's flow control: final
+    with pytest.raises(SmsFailed, match="isv.BUSINESS_LIMIT_CONTROL") as limited:
+        await built.send(CODE)
+    assert limited.value.limited and not limited.value.rejected
+    sms_providers.aliyun.fail = "isv.DAY_LIMIT_CONTROL"  # the account's daily cap, not the number's
+    with pytest.raises(SmsFailed) as capped:
+        await built.send(CODE)
+    assert not capped.value.final
     sms_providers.aliyun.fail = None
     sms_providers.aliyun.reject_number = "isv.MOBILE_NUMBER_ILLEGAL"
     with pytest.raises(SmsFailed) as refused:
@@ -111,6 +119,10 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
         ({"sms_aliyun_sign_name": ""}, "needs sms_aliyun_sign_name"),
         ({"sms_aliyun_templates": "regist=SMS_1"}, "sms_aliyun_templates: no template for reset"),
         ({"sms_aliyun_endpoint": "http://dysmsapi.aliyuncs.com"}, "plain http to another machine"),
+        (
+            {"sms_aliyun_endpoint": "https://LTAI:secret@dysmsapi.aliyuncs.com"},
+            "sms_aliyun_endpoint: a base URL has no",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_named(sms_providers, overrides, message):

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
 from demo.common.sms.providers.signing import (
     acs3_authorization,
     acs3_canonical_request,
@@ -67,8 +74,25 @@ def test_tencent_authorization_is_the_published_one():
     assert authorization == TC_AUTHORIZATION
 
 
-def test_tencent_scope_date_is_utc_not_local():
+@pytest.fixture
+def in_shanghai() -> Iterator[None]:
+    """The process's local time zone is UTC+8 for the test (a UTC machine would hide a local-time bug)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Shanghai"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def test_tencent_scope_date_is_utc_not_local(in_shanghai):
     # 1551113065 is 2019-02-26 00:44 in UTC+8: the page's own warning; the scope must say the 25th.
+    assert dt.datetime.fromtimestamp(1551113065).day == 26  # the local date here is the 26th
     _, scope = tc3_string_to_sign("x", 1551113065, "sms")
     assert scope == "2019-02-25/sms/tc3_request"
 

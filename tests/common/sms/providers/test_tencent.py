@@ -3,6 +3,7 @@ Tencent Cloud does."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -105,10 +106,20 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
     with pytest.raises(SmsFailed) as refused:
         await built.send(CODE)
     assert refused.value.rejected
-    sms_providers.tencent.reject_number = "LimitExceeded.PhoneNumberDailyLimit"  # the provider's own limit
-    with pytest.raises(SmsFailed) as limited:
+    for code in (
+        "LimitExceeded.PhoneNumberThirtySecondLimit",
+        "LimitExceeded.PhoneNumberOneHourLimit",
+        "LimitExceeded.PhoneNumberDailyLimit",
+        "LimitExceeded.PhoneNumberSameContentDailyLimit",
+    ):
+        sms_providers.tencent.reject_number = code  # the provider's own limit for the number: final too
+        with pytest.raises(SmsFailed, match=code) as limited:
+            await built.send(CODE)
+        assert limited.value.limited and limited.value.final and not limited.value.rejected
+    sms_providers.tencent.reject_number = "LimitExceeded.AppDailyLimit"  # the application's volume: not final
+    with pytest.raises(SmsFailed) as busy:
         await built.send(CODE)
-    assert not limited.value.rejected  # another provider may take it
+    assert not busy.value.final
     sms_providers.tencent.reject_number = None
     sms_providers.tencent.hang = 5
     with pytest.raises(SmsFailed, match="no answer within 0.3s") as silent:
@@ -116,9 +127,54 @@ async def test_an_error_a_refused_number_and_a_time_out(sms_providers):
     assert silent.value.timeout
 
 
+@gen_test
+async def test_the_region_is_sent_and_the_stand_in_requires_it(sms_providers):
+    built = backend(sms_providers, sms_tencent_region="ap-singapore")
+    headers, body = built.request(CODE)
+    assert headers["X-TC-Region"] == "ap-singapore"
+    without = {name: value for name, value in headers.items() if name != "X-TC-Region"}
+    assert (await post(built, without, body))["Error"]["Code"] == "MissingParameter"
+    assert sms_providers.tencent.accepted == []
+    assert "SendStatusSet" in await post(built, headers, body)
+
+
+@gen_test
+async def test_a_huge_answer_is_a_failed_send_not_a_stall(sms_providers):
+    sms_providers.tencent.bloat = 50_000_000  # 50 MB where a few hundred bytes are due
+    built = backend(sms_providers)
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:  # how long the loop goes without running this
+        last = time.monotonic()
+        while not done:
+            await asyncio.sleep(0.005)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticking = asyncio.ensure_future(ticker())
+    started = time.monotonic()
+    with pytest.raises(SmsFailed, match="over 64 KiB") as failed:
+        await built.send(CODE)
+    elapsed = time.monotonic() - started
+    done = True
+    await ticking
+    assert not (failed.value.timeout or failed.value.final)  # the next provider gets the text
+    assert elapsed < 0.5 and max(gaps) < 0.1, (elapsed, max(gaps))
+    sms_providers.tencent.bloat = 1000  # a little padding is fine
+    assert await built.send(CODE)
+    built.close()
+    built.close()  # twice is harmless (the sender closes at every stop)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"sms_tencent_endpoint": "https://user:pw@sms.example.com"}, "no user:password@"),
+        ({"sms_tencent_endpoint": "https://@sms.example.com"}, "no user:password@"),
+        ({"sms_tencent_endpoint": "https://sms.example.com/?a=1"}, r"\?query"),
+        ({"sms_tencent_endpoint": "https://sms.example.com?"}, r"\?query"),
+        ({"sms_tencent_endpoint": "https://sms.example.com#top"}, "#fragment"),
         ({"sms_tencent_app_id": ""}, "needs sms_tencent_app_id"),
         ({"sms_tencent_sign_name": " "}, "needs sms_tencent_sign_name"),
         ({"sms_tencent_templates": "regist=1"}, "sms_tencent_templates: no template for reset, login"),
