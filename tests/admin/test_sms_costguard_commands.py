@@ -26,7 +26,7 @@ async def test_sms_budget_and_breaker_show_what_the_app_counted(app, settings, c
     clock.advance(-(2 * RECENT + 60))
     accounts = app.services.accounts
     for i in range(20):
-        await accounts.request_code(f"+86138{i:08d}", "regist", f"198.51.100.{i + 1}")
+        await accounts.request_code(f"+86138{i:08d}", "regist", f"198.51.{i}.1")
     await accounts.request_code("+12015550123", "regist", "198.51.100.50")
     clock.advance(2 * RECENT + 1)
     await accounts.request_code("+8613800000020", "regist", "198.51.100.21")  # trips the breaker
