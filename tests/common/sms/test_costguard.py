@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import select
 
 from demo.common.errors import PrefixThrottled, RateLimited, SmsBudgetSpent
+from demo.common.infra.db import SqlCursor
 from demo.common.infra.startup import ConfigError
-from demo.common.sms import costguard
+from demo.common.sms import costguard, queries
 from demo.common.sms.costguard import HOUR, RECENT, SPAN, CostRules
 from demo.conf import settings as config
 from demo.conf.validate import check_values
@@ -432,3 +433,82 @@ def test_the_defaults_are_a_budget_and_a_breaker():
         3,
     )
     assert costguard.rate(0, 0) is None and costguard.rate(3, 1) == 0.3333
+
+
+# -- the budget raised for the day, and the order the unit takes its rows in -----------------------------
+
+
+@pytest.mark.settings(sms_daily_budget=2, sms_ip_hourly=1000)
+@gen_test
+async def test_a_budget_raised_for_the_day_lets_that_many_more_through_in_every_process(
+    app, build_app, settings, clock
+):
+    other = build_app(settings)
+    to_window_start(clock, 86400, into=60)
+    for i, phone in enumerate(pumped(2)):
+        await ask(app, phone, i)
+    with pytest.raises(SmsBudgetSpent):
+        await ask(app, "+8613900000001", 10)
+    added = await app.services.db.run(queries.add_to_budget, costguard.extra_params(clock.now()), 3)
+    assert added == 3
+    results = await asyncio.gather(
+        *[
+            [app, other][i % 2].services.accounts.request_code(f"+86139{i:08d}", "regist", client(20 + i))
+            for i in range(6)
+        ],
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, SmsBudgetSpent) for r in results) == 3  # 2 + 3 in all, whatever the process
+    state = await other.services.cost_guard.snapshot(clock.now())
+    assert state is not None and (state.budget, state.extra, state.spent) == (5, 3, 5)
+    # The next day is sms_daily_budget's again.
+    clock.advance(86400)
+    await ask(app, "+8613700000001", 40)
+    await ask(app, "+8613700000002", 41)
+    with pytest.raises(SmsBudgetSpent):
+        await ask(app, "+8613700000003", 42)
+
+
+def locked_keys(monkeypatch) -> list[str]:
+    """The keys of the counter rows each statement writes (and so locks), in the order written."""
+    written: list[str] = []
+    run = SqlCursor.run
+
+    def record(cursor, sql, params):
+        text = sql.for_dialect(cursor.dialect)
+        if "rate_counters" in text and not text.lstrip().upper().startswith("SELECT"):
+            written.extend(str(params[f"key{i}"]) for i in sorted({int(i) for i in re.findall(r"\bkey(\d+)\b", text)}))
+        return run(cursor, sql, params)
+
+    monkeypatch.setattr(SqlCursor, "run", record)
+    return written
+
+
+def family(key: str) -> str:
+    if key.startswith("sms:prefix:"):
+        return "sms:prefix:*:" + key.rsplit(":", 1)[1]
+    return key if key.startswith("sms:budget") else key.rsplit(":", 1)[0]
+
+
+@pytest.mark.settings(sms_daily_budget=100, sms_ip_hourly=1000, sms_breaker_hourly=5)
+@gen_test
+async def test_every_unit_takes_the_codes_then_the_prefix_counters_then_the_budget(app, clock, monkeypatch):
+    phones = await trip(app, clock)  # throttled: the unit takes the mark and the allowance too
+    written = locked_keys(monkeypatch)
+    await ask(app, phones[21], 21)
+    assert [family(k) for k in dict.fromkeys(written)] == [
+        "sms:phone",
+        "sms:ip",
+        "sms:pnet:86138",
+        "sms:prefix:*:recent",
+        "sms:prefix:*:sent",
+        "sms:prefix:*:nets",
+        "sms:prefix:*:tripped",
+        "sms:prefix:*:throttle",
+        "sms:budget",  # last: every request's row is held for one statement and the commit
+    ]
+    written.clear()
+    await app.services.accounts.register(phones[21], PASSWORD, code_of(app, phones[21]), client(21))
+    spent = [family(k) for k in dict.fromkeys(written)]
+    # Then the users row; the network's rows come before the prefix's, as in a code request.
+    assert spent[:4] == ["code:ip", "sms:pnet:86138", "sms:prefix:*:nets", "sms:prefix:*:used"], spent
