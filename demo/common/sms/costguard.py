@@ -8,8 +8,11 @@ a text or a row written as skipped alike (a reset code for a number without an a
 and its cost must not tell whether a number is registered. Test numbers (``sms_test_numbers``) are
 never texted and count nowhere.
 
-Budget: ``sms_daily_budget`` requests per UTC day (key ``sms:budget``, one window a day). Past it
-``/users/code`` fails closed: 503 ``unavailable`` with Retry-After = the seconds to midnight UTC.
+Budget: ``sms_daily_budget`` requests per UTC day (key ``sms:budget``, one window a day), raised for
+the day by what ``sms budget --add`` put in ``sms:budget:extra`` (read by every request: no restart).
+Past it ``/users/code`` fails closed: 503 ``unavailable`` with Retry-After = the seconds to midnight
+UTC. Its row is every request's, so the unit hits it last: its lock is held for one statement and the
+commit, not while the breaker's statements run.
 
 Breaker: SMS pumping (a fraudster has texts sent to numbers whose termination fees they share) shows
 as codes sent and never used. Per prefix (the first ``sms_breaker_prefix`` digits of the E.164
@@ -19,10 +22,19 @@ to 60 minutes. Texts of the last 2 to 4 minutes (``RECENT``-second windows, coun
 are not judged yet: a burst of real users (a marketing push) uses its codes a minute or two after
 asking, and must not trip the breaker while its codes are in flight. A prefix with at least
 ``sms_breaker_min_sent`` judged texts whose conversion (used / judged) is below
-``sms_breaker_conversion`` trips: it is marked, and gets ``sms_breaker_hourly`` texts an hour (429
-``rate_limited`` beyond). While marked it stays throttled as long as its judged texts go unused, even
-below ``min_sent`` (a pumper's few throttled texts keep it closed); it recovers, and the mark is
-dropped, once its conversion is back above the threshold or its last hour holds nothing to judge.
+``sms_breaker_conversion`` trips, if its unused texts came from ``sms_breaker_min_networks`` client
+networks (``network_of``: a /24, a /48): it is marked, and gets ``sms_breaker_hourly`` texts an hour
+(429 ``rate_limited`` beyond). One network never trips it: it is bounded by ``sms_ip_hourly``
+anyway, and its requests for numbers without an account (skipped rows, counted like texts so that the
+answers tell nothing) cost nothing; they must not close the prefix to its real users. A network's
+unused texts in a prefix are counted per window (``sms:pnet:<prefix>:<network>``); its first makes
+one network more in ``sms:prefix:<prefix>:nets``, and a code spent from that network takes one back
+(the last, the network too). Texts too young to judge are capped per prefix at ``young_cap`` (from
+the codes it used): a burst nobody uses cannot put the day's budget into one prefix before it is
+judged, and a burst whose codes are used flows on as they are. While marked it stays throttled as
+long as its judged texts go unused, even below ``min_sent`` (a pumper's few throttled texts keep it
+closed); it recovers, and the mark is dropped, once its conversion is back above the threshold, its
+last hour holds nothing to judge, or its unused texts come from fewer networks.
 ``used`` rises only when a code is spent (``claim_code``, a login with a code), and a code is spent
 only by whoever received its text: nobody raises a prefix's conversion without phones in it, and a
 real phone gets ``sms_phone_daily`` codes a day at most.
