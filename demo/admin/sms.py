@@ -1,8 +1,10 @@
 """``python -m demo.admin sms stats [--days N]``: codes texted and used, per day and country, and the
 conversion rate (used / sent): a country whose rate falls has a gateway or a fraud problem.
-``sms budget``: today's use of the daily SMS budget. ``sms breaker``: the conversion breaker's view,
-the last 30 to 60 minutes per number prefix and country, and which prefixes it throttles (see
-demo/common/sms/costguard.py).
+``sms budget``: today's use of the daily SMS budget; ``--add N`` raises today's budget by N texts for
+the whole deployment, at once and without a restart (it is read from the database by every request).
+``sms breaker``: the conversion breaker's view, the last 30 to 60 minutes per number prefix and
+country, and which prefixes it throttles; ``--reset PREFIX`` drops a prefix's trip and its counters,
+so that it is judged afresh (see demo/common/sms/costguard.py).
 
 A country is the one of the phone's calling code (phones are E.164); codes shared by several countries
 (+1, +7) count under their main one. Texts still in the database are counted from their rows; those
@@ -27,6 +29,7 @@ from demo.conf.settings import Settings
 
 NAME = "sms"
 MAX_DAYS = 366
+MAX_ADD = 1_000_000  # texts one --add may add: a typo's extra zeros are refused, not spent
 
 
 def add_parser(commands: Any) -> None:
@@ -36,14 +39,26 @@ def add_parser(commands: Any) -> None:
         group, "stats", "codes texted and used per day and country, and the conversion rate", _stats, "sms stats"
     )
     stats.add_argument("--days", type=int, default=7, help=f"days back, today included (1 to {MAX_DAYS}; default 7)")
-    cli.add_command(group, "budget", "today's use of the daily SMS budget (UTC)", _budget, "sms budget")
-    cli.add_command(
+    budget = cli.add_command(group, "budget", "today's use of the daily SMS budget (UTC)", _budget, "sms budget")
+    budget.add_argument(
+        "--add",
+        type=int,
+        metavar="N",
+        help=f"raise today's budget (UTC) by N texts (1 to {MAX_ADD}) for every process, without a restart",
+    )
+    breaker = cli.add_command(
         group,
         "breaker",
         "the conversion breaker: texts and used codes of the last 30 to 60 minutes per number prefix and "
         "country, and the prefixes it throttles",
         _breaker,
         "sms breaker",
+    )
+    breaker.add_argument(
+        "--reset",
+        metavar="PREFIX",
+        help="clear the trip and the counters of PREFIX (e.g. +86138: the number's first sms_breaker_prefix "
+        "digits), so that it is judged afresh",
     )
 
 
@@ -103,6 +118,8 @@ def _snapshot(settings: Settings) -> costguard.Snapshot:
 
 
 def _budget(args: argparse.Namespace, settings: Settings) -> int:
+    if args.add is not None:
+        _add_to_budget(args.add, settings)
     state = _snapshot(settings)
     day = f"{state.at:%Y-%m-%d}"
     left = max(0, state.budget - state.spent) if state.budget else None
@@ -112,12 +129,43 @@ def _budget(args: argparse.Namespace, settings: Settings) -> int:
         line = f"{day}: {state.spent} of {state.budget} texts, {left} left; {resets}{refused}"
     else:
         line = f"{day}: {state.spent} texts; no budget (sms_daily_budget=0)"
-    document = {"day": day, "budget": state.budget, "spent": state.spent, "left": left, "resets_in": state.resets_in}
+    if state.extra:
+        line += f" (sms_daily_budget {settings.sms_daily_budget}, {state.extra} added today)"
+    document = {
+        "day": day,
+        "budget": state.budget,
+        "added": state.extra,
+        "spent": state.spent,
+        "left": left,
+        "resets_in": state.resets_in,
+    }
     cli.output(args, [line], document)
     return DONE
 
 
+def _add_to_budget(n: int, settings: Settings) -> None:
+    if not 1 <= n <= MAX_ADD:
+        raise CommandError(BAD_INPUT, f"--add={n}: must be from 1 to {MAX_ADD}")
+    if not settings.sms_daily_budget:
+        raise CommandError(BAD_INPUT, "--add: there is no budget to raise (sms_daily_budget=0)")
+    with cli.database(settings) as db:
+        db.run(queries.add_to_budget, costguard.extra_params(Clock().now()), n)
+
+
+def _reset(raw: str, settings: Settings) -> dict[str, Any]:
+    prefix = raw.removeprefix("+")
+    digits = settings.sms_breaker_prefix
+    if not (prefix.isascii() and prefix.isdigit() and len(prefix) == digits):
+        raise CommandError(
+            BAD_INPUT, f"--reset={raw}: a prefix is '+' and the number's first {digits} digits (sms_breaker_prefix)"
+        )
+    with cli.database(settings) as db:
+        db.run(queries.reset_prefix, costguard.prefix_families(prefix))
+    return {"prefix": f"+{prefix}"}
+
+
 def _breaker(args: argparse.Namespace, settings: Settings) -> int:
+    reset = _reset(args.reset, settings) if args.reset is not None else None
     state = _snapshot(settings)
     prefixes = [
         {
@@ -126,6 +174,7 @@ def _breaker(args: argparse.Namespace, settings: Settings) -> int:
             "sent": p.sent,
             "used": p.used,
             "recent": p.recent,
+            "networks": p.networks,
             "conversion": p.conversion,
             "throttled": p.throttled,
             "throttled_sent_this_hour": p.throttle_used if p.throttled else 0,
@@ -138,11 +187,13 @@ def _breaker(args: argparse.Namespace, settings: Settings) -> int:
     ]
     rules = {
         "min_sent": settings.sms_breaker_min_sent,
+        "min_networks": settings.sms_breaker_min_networks,
         "conversion": settings.sms_breaker_conversion,
         "hourly": settings.sms_breaker_hourly,
     }
     hourly = settings.sms_breaker_hourly
-    lines = [f"{'prefix':<14}{'country':<9}{'sent':>6}{'used':>6}{'conversion':>12}  state"]
+    lines = [f"{reset['prefix']}: its trip and counters are cleared"] if reset else []
+    lines.append(f"{'prefix':<14}{'country':<9}{'sent':>6}{'used':>6}{'conversion':>12}  state")
     for p in prefixes:
         shown = "throttled" if p["throttled"] else "ok"
         if p["throttled"]:
@@ -157,8 +208,10 @@ def _breaker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.sms_breaker_conversion <= 0:
         lines.append("(the breaker is off: sms_breaker_conversion=0)")
     lines.append(
-        f"(the last 30 to 60 minutes; a prefix with {rules['min_sent']}+ texts older than a few minutes and "
-        f"under {rules['conversion'] * 100:.0f}% of them used is throttled to {hourly} texts an hour)"
+        f"(the last 30 to 60 minutes; a prefix with {rules['min_sent']}+ texts older than a few minutes, "
+        f"under {rules['conversion'] * 100:.0f}% of them used and unused texts from {rules['min_networks']}+ "
+        f"client networks is throttled to {hourly} texts an hour)"
     )
-    cli.output(args, lines, {"prefixes": prefixes, "countries": countries, "rules": rules})
+    document = {"prefixes": prefixes, "countries": countries, "rules": rules}
+    cli.output(args, lines, {**document, "reset": reset["prefix"]} if reset else document)
     return DONE

@@ -135,8 +135,10 @@ class SmsBudgetSpent(Unavailable):
 
 
 class PrefixThrottled(RateLimited):
-    """Texts to a number prefix whose codes go unused (SMS pumping) are throttled by the cost guard."""
+    """Texts to a number prefix whose codes go unused (SMS pumping) are throttled by the cost guard;
+    ``burst``: refused because too many of its texts are too young to judge yet."""
 
-    def __init__(self, retry_after: int, prefix: str) -> None:
+    def __init__(self, retry_after: int, prefix: str, *, burst: bool = False) -> None:
         super().__init__(retry_after)
         self.prefix = prefix
+        self.burst = burst

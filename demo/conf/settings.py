@@ -269,6 +269,14 @@ class Settings:
         group=SMS,
         low=1,
     )
+    sms_breaker_min_networks: int = option(
+        3,
+        "client networks (an IPv4 /24, an IPv6 /48) whose unused texts to a prefix over the last 30 to 60 "
+        "minutes it takes before the breaker may trip it: one client, bounded by sms_ip_hourly anyway, "
+        "cannot close a prefix to its real users",
+        group=SMS,
+        low=1,
+    )
     sms_breaker_conversion: float = option(
         0.2,
         "codes used / codes sent below which a prefix is throttled (SMS pumping: texts nobody uses); "

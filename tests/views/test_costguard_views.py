@@ -14,7 +14,7 @@ gen_test = pytest.mark.gen_test(timeout=60)
 
 
 def from_client(i: int) -> dict[str, str]:
-    return {"X-Real-IP": f"198.51.100.{i % 250 + 1}"}
+    return {"X-Real-IP": f"198.51.{i % 250}.1"}  # a network (/24) each: the breaker counts networks
 
 
 def to_window_start(clock, seconds: int, into: float = 5) -> None:
@@ -105,3 +105,44 @@ async def test_metrics_answer_without_the_cost_guard_gauges_when_the_database_do
     assert response.code == 200
     text = response.body.decode()
     assert "demo_requests_total" in text and "demo_sms_budget_spent" not in text
+
+
+@pytest.mark.settings(sms_ip_hourly=1000)
+@gen_test
+async def test_parallel_code_requests_past_a_prefix_young_texts_cap_get_429_with_a_short_retry_after(api, clock):
+    to_window_start(clock, SPAN)
+    responses = await asyncio.gather(
+        *[api.post("/users/code", {"phone": f"1380000{i:04d}"}, headers=from_client(i)) for i in range(30)]
+    )
+    # No code of the prefix used yet: at most max(sms_breaker_min_sent 20, 10) texts too young to judge.
+    assert sorted(r.code for r in responses) == [200] * 20 + [429] * 10
+    for refused in (r for r in responses if r.code == 429):
+        assert refused.error == "rate_limited" and 0 < int(refused.headers["Retry-After"]) <= RECENT
+    assert (await api.post("/users/code", {"phone": "13900000001"}, headers=from_client(99))).code == 200
+    clock.advance(2 * RECENT + 1)  # the burst is judged now (and 20 unused texts from 20 networks trip it)
+    assert (await api.post("/users/code", {"phone": "13800009999"}, headers=from_client(98))).code == 200
+
+
+@pytest.mark.settings(sms_ip_hourly=20)
+@gen_test
+async def test_one_network_asking_reset_codes_in_parallel_does_not_close_a_prefix(api, clock):
+    """Many addresses of one /24, each within sms_ip_hourly, ask reset codes for numbers without an
+    account (nothing is texted): one network, so the prefix stays open to its real users."""
+    to_window_start(clock, SPAN)
+    responses = await asyncio.gather(
+        *[
+            api.post(
+                "/users/code", {"phone": f"1380000{i:04d}", "purpose": "reset"}, headers={"X-Real-IP": f"203.0.113.{i}"}
+            )
+            for i in range(1, 21)
+        ]
+    )
+    assert [r.code for r in responses] == [200] * 20
+    clock.advance(2 * RECENT + 1)
+    real = [
+        await api.post("/users/code", {"phone": f"1380001{i:04d}"}, headers={"X-Real-IP": f"192.0.2.{i}"})
+        for i in range(1, 6)
+    ]
+    assert [r.code for r in real] == [200] * 5
+    found = samples((await api.get("/metrics")).body.decode())
+    assert found[("demo_sms_breaker_throttled", (("country", "CN"),))] == 0

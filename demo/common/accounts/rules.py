@@ -199,7 +199,7 @@ class Accounts:
             resend_after=r.resend_after,
             expires_at=now + dt.timedelta(seconds=r.code_ttl),
             dormant_before=self.dormant_before(now),
-            guard=self.cost_guard.send_guard(phone),
+            guard=self.cost_guard.send_guard(phone, client_ip),
         )
         compose = functools.partial(self._code_text, phone, purpose, lang)
         await self.cost_guard.checked(self.db.run(queries.issue_code, request, now, compose), now)
@@ -240,12 +240,14 @@ class Accounts:
         """Registrations and resets share one budget per client: both are "check a code, then hash"."""
         return Window(f"code:ip:{ratelimit.client_key(client_ip)}", self.rules.code_checks_ip_hourly, 3600)
 
-    async def _claim_code(self, phone: str, purpose: str, code: str, checks: Window, now: dt.datetime) -> None:
+    async def _claim_code(
+        self, phone: str, purpose: str, code: str, checks: Window, now: dt.datetime, client_ip: str
+    ) -> None:
         """Spend ``code`` before any password is hashed: a wrong code costs no hash, and of parallel
         requests carrying one good code only the first gets past here. Raises InvalidCode (the wrong
         guess is counted against the code) or RateLimited (the client's checks are used up)."""
         code_hash = tokens.keyed_digest(self.code_key, phone, purpose, code)
-        used = self.cost_guard.use_guard(phone)
+        used = self.cost_guard.use_guard(phone, client_ip)
         if not await self.db.run(
             queries.claim_code, phone, purpose, code_hash, checks, self.rules.max_attempts, now, used
         ):
@@ -265,7 +267,7 @@ class Accounts:
         phone = self.phone(raw_phone)
         check_password_policy(password)
         checks, now = self._code_checks(client_ip), self.clock.now()
-        await self._claim_code(phone, "regist", code, checks, now)
+        await self._claim_code(phone, "regist", code, checks, now, client_ip)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
         public_id, (token, ticket, grant) = tokens.new_public_id(), self._new_grant(now, client_ip, user_agent, lang)
         dormant_before = self.dormant_before(now)
@@ -380,7 +382,7 @@ class Accounts:
             tokens.keyed_digest(self.code_key, phone, "login", code),
             self.rules.max_attempts,
             now,
-            self.cost_guard.use_guard(phone),
+            self.cost_guard.use_guard(phone, client_ip),
         )
         if found is None:
             raise InvalidCode(field="code")  # already counted
@@ -437,7 +439,7 @@ class Accounts:
         phone = self.phone(raw_phone)
         check_password_policy(password)
         checks, now = self._code_checks(client_ip), self.clock.now()
-        await self._claim_code(phone, "reset", code, checks, now)
+        await self._claim_code(phone, "reset", code, checks, now, client_ip)
         password_hash = await self.db.offloader.cpu(self.passwords.hash, password)
         # The owner proved who they are: failures of strangers no longer slow their logins down. A
         # dormant account is not handed over: the number's holder gets a fresh account with the password.
@@ -564,7 +566,7 @@ class Accounts:
         if phone == principal.phone and not principal.frozen:
             raise InvalidPhone(N_("This is already your phone number."), field="phone")
         checks, now = self._code_checks(client_ip), self.clock.now()
-        await self._claim_code(phone, "phone", code, checks, now)
+        await self._claim_code(phone, "phone", code, checks, now, client_ip)
         found, counted = await self._check_password(principal, password, client_ip, "password", now)
         # A frozen account moves off no number (and unfreezes): its old one is another account's now.
         old_phone = None if principal.frozen else principal.phone
@@ -618,7 +620,7 @@ class Accounts:
             )
         if code is not None:
             checks = self._code_checks(client_ip)
-            await self._claim_code(principal.phone, "delete", code, checks, now)
+            await self._claim_code(principal.phone, "delete", code, checks, now, client_ip)
             refunds.append((ratelimit.window_params([checks], now), 1))  # only failed checks count
         else:
             assert password is not None

@@ -8,8 +8,11 @@ a text or a row written as skipped alike (a reset code for a number without an a
 and its cost must not tell whether a number is registered. Test numbers (``sms_test_numbers``) are
 never texted and count nowhere.
 
-Budget: ``sms_daily_budget`` requests per UTC day (key ``sms:budget``, one window a day). Past it
-``/users/code`` fails closed: 503 ``unavailable`` with Retry-After = the seconds to midnight UTC.
+Budget: ``sms_daily_budget`` requests per UTC day (key ``sms:budget``, one window a day), raised for
+the day by what ``sms budget --add`` put in ``sms:budget:extra`` (read by every request: no restart).
+Past it ``/users/code`` fails closed: 503 ``unavailable`` with Retry-After = the seconds to midnight
+UTC. Its row is every request's, so the unit hits it last: its lock is held for one statement and the
+commit, not while the breaker's statements run.
 
 Breaker: SMS pumping (a fraudster has texts sent to numbers whose termination fees they share) shows
 as codes sent and never used. Per prefix (the first ``sms_breaker_prefix`` digits of the E.164
@@ -19,10 +22,19 @@ to 60 minutes. Texts of the last 2 to 4 minutes (``RECENT``-second windows, coun
 are not judged yet: a burst of real users (a marketing push) uses its codes a minute or two after
 asking, and must not trip the breaker while its codes are in flight. A prefix with at least
 ``sms_breaker_min_sent`` judged texts whose conversion (used / judged) is below
-``sms_breaker_conversion`` trips: it is marked, and gets ``sms_breaker_hourly`` texts an hour (429
-``rate_limited`` beyond). While marked it stays throttled as long as its judged texts go unused, even
-below ``min_sent`` (a pumper's few throttled texts keep it closed); it recovers, and the mark is
-dropped, once its conversion is back above the threshold or its last hour holds nothing to judge.
+``sms_breaker_conversion`` trips, if its unused texts came from ``sms_breaker_min_networks`` client
+networks (``network_of``: a /24, a /48): it is marked, and gets ``sms_breaker_hourly`` texts an hour
+(429 ``rate_limited`` beyond). One network never trips it: it is bounded by ``sms_ip_hourly``
+anyway, and its requests for numbers without an account (skipped rows, counted like texts so that the
+answers tell nothing) cost nothing; they must not close the prefix to its real users. A network's
+unused texts in a prefix are counted per window (``sms:pnet:<prefix>:<network>``); its first makes
+one network more in ``sms:prefix:<prefix>:nets``, and a code spent from that network takes one back
+(the last, the network too). Texts too young to judge are capped per prefix at ``young_cap`` (from
+the codes it used): a burst nobody uses cannot put the day's budget into one prefix before it is
+judged, and a burst whose codes are used flows on as they are. While marked it stays throttled as
+long as its judged texts go unused, even below ``min_sent`` (a pumper's few throttled texts keep it
+closed); it recovers, and the mark is dropped, once its conversion is back above the threshold, its
+last hour holds nothing to judge, or its unused texts come from fewer networks.
 ``used`` rises only when a code is spent (``claim_code``, a login with a code), and a code is spent
 only by whoever received its text: nobody raises a prefix's conversion without phones in it, and a
 real phone gets ``sms_phone_daily`` codes a day at most.
@@ -38,7 +50,9 @@ recovers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Iterable
@@ -68,12 +82,44 @@ SNAPSHOT_TTL = 5.0  # seconds a process keeps the database's view for /metrics
 FORGET_AFTER = 10_000  # prefixes a process remembers as tripped (for its log lines) before starting over
 
 BUDGET_KEY = "sms:budget"
+EXTRA_KEY = "sms:budget:extra"  # what ``sms budget --add`` raised today's budget by
 PREFIX_KEYS = "sms:prefix:"
-SENT, USED, YOUNG, TRIPPED, THROTTLE = "sent", "used", "recent", "tripped", "throttle"
+# A prefix's unused texts per client network: outside PREFIX_KEYS, so the snapshot never reads them.
+NETWORK_KEYS = "sms:pnet:"
+SENT, USED, YOUNG, TRIPPED, THROTTLE, NETS = "sent", "used", "recent", "tripped", "throttle", "nets"
+IPV4_NETWORK, IPV6_NETWORK = 24, 48
 
 
 def prefix_key(prefix: str, kind: str) -> str:
     return f"{PREFIX_KEYS}{prefix}:{kind}"
+
+
+def network_key(prefix: str, network: str) -> str:
+    return f"{NETWORK_KEYS}{prefix}:{network}"
+
+
+def extra_params(now: dt.datetime) -> dict[str, Any]:
+    """``window_params`` of what ``sms budget --add`` added to the budget of ``now``'s day."""
+    return ratelimit.window_params([Window(EXTRA_KEY, 0, DAY)], now)
+
+
+def prefix_families(prefix: str) -> list[str]:
+    """The counter keys ``sms breaker --reset`` drops (with the keys under them)."""
+    return [f"{PREFIX_KEYS}{prefix}", f"{NETWORK_KEYS}{prefix}"]
+
+
+def network_of(address: str) -> str:
+    """The client network the breaker counts ``address`` in: its IPv4 /24 or IPv6 /48 (an IPv4-mapped
+    address as IPv4), wider than ``ratelimit.client_key``'s address or /64, so that one small block
+    of addresses cannot pass for several networks."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP (a unix socket peer): it is the only name there is
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = IPV4_NETWORK if isinstance(ip, ipaddress.IPv4Address) else IPV6_NETWORK
+    return str(ipaddress.ip_network((ip, bits), strict=False))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +131,7 @@ class CostRules:
     min_sent: int
     conversion: float  # 0: the breaker is off
     throttled_hourly: int
+    min_networks: int = 1
     exempt: frozenset[str] = frozenset()  # the test numbers
 
     @classmethod
@@ -95,6 +142,7 @@ class CostRules:
             min_sent=settings.sms_breaker_min_sent,
             conversion=settings.sms_breaker_conversion,
             throttled_hourly=settings.sms_breaker_hourly,
+            min_networks=settings.sms_breaker_min_networks,
             exempt=frozenset(exempt),
         )
 
@@ -102,27 +150,40 @@ class CostRules:
         """The breaker's prefix of an E.164 number: its first digits after '+'."""
         return phone.lstrip("+")[: self.prefix_digits]
 
-    def throttled(self, sent: int, recent: int, used: int, marked: bool) -> bool:
+    def throttled(self, sent: int, recent: int, used: int, marked: bool, networks: int) -> bool:
         """Whether a prefix is throttled, from its counts over the last 30-60 minutes: ``sent`` texts
         (``recent`` of them too young to judge), ``used`` codes, ``marked``: it tripped and has not
-        recovered since."""
-        if self.conversion <= 0:
+        recovered since, ``networks``: the client networks with texts not used (one client network
+        never trips it: sms_ip_hourly bounds it already, and its unused texts, which cost nothing
+        when they are skipped rows, must not close the prefix to its real users)."""
+        if self.conversion <= 0 or networks < self.min_networks:
             return False
         judged = max(0, sent - recent)
         poor = used < self.conversion * judged
         return poor and (judged >= self.min_sent or (marked and judged > 0))
 
-    def send_guard(self, phone: str) -> SendGuard | None:
-        """What a code request to ``phone`` counts (None: nothing, a test number)."""
+    def young_cap(self, used: int) -> int:
+        """How many texts to a prefix may be too young to judge at once (2-4 min), given its codes
+        ``used`` over the last 30-60 minutes: a burst is not judged, so it is bounded by what the
+        prefix's real users have been using, and flows on as its codes are used."""
+        return max(self.min_sent, 3 * used + 10)
+
+    def send_guard(self, phone: str, client_ip: str) -> SendGuard | None:
+        """What a code request to ``phone`` from ``client_ip`` counts (None: nothing, a test number)."""
         if phone in self.exempt or (not self.daily_budget and self.conversion <= 0):
             return None
-        return SendGuard(self, self.prefix(phone))
+        return SendGuard(self, self.prefix(phone), network_of(client_ip))
 
-    def use_guard(self, phone: str) -> UseGuard | None:
-        """What spending a code of ``phone`` counts (None: nothing)."""
+    def use_guard(self, phone: str, client_ip: str) -> UseGuard | None:
+        """What spending a code of ``phone`` from ``client_ip`` counts (None: nothing)."""
         if phone in self.exempt or self.conversion <= 0:
             return None
-        return UseGuard(Window(prefix_key(self.prefix(phone), USED), 0, SPAN))
+        prefix = self.prefix(phone)
+        return UseGuard(
+            Window(prefix_key(prefix, USED), 0, SPAN),
+            Window(network_key(prefix, network_of(client_ip)), 0, SPAN),
+            Window(prefix_key(prefix, NETS), 0, SPAN),
+        )
 
 
 @dataclass(frozen=True)
@@ -132,6 +193,7 @@ class Verdict:
     prefix: str
     sent: int
     used: int
+    networks: int
     throttled: bool
     tripped: bool  # it was not marked before this request
     recovered: bool  # it was marked, and is no more
@@ -143,10 +205,34 @@ class SendGuard:
 
     rules: CostRules
     prefix: str
+    network: str  # the client's (``network_of``)
 
     @property
     def budget(self) -> Window | None:
         return Window(BUDGET_KEY, self.rules.daily_budget, DAY) if self.rules.daily_budget else None
+
+    def budget_with(self, extra: int) -> Window | None:
+        """Today's budget window, raised by ``extra`` (``sms budget --add``)."""
+        budget = self.budget
+        return None if budget is None else dataclasses.replace(budget, limit=budget.limit + max(0, extra))
+
+    def extra_params(self, now: dt.datetime) -> dict[str, Any]:
+        return extra_params(now)
+
+    def network_params(self, now: dt.datetime) -> dict[str, Any]:
+        """``window_params`` of the client network's unused texts in the prefix, now and next (counted
+        like ``sent``)."""
+        mine = Window(network_key(self.prefix, self.network), 0, SPAN)
+        later = now + dt.timedelta(seconds=SPAN)
+        return {**ratelimit.window_params([mine], now), **ratelimit.window_params([mine], later, 1)}
+
+    def new_network_params(self, now: dt.datetime, first_now: bool, first_later: bool) -> dict[str, Any]:
+        """``window_params`` of the prefix's network count, in the windows (now, next) where the
+        client's network had no unused text before this request."""
+        nets, params = self._window(NETS, SPAN), dict[str, Any]()
+        for at in [now] * first_now + [now + dt.timedelta(seconds=SPAN)] * first_later:
+            params.update(ratelimit.window_params([nets], at, len(params) // 3))
+        return params
 
     @property
     def judging(self) -> bool:
@@ -154,7 +240,7 @@ class SendGuard:
 
     def counted(self, now: dt.datetime) -> dict[str, Any]:
         """``window_params`` of the request's breaker counters: 0-3 counted (young texts, now and next;
-        sent, now and next: in key order), 4 and 5 only read (used, the trip mark)."""
+        sent, now and next: in key order), 4 to 6 only read (used, the trip mark, the networks)."""
         young, sent = self._window(YOUNG, RECENT), self._window(SENT, SPAN)
         return {
             **ratelimit.window_params([young], now),
@@ -163,6 +249,7 @@ class SendGuard:
             **ratelimit.window_params([sent], now + dt.timedelta(seconds=SPAN), 3),
             **ratelimit.window_params([self._window(USED, SPAN)], now, 4),
             **ratelimit.window_params([self.mark], now, 5),
+            **ratelimit.window_params([self._window(NETS, SPAN)], now, 6),
         }
 
     @property
@@ -181,9 +268,17 @@ class SendGuard:
     def judge(self, counts: Row) -> Verdict:
         """The verdict on the counts ``guard_send`` read (this request included)."""
         sent, recent, used = int(counts.sent or 0), int(counts.recent or 0), int(counts.used or 0)
-        marked = bool(counts.tripped)
-        throttled = self.rules.throttled(sent, recent, used, marked)
-        return Verdict(self.prefix, sent, used, throttled, throttled and not marked, marked and not throttled)
+        marked, networks = bool(counts.tripped), int(counts.nets or 0)
+        throttled = self.rules.throttled(sent, recent, used, marked, networks)
+        tripped, recovered = throttled and not marked, marked and not throttled
+        return Verdict(self.prefix, sent, used, networks, throttled, tripped, recovered)
+
+    def burst_refusal(self, counts: Row, now: dt.datetime) -> PrefixThrottled | None:
+        """The refusal of a request past the prefix's young texts' cap (``CostRules.young_cap``), with
+        a Retry-After of the time until the oldest of them is judged; None: within it."""
+        if int(counts.recent or 0) <= self.rules.young_cap(int(counts.used or 0)):
+            return None
+        return PrefixThrottled(Window("", 0, RECENT).retry_after(now), self.prefix, burst=True)
 
     def _window(self, kind: str, seconds: int, limit: int = 0) -> Window:
         return Window(prefix_key(self.prefix, kind), limit, seconds)
@@ -191,9 +286,19 @@ class SendGuard:
 
 @dataclass(frozen=True)
 class UseGuard:
-    """The counter a spent code adds to: its prefix's ``used``, now and in the next window."""
+    """The counters of a spent code: its prefix's ``used``, now and in the next window, and the
+    unused texts of the spender's client network in the prefix (with the prefix's network count
+    when they drop to none)."""
 
     used: Window
+    network: Window
+    networks: Window
+
+    def network_params(self, now: dt.datetime) -> list[dict[str, Any]]:
+        """``window_params`` of the spender's network (0) and the prefix's network count (1), now and
+        in the next window."""
+        later = now + dt.timedelta(seconds=SPAN)
+        return [ratelimit.window_params([self.network, self.networks], at) for at in (now, later)]
 
     def params(self, now: dt.datetime) -> dict[str, Any]:
         later = now + dt.timedelta(seconds=SPAN)
@@ -210,6 +315,7 @@ class PrefixState:
     sent: int  # over the last 30-60 minutes
     used: int
     recent: int  # of ``sent``, too young to judge
+    networks: int  # client networks with texts not used
     throttled: bool
     throttle_used: int  # texts sent this hour while throttled
 
@@ -223,7 +329,8 @@ class Snapshot:
     """The cost guard's shared state at ``at``: today's budget and the breaker's prefixes."""
 
     at: dt.datetime
-    budget: int  # 0: none
+    budget: int  # 0: none; today's, with what ``sms budget --add`` added
+    extra: int  # what ``sms budget --add`` added today
     spent: int  # today (UTC)
     resets_in: int  # seconds to midnight UTC
     prefixes: list[PrefixState]
@@ -251,12 +358,14 @@ def snapshot(rules: CostRules, rows: list[Row], now: dt.datetime) -> Snapshot:
         TRIPPED: Window("", 0, SPAN).start(now),
         YOUNG: Window("", 0, RECENT).start(now),
         THROTTLE: Window("", 0, HOUR).start(now),
+        NETS: Window("", 0, SPAN).start(now),
     }
     day = Window(BUDGET_KEY, rules.daily_budget, DAY)
-    spent, counts = 0, dict[str, dict[str, int]]()
+    spent, extra, counts = 0, 0, dict[str, dict[str, int]]()
     for row in rows:
-        if row.key == BUDGET_KEY:
-            spent += int(row.n) if int(row.window_start) == day.start(now) else 0
+        if row.key in (BUDGET_KEY, EXTRA_KEY):
+            today = int(row.n) if int(row.window_start) == day.start(now) else 0
+            spent, extra = (spent + today, extra) if row.key == BUDGET_KEY else (spent, extra + today)
             continue
         prefix, _, kind = row.key.removeprefix(PREFIX_KEYS).rpartition(":")
         if starts.get(kind) == int(row.window_start):
@@ -266,10 +375,12 @@ def snapshot(rules: CostRules, rows: list[Row], now: dt.datetime) -> Snapshot:
         sent, recent, used = c.get(SENT, 0), c.get(YOUNG, 0), c.get(USED, 0)
         if not (sent or used):
             continue
-        throttled = rules.throttled(sent, recent, used, bool(c.get(TRIPPED)))
+        networks = c.get(NETS, 0)
+        throttled = rules.throttled(sent, recent, used, bool(c.get(TRIPPED)), networks)
         where = country(calling_code(f"+{prefix}"))
-        prefixes.append(PrefixState(prefix, where, sent, used, recent, throttled, c.get(THROTTLE, 0)))
-    return Snapshot(now, rules.daily_budget, spent, day.retry_after(now), prefixes)
+        prefixes.append(PrefixState(prefix, where, sent, used, recent, networks, throttled, c.get(THROTTLE, 0)))
+    budget = rules.daily_budget + extra if rules.daily_budget else 0
+    return Snapshot(now, budget, extra if rules.daily_budget else 0, spent, day.retry_after(now), prefixes)
 
 
 def counter_params(now: dt.datetime) -> dict[str, Any]:
@@ -277,6 +388,7 @@ def counter_params(now: dt.datetime) -> dict[str, Any]:
     read at ``now``."""
     return {
         "budget_key": BUDGET_KEY,
+        "extra_key": EXTRA_KEY,
         "day": Window("", 0, DAY).start(now),
         "prefixes": PREFIX_KEYS + "%",
         "span": Window("", 0, SPAN).start(now),
@@ -297,11 +409,11 @@ class CostGuard:
         self._snapshot: tuple[float, Snapshot | None] = (-SNAPSHOT_TTL, None)
         self._refreshing = asyncio.Lock()
 
-    def send_guard(self, phone: str) -> SendGuard | None:
-        return self.rules.send_guard(phone) if self.rules else None
+    def send_guard(self, phone: str, client_ip: str) -> SendGuard | None:
+        return self.rules.send_guard(phone, client_ip) if self.rules else None
 
-    def use_guard(self, phone: str) -> UseGuard | None:
-        return self.rules.use_guard(phone) if self.rules else None
+    def use_guard(self, phone: str, client_ip: str) -> UseGuard | None:
+        return self.rules.use_guard(phone, client_ip) if self.rules else None
 
     async def checked(self, work: Awaitable[Verdict | None], now: dt.datetime) -> None:
         """Await the unit of work that issues a code, with the refusals and verdict it brings counted
@@ -322,7 +434,8 @@ class CostGuard:
         except PrefixThrottled as throttled:
             if self.metrics:
                 self.metrics.sms_breaker_refused.labels(_country(throttled.prefix)).inc()
-            self._trip(throttled.prefix, "texts past its hourly allowance refused")
+            if not throttled.burst:  # a capped burst is not a trip: it flows on as its codes are used
+                self._trip(throttled.prefix, "texts past its hourly allowance refused")
             raise
         if verdict is None:
             return
@@ -379,7 +492,9 @@ class CostGuard:
 
 def families(state: Snapshot) -> list[Metric]:
     """The shared state as metric families (the same in every process: read from the database)."""
-    budget = GaugeMetricFamily("demo_sms_budget_texts", "The daily SMS budget (sms_daily_budget; 0: none)")
+    budget = GaugeMetricFamily(
+        "demo_sms_budget_texts", "Today's SMS budget (sms_daily_budget and what sms budget --add added; 0: none)"
+    )
     budget.add_metric([], state.budget)
     spent = GaugeMetricFamily("demo_sms_budget_spent", "Code requests counted against today's SMS budget (UTC)")
     spent.add_metric([], state.spent)

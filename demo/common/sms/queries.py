@@ -212,35 +212,73 @@ def code_stats(c: SqlCursor, since: dt.datetime) -> list[Row]:
 
 
 # -- the cost guard (costguard.py): the daily budget and the conversion breaker ---------------------------
-# A prefix's counts as ``SendGuard.counted`` numbers its windows: young texts, sent, used, the trip mark.
+# A prefix's counts as ``SendGuard.counted`` numbers its windows: young texts, sent, used, the trip mark,
+# the client networks with unused texts.
 BREAKER_COUNTS = Sql(
     f"SELECT {ratelimit.count_of(0)} AS recent, {ratelimit.count_of(2)} AS sent,"
-    f" {ratelimit.count_of(4)} AS used, {ratelimit.count_of(5)} AS tripped"
+    f" {ratelimit.count_of(4)} AS used, {ratelimit.count_of(5)} AS tripped, {ratelimit.count_of(6)} AS nets"
 )
-# Today's budget row and every prefix counter of the windows read now (the caller sorts them out).
+# The client network's unused texts in the prefix, now and next (``SendGuard.network_params``).
+NETWORK_COUNTS = Sql(f"SELECT {ratelimit.count_of(0)} AS now, {ratelimit.count_of(1)} AS later")
+# A spent code: one unused text less for the spender's network (window 0 of ``UseGuard.network_params``),
+# never below none; and one network less for the prefix (window 1) when that was its last.
+_ONE_LESS = (
+    "UPDATE rate_counters SET count = count - 1 WHERE count > 0 AND `key` = :key{0} AND window_start = :start{0}"
+)
+NETWORK_USED = Sql(_ONE_LESS.format(0))
+NETWORK_LEFT = Sql(f"SELECT {ratelimit.count_of(0)} AS n")
+NETWORK_GONE = Sql(_ONE_LESS.format(1))
+# What ``sms budget --add`` added to today's budget (``SendGuard.extra_params``), and its addition.
+BUDGET_EXTRA = Sql(f"SELECT {ratelimit.count_of(0)} AS n")
+ADD_EXTRA = Sql(
+    sqlite="INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES (:key0, :start0, :n, :expires0)"
+    " ON CONFLICT (`key`, window_start) DO UPDATE SET count = count + excluded.count",
+    mysql="INSERT INTO rate_counters (`key`, window_start, count, expires_at) VALUES (:key0, :start0, :n, :expires0)"
+    " ON DUPLICATE KEY UPDATE count = count + VALUES(count)",
+)
+# Today's budget rows and every prefix counter of the windows read now (the caller sorts them out).
 COST_COUNTERS = Sql(
-    "SELECT `key`, window_start, count AS n FROM rate_counters WHERE (`key` = :budget_key AND window_start = :day)"
+    "SELECT `key`, window_start, count AS n FROM rate_counters"
+    " WHERE (`key` IN (:budget_key, :extra_key) AND window_start = :day)"
     " OR (`key` LIKE :prefixes AND window_start IN (:span, :recent, :hour))"
 )
 
 
 def guard_send(c: SqlCursor, guard: SendGuard, now: dt.datetime) -> Verdict | None:
-    """Count a code request against the daily budget (``SmsBudgetSpent`` past it) and in its prefix's
-    breaker counters; when the prefix is throttled, mark it and count the text in its hourly allowance
-    (``PrefixThrottled`` past it). The breaker's verdict (None: the breaker is off). Raising rolls
-    the unit back: a refused request counts nowhere."""
-    budget = guard.budget
-    if budget is not None:
+    """Count a code request in its prefix's breaker counters (``PrefixThrottled`` past the young texts'
+    cap, or when the prefix is throttled, marked then, past its hourly allowance), then against the
+    daily budget (``SmsBudgetSpent`` past it). The breaker's verdict (None: the breaker is off).
+    Raising rolls the unit back: a refused request counts nowhere. The budget's row, every request's,
+    comes last, so that its lock is held for one statement and the commit; the rows are taken in one
+    order in every unit (codes, then the prefix's counters: its networks', young and sent, its network
+    count, its mark and allowance; then the budget), which ``count_use`` keeps too."""
+    verdict = _judge(c, guard, now) if guard.judging else None
+    if guard.budget is not None:
+        extra = c.first(BUDGET_EXTRA, guard.extra_params(now))
+        budget = guard.budget_with(int(extra.n or 0) if extra is not None else 0)
+        assert budget is not None
         try:
             ratelimit.hit(c, budget, now)
         except RateLimited as refused:
             raise SmsBudgetSpent(refused.retry_after) from None
-    if not guard.judging:
-        return None
+    return verdict
+
+
+def _judge(c: SqlCursor, guard: SendGuard, now: dt.datetime) -> Verdict:
+    mine = guard.network_params(now)
+    ratelimit.reserve(c, mine, 2)  # the network's unused texts in the prefix, now and next
+    firsts = c.first(NETWORK_COUNTS, mine)
+    assert firsts is not None  # a SELECT without FROM has its one row
     params = guard.counted(now)
     ratelimit.reserve(c, params, 4)  # locks the prefix's rows: its requests are judged one at a time
+    new = guard.new_network_params(now, int(firsts.now or 0) == 1, int(firsts.later or 0) == 1)
+    if new:  # the network's first unused text in the prefix, in either window: one network more
+        ratelimit.reserve(c, new, len(new) // 3)
     counts = c.first(BREAKER_COUNTS, params)
-    assert counts is not None  # a SELECT without FROM has its one row
+    assert counts is not None
+    refused = guard.burst_refusal(counts, now)
+    if refused is not None:
+        raise refused
     verdict = guard.judge(counts)
     if verdict.recovered:
         ratelimit.forget(c, guard.mark.key)
@@ -248,13 +286,19 @@ def guard_send(c: SqlCursor, guard: SendGuard, now: dt.datetime) -> Verdict | No
         ratelimit.reserve(c, guard.mark_params(now), 2)
         try:
             ratelimit.hit(c, guard.throttle, now)
-        except RateLimited as refused:
-            raise PrefixThrottled(refused.retry_after, guard.prefix) from None
+        except RateLimited as refused_past:
+            raise PrefixThrottled(refused_past.retry_after, guard.prefix) from None
     return verdict
 
 
 def count_use(c: SqlCursor, guard: UseGuard, now: dt.datetime) -> None:
-    """A code was spent: count it in its prefix's ``used``."""
+    """A code was spent: one unused text less for the spender's network in its prefix (now and next),
+    and one more in the prefix's ``used``."""
+    for params in guard.network_params(now):
+        if c.execute(NETWORK_USED, params):
+            left = c.first(NETWORK_LEFT, params)
+            if left is not None and int(left.n or 0) == 0:
+                c.execute(NETWORK_GONE, params)
     ratelimit.reserve(c, guard.params(now), 2)
 
 
@@ -264,3 +308,19 @@ def cost_counters(c: SqlCursor, params: dict[str, Any]) -> list[Row]:
     """The counters ``costguard.snapshot`` reads (key, window_start, n: the count): ``params`` are
     ``costguard.counter_params``'s."""
     return c.all(COST_COUNTERS, params)
+
+
+@sql_unit
+def add_to_budget(c: SqlCursor, params: dict[str, Any], n: int) -> int:
+    """Raise today's budget by ``n`` (``params``: ``SendGuard.extra_params``'s); what was added today."""
+    c.execute(ADD_EXTRA, {**params, "n": n})
+    added = c.first(BUDGET_EXTRA, params)
+    return int(added.n or 0) if added is not None else 0
+
+
+@sql_unit
+def reset_prefix(c: SqlCursor, families: list[str]) -> None:
+    """Drop every counter of ``families`` (``costguard.prefix_families``: a prefix's trip mark and
+    counters, its networks' too), so that the prefix is judged afresh."""
+    for family in families:
+        ratelimit.forget_family(c, family)
