@@ -64,6 +64,15 @@ def test_a_put_lands_whole_and_a_second_put_of_the_name_keeps_the_first_bytes(st
     assert os.listdir(store.temp_dir()) == []
 
 
+def test_an_empty_file_and_one_of_several_mib_land_whole(store):
+    big = os.urandom(3 << 20) + DATA  # past any single read's size
+    for data in (b"", big):
+        sha = hashlib.sha256(data).hexdigest()
+        store.put(sha, spool(store, data), content_type=JPEG)
+        assert store.size(sha) == len(data) and store.read(sha) == data
+    assert os.listdir(store.temp_dir()) == []
+
+
 def test_ranges_chunks_and_open_read_the_bytes_asked_for(store):
     store.put(SHA, spool(store, DATA), content_type=JPEG)
     assert store.read(SHA, None, 100, 356) == DATA[100:356]
@@ -212,6 +221,28 @@ def test_a_store_that_is_down_fails_fast_leaves_nothing_and_recovers_without_a_r
         assert not store.exists(hashlib.sha256(b"new").hexdigest())  # nothing half-written
     finally:
         private.stop()
+
+
+@pytest.mark.s3
+def test_an_s3_put_sends_a_buffer_of_exactly_the_file_and_lets_it_go_at_once(s3_server, tmp_path, monkeypatch):
+    """upload_memory counts a put as its file's size: the buffer obstore sends from is that size (not
+    obstore's own read of the path, grown by doubling) and is unmapped when the put returns."""
+    from demo.common.images import s3_store
+
+    store = store_for(tmp_path, s3_server.settings(f"t-{uuid.uuid4().hex[:12]}"))
+    sent: list[memoryview] = []
+    real_put = s3_store.obstore.put
+
+    def spy(target: Any, name: str, body: Any, **options: Any) -> Any:
+        assert isinstance(body, memoryview) and body.nbytes == len(DATA) and bytes(body) == DATA
+        sent.append(body)
+        return real_put(target, name, body, **options)
+
+    monkeypatch.setattr(s3_store.obstore, "put", spy)
+    store.put(SHA, spool(store, DATA), content_type=JPEG)
+    assert len(sent) == 1 and store.read(SHA) == DATA
+    with pytest.raises(ValueError, match="released"):
+        sent[0].nbytes  # noqa: B018 - the mapping is gone, not waiting for a garbage collection
 
 
 # -- heads (added for the copy's verification, images/transfer.py) -----------------------------------
