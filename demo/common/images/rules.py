@@ -407,6 +407,7 @@ class Images:
         try:
             src = await offloader.io(self.store.open, image.sha256)
         except FileNotFoundError:
+            await self._require_whole_store()
             raise _missing(image.sha256) from None
         try:
             cost = await offloader.io(imaging.thumbnail_cost, src, image.format, width)
@@ -470,9 +471,26 @@ class Images:
             self._urls.put(key, url)
         return url
 
+    async def _require_whole_store(self) -> None:
+        """Unavailable unless the store shows its deployment's identity. A store that is starting
+        (SeaweedFS before its volumes are back) answers "no such object" for objects it holds: that is
+        a 503 to retry, not a 404 that tells the app the image is gone, nor a thumbnail row dropped."""
+        try:
+            identity = await self.db.offloader.io(self.store.identity)
+        except Exception:  # noqa: BLE001 - any failure to read it: the store is not whole right now
+            identity = None
+        if identity is not None:
+            return
+        deployment = await self.db.run(queries.deployment, self.clock.now())
+        if deployment.store_bound_at is not None:  # bound, yet its identity is not found: not whole
+            log.warning("the image store does not show its identity: a missing object is answered 503")
+            raise Unavailable()
+
     async def _lost(self, file: ImageFile) -> NotFound:
-        """A row points at an object the store has lost. A thumbnail's row goes, so that the next
-        request makes it again; an original is an operator's problem."""
+        """A row points at an object the store has lost (and the store is whole: see
+        _require_whole_store). A thumbnail's row goes, so that the next request makes it again; an
+        original is an operator's problem."""
+        await self._require_whole_store()
         if file.width is not None:
             self._variants.pop_where(lambda key: key[:2] == (file.sha256, file.width))
             with contextlib.suppress(Exception):

@@ -407,6 +407,29 @@ async def test_a_builder_hung_past_its_lease_is_taken_over_and_both_finish_on_on
 
 
 @gen_test
+async def test_a_missing_object_while_the_store_does_not_show_its_identity_is_unavailable_and_keeps_the_rows(
+    app, images, owner, build_app, settings, monkeypatch
+):
+    """A store that is starting answers "no such object" for what it holds (SeaweedFS before its
+    volumes are back): delivery must not tell the client the image is gone (404), nor forget a
+    thumbnail's row. Once the store shows its identity again, a missing object is a 404."""
+    images.bind()  # as main.py does at start-up: the store carries the deployment's id
+    record = await images.create(owner, jpeg((400, 300)))
+    found = await images.find(record["id"])
+    await images.file_for(found, 160)
+    other = build_app(settings).services.images  # a second host: nothing of it in memory
+    other.store.delete(record["sha256"], [160])  # what the starting store does not find
+    monkeypatch.setattr(other.store, "identity", lambda: None)
+    for width in (None, 160, 320):  # the original, a thumbnail made before, one to make now
+        with pytest.raises(Unavailable):
+            await read_file(other, await other.file_for(await other.find(record["id"]), width))
+    assert [row[:3] for row in variant_rows(app)] == [(record["sha256"], 160, "ready")]
+    monkeypatch.undo()  # the store is whole again: the objects really are gone
+    with pytest.raises(NotFound):
+        await read_file(other, await other.file_for(await other.find(record["id"]), None))
+
+
+@gen_test
 async def test_a_request_waiting_on_a_stuck_builder_answers_unavailable_then_the_lease_ends_it(
     app, images, owner, clock, builds, monkeypatch
 ):
