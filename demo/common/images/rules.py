@@ -407,7 +407,7 @@ class Images:
         try:
             src = await offloader.io(self.store.open, image.sha256)
         except FileNotFoundError:
-            await self._require_whole_store()
+            await self._require_whole_store(image.sha256, None)
             raise _missing(image.sha256) from None
         try:
             cost = await offloader.io(imaging.thumbnail_cost, src, image.format, width)
@@ -471,14 +471,20 @@ class Images:
             self._urls.put(key, url)
         return url
 
-    async def _require_whole_store(self) -> None:
-        """Unavailable unless the store shows its deployment's identity. A store that is starting
-        (SeaweedFS before its volumes are back) answers "no such object" for objects it holds: that is
-        a 503 to retry, not a 404 that tells the app the image is gone, nor a thumbnail row dropped."""
+    async def _require_whole_store(self, sha256: str, width: int | None) -> None:
+        """Unavailable unless the store is whole: it shows its deployment's identity, and its listing
+        agrees that the object it could not read is not there. A store that is starting (SeaweedFS
+        before its volumes are back) answers "no such object" for objects it holds: that is a 503 to
+        retry, not a 404 that tells the app the image is gone, nor a thumbnail row dropped."""
+        io = self.db.offloader.io
         try:
-            identity = await self.db.offloader.io(self.store.identity)
-        except Exception:  # noqa: BLE001 - any failure to read it: the store is not whole right now
-            identity = None
+            identity, size = await io(self.store.identity), await io(self.store.size, sha256, width)
+        except Exception:  # noqa: BLE001 - any failure to ask: the store is not whole right now
+            log.warning("the image store could not be asked about a missing object: answered 503")
+            raise Unavailable() from None
+        if size is not None:  # listed, yet not read: not whole
+            log.warning("the image store lists %s but could not read it: answered 503", sha256)
+            raise Unavailable()
         if identity is not None:
             return
         deployment = await self.db.run(queries.deployment, self.clock.now())
@@ -490,7 +496,7 @@ class Images:
         """A row points at an object the store has lost (and the store is whole: see
         _require_whole_store). A thumbnail's row goes, so that the next request makes it again; an
         original is an operator's problem."""
-        await self._require_whole_store()
+        await self._require_whole_store(file.sha256, file.width)
         if file.width is not None:
             self._variants.pop_where(lambda key: key[:2] == (file.sha256, file.width))
             with contextlib.suppress(Exception):
