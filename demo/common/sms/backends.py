@@ -82,9 +82,9 @@ class SmsBackend(Protocol):
 
 
 def text_language(row_lang: str | None, settings: Settings) -> str:
-    """The language of a text: its outbox row's, else the deployment's default ("en" until the
-    ``default_language`` setting exists)."""
-    return row_lang or str(getattr(settings, "default_language", "") or "en")
+    """The language of a text: its outbox row's, else (a row of a release before languages) the
+    deployment's ``default_language``."""
+    return row_lang or settings.default_language
 
 
 class ConsoleBackend:
