@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,25 @@ def test_the_template_extractor_reads_tornado_tags():
     assert found == [(1, "_", "Hello", []), (2, "_", "It's {name}", []), (3, "_", "oneline", [])]
     with pytest.raises(ValueError, match="line 1"):
         list(extract_tornado(io.BytesIO(b"{{ _(title) }}"), {}, [], {}))
+
+
+def test_make_messages_runs_and_leaves_the_committed_catalogues_as_they_are(tmp_path: Path):
+    """The README's ``make messages``, run on a copy of the tree (with this venv): it succeeds, and on
+    a tree whose catalogues are current it changes no message and no translation."""
+    copy, started = tmp_path / "tree", time.time()
+    shutil.copytree(ROOT / "demo", copy / "demo", ignore=shutil.ignore_patterns("__pycache__", "data", "log"))
+    for name in ("Makefile", "babel.cfg"):
+        shutil.copy(ROOT / name, copy / name)
+    (copy / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    done = subprocess.run(
+        ["make", "-o", ".venv/.installed-stamp", "messages"], cwd=copy, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    made = copy / "demo" / "locale"
+    assert msgids(read(made / POT.name)) == msgids(read(POT))
+    for tag in LANGUAGES:
+        ours = {str(m.id): m.string for m in read(po_path(tag)) if m.id}
+        theirs = read(made / folder_of(tag) / "LC_MESSAGES" / f"{DOMAIN}.po")
+        assert {str(m.id): m.string for m in theirs if m.id} == ours
+        assert not [m.id for m in theirs if m.id and m.fuzzy]
+        assert (made / folder_of(tag) / "LC_MESSAGES" / f"{DOMAIN}.mo").stat().st_mtime >= started  # compiled
